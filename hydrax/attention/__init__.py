@@ -1,0 +1,15 @@
+"""Exact attention in parts: dense attention with LSE, the LSE merge, and Hydragen levels.
+
+Public API (names are fixed; scripts and notebooks rely on them):
+  attention(q, k, v, *, kv_lengths=None, causal=False, scale=None) -> (out, lse)
+  merge(parts) -> (out, lse)
+  KVLevel(k, v, lengths, owner)
+  hydragen_attention(q, levels, *, causal_last=True, scale=None, backend="auto") -> (out, lse)
+"""
+
+from hydrax.attention import backends
+from hydrax.attention.hydragen import KVLevel, attention, hydragen_attention
+from hydrax.attention.merge import merge
+
+
+__all__ = ["attention", "merge", "KVLevel", "hydragen_attention", "backends"]

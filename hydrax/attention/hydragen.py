@@ -1,0 +1,157 @@
+"""Hydragen attention: exact attention over keys split into shared levels, merged by LSE.
+
+Axis letters: B sequences, T queries per sequence, S keys (a node's capacity), H query heads,
+K KV heads (H = K*G), D head dim, N nodes of a level.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from hydrax._log import log_once
+from hydrax.attention import backends as backends_lib
+from hydrax.attention import checks
+from hydrax.attention.merge import merge
+
+
+class KVLevel(NamedTuple):
+  """One sharing level of the key/value tree.
+
+  k, v:    [N,S,K,D] keys and values of the level's N nodes (capacity S).
+  lengths: [N] int32, valid keys per node (0 <= lengths <= S); keys past it are ignored.
+  owner:   [B] int32, the node of each sequence at this level, or None when N == B and
+           sequence b owns node b (a per-sequence level, such as the unique suffixes).
+           A NumPy `owner` (closed over under `jit`) lets backends group statically.
+  """
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+  owner: Optional[jax.Array] = None
+
+
+def _check_qkv(q, k, v, *, q_name="q", k_name="k", v_name="v", kv_axes="N,S,K,D"):
+  """Static checks shared by `attention` and `hydragen_attention`; returns (K, D)."""
+  qs = checks.check_rank(q, 4, q_name, "B,T,H,D")
+  ks = checks.check_rank(k, 4, k_name, kv_axes)
+  vs = checks.check_rank(v, 4, v_name, kv_axes)
+  checks.check_float(q, q_name)
+  if ks != vs:
+    raise ValueError(f"{k_name} and {v_name} must have the same shape, got {ks} and {vs}")
+  if k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f"{q_name}, {k_name}, {v_name} must share a dtype, got {q.dtype}, "
+                     f"{k.dtype}, {v.dtype}")
+  if ks[3] != qs[3]:
+    raise ValueError(f"head dim mismatch: {q_name} has D={qs[3]} (shape {qs}) but "
+                     f"{k_name} has D={ks[3]} (shape {ks})")
+  if ks[2] == 0 or qs[2] % ks[2]:
+    raise ValueError(f"query heads H={qs[2]} (shape of {q_name} {qs}) must be a positive "
+                     f"multiple of KV heads K={ks[2]} (shape of {k_name} {ks})")
+  return ks[2], ks[3]
+
+
+def _check_level(i: int, level: KVLevel, q, batch: int):
+  name = f"levels[{i}]"
+  if not isinstance(level, KVLevel):
+    raise ValueError(f"{name} must be a KVLevel(k, v, lengths, owner), got {type(level).__name__}")
+  _check_qkv(q, level.k, level.v, k_name=f"{name}.k", v_name=f"{name}.v")
+  n, s = level.k.shape[:2]
+  lengths = checks.check_int_vector(level.lengths, n, f"{name}.lengths", "N")
+  checks.check_range(lengths, 0, s, f"{name}.lengths", f"valid keys per node (capacity S={s})")
+  if level.owner is None:
+    if n != batch:
+      raise ValueError(f"{name}.owner is None (one node per sequence) but the level has N={n} "
+                       f"nodes for B={batch} sequences")
+  else:
+    owner = checks.check_int_vector(level.owner, batch, f"{name}.owner", "B")
+    checks.check_range(owner, 0, n - 1, f"{name}.owner", f"node indices (N={n})")
+
+
+def _run_level(backend, q, level, limits, scale):
+  args = (q, level.k, level.v, level.lengths.astype(jnp.int32),
+          None if level.owner is None else level.owner, limits)
+  try:
+    return backend.level_attention(*args, scale=scale)
+  except backends_lib.Unsupported as e:
+    log_once(("fallback", backend.name, str(e)),
+             "hydrax: backend %r cannot take this input (%s); using the XLA backend",
+             backend.name, e)
+    return backends_lib.get("xla").level_attention(*args, scale=scale)
+
+
+def _default_scale(scale, d):
+  return float(d) ** -0.5 if scale is None else scale
+
+
+def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True,
+                       scale: Optional[float] = None, backend: str = "auto"):
+  """Exact attention of q over each sequence's keys, split into sharing levels.
+
+  q: [B,T,H,D], the last T tokens of B sequences. The keys of sequence b are the
+  concatenation, in level order, of the first lengths[owner[b]] keys of its node at each level.
+  Shared levels attend with the queries of all sequences of a node (and all query heads of a KV
+  head) stacked into one product; the parts are merged through their log-sum-exps.
+
+  causal_last: the queries are the last T positions of each sequence, so query t of sequence b
+  sees keys up to position L_b - T + t of the concatenation (L_b its total length):
+  bottom-right causal. When T <= the last level's length, only the last level is masked.
+  With causal_last=False every query sees every valid key.
+
+  Returns out [B,T,H,D] in q's dtype (float32 accumulation) and lse [B,T,H] float32
+  (natural log; -inf for a query that sees no key, whose out is 0).
+  """
+  checks.check_rank(q, 4, "q", "B,T,H,D")
+  if isinstance(levels, KVLevel) or not isinstance(levels, (list, tuple)) or not levels:
+    raise ValueError("levels must be a non-empty list of KVLevel, got "
+                     f"{type(levels).__name__}" + (" (wrap a single level in a list)"
+                                                   if isinstance(levels, KVLevel) else ""))
+  b, t, h, d = q.shape
+  for i, level in enumerate(levels):
+    _check_level(i, level, q, b)
+  impl = backends_lib.get(backend)
+  scale = _default_scale(scale, d)
+
+  per_seq = [lvl.lengths.astype(jnp.int32) if lvl.owner is None
+             else lvl.lengths.astype(jnp.int32)[lvl.owner] for lvl in levels]
+  total = sum(per_seq)
+  offset = jnp.zeros((b,), jnp.int32)
+  parts = []
+  for level, seq_len in zip(levels, per_seq):
+    if causal_last:
+      # Keys of this level visible to query t: positions up to total - T + t, shifted.
+      tt = jnp.arange(t, dtype=jnp.int32)[None, :]
+      limits = jnp.clip((total - t - offset)[:, None] + tt + 1, 0, seq_len[:, None])
+    else:
+      limits = jnp.broadcast_to(seq_len[:, None], (b, t))
+    parts.append(_run_level(impl, q, level, limits, scale))
+    offset = offset + seq_len
+  out, lse = merge(parts)
+  return out.astype(q.dtype), lse
+
+
+def attention(q, k, v, *, kv_lengths=None, causal: bool = False,
+              scale: Optional[float] = None, backend: str = "auto"):
+  """Dense attention with its log-sum-exp.
+
+  q: [B,T,H,D]; k, v: [B,S,K,D] with H a multiple of K (MHA, GQA, MQA).
+  kv_lengths: [B] int, valid keys per row (default S); keys past it are ignored.
+  causal: bottom-right aligned: query t sees keys s <= kv_lengths - T + t, so a chunk of T new
+  tokens at the end of a longer cache is masked correctly.
+  Returns out [B,T,H,D] in q's dtype (float32 accumulation), lse [B,T,H] float32 natural log
+  (-inf and out = 0 for a query that sees no key).
+  """
+  _check_qkv(q, k, v, kv_axes="B,S,K,D")
+  b, t, h, d = q.shape
+  if k.shape[0] != b:
+    raise ValueError(f"batch mismatch: q has B={b} (shape {tuple(q.shape)}) but k has "
+                     f"B={k.shape[0]} (shape {tuple(k.shape)})")
+  s = k.shape[1]
+  if kv_lengths is None:
+    kv_lengths = jnp.full((b,), s, jnp.int32)
+  else:
+    value = checks.check_int_vector(kv_lengths, b, "kv_lengths", "B")
+    checks.check_range(value, 0, s, "kv_lengths", f"valid keys per row (capacity S={s})")
+  return hydragen_attention(q, [KVLevel(k, v, jnp.asarray(kv_lengths), None)],
+                            causal_last=causal, scale=scale, backend=backend)
