@@ -1,0 +1,345 @@
+"""Exactness and robustness of the attention core against the float64 oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from hydrax.attention import KVLevel, attention, hydragen_attention, merge
+from tests import oracle
+
+BACKEND = "xla"
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
+
+
+@st.composite
+def trees(draw, dtype=jnp.float32, max_levels=4, d_choices=(4, 8)):
+  """Random q and 1..4 levels with random (not only contiguous) owners and ragged lengths."""
+  b = draw(st.integers(1, 5))
+  t = draw(st.sampled_from([1, 1, 2, 3]))
+  kh = draw(st.sampled_from([1, 2]))
+  g = draw(st.sampled_from([1, 2, 4, 8]))
+  d = draw(st.sampled_from(d_choices))
+  n_levels = draw(st.integers(1, max_levels))
+  seed = draw(st.integers(0, 2**31 - 1))
+  rng = np.random.default_rng(seed)
+  levels = []
+  for i in range(n_levels):
+    per_seq = draw(st.booleans()) if i == n_levels - 1 else draw(st.booleans()) and False
+    n = b if per_seq else draw(st.integers(1, 3))
+    s = draw(st.integers(0, 6))
+    lengths = rng.integers(0, s + 1, size=n).astype(np.int32)
+    if draw(st.booleans()):           # full and empty nodes are common cases
+      lengths[rng.integers(0, n)] = s
+    owner = None if per_seq else rng.integers(0, n, size=b).astype(np.int32)
+    k = rng.standard_normal((n, s, kh, d)).astype(np.float32)
+    v = rng.standard_normal((n, s, kh, d)).astype(np.float32)
+    levels.append((k, v, lengths, owner))
+  q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
+  causal = draw(st.booleans())
+  return q, levels, causal, dtype
+
+
+def _run(q, levels, causal, dtype, backend=BACKEND):
+  """hydragen_attention under jit (one compile per shape), owners closed over as constants."""
+  owners = [owner for *_, owner in levels]
+
+  def fn(q, arrays):
+    lv = [KVLevel(k, v, lengths, owner) for (k, v, lengths), owner in zip(arrays, owners)]
+    return hydragen_attention(q, lv, causal_last=causal, backend=backend)
+
+  arrays = [(jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(lengths))
+            for k, v, lengths, _ in levels]
+  return jax.jit(fn)(jnp.asarray(q, dtype), arrays)
+
+
+def _expect(q, levels, causal, dtype):
+  rnd = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+  keys, values = oracle.concat_levels(
+      [(rnd(k), rnd(v), lengths, owner) for k, v, lengths, owner in levels])
+  return oracle.dense(rnd(q), keys, values, causal=causal)
+
+
+def _check(out, lse, ref_out, ref_lse, dtype):
+  out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+  assert not np.isnan(out).any() and not np.isnan(lse).any()
+  assert lse.dtype == np.float32
+  tol = TOL[dtype]
+  np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
+  finite = np.isfinite(ref_lse)
+  np.testing.assert_array_equal(np.isfinite(lse), finite)
+  np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=tol, atol=tol)
+  np.testing.assert_array_equal(out[~finite], 0.0)
+
+
+@given(trees())
+def test_hydragen_matches_dense_float32(case):
+  q, levels, causal, dtype = case
+  out, lse = _run(q, levels, causal, dtype)
+  assert out.dtype == jnp.float32
+  _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
+
+
+@given(trees(dtype=jnp.bfloat16))
+def test_hydragen_matches_dense_bfloat16(case):
+  q, levels, causal, dtype = case
+  out, lse = _run(q, levels, causal, dtype)
+  assert out.dtype == jnp.bfloat16
+  _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
+
+
+@pytest.mark.parametrize("g", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_dim_128(g, dtype):
+  rng = np.random.default_rng(g)
+  b, t, kh, d = 3, 2, 2, 128
+  levels = [(rng.standard_normal((1, 37, kh, d)), rng.standard_normal((1, 37, kh, d)),
+             np.array([37], np.int32), np.zeros(b, np.int32)),
+            (rng.standard_normal((b, 9, kh, d)), rng.standard_normal((b, 9, kh, d)),
+             np.array([9, 0, 4], np.int32), None)]
+  q = rng.standard_normal((b, t, kh * g, d))
+  for causal in (False, True):
+    out, lse = _run(q, levels, causal, dtype)
+    _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
+
+
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(0, 9), st.booleans(),
+       st.sampled_from([1, 2, 4, 8]), st.integers(0, 2**31 - 1))
+def test_attention_matches_dense(b, t, s, causal, g, seed):
+  rng = np.random.default_rng(seed)
+  kh, d = 2, 8
+  q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
+  k = rng.standard_normal((b, s, kh, d)).astype(np.float32)
+  v = rng.standard_normal((b, s, kh, d)).astype(np.float32)
+  lengths = rng.integers(0, s + 1, size=b).astype(np.int32)
+  out, lse = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                       kv_lengths=jnp.asarray(lengths), causal=causal, backend=BACKEND)
+  ref = oracle.dense(q, [k[i, :lengths[i]] for i in range(b)],
+                     [v[i, :lengths[i]] for i in range(b)], causal=causal)
+  _check(out, lse, *ref, jnp.float32)
+
+
+def test_attention_default_lengths_and_scale():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal(sh).astype(np.float32)
+             for sh in [(2, 3, 4, 8), (2, 5, 4, 8), (2, 5, 4, 8)])
+  out, lse = attention(q, k, v, scale=0.3, backend=BACKEND)
+  ref = oracle.dense(q, list(k), list(v), causal=False, scale=0.3)
+  _check(out, lse, *ref, jnp.float32)
+
+
+def test_causal_query_longer_than_last_level():
+  """T exceeds the last level's length: earlier queries must not see later shared keys."""
+  rng = np.random.default_rng(1)
+  b, t, kh, d = 2, 4, 1, 8
+  levels = [(rng.standard_normal((1, 6, kh, d)), rng.standard_normal((1, 6, kh, d)),
+             np.array([6], np.int32), np.zeros(b, np.int32)),
+            (rng.standard_normal((b, 3, kh, d)), rng.standard_normal((b, 3, kh, d)),
+             np.array([1, 0], np.int32), None)]
+  q = rng.standard_normal((b, t, kh, d))
+  out, lse = _run(q, levels, True, jnp.float32)
+  _check(out, lse, *_expect(q, levels, True, jnp.float32), jnp.float32)
+
+
+def _parts(rng, n_parts, shape=(2, 3, 4), d=8, empty=()):
+  parts = []
+  for i in range(n_parts):
+    lse = rng.standard_normal(shape).astype(np.float32) * 3
+    if i in empty:
+      lse[:] = -np.inf
+    parts.append((jnp.asarray(rng.standard_normal(shape + (d,)), jnp.float32),
+                  jnp.asarray(lse)))
+  return parts
+
+
+@given(st.integers(1, 6), st.integers(0, 2**31 - 1), st.data())
+def test_merge_is_invariant_to_order_and_grouping(n_parts, seed, data):
+  rng = np.random.default_rng(seed)
+  empty = data.draw(st.sets(st.integers(0, n_parts - 1)))
+  parts = _parts(rng, n_parts, empty=empty)
+  out, lse = merge(parts)
+  perm = data.draw(st.permutations(range(n_parts)))
+  out2, lse2 = merge([parts[i] for i in perm])
+  cut = data.draw(st.integers(1, n_parts))
+  grouped = [merge(parts[:cut])] + ([merge(parts[cut:])] if cut < n_parts else [])
+  out3, lse3 = merge(grouped)
+  for o, l in [(out2, lse2), (out3, lse3)]:
+    np.testing.assert_allclose(o, out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(l, lse, rtol=1e-5, atol=1e-6)
+  assert not np.isnan(out).any()
+
+
+def test_merge_equals_attention_over_union():
+  rng = np.random.default_rng(3)
+  q = rng.standard_normal((2, 1, 2, 8)).astype(np.float32)
+  k = rng.standard_normal((2, 10, 2, 8)).astype(np.float32)
+  v = rng.standard_normal((2, 10, 2, 8)).astype(np.float32)
+  whole = attention(q, k, v, backend=BACKEND)
+  a = attention(q, k[:, :4], v[:, :4], backend=BACKEND)
+  b = attention(q, k[:, 4:], v[:, 4:], backend=BACKEND)
+  for x, y in zip(merge([a, b]), whole):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_all_empty_is_zero_not_nan():
+  rng = np.random.default_rng(0)
+  out, lse = merge(_parts(rng, 3, empty={0, 1, 2}))
+  assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
+  grad = jax.grad(lambda p: merge(p)[0].sum())(_parts(rng, 2, empty={0, 1}))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grad))
+
+
+def test_empty_levels_never_nan():
+  rng = np.random.default_rng(0)
+  b, kh, d = 3, 2, 8
+  levels = [(rng.standard_normal((2, 4, kh, d)), rng.standard_normal((2, 4, kh, d)),
+             np.zeros(2, np.int32), np.array([0, 1, 1], np.int32)),
+            (rng.standard_normal((b, 0, kh, d)), rng.standard_normal((b, 0, kh, d)),
+             np.zeros(b, np.int32), None)]
+  q = rng.standard_normal((b, 2, kh * 4, d))
+  for causal in (False, True):
+    out, lse = _run(q, levels, causal, jnp.float32)
+    assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
+
+
+# --- transformations -----------------------------------------------------------------------
+
+def _fixed_case(seed=0, b=4, t=2, kh=2, g=2, d=8):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((b, t, kh * g, d)), jnp.float32)
+  shared = KVLevel(jnp.asarray(rng.standard_normal((2, 5, kh, d)), jnp.float32),
+                   jnp.asarray(rng.standard_normal((2, 5, kh, d)), jnp.float32),
+                   jnp.array([5, 3], jnp.int32), np.array([1, 0, 1, 1], np.int32))
+  suffix = KVLevel(jnp.asarray(rng.standard_normal((b, 4, kh, d)), jnp.float32),
+                   jnp.asarray(rng.standard_normal((b, 4, kh, d)), jnp.float32),
+                   jnp.array([4, 2, 3, 4], jnp.int32), None)
+  return q, [shared, suffix]
+
+
+def test_jit_with_static_and_traced_owners():
+  q, levels = _fixed_case()
+  eager = hydragen_attention(q, levels, backend=BACKEND)
+  static = jax.jit(lambda q, k0, k1: hydragen_attention(
+      q, [levels[0]._replace(k=k0), levels[1]._replace(k=k1)], backend=BACKEND))(
+          q, levels[0].k, levels[1].k)
+  traced = jax.jit(lambda q, lv: hydragen_attention(q, lv, backend=BACKEND))(
+      q, [levels[0]._replace(owner=jnp.asarray(levels[0].owner)), levels[1]])
+  for got in (static, traced):
+    for x, y in zip(got, eager):
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_vmap_over_leading_axis():
+  cases = [_fixed_case(seed) for seed in range(3)]
+  qs = jnp.stack([c[0] for c in cases])
+  stack = lambda i, f: jnp.stack([getattr(c[1][i], f) for c in cases])
+  owner = cases[0][1][0].owner
+  levels = [KVLevel(stack(0, "k"), stack(0, "v"), stack(0, "lengths"), None),
+            KVLevel(stack(1, "k"), stack(1, "v"), stack(1, "lengths"), None)]
+  # owner is shared by all vmapped cases: close over it.
+  fn = lambda q, k0, v0, l0, k1, v1, l1: hydragen_attention(
+      q, [KVLevel(k0, v0, l0, owner), KVLevel(k1, v1, l1, None)], backend=BACKEND)
+  out, lse = jax.vmap(fn)(qs, *levels[0][:3], *levels[1][:3])
+  for i, (q, lv) in enumerate(cases):
+    o, l = hydragen_attention(q, lv, backend=BACKEND)
+    np.testing.assert_allclose(out[i], o, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lse[i], l, rtol=1e-6, atol=1e-6)
+
+
+def _dense_jnp(q, levels, causal):
+  """Differentiable dense reference in jnp: gather each sequence's keys with masks."""
+  b, t, h, d = q.shape
+  ks, vs, valid = [], [], []
+  for lv in levels:
+    idx = jnp.arange(b) if lv.owner is None else jnp.asarray(lv.owner)
+    ks.append(lv.k[idx]); vs.append(lv.v[idx])
+    valid.append(jnp.arange(lv.k.shape[1])[None, :] < lv.lengths[idx][:, None])
+  k, v, valid = (jnp.concatenate(x, axis=1) for x in (ks, vs, valid))
+  pos = jnp.cumsum(valid, axis=1) - 1                 # position among valid keys
+  total = valid.sum(1)
+  g = h // k.shape[2]
+  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  s = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * d ** -0.5
+  qpos = total[:, None] - t + jnp.arange(t)[None, :]
+  mask = valid[:, None, None, :]
+  if causal:
+    mask = mask & (pos[:, None, None, :] <= qpos[:, None, :, None])
+  s = jnp.where(mask, s, -1e30)
+  p = jax.nn.softmax(s, axis=-1)
+  return jnp.einsum("bhts,bshd->bthd", p, v, precision="highest")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grad_matches_dense_autodiff(causal):
+  q, levels = _fixed_case(seed=5)
+  w = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape), jnp.float32)
+
+  def loss(fn, q, k0, v0, k1, v1):
+    lv = [levels[0]._replace(k=k0, v=v0), levels[1]._replace(k=k1, v=v1)]
+    return jnp.sum(fn(q, lv) * w)
+
+  ours = lambda q, lv: hydragen_attention(q, lv, causal_last=causal, backend=BACKEND)[0]
+  ref = lambda q, lv: _dense_jnp(q, lv, causal)
+  args = (q, levels[0].k, levels[0].v, levels[1].k, levels[1].v)
+  g_ours = jax.grad(lambda *a: loss(ours, *a), argnums=tuple(range(5)))(*args)
+  g_ref = jax.grad(lambda *a: loss(ref, *a), argnums=tuple(range(5)))(*args)
+  for x, y in zip(g_ours, g_ref):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_through_lse_and_empty_rows_is_finite():
+  q, levels = _fixed_case(seed=2)
+  levels[1] = levels[1]._replace(lengths=jnp.array([0, 0, 0, 0], jnp.int32))
+  levels[0] = levels[0]._replace(lengths=jnp.array([0, 3], jnp.int32))
+  fn = lambda q: jnp.sum(jnp.where(jnp.isfinite(l := hydragen_attention(
+      q, levels, backend=BACKEND)[1]), l, 0.0)) + hydragen_attention(
+          q, levels, backend=BACKEND)[0].sum()
+  grad = jax.grad(fn)(q)
+  assert np.isfinite(np.asarray(grad)).all()
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+def _ok():
+  q = jnp.zeros((2, 1, 4, 8)); k = jnp.zeros((2, 5, 2, 8))
+  return q, k
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda q, k: attention(q, k[..., :4], k[..., :4]), r"head dim mismatch.*D=8.*D=4"),
+    (lambda q, k: attention(q[:, :, :3], k, k), r"H=3 .* multiple of KV heads K=2"),
+    (lambda q, k: attention(q[0], k, k), r"q must have rank 4 \[B,T,H,D\], got shape \(1, 4, 8\)"),
+    (lambda q, k: attention(q, k.astype(jnp.bfloat16), k), r"share a dtype"),
+    (lambda q, k: attention(q, k, k[:, :4]), r"same shape"),
+    (lambda q, k: attention(q, k[:1], k[:1]), r"batch mismatch"),
+    (lambda q, k: attention(q, k, k, kv_lengths=jnp.array([2, 6])),
+     r"kv_lengths\[1\] = 6 is out of range.*capacity S=5"),
+    (lambda q, k: attention(q, k, k, kv_lengths=jnp.array([2])), r"kv_lengths must have shape"),
+    (lambda q, k: attention(q, k, k, kv_lengths=jnp.array([2.0, 1.0])), r"integer"),
+    (lambda q, k: attention(q.astype(jnp.int32), k.astype(jnp.int32), k.astype(jnp.int32)),
+     r"floating-point"),
+    (lambda q, k: hydragen_attention(q, [KVLevel(k, k, jnp.array([1, 1]), jnp.array([0, 2]))]),
+     r"levels\[0\].owner\[1\] = 2 is out of range.*N=2"),
+    (lambda q, k: hydragen_attention(q, [KVLevel(k, k, jnp.array([1, -1]), None)]),
+     r"levels\[0\].lengths\[1\] = -1"),
+    (lambda q, k: hydragen_attention(q, [KVLevel(k[:1], k[:1], jnp.array([1]), None)]),
+     r"owner is None .* N=1 nodes for B=2"),
+    (lambda q, k: hydragen_attention(q, []), r"non-empty list of KVLevel"),
+    (lambda q, k: hydragen_attention(q, KVLevel(k, k, jnp.array([1, 1]), None)),
+     r"wrap a single level in a list"),
+    (lambda q, k: hydragen_attention(q, [(k, k, jnp.array([1, 1]), None)]),
+     r"levels\[0\] must be a KVLevel"),
+    (lambda q, k: attention(q, k, k, backend="cuda-magic"), r"backend='cuda-magic' is unknown"),
+    (lambda q, k: merge([]), r"parts is empty"),
+    (lambda q, k: merge([(q, q)]), r"lse.shape == out.shape\[:-1\]"),
+])
+def test_bad_input_raises_clear_error(make, match):
+  with pytest.raises(ValueError, match=match):
+    make(*_ok())
+
+
+def test_auto_backend_on_cpu_is_xla():
+  from hydrax.attention import backends
+  if jax.default_backend() == "cpu":
+    assert backends.get("auto").name == "xla"
