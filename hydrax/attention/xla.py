@@ -18,7 +18,9 @@ and all query heads of a KV head, are stacked into the rows of one product with 
 keys, which are read once. The grouping is static when `owner` is concrete (a NumPy array, or
 a constant closed over by `jit`): each node gets C = max sequences per node rows, and when the
 owners are contiguous and equal-sized it is a plain reshape. When `owner` is traced, C = B
-(every node could own every sequence): exact but N times the work, logged once.
+(every node could own every sequence): exact but N times the work, logged once. Sequences
+whose node is known (concrete lengths) to be empty get no rows at all: deep levels of a plan
+give every sequence without a node there one shared empty node.
 """
 
 from __future__ import annotations
@@ -75,24 +77,38 @@ def _per_sequence(q, k, v, limits, scale):
           einops.rearrange(lse, "b t k g -> b t (k g)"))
 
 
-def _grouping(owner, num_nodes: int, batch: int):
+def _static_owner(owner, lengths, num_nodes: int, batch: int):
+  """The owner array as NumPy when known now, with sequences whose node is known to be empty
+  moved to a virtual node `num_nodes` (they see no key here, so they need no rows)."""
+  owner_np = np.zeros((batch,), np.int64) if num_nodes == 1 else concrete(owner)
+  if owner_np is None:
+    return None
+  owner_np = owner_np.astype(np.int64)
+  lengths_np = concrete(lengths)
+  if lengths_np is not None:
+    owner_np = np.where(lengths_np[owner_np] > 0, owner_np, num_nodes)
+  return owner_np
+
+
+def _grouping(owner, owner_np, num_nodes: int, batch: int):
   """Static-shape layout of sequences by node.
 
   Returns (seq_idx [N, C] with `batch` as the padding index, slot [B], is_reshape) where
-  sequence b sits at seq_idx[owner[b], slot[b]]. NumPy when `owner` is concrete.
+  sequence b sits at seq_idx[owner[b], slot[b]]. NumPy when `owner_np` (see _static_owner)
+  is given; sequences it assigns to the virtual node N get no row.
   """
-  owner_np = np.zeros((batch,), np.int64) if num_nodes == 1 else concrete(owner)
   if owner_np is not None:
-    owner_np = owner_np.astype(np.int64)
-    counts = np.bincount(owner_np, minlength=num_nodes)
+    counts = np.bincount(owner_np, minlength=num_nodes + 1)[:num_nodes]
     cap = max(int(counts.max(initial=0)), 1)
     order = np.argsort(owner_np, kind="stable")
-    starts = np.cumsum(counts) - counts
+    starts = np.concatenate([np.cumsum(counts) - counts, [0]])
     slot = np.empty((batch,), np.int64)
     slot[order] = np.arange(batch) - starts[owner_np[order]]
+    slot = np.where(owner_np < num_nodes, slot, 0)
     seq_idx = np.full((num_nodes, cap), batch, np.int64)
-    seq_idx[owner_np, slot] = np.arange(batch)
-    is_reshape = bool(np.array_equal(seq_idx.ravel(), np.arange(batch)))
+    real = owner_np < num_nodes
+    seq_idx[owner_np[real], slot[real]] = np.arange(batch)[real]
+    is_reshape = bool(real.all() and np.array_equal(seq_idx.ravel(), np.arange(batch)))
     return seq_idx, slot, is_reshape
   log_once(("xla-traced-owner", num_nodes, batch),
            "hydrax xla backend: a shared level's owner array is traced, so each of its %d "
@@ -110,11 +126,12 @@ def _grouping(owner, num_nodes: int, batch: int):
   return seq_idx, slot, False
 
 
-def _shared(q, k, v, owner, limits, scale):
+def _shared(q, k, v, lengths, owner, limits, scale):
   """Level of N nodes shared by groups of sequences: one stacked product per node."""
   b, t, h, d = q.shape
   n, s, kh, _ = k.shape
-  seq_idx, slot, is_reshape = _grouping(owner, n, b)
+  owner_np = _static_owner(owner, lengths, n, b)
+  seq_idx, slot, is_reshape = _grouping(owner, owner_np, n, b)
   if is_reshape:
     qn = einops.rearrange(q, "(n c) t (k g) d -> n c t k g d", n=n, k=kh)
     lim = einops.rearrange(limits, "(n c) t -> n c t", n=n)
@@ -131,8 +148,11 @@ def _shared(q, k, v, owner, limits, scale):
   if is_reshape:
     return (einops.rearrange(out, "n c t k g d -> (n c) t (k g) d"),
             einops.rearrange(lse, "n c t k g -> (n c) t (k g)"))
-  own = np.zeros((b,), np.int64) if n == 1 else (
-      concrete(owner) if concrete(owner) is not None else owner)
+  own = owner if owner_np is None else owner_np
+  if owner_np is not None and (owner_np == n).any():
+    # Sequences of empty nodes read a virtual node N: out 0, lse -inf.
+    out = jnp.concatenate([out, jnp.zeros((1,) + out.shape[1:], out.dtype)])
+    lse = jnp.concatenate([lse, jnp.full((1,) + lse.shape[1:], -jnp.inf, lse.dtype)])
   out_b, lse_b = out[own, slot], lse[own, slot]
   return (einops.rearrange(out_b, "b t k g d -> b t (k g) d"),
           einops.rearrange(lse_b, "b t k g -> b t (k g)"))
@@ -140,10 +160,9 @@ def _shared(q, k, v, owner, limits, scale):
 
 def level_attention(q, k, v, lengths, owner, limits, *, scale):
   """One level of attention in plain XLA; see the module docstring for the contract."""
-  del lengths  # limits already bound every query's visible keys.
   b, t, h, _ = q.shape
   if k.shape[1] == 0 or b == 0 or t == 0:
     return (jnp.zeros(q.shape, jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32))
   if owner is None:
     return _per_sequence(q, k, v, limits, scale)
-  return _shared(q, k, v, owner, limits, scale)
+  return _shared(q, k, v, lengths, owner, limits, scale)

@@ -343,3 +343,21 @@ def test_auto_backend_on_cpu_is_xla():
   from hydrax.attention import backends
   if jax.default_backend() == "cpu":
     assert backends.get("auto").name == "xla"
+
+
+def test_sequences_of_empty_nodes_get_no_rows():
+  """A deep plan level: most sequences own one empty node; the real node keeps its size."""
+  from hydrax.attention import xla
+  rng = np.random.default_rng(4)
+  b, kh, d = 9, 1, 8
+  owner = np.array([2, 2, 0, 2, 2, 1, 2, 2, 0], np.int32)       # node 2 is empty
+  lengths = np.array([5, 3, 0], np.int32)
+  seq_idx, slot, _ = xla._grouping(None, xla._static_owner(owner, lengths, 3, b), 3, b)
+  assert seq_idx.shape == (3, 2)                                  # not 6 rows per node
+  levels = [(rng.standard_normal((3, 5, kh, d)), rng.standard_normal((3, 5, kh, d)),
+             lengths, owner),
+            (rng.standard_normal((b, 2, kh, d)), rng.standard_normal((b, 2, kh, d)),
+             np.full(b, 2, np.int32), None)]
+  q = rng.standard_normal((b, 1, 2, d))
+  out, lse = _run(q, levels, True, jnp.float32)
+  _check(out, lse, *_expect(q, levels, True, jnp.float32), jnp.float32)
