@@ -1,0 +1,258 @@
+"""hydrax.engine: hydragen == replicated == a naive full-forward loop; eos, sampling, errors."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hydrax import engine
+from hydrax.models import LlamaConfig, llama
+
+
+class PlanLevel(NamedTuple):   # the SharingPlan contract, built by hand
+  tokens: np.ndarray
+  lengths: np.ndarray
+  owner: np.ndarray
+  parent: np.ndarray
+  start: np.ndarray
+
+
+class Plan(NamedTuple):
+  order: np.ndarray
+  levels: tuple
+  suffix_tokens: np.ndarray
+  suffix_lengths: np.ndarray
+  suffix_start: np.ndarray
+  num_sequences: int
+  sequences: list
+
+
+def _hand_plan():
+  """A 3-level tree over 6 sequences, in a plan order that permutes the input order.
+
+  level 0: A (5 tokens) shared by all.  level 1: B1 (4) rows 0-2, B2 (3) rows 3-4, row 5 has
+  no node (owns an empty one), plus a bucket-padding node.  level 2: C1 (2) rows 0-1, C2 (3)
+  row 3, the others own an empty node.  Suffix lengths 3, 0, 0, 2, 1, 4: row 1 ends inside
+  C1 (shared with row 0), row 2 ends inside B1.
+  """
+  rng = np.random.default_rng(0)
+  seg = {name: rng.integers(1, 256, n).astype(np.int32)
+         for name, n in (("A", 5), ("B1", 4), ("B2", 3), ("C1", 2), ("C2", 3))}
+  l0 = PlanLevel(np.pad(seg["A"], (0, 3))[None], np.array([5], np.int32),
+                 np.zeros(6, np.int32), np.array([-1], np.int32), np.array([0], np.int32))
+  t1 = np.zeros((4, 4), np.int32)
+  t1[0], t1[1, :3] = seg["B1"], seg["B2"]
+  l1 = PlanLevel(t1, np.array([4, 3, 0, 0], np.int32), np.array([0, 0, 0, 1, 1, 2], np.int32),
+                 np.array([0, 0, -1, -1], np.int32), np.array([5, 5, 0, 0], np.int32))
+  t2 = np.zeros((4, 3), np.int32)
+  t2[0, :2], t2[2] = seg["C1"], seg["C2"]
+  l2 = PlanLevel(t2, np.array([2, 0, 3, 0], np.int32), np.array([0, 0, 1, 2, 1, 1], np.int32),
+                 np.array([0, -1, 1, -1], np.int32), np.array([9, 0, 8, 0], np.int32))
+  levels = (l0, l1, l2)
+  suffixes = [rng.integers(1, 256, n).astype(np.int32) for n in (3, 0, 0, 2, 1, 4)]
+  rows = []
+  for i, suffix in enumerate(suffixes):
+    parts = [lv.tokens[lv.owner[i], :lv.lengths[lv.owner[i]]] for lv in levels]
+    rows.append(np.concatenate(parts + [suffix]))
+  order = np.array([3, 0, 5, 1, 4, 2])
+  inputs = [None] * 6
+  for i, o in enumerate(order):
+    inputs[o] = rows[i]
+  suffix_tokens = np.zeros((6, 4), np.int32)
+  for i, s in enumerate(suffixes):
+    suffix_tokens[i, :len(s)] = s
+  lengths = np.array([len(s) for s in suffixes], np.int32)
+  start = np.array([len(rows[i]) - lengths[i] for i in range(6)], np.int32)
+  return Plan(order, levels, suffix_tokens, lengths, start, 6, inputs)
+
+
+def _greedy_reference(graphdef, params, prompts, steps):
+  """Greedy tokens from repeated full forward passes (prompts right-padded: causal)."""
+  apply = jax.jit(llama.apply, static_argnums=0)
+  lens = np.array([len(p) for p in prompts])
+  toks = np.zeros((len(prompts), lens.max() + steps), np.int32)
+  for i, p in enumerate(prompts):
+    toks[i, :len(p)] = p
+  rows = np.arange(len(prompts))
+  for _ in range(steps):
+    logits = np.asarray(apply(graphdef, params, jnp.asarray(toks)))
+    toks[rows, lens] = logits[rows, lens - 1].argmax(-1)
+    lens = lens + 1
+  return np.stack([toks[i, len(p):len(p) + steps] for i, p in enumerate(prompts)])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = LlamaConfig.from_preset("tiny")
+  model = llama.init(config, seed=0)
+  graphdef, params = nnx.split(model)
+  return config, model, graphdef, params
+
+
+@pytest.fixture(scope="module")
+def tree_runs(tiny):
+  _, model, graphdef, params = tiny
+  plan = _hand_plan()
+  hydragen = engine.generate(model, None, plan, max_new_tokens=6, attention="hydragen")
+  # The plan's nodes are prefilled once and copied into every sequence's cache.
+  replicated = engine.generate(graphdef, params, plan, max_new_tokens=6,
+                               attention="replicated")
+  return plan, hydragen, replicated
+
+
+def test_three_level_tree_hydragen_equals_replicated_and_reference(tiny, tree_runs):
+  config, _, graphdef, params = tiny
+  plan, hydragen, replicated = tree_runs
+  want = _greedy_reference(graphdef, params, plan.sequences, 6)
+  np.testing.assert_array_equal(replicated.tokens, want)
+  np.testing.assert_array_equal(hydragen.tokens, want)
+  for g in (hydragen, replicated):
+    assert g.tokens.shape == (6, 6) and g.tokens.dtype == np.int32
+    np.testing.assert_array_equal(g.lengths, 6)
+    assert g.decode_steps == 5 and g.num_generated == 36
+    assert g.prefill_seconds > 0 and g.decode_seconds > 0
+    assert g.decode_tokens_per_second == pytest.approx(36 / g.decode_seconds)
+    assert g.tokens_per_second == pytest.approx(36 / (g.prefill_seconds + g.decode_seconds))
+  # KV bytes: each shared node once at its level's capacity (1x8, 4x4, 4x3), plus per-sequence
+  # caches of the longest suffix (4) + 5 appended tokens; replicated: longest prompt (14) + 5.
+  per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+  assert hydragen.kv_bytes == per_token * (1 * 8 + 4 * 4 + 4 * 3 + 6 * (4 + 5))
+  assert replicated.kv_bytes == per_token * 6 * (14 + 5)
+  for g in (hydragen, replicated):
+    assert engine.estimate_kv_bytes(config, plan, max_new_tokens=6, attention=g.attention,
+                                    dtype=jnp.float32) == g.kv_bytes
+
+
+def test_sharing_plan_tree_and_plain_prompts(tiny, tree_runs):
+  """hydrax.sharing's plan of the same prompts (full radix tree), and prompts that share
+  nothing, give the replicated tokens."""
+  sharing = pytest.importorskip("hydrax.sharing")
+  _, model, _, _ = tiny
+  plan, _, replicated = tree_runs
+  radix = sharing.plan(plan.sequences, min_shared_tokens=0, merge_cost=0, buckets=None)
+  assert len(radix.levels) == 3
+  out = engine.generate(model, None, radix, max_new_tokens=6)
+  np.testing.assert_array_equal(out.tokens, replicated.tokens)
+  assert out.kv_bytes < replicated.kv_bytes
+  rng = np.random.default_rng(7)
+  plain = [np.concatenate([[i + 1], rng.integers(0, 256, n)]) for i, n in enumerate((4, 9, 1))]
+  a = engine.generate(model, None, plain, max_new_tokens=4, attention="hydragen")
+  b = engine.generate(model, None, plain, max_new_tokens=4, attention="replicated")
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_eos_stops_sequences_and_pads(tiny, tree_runs):
+  _, model, _, _ = tiny
+  plan, _, replicated = tree_runs
+  eos = int(replicated.tokens[0, 2])       # sequence 0 generates it at step 2
+  out = engine.generate(model, None, plan, max_new_tokens=6, attention="replicated",
+                        eos_id=eos, pad_id=255)
+  for i in range(6):
+    hits = np.flatnonzero(replicated.tokens[i] == eos)
+    n = int(hits[0]) + 1 if hits.size else 6
+    assert out.lengths[i] == n
+    np.testing.assert_array_equal(out.tokens[i, :n], replicated.tokens[i, :n])
+    assert np.all(out.tokens[i, n:] == 255)
+  assert out.compile_seconds == 0.0        # eos and pad are inputs: executables reused
+  # The loop runs until the last sequence is done.
+  ends = [int(np.flatnonzero(r == eos)[0]) + 1 if eos in r else 6 for r in replicated.tokens]
+  assert out.decode_steps == max(ends) - 1
+
+
+def test_sample():
+  logits = jnp.array([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 4.9]])
+  key = jax.random.key(0)
+  assert engine.sample(logits, key).tolist() == [1, 0]
+  assert engine.sample(logits, key, temperature=5.0, top_k=1).tolist() == [1, 0]
+  assert engine.sample(logits, key, temperature=5.0, top_p=1e-6).tolist() == [1, 0]
+  keys = jax.random.split(key, 200)
+  draws = np.asarray(jax.vmap(lambda k: engine.sample(logits, k, temperature=1.0, top_k=2))(
+      keys))
+  assert set(draws[:, 0]) == {1, 3} and set(draws[:, 1]) == {0, 3}
+  # top_p=0.5 on row 1 (p ~ 0.52, 0.47, ...) keeps only the first token.
+  draws = np.asarray(jax.vmap(lambda k: engine.sample(logits, k, temperature=1.0,
+                                                      top_p=0.5))(keys))
+  assert set(draws[:, 1]) == {0}
+  uniform = np.asarray(jax.vmap(lambda k: engine.sample(jnp.zeros((1, 4)), k,
+                                                        temperature=1.0))(keys))
+  assert set(uniform[:, 0]) == {0, 1, 2, 3}
+  with pytest.raises(ValueError, match="top_p"):
+    engine.sample(logits, key, temperature=1.0, top_p=1.5)
+  with pytest.raises(ValueError, match="temperature"):
+    engine.sample(logits, key, temperature=-1.0)
+
+
+def test_sampled_generation_is_reproducible(tiny, tree_runs):
+  _, model, _, _ = tiny
+  plan, _, _ = tree_runs
+  kwargs = dict(max_new_tokens=5, attention="replicated", temperature=1.0, top_k=50,
+                top_p=0.95)
+  a = engine.generate(model, None, plan.sequences, seed=1, **kwargs)
+  b = engine.generate(model, None, plan.sequences, seed=1, **kwargs)
+  c = engine.generate(model, None, plan.sequences, seed=2, **kwargs)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert b.compile_seconds == 0.0          # executables reused
+  assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_no_attention_mode_and_tokenizer(tiny, tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  _, model, _, _ = tiny
+  vocab = {f"w{i}": i for i in range(256)}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  out = engine.generate(model, None, ["w1 w2 w3", "w4 w5"], max_new_tokens=3,
+                        attention="none", tokenizer=tok)
+  assert out.kv_bytes == 0 and out.tokens.shape == (2, 3)
+  assert out.texts == [tok.decode(out.tokens[i].tolist()) for i in range(2)]
+  assert all(t.startswith("w") for t in out.texts)
+  one = engine.generate(model, [[1, 2, 3]], max_new_tokens=1, attention="none")  # shorthand
+  assert one.tokens.shape == (1, 1) and one.decode_steps == 0 and one.decode_seconds == 0
+
+
+def test_bad_inputs_raise(tiny, tree_runs):
+  config, model, _, _ = tiny
+  plan, _, _ = tree_runs
+  gen = lambda prompts, **kw: engine.generate(model, None, prompts,
+                                              **{"max_new_tokens": 2, **kw})
+  with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+    gen([[1, 2], []])
+  with pytest.raises(ValueError, match="prompts is empty"):
+    gen([])
+  with pytest.raises(ValueError, match="prompt 0 has 9 tokens.*max_len=10"):
+    gen([list(range(1, 10))], max_len=10)
+  with pytest.raises(ValueError, match="max_len=2048"):
+    gen([[1] * 2047])
+  with pytest.raises(ValueError, match="attention must be one of"):
+    gen([[1]], attention="flash")
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    gen([[1]], max_new_tokens=0)
+  with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 255\]"):
+    gen([[1, 256]])
+  with pytest.raises(ValueError, match="is a string; pass tokenizer"):
+    gen(["hello"])
+  with pytest.raises(ValueError, match="eos_id=300"):
+    gen([[1]], eos_id=300)
+  with pytest.raises(ValueError, match="params is None"):
+    engine.generate(config, None, [[1]], max_new_tokens=1)
+  bad = plan._replace(suffix_tokens=plan.suffix_tokens + 1)
+  with pytest.raises(ValueError, match="does not reproduce prompt"):
+    gen(bad)
+
+
+def test_out_of_memory_is_reported(tiny, monkeypatch):
+  _, model, _, _ = tiny
+
+  def exhausted(*args, **kwargs):
+    def prefill(*a):
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                       "allocate 123456789 bytes.")
+    return prefill
+  monkeypatch.setattr(engine, "_make_prefill", exhausted)
+  with pytest.raises(engine.OutOfMemoryError,
+                     match=r"prefill compilation: attention=replicated, sequences=2.*kv_bytes"):
+    engine.generate(model, None, [[1, 2, 3], [4]], max_new_tokens=2, attention="replicated",
+                    max_len=100)
