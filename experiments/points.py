@@ -1,0 +1,103 @@
+"""Gin-configurable measurements of one sweep point, and the synthetic prompts they use.
+
+Prompts are synthetic token ids (as in the paper: only the sharing structure matters for
+throughput), drawn from a seeded generator so every run of a config sees the same prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import gin
+import jax
+import numpy as np
+
+from experiments.harness import OutOfMemory
+
+
+@gin.configurable
+def shared_prefix_prompts(batch: int, prefix: int, suffix: int, vocab: int, seed: int = 0):
+  """B prompts: one `prefix`-token prefix shared by all, then `suffix` unique tokens each."""
+  rng = np.random.default_rng(seed)
+  head = rng.integers(3, vocab, size=prefix)
+  return [np.concatenate([head, rng.integers(3, vocab, size=suffix)]).astype(np.int32)
+          for _ in range(batch)]
+
+
+@gin.configurable
+def hierarchy_prompts(batch: int, prefix: int, suffix: int, vocab: int, seed: int = 0,
+                      samples_per_problem: int = 8, problem_tokens: int = 256):
+  """APPS-like tree: shared instructions (`prefix` tokens), then batch / samples_per_problem
+  problem statements (`problem_tokens` each), each sampled `samples_per_problem` times; each
+  sample's prompt ends with `suffix` unique tokens."""
+  if batch % samples_per_problem:
+    raise ValueError(f"hierarchy_prompts: batch={batch} must be a multiple of "
+                     f"samples_per_problem={samples_per_problem}")
+  rng = np.random.default_rng(seed)
+  head = rng.integers(3, vocab, size=prefix)
+  out = []
+  for _ in range(batch // samples_per_problem):
+    problem = rng.integers(3, vocab, size=problem_tokens)
+    for _ in range(samples_per_problem):
+      out.append(np.concatenate([head, problem, rng.integers(3, vocab, size=suffix)]))
+  return [p.astype(np.int32) for p in out]
+
+
+PROMPTS = {"shared_prefix": shared_prefix_prompts, "hierarchy": hierarchy_prompts}
+
+
+@functools.lru_cache(maxsize=2)
+def _model(preset: str, dtype: str, num_layers):
+  from hydrax.models import configs, llama
+  overrides = {} if num_layers is None else {"num_layers": num_layers}
+  config = configs.LlamaConfig.from_preset(preset, **overrides)
+  return llama.init(config, seed=0, dtype=np.dtype(dtype) if dtype != "bfloat16"
+                    else jax.numpy.bfloat16)
+
+
+def _peak_bytes():
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+@gin.configurable
+def generation_point(*, batch: int, prefix: int, attention: str, model: str = "tiny",
+                     dtype: str = "float32", num_layers=None, suffix: int = 16,
+                     max_new_tokens: int = 128, prompts: str = "shared_prefix",
+                     backend: str = "auto", min_shared_tokens=None, max_levels=None,
+                     eos_id=None, seed: int = 0, memory_limit_bytes=None) -> dict:
+  """End-to-end generation of one point; returns its metrics.
+
+  memory_limit_bytes: treat the point as out of memory when its KV cache would exceed this
+  (simulates a smaller device; also how the tests exercise OOM recording).
+  """
+  from hydrax import engine, sharing
+  net = _model(model, dtype, num_layers)
+  config = net.config
+  tokens = PROMPTS[prompts](batch=batch, prefix=prefix, suffix=suffix,
+                            vocab=config.vocab_size, seed=seed)
+  plan_kw = {}
+  if min_shared_tokens is not None:
+    plan_kw["min_shared_tokens"] = min_shared_tokens
+  if max_levels is not None:
+    plan_kw["max_levels"] = max_levels
+  plan = sharing.plan(tokens, **plan_kw)
+  if memory_limit_bytes is not None:
+    need = engine.estimate_kv_bytes(config, plan, max_new_tokens=max_new_tokens,
+                                    attention=attention, dtype=dtype)
+    if need > memory_limit_bytes:
+      raise OutOfMemory(f"KV cache needs {need} bytes > memory_limit_bytes={memory_limit_bytes}")
+  start = time.perf_counter()
+  gen = engine.generate(net, plan, max_new_tokens=max_new_tokens, attention=attention,
+                        eos_id=eos_id, seed=seed, backend=backend)
+  e2e = time.perf_counter() - start
+  new_tokens = int(np.sum(np.asarray(gen.lengths)))
+  return {
+      "decode_tokens_per_s": gen.decode_tokens_per_s,
+      "e2e_tokens_per_s": new_tokens / (gen.prefill_seconds + gen.decode_seconds),
+      "prefill_s": gen.prefill_seconds, "decode_s": gen.decode_seconds,
+      "e2e_s": gen.prefill_seconds + gen.decode_seconds, "wall_with_compile_s": e2e,
+      "kv_bytes": gen.kv_bytes, "peak_bytes": _peak_bytes(), "new_tokens": new_tokens,
+      "shared_levels": len(plan.levels),
+  }

@@ -1,0 +1,122 @@
+r"""Runs a gin-configured experiment sweep and writes its results folder.
+
+  python experiments/run.py                                  # quickstart.gin (CPU, seconds)
+  python experiments/run.py --gin_file=throughput_curves.gin --gin.experiment.name=tc_8b
+  python experiments/run.py --gin_file=a.gin --gin_file=b.gin --gin_bindings='grid.batch=[8]'
+
+--gin_file is repeatable (later files override earlier ones) and is looked up in
+experiments/configs/ when not a path; --gin_bindings is repeatable; `--gin.X=Y` is shorthand for
+`--gin_bindings=X=Y`. The folder written is printed last (see experiments/harness.py).
+"""
+
+import importlib.util  # noqa: F401  (gin 0.5.0 uses importlib.util without importing it)
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging
+import gin
+
+from experiments import harness, plots, points  # noqa: F401  (registers configurables)
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", None, "Gin config file(s); later override earlier.")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'grid.batch=[8, 16]'.")
+flags.DEFINE_string("results_root", "results", "Where results/<experiment>/<time>/ goes.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
+flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port.")
+flags.DEFINE_integer("num_processes", None, "jax.distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "jax.distributed: this process's id.")
+
+DEFAULT_GIN = "quickstart.gin"
+
+
+@gin.configurable
+def experiment(name: str = gin.REQUIRED, points=gin.REQUIRED, measure=gin.REQUIRED,
+               fixed=None, summary_keys=("decode_tokens_per_s", "prefill_s", "kv_bytes"),
+               baseline=("attention", "none"), baseline_metric="decode_tokens_per_s",
+               match=(), plot_specs=()):
+  """What to run: `measure(**fixed, **point)` for each of `points` (see harness.grid).
+
+  baseline: (column, value) whose rows are the reference for the ratio column
+  `<baseline_metric>_vs_<value>`, matched on the `match` columns. plot_specs: tuples
+  (x, y, series columns, log y) drawn with plots.line_plot.
+  """
+  return dict(name=name, points=points, measure=measure, fixed=dict(fixed or {}),
+              summary_keys=summary_keys, baseline=baseline, baseline_metric=baseline_metric,
+              match=tuple(match), plot_specs=plot_specs)
+
+
+def split_gin_shorthand(argv):
+  """Turns `--gin.X=Y` arguments into `--gin_bindings=X=Y`."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--gin.") and "=" in arg:
+      out.append("--gin_bindings=" + arg[len("--gin."):])
+    else:
+      out.append(arg)
+  return out
+
+
+def resolve_gin_file(path: str) -> str:
+  for candidate in (path, os.path.join(CONFIGS, path), os.path.join(CONFIGS, path + ".gin")):
+    if os.path.isfile(candidate):
+      return candidate
+  raise app.UsageError(f"--gin_file={path!r} not found (looked in the working directory and "
+                       f"{CONFIGS}); available: {sorted(os.listdir(CONFIGS))}")
+
+
+def parse_config(files, bindings) -> None:
+  gin.clear_config()
+  if CONFIGS not in gin.config._LOCATION_PREFIXES:  # lets configs `include` each other by name
+    gin.add_config_file_search_path(CONFIGS)
+  files = [resolve_gin_file(f) for f in (files or [DEFAULT_GIN])]
+  try:
+    gin.parse_config_files_and_bindings(files, bindings)
+  except (ValueError, KeyError, SyntaxError, ImportError) as e:
+    raise app.UsageError(f"gin config error ({', '.join(files)}; bindings {bindings}): "
+                         f"{e}") from None
+
+
+def run(files, bindings, results_root: str, argv=()) -> str:
+  """Parses the config, runs the sweep, writes the results folder; returns its path."""
+  parse_config(files, bindings)
+  spec = experiment()
+  env = harness.environment(list(argv))
+  rows = harness.run_sweep(spec["points"], spec["measure"], spec["fixed"],
+                           spec["summary_keys"])
+  if spec["baseline"] and spec["match"]:
+    key, value = spec["baseline"]
+    harness.add_ratio_to_baseline(rows, spec["baseline_metric"], key, value, spec["match"])
+  directory = harness.results_dir(results_root, spec["name"])
+  harness.write_results(directory, rows, env, gin.operative_config_str())
+  written = []
+  for x, y, series, logy in spec["plot_specs"]:
+    path = plots.line_plot(rows, x, y, list(series), os.path.join(directory, f"{y}_vs_{x}.png"),
+                           title=f"{spec['name']} ({env['device_kind']})", logy=logy)
+    if path:
+      written.append(path)
+  counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "OOM", "error")}
+  print(f"{spec['name']}: {counts['ok']} ok, {counts['OOM']} OOM, {counts['error']} error")
+  print(f"table: {os.path.join(directory, 'rows.csv')}")
+  for path in written:
+    print(f"plot:  {path}")
+  return directory
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  if FLAGS.distributed:
+    import jax
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  run(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.results_root, sys.argv)
+
+
+if __name__ == "__main__":
+  sys.argv = split_gin_shorthand(sys.argv)
+  app.run(main)

@@ -1,0 +1,64 @@
+"""The experiment runner end to end on CPU: quickstart config, overrides, OOM, typos."""
+
+import csv
+import json
+import os
+
+import pytest
+from absl import app
+
+from experiments import run
+
+SMALL = ["grid.prefix=[32]", "grid.batch=[2, 4]", "generation_point.min_shared_tokens=0",
+         "experiment.fixed={'model': 'tiny', 'dtype': 'float32', 'suffix': 4, "
+         "'max_new_tokens': 3}"]
+
+
+def _rows(directory):
+  with open(os.path.join(directory, "rows.csv")) as f:
+    return list(csv.DictReader(f))
+
+
+def test_quickstart_end_to_end(tmp_path):
+  directory = run.run(["quickstart.gin"], SMALL, str(tmp_path), ["test"])
+  for name in ("config.gin", "env.json", "rows.csv", "rows.json",
+               "decode_tokens_per_s_vs_batch.png", "kv_bytes_vs_batch.png"):
+    assert os.path.isfile(os.path.join(directory, name)), name
+  rows = _rows(directory)
+  assert len(rows) == 2 * 3                                  # gin overrides applied
+  for column in ("prefix", "batch", "attention", "status", "decode_tokens_per_s", "prefill_s",
+                 "e2e_s", "kv_bytes", "decode_tokens_per_s_vs_none"):
+    assert column in rows[0], column
+  assert all(r["status"] == "ok" for r in rows)
+  assert all(float(r["decode_tokens_per_s"]) > 0 for r in rows)
+  assert {r["attention"] for r in rows} == {"hydragen", "replicated", "none"}
+  none = [r for r in rows if r["attention"] == "none"]
+  assert all(abs(float(r["decode_tokens_per_s_vs_none"]) - 1.0) < 1e-9 for r in none)
+  hydra = {r["batch"]: int(r["kv_bytes"]) for r in rows if r["attention"] == "hydragen"}
+  repl = {r["batch"]: int(r["kv_bytes"]) for r in rows if r["attention"] == "replicated"}
+  assert all(hydra[b] < repl[b] for b in hydra)              # the prefix is stored once
+  env = json.load(open(os.path.join(directory, "env.json")))
+  assert env["platform"] == "cpu" and env["jax"]
+  assert "grid.batch = [2, 4]" in open(os.path.join(directory, "config.gin")).read()
+
+
+def test_out_of_memory_point_is_recorded_and_sweep_goes_on(tmp_path):
+  # Replicated caches of the larger batch exceed the simulated memory; hydragen's do not.
+  directory = run.run(["quickstart.gin"], SMALL + [
+      "grid.attention=['hydragen', 'replicated']", "grid.batch=[2, 16]", "grid.prefix=[256]",
+      "generation_point.memory_limit_bytes=600000"], str(tmp_path), [])
+  status = {(r["attention"], r["batch"]): r["status"] for r in _rows(directory)}
+  assert status[("replicated", "16")] == "OOM"
+  assert status[("hydragen", "16")] == "ok" and status[("hydragen", "2")] == "ok"
+
+
+def test_config_typo_is_a_clear_error(tmp_path):
+  with pytest.raises(app.UsageError, match=r"gin config error.*nmae"):
+    run.run(["quickstart.gin"], ["experiment.nmae='x'"], str(tmp_path), [])
+  with pytest.raises(app.UsageError, match="not found.*available"):
+    run.run(["no_such_config.gin"], [], str(tmp_path), [])
+
+
+def test_gin_shorthand():
+  assert run.split_gin_shorthand(["x", "--gin.grid.batch=[2]", "--gin_file=a.gin"]) == [
+      "x", "--gin_bindings=grid.batch=[2]", "--gin_file=a.gin"]
