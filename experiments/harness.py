@@ -95,18 +95,27 @@ def _fmt(value) -> str:
 
 
 def run_sweep(points: Iterable[Mapping], measure: Callable[..., Mapping], fixed: Mapping,
-              summary_keys: Sequence[str] = ()) -> list[dict]:
+              summary_keys: Sequence[str] = (), on_row: Callable[[list], None] | None = None,
+              max_seconds: float | None = None) -> list[dict]:
   """Calls measure(**fixed, **point) for every point; returns one row per point.
 
   A point that runs out of memory is recorded with status "OOM"; any other exception is
   printed with the point that caused it and recorded with status "error"; the sweep goes on.
+  on_row(rows) is called after every point (to save partial results). Points not started
+  within max_seconds of the start are recorded with status "skipped (time)".
   """
+  begin = time.perf_counter()
   points = list(points)
   rows = []
   for i, point in enumerate(points):
     _progress(i, len(points), " ".join(f"{k}={v}" for k, v in point.items()))
     row = {**fixed, **point}
     start = time.perf_counter()
+    if max_seconds is not None and start - begin > max_seconds:
+      row["status"] = "skipped (time)"
+      rows.append(row)
+      print(_summary(point, row, summary_keys), flush=True)
+      continue
     try:
       row.update(measure(**fixed, **point))
       row["status"] = "ok"
@@ -121,6 +130,8 @@ def run_sweep(points: Iterable[Mapping], measure: Callable[..., Mapping], fixed:
     rows.append(row)
     sys.stderr.write("\r" + " " * 100 + "\r")
     print(_summary(point, row, summary_keys), flush=True)
+    if on_row is not None:
+      on_row(rows)
   _progress(len(points), len(points), "done")
   return rows
 

@@ -37,16 +37,17 @@ DEFAULT_GIN = "quickstart.gin"
 def experiment(name: str = gin.REQUIRED, points=gin.REQUIRED, measure=gin.REQUIRED,
                fixed=None, summary_keys=("decode_tokens_per_s", "prefill_s", "kv_bytes"),
                baseline=("attention", "none"), baseline_metric="decode_tokens_per_s",
-               match=(), plot_specs=()):
+               match=(), plot_specs=(), max_seconds=None):
   """What to run: `measure(**fixed, **point)` for each of `points` (see harness.grid).
 
   baseline: (column, value) whose rows are the reference for the ratio column
   `<baseline_metric>_vs_<value>`, matched on the `match` columns. plot_specs: tuples
-  (x, y, series columns, log y) drawn with plots.line_plot.
+  (x, y, series columns, log y) drawn with plots.line_plot. max_seconds: points not started
+  by then are recorded as skipped (results so far are saved after every point anyway).
   """
   return dict(name=name, points=points, measure=measure, fixed=dict(fixed or {}),
               summary_keys=summary_keys, baseline=baseline, baseline_metric=baseline_metric,
-              match=tuple(match), plot_specs=plot_specs)
+              match=tuple(match), plot_specs=plot_specs, max_seconds=max_seconds)
 
 
 def split_gin_shorthand(argv):
@@ -85,13 +86,17 @@ def run(files, bindings, results_root: str, argv=()) -> str:
   parse_config(files, bindings)
   spec = experiment()
   env = harness.environment(list(argv))
-  rows = harness.run_sweep(spec["points"], spec["measure"], spec["fixed"],
-                           spec["summary_keys"])
-  if spec["baseline"] and spec["match"]:
-    key, value = spec["baseline"]
-    harness.add_ratio_to_baseline(rows, spec["baseline_metric"], key, value, spec["match"])
   directory = harness.results_dir(results_root, spec["name"])
-  harness.write_results(directory, rows, env, gin.operative_config_str())
+
+  def save(rows):
+    if spec["baseline"] and spec["match"]:
+      key, value = spec["baseline"]
+      harness.add_ratio_to_baseline(rows, spec["baseline_metric"], key, value, spec["match"])
+    harness.write_results(directory, rows, env, gin.operative_config_str())
+
+  rows = harness.run_sweep(spec["points"], spec["measure"], spec["fixed"],
+                           spec["summary_keys"], on_row=save, max_seconds=spec["max_seconds"])
+  save(rows)
   written = []
   for x, y, series, logy in spec["plot_specs"]:
     path = plots.line_plot(rows, x, y, list(series), os.path.join(directory, f"{y}_vs_{x}.png"),
