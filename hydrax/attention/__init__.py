@@ -11,5 +11,6 @@ from hydrax.attention import backends
 from hydrax.attention.hydragen import KVLevel, attention, hydragen_attention
 from hydrax.attention.merge import merge
 
+backends.register_lazy("pallas", "hydrax.attention.kernels.pallas_gpu", platforms=("gpu",))
 
 __all__ = ["attention", "merge", "KVLevel", "hydragen_attention", "backends"]

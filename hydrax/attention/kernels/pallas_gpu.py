@@ -1,0 +1,686 @@
+"""The `pallas` backend: grouped flash attention in Pallas, lowered through Triton on GPUs.
+
+Axis letters: B sequences, T queries per sequence, S keys (a node's capacity), H = K*G query
+heads, K KV heads, D head dim (Dp: padded to a power of two >= 16), N nodes, R = B*T*G rows
+per KV head, M rows per tile (block_m), P key splits.
+
+One kernel serves every level (the contract is in `hydrax.attention.xla`). For KV head k the
+R rows of queries are the T*G rows (t, g) of every sequence, sequences sorted by node
+(`grouping.py`): a shared level stacks the queries of all sequences of a node and all G query
+heads of a KV head into the M dimension of one product with that node's keys (Hydragen's
+inter-sequence batching); the per-sequence level is the case N = B. Each program takes one tile
+of <= M rows of one node, one KV head and one key split, and runs a flash-attention loop in
+float32 (online softmax in base 2) over key blocks of Sb keys, up to the largest key limit of
+its rows: blocks below the smallest limit need no mask, the rest are masked per row; loads past
+S are masked (no padding of S, no rejected lengths). Rows with no visible key give out = 0 and
+lse = -inf, never NaN. With few programs (small batch, long prefix) the keys are split in P
+parts whose results are merged through their LSEs.
+
+Lowering: Triton (`jax.experimental.pallas.triton.CompilerParams`) on CUDA and ROCm, Hopper and
+older GPUs alike; elsewhere (CPU) the same kernels run in Pallas interpret mode (slow; for
+tests). On the H200 the stacked product reaches 340-390 TFLOP/s this way, while jax's bundled
+Mosaic GPU flash attention (Hopper only, TMA + wgmma + warp specialisation) reached about 600
+on the same product: a Mosaic GPU kernel is the way past this one's ceiling
+(experiments/results/attention_microbench/NOTES.md). Gradients go through the XLA backend
+(recomputed in the backward pass).
+
+`hydragen_attention_fused` runs all levels in one launch and merges in the packed row layout:
+faster for small batches (fewer launches), slower for large ones (measured; see NOTES.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from hydrax._log import log_once
+from hydrax.attention import backends, checks, xla
+from hydrax.attention.merge import merge as merge_parts
+from hydrax.attention.checks import concrete
+from hydrax.attention.kernels import grouping
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tuning knobs; None picks by shape (see `_plan`). Block sizes are powers of two >= 16."""
+  block_m: Optional[int] = None      # M, rows per tile
+  max_block_m: int = 256             # cap on the automatic M
+  block_n: Optional[int] = None      # Sb, keys per block (overrides the tables below)
+  num_warps: Optional[int] = None
+  num_stages: Optional[int] = None
+  # Wide tiles (M*Dp >= 64*128: stacked shared levels, prefill; matrix bound): (block_n,
+  # num_stages), with M/32 warps (4 to 8: one warpgroup per 128 rows). Narrow tiles (decode
+  # rows of one sequence; memory bound): (block_n, num_warps, num_stages).
+  # Defaults: the best of the sweeps on the H200 (experiments/results/attention_microbench).
+  wide: tuple = (64, 3)
+  narrow: tuple = (64, 4, 2)
+  splits: Optional[int] = None       # P, key splits; None: enough programs to fill the GPU
+  target_programs: Optional[int] = None  # concurrent programs; None: 1 (wide) or 2 per SM
+  # Where each tile's min/max key limit comes from: "xla" (a small reduction before the
+  # launch, loaded as two scalars) or "kernel" (reduced from the tile's row limits in-kernel).
+  tile_bounds: str = "xla"
+  interpret: Optional[bool] = None   # None: interpret unless the default backend is a GPU
+  poison: bool = False               # debug: outputs start as NaN (checks every row is written)
+
+
+_config = Config()
+
+
+@contextlib.contextmanager
+def configure(**changes):
+  """Temporarily changes the kernel configuration (benchmarks, tests):
+  `with configure(block_n=128): ...`. Applies to calls traced inside the block."""
+  global _config
+  old = _config
+  _config = dataclasses.replace(_config, **changes)
+  try:
+    yield _config
+  finally:
+    _config = old
+
+
+def _pow2_at_least(x: int, low: int = 16) -> int:
+  return max(low, 1 << max(0, int(x) - 1).bit_length())
+
+
+def _interpret(cfg: Config) -> bool:
+  if cfg.interpret is not None:
+    return cfg.interpret
+  platform = jax.default_backend()
+  if platform in ("gpu", "cuda", "rocm"):
+    return False
+  log_once(("pallas-interpret", platform),
+           "hydrax pallas backend: no GPU (default backend %r), running the kernels in Pallas "
+           "interpret mode (slow; meant for tests)", platform)
+  return True
+
+
+def _num_sms() -> int:
+  try:
+    return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+  except Exception:  # pragma: no cover - no device at all
+    return 132
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  block_m: int
+  block_n: int
+  num_warps: int
+  num_stages: int
+  splits: int
+  blocks_per_split: int
+
+
+def _smem_budget() -> int:
+  """Shared memory a program may plan for: Hopper allows 227 KiB a block, Ampere 163 KiB;
+  Triton needs some for itself, so keep a margin."""
+  kind = str(getattr(jax.devices()[0], "device_kind", "")) if jax.devices() else ""
+  return 200 * 1024 if any(x in kind for x in ("H100", "H200", "H800", "GH200")) else 150 * 1024
+
+
+def _smem_bytes(bm: int, bn: int, dp: int, stages: int, itemsize: int) -> int:
+  """Estimated shared memory of a tile program: the q tile plus `stages` k and v blocks."""
+  return (bm * dp + stages * 2 * bn * dp) * itemsize
+
+
+def _max_block_m(cfg: Config, dp: int, itemsize: int) -> int:
+  """The largest M whose q tile and one stage of 16-key blocks fit the shared-memory budget."""
+  bm = cfg.max_block_m
+  while bm > 16 and _smem_bytes(bm, 16, dp, 1, itemsize) > _smem_budget() // 2:
+    bm //= 2
+  return bm
+
+
+def _plan(cfg: Config, rows_per_node: float, num_tiles: int, kv_heads: int, s: int, dp: int,
+          interpret: bool, itemsize: int = 2) -> _Plan:
+  """Block sizes, warps, stages and split count for one call (all static). Stages, then the
+  key block, shrink until the program fits the shared-memory budget (float32 tiles are twice
+  the bytes of bf16 ones)."""
+  bm = cfg.block_m or min(_max_block_m(cfg, dp, itemsize),
+                          _pow2_at_least(math.ceil(rows_per_node)))
+  wide = bm * dp >= 64 * 128
+  if wide:
+    (tbn, tstages), twarps = cfg.wide, min(8, max(4, bm // 32))
+  else:
+    tbn, twarps, tstages = cfg.narrow
+  bn = cfg.block_n or min(tbn, _pow2_at_least(s))
+  warps = cfg.num_warps or twarps
+  stages = cfg.num_stages or tstages
+  if not interpret:
+    budget = _smem_budget()
+    while (_smem_bytes(bm, bn, dp, stages, itemsize) > budget and not cfg.num_stages
+           and stages > 1):
+      stages -= 1
+    while _smem_bytes(bm, bn, dp, stages, itemsize) > budget and not cfg.block_n and bn > 16:
+      bn //= 2
+  nblk = -(-s // bn)
+  programs = max(1, num_tiles * kv_heads)
+  if cfg.splits:
+    splits = cfg.splits
+  elif interpret:
+    splits = 1
+  else:
+    # Concurrent programs per SM, by tile area (shared memory and registers): 1 at M*Dp =
+    # 128*128 and above, 2 at 64*128, up to 4 for narrow tiles.
+    slots = cfg.target_programs or _num_sms() * min(4, max(1, (128 * 128) // (bm * dp)))
+    splits = _choose_splits(programs, nblk, slots)
+  splits = max(1, min(splits, nblk))
+  bps = -(-nblk // splits)
+  splits = -(-nblk // bps)
+  for name, val in (("block_m", bm), ("block_n", bn)):
+    if val < 16 or val & (val - 1):
+      raise ValueError(f"pallas backend: {name} must be a power of two >= 16, got {val}")
+  return _Plan(bm, bn, warps, stages, splits, bps)
+
+
+def _choose_splits(programs: int, nblk: int, slots: int, min_blocks: int = 4) -> int:
+  """Key splits P for `programs` (tiles x KV heads) on `slots` concurrent programs.
+
+  Makespan model: each program's work shrinks as 1/P and runs in whole waves of `slots`, so
+  t(P) = ceil(programs * P / slots) / P. Takes the smallest P within 10% of the best t (every
+  split adds partial outputs to merge), with >= min_blocks key blocks per split.
+  """
+  cands = range(1, max(1, nblk // min_blocks) + 1)
+  t = {p: math.ceil(programs * p / slots) / p for p in cands}
+  best = min(t.values())
+  return min(p for p in cands if t[p] <= 1.1 * best)
+
+
+class _Spec(NamedTuple):
+  """Static parameters of one level's programs."""
+  block_m: int
+  block_n: int
+  blocks_per_split: int
+  splits: int
+  num_tiles: int
+  kv_heads: int
+  scale_log2: float
+  exact: bool              # float32 inputs: IEEE products (no TF32)
+  bounds_in_kernel: bool   # tile key-limit bounds reduced in-kernel (else loaded)
+
+
+_INS = 9     # per level: node, start, count, lo, hi (tiles), row limits, q, k, v
+
+
+def _tile_program(refs, i, j, kh, spec: _Spec):
+  """Attention of tile i (<= M rows of one node), key split j, KV head kh.
+
+  refs: node, start, count, lo, hi [num_tiles] int32 (lo/hi: min/max key limit of the tile's
+  rows, unused when spec.bounds_in_kernel); rowlim [R] int32; q [K,R,Dp]; k, v [N,S,K,Dp];
+  o [P,K,R,Dp] f32 (normalised), lse [P,K,R] f32 (natural log; -inf where no key is seen).
+  """
+  (node_ref, start_ref, count_ref, lo_ref, hi_ref, rowlim_ref, q_ref, k_ref, v_ref, o_ref,
+   lse_ref) = refs
+  block_m, block_n = spec.block_m, spec.block_n
+  node, start, count = node_ref[i], start_ref[i], count_ref[i]
+  s_cap = k_ref.shape[1]
+
+  rows = jnp.arange(block_m, dtype=jnp.int32)
+  row_ok = rows < count
+  rsl = pl.ds(start, block_m)
+  q = plt.load(q_ref.at[kh, rsl, :], mask=row_ok[:, None], other=0)
+  lim = plt.load(rowlim_ref.at[rsl], mask=row_ok, other=0)
+  if spec.bounds_in_kernel:
+    lo = jnp.min(jnp.where(row_ok, lim, jnp.iinfo(jnp.int32).max))   # blocks below: no mask
+    hi = jnp.max(jnp.where(row_ok, lim, 0))                            # blocks from here: none
+  else:
+    lo, hi = lo_ref[i], hi_ref[i]
+  dp = q.shape[-1]
+  precision = lax.Precision.HIGHEST if spec.exact else lax.Precision.DEFAULT
+
+  def step(blk, carry, masked):
+    m, l, acc = carry
+    s0 = blk * block_n
+    ksl = pl.ds(s0, block_n)
+    if masked:
+      keys = s0 + jnp.arange(block_n, dtype=jnp.int32)
+      kv_ok = (keys < hi)[:, None]          # hi <= length <= S: also guards loads past S
+      kb = plt.load(k_ref.at[node, ksl, kh, :], mask=kv_ok, other=0)
+      vb = plt.load(v_ref.at[node, ksl, kh, :], mask=kv_ok, other=0)
+    else:
+      kb = plt.load(k_ref.at[node, ksl, kh, :])
+      vb = plt.load(v_ref.at[node, ksl, kh, :])
+    s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32) * spec.scale_log2
+    if masked:
+      s = jnp.where(keys[None, :] < lim[:, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_use = jnp.where(m_new > -jnp.inf, m_new, 0.0) if masked else m_new
+    alpha = jnp.exp2(m - m_use)
+    p = jnp.exp2(s - m_use[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())),
+                         precision=precision, preferred_element_type=jnp.float32)
+    return m_new, l, acc * alpha[:, None] + pv
+
+  b_first = j * spec.blocks_per_split
+  b_end = jnp.minimum(b_first + spec.blocks_per_split, lax.div(hi + block_n - 1, block_n))
+  b_full = jnp.clip(lax.div(jnp.minimum(lo, s_cap), block_n), b_first,
+                    jnp.maximum(b_end, b_first))
+  carry = (jnp.full((block_m,), -jnp.inf, jnp.float32), jnp.zeros((block_m,), jnp.float32),
+           jnp.zeros((block_m, dp), jnp.float32))
+  carry = lax.fori_loop(b_first, b_full, functools.partial(step, masked=False), carry)
+  m, l, acc = lax.fori_loop(b_full, b_end, functools.partial(step, masked=True), carry)
+
+  has = l > 0
+  l_safe = jnp.where(has, l, 1.0)
+  out = acc / l_safe[:, None]
+  lse = jnp.where(has, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+  plt.store(o_ref.at[j, kh, rsl, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+  plt.store(lse_ref.at[j, kh, rsl], lse, mask=row_ok)
+
+
+def _kernel(*refs, specs):
+  """All levels' programs in one 1-D grid, level after level; program -> (level, tile, split,
+  KV head), tiles fastest (programs that share a node's key block run close in time).
+  Refs: _INS inputs per level, then any poisoned inputs aliased to the outputs, then the
+  outputs (o, lse) per level."""
+  n = len(specs)
+  ins, outs = refs[:_INS * n], refs[len(refs) - 2 * n:]
+  pid = pl.program_id(0)
+  base = 0
+  for lvl, spec in enumerate(specs):
+    count = spec.num_tiles * spec.splits * spec.kv_heads
+    level_refs = ins[_INS * lvl:_INS * (lvl + 1)] + outs[2 * lvl:2 * lvl + 2]
+
+    def run(level_refs=level_refs, spec=spec, base=base):
+      idx = pid - base
+      i = lax.rem(idx, spec.num_tiles)
+      rest = lax.div(idx, spec.num_tiles)
+      _tile_program(level_refs, i, lax.rem(rest, spec.splits), lax.div(rest, spec.splits),
+                    spec)
+
+    if n == 1:
+      run()
+    else:
+      pl.when(jnp.logical_and(pid >= base, pid < base + count))(run)
+    base += count
+
+
+def _combine(out, lse):
+  """Merges P key splits: out [P,...,Dp] f32, lse [P,...] -> ([..., Dp], [...])."""
+  if out.shape[0] == 1:
+    return out[0], lse[0]
+  m = jnp.max(lse, axis=0)
+  m_safe = jnp.where(m > -jnp.inf, m, 0.0)
+  w = jnp.exp(lse - m_safe)
+  total = jnp.sum(w, axis=0)
+  has = total > 0
+  total_safe = jnp.where(has, total, 1.0)
+  o = jnp.sum(w[..., None] * out, axis=0) / total_safe[..., None]
+  return o, jnp.where(has, m_safe + jnp.log(total_safe), -jnp.inf)
+
+
+class LevelInput(NamedTuple):
+  """One level for `grouped_attention`: qp [K,R,Dp] packed rows (q dtype), k, v [N,S,K,Dp],
+  row_limits [R] int32 (keys of its node visible to each row), the row layout and the plan."""
+  qp: jax.Array
+  k: jax.Array
+  v: jax.Array
+  row_limits: jax.Array
+  layout: grouping.Layout
+  plan: "_Plan"
+
+
+def _tile_bounds(layout: grouping.Layout, row_limits):
+  """(lo, hi) [num_tiles] int32: min and max of row_limits [R] over each tile's rows (0, 0 for
+  a tile with no rows)."""
+  m = layout.block_m
+  idx = jnp.asarray(layout.start)[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]
+  valid = jnp.arange(m, dtype=jnp.int32)[None, :] < jnp.asarray(layout.count)[:, None]
+  lim = jnp.take(row_limits, jnp.minimum(idx, row_limits.shape[0] - 1), axis=0)
+  lo = jnp.min(jnp.where(valid, lim, jnp.iinfo(jnp.int32).max), axis=1)
+  hi = jnp.max(jnp.where(valid, lim, 0), axis=1)
+  return jnp.where(hi > 0, lo, 0).astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def grouped_attention(levels, *, scale: float, interpret: bool, poison: bool = False,
+                      tile_bounds: str = "xla"):
+  """Runs the kernel for one or more levels in one launch (levels run concurrently).
+
+  levels: LevelInput list. poison: outputs start as NaN (aliased inputs), so that rows the
+  kernel never writes show. tile_bounds: "xla" or "kernel" (see Config).
+  Returns per level (out [K,R,Dp] f32, lse [K,R] f32 natural log).
+  """
+  specs, args, out_shape = [], [], []
+  for lv in levels:
+    kh, r, dp = lv.qp.shape
+    if lv.layout.block_m != lv.plan.block_m:
+      raise ValueError(f"layout.block_m={lv.layout.block_m} != plan.block_m={lv.plan.block_m}")
+    if tile_bounds not in ("xla", "kernel"):
+      raise ValueError(f"tile_bounds must be 'xla' or 'kernel', got {tile_bounds!r}")
+    in_kernel = tile_bounds == "kernel"
+    specs.append(_Spec(lv.plan.block_m, lv.plan.block_n, lv.plan.blocks_per_split,
+                       lv.plan.splits, lv.layout.num_tiles, kh, float(scale) * LOG2E,
+                       lv.qp.dtype == jnp.float32, in_kernel))
+    tiles = [jnp.asarray(x, jnp.int32) for x in (lv.layout.node, lv.layout.start,
+                                                 lv.layout.count)]
+    bounds = tiles[1:3] if in_kernel else list(_tile_bounds(lv.layout, lv.row_limits))
+    args += tiles + bounds
+    args += [lv.row_limits.astype(jnp.int32), lv.qp, lv.k, lv.v]
+    out_shape += [jax.ShapeDtypeStruct((lv.plan.splits, kh, r, dp), jnp.float32),
+                  jax.ShapeDtypeStruct((lv.plan.splits, kh, r), jnp.float32)]
+  aliases = {}
+  if poison:
+    aliases = {len(args) + i: i for i in range(len(out_shape))}
+    args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
+  total = sum(sp.num_tiles * sp.splits * sp.kv_heads for sp in specs)
+  plan = levels[0].plan          # the first (widest) level sets warps and stages
+  outs = pl.pallas_call(
+      functools.partial(_kernel, specs=tuple(specs)),
+      grid=(total,),
+      out_shape=out_shape,
+      compiler_params=None if interpret else plt.CompilerParams(
+          num_warps=plan.num_warps, num_stages=plan.num_stages),
+      interpret=interpret,
+      input_output_aliases=aliases,
+      name="hydrax_grouped_attention",
+  )(*args)
+  return [_combine(outs[2 * i], outs[2 * i + 1]) for i in range(len(levels))]
+
+
+def _pack(q, order, kh, dp):
+  """q [B,T,H,D] -> [K,R,Dp] rows (sequence in `order`, t, g)."""
+  b, t, h, d = q.shape
+  if dp != d:
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
+  q5 = q.reshape(b, t, kh, h // kh, dp)
+  if order is not None:
+    q5 = jnp.take(q5, jnp.asarray(order), axis=0)
+  return jnp.transpose(q5, (2, 0, 1, 3, 4)).reshape(kh, b * t * (h // kh), dp)
+
+
+def _inverse(order):
+  if isinstance(order, np.ndarray):
+    inv = np.empty_like(order)
+    inv[order] = np.arange(order.shape[0], dtype=order.dtype)
+    return inv
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def _unpack(out, lse, order, shape, dtype=jnp.float32):
+  """Inverse of `_pack`: out [K,R,Dp], lse [K,R] -> [B,T,H,D] (dtype), [B,T,H]."""
+  b, t, h, d = shape
+  kh = out.shape[0]
+  o = out.reshape(kh, b, t, h // kh, out.shape[-1])
+  l = lse.reshape(kh, b, t, h // kh)
+  if order is not None:
+    inv = jnp.asarray(_inverse(order))
+    o, l = jnp.take(o, inv, axis=1), jnp.take(l, inv, axis=1)
+  o = jnp.transpose(o, (1, 2, 0, 3, 4)).reshape(b, t, h, -1)[..., :d].astype(dtype)
+  return o, jnp.transpose(l, (1, 2, 0, 3)).reshape(b, t, h)
+
+
+def _same_order(a, b) -> bool:
+  if a is None or b is None:
+    return a is None and b is None
+  return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+          and a.shape == b.shape and bool(np.array_equal(a, b)))
+
+
+class _Prepared(NamedTuple):
+  layout: grouping.Layout
+  plan: _Plan
+  k: jax.Array
+  v: jax.Array
+  row_limits: jax.Array
+  dp: int
+  interpret: bool
+
+
+def _prepare(q_shape, k, v, owner, limits, cfg: Config) -> _Prepared:
+  """Static layout and plan of one level, k/v padded to Dp, the rows' key limits [R]."""
+  b, t, h, d = q_shape
+  n, s, kh, _ = k.shape
+  g = h // kh
+  interpret = _interpret(cfg)
+  dp = _pow2_at_least(d)
+  if dp != d:
+    pad = ((0, 0), (0, 0), (0, 0), (0, dp - d))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+  rows_per_seq = t * g
+  rows_per_node = rows_per_seq * (1 if owner is None else b / max(1, min(n, b)))
+  itemsize = jnp.dtype(k.dtype).itemsize
+  bm = cfg.block_m or min(_max_block_m(cfg, dp, itemsize),
+                          _pow2_at_least(math.ceil(rows_per_node)))
+  layout = grouping.make_layout(owner, n, b, rows_per_seq, bm)
+  plan = _plan(dataclasses.replace(cfg, block_m=bm), rows_per_node, layout.num_tiles, kh, s,
+               dp, interpret, itemsize)
+  lim = limits.astype(jnp.int32)
+  if layout.order is not None:
+    lim = jnp.take(lim, jnp.asarray(layout.order), axis=0)
+  row_limits = jnp.repeat(lim.reshape(b * t), g)
+  return _Prepared(layout, plan, k, v, row_limits, dp, interpret)
+
+
+def _forward(q, k, v, owner, limits, scale, cfg: Config):
+  prep = _prepare(q.shape, k, v, owner, limits, cfg)
+  qp = _pack(q, prep.layout.order, k.shape[2], prep.dp)
+  [(out, lse)] = grouped_attention(
+      [LevelInput(qp, prep.k, prep.v, prep.row_limits, prep.layout, prep.plan)],
+      scale=scale, interpret=prep.interpret, poison=cfg.poison, tile_bounds=cfg.tile_bounds)
+  return _unpack(out, lse, prep.layout.order, q.shape)
+
+
+def _static_owner(owner, n: int, b: int):
+  """(owner as NumPy or None when per-sequence, is_traced)."""
+  if owner is None:
+    return None, False
+  if n == 1:
+    return np.zeros((b,), np.int32), False
+  c = concrete(owner)
+  return (c, False) if c is not None else (None, True)
+
+
+def _owner_key(static_owner):
+  """Hashable form of a concrete owner array (None stays None: per-sequence level)."""
+  return None if static_owner is None else tuple(int(x) for x in static_owner)
+
+
+def _owner_of(key):
+  return None if key is None else np.asarray(key, np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("owner_key", "scale", "cfg"))
+def _forward_jit(q, k, v, limits, owner_dyn, *, owner_key, scale, cfg):
+  """`_forward` under jit (eager callers hit the compilation cache): owner_dyn is a traced
+  owner array or None; owner_key the static owner (`_owner_key`) when owner_dyn is None."""
+  owner = owner_dyn if owner_dyn is not None else _owner_of(owner_key)
+  return _forward(q, k, v, owner, limits, scale, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("owner_key", "scale"))
+def _xla_level_vjp(q, k, v, lengths, limits, owner_dyn, cts, *, owner_key, scale):
+  """Cotangents of (q, k, v) for one level, recomputed with the XLA backend."""
+  owner = owner_dyn if owner_dyn is not None else _owner_of(owner_key)
+  _, vjp = jax.vjp(lambda q, k, v: xla.level_attention(q, k, v, lengths, owner, limits,
+                                                       scale=scale), q, k, v)
+  return vjp(cts)
+
+
+def level_attention(q, k, v, lengths, owner, limits, *, scale):
+  """One level of attention through the Pallas kernels; contract in `hydrax.attention.xla`.
+
+  Raises backends.Unsupported for dtypes other than bf16/fp16/fp32. Differentiable: the
+  backward pass recomputes the level with the XLA backend.
+  """
+  b, t, h, d = q.shape
+  n, s, kh, _ = k.shape
+  if s == 0 or b == 0 or t == 0:
+    return (jnp.zeros(q.shape, jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32))
+  if q.dtype not in _DTYPES:
+    raise backends.Unsupported(f"dtype {q.dtype} (the kernels take bfloat16, float16, float32)")
+  cfg = _config
+  static_owner, traced = _static_owner(owner, n, b)
+  key = _owner_key(static_owner)
+
+  def impl(q, k, v, lengths, limits, *rest):
+    return _forward_jit(q, k, v, limits, rest[0] if rest else None, owner_key=key,
+                        scale=float(scale), cfg=cfg)
+
+  f = jax.custom_vjp(impl)
+
+  def f_fwd(q, k, v, lengths, limits, *rest):
+    return impl(q, k, v, lengths, limits, *rest), (q, k, v, lengths, limits, *rest)
+
+  def f_bwd(res, cts):
+    q, k, v, lengths, limits, *rest = res
+    grads = _xla_level_vjp(q, k, v, lengths, limits, rest[0] if rest else None, cts,
+                           owner_key=key, scale=float(scale))
+    return (*grads, None, None, *([None] * len(rest)))
+
+  f.defvjp(f_fwd, f_bwd)
+  # (lengths only feed the XLA backward: the forward's limits already bound every query.)
+  lengths = jnp.full((n,), s, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+  return f(q, k, v, lengths, limits, *((owner,) if traced else ()))
+
+
+def _level_limits(levels, b: int, t: int, causal_last: bool):
+  """Per level, limits [B,T] int32 (as in `hydrax.attention.hydragen_attention`)."""
+  per_seq = [lv.lengths.astype(jnp.int32) if lv.owner is None
+             else lv.lengths.astype(jnp.int32)[jnp.asarray(lv.owner)] for lv in levels]
+  total = sum(per_seq)
+  offset = jnp.zeros((b,), jnp.int32)
+  out = []
+  for seq_len in per_seq:
+    if causal_last:
+      tt = jnp.arange(t, dtype=jnp.int32)[None, :]
+      out.append(jnp.clip((total - t - offset)[:, None] + tt + 1, 0, seq_len[:, None]))
+    else:
+      out.append(jnp.broadcast_to(seq_len[:, None], (b, t)))
+    offset = offset + seq_len
+  return out
+
+
+def _concurrent(q, levels, causal_last: bool, scale: float, cfg: Config):
+  """Forward of `hydragen_attention_fused`: every level's programs in one launch."""
+  b, t, h, d = q.shape
+  inputs, orders, packed = [], [], {}
+  for level, limits in zip(levels, _level_limits(levels, b, t, causal_last)):
+    if level.k.shape[1] == 0:
+      continue
+    prep = _prepare(q.shape, level.k, level.v, level.owner, limits, cfg)
+    order = prep.layout.order
+    key = (None if order is None else order.tobytes() if isinstance(order, np.ndarray)
+           else id(order), prep.dp)
+    if key not in packed:
+      packed[key] = _pack(q, order, level.k.shape[2], prep.dp)
+    inputs.append(LevelInput(packed[key], prep.k, prep.v, prep.row_limits, prep.layout,
+                             prep.plan))
+    orders.append(order)
+  if not inputs:
+    return jnp.zeros(q.shape, q.dtype), jnp.full((b, t, h), -jnp.inf, jnp.float32)
+  # Matrix-bound (wide) levels first: their programs start first, the memory-bound ones fill in.
+  rank = sorted(range(len(inputs)), key=lambda i: -inputs[i].plan.block_m)
+  inputs, orders = [inputs[i] for i in rank], [orders[i] for i in rank]
+  parts = grouped_attention(inputs, scale=scale, interpret=_interpret(cfg), poison=cfg.poison,
+                            tile_bounds=cfg.tile_bounds)
+  if all(_same_order(o, orders[0]) for o in orders):
+    out, lse = merge_parts(parts) if len(parts) > 1 else parts[0]   # merged in packed rows
+    return _unpack(out, lse, orders[0], q.shape, q.dtype)
+  out, lse = merge_parts([_unpack(o, l, od, q.shape) for (o, l), od in zip(parts, orders)])
+  return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.jit, static_argnames=("owner_keys", "causal_last", "scale", "cfg"))
+def _concurrent_jit(q, kvl, *, owner_keys, causal_last, scale, cfg):
+  from hydrax.attention import hydragen
+  levels = [hydragen.KVLevel(k, v, n, _owner_of(key)) for (k, v, n), key in zip(kvl, owner_keys)]
+  return _concurrent(q, levels, causal_last, scale, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("owner_keys", "causal_last", "scale"))
+def _xla_fused_vjp(q, kvl, owners_dyn, cts, *, owner_keys, causal_last, scale):
+  """Cotangents of q and every level's (k, v), recomputed with the XLA backend."""
+  from hydrax.attention import hydragen
+
+  def ref(q, kv):
+    lv = [hydragen.KVLevel(k, v, n, od if od is not None else _owner_of(key))
+          for (k, v), (_, _, n), od, key in zip(kv, kvl, owners_dyn, owner_keys)]
+    return hydragen.hydragen_attention(q, lv, causal_last=causal_last, scale=scale,
+                                       backend="xla")
+
+  _, vjp = jax.vjp(ref, q, [(k, v) for k, v, _ in kvl])
+  return vjp(cts)
+
+
+def hydragen_attention_fused(q, levels, *, causal_last: bool = True,
+                             scale: Optional[float] = None):
+  """`hydrax.attention.hydragen_attention` with all levels in one kernel launch.
+
+  Same arguments and result (out [B,T,H,D] in q's dtype, lse [B,T,H] float32). The programs of
+  every level share one grid, so the matrix-bound shared levels and the memory-bound
+  per-sequence level run at the same time; when the levels' rows come in the same order
+  (per-sequence levels, shared levels whose concrete owners are sorted by node) the parts are
+  merged in the packed row layout and unpacked once. Traced owners: one launch per level.
+  Gradients recompute everything with the XLA backend.
+  """
+  from hydrax.attention import hydragen
+  checks.check_rank(q, 4, "q", "B,T,H,D")
+  if isinstance(levels, hydragen.KVLevel) or not isinstance(levels, (list, tuple)) or not levels:
+    raise ValueError("levels must be a non-empty list of KVLevel")
+  b, t, h, d = q.shape
+  for i, level in enumerate(levels):
+    hydragen._check_level(i, level, q, b)
+  if q.dtype not in _DTYPES:
+    raise ValueError(f"hydragen_attention_fused takes bfloat16, float16 or float32, got {q.dtype}")
+  scale = float(d) ** -0.5 if scale is None else scale
+  cfg = _config
+  statics, traced = zip(*[_static_owner(lv.owner, lv.k.shape[0], b) for lv in levels])
+  if b == 0 or t == 0:
+    return jnp.zeros(q.shape, q.dtype), jnp.full((b, t, h), -jnp.inf, jnp.float32)
+
+  def with_owners(levels_dyn, owners_dyn):
+    return [lv._replace(owner=(od if tr else (None if lv.owner is None else st)))
+            for lv, od, st, tr in zip(levels_dyn, owners_dyn, statics, traced)]
+
+  def impl(q, kvl, owners_dyn):
+    lv = with_owners([l._replace(k=k, v=v, lengths=n) for l, (k, v, n) in zip(levels, kvl)],
+                     owners_dyn)
+    if any(traced):
+      # Traced owners: rows differ in order per level; run each level, merge outside.
+      parts = [level_attention(q, x.k, x.v, x.lengths, x.owner, lim, scale=scale)
+               for x, lim in zip(lv, _level_limits(lv, b, t, causal_last))]
+      out, lse = merge_parts(parts)
+      return out.astype(q.dtype), lse
+    return _concurrent_jit(q, kvl, owner_keys=tuple(_owner_key(st) for st in statics),
+                           causal_last=causal_last, scale=float(scale), cfg=cfg)
+
+  f = jax.custom_vjp(impl)
+
+  def f_fwd(q, kvl, owners_dyn):
+    return impl(q, kvl, owners_dyn), (q, kvl, owners_dyn)
+
+  def f_bwd(res, cts):
+    q, kvl, owners_dyn = res
+    dq, dkv = _xla_fused_vjp(q, kvl, owners_dyn, cts,
+                             owner_keys=tuple(_owner_key(st) for st in statics),
+                             causal_last=causal_last, scale=float(scale))
+    return dq, [(dk, dv, None) for dk, dv in dkv], [None] * len(owners_dyn)
+
+  f.defvjp(f_fwd, f_bwd)
+  owners_dyn = [lv.owner if tr else None for lv, tr in zip(levels, traced)]
+  return f(q, [(lv.k, lv.v, lv.lengths) for lv in levels], owners_dyn)
+
+
+def _available() -> bool:
+  return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+backends.register(backends.Backend("pallas", level_attention, platforms=("gpu",),
+                                   is_available=_available))

@@ -1,0 +1,213 @@
+"""The pallas backend's kernels, in Pallas interpret mode on CPU (small shapes).
+
+Each level is compared with an independent NumPy float64 reference and with the XLA backend;
+the core's exactness tests are rerun against backend="pallas".
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import settings
+
+from hydrax.attention import KVLevel, backends, hydragen_attention
+from hydrax.attention import xla as xla_backend
+from hydrax.attention.kernels import grouping
+from hydrax.attention.kernels import pallas_gpu as pg
+from tests import oracle
+from tests.attention import test_core as core
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
+
+
+def _level_ref(q, k, v, owner, limits, scale):
+  """NumPy float64 attention of one level: query (b,t,h) over keys s < limits[b,t] of its node."""
+  q, k, v = (np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) for x in (q, k, v))
+  b_, t_, h_, _ = q.shape
+  g = h_ // k.shape[2]
+  out = np.zeros(q.shape)
+  lse = np.full((b_, t_, h_), -np.inf)
+  for b in range(b_):
+    n = b if owner is None else int(owner[b])
+    for t in range(t_):
+      lim = int(limits[b, t])
+      if lim == 0:
+        continue
+      for h in range(h_):
+        s = k[n, :lim, h // g] @ q[b, t, h] * scale
+        m = s.max()
+        p = np.exp(s - m)
+        out[b, t, h] = p @ v[n, :lim, h // g] / p.sum()
+        lse[b, t, h] = m + np.log(p.sum())
+  return out, lse
+
+
+def _assert_close(out, lse, ref_out, ref_lse, tol):
+  out = np.asarray(jnp.asarray(out).astype(jnp.float32))
+  lse = np.asarray(lse)
+  assert out.dtype == np.float32 and lse.dtype == np.float32
+  assert not np.isnan(out).any() and not np.isnan(lse).any()
+  finite = np.isfinite(ref_lse)
+  np.testing.assert_array_equal(np.isfinite(lse), finite)
+  np.testing.assert_array_equal(out[~finite], 0.0)
+  np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
+  np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=tol, atol=tol)
+
+
+def _case(seed, b, t, kh, g, d, n, s, dtype, per_seq, causal, empty_node=True):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((b, t, kh * g, d)), dtype)
+  k = jnp.asarray(rng.standard_normal((n, s, kh, d)), dtype)
+  v = jnp.asarray(rng.standard_normal((n, s, kh, d)), dtype)
+  lengths = rng.integers(0, s + 1, size=n)
+  lengths[0] = s
+  owner = None
+  if not per_seq:
+    owner = rng.integers(0, n, size=b).astype(np.int32)
+    if empty_node and n > 2:
+      owner[owner == 1] = 2                    # node 1 owns no sequence
+    lengths[rng.integers(0, n)] = 0 if n > 3 else lengths[-1]
+  seq_len = lengths if owner is None else lengths[owner]
+  if causal:   # bottom-right: query t sees keys up to seq_len - T + t (+ some earlier level)
+    shift = rng.integers(0, 3, size=b)
+    limits = np.clip(seq_len[:, None] - t + 1 + np.arange(t)[None, :] + shift[:, None],
+                     0, seq_len[:, None])
+  else:
+    limits = np.broadcast_to(seq_len[:, None], (b, t))
+  return q, k, v, jnp.asarray(lengths, jnp.int32), owner, jnp.asarray(limits, jnp.int32)
+
+
+CASES = [
+    # id, seed, B, T, K, G, D, N, S, dtype, per_seq, causal, config
+    ("shared_ragged_bf16", 0, 5, 3, 2, 2, 64, 4, 37, jnp.bfloat16, False, True, {}),
+    ("decode_gqa8_fp16", 1, 3, 1, 1, 8, 128, 3, 50, jnp.float16, True, False, {}),
+    ("prefill_causal_f32_d8", 2, 2, 20, 2, 3, 8, 2, 29, jnp.float32, True, True, {}),
+    ("mha_d128_f32_splits", 3, 3, 2, 1, 1, 128, 3, 70, jnp.float32, False, False,
+     {"splits": 3, "block_n": 16, "block_m": 16}),
+    ("gqa4_tiles_poison_bounds_in_kernel", 4, 6, 2, 2, 4, 64, 3, 33, jnp.bfloat16, False, True,
+     {"block_m": 16, "poison": True, "tile_bounds": "kernel"}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_level_matches_references(case):
+  _, seed, b, t, kh, g, d, n, s, dtype, per_seq, causal, cfg = case
+  q, k, v, lengths, owner, limits = _case(seed, b, t, kh, g, d, n, s, dtype, per_seq, causal)
+  scale = 0.7 / np.sqrt(d)
+  with pg.configure(**cfg):
+    out, lse = jax.jit(lambda q, k, v, lim: pg.level_attention(
+        q, k, v, lengths, owner, lim, scale=scale))(q, k, v, limits)
+  _assert_close(out, lse, *_level_ref(q, k, v, owner, np.asarray(limits), scale), TOL[dtype])
+  xo, xl = xla_backend.level_attention(q, k, v, lengths, owner, limits, scale=scale)
+  _assert_close(out, lse, np.asarray(xo), np.asarray(xl), TOL[dtype])
+
+
+def test_traced_owner_matches_concrete():
+  q, k, v, lengths, owner, limits = _case(5, 5, 2, 2, 4, 64, 4, 21, jnp.bfloat16, False, True)
+  fn = lambda q, k, v, own, lim: pg.level_attention(q, k, v, lengths, own, lim, scale=0.125)
+  traced = jax.jit(fn)(q, k, v, jnp.asarray(owner), limits)
+  _assert_close(*traced, *_level_ref(q, k, v, owner, np.asarray(limits), 0.125), 3e-2)
+
+
+def test_empty_and_zero_capacity_levels_never_nan():
+  q, k, v, _, owner, limits = _case(6, 3, 2, 1, 2, 64, 2, 5, jnp.float32, False, False)
+  out, lse = pg.level_attention(q, k, v, jnp.zeros(2, jnp.int32), owner,
+                                jnp.zeros_like(limits), scale=0.1)
+  assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
+  out, lse = pg.level_attention(q, k[:, :0], v[:, :0], jnp.zeros(2, jnp.int32), owner,
+                                jnp.zeros_like(limits), scale=0.1)
+  assert out.shape == q.shape and np.all(np.isneginf(np.asarray(lse)))
+
+
+def test_fused_levels_match_dense_oracle():
+  """Three levels (two shared, one per sequence), chained in the kernels, vs the oracle."""
+  rng = np.random.default_rng(7)
+  b, t, kh, g, d = 4, 2, 2, 2, 64
+  q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
+  levels = [(rng.standard_normal((1, 30, kh, d)), rng.standard_normal((1, 30, kh, d)),
+             np.array([30], np.int32), np.zeros(b, np.int32)),
+            (rng.standard_normal((3, 11, kh, d)), rng.standard_normal((3, 11, kh, d)),
+             np.array([11, 0, 6], np.int32), np.array([0, 0, 2, 2], np.int32)),
+            (rng.standard_normal((b, 7, kh, d)), rng.standard_normal((b, 7, kh, d)),
+             np.array([7, 0, 1, 4], np.int32), None)]
+  keys, values = oracle.concat_levels(levels)
+  lv = [KVLevel(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), jnp.asarray(n), o)
+        for k, v, n, o in levels]
+  with pg.configure(poison=True):
+    out, lse = jax.jit(lambda q, lv: pg.hydragen_attention_fused(q, lv))(jnp.asarray(q), lv)
+  ref = oracle.dense(q, keys, values, causal=True)
+  assert out.dtype == jnp.float32
+  _assert_close(out, lse, *ref, 1e-5)
+
+
+def test_grouping_layout_covers_rows_once():
+  rng = np.random.default_rng(8)
+  for n, b, rows_per_seq, bm in [(4, 9, 3, 16), (1, 5, 8, 16), (6, 6, 20, 16), (3, 7, 1, 32)]:
+    owner = rng.integers(0, n, size=b).astype(np.int32)
+    conc = grouping.make_layout(owner, n, b, rows_per_seq, bm)
+    trac = jax.jit(lambda o: grouping.make_layout(o, n, b, rows_per_seq, bm)[1:4],
+                   )(jnp.asarray(owner))
+    order = np.argsort(owner, kind="stable") if conc.order is not None else np.arange(b)
+    row_node = np.repeat(owner[order], rows_per_seq)
+    for node, start, count in [(conc.node, conc.start, conc.count),
+                               tuple(np.asarray(x) for x in trac)]:
+      covered = np.zeros(b * rows_per_seq, np.int64)
+      for nd, st, ct in zip(node, start, count):
+        assert 0 <= ct <= bm
+        covered[st:st + ct] += 1
+        assert np.all(row_node[st:st + ct] == nd)      # one node per tile
+      np.testing.assert_array_equal(covered, 1)
+
+
+def test_choose_splits_fills_whole_waves():
+  assert pg._choose_splits(programs=64, nblk=256, slots=132) == 2     # one full wave
+  assert pg._choose_splits(programs=512, nblk=256, slots=132) == 1    # already 3.9 waves
+  p = pg._choose_splits(programs=8, nblk=256, slots=264)
+  assert 29 <= p <= 33 and 8 * p <= 264                               # one wave, nearly full
+  assert pg._choose_splits(programs=8, nblk=3, slots=264) == 1        # too few key blocks
+
+
+def test_unsupported_dtype_raises_unsupported():
+  x = jnp.zeros((1, 1, 2, 16), jnp.float8_e4m3fn)
+  with pytest.raises(backends.Unsupported, match="float8"):
+    pg.level_attention(x, x, x, jnp.ones(1, jnp.int32), None, jnp.ones((1, 1), jnp.int32),
+                       scale=1.0)
+
+
+def test_registry():
+  assert backends.get("pallas").name == "pallas"
+  assert "pallas" in backends.names()
+  if jax.default_backend() == "cpu":
+    assert backends.get("auto").name == "xla"
+
+
+# --- the core's exactness tests, unchanged, against backend="pallas" ----------------------
+
+@pytest.fixture
+def pallas_core(monkeypatch):
+  monkeypatch.setattr(core, "BACKEND", "pallas")
+  return core
+
+
+def test_core_head_dim_128(pallas_core):
+  pallas_core.test_head_dim_128(3, jnp.bfloat16)
+
+
+def test_core_causal_query_longer_than_last_level(pallas_core):
+  pallas_core.test_causal_query_longer_than_last_level()
+
+
+def test_core_empty_levels(pallas_core):
+  pallas_core.test_empty_levels_never_nan()
+
+
+def test_core_jit_static_and_traced_owners(pallas_core):
+  pallas_core.test_jit_with_static_and_traced_owners()
+
+
+def test_core_grad(pallas_core):
+  pallas_core.test_grad_matches_dense_autodiff(True)
+
+
+def test_core_hypothesis_float32(pallas_core):
+  settings(max_examples=3)(pallas_core.test_hydragen_matches_dense_float32)()
