@@ -48,17 +48,23 @@ PROMPTS = {"shared_prefix": shared_prefix_prompts, "hierarchy": hierarchy_prompt
 
 
 @functools.lru_cache(maxsize=2)
-def _model(preset: str, dtype: str, num_layers):
+def _model(preset: str, dtype: str, num_layers, mesh=None):
+  """Random-weight model of a preset; with `mesh` (a spec such as "1x8"), created sharded."""
   from hydrax.models import configs, llama
   overrides = {} if num_layers is None else {"num_layers": num_layers}
   config = configs.LlamaConfig.from_preset(preset, **overrides)
-  return llama.init(config, seed=0, dtype=np.dtype(dtype) if dtype != "bfloat16"
-                    else jax.numpy.bfloat16)
+  dt = jax.numpy.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+  if mesh is not None:
+    from hydrax import parallel
+    return parallel.init(config, parallel.make_mesh(mesh), seed=0, dtype=dt)
+  return llama.init(config, seed=0, dtype=dt)
 
 
 def _peak_bytes():
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use")
+  """Process-wide peak device memory so far (max over local devices), if reported."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) if peaks else None
 
 
 @gin.configurable
@@ -66,14 +72,16 @@ def generation_point(*, batch: int, prefix: int, attention: str, model: str = "t
                      dtype: str = "float32", num_layers=None, suffix: int = 16,
                      max_new_tokens: int = 128, prompts: str = "shared_prefix",
                      backend: str = "auto", min_shared_tokens=None, max_levels=None,
-                     eos_id=None, seed: int = 0, memory_limit_bytes=None) -> dict:
+                     eos_id=None, seed: int = 0, memory_limit_bytes=None, mesh=None) -> dict:
   """End-to-end generation of one point; returns its metrics.
 
+  mesh: None (one device) or a mesh spec for `hydrax.parallel.make_mesh` ("2x4": data x model)
+  to run the sharded engine.
   memory_limit_bytes: treat the point as out of memory when its KV cache would exceed this
   (simulates a smaller device; also how the tests exercise OOM recording).
   """
   from hydrax import engine, sharing
-  net = _model(model, dtype, num_layers)
+  net = _model(model, dtype, num_layers, mesh)
   config = net.config
   tokens = PROMPTS[prompts](batch=batch, prefix=prefix, suffix=suffix,
                             vocab=config.vocab_size, seed=seed)
@@ -89,12 +97,18 @@ def generation_point(*, batch: int, prefix: int, attention: str, model: str = "t
     if need > memory_limit_bytes:
       raise OutOfMemory(f"KV cache needs {need} bytes > memory_limit_bytes={memory_limit_bytes}")
   start = time.perf_counter()
-  gen = engine.generate(net, plan, max_new_tokens=max_new_tokens, attention=attention,
-                        eos_id=eos_id, seed=seed, backend=backend)
+  if mesh is None:
+    gen = engine.generate(net, plan, max_new_tokens=max_new_tokens, attention=attention,
+                          eos_id=eos_id, seed=seed, backend=backend)
+  else:
+    from hydrax import parallel
+    gen = parallel.generate(net, plan, mesh=parallel.make_mesh(mesh),
+                            max_new_tokens=max_new_tokens, attention=attention, eos_id=eos_id,
+                            seed=seed, backend=backend)
   e2e = time.perf_counter() - start
   new_tokens = int(np.sum(np.asarray(gen.lengths)))
   return {
-      "decode_tokens_per_s": gen.decode_tokens_per_s,
+      "decode_tokens_per_s": gen.decode_tokens_per_second,
       "e2e_tokens_per_s": new_tokens / (gen.prefill_seconds + gen.decode_seconds),
       "prefill_s": gen.prefill_seconds, "decode_s": gen.decode_seconds,
       "e2e_s": gen.prefill_seconds + gen.decode_seconds, "wall_with_compile_s": e2e,

@@ -88,7 +88,12 @@ def run(files, bindings, results_root: str, argv=()) -> str:
   env = harness.environment(list(argv))
   directory = harness.results_dir(results_root, spec["name"])
 
+  import jax
+  writer = jax.process_index() == 0       # on several hosts, only process 0 writes
+
   def save(rows):
+    if not writer:
+      return
     if spec["baseline"] and spec["match"]:
       key, value = spec["baseline"]
       harness.add_ratio_to_baseline(rows, spec["baseline_metric"], key, value, spec["match"])
@@ -98,7 +103,7 @@ def run(files, bindings, results_root: str, argv=()) -> str:
                            spec["summary_keys"], on_row=save, max_seconds=spec["max_seconds"])
   save(rows)
   written = []
-  for x, y, series, logy in spec["plot_specs"]:
+  for x, y, series, logy in (spec["plot_specs"] if writer else ()):
     path = plots.line_plot(rows, x, y, list(series), os.path.join(directory, f"{y}_vs_{x}.png"),
                            title=f"{spec['name']} ({env['device_kind']})", logy=logy)
     if path:

@@ -1,0 +1,327 @@
+"""Sharded attention and the tensor-parallel model step, written per shard for `jax.shard_map`.
+
+Everything here that ends in `_shard` runs inside `jax.shard_map` over a ("data", "model") mesh
+and sees per-shard arrays: B_l = B/data rows, H_l = H/M query heads, K_l = K/M KV heads,
+F_l = F/M MLP columns (M the model axis size). The collectives are explicit:
+
+  attention      none: a shard's query heads read only its own KV heads, its rows only its
+                 own nodes (see `rules.place_nodes`);
+  o projection   psum over model of [B_l,T,E] (the rows of o are split over model);
+  MLP down       psum over model of [B_l,T,E];
+  logits         vocab-sharded: greedy decoding all-gathers one (max, argmax) pair per row and
+                 shard; sampling and `apply` all-gather the logits [B_l,T,V] over model.
+
+Per-shard owners: the XLA attention backend groups a shared level's queries by node statically
+(NumPy owners), but each data shard owns a different local node layout. `OwnerTable` holds the
+distinct per-shard layouts; with more than one, the attention of each layer is a `lax.switch`
+on the shard's data index whose branches close over their own NumPy owners (only attention is
+inside the switch; no collective is).
+
+Axis letters: B rows, T new tokens, E hidden, H/K query/KV heads, D head dim, N nodes, S keys,
+L layers, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hydrax import attention as attn_lib
+from hydrax.attention import KVLevel
+from hydrax.attention.checks import concrete
+from hydrax.cache import LevelKV
+from hydrax.models import llama as llama_lib
+from hydrax.parallel import rules
+from hydrax.parallel.mesh import DATA, MODEL, axis_sizes, check_mesh
+
+
+class OwnerTable(NamedTuple):
+  """Static owners of attention levels, per data shard, deduplicated.
+
+  variants: distinct layouts; each a tuple over levels of a NumPy int [B_l] owner (local node
+            indices) or None (a per-row level).
+  index:    [data] int, the variant of each data shard.
+  """
+  variants: tuple
+  index: np.ndarray
+
+  @classmethod
+  def build(cls, per_shard: Sequence[Sequence[Optional[np.ndarray]]]) -> "OwnerTable":
+    keys, variants, index = {}, [], []
+    for owners in per_shard:
+      owners = tuple(None if o is None else np.asarray(o, np.int32) for o in owners)
+      key = tuple(None if o is None else (o.shape, o.tobytes()) for o in owners)
+      if key not in keys:
+        keys[key] = len(variants)
+        variants.append(owners)
+      index.append(keys[key])
+    return cls(tuple(variants), np.asarray(index, np.int32))
+
+  @classmethod
+  def uniform(cls, owners: Sequence[Optional[np.ndarray]], data: int) -> "OwnerTable":
+    """The same owners on every data shard."""
+    return cls.build([owners] * data)
+
+  def extend(self, owner: Optional[np.ndarray] = None) -> "OwnerTable":
+    """The table with one more level (the same `owner` on every shard) appended."""
+    return OwnerTable(tuple(v + (owner,) for v in self.variants), self.index)
+
+
+def attend_shard(q, levels: Sequence[KVLevel], table: OwnerTable, *, causal_last: bool = True,
+                 scale: Optional[float] = None, backend: str = "auto"):
+  """`hydragen_attention` of one shard. No communication.
+
+  q [B_l,T,H_l,D]; levels: KVLevel(k, v, lengths, None) per level, k, v [N_l,S,K_l,D] (the
+  shard's local nodes, padded) or [B_l,S,K_l,D] (per-row levels); the owners come from `table`
+  (a shared level's k, v are cut to the nodes its owner uses). Returns out [B_l,T,H_l,D] (q's
+  dtype), lse [B_l,T,H_l] float32.
+  """
+  levels = list(levels)
+  if any(len(v) != len(levels) for v in table.variants):
+    raise ValueError(f"owner table has {len(table.variants[0])} levels, attention got "
+                     f"{len(levels)}")
+
+  def run(variant, q, levels):
+    parts = []
+    for level, owner in zip(levels, variant):
+      if owner is None:
+        parts.append(level)
+      else:
+        n = int(owner.max()) + 1 if owner.size else 1
+        parts.append(KVLevel(level.k[:n], level.v[:n], level.lengths[:n], owner))
+    return attn_lib.hydragen_attention(q, parts, causal_last=causal_last, scale=scale,
+                                       backend=backend)
+
+  if len(table.variants) == 1:
+    return run(table.variants[0], q, levels)
+  branch = jnp.asarray(table.index, jnp.int32)[lax.axis_index(DATA)]
+  return lax.switch(branch, [functools.partial(run, v) for v in table.variants], q, levels)
+
+
+def hydragen_attention(q, levels: Sequence[KVLevel], *, mesh, causal_last: bool = True,
+                       scale: Optional[float] = None, backend: str = "auto"):
+  """`hydrax.attention.hydragen_attention` over a ("data", "model") mesh.
+
+  q [B,T,H,D] and levels (k, v [N,S,K,D], lengths [N], owner [B] NumPy or None) are global.
+  Sequences go over data (B divisible by its size), query and KV heads over model (K divisible
+  by its size). A shared level's nodes are gathered to the data shards whose sequences own them
+  (`rules.place_nodes`; a node spanning shards is copied to each) and owners re-indexed per
+  shard. Returns out [B,T,H,D], lse [B,T,H], sharded as q (`rules.QUERY_SPEC`, `LSE_SPEC`).
+  """
+  mesh = check_mesh(mesh)
+  data, m = axis_sizes(mesh)
+  if getattr(q, "ndim", None) != 4:
+    raise ValueError(f"q must have shape [B,T,H,D], got {getattr(q, 'shape', type(q))}")
+  if isinstance(levels, KVLevel) or not isinstance(levels, (list, tuple)) or not levels:
+    raise ValueError("levels must be a non-empty list of KVLevel")
+  b, _, h, _ = q.shape
+  if b % data:
+    raise ValueError(f"q has B={b} sequences, which the mesh's data axis of size {data} does "
+                     "not divide")
+  if h % m:
+    raise ValueError(f"q has H={h} query heads, which the mesh's model axis of size {m} does "
+                     "not divide")
+  args, specs, per_level = [], [], []
+  for i, level in enumerate(levels):
+    if not isinstance(level, KVLevel):
+      raise ValueError(f"levels[{i}] must be a KVLevel, got {type(level).__name__}")
+    if level.k.ndim != 4 or level.k.shape[2] % m:
+      raise ValueError(f"levels[{i}].k has shape {tuple(level.k.shape)}: its K (KV heads) must "
+                       f"be divisible by the mesh's model axis of size {m}")
+    lengths = jnp.asarray(level.lengths, jnp.int32)
+    if level.owner is None:
+      if level.k.shape[0] != b:
+        raise ValueError(f"levels[{i}].owner is None but the level has N={level.k.shape[0]} "
+                         f"nodes for B={b} sequences")
+      args.append(KVLevel(level.k, level.v, lengths, None))
+      per_level.append([None] * data)
+    else:
+      owner = concrete(level.owner)
+      if owner is None:
+        raise ValueError(f"levels[{i}].owner is traced; the sharded attention places nodes on "
+                         "data shards from the owners' values, so pass owner as a NumPy array")
+      if owner.shape != (b,) or (owner.size and (owner.min() < 0 or
+                                                 owner.max() >= level.k.shape[0])):
+        raise ValueError(f"levels[{i}].owner must be [B]={b} node indices in "
+                         f"[0, {level.k.shape[0] - 1}], got shape {owner.shape}")
+      place = rules.place_nodes(owner, data)
+      flat = np.maximum(place.nodes, 0).reshape(-1)
+      real = jnp.asarray((place.nodes >= 0).reshape(-1))
+      args.append(KVLevel(level.k[flat], level.v[flat], jnp.where(real, lengths[flat], 0),
+                          None))
+      per_level.append(list(place.owner))
+    specs.append(KVLevel(rules.LEVEL_KV_SPEC, rules.LEVEL_KV_SPEC, rules.ROWS_SPEC, None))
+  table = OwnerTable.build([tuple(p[s] for p in per_level) for s in range(data)])
+  body = functools.partial(attend_shard, table=table, causal_last=causal_last, scale=scale,
+                           backend=backend)
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(rules.QUERY_SPEC, specs),
+                     out_specs=(rules.QUERY_SPEC, rules.LSE_SPEC), check_vma=False)
+  return jax.jit(fn)(q, args)
+
+
+# ----------------------------------------------------------------------------- model step
+
+
+def _linear(kernel, x):
+  precision = lax.Precision.HIGHEST if kernel.dtype == jnp.float32 else lax.Precision.DEFAULT
+  return jnp.einsum("...i,io->...o", x, kernel, precision=precision)
+
+
+def _attention_layer(config, layer, x, positions, inv_freq, shared, table, suffix, index, *,
+                     skip_attention, backend):
+  """x [B_l,T,E] -> (out [B_l,T,E] summed over model, suffix with this layer's keys)."""
+  b, t, _ = x.shape
+  d = config.head_dim
+  q = _linear(layer.q.kernel[...], x)
+  k = _linear(layer.k.kernel[...], x)
+  v = _linear(layer.v.kernel[...], x)
+  hl, kl = q.shape[-1] // d, k.shape[-1] // d
+  q, k, v = q.reshape(b, t, hl, d), k.reshape(b, t, kl, d), v.reshape(b, t, kl, d)
+  if skip_attention:
+    out = jnp.repeat(v, hl // kl, axis=2)
+  else:
+    q = llama_lib.apply_rope(q, positions, inv_freq)
+    k = llama_lib.apply_rope(k, positions, inv_freq)
+    levels = [KVLevel(lvl.k[index], lvl.v[index], lvl.lengths, None) for lvl in shared]
+    if suffix is None:
+      levels.append(KVLevel(k, v, jnp.full((b,), t, jnp.int32), None))
+    else:
+      start = suffix.lengths.astype(jnp.int32)
+      rows = jnp.arange(b)[:, None]
+      slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+      new_k = suffix.k.at[index, rows, slots].set(k.astype(suffix.k.dtype), mode="drop")
+      new_v = suffix.v.at[index, rows, slots].set(v.astype(suffix.v.dtype), mode="drop")
+      suffix = LevelKV(new_k, new_v, suffix.lengths)
+      levels.append(KVLevel(new_k[index], new_v[index], start + t, None))
+    out, _ = attend_shard(q, levels, table.extend(None), causal_last=True, backend=backend)
+  partial = _linear(layer.o.kernel[...], out.reshape(b, t, hl * d))
+  return lax.psum(partial, MODEL), suffix                        # all-reduce 1 of 2
+
+
+def _mlp(mlp, x):
+  partial = _linear(mlp.down.kernel[...],
+                    jax.nn.silu(_linear(mlp.gate.kernel[...], x)) * _linear(mlp.up.kernel[...], x))
+  return lax.psum(partial, MODEL)                                # all-reduce 2 of 2
+
+
+def forward_shard(model, tokens, positions, *, shared: Sequence[LevelKV] = (),
+                  table: Optional[OwnerTable] = None, suffix: Optional[LevelKV] = None,
+                  valid=None, skip_attention: bool = False, backend: str = "auto"):
+  """The tensor-parallel decoder over T new tokens of this shard's rows (inside shard_map).
+
+  model: a `Llama` whose arrays are this shard's slices (`rules.param_specs`); its config is
+    the global one. tokens, positions: [B_l,T] int32.
+  shared: read-only LevelKV [L,N_l,S,K_l,D] of this shard's local nodes, with their owners in
+    `table` (one entry per shared level). suffix: LevelKV [L,B_l,S,K_l,D] written at slots
+    lengths..lengths+T-1 and attended last (causal); None: the tokens attend to themselves.
+  valid: [B_l] real new tokens per row (default T); suffix lengths grow by it.
+  Same semantics as `hydrax.models.llama.forward`. Returns (hidden [B_l,T,E] after the final
+  norm, identical on the model shards; the suffix LevelKV or None).
+  """
+  config = model.config
+  shared = tuple(shared)
+  if table is None:
+    if shared:
+      raise ValueError("forward_shard: shared levels need an OwnerTable")
+    table = OwnerTable(((),), np.zeros((1,), np.int32))
+  b, t = tokens.shape
+  inv_freq = llama_lib.rope_frequencies(config)
+  eps = config.rms_norm_eps
+  x = jnp.take(model.embed.embedding[...], tokens.astype(jnp.int32), axis=0)
+  for index, block in enumerate(model.layers):
+    a, suffix = _attention_layer(config, block.attn, llama_lib.rms_norm(block.attn_norm, x, eps),
+                                 positions, inv_freq, shared, table, suffix, index,
+                                 skip_attention=skip_attention, backend=backend)
+    x = x + a
+    x = x + _mlp(block.mlp, llama_lib.rms_norm(block.mlp_norm, x, eps))
+  hidden = llama_lib.rms_norm(model.norm, x, eps)
+  if suffix is not None and not skip_attention:
+    grow = jnp.full((b,), t, jnp.int32) if valid is None else valid.astype(jnp.int32)
+    suffix = LevelKV(suffix.k, suffix.v, suffix.lengths + grow)
+  return hidden, suffix
+
+
+def logits_shard(model, hidden):
+  """hidden [..., E] -> float32 logits [..., V_l]: this shard's vocabulary slice when the head
+  is vocab-sharded (V_l = V/M), else all V (tied or replicated head)."""
+  if model.lm_head is None:
+    table = model.embed.embedding[...]
+    precision = lax.Precision.HIGHEST if table.dtype == jnp.float32 else lax.Precision.DEFAULT
+    out = jnp.einsum("...e,ve->...v", hidden, table, precision=precision)
+  else:
+    out = _linear(model.lm_head.kernel[...], hidden)
+  return out.astype(jnp.float32)
+
+
+def full_logits_shard(model, hidden, vocab_sharded: bool):
+  """Logits [..., V] on every model shard (all-gathered over model when vocab-sharded)."""
+  local = logits_shard(model, hidden)
+  return lax.all_gather(local, MODEL, axis=local.ndim - 1, tiled=True) if vocab_sharded \
+      else local
+
+
+def argmax_shard(local, vocab_sharded: bool):
+  """Greedy token [B_l] int32 from logits [B_l,V_l]; the first maximum over the whole vocabulary
+  (as jnp.argmax), found from one (max, argmax) pair per model shard."""
+  if not vocab_sharded:
+    return jnp.argmax(local, axis=-1).astype(jnp.int32)
+  best = jnp.max(local, axis=-1)
+  where = jnp.argmax(local, axis=-1).astype(jnp.int32) + \
+      lax.axis_index(MODEL).astype(jnp.int32) * local.shape[-1]
+  bests = lax.all_gather(best, MODEL)                        # [M,B_l]
+  wheres = lax.all_gather(where, MODEL)
+  pick = jnp.argmax(bests, axis=0)                           # first shard with the maximum
+  return jnp.take_along_axis(wheres, pick[None], axis=0)[0]
+
+
+def next_token_shard(model, hidden, key, sampling: dict, vocab_sharded: bool):
+  """One token per row [B_l] from hidden [B_l,E]: greedy (temperature 0) or sampled with
+  `hydrax.engine.sample` (each data shard draws with its own fold of `key`)."""
+  if sampling.get("temperature", 0.0) == 0:
+    return argmax_shard(logits_shard(model, hidden), vocab_sharded)
+  from hydrax.engine import sample
+  full = full_logits_shard(model, hidden, vocab_sharded)
+  return sample(full, jax.random.fold_in(key, lax.axis_index(DATA)), **sampling)
+
+
+def apply(model, params, tokens, positions=None, *, mesh, backend: str = "auto"):
+  """Sharded full forward pass (no cache): logits [B,T,V] float32, rows over data.
+
+  model: a hydrax `Llama`, its nnx.GraphDef (with params) or its LlamaConfig (with params);
+  params: its nnx.State (None: the module's own). B must be divisible by the data axis size.
+  """
+  from hydrax.parallel.generate import resolve_model
+  mesh = check_mesh(mesh)
+  graphdef, params, config = resolve_model(model, params)
+  data, _ = axis_sizes(mesh)
+  tokens = np.asarray(tokens).astype(np.int32)
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must have shape [B,T], got {tuple(tokens.shape)}")
+  if tokens.shape[0] % data:
+    raise ValueError(f"tokens have B={tokens.shape[0]} rows, which the mesh's data axis of "
+                     f"size {data} does not divide")
+  positions = (np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+               if positions is None else np.asarray(positions).astype(np.int32))
+  if positions.shape != tokens.shape:
+    raise ValueError(f"positions must have the shape of tokens {tokens.shape}, got "
+                     f"{positions.shape}")
+  specs = rules.param_specs(params, config, mesh)
+  params = rules.shard_tree(params, specs, mesh)
+  shard_vocab = rules.vocab_sharded(config, mesh)
+  rows = NamedSharding(mesh, rules.ROWS_SPEC)
+
+  def body(params, tokens, positions):
+    net = nnx.merge(graphdef, params)
+    hidden, _ = forward_shard(net, tokens, positions, backend=backend)
+    return full_logits_shard(net, hidden, shard_vocab)
+
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, rules.ROWS_SPEC, rules.ROWS_SPEC),
+                             out_specs=P(DATA, None, None), check_vma=False))
+  return fn(params, rules.put(tokens, rows), rules.put(positions, rows))

@@ -1,0 +1,239 @@
+"""hydrax.parallel on 8 simulated CPU devices: mesh, rules, node placement, sharded attention
+equal to unsharded, sharded forward and greedy generation equal to single-device, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hydrax import engine, parallel, sharing
+from hydrax.attention import KVLevel, hydragen_attention
+from hydrax.models import LlamaConfig, llama
+
+MESHES = [(1, 8), (2, 4), (8, 1)]
+
+# 8 KV heads so that every model axis size of MESHES divides them.
+CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=16, num_kv_heads=8, head_dim=8, name="tp-test")
+
+
+@pytest.fixture(scope="module")
+def net():
+  return llama.init(CONFIG, seed=1)
+
+
+def _prompts():
+  """8 prompts under two root prefixes: A (rows 0-2; prompt 0 is A itself, so its suffix is
+  empty) and B (rows 3-7). In plan order node B spans both data shards of a (2, 4) mesh."""
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(3, 256, 20), rng.integers(3, 256, 26)
+  out = [a.copy()]
+  out += [np.concatenate([a, rng.integers(3, 256, 2 + i)]) for i in range(2)]
+  out += [np.concatenate([b, rng.integers(3, 256, 1 + i)]) for i in range(5)]
+  return [p.astype(np.int32) for p in out]
+
+
+@pytest.fixture(scope="module")
+def plan():
+  return sharing.plan(_prompts(), min_shared_tokens=0, merge_cost=0)
+
+
+@pytest.fixture(scope="module")
+def reference(net, plan):
+  return engine.generate(net, None, plan, max_new_tokens=4)
+
+
+# ----------------------------------------------------------------------------- mesh and rules
+
+
+def test_make_mesh_specs():
+  for spec, shape in [((1, 8), (1, 8)), ("2x4", (2, 4)), ({"data": 8}, (8, 1)),
+                      ((-1, 2), (4, 2)), ({"model": 4}, (2, 4))]:
+    mesh = parallel.make_mesh(spec)
+    assert parallel.axis_sizes(mesh) == shape
+    assert tuple(mesh.axis_names) == ("data", "model")
+  assert parallel.make_mesh(mesh) is mesh
+  assert parallel.axis_sizes(parallel.make_mesh()) == (1, 8)      # one process: all on model
+  for bad in [(3, 3), (0, 8), (2, 2, 2), "axb", {"pipe": 8}, (-1, -1)]:
+    with pytest.raises(ValueError):
+      parallel.make_mesh(bad)
+
+
+def test_param_specs_and_placement(net):
+  mesh = parallel.make_mesh((2, 4))
+  _, params = nnx.split(net)
+  specs = nnx.to_pure_dict(parallel.param_specs(params, CONFIG, mesh))
+  layer = specs["layers"][0]
+  assert layer["attn"]["q"]["kernel"] == P(None, "model")
+  assert layer["attn"]["k"]["kernel"] == P(None, "model")
+  assert layer["attn"]["o"]["kernel"] == P("model", None)
+  assert layer["mlp"]["up"]["kernel"] == P(None, "model")
+  assert layer["mlp"]["down"]["kernel"] == P("model", None)
+  assert layer["attn_norm"]["weight"] == P()
+  assert specs["embed"]["embedding"] == P()
+  assert specs["lm_head"]["kernel"] == P(None, "model")          # 256 % 4 == 0
+  placed = nnx.to_pure_dict(parallel.shard_params(params, CONFIG, mesh))
+  k = placed["layers"][1]["attn"]["k"]["kernel"]
+  assert {s.data.shape for s in k.addressable_shards} == {(64, 2 * 8)}   # K/M = 2 heads
+  odd = CONFIG.replace(vocab_size=250)
+  assert not parallel.vocab_sharded(odd, mesh)
+
+
+def test_init_creates_sharded_params_equal_to_llama_init():
+  mesh = parallel.make_mesh((2, 4))
+  config = CONFIG.replace(num_layers=1)
+  got = nnx.state(parallel.init(config, mesh, seed=5))
+  want = nnx.state(llama.init(config, seed=5))
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  q = nnx.to_pure_dict(got)["layers"][0]["attn"]["q"]["kernel"]
+  assert q.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
+
+
+def test_head_count_not_divisible_is_a_clear_error():
+  tiny = LlamaConfig.from_preset("tiny")                # 4 query heads, 2 KV heads
+  model = llama.init(tiny)
+  for shape in [(1, 8), (2, 4)]:
+    mesh = parallel.make_mesh(shape)
+    with pytest.raises(ValueError, match=rf"num_kv_heads=2 \(num_heads=4\).*model axis of "
+                       rf"size {shape[1]}"):
+      parallel.check_model(tiny, mesh)
+    with pytest.raises(ValueError, match="num_kv_heads=2"):
+      parallel.generate(model, None, [[5, 6, 7]] * 8, mesh=mesh, max_new_tokens=2)
+  parallel.check_model(tiny, parallel.make_mesh((4, 2)))  # 2 divides 2: fine
+
+
+def test_place_nodes_policy():
+  owner = np.array([0, 0, 0, 1, 1, 1, 1, 2])
+  place = parallel.place_nodes(owner, 2)
+  np.testing.assert_array_equal(place.nodes, [[0, 1], [1, 2]])   # node 1 on both shards
+  np.testing.assert_array_equal(place.owner, [[0, 0, 0, 1], [0, 0, 0, 1]])
+  np.testing.assert_array_equal(place.count, [2, 2])
+  assert place.replication == 4 / 3
+  place = parallel.place_nodes(np.zeros(8, int), 8)                  # a root on all 8 shards
+  assert place.replication == 8 and place.nodes.shape == (8, 1)
+  with pytest.raises(ValueError, match="split evenly"):
+    parallel.place_nodes(owner, 3)
+
+
+def test_shard_plan_places_sharers(plan):
+  seqs = [np.asarray(s) for s in plan.sequences]
+  sp = parallel.shard_plan(plan, seqs, 2, max_new_tokens=4)
+  assert len(sp.levels) == 1 and sp.levels[0].rows == 2
+  assert sp.replication == (1.5,)        # node B (rows 3-7) is stored on both shards
+  assert len(sp.main.table.variants) == 2  # the shards' local owners differ: a lax.switch
+  np.testing.assert_array_equal(sp.plan_row, [[0, 1, 2, 3], [4, 5, 6, 7]])
+  uneven = parallel.shard_plan(plan, seqs, 3, max_new_tokens=4)     # 3 + 3 + 2 rows
+  np.testing.assert_array_equal(uneven.real.sum(axis=1), [3, 3, 2])
+  assert uneven.plan_row[2, 2] == uneven.plan_row[2, 1]              # a repeated row
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _levels(rng, b, t, k, d, dtype=jnp.float32):
+  """Root (1 node), a middle level (3 nodes, node 1 shared by rows 3-6), per-row suffixes."""
+  def kv(n, s):
+    return (jnp.asarray(rng.normal(size=(n, s, k, d)), dtype),
+            jnp.asarray(rng.normal(size=(n, s, k, d)), dtype))
+  root, mid, suf = kv(1, 12), kv(3, 9), kv(b, 6)
+  return [KVLevel(*root, jnp.array([11], jnp.int32), np.zeros(b, np.int32)),
+          KVLevel(*mid, jnp.array([9, 4, 0], jnp.int32),
+                  np.array([0, 0, 0, 1, 1, 1, 1, 2], np.int32)),
+          KVLevel(*suf, jnp.asarray(rng.integers(t, 7, size=b), jnp.int32), None)]
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_attention_equals_unsharded(shape):
+  rng = np.random.default_rng(sum(shape))
+  b, t, h, k, d = 8, 2, 16, 8, 8
+  q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+  levels = _levels(rng, b, t, k, d)
+  mesh = parallel.make_mesh(shape)
+  owners = [lvl.owner for lvl in levels]            # static: closed over, not traced
+
+  def with_owners(levels):
+    return [lvl._replace(owner=o) for lvl, o in zip(levels, owners)]
+
+  arrays = [lvl._replace(owner=None) for lvl in levels]
+  out, lse = jax.jit(lambda q, lv: parallel.hydragen_attention(
+      q, with_owners(lv), mesh=mesh, backend="xla"))(q, arrays)
+  want_out, want_lse = jax.jit(lambda q, lv: hydragen_attention(
+      q, with_owners(lv), backend="xla"))(q, arrays)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+  assert out.sharding.is_equivalent_to(NamedSharding(mesh, parallel.QUERY_SPEC), 4)
+
+
+def test_sharded_attention_errors():
+  rng = np.random.default_rng(0)
+  q = jnp.zeros((8, 1, 16, 8))
+  levels = _levels(rng, 8, 1, 8, 8)
+  with pytest.raises(ValueError, match="data axis of size 3"):
+    parallel.hydragen_attention(jnp.zeros((8, 1, 12, 8)), [KVLevel(
+        jnp.zeros((8, 4, 6, 8)), jnp.zeros((8, 4, 6, 8)), jnp.full((8,), 4), None)],
+        mesh=parallel.make_mesh((3, 2), devices=jax.devices()[:6]))
+  with pytest.raises(ValueError, match="KV heads"):
+    parallel.hydragen_attention(q, [KVLevel(jnp.zeros((8, 4, 2, 8)), jnp.zeros((8, 4, 2, 8)),
+                                            jnp.full((8,), 4), None)],
+                                mesh=parallel.make_mesh((2, 4)))
+  with pytest.raises(ValueError, match="traced"):
+    jax.jit(lambda o: parallel.hydragen_attention(
+        q, [levels[0]._replace(owner=o)] + levels[2:], mesh=parallel.make_mesh((2, 4)))
+    )(jnp.zeros(8, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("shape,vocab", [((2, 4), 256), ((1, 8), 250)])
+def test_sharded_forward_equals_unsharded(shape, vocab):
+  config = CONFIG.replace(vocab_size=vocab, num_layers=1)   # 250: head replicated over model
+  model = llama.init(config, seed=2)
+  tokens = np.random.default_rng(3).integers(0, vocab, size=(4, 7)).astype(np.int32)
+  got = parallel.apply(model, None, tokens, mesh=parallel.make_mesh(shape))
+  want = llama.apply(*nnx.split(model), tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_greedy_generation_equals_single_device(net, plan, reference, shape):
+  # (2, 4): prefill in chunks of 16 query tokens per device (a scan over chunks).
+  chunk = 16 if shape == (2, 4) else 2048
+  got = parallel.generate(net, None, plan, mesh=parallel.make_mesh(shape), max_new_tokens=4,
+                          prefill_chunk=chunk)
+  np.testing.assert_array_equal(got.tokens, reference.tokens)
+  np.testing.assert_array_equal(got.lengths, reference.lengths)
+  assert got.decode_steps == reference.decode_steps
+  if shape[0] > 1:          # shared nodes spanning data shards are stored once per shard
+    assert got.kv_bytes > reference.kv_bytes
+
+
+@pytest.mark.parametrize("attention", ["replicated", "none"])
+def test_sharded_baselines_and_uneven_batch(net, attention):
+  prompts = _prompts()[:7]                           # 7 rows over 2 data shards: 4 + 3
+  options = dict(min_shared_tokens=0, merge_cost=0)   # shared nodes copied per row (replicated)
+  want = engine.generate(net, None, prompts, max_new_tokens=3, attention=attention,
+                         sharing_options=options)
+  got = parallel.generate(net, None, prompts, mesh=parallel.make_mesh((2, 4)), max_new_tokens=3,
+                          attention=attention, sharing_options=options)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+  assert got.kv_bytes >= want.kv_bytes
+
+
+def test_sharded_sampling_and_eos(net):
+  mesh = parallel.make_mesh((2, 4))
+  prompts = _prompts()
+  run = dict(mesh=mesh, max_new_tokens=5, attention="none", temperature=0.9,
+             top_k=50, seed=3)
+  first = parallel.generate(net, prompts, **run)       # generate(module, prompts) shorthand
+  assert first.tokens.shape == (8, 5) and first.tokens.min() >= 0 and first.tokens.max() < 256
+  np.testing.assert_array_equal(first.lengths, 5)
+  eos = int(first.tokens[4, 1])                     # row 4 stops after 2 tokens
+  again = parallel.generate(net, None, prompts, eos_id=eos, pad_id=0, **run)
+  assert again.compile_seconds == 0                 # same shapes: executables reused
+  assert again.lengths[4] <= 2 and again.tokens[4, again.lengths[4]:].max(initial=0) == 0
+  np.testing.assert_array_equal(again.tokens[:, 0], first.tokens[:, 0])
