@@ -1,14 +1,11 @@
-"""Plots of sweep rows (matplotlib, Agg backend: no display needed)."""
+"""Plots of sweep rows (matplotlib; files only, so any backend works; run.main picks Agg)."""
 
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import matplotlib.pyplot as plt
 
 
 def line_plot(rows: Sequence[dict], x: str, y: str, series: Sequence[str], path: str,

@@ -120,6 +120,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  import matplotlib
+  matplotlib.use("Agg")                  # the command line only writes files
   if FLAGS.distributed:
     import jax
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

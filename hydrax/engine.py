@@ -256,6 +256,31 @@ def _chunked(tokens: np.ndarray, step_tokens: int):
   return out, c
 
 
+def check_plan_paths(plan, seqs, levels, order) -> None:
+  """Every plan row i must be its path's segments followed by its suffix, at consistent
+  positions, and equal prompt order[i]. levels: (tokens, lengths, owner, start) NumPy tuples
+  of the plan's non-empty levels; seqs: the prompts in input order."""
+  suf_tokens = np.asarray(plan.suffix_tokens)
+  suf_len = np.asarray(plan.suffix_lengths, np.int64)
+  suf_start = np.asarray(plan.suffix_start, np.int64)
+  for i in range(len(seqs)):
+    parts, pos = [], 0
+    for d, (tokens, lengths, owner, start) in enumerate(levels):
+      node = owner[i]
+      if lengths[node]:
+        if start[node] != pos:
+          raise ValueError(f"plan level {d} node {node} starts at {start[node]} but sequence "
+                           f"{order[i]}'s path reaches it at position {pos}")
+        parts.append(tokens[node, :lengths[node]])
+        pos += int(lengths[node])
+    if suf_start[i] != pos:
+      raise ValueError(f"plan.suffix_start[{i}] = {suf_start[i]} but its path ends at {pos}")
+    parts.append(suf_tokens[i, :suf_len[i]])
+    if not np.array_equal(np.concatenate(parts), seqs[order[i]]):
+      raise ValueError(f"the plan does not reproduce prompt {order[i]} (plan row {i}); was it "
+                       "made from these prompts?")
+
+
 def _plan_layout(plan, seqs, max_new: int, chunk: int, attention: str) -> _Layout:
   """Checks a SharingPlan against the prompts and lays out its prefill passes."""
   order = np.asarray(plan.order, np.int64)
@@ -277,26 +302,10 @@ def _plan_layout(plan, seqs, max_new: int, chunk: int, attention: str) -> _Layou
       raise ValueError(f"plan.levels[{d}].lengths outside [0, {tokens.shape[1]}]")
     if lengths.size and lengths.max() > 0:
       levels.append((tokens, lengths, owner, start))
+  check_plan_paths(plan, seqs, levels, order)
   suf_tokens = np.asarray(plan.suffix_tokens)
   suf_len = np.asarray(plan.suffix_lengths, np.int32)
   suf_start = np.asarray(plan.suffix_start, np.int32)
-  # Every sequence must be its path's segments followed by its suffix, at consistent positions.
-  for i in range(b):
-    parts, pos = [], 0
-    for d, (tokens, lengths, owner, start) in enumerate(levels):
-      node = owner[i]
-      if lengths[node]:
-        if start[node] != pos:
-          raise ValueError(f"plan level {d} node {node} starts at {start[node]} but sequence "
-                           f"{order[i]}'s path reaches it at position {pos}")
-        parts.append(tokens[node, :lengths[node]])
-        pos += int(lengths[node])
-    if suf_start[i] != pos:
-      raise ValueError(f"plan.suffix_start[{i}] = {suf_start[i]} but its path ends at {pos}")
-    parts.append(suf_tokens[i, :suf_len[i]])
-    if not np.array_equal(np.concatenate(parts), seqs[order[i]]):
-      raise ValueError(f"the plan does not reproduce prompt {order[i]} (plan row {i}); was it "
-                       "made from these prompts?")
   rows = []
   for d, (tokens, lengths, owner, start) in enumerate(levels):
     n = tokens.shape[0]

@@ -29,6 +29,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hydrax import engine
 from hydrax.cache import LevelKV, empty_level, level_bytes
 from hydrax.models import llama as llama_lib
 from hydrax.models.configs import LlamaConfig
@@ -135,24 +136,7 @@ def _check_plan(plan, seqs, levels, order):
   b = len(seqs)
   if order.shape != (b,) or sorted(order.tolist()) != list(range(b)):
     raise ValueError(f"plan.order must be a permutation of range({b})")
-  suf_tokens = np.asarray(plan.suffix_tokens)
-  suf_len = np.asarray(plan.suffix_lengths, np.int64)
-  suf_start = np.asarray(plan.suffix_start, np.int64)
-  for i in range(b):
-    parts, pos = [], 0
-    for d, (tokens, lengths, owner, start) in enumerate(levels):
-      node = owner[i]
-      if lengths[node]:
-        if start[node] != pos:
-          raise ValueError(f"plan level {d} node {node} starts at {start[node]} but sequence "
-                           f"{order[i]}'s path reaches it at position {pos}")
-        parts.append(tokens[node, :lengths[node]])
-        pos += int(lengths[node])
-    if suf_start[i] != pos:
-      raise ValueError(f"plan.suffix_start[{i}] = {suf_start[i]} but its path ends at {pos}")
-    parts.append(suf_tokens[i, :suf_len[i]])
-    if not np.array_equal(np.concatenate(parts), seqs[order[i]]):
-      raise ValueError(f"the plan does not reproduce prompt {order[i]} (plan row {i})")
+  engine.check_plan_paths(plan, seqs, levels, order)
   for d, (_, lengths, owner, _) in enumerate(levels):
     for j in range(d):
       pairs = np.unique(np.stack([owner, levels[j][2]]), axis=1)
