@@ -115,3 +115,54 @@ def generation_point(*, batch: int, prefix: int, attention: str, model: str = "t
       "kv_bytes": gen.kv_bytes, "peak_bytes": _peak_bytes(), "new_tokens": new_tokens,
       "shared_levels": len(plan.levels),
   }
+
+
+@gin.configurable
+def attention_point(*, batch_prefix, suffix: int, implementation: str = "hydragen",
+                    backend: str = "auto", heads: int = 8, kv_heads: int = 1,
+                    head_dim: int = 128, dtype: str = "bfloat16", repeats: int = 20,
+                    seed: int = 0) -> dict:
+  """Times one decode step of attention alone (the paper's micro-benchmark shape).
+
+  batch_prefix: (B, P): B sequences share a P-token prefix; each has `suffix` own tokens.
+  implementation: "hydragen" (hydragen_attention over [prefix, suffixes] with `backend`) or
+  "replicated" (dense attention with the prefix copied into every sequence's keys).
+  Returns the median microseconds over `repeats` calls and the achieved TFLOP/s and TB/s
+  (FLOPs 4*B*H*(P+U)*D; bytes: q, out, and each key/value read once as hydragen needs).
+  The full kernel benchmark, with measured ceilings and cuDNN, is experiments/bench_attention.py.
+  """
+  from hydrax.attention import KVLevel, attention, hydragen_attention
+  b, p = (int(x) for x in batch_prefix)
+  dt = jax.numpy.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(keys[0], (b, 1, heads, head_dim), dt)
+  kp, vp = (jax.random.normal(k, (1, p, kv_heads, head_dim), dt) for k in keys[1:3])
+  ks, vs = (jax.random.normal(k, (b, suffix, kv_heads, head_dim), dt) for k in keys[3:5])
+  if implementation == "hydragen":
+    owner = np.zeros((b,), np.int32)
+    fn = jax.jit(lambda q, kp, vp, ks, vs: hydragen_attention(
+        q, [KVLevel(kp, vp, jax.numpy.full((1,), p, jax.numpy.int32), owner),
+            KVLevel(ks, vs, jax.numpy.full((b,), suffix, jax.numpy.int32), None)],
+        backend=backend)[0])
+    args = (q, kp, vp, ks, vs)
+  elif implementation == "replicated":
+    k = jax.numpy.concatenate([jax.numpy.broadcast_to(kp, (b,) + kp.shape[1:]), ks], axis=1)
+    v = jax.numpy.concatenate([jax.numpy.broadcast_to(vp, (b,) + vp.shape[1:]), vs], axis=1)
+    fn = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, backend=backend)[0])
+    args = (q, k, v)
+  else:
+    raise ValueError(f"attention_point: implementation must be 'hydragen' or 'replicated', "
+                     f"got {implementation!r}")
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  seconds = float(np.median(times))
+  item = np.dtype(dt).itemsize
+  flops = 4.0 * b * heads * (p + suffix) * head_dim
+  nbytes = item * (2 * p * kv_heads * head_dim + 2 * b * suffix * kv_heads * head_dim
+                   + 2 * b * heads * head_dim)
+  return {"median_us": seconds * 1e6, "tflops_per_s": flops / seconds / 1e12,
+          "tb_per_s": nbytes / seconds / 1e12, "platform": jax.default_backend()}

@@ -62,3 +62,16 @@ def test_config_typo_is_a_clear_error(tmp_path):
 def test_gin_shorthand():
   assert run.split_gin_shorthand(["x", "--gin.grid.batch=[2]", "--gin_file=a.gin"]) == [
       "x", "--gin_bindings=grid.batch=[2]", "--gin_file=a.gin"]
+
+
+def test_attention_microbench_config(tmp_path):
+  directory = run.run(["attention_microbench.gin"], [
+      "grid.batch_prefix=[(3, 40)]", "grid.suffix=[0, 5]", "grid.backend=['xla']",
+      "experiment.fixed={'heads': 4, 'kv_heads': 2, 'head_dim': 8, 'dtype': 'float32'}",
+      "attention_point.repeats=2"], str(tmp_path), [])
+  rows = _rows(directory)
+  assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+  assert all(float(r["median_us"]) > 0 for r in rows)
+  repl = [r for r in rows if r["implementation"] == "replicated"]
+  assert all(abs(float(r["median_us_vs_replicated"]) - 1.0) < 1e-9 for r in repl)
+  assert os.path.isfile(os.path.join(directory, "median_us_vs_suffix.png"))
