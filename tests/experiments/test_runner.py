@@ -75,3 +75,24 @@ def test_attention_microbench_config(tmp_path):
   repl = [r for r in rows if r["implementation"] == "replicated"]
   assert all(abs(float(r["median_us_vs_replicated"]) - 1.0) < 1e-9 for r in repl)
   assert os.path.isfile(os.path.join(directory, "median_us_vs_suffix.png"))
+
+
+@pytest.mark.parametrize("config", sorted(
+    f for f in os.listdir(run.CONFIGS) if f.endswith(".gin")))
+def test_every_config_parses_to_an_experiment(config):
+  run.parse_config([config], [])
+  spec = run.experiment()
+  assert spec["name"] and list(spec["points"]) and callable(spec["measure"])
+
+
+def test_hierarchical_config_runs_small(tmp_path):
+  directory = run.run(["hierarchical.gin"], [
+      "grid.batch=[4]", "grid.attention=['hydragen']",
+      "experiment.fixed={'model': 'tiny', 'dtype': 'float32', 'prefix': 40, 'suffix': 0, "
+      "'prompts': 'hierarchy', 'max_new_tokens': 2, 'min_shared_tokens': 0}",
+      "hierarchy_prompts.samples_per_problem=2", "hierarchy_prompts.problem_tokens=64"],
+      str(tmp_path), [])
+  rows = {r["max_levels"]: r for r in _rows(directory)}
+  assert all(r["status"] == "ok" for r in rows.values())
+  assert rows[""]["shared_levels"] == "2" and rows["1"]["shared_levels"] == "1"
+  assert int(rows[""]["kv_bytes"]) < int(rows["1"]["kv_bytes"])   # the full tree stores less
