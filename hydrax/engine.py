@@ -158,11 +158,11 @@ def _flat_plan(seqs: list) -> _FlatPlan:
                    len(seqs), seqs)
 
 
-def _is_plan(obj) -> bool:
+def is_plan(obj) -> bool:
   return all(hasattr(obj, a) for a in ("levels", "suffix_tokens", "suffix_lengths", "order"))
 
 
-def _as_sequences(prompts, tokenizer, vocab_size: int) -> list:
+def as_sequences(prompts, tokenizer, vocab_size: int) -> list:
   if isinstance(prompts, (str, bytes)):
     raise ValueError("prompts must be a list of prompts (token-id sequences or, with a "
                      "tokenizer, strings), got a single string")
@@ -196,7 +196,7 @@ def _as_sequences(prompts, tokenizer, vocab_size: int) -> list:
   return seqs
 
 
-def _resolve_model(model, params):
+def resolve_model(model, params):
   """(graphdef, params, config) from a Llama module, an nnx.GraphDef or a LlamaConfig."""
   if isinstance(model, llama_lib.Llama):
     graphdef, own = nnx.split(model)
@@ -578,11 +578,11 @@ def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len
   max_new_tokens = int(max_new_tokens)
   if not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1:
     raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
-  plan = prompts if _is_plan(prompts) else None
+  plan = prompts if is_plan(prompts) else None
   if plan is not None:
-    seqs = _as_sequences(plan.sequences, None, config.vocab_size)
+    seqs = as_sequences(plan.sequences, None, config.vocab_size)
   else:
-    seqs = _as_sequences(prompts, tokenizer, config.vocab_size)
+    seqs = as_sequences(prompts, tokenizer, config.vocab_size)
   max_len = config.max_position_embeddings if max_len is None else int(max_len)
   for i, s in enumerate(seqs):
     if len(s) + max_new_tokens > max_len:
@@ -648,7 +648,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       raise ValueError("generate(model, prompts) without params needs a Llama module; pass "
                        "generate(model, params, prompts)")
     params, prompts = None, params
-  graphdef, params, config = _resolve_model(model, params)
+  graphdef, params, config = resolve_model(model, params)
   _check_sampling(temperature, top_k, top_p)
   for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
     if value is not None and not 0 <= int(value) < config.vocab_size:

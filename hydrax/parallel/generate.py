@@ -40,21 +40,7 @@ from hydrax.parallel.step import OwnerTable, forward_shard, next_token_shard
 ATTENTION_MODES = ("hydragen", "replicated", "none")
 
 
-def resolve_model(model, params):
-  """(graphdef, params, config) from a Llama module, an nnx.GraphDef or a LlamaConfig."""
-  if isinstance(model, llama_lib.Llama):
-    graphdef, own = nnx.split(model)
-    return graphdef, own if params is None else params, model.config
-  if params is None:
-    raise ValueError("params is None: pass the model's params (nnx.State) or a Llama module")
-  if isinstance(model, LlamaConfig):
-    return nnx.split(llama_lib.abstract(model))[0], params, model
-  if isinstance(model, nnx.GraphDef):
-    config = getattr(nnx.merge(model, params), "config", None)
-    if isinstance(config, LlamaConfig):
-      return model, params, config
-  raise ValueError(f"model must be a hydrax Llama module, its nnx.GraphDef or a LlamaConfig, "
-                   f"got {type(model).__name__}")
+resolve_model = engine.resolve_model   # (graphdef, params, config) of a model argument
 
 
 # ----------------------------------------------------------------------------- plan over data
@@ -223,33 +209,6 @@ def shard_plan(plan, seqs, data: int, *, max_new_tokens: int, prefill_chunk: int
   return ShardedPlan(tuple(passes), main, plan_row, real, last_source.reshape(-1),
                      last_row.reshape(-1), prompt_lengths, order, tuple(replication),
                      tuple(lo.reshape(-1).astype(np.int32) for lo in local_owner), attention)
-
-
-def _is_plan(obj) -> bool:
-  return all(hasattr(obj, a) for a in ("levels", "suffix_tokens", "suffix_lengths", "order"))
-
-
-def _sequences(prompts, tokenizer, vocab_size: int) -> list:
-  if isinstance(prompts, (str, bytes)):
-    raise ValueError("prompts must be a list of prompts, got a single string")
-  prompts = list(prompts)
-  if not prompts:
-    raise ValueError("prompts is empty: give at least one prompt")
-  seqs = []
-  for i, p in enumerate(prompts):
-    if isinstance(p, str):
-      if tokenizer is None:
-        raise ValueError(f"prompts[{i}] is a string; pass tokenizer= or give token ids")
-      p = tokenizer.encode(p).ids
-    arr = np.asarray(p)
-    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-      raise ValueError(f"prompts[{i}] must be a non-empty 1-D sequence of integer token ids, "
-                       f"got shape {arr.shape} dtype {arr.dtype}")
-    if arr.min() < 0 or arr.max() >= vocab_size:
-      raise ValueError(f"prompts[{i}] has token ids in [{arr.min()}, {arr.max()}], outside the "
-                       f"vocabulary [0, {vocab_size - 1}]")
-    seqs.append(arr.astype(np.int32))
-  return seqs
 
 
 # ----------------------------------------------------------------------------- per-shard passes
@@ -459,8 +418,8 @@ def generate(model, params, prompts=None, *, mesh, max_new_tokens: int,
   for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
     if value is not None and not 0 <= int(value) < config.vocab_size:
       raise ValueError(f"{name}={value} is outside the vocabulary [0, {config.vocab_size - 1}]")
-  plan = prompts if _is_plan(prompts) else None
-  seqs = _sequences(plan.sequences if plan is not None else prompts, tokenizer,
+  plan = prompts if engine.is_plan(prompts) else None
+  seqs = engine.as_sequences(plan.sequences if plan is not None else prompts, tokenizer,
                     config.vocab_size)
   max_len = config.max_position_embeddings if max_len is None else int(max_len)
   for i, s in enumerate(seqs):
