@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from hydrax._log import log_once
+from hydrax import sharing
 from hydrax.cache import KVCache, LevelKV, empty_level, level_bytes
 from hydrax.models import llama as llama_lib
 from hydrax.models.configs import LlamaConfig
@@ -136,26 +136,6 @@ def _check_sampling(temperature, top_k, top_p):
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-class _FlatPlan(NamedTuple):
-  """A plan with no shared levels (same fields as hydrax.sharing.SharingPlan)."""
-  order: np.ndarray
-  levels: tuple
-  suffix_tokens: np.ndarray
-  suffix_lengths: np.ndarray
-  suffix_start: np.ndarray
-  num_sequences: int
-  sequences: list
-
-
-def _flat_plan(seqs: list) -> _FlatPlan:
-  lengths = np.array([len(s) for s in seqs], np.int32)
-  tokens = np.zeros((len(seqs), int(lengths.max())), np.int32)
-  for i, s in enumerate(seqs):
-    tokens[i, :len(s)] = s
-  return _FlatPlan(np.arange(len(seqs)), (), tokens, lengths, np.zeros(len(seqs), np.int32),
-                   len(seqs), seqs)
 
 
 def is_plan(obj) -> bool:
@@ -590,16 +570,7 @@ def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len
                        f"it needs {len(s) + max_new_tokens} positions, more than the cache "
                        f"length max_len={max_len}")
   if plan is None:
-    try:
-      from hydrax import sharing
-    except ModuleNotFoundError as e:   # only when the package is absent, not a broken import
-      if e.name not in ("hydrax.sharing", "hydrax"):
-        raise
-      log_once("no-sharing", "hydrax.engine: hydrax.sharing is unavailable; prompts are "
-               "prefilled with no shared levels")
-      plan = _flat_plan(seqs)
-    else:
-      plan = sharing.plan(seqs, **(sharing_options or {}))
+    plan = sharing.plan(seqs, **(sharing_options or {}))
   return seqs, _plan_layout(plan, seqs, max_new_tokens, int(prefill_chunk), attention)
 
 
