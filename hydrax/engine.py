@@ -339,18 +339,19 @@ def _layout_kv_bytes(layout: _Layout, config: LlamaConfig, dtype) -> int:
 # ----------------------------------------------------------------------------- prefill / decode
 
 
-def _prefill_rows(model, rows: _Rows, tokens, lengths, start, shared, own, *, skip: bool,
-                  backend: str):
-  """Runs one prefill pass in chunks, appending to `own` (a LevelKV, or None with skip).
+def chunked_prefill(forward_chunk, tokens, lengths, start, own, *, chunk: int, hidden_size: int,
+                    dtype):
+  """Runs a prefill pass over tokens [R, W] (W a multiple of `chunk`) in chunks of `chunk`
+  tokens per row, under `lax.scan` when there is more than one chunk.
 
-  Row r attends to its nodes of `shared` (per rows.owners) and to `own`. Returns (own, last
-  hidden [R,E] of each row's last real token).
+  forward_chunk(tok [R,c], positions [R,c], own, valid [R]) -> (hidden [R,c,E], own): the
+  model on one chunk, appending its keys to `own` (or None). lengths [R]: real tokens per row;
+  start [R]: the position of each row's first token. Returns (own, last hidden [R,E] of each
+  row's last real token).
   """
-  config = model.config
-  r, width = rows.tokens.shape
-  c = rows.chunk
+  r, width = tokens.shape
+  c = chunk
   steps = width // c
-  shared_levels = tuple(shared[:len(rows.owners)])
   arange_r = jnp.arange(r)
 
   def step(carry, xs):
@@ -359,16 +360,13 @@ def _prefill_rows(model, rows: _Rows, tokens, lengths, start, shared, own, *, sk
     offset = index * c
     positions = start[:, None] + offset + jnp.arange(c, dtype=jnp.int32)[None, :]
     valid = jnp.clip(lengths - offset, 0, c)
-    cache = None if skip else KVCache(own, shared_levels, rows.owners)
-    hidden, cache = llama_lib.forward(model, tok, positions, cache, valid=valid,
-                                      skip_attention=skip, backend=backend)
+    hidden, own = forward_chunk(tok, positions, own, valid)
     idx = lengths - 1 - offset
     here = (idx >= 0) & (idx < c)
     picked = hidden[arange_r, jnp.clip(idx, 0, c - 1)]
-    last = jnp.where(here[:, None], picked, last)
-    return (None if cache is None else cache.suffix, last), None
+    return (own, jnp.where(here[:, None], picked, last)), None
 
-  last = jnp.zeros((r, config.hidden_size), model.dtype)
+  last = jnp.zeros((r, hidden_size), dtype)
   chunks = tokens.reshape(r, steps, c).transpose(1, 0, 2)
   if steps == 1:
     (own, last), _ = step((own, last), (jnp.int32(0), chunks[0]))
@@ -376,6 +374,25 @@ def _prefill_rows(model, rows: _Rows, tokens, lengths, start, shared, own, *, sk
     (own, last), _ = lax.scan(step, (own, last),
                               (jnp.arange(steps, dtype=jnp.int32), chunks))
   return own, last
+
+
+def _prefill_rows(model, rows: _Rows, tokens, lengths, start, shared, own, *, skip: bool,
+                  backend: str):
+  """Runs one prefill pass in chunks, appending to `own` (a LevelKV, or None with skip).
+
+  Row r attends to its nodes of `shared` (per rows.owners) and to `own`. Returns (own, last
+  hidden [R,E] of each row's last real token).
+  """
+  shared_levels = tuple(shared[:len(rows.owners)])
+
+  def forward_chunk(tok, positions, own, valid):
+    cache = None if skip else KVCache(own, shared_levels, rows.owners)
+    hidden, cache = llama_lib.forward(model, tok, positions, cache, valid=valid,
+                                      skip_attention=skip, backend=backend)
+    return hidden, None if cache is None else cache.suffix
+
+  return chunked_prefill(forward_chunk, tokens, lengths, start, own, chunk=rows.chunk,
+                         hidden_size=model.config.hidden_size, dtype=model.dtype)
 
 
 def _replicate(shared, owners, level_inputs, full: LevelKV, prefix_lengths) -> LevelKV:

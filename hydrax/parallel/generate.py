@@ -220,32 +220,13 @@ def _prefill_pass(model, pas: ShardedPass, tokens, lengths, start, shared, own, 
                   skip: bool, backend: str):
   """One prefill pass of this shard in chunks, appending to `own` (LevelKV [L,R,S,K_l,D], or
   None with skip). Returns (own, last hidden [R,E] of each row's last real token)."""
-  config = model.config
-  r, width = tokens.shape
-  c = pas.chunk
-  steps = width // c
-  rows = jnp.arange(r)
 
-  def step(carry, xs):
-    own, last = carry
-    index, tok = xs
-    offset = index * c
-    positions = start[:, None] + offset + jnp.arange(c, dtype=jnp.int32)[None, :]
-    valid = jnp.clip(lengths - offset, 0, c)
-    hidden, own = forward_shard(model, tok, positions, shared=shared, table=pas.table,
-                                suffix=own, valid=valid, skip_attention=skip, backend=backend)
-    idx = lengths - 1 - offset
-    here = (idx >= 0) & (idx < c)
-    picked = hidden[rows, jnp.clip(idx, 0, c - 1)]
-    return (own, jnp.where(here[:, None], picked, last)), None
+  def forward_chunk(tok, positions, own, valid):
+    return forward_shard(model, tok, positions, shared=shared, table=pas.table, suffix=own,
+                         valid=valid, skip_attention=skip, backend=backend)
 
-  last = jnp.zeros((r, config.hidden_size), model.dtype)
-  chunks = tokens.reshape(r, steps, c).transpose(1, 0, 2)
-  if steps == 1:
-    (own, last), _ = step((own, last), (jnp.int32(0), chunks[0]))
-  else:
-    (own, last), _ = lax.scan(step, (own, last), (jnp.arange(steps, dtype=jnp.int32), chunks))
-  return own, last
+  return engine.chunked_prefill(forward_chunk, tokens, lengths, start, own, chunk=pas.chunk,
+                                hidden_size=model.config.hidden_size, dtype=model.dtype)
 
 
 def _copy_nodes(shared, owners, level_inputs, full: LevelKV, prefix_lengths) -> LevelKV:
