@@ -16,13 +16,13 @@ S are masked (no padding of S, no rejected lengths). Rows with no visible key gi
 lse = -inf, never NaN. With few programs (small batch, long prefix) the keys are split in P
 parts whose results are merged through their LSEs.
 
-Lowering: Triton (`jax.experimental.pallas.triton.CompilerParams`) on CUDA and ROCm, Hopper and
-older GPUs alike; elsewhere (CPU) the same kernels run in Pallas interpret mode (slow; for
-tests). On the H200 the stacked product reaches 340-390 TFLOP/s this way, while jax's bundled
-Mosaic GPU flash attention (Hopper only, TMA + wgmma + warp specialisation) reached about 600
-on the same product: a Mosaic GPU kernel is the way past this one's ceiling
-(experiments/results/attention_microbench/NOTES.md). Gradients go through the XLA backend
-(recomputed in the backward pass).
+Lowering (`Config.lowering`): Triton (`jax.experimental.pallas.triton.CompilerParams`) on CUDA
+and ROCm, Hopper and older GPUs alike; on Hopper, "auto" sends stacked shared levels (>= 96
+rows per node and KV head, bf16/fp16, D 64/128, concrete owners) to the Mosaic GPU kernel in
+`mosaic_gpu.py` (TMA + wgmma + warp specialisation: 547-579 TFLOP/s on the stacked product on
+the H200, where this Triton kernel reached 390-500). Elsewhere (CPU) the kernels run in
+interpret mode (slow; for tests). Gradients go through the XLA backend (recomputed in the
+backward pass). Measurements: experiments/results/attention_microbench/NOTES.md.
 
 `hydragen_attention_fused` runs all levels in one launch and merges in the packed row layout:
 faster for small batches (fewer launches), slower for large ones (measured; see NOTES.md).
@@ -47,7 +47,7 @@ from hydrax._log import log_once
 from hydrax.attention import backends, checks, xla
 from hydrax.attention.merge import merge as merge_parts
 from hydrax.attention.checks import concrete
-from hydrax.attention.kernels import grouping
+from hydrax.attention.kernels import grouping, mosaic_gpu
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -75,6 +75,11 @@ class Config:
   tile_bounds: str = "xla"
   interpret: Optional[bool] = None   # None: interpret unless the default backend is a GPU
   poison: bool = False               # debug: outputs start as NaN (checks every row is written)
+  # Lowering of a level: "auto" (Mosaic GPU for stacked shared levels on Hopper, Triton for the
+  # rest), "triton" (always), "mosaic" (Mosaic GPU wherever its kernel takes the input, also in
+  # interpret mode off GPU: tests). Inputs it cannot take go to Triton (logged once).
+  lowering: str = "auto"
+  mosaic: mosaic_gpu.MosaicConfig = mosaic_gpu.MosaicConfig()
 
 
 _config = Config()
@@ -86,6 +91,8 @@ def configure(**changes):
   `with configure(block_n=128): ...`. Applies to calls traced inside the block."""
   global _config
   old = _config
+  if isinstance(changes.get("mosaic"), dict):        # JSON-friendly form (benchmark flags)
+    changes["mosaic"] = dataclasses.replace(old.mosaic, **changes["mosaic"])
   _config = dataclasses.replace(_config, **changes)
   try:
     yield _config
@@ -468,7 +475,120 @@ def _prepare(q_shape, k, v, owner, limits, cfg: Config) -> _Prepared:
   return _Prepared(layout, plan, k, v, row_limits, dp, interpret)
 
 
+def _is_hopper() -> bool:
+  dev = jax.devices()[0]
+  cc = str(getattr(dev, "compute_capability", ""))
+  if cc:
+    return cc.split(".")[0] == "9"
+  kind = str(getattr(dev, "device_kind", ""))
+  return any(x in kind for x in ("H100", "H200", "H800", "GH200"))
+
+
+def _use_mosaic(q_shape, k, owner, dtype, cfg: Config) -> bool:
+  """Whether this level runs on the Mosaic GPU kernel (static decision; see Config.lowering).
+
+  "auto": on Hopper, for shared levels (concrete owners) whose nodes hold >= min_rows_per_node
+  rows per KV head (the stacked, matrix-bound products); per-sequence levels and narrow
+  shared levels stay on the Triton kernel, which is faster there. A level that would qualify but
+  the Mosaic kernel cannot take (dtype, head dim, traced owners) falls back to Triton, logged."""
+  if cfg.lowering not in ("auto", "triton", "mosaic"):
+    raise ValueError(f"lowering must be 'auto', 'triton' or 'mosaic', got {cfg.lowering!r}")
+  if cfg.lowering == "triton":
+    return False
+  b, t, h, d = q_shape
+  n, s, kh, _ = k.shape
+  forced = cfg.lowering == "mosaic"
+  if not forced:
+    if _interpret(cfg) or not _is_hopper() or owner is None:
+      return False
+    rows_per_node = t * (h // kh) * b / max(1, min(n, b))
+    if rows_per_node < cfg.mosaic.min_rows_per_node:
+      return False
+  reason = mosaic_gpu.unsupported_reason(dtype, d, s, cfg.mosaic.block_kv)
+  if reason is None and owner is not None and concrete(owner) is None and n > 1:
+    reason = "traced owners (its tiles are laid out at trace time)"
+  if reason is not None:
+    log_once(("mosaic-fallback", reason),
+             "hydrax pallas backend: Mosaic GPU kernel cannot take %s; this level runs on the "
+             "Triton kernel (slower on Hopper)", reason)
+    return False
+  return True
+
+
+def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config):
+  """One level through `mosaic_gpu.tile_attention` (concrete owners; see `_use_mosaic`).
+
+  Rows are packed as for Triton (sorted by node), then cut in tiles of TILE rows of one node
+  each; a tile's unused rows are padding (limit 0, results dropped). Both index maps are NumPy
+  constants; they are skipped when every tile is full and in place."""
+  b, t, h, d = q.shape
+  n, s, kh, _ = k.shape
+  g = h // kh
+  mc = cfg.mosaic
+  tile = mosaic_gpu.TILE
+  static_owner = None if owner is None else (np.zeros((b,), np.int32) if n == 1
+                                             else np.asarray(concrete(owner)))
+  layout = grouping.make_layout(static_owner, n, b, t * g, tile)
+  qp = _pack(q, layout.order, kh, d)                               # [K, R, D]
+  lim = limits.astype(jnp.int32)
+  if layout.order is not None:
+    lim = jnp.take(lim, jnp.asarray(layout.order), axis=0)
+  row_limits = jnp.repeat(lim.reshape(b * t), g)                   # [R]
+  r = b * t * g
+  starts, counts = np.asarray(layout.start), np.asarray(layout.count)
+  num_tiles = layout.num_tiles
+  local = np.arange(tile)[None, :]
+  valid = local < counts[:, None]                                  # [Tn, TILE]
+  src = np.where(valid, starts[:, None] + local, 0).reshape(-1)    # packed row of each slot
+  in_place = bool(valid.all()) and np.array_equal(src, np.arange(r))
+  if in_place:
+    qt, limt = qp, row_limits
+  else:
+    qt = jnp.take(qp, jnp.asarray(src, np.int32), axis=1)
+    limt = jnp.where(jnp.asarray(valid.reshape(-1)),
+                     jnp.take(row_limits, jnp.asarray(src, np.int32)), 0)
+  lim2 = limt.reshape(num_tiles, tile)
+  valid_j = jnp.asarray(valid)
+  hi = jnp.max(lim2, axis=1)
+  lo = jnp.min(jnp.where(valid_j, lim2, jnp.iinfo(jnp.int32).max), axis=1)
+  lo = jnp.where(hi > 0, lo, 0)
+  tab = jnp.stack([jnp.asarray(layout.node, jnp.int32), lo, hi,
+                   jnp.zeros((num_tiles,), jnp.int32)], axis=1)
+  bk = mc.block_kv
+  nblk = -(-s // bk)
+  if s % bk:                      # pad the capacity to whole key blocks (masked inside)
+    if s > bk:
+      log_once(("mosaic-pad", s, bk),
+               "hydrax pallas backend: a level's key capacity S=%d is not a multiple of %d; "
+               "the Mosaic GPU kernel copies it padded (allocate caches in multiples of %d "
+               "to avoid the copy)", s, bk, bk)
+    pad = ((0, 0), (0, nblk * bk - s), (0, 0), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+  interpret = _interpret(cfg)
+  if mc.splits:
+    splits = mc.splits
+  elif interpret:
+    splits = 1
+  else:
+    splits = _choose_splits(num_tiles * kh, nblk, _num_sms())
+  splits = max(1, min(splits, nblk))
+  bps = -(-nblk // splits)
+  splits = -(-nblk // bps)
+  out, lse = mosaic_gpu.tile_attention(
+      qt, k, v, tab, limt, scale=scale, block_kv=bk, stages=mc.stages, splits=splits,
+      blocks_per_split=bps, interpret=interpret)
+  out, lse = _combine(out.astype(jnp.float32), lse)                # [K, Tn*TILE, D], [K, ...]
+  if not in_place:
+    pos = np.empty((r,), np.int32)                                 # slot of each packed row
+    pos[src.reshape(num_tiles, tile)[valid]] = np.nonzero(valid.reshape(-1))[0]
+    out = jnp.take(out, jnp.asarray(pos), axis=1)
+    lse = jnp.take(lse, jnp.asarray(pos), axis=1)
+  return _unpack(out, lse, layout.order, q.shape)
+
+
 def _forward(q, k, v, owner, limits, scale, cfg: Config):
+  if _use_mosaic(q.shape, k, owner, q.dtype, cfg):
+    return _forward_mosaic(q, k, v, owner, limits, scale, cfg)
   prep = _prepare(q.shape, k, v, owner, limits, cfg)
   qp = _pack(q, prep.layout.order, k.shape[2], prep.dp)
   [(out, lse)] = grouped_attention(
