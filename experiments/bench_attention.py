@@ -12,12 +12,14 @@ Sections (flags; several may be given, they run in this order):
   --sweep     block sizes / warps / stages of the kernel on a few shapes, each level alone.
   --mgpu      jax's bundled Mosaic GPU flash attention (FA3 style, Hopper only) on the same
               stacked shared-prefix product, for the choice of lowering.
+  --kernel    hydrax's Mosaic GPU kernel alone (no XLA work around it), key blocks x splits.
   --decode    decode step, H=32, K=8, D=128, U=128, P in {1K,4K,16K}, B in {16,64,256,1024}.
   --micro     the paper's micro-benchmark: H=8, K=1, D=128, (B,P) in {(512,1K),(1024,2K),
               (2048,4K),(4096,8K)}, U in 0..512 step 64.
 Every timed shape reports the median time of: hydrax pallas backend (levels run separately and
-merged), pallas with the levels chained in the kernels (`hydragen_attention_fused`), hydrax's
-XLA backend, and cuDNN attention over caches holding a copy of the prefix in every sequence
+merged; lowering "auto": Mosaic GPU for the shared level on Hopper), the same with every level
+on the Triton kernel (pallas_triton), optionally all levels in one Triton launch
+(`hydragen_attention_fused`, impl pallas_fused), hydrax's XLA backend, and cuDNN attention over caches holding a copy of the prefix in every sequence
 (`jax.nn.dot_product_attention(implementation="cudnn")`; the copy is made before timing).
 Floors: FLOPs = 4*B*T*H*(P+U)*D; bytes = prefix KV once + suffix KV + q + out (bf16) + lse;
 floor = max(FLOPs / matmul ceiling, bytes / copy ceiling), with the ceilings of this run.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -178,11 +181,20 @@ def hydragen_fns(b, p, u):
   return {
       "pallas": jax.jit(lambda q, kp, vp, ks, vs: hydragen_attention(
           q, levels(kp, vp, ks, vs), backend="pallas")[0]),
+      "pallas_triton": jax.jit(lambda q, kp, vp, ks, vs: _with_config(
+          {"lowering": "triton"}, hydragen_attention, q, levels(kp, vp, ks, vs),
+          backend="pallas")[0]),
       "pallas_fused": jax.jit(lambda q, kp, vp, ks, vs: pg.hydragen_attention_fused(
           q, levels(kp, vp, ks, vs))[0]),
       "xla": jax.jit(lambda q, kp, vp, ks, vs: hydragen_attention(
           q, levels(kp, vp, ks, vs), backend="xla")[0]),
   }
+
+
+def _with_config(cfg, fn, *args, **kwargs):
+  """Calls fn with the kernel configuration changed (at trace time, inside jit)."""
+  with pg.configure(**cfg):
+    return fn(*args, **kwargs)
 
 
 def replicated(kp, vp, ks, vs):
@@ -270,6 +282,14 @@ def run_checks(rows):
        {"block_n": 32, "num_warps": 4, "num_stages": 2}),
       ("bounds_in_kernel", 7, 3, 8, 4, 128, jnp.bfloat16, [(3, 700)], 130, False,
        {"tile_bounds": "kernel", "splits": 2}),
+      # Mosaic GPU kernel (variant pallas_mosaic): ragged nodes, S not a multiple of the key
+      # block, S below one block, many tiles per node, key splits, prefill rows.
+      ("mosaic_ragged_nodes", 67, 1, 2, 4, 128, jnp.bfloat16, [(3, 1000)], 130, False, {}),
+      ("mosaic_small_S_fp16", 9, 2, 2, 8, 64, jnp.float16, [(2, 100)], 20, False, {}),
+      ("mosaic_splits_T5", 40, 5, 1, 8, 128, jnp.bfloat16, [(1, 2100), (2, 300)], 64, False,
+       {"mosaic": {"splits": 3}}),
+      ("mosaic_kv64_s4", 70, 1, 4, 2, 128, jnp.float16, [(2, 777)], 50, False,
+       {"mosaic": {"block_kv": 64, "stages": 4}}),
   ]
   failures = 0
   if ARGS.check_cases:
@@ -309,11 +329,15 @@ def run_checks(rows):
         rq = jnp.asarray(qd, jnp.float32)
         rl = [x._replace(k=x.k.astype(jnp.float32), v=x.v.astype(jnp.float32)) for x in lv(dtype)]
         ref = hydragen_attention(rq, rl, causal_last=causal, backend="xla")
-        for variant in ("pallas", "pallas_fused"):
-          with pg.configure(poison=True, **cfg):
+        for variant in ("pallas", "pallas_fused", "pallas_mosaic"):
+          extra = {"lowering": "mosaic"} if variant == "pallas_mosaic" else {}
+          if variant == "pallas_mosaic" and (dtype == jnp.float32 or d not in (64, 128)):
+            continue
+          with pg.configure(poison=True, **cfg, **extra):
+            variant_api = "pallas" if variant == "pallas_mosaic" else variant
             if traced:
               owners = [jnp.asarray(x[3]) if x[3] is not None else None for x in levels_np]
-              if variant == "pallas":
+              if variant_api == "pallas":
                 fn = jax.jit(lambda q, ow: hydragen_attention(q, lv(dtype, ow), causal_last=causal,
                                                               backend="pallas"))
               else:
@@ -321,7 +345,7 @@ def run_checks(rows):
                                                                        causal_last=causal))
               out, lse = fn(qd, owners)
             else:
-              if variant == "pallas":
+              if variant_api == "pallas":
                 out, lse = jax.jit(lambda q: hydragen_attention(q, lv(dtype), causal_last=causal,
                                                                 backend="pallas"))(qd)
               else:
@@ -372,8 +396,11 @@ SWEEP_SHAPES = [
     ("suffix_micro_B4096_U512", 4096, 512, 8, 1, "suffix"),
 ]
 SWEEP_SHARED = [   # wide = (block_n, num_stages); warps = M/32 (4..8); max_block_m caps M
-    {"wide": (64, 3)}, {"wide": (64, 4)}, {"wide": (32, 3)}, {"wide": (128, 2)},
-    {"wide": (64, 3), "max_block_m": 128}, {"wide": (64, 3), "tile_bounds": "kernel"}]
+    {"wide": (64, 3)}, {"wide": (64, 4)},
+    {"lowering": "mosaic", "mosaic": {"block_kv": 128, "stages": 2}},
+    {"lowering": "mosaic", "mosaic": {"block_kv": 64, "stages": 4}},
+    {"lowering": "mosaic", "mosaic": {"block_kv": 128, "stages": 3}},
+    {"lowering": "mosaic", "mosaic": {"block_kv": 64, "stages": 3}}]
 SWEEP_SUFFIX = [{"narrow": c} for c in [(64, 4, 2), (64, 2, 3), (32, 4, 3), (128, 4, 2)]]
 
 
@@ -491,6 +518,49 @@ def run_mgpu(rows):
         log(f"mgpu {name} {cfgname} FAILED {repr(e)[:300]}")
 
 
+# --- Mosaic GPU kernel alone -----------------------------------------------------------------
+
+def run_kernel_only(rows):
+  """`mosaic_gpu.tile_attention` alone (no packing, split merge or unpacking) on the stacked
+  prefix product of one node: every row sees all P keys. Separates the kernel from the XLA
+  work around it in the `level_attention` timings of the sweep."""
+  from hydrax.attention.kernels import mosaic_gpu as mg
+  for name, b, p, h, kh in [("decode_B256_P16K", 256, 16384, 32, 8),
+                            ("decode_B1024_P16K", 1024, 16384, 32, 8),
+                            ("decode_B1024_P4K", 1024, 4096, 32, 8),
+                            ("micro_B2048_P4K", 2048, 4096, 8, 1)]:
+    g, d = h // kh, 128
+    r = b * g
+    tiles = -(-r // mg.TILE)
+    key = jax.random.key(11)
+    q = jax.random.normal(key, (kh, tiles * mg.TILE, d), jnp.bfloat16)
+    k = jax.random.normal(jax.random.fold_in(key, 1), (1, p, kh, d), jnp.bfloat16)
+    v = jax.random.normal(jax.random.fold_in(key, 2), (1, p, kh, d), jnp.bfloat16)
+    tab = jnp.asarray(np.tile(np.array([[0, p, p, 0]], np.int32), (tiles, 1)))
+    lim = jnp.full((tiles * mg.TILE,), p, jnp.int32)
+    flops = 4.0 * r * kh * p * d
+    for bkv, stages in ((128, 2), (64, 4)):
+      nblk = p // bkv
+      for splits in (1, 2, 4):
+        if left() < 30:
+          return
+        bps = -(-nblk // splits)
+        try:
+          fn = jax.jit(functools.partial(mg.tile_attention, scale=0.088, block_kv=bkv,
+                                         stages=stages, splits=splits, blocks_per_split=bps))
+          t, tmin, _ = bench(fn, [(q, k, v, tab, lim)])
+          ctas = tiles * kh * splits
+          rows.append(dict(shape=name, kind="mosaic_kernel_only",
+                           config=f"bkv{bkv}_s{stages}_splits{splits}", us=t * 1e6,
+                           us_min=tmin * 1e6, tflops=flops / t / 1e12, ctas=ctas))
+          log(f"kernel {name:>18} bkv{bkv} s{stages} splits{splits} ({ctas:4d} CTAs) "
+              f"{t*1e6:8.1f} us {flops/t/1e12:6.1f} TF/s")
+        except Exception as e:
+          rows.append(dict(shape=name, kind="mosaic_kernel_only", config=f"bkv{bkv}_{splits}",
+                           error=repr(e)[:300]))
+          log(f"kernel {name} FAILED {repr(e)[:300]}")
+
+
 # --- main ------------------------------------------------------------------------------------
 
 def write_csv(path, rows):
@@ -508,21 +578,22 @@ def write_csv(path, rows):
 
 
 def summary(rows, ceil):
+  """Prints per shape: floor, each implementation's time, and the pallas backend's % of the
+  floor and speedups over cuDNN-replicated and XLA."""
   by = {}
   for r in rows:
     if "us" in r:
       by.setdefault(r["shape"], {})[r["impl"]] = r
-  print("\nshape | floor us (torch ceilings) | pallas us | % floor | fused us | % floor | "
-        "xla us | cudnn-replicated us | speedup vs cudnn | speedup vs xla")
+  impls = [i for i in ("pallas", "pallas_triton", "pallas_fused", "xla", "cudnn")
+           if any(i in d for d in by.values())]
+  print("\nshape | floor us | " + " | ".join(f"{i} us" for i in impls)
+        + " | pallas % floor | pallas vs cudnn | pallas vs xla")
   for shape, d in by.items():
-    best = min((d[k]["us"], k) for k in ("pallas", "pallas_fused") if k in d) if any(
-        k in d for k in ("pallas", "pallas_fused")) else (float("nan"), "-")
-    any_row = next(iter(d.values()))
-    fl = any_row.get("floor_torch_us", float("nan"))
+    fl = next(iter(d.values())).get("floor_torch_us", float("nan"))
     g = lambda k: d[k]["us"] if k in d else float("nan")
-    print(f"{shape} | {fl:.1f} | {g('pallas'):.1f} | {100*fl/g('pallas'):.0f}% | "
-          f"{g('pallas_fused'):.1f} | {100*fl/g('pallas_fused'):.0f}% | {g('xla'):.1f} | "
-          f"{g('cudnn'):.1f} | {g('cudnn')/best[0]:.1f}x | {g('xla')/best[0]:.1f}x")
+    print(f"{shape} | {fl:.1f} | " + " | ".join(f"{g(i):.1f}" for i in impls)
+          + f" | {100*fl/g('pallas'):.0f}% | {g('cudnn')/g('pallas'):.1f}x"
+          + f" | {g('xla')/g('pallas'):.1f}x")
 
 
 def markdown(csv_path):
@@ -533,15 +604,16 @@ def markdown(csv_path):
   by = {}
   for r in rows:
     by.setdefault(r["shape"], {})[r["impl"]] = r
-  out = ["| shape | bound | floor us | pallas us | % floor | fused us | xla us | cuDNN-rep. us "
-         "| vs cuDNN | vs XLA |", "|" + "---|" * 10]
+  out = ["| shape | bound | floor us | pallas us | % floor | pallas, all Triton us | xla us | "
+         "cuDNN-rep. us | vs cuDNN | vs XLA |", "|" + "---|" * 10]
   for shape, d in by.items():
     g = lambda k: float(d[k]["us"]) if k in d else float("nan")
+    other = "pallas_triton" if "pallas_triton" in d else "pallas_fused"   # older runs: fused
     any_row = next(iter(d.values()))
     fl = float(any_row.get("floor_torch_us") or "nan")
     p = g("pallas")
     out.append(f"| {shape} | {any_row.get('bound_torch', '')} | {fl:.1f} | {p:.1f} | "
-               f"{100 * fl / p:.0f}% | {g('pallas_fused'):.1f} | {g('xla'):.1f} | "
+               f"{100 * fl / p:.0f}% | {g(other):.1f} | {g('xla'):.1f} | "
                f"{g('cudnn'):.1f} | {g('cudnn') / p:.1f}x | {g('xla') / p:.1f}x |")
   return "\n".join(out)
 
@@ -553,7 +625,9 @@ def plot(csv_path, png_path):
   import matplotlib.pyplot as plt_
   with open(csv_path) as f:
     rows = [r for r in csv.DictReader(f) if r.get("us")]
-  impls = [("pallas", "hydrax pallas"), ("pallas_fused", "pallas, levels in one launch"),
+  impls = [("pallas", "hydrax pallas (Mosaic GPU shared level)"),
+           ("pallas_triton", "hydrax pallas, all Triton"),
+           ("pallas_fused", "pallas, levels in one launch"),
            ("xla", "hydrax XLA"), ("cudnn", "cuDNN, prefix copied")]
   micro = sorted({(int(r["B"]), int(r["P"])) for r in rows if r["shape"].startswith("micro")})
   dec_p = sorted({int(r["P"]) for r in rows if r["shape"].startswith("decode")})
@@ -602,12 +676,12 @@ def plot(csv_path, png_path):
 def main():
   global ARGS
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  for flag in ("check", "ceilings", "sweep", "mgpu", "decode", "micro"):
+  for flag in ("check", "ceilings", "sweep", "mgpu", "kernel", "decode", "micro"):
     ap.add_argument(f"--{flag}", action="store_true")
   ap.add_argument("--out", default="results_attention")
   ap.add_argument("--budget", type=float, default=560.0, help="seconds; later work is skipped")
   ap.add_argument("--max-replicated-gb", type=float, default=80.0)
-  ap.add_argument("--impls", default="pallas,pallas_fused,xla,cudnn")
+  ap.add_argument("--impls", default="pallas,pallas_triton,xla,cudnn")
   ap.add_argument("--config", default="{}", help="JSON of pallas_gpu.Config fields")
   ap.add_argument("--plot", default="", help="CSV to plot (no benchmark runs); PNG beside it")
   ap.add_argument("--sweep-kinds", default="shared,suffix")
@@ -637,10 +711,15 @@ def main():
     best = run_sweep(sweep_rows)
     write_csv(os.path.join(ARGS.out, "sweep.csv"), sweep_rows)
     for name, c in best.items():
+      if name == "lowering":     # the tables keep lowering="auto" (Mosaic for shared levels)
+        continue
       cfg_over.setdefault(name, tuple(c) if isinstance(c, list) else c)
     log("tables run with config", cfg_over)
   if ARGS.mgpu:
     run_mgpu(sweep_rows)
+    write_csv(os.path.join(ARGS.out, "sweep.csv"), sweep_rows)
+  if ARGS.kernel:
+    run_kernel_only(sweep_rows)
     write_csv(os.path.join(ARGS.out, "sweep.csv"), sweep_rows)
   impls = ARGS.impls.split(",")
   with pg.configure(**cfg_over):
