@@ -41,6 +41,8 @@ from hydrax.cache import KVCache, LevelKV, empty_level, level_bytes
 from hydrax.models import llama as llama_lib
 from hydrax.models.configs import LlamaConfig
 
+_KEY_BLOCK = 128   # shared-level capacities are rounded up to this many keys
+
 ATTENTION_MODES = ("hydragen", "replicated", "none")
 
 
@@ -302,7 +304,11 @@ def _plan_layout(plan, seqs, max_new: int, chunk: int, attention: str) -> _Layou
           a[node] = parents[0]
       anc.append(a)
     padded, c = _chunked(tokens, chunk)
-    rows.append(_Rows(padded, lengths, start, tuple(anc), padded.shape[1], c))
+    # Capacity in whole blocks of 128 keys: the Mosaic GPU kernel (pallas backend on Hopper)
+    # otherwise copies the level padded on every call.
+    cap = padded.shape[1]
+    cap = cap if cap <= _KEY_BLOCK else -(-cap // _KEY_BLOCK) * _KEY_BLOCK
+    rows.append(_Rows(padded, lengths, start, tuple(anc), cap, c))
   padded, c = _chunked(suf_tokens, chunk)
   seq_owners = tuple(lvl[2].astype(np.int32) for lvl in levels)
   prompt_lengths = np.array([len(seqs[o]) for o in order], np.int32)
