@@ -1,0 +1,468 @@
+"""The Mosaic GPU kernel (`kernels/mosaic_gpu.py`) and its wrapper in the pallas backend.
+
+On CPU the kernel runs in jax's Mosaic GPU interpret mode, which costs ~3 s per program (one
+tile x one key split x one KV head) on a 2-core machine: the interpret-mode tests below make
+four kernel calls of tiny shapes (8 programs in all). Everything else replaces the kernel
+with `emulate_tile_attention`, a plain jnp implementation of its contract written here from
+the docstring (sharing no code with the kernel), which also checks the tile table it is given
+and poisons with NaN what the wrapper must never use: rows and tiles that break the contract.
+
+* direct kernel calls vs a float64 NumPy reference of each key split (and the emulator on the
+  same cases, so that the emulator itself is checked without the oracle);
+* `hydragen_attention(backend="pallas")` under `configure(lowering="mosaic")` with the
+  emulator, vs the float64 oracle (hypothesis: ragged, empty and padded nodes, splits);
+* one interpret-mode run of the whole path (a padded shared level and a per-sequence level);
+* the static decisions (`_use_mosaic`), the logged fallbacks and a bad `lowering`.
+"""
+
+import contextlib
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from hydrax import _log
+from hydrax.attention import KVLevel, hydragen_attention
+from hydrax.attention.kernels import mosaic_gpu
+from hydrax.attention.kernels import pallas_gpu as pg
+from tests import oracle
+
+TILE = 128                                  # rows per tile (the kernel's contract)
+TOL = {jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
+
+
+# --- float64 reference of one kernel call, split by split ----------------------------------
+
+def _f64(x):
+  return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+
+
+def split_reference(q, k, v, tab, row_limits, *, scale, block_kv, splits, blocks_per_split):
+  """NumPy float64: row r (tile r // TILE, node tab[tile, 0]) over the keys of its node below
+  row_limits[r] in split j's key range [j * bps * block_kv, (j + 1) * bps * block_kv).
+  Returns out [P,K,R,D], lse [P,K,R] (0 and -inf where a row sees no key of the split)."""
+  q, k, v = _f64(q), _f64(k), _f64(v)
+  tab, row_limits = np.asarray(tab), np.asarray(row_limits)
+  kh, r, d = q.shape
+  out = np.zeros((splits, kh, r, d))
+  lse = np.full((splits, kh, r), -np.inf)
+  span = blocks_per_split * block_kv
+  for j in range(splits):
+    for row in range(r):
+      node = int(tab[row // TILE, 0])
+      k0, k1 = j * span, min((j + 1) * span, int(row_limits[row]), k.shape[1])
+      if k1 <= k0:
+        continue
+      s = np.einsum("hd,shd->hs", q[:, row], k[node, k0:k1]) * scale     # [K, keys]
+      m = s.max(axis=1, keepdims=True)
+      p = np.exp(s - m)
+      out[j, :, row] = np.einsum("hs,shd->hd", p, v[node, k0:k1]) / p.sum(1, keepdims=True)
+      lse[j, :, row] = m[:, 0] + np.log(p.sum(1))
+  return out, lse
+
+
+# --- the kernel's contract in jnp (stands in for the kernel in the wrapper tests) ----------
+
+CALLS = []          # one dict per (traced) call of the emulator
+
+
+def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
+                           blocks_per_split, interpret=False):
+  """`mosaic_gpu.tile_attention`'s contract: out [P,K,R,D] in q's dtype (normalised per split),
+  lse [P,K,R] float32 (natural log; -inf and out 0 for a row that sees no key of the split).
+
+  Static arguments are asserted. Values: a tile whose (node, lo, hi) is not (a node, <= the
+  smallest positive limit of its rows, the largest limit of its rows) is poisoned with NaN, and
+  so are rows of limit 0 in tiles with lo > 0 (they must be padding: the kernel runs blocks
+  below lo unmasked, so their results are garbage the wrapper has to drop)."""
+  kh, r, d = q.shape
+  n, s, kh2, d2 = k.shape
+  assert q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == v.dtype == q.dtype
+  assert d in (64, 128) and (kh2, d2) == (kh, d) and v.shape == k.shape
+  assert r % TILE == 0 and s > 0 and s % block_kv == 0 and block_kv % 64 == 0
+  assert tab.shape == (r // TILE, 4) and row_limits.shape == (r,)
+  assert tab.dtype == jnp.int32 and row_limits.dtype == jnp.int32
+  nblk = s // block_kv
+  assert stages >= 1 and splits >= 1 and blocks_per_split >= 1
+  assert splits * blocks_per_split >= nblk, "some key blocks belong to no split"
+  assert (splits - 1) * blocks_per_split < nblk, "an empty split"
+  CALLS.append(dict(shape=(kh, r, d, n, s), block_kv=block_kv, splits=splits,
+                    bps=blocks_per_split, interpret=interpret))
+  tn = r // TILE
+  node, lo, hi = tab[:, 0], tab[:, 1], tab[:, 2]
+  lim = row_limits.reshape(tn, TILE)
+  min_pos = jnp.min(jnp.where(lim > 0, lim, jnp.iinfo(jnp.int32).max), axis=1)
+  ok = ((node >= 0) & (node < n) & (hi == lim.max(axis=1)) & (hi <= s) & (lo >= 0)
+        & (lo <= hi) & ((hi == 0) | (lo <= min_pos)))
+  bad_row = ~ok[:, None] | ((lo[:, None] > 0) & (lim == 0))              # [Tn, TILE]
+  kt = jnp.take(k, jnp.clip(node, 0, n - 1), axis=0).astype(jnp.float32)  # [Tn,S,K,D]
+  vt = jnp.take(v, jnp.clip(node, 0, n - 1), axis=0).astype(jnp.float32)
+  qt = q.astype(jnp.float32).reshape(kh, tn, TILE, d)
+  sc = jnp.einsum("htrd,tshd->htrs", qt, kt) * scale                       # [K,Tn,TILE,S]
+  key = jnp.arange(s)
+  split_of_key = key // (blocks_per_split * block_kv)
+  vis = ((key[None, None, None, :] < lim[None, :, :, None])
+         & (split_of_key[None, None, None, :] == jnp.arange(splits)[:, None, None, None]))
+  vis = vis[:, None]                                                       # [P,1,Tn,TILE,S]
+  sc = jnp.where(vis, sc[None], -jnp.inf)
+  m = jnp.max(sc, axis=-1)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(vis, jnp.exp(sc - m_safe[..., None]), 0.0)
+  l = p.sum(-1)
+  has = l > 0
+  o = jnp.einsum("phtrs,tshd->phtrd", p, vt) / jnp.where(has, l, 1.0)[..., None]
+  lse = jnp.where(has, m_safe + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
+  o = jnp.where(bad_row[None, None, :, :, None], jnp.nan, o)
+  lse = jnp.where(bad_row[None, None], jnp.nan, lse)
+  return (o.reshape(splits, kh, r, d).astype(q.dtype),
+          lse.reshape(splits, kh, r).astype(jnp.float32))
+
+
+# --- direct calls: cases, checks -----------------------------------------------------------
+
+def _direct_case(name):
+  """q, k, v, tab, row_limits, real rows, kwargs of one direct kernel call (see DIRECT)."""
+  rng = np.random.default_rng(len(name))
+  cfg = DIRECT[name]
+  dtype, kh, n, s, d = cfg["dtype"], cfg["kh"], cfg["n"], cfg["s"], cfg["d"]
+  tiles = cfg["tiles"]
+  q = jnp.asarray(rng.standard_normal((kh, len(tiles) * TILE, d)), dtype)
+  k = jnp.asarray(rng.standard_normal((n, s, kh, d)), dtype)
+  v = jnp.asarray(rng.standard_normal((n, s, kh, d)), dtype)
+  lim = np.zeros(len(tiles) * TILE, np.int32)
+  real = np.zeros(len(tiles) * TILE, bool)
+  tab = np.zeros((len(tiles), 4), np.int32)
+  for i, (node, count, low, high, fixed) in enumerate(tiles):
+    rows = slice(i * TILE, i * TILE + count)
+    lim[rows] = rng.integers(low, high + 1, size=count)
+    for j, x in enumerate(fixed):          # the interesting limits, placed at the tile's start
+      lim[i * TILE + j] = x
+    real[rows] = True
+    tab[i] = (node, lim[rows].min(), lim[rows].max(), 0) if count else (node, 0, 0, 0)
+  kwargs = {key: cfg[key] for key in ("block_kv", "stages", "splits", "blocks_per_split")}
+  return q, k, v, jnp.asarray(tab), jnp.asarray(lim), real, dict(kwargs, scale=cfg["scale"])
+
+
+DIRECT = {
+    # One tile (node 1) of 110 real rows with ragged limits 0..256, some 0 (so lo = 0: every
+    # block masked), 192 and 193 on both sides of the split boundary (192 sees no key of split
+    # 1, 193 sees one), and 18 padding rows. Split 0 runs 3 blocks with 2 stages: the memory
+    # warpgroup's reload loop runs.
+    "d64_bf16_stages2_splits2": dict(
+        dtype=jnp.bfloat16, kh=1, n=2, s=256, d=64, scale=64 ** -0.5, block_kv=64, stages=2,
+        splits=2, blocks_per_split=3,
+        tiles=[(1, 110, 0, 256, (0, 256, 192, 193, 1, 63, 64, 65, 0, 131, 255))]),
+    # Two KV heads, D = 128, fp16, one split of 4 blocks with 3 stages (reload loop), lo >= 128
+    # (two unmasked blocks), then masked ragged limits; 38 padding rows.
+    "d128_fp16_stages3_kv2": dict(
+        dtype=jnp.float16, kh=2, n=2, s=256, d=128, scale=0.6 / np.sqrt(128), block_kv=64,
+        stages=3, splits=1, blocks_per_split=4,
+        tiles=[(1, 90, 129, 256, (129, 256, 200, 193))]),
+}
+
+
+def _check_splits(out, lse, ref_out, ref_lse, rows, dtype, out_tol=2e-2, lse_tol=1e-2):
+  """out/lse of a kernel call vs the split reference on `rows` (a [R] bool mask)."""
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+  out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+  out, lse, ref_out, ref_lse = (x[:, :, rows] for x in (out, lse, ref_out, ref_lse))
+  assert not np.isnan(out).any() and not np.isnan(lse).any()
+  finite = np.isfinite(ref_lse)
+  np.testing.assert_array_equal(np.isfinite(lse), finite)
+  assert np.all(lse[~finite] == -np.inf)
+  np.testing.assert_array_equal(out[~finite], 0.0)          # exactly 0, not just close
+  np.testing.assert_allclose(out, ref_out, rtol=0, atol=out_tol)
+  np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=0, atol=lse_tol)
+
+
+def _rows_to_check(tab, real):
+  """Real rows, and padding rows of tiles with lo == 0 (all masked: they must give 0, -inf).
+  Padding rows of a tile with lo > 0 see the unmasked blocks: unspecified, never used."""
+  lo = np.repeat(np.asarray(tab)[:, 1], TILE)
+  return real | (lo == 0)
+
+
+@pytest.mark.parametrize("name", list(DIRECT))
+def test_emulator_matches_split_reference(name):
+  """The stand-in used below is itself exact (checked against the direct formula)."""
+  q, k, v, tab, lim, real, kw = _direct_case(name)
+  fn = jax.jit(lambda *a: emulate_tile_attention(*a, **kw))
+  out, lse = fn(q, k, v, tab, lim)
+  ref = split_reference(q, k, v, tab, lim, **{x: kw[x] for x in
+                                              ("scale", "block_kv", "splits",
+                                               "blocks_per_split")})
+  _check_splits(out, lse, *ref, real, q.dtype, out_tol=1e-2, lse_tol=1e-4)
+  bad = tab.at[0, 2].add(-1)                     # a wrong hi: the emulator must poison it
+  assert np.isnan(np.asarray(fn(q, k, v, bad, lim)[1][:, :, :TILE])).all()
+
+
+@pytest.mark.parametrize("name", list(DIRECT))
+def test_kernel_interpret_matches_split_reference(name):
+  q, k, v, tab, lim, real, kw = _direct_case(name)
+  out, lse = mosaic_gpu.tile_attention(q, k, v, tab, lim, interpret=True, **kw)
+  # No NaN anywhere, not even in padding rows whose results are unspecified.
+  assert not np.isnan(np.asarray(out.astype(jnp.float32))).any()
+  assert not np.isnan(np.asarray(lse)).any()
+  ref = split_reference(q, k, v, tab, lim, **{x: kw[x] for x in
+                                              ("scale", "block_kv", "splits",
+                                               "blocks_per_split")})
+  _check_splits(out, lse, *ref, _rows_to_check(tab, real), q.dtype)
+
+
+def test_kernel_static_checks_and_budget():
+  q = jnp.zeros((1, TILE, 64), jnp.bfloat16)
+  k = jnp.zeros((1, 100, 1, 64), jnp.bfloat16)
+  tab, lim = jnp.zeros((1, 4), jnp.int32), jnp.zeros((TILE,), jnp.int32)
+  kw = dict(scale=0.1, block_kv=64, stages=2, splits=1, blocks_per_split=2, interpret=True)
+  with pytest.raises(ValueError, match="multiple of block_kv"):
+    mosaic_gpu.tile_attention(q, k, k, tab, lim, **kw)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    mosaic_gpu.tile_attention(q[:, :100], k[:, :64], k[:, :64], tab, lim[:100], **kw)
+  assert mosaic_gpu.unsupported_reason(jnp.bfloat16, 128, 256, 128) is None
+  assert mosaic_gpu.unsupported_reason(jnp.float16, 64, 64, 64) is None
+  assert "float32" in mosaic_gpu.unsupported_reason(jnp.float32, 128, 256, 128)
+  assert "head dim 80" in mosaic_gpu.unsupported_reason(jnp.bfloat16, 80, 256, 128)
+  assert "block_kv" in mosaic_gpu.unsupported_reason(jnp.bfloat16, 64, 256, 96)
+  # The default configuration fits a Hopper CTA (227 KiB of shared memory).
+  mc = mosaic_gpu.MosaicConfig()
+  assert mosaic_gpu.smem_bytes(mc.block_kv, mc.stages, 128) <= 227 * 1024
+
+
+# --- the wrapper (`pallas_gpu._forward_mosaic`) with the emulated kernel --------------------
+
+@contextlib.contextmanager
+def emulated():
+  """The kernel replaced by the emulator, with no stale traces of `_forward_jit` either way
+  (its cache is keyed by shapes and config, not by the kernel function)."""
+  pg._forward_jit.clear_cache()
+  CALLS.clear()
+  try:
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(pg.mosaic_gpu, "tile_attention", emulate_tile_attention)
+      yield CALLS
+  finally:
+    pg._forward_jit.clear_cache()
+
+
+def _expect(q, levels, causal, dtype):
+  rnd = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+  keys, values = oracle.concat_levels(
+      [(rnd(k), rnd(v), lengths, owner) for k, v, lengths, owner in levels])
+  return oracle.dense(rnd(q), keys, values, causal=causal)
+
+
+def _run(q, levels, causal, dtype):
+  """hydragen_attention(backend="pallas") under jit, owners closed over (static)."""
+  owners = [owner for *_, owner in levels]
+
+  def fn(q, arrays):
+    lv = [KVLevel(k, v, n, o) for (k, v, n), o in zip(arrays, owners)]
+    return hydragen_attention(q, lv, causal_last=causal, backend="pallas")
+
+  arrays = [(jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(n, jnp.int32))
+            for k, v, n, _ in levels]
+  return jax.jit(fn)(jnp.asarray(q, dtype), arrays)
+
+
+def _check(out, lse, ref_out, ref_lse, dtype):
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+  assert not np.isnan(out).any() and not np.isnan(lse).any()
+  tol = TOL[dtype]
+  finite = np.isfinite(ref_lse)
+  np.testing.assert_array_equal(np.isfinite(lse), finite)
+  np.testing.assert_array_equal(out[~finite], 0.0)
+  np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
+  np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=tol, atol=tol)
+
+
+@st.composite
+def mosaic_trees(draw):
+  """q and 1..3 levels: shared levels with random (non-contiguous) owners and empty nodes,
+  capacities 0..320 (mostly not multiples of 64), ragged and zero lengths; the last level
+  per sequence or not; bf16/fp16, D 64/128, GQA 1..8, forced splits 1..3."""
+  b = draw(st.integers(1, 9))
+  t = draw(st.integers(1, 3))
+  kh = draw(st.sampled_from([1, 2]))
+  g = draw(st.integers(1, 8))
+  d = draw(st.sampled_from([64, 128]))
+  dtype = draw(st.sampled_from([jnp.bfloat16, jnp.float16]))
+  n_levels = draw(st.integers(1, 3))
+  rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+  levels = []
+  for i in range(n_levels):
+    per_seq = i == n_levels - 1 and draw(st.booleans())
+    n = b if per_seq else draw(st.integers(1, 4))
+    s = draw(st.one_of(st.integers(1, 320), st.sampled_from([0, 1, 63, 64, 65, 128, 129])))
+    lengths = rng.integers(0, s + 1, size=n).astype(np.int32)
+    if draw(st.booleans()):
+      lengths[rng.integers(0, n)] = s                       # a full node
+    if draw(st.booleans()):
+      lengths[rng.integers(0, n)] = 0                       # an empty node / suffix
+    owner = None if per_seq else rng.integers(0, n, size=b).astype(np.int32)
+    k = rng.standard_normal((n, s, kh, d)).astype(np.float32)
+    v = rng.standard_normal((n, s, kh, d)).astype(np.float32)
+    levels.append((k, v, lengths, owner))
+  q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
+  mosaic = dict(splits=draw(st.sampled_from([3, 2, 1])), block_kv=draw(st.sampled_from([64, 128])),
+                stages=draw(st.sampled_from([2, 3])))
+  return q, levels, draw(st.booleans()), dtype, mosaic
+
+
+@given(mosaic_trees())
+def test_wrapper_with_emulated_kernel_matches_oracle(case):
+  q, levels, causal, dtype, mosaic = case
+  with emulated() as calls, pg.configure(lowering="mosaic", mosaic=mosaic):
+    out, lse = _run(q, levels, causal, dtype)
+  _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
+  # Every level with keys ran on the (emulated) Mosaic kernel, its keys padded to whole
+  # blocks and cut in at most the forced number of splits.
+  assert len(calls) == sum(k.shape[1] > 0 for k, *_ in levels)
+  for call, (k, *_) in zip(calls, [lv for lv in levels if lv[0].shape[1] > 0]):
+    s = k.shape[1]
+    nblk = -(-s // mosaic["block_kv"])
+    assert call["shape"][4] == nblk * mosaic["block_kv"] and call["block_kv"] == mosaic["block_kv"]
+    assert call["splits"] <= min(mosaic["splits"], nblk)
+
+
+def test_wrapper_full_tiles_in_place_and_combine():
+  """Tiles exactly full (the in-place path: no gather), several tiles per node, 3 splits."""
+  rng = np.random.default_rng(11)
+  b, t, kh, g, d = 8, 4, 2, 8, 64            # 32 rows per sequence: 4 sequences per tile
+  owner = np.array([0, 0, 0, 0, 1, 1, 1, 1], np.int32)
+  levels = [(rng.standard_normal((2, 300, kh, d)), rng.standard_normal((2, 300, kh, d)),
+             np.array([300, 177], np.int32), owner),
+            (rng.standard_normal((b, 70, kh, d)), rng.standard_normal((b, 70, kh, d)),
+             rng.integers(0, 71, size=b).astype(np.int32), None)]
+  q = rng.standard_normal((b, t, kh * g, d))
+  for causal in (True, False):
+    with emulated() as calls, pg.configure(lowering="mosaic",
+                                           mosaic={"splits": 3, "block_kv": 64}):
+      out, lse = _run(q, levels, causal, jnp.bfloat16)
+    _check(out, lse, *_expect(q, levels, causal, jnp.bfloat16), jnp.bfloat16)
+    assert [c["splits"] for c in calls] == [3, 2]      # the suffix has only 2 blocks
+
+
+# --- end to end in interpret mode (the real kernel) ----------------------------------------
+
+def test_hydragen_through_interpreted_kernel(monkeypatch, caplog):
+  """A shared level (2 nodes, S=100: padded to 128, owners out of order) and a per-sequence
+  level with an empty suffix (a tile that runs no key block), both on the interpreted Mosaic
+  kernel, vs the oracle."""
+  calls = []
+  real = mosaic_gpu.tile_attention
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs)
+    return real(*args, **kwargs)
+
+  pg._forward_jit.clear_cache()
+  monkeypatch.setattr(pg.mosaic_gpu, "tile_attention", spy)
+  monkeypatch.setattr(_log, "_seen", set())
+  rng = np.random.default_rng(12)
+  b, t, kh, g, d = 2, 2, 1, 2, 64          # 4 programs: ~4 s each in interpret mode
+  levels = [(rng.standard_normal((2, 100, kh, d)), rng.standard_normal((2, 100, kh, d)),
+             np.array([100, 77], np.int32), np.array([1, 0], np.int32)),
+            (rng.standard_normal((b, 5, kh, d)), rng.standard_normal((b, 5, kh, d)),
+             np.array([5, 0], np.int32), None)]
+  q = rng.standard_normal((b, t, kh * g, d))
+  dtype = jnp.bfloat16
+  lv = [KVLevel(jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(n), o)
+        for k, v, n, o in levels]
+  try:
+    with caplog.at_level(logging.WARNING, logger="hydrax"), \
+         pg.configure(lowering="mosaic", mosaic={"block_kv": 64, "stages": 2}):
+      # Not under an outer jit: each level is then its own program (`_forward_jit`). With
+      # both interpreted kernels in one XLA program, the Mosaic GPU interpreter deadlocked
+      # on this 2-core machine (its simulated threads starve XLA's CPU thread pool).
+      out, lse = hydragen_attention(jnp.asarray(q, dtype), lv, causal_last=True,
+                                    backend="pallas")
+  finally:
+    pg._forward_jit.clear_cache()
+  _check(out, lse, *_expect(q, levels, True, dtype), dtype)
+  assert len(calls) == 2 and all(c["interpret"] for c in calls)
+  assert any("S=100" in r.getMessage() for r in caplog.records)     # the padding is logged
+
+
+# --- static decisions -----------------------------------------------------------------------
+
+def _uses(q_shape, k_shape, owner, dtype, **cfg):
+  with pg.configure(**cfg) as c:
+    return pg._use_mosaic(q_shape, jax.ShapeDtypeStruct(k_shape, dtype), owner, dtype, c)
+
+
+def test_use_mosaic_decisions_and_logged_fallbacks(monkeypatch, caplog):
+  monkeypatch.setattr(_log, "_seen", set())
+  owner = np.array([1, 0, 1], np.int32)
+  qs, ks = (3, 2, 4, 64), (2, 256, 2, 64)
+  with caplog.at_level(logging.WARNING, logger="hydrax"):
+    assert _uses(qs, ks, owner, jnp.bfloat16, lowering="mosaic")
+    assert _uses(qs, ks, None, jnp.float16, lowering="mosaic")           # per sequence, forced
+    assert _uses(qs, (2, 100, 2, 64), owner, jnp.bfloat16, lowering="mosaic")   # S padded
+    assert not _uses(qs, ks, owner, jnp.bfloat16, lowering="triton")
+    assert not _uses(qs, ks, owner, jnp.bfloat16)       # "auto" off Hopper / in interpret mode
+    assert not any("Mosaic" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    for _ in range(2):                                  # each reason is logged once
+      assert not _uses(qs, ks, owner, jnp.float32, lowering="mosaic")
+      assert not _uses((3, 2, 4, 80), (2, 256, 2, 80), owner, jnp.bfloat16, lowering="mosaic")
+      seen = []
+      jax.jit(lambda o: seen.append(_uses(qs, ks, o, jnp.bfloat16, lowering="mosaic")) or o)(
+          jnp.asarray(owner))
+      assert seen == [False]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 3, msgs
+    assert any("float32" in m for m in msgs) and any("head dim 80" in m for m in msgs)
+    assert any("traced owners" in m for m in msgs)
+    assert all(r.levelno == logging.WARNING and r.name == "hydrax" for r in caplog.records)
+    # One node: traced owners do not matter (every sequence owns node 0).
+    seen = []
+    jax.jit(lambda o: seen.append(_uses(qs, (1, 256, 2, 64), o, jnp.bfloat16,
+                                        lowering="mosaic")) or o)(jnp.zeros(3, jnp.int32))
+    assert seen == [True]
+
+
+def test_configure_mosaic_dict_and_restore():
+  before = pg._config
+  with pg.configure(lowering="mosaic", mosaic={"splits": 2}) as c:
+    assert c.lowering == "mosaic" and c.mosaic.splits == 2
+    assert c.mosaic.block_kv == mosaic_gpu.MosaicConfig().block_kv
+    assert pg._config is c
+  assert pg._config is before
+
+
+def test_fallback_to_triton_runs_and_never_calls_the_kernel(monkeypatch, caplog):
+  """float32 with lowering="mosaic": the level runs on the Triton kernel (interpret mode)."""
+  def boom(*args, **kwargs):
+    raise AssertionError("the Mosaic kernel must not be called for float32")
+
+  pg._forward_jit.clear_cache()
+  monkeypatch.setattr(pg.mosaic_gpu, "tile_attention", boom)
+  monkeypatch.setattr(_log, "_seen", set())
+  rng = np.random.default_rng(13)
+  levels = [(rng.standard_normal((2, 9, 1, 64)), rng.standard_normal((2, 9, 1, 64)),
+             np.array([9, 4], np.int32), np.array([1, 0], np.int32))]
+  q = rng.standard_normal((2, 1, 2, 64))
+  try:
+    with caplog.at_level(logging.WARNING, logger="hydrax"), pg.configure(lowering="mosaic"):
+      out, lse = _run(q, levels, False, jnp.float32)
+  finally:
+    pg._forward_jit.clear_cache()
+  ref_out, ref_lse = _expect(q, levels, False, jnp.float32)
+  np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-5, atol=1e-5)
+  assert sum("Mosaic GPU kernel cannot take" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_bad_lowering_is_a_value_error():
+  rng = np.random.default_rng(14)
+  levels = [(rng.standard_normal((1, 8, 1, 64)), rng.standard_normal((1, 8, 1, 64)),
+             np.array([8], np.int32), np.zeros(2, np.int32))]
+  q = rng.standard_normal((2, 1, 1, 64))
+  pg._forward_jit.clear_cache()
+  with pg.configure(lowering="bogus"), pytest.raises(ValueError, match="lowering"):
+    _run(q, levels, True, jnp.bfloat16)
