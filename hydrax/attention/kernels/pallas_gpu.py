@@ -77,7 +77,9 @@ class Config:
   poison: bool = False               # debug: outputs start as NaN (checks every row is written)
   # Lowering of a level: "auto" (Mosaic GPU for stacked shared levels on Hopper, Triton for the
   # rest), "triton" (always), "mosaic" (Mosaic GPU wherever its kernel takes the input, also in
-  # interpret mode off GPU: tests). Inputs it cannot take go to Triton (logged once).
+  # interpret mode off GPU: tests; there, several interpreted levels under one outer jit have
+  # deadlocked jax's Mosaic GPU interpreter on a 2-core machine). Inputs it cannot take go to
+  # Triton (logged once).
   lowering: str = "auto"
   mosaic: mosaic_gpu.MosaicConfig = mosaic_gpu.MosaicConfig()
 
