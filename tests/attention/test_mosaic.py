@@ -222,11 +222,11 @@ def test_kernel_static_checks_and_budget():
     mosaic_gpu.tile_attention(q, k, k, tab, lim, **kw)
   with pytest.raises(ValueError, match="multiple of 128"):
     mosaic_gpu.tile_attention(q[:, :100], k[:, :64], k[:, :64], tab, lim[:100], **kw)
-  assert mosaic_gpu.unsupported_reason(jnp.bfloat16, 128, 256, 128) is None
-  assert mosaic_gpu.unsupported_reason(jnp.float16, 64, 64, 64) is None
-  assert "float32" in mosaic_gpu.unsupported_reason(jnp.float32, 128, 256, 128)
-  assert "head dim 80" in mosaic_gpu.unsupported_reason(jnp.bfloat16, 80, 256, 128)
-  assert "block_kv" in mosaic_gpu.unsupported_reason(jnp.bfloat16, 64, 256, 96)
+  assert mosaic_gpu.unsupported_reason(jnp.bfloat16, 128, 128) is None
+  assert mosaic_gpu.unsupported_reason(jnp.float16, 64, 64) is None
+  assert "float32" in mosaic_gpu.unsupported_reason(jnp.float32, 128, 128)
+  assert "head dim 80" in mosaic_gpu.unsupported_reason(jnp.bfloat16, 80, 128)
+  assert "block_kv" in mosaic_gpu.unsupported_reason(jnp.bfloat16, 64, 96)
   # The default configuration fits a Hopper CTA (227 KiB of shared memory).
   mc = mosaic_gpu.MosaicConfig()
   assert mosaic_gpu.smem_bytes(mc.block_kv, mc.stages, 128) <= 227 * 1024

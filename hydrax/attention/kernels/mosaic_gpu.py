@@ -62,7 +62,7 @@ def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
   return (COMPUTE_WGS * BLOCK_Q * d + 2 * stages * block_kv * d) * itemsize + COMPUTE_WGS * BLOCK_Q * 8
 
 
-def unsupported_reason(dtype, d: int, s: int, block_kv: int) -> Optional[str]:
+def unsupported_reason(dtype, d: int, block_kv: int) -> Optional[str]:
   """Why the kernel cannot take these inputs (None when it can)."""
   if jnp.dtype(dtype) not in [jnp.dtype(x) for x in DTYPES]:
     return f"dtype {jnp.dtype(dtype).name} (Mosaic GPU kernel: bfloat16, float16)"
@@ -158,23 +158,22 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, bl
       plgpu.barrier_wait(v_bar.at[slot])
       plgpu.barrier_wait(sched)
 
-      def pv_product(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+      def wait_next_keys():
         nxt = i + 1
 
         @pl.when(nxt < nsteps)
         def _():
           plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+
+      def pv_product(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        wait_next_keys()
 
       if interpret:
         # (the GPU interpreter has no run_state and its wgmma takes no register operand:
         # p v in registers)
         acc = acc + jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
-        nxt = i + 1
-
-        @pl.when(nxt < nsteps)
-        def _():
-          plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+        wait_next_keys()
       else:
         acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_free.at[slot])

@@ -135,11 +135,25 @@ class _Plan:
   blocks_per_split: int
 
 
+def _rows_per_node(q_shape, n: int, kh: int, owner) -> float:
+  """Query rows per node and KV head (T*G per sequence; a shared level stacks B/N sequences)."""
+  b, t, h, _ = q_shape
+  return t * (h // kh) * (1 if owner is None else b / max(1, min(n, b)))
+
+
+def _is_hopper() -> bool:
+  dev = jax.devices()[0]
+  cc = str(getattr(dev, "compute_capability", ""))
+  if cc:
+    return cc.split(".")[0] == "9"
+  kind = str(getattr(dev, "device_kind", ""))
+  return any(x in kind for x in ("H100", "H200", "H800", "GH200"))
+
+
 def _smem_budget() -> int:
   """Shared memory a program may plan for: Hopper allows 227 KiB a block, Ampere 163 KiB;
   Triton needs some for itself, so keep a margin."""
-  kind = str(getattr(jax.devices()[0], "device_kind", "")) if jax.devices() else ""
-  return 200 * 1024 if any(x in kind for x in ("H100", "H200", "H800", "GH200")) else 150 * 1024
+  return 200 * 1024 if _is_hopper() else 150 * 1024
 
 
 def _smem_bytes(bm: int, bn: int, dp: int, stages: int, itemsize: int) -> int:
@@ -463,7 +477,7 @@ def _prepare(q_shape, k, v, owner, limits, cfg: Config) -> _Prepared:
     pad = ((0, 0), (0, 0), (0, 0), (0, dp - d))
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
   rows_per_seq = t * g
-  rows_per_node = rows_per_seq * (1 if owner is None else b / max(1, min(n, b)))
+  rows_per_node = _rows_per_node(q_shape, n, kh, owner)
   itemsize = jnp.dtype(k.dtype).itemsize
   bm = cfg.block_m or min(_max_block_m(cfg, dp, itemsize),
                           _pow2_at_least(math.ceil(rows_per_node)))
@@ -477,15 +491,6 @@ def _prepare(q_shape, k, v, owner, limits, cfg: Config) -> _Prepared:
   return _Prepared(layout, plan, k, v, row_limits, dp, interpret)
 
 
-def _is_hopper() -> bool:
-  dev = jax.devices()[0]
-  cc = str(getattr(dev, "compute_capability", ""))
-  if cc:
-    return cc.split(".")[0] == "9"
-  kind = str(getattr(dev, "device_kind", ""))
-  return any(x in kind for x in ("H100", "H200", "H800", "GH200"))
-
-
 def _use_mosaic(q_shape, k, owner, dtype, cfg: Config) -> bool:
   """Whether this level runs on the Mosaic GPU kernel (static decision; see Config.lowering).
 
@@ -497,16 +502,15 @@ def _use_mosaic(q_shape, k, owner, dtype, cfg: Config) -> bool:
     raise ValueError(f"lowering must be 'auto', 'triton' or 'mosaic', got {cfg.lowering!r}")
   if cfg.lowering == "triton":
     return False
-  b, t, h, d = q_shape
-  n, s, kh, _ = k.shape
+  d = q_shape[3]
+  n, _, kh, _ = k.shape
   forced = cfg.lowering == "mosaic"
   if not forced:
     if _interpret(cfg) or not _is_hopper() or owner is None:
       return False
-    rows_per_node = t * (h // kh) * b / max(1, min(n, b))
-    if rows_per_node < cfg.mosaic.min_rows_per_node:
+    if _rows_per_node(q_shape, n, kh, owner) < cfg.mosaic.min_rows_per_node:
       return False
-  reason = mosaic_gpu.unsupported_reason(dtype, d, s, cfg.mosaic.block_kv)
+  reason = mosaic_gpu.unsupported_reason(dtype, d, cfg.mosaic.block_kv)
   if reason is None and owner is not None and concrete(owner) is None and n > 1:
     reason = "traced owners (its tiles are laid out at trace time)"
   if reason is not None:
