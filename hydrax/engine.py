@@ -401,9 +401,11 @@ def _prefill_rows(model, rows: _Rows, tokens, lengths, start, shared, own, *, sk
                          hidden_size=model.config.hidden_size, dtype=model.dtype)
 
 
-def _replicate(shared, owners, level_inputs, full: LevelKV, prefix_lengths) -> LevelKV:
+def replicate_nodes(shared, owners, level_inputs, full: LevelKV, prefix_lengths) -> LevelKV:
   """Copies each sequence's shared nodes into its own cache `full` [L,B,S,K,D] at their
-  positions (the replicated baseline's layout); lengths become prefix_lengths [B]."""
+  positions (the replicated baseline's layout); lengths become prefix_lengths [B]. owners: per
+  shared level, [B] node of each row (concrete or traced: a gather needs no static grouping).
+  Also used per data shard by `hydrax.parallel.generate`."""
   b = full.k.shape[1]
   rows = jnp.arange(b)[:, None]
   k, v = full.k, full.v
@@ -448,7 +450,7 @@ def _make_prefill(graphdef, layout: _Layout, *, backend: str, sampling: dict):
     tok, lengths, start = inputs["main"]
     main = fresh(layout.main)
     if layout.attention == "replicated":
-      main = _replicate(shared, layout.seq_owners, inputs["levels"], main, start)
+      main = replicate_nodes(shared, layout.seq_owners, inputs["levels"], main, start)
       shared = []
     main, last = _prefill_rows(model, layout.main, tok, lengths, start, shared, main,
                                skip=skip, backend=backend)

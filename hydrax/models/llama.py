@@ -277,6 +277,25 @@ def _check_inputs(config: LlamaConfig, tokens, positions, cache):
         raise ValueError(f"cache owners[{i}] has shape {owner.shape} but tokens have B={b} rows")
 
 
+def own_level(suffix: Optional[LevelKV], index: int, k, v):
+  """The per-sequence level of layer `index` for this chunk's keys and values k, v [B,T,K,D].
+
+  suffix None (no cache): the chunk alone. Otherwise the chunk is written into layer `index` of
+  suffix [L,B,S,K,D] after each row's valid keys (slots past S are dropped) and the level is
+  that layer with lengths + T. Returns (suffix, KVLevel); suffix.lengths are left as they were
+  (the caller advances them once for all layers)."""
+  b, t = k.shape[:2]
+  if suffix is None:
+    return None, attn_lib.KVLevel(k, v, jnp.full((b,), t, jnp.int32), None)
+  start = suffix.lengths.astype(jnp.int32)
+  rows = jnp.arange(b)[:, None]
+  slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  new_k = suffix.k.at[index, rows, slots].set(k.astype(suffix.k.dtype), mode="drop")
+  new_v = suffix.v.at[index, rows, slots].set(v.astype(suffix.v.dtype), mode="drop")
+  return (LevelKV(new_k, new_v, suffix.lengths),
+          attn_lib.KVLevel(new_k[index], new_v[index], start + t, None))
+
+
 def _attention_layer(config: LlamaConfig, layer: Attention, x, positions, inv_freq,
                      cache: Optional[KVCache], index: int, *, skip_attention: bool,
                      backend: str):
@@ -294,16 +313,8 @@ def _attention_layer(config: LlamaConfig, layer: Attention, x, positions, inv_fr
   q = apply_rope(q, positions, inv_freq)
   k = apply_rope(k, positions, inv_freq)
   levels = [] if cache is None else cache.layer_levels(index)
-  if suffix is None:
-    levels.append(attn_lib.KVLevel(k, v, jnp.full((b,), t, jnp.int32), None))
-  else:
-    start = suffix.lengths.astype(jnp.int32)
-    rows = jnp.arange(b)[:, None]
-    slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    new_k = suffix.k.at[index, rows, slots].set(k.astype(suffix.k.dtype), mode="drop")
-    new_v = suffix.v.at[index, rows, slots].set(v.astype(suffix.v.dtype), mode="drop")
-    suffix = LevelKV(new_k, new_v, suffix.lengths)
-    levels.append(attn_lib.KVLevel(new_k[index], new_v[index], start + t, None))
+  suffix, own = own_level(suffix, index, k, v)
+  levels.append(own)
   out, _ = attn_lib.hydragen_attention(q, levels, causal_last=True, backend=backend)
   return _linear(layer.o, out.reshape(b, t, h * d)), suffix
 

@@ -32,7 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hydrax import engine
 from hydrax.cache import LevelKV, empty_level, level_bytes
 from hydrax.models import llama as llama_lib
-from hydrax.models.configs import LlamaConfig
 from hydrax.parallel import rules
 from hydrax.parallel.mesh import DATA, axis_sizes, make_mesh
 from hydrax.parallel.step import OwnerTable, forward_shard, next_token_shard
@@ -229,28 +228,6 @@ def _prefill_pass(model, pas: ShardedPass, tokens, lengths, start, shared, own, 
                                 hidden_size=model.config.hidden_size, dtype=model.dtype)
 
 
-def _copy_nodes(shared, owners, level_inputs, full: LevelKV, prefix_lengths) -> LevelKV:
-  """The replicated baseline's cache: each row's nodes copied into its own cache `full`
-  [L,B_l,S,K_l,D] at their positions; lengths become prefix_lengths [B_l]. owners: per shared
-  level, [B_l] local node of each row (traced: a gather needs no static grouping)."""
-  rows = jnp.arange(full.k.shape[1])[:, None]
-  k, v = full.k, full.v
-  for level, owner, (_, node_lengths, node_start) in zip(shared, owners, level_inputs):
-    t = jnp.arange(level.capacity, dtype=jnp.int32)[None, :]
-    slots = jnp.where(t < node_lengths[owner][:, None], node_start[owner][:, None] + t,
-                      full.capacity)                  # padding slots fall out and are dropped
-
-    def copy(layer, kv, level=level, owner=owner, slots=slots):
-      k, v = kv
-      src_k = lax.dynamic_index_in_dim(level.k, layer, keepdims=False)[owner]
-      src_v = lax.dynamic_index_in_dim(level.v, layer, keepdims=False)[owner]
-      return (k.at[layer, rows, slots].set(src_k, mode="drop"),
-              v.at[layer, rows, slots].set(src_v, mode="drop"))
-
-    k, v = lax.fori_loop(0, k.shape[0], copy, (k, v))
-  return LevelKV(k, v, prefix_lengths.astype(jnp.int32))
-
-
 def _all_done(done):
   return lax.psum(jnp.sum(~done).astype(jnp.int32), DATA) == 0     # scalar all-reduce
 
@@ -277,7 +254,7 @@ def _make_prefill(graphdef, sp: ShardedPlan, *, kv_heads, backend, sampling, sha
     tok, lengths, start = inputs["main"]
     main = fresh(sp.main)
     if sp.attention == "replicated":
-      main = _copy_nodes(shared, inputs["seq_owner"], inputs["levels"], main, start)
+      main = engine.replicate_nodes(shared, inputs["seq_owner"], inputs["levels"], main, start)
       shared = []
     main, last = _prefill_pass(model, sp.main, tok, lengths, start, tuple(shared), main,
                                skip=skip, backend=backend)

@@ -190,16 +190,8 @@ def _attention_layer(config, layer, x, positions, inv_freq, shared, table, suffi
     q = llama_lib.apply_rope(q, positions, inv_freq)
     k = llama_lib.apply_rope(k, positions, inv_freq)
     levels = [KVLevel(lvl.k[index], lvl.v[index], lvl.lengths, None) for lvl in shared]
-    if suffix is None:
-      levels.append(KVLevel(k, v, jnp.full((b,), t, jnp.int32), None))
-    else:
-      start = suffix.lengths.astype(jnp.int32)
-      rows = jnp.arange(b)[:, None]
-      slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-      new_k = suffix.k.at[index, rows, slots].set(k.astype(suffix.k.dtype), mode="drop")
-      new_v = suffix.v.at[index, rows, slots].set(v.astype(suffix.v.dtype), mode="drop")
-      suffix = LevelKV(new_k, new_v, suffix.lengths)
-      levels.append(KVLevel(new_k[index], new_v[index], start + t, None))
+    suffix, own = llama_lib.own_level(suffix, index, k, v)
+    levels.append(own)
     out, _ = attend_shard(q, levels, table.extend(None), causal_last=True, backend=backend)
   partial = _linear(layer.o.kernel[...], out.reshape(b, t, hl * d))
   return lax.psum(partial, MODEL), suffix                        # all-reduce 1 of 2
