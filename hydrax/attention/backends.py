@@ -4,6 +4,14 @@ A backend implements `level_attention(q, k, v, lengths, owner, limits, *, scale)
 contract written in `hydrax.attention.xla`. It may raise `Unsupported` for an input it cannot
 take; the caller then runs the XLA backend for that level and logs the fallback once.
 
+A `Backend` is an immutable, hashable value: its kernel configuration (`config`, a frozen
+dataclass, or None) travels with it and is passed to `level_attention` as `config=`, so a
+compiled program that closes over a backend is keyed by its configuration; there is no global
+kernel state. `get("pallas", lowering="triton")` returns the registered backend with those
+configuration fields replaced. A backend with `takes_layer=True` also accepts `layer=`: k and v
+are then stacked [L,N,S,K,D] caches and the level is layer `layer` (read in place, no copy);
+for other backends the caller slices the layer first.
+
 "auto" picks, for the platform of the default device, the first registered backend that
 lists that platform and reports itself available; otherwise "xla".
 """
@@ -11,9 +19,10 @@ lists that platform and reports itself available; otherwise "xla".
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import jax
+from jax import lax
 
 from hydrax._log import log_once
 from hydrax.attention import xla
@@ -23,12 +32,45 @@ class Unsupported(Exception):
   """Raised by a backend for an input it cannot handle; the caller falls back to XLA."""
 
 
+def _always() -> bool:
+  return True
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
   name: str
   level_attention: Callable
   platforms: tuple = ()              # platforms where "auto" may pick it ("gpu", "tpu", ...)
-  is_available: Callable[[], bool] = lambda: True
+  is_available: Callable[[], bool] = _always
+  config: Any = None                 # frozen kernel configuration, passed as config=
+  takes_layer: bool = False          # level_attention reads k[layer], v[layer] itself
+
+  def configured(self, **changes) -> "Backend":
+    """This backend with the given fields of its configuration replaced."""
+    if not changes:
+      return self
+    if self.config is None:
+      raise ValueError(f"backend {self.name!r} takes no configuration, got "
+                       f"{sorted(changes)}")
+    fields = {f.name for f in dataclasses.fields(self.config)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+      raise ValueError(f"backend {self.name!r} has no configuration field(s) {unknown}; "
+                       f"known: {sorted(fields)}")
+    return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes))
+
+  def attend(self, q, k, v, lengths, owner, limits, *, scale,
+             layer: Optional[Any] = None):
+    """One level through this backend (contract in `hydrax.attention.xla`); with `layer`,
+    k and v are [L,N,S,K,D] and the level is that layer."""
+    kwargs = {} if self.config is None else {"config": self.config}
+    if layer is not None:
+      if self.takes_layer:
+        kwargs["layer"] = layer
+      else:
+        k = lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)
+        v = lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
+    return self.level_attention(q, k, v, lengths, owner, limits, scale=scale, **kwargs)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -56,15 +98,23 @@ def _load(name: str) -> Backend | None:
   return _REGISTRY.get(name)
 
 
-def get(name: str = "auto") -> Backend:
-  """The backend called `name`; "auto" resolves per platform (see module docstring)."""
+def get(name="auto", **config) -> Backend:
+  """The backend called `name` ("auto" resolves per platform, see module docstring), with the
+  given configuration fields replaced. A `Backend` value is returned as it is (configured)."""
+  if isinstance(name, Backend):
+    return name.configured(**config)
   if not isinstance(name, str):
-    raise ValueError(f"backend must be a string, one of {['auto'] + names()}, got {name!r}")
+    raise ValueError(f"backend must be a Backend or a string, one of {['auto'] + names()}, "
+                     f"got {name!r}")
   if name != "auto":
     backend = _load(name)
     if backend is None:
       raise ValueError(f"backend={name!r} is unknown; known backends: {['auto'] + names()}")
-    return backend
+    return backend.configured(**config)
+  return _auto().configured(**config)
+
+
+def _auto() -> Backend:
   platform = jax.default_backend()
   for candidate in names():
     if candidate == "xla" or (candidate in _LAZY and platform not in _LAZY[candidate][1]):

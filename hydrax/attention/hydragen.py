@@ -25,11 +25,24 @@ class KVLevel(NamedTuple):
   owner:   [B] int32, the node of each sequence at this level, or None when N == B and
            sequence b owns node b (a per-sequence level, such as the unique suffixes).
            A NumPy `owner` (closed over under `jit`) lets backends group statically.
+  layer:   None, or an int32 scalar (may be traced): k and v are then stacked caches
+           [L,N,S,K,D] and the level is layer `layer` of them. Backends that read the layer
+           in place (`Backend.takes_layer`) avoid copying it out of the stack.
   """
   k: jax.Array
   v: jax.Array
   lengths: jax.Array
   owner: Optional[jax.Array] = None
+  layer: Optional[jax.Array] = None
+
+  def layer_view(self) -> "KVLevel":
+    """The level with k, v of its layer alone ([N,S,K,D]; a slice, for checks and fallbacks)."""
+    if self.layer is None:
+      return self
+    index = jnp.asarray(self.layer, jnp.int32)
+    return KVLevel(jax.lax.dynamic_index_in_dim(self.k, index, 0, keepdims=False),
+                   jax.lax.dynamic_index_in_dim(self.v, index, 0, keepdims=False),
+                   self.lengths, self.owner)
 
 
 def _check_qkv(q, k, v, *, q_name="q", k_name="k", v_name="v", kv_axes="N,S,K,D"):
@@ -56,8 +69,25 @@ def _check_level(i: int, level: KVLevel, q, batch: int):
   name = f"levels[{i}]"
   if not isinstance(level, KVLevel):
     raise ValueError(f"{name} must be a KVLevel(k, v, lengths, owner), got {type(level).__name__}")
-  _check_qkv(q, level.k, level.v, k_name=f"{name}.k", v_name=f"{name}.v")
-  n, s = level.k.shape[:2]
+  if level.layer is not None:
+    checks.check_rank(level.k, 5, f"{name}.k", "L,N,S,K,D (layer is set)")
+    checks.check_rank(level.v, 5, f"{name}.v", "L,N,S,K,D (layer is set)")
+    if level.k.shape[0] != level.v.shape[0]:
+      raise ValueError(f"{name}.k and {name}.v must have the same shape, got "
+                       f"{tuple(level.k.shape)} and {tuple(level.v.shape)}")
+    if jnp.ndim(level.layer) != 0 or not jnp.issubdtype(jnp.asarray(level.layer).dtype,
+                                                        jnp.integer):
+      raise ValueError(f"{name}.layer must be an integer scalar, got {level.layer!r}")
+    index = checks.concrete(level.layer)
+    if index is not None and not 0 <= int(index) < level.k.shape[0]:
+      raise ValueError(f"{name}.layer={int(index)} is outside [0, {level.k.shape[0] - 1}] "
+                       f"(k has L={level.k.shape[0]} layers)")
+    shape = tuple(level.k.shape[1:])
+    view = jax.ShapeDtypeStruct(shape, level.k.dtype)
+    _check_qkv(q, view, view, k_name=f"{name}.k[layer]", v_name=f"{name}.v[layer]")
+  else:
+    _check_qkv(q, level.k, level.v, k_name=f"{name}.k", v_name=f"{name}.v")
+  n, s = level.k.shape[-4:-2]
   lengths = checks.check_int_vector(level.lengths, n, f"{name}.lengths", "N")
   checks.check_range(lengths, 0, s, f"{name}.lengths", f"valid keys per node (capacity S={s})")
   if level.owner is None:
@@ -70,15 +100,16 @@ def _check_level(i: int, level: KVLevel, q, batch: int):
 
 
 def _run_level(backend, q, level, limits, scale):
+  layer = None if level.layer is None else jnp.asarray(level.layer, jnp.int32)
   args = (q, level.k, level.v, level.lengths.astype(jnp.int32),
           None if level.owner is None else level.owner, limits)
   try:
-    return backend.level_attention(*args, scale=scale)
+    return backend.attend(*args, scale=scale, layer=layer)
   except backends_lib.Unsupported as e:
     log_once(("fallback", backend.name, str(e)),
              "hydrax: backend %r cannot take this input (%s); using the XLA backend",
              backend.name, e)
-    return backends_lib.get("xla").level_attention(*args, scale=scale)
+    return backends_lib.get("xla").attend(*args, scale=scale, layer=layer)
 
 
 def _default_scale(scale, d):
@@ -86,7 +117,7 @@ def _default_scale(scale, d):
 
 
 def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True,
-                       scale: Optional[float] = None, backend: str = "auto"):
+                       scale: Optional[float] = None, backend="auto"):
   """Exact attention of q over each sequence's keys, split into sharing levels.
 
   q: [B,T,H,D], the last T tokens of B sequences. The keys of sequence b are the
@@ -98,6 +129,9 @@ def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True
   sees keys up to position L_b - T + t of the concatenation (L_b its total length):
   bottom-right causal. When T <= the last level's length, only the last level is masked.
   With causal_last=False every query sees every valid key.
+
+  backend: a name ("auto", "xla", "pallas", ...) or a `backends.Backend` value (with its
+  kernel configuration, e.g. `backends.get("pallas", lowering="triton")`).
 
   Returns out [B,T,H,D] in q's dtype (float32 accumulation) and lse [B,T,H] float32
   (natural log; -inf for a query that sees no key, whose out is 0).
@@ -132,7 +166,7 @@ def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True
 
 
 def attention(q, k, v, *, kv_lengths=None, causal: bool = False,
-              scale: Optional[float] = None, backend: str = "auto"):
+              scale: Optional[float] = None, backend="auto"):
   """Dense attention with its log-sum-exp.
 
   q: [B,T,H,D]; k, v: [B,S,K,D] with H a multiple of K (MHA, GQA, MQA).

@@ -96,10 +96,12 @@ def configure(**changes):
   if isinstance(changes.get("mosaic"), dict):        # JSON-friendly form (benchmark flags)
     changes["mosaic"] = dataclasses.replace(old.mosaic, **changes["mosaic"])
   _config = dataclasses.replace(_config, **changes)
+  backends.register(_backend(_config))
   try:
     yield _config
   finally:
     _config = old
+    backends.register(_backend(old))
 
 
 def _pow2_at_least(x: int, low: int = 16) -> int:
@@ -639,7 +641,7 @@ def _xla_level_vjp(q, k, v, lengths, limits, owner_dyn, cts, *, owner_key, scale
   return vjp(cts)
 
 
-def level_attention(q, k, v, lengths, owner, limits, *, scale):
+def level_attention(q, k, v, lengths, owner, limits, *, scale, config: Optional[Config] = None):
   """One level of attention through the Pallas kernels; contract in `hydrax.attention.xla`.
 
   Raises backends.Unsupported for dtypes other than bf16/fp16/fp32. Differentiable: the
@@ -651,7 +653,7 @@ def level_attention(q, k, v, lengths, owner, limits, *, scale):
     return (jnp.zeros(q.shape, jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32))
   if q.dtype not in _DTYPES:
     raise backends.Unsupported(f"dtype {q.dtype} (the kernels take bfloat16, float16, float32)")
-  cfg = _config
+  cfg = _config if config is None else config
   static_owner, traced = _static_owner(owner, n, b)
   key = _owner_key(static_owner)
 
@@ -808,5 +810,9 @@ def _available() -> bool:
   return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
-backends.register(backends.Backend("pallas", level_attention, platforms=("gpu",),
-                                   is_available=_available))
+def _backend(config: Config) -> backends.Backend:
+  return backends.Backend("pallas", level_attention, platforms=("gpu",),
+                          is_available=_available, config=config)
+
+
+backends.register(_backend(_config))
