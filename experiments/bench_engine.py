@@ -1,0 +1,225 @@
+r"""End-to-end decode benchmark of the engine against its roofline ideal (issue 13's targets).
+
+For each (prefix P, batch B) point it runs `hydrax.engine.generate` twice on random weights
+(attention="none", then "hydragen") and reports, per decode step:
+
+  none_ms        the step without attention (the paper's upper bound)
+  hydragen_ms    the step with exact Hydragen attention
+  attn_layer_us  (hydragen_ms - none_ms) / L: attention's cost per layer inside the real step
+  floor_layer_us one layer's attention floor: max(FLOPs / matmul ceiling, bytes / copy ceiling)
+                 with FLOPs = 4*B*H*(P+U)*D and bytes = the prefix's K,V once + every suffix's
+                 K,V + q + out (U = unique tokens per sequence at the middle of decode)
+  ideal_ms       none_ms + L * floor_layer_us: the best exact engine
+  pct_of_ideal   ideal_ms / hydragen_ms
+  compile_s      prefill + decode compile seconds of each mode (Generation.compile_seconds)
+
+and, from XLA's optimized HLO of the compiled decode loop (dumped with --xla_dump_to), the
+instructions that produce one layer of the per-sequence cache by a copy, slice or fusion: the
+per-layer cache copies made before a kernel call show up there (the HLO files are copied to
+--out).
+
+Ceilings are measured in the same run (a large bf16 matmul and a device copy, through torch when
+it is installed, else jnp; jnp reads lower) unless --ceilings gives them.
+
+  python3 experiments/bench_engine.py --points 16384x1024,16384x256,1024x1024 --out $OUT
+  python3 experiments/bench_engine.py --model tiny --points 64x4 --new-tokens 4 --out /tmp/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+def _setup_dump(out: str) -> str:
+  """XLA dumps the optimized HLO of every jit_decode module under out/hlo (set before jax)."""
+  path = os.path.join(tempfile.mkdtemp(prefix="hlo_"), "hlo")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={path}"
+                             " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode.*")
+  return path
+
+
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
+          "f64": 8, "s64": 8}
+
+
+_LAYER_OP = re.compile(r"=\s*(\w+)\[(?:1,)?(\d+),(\d+),(\d+),(\d+)\]\{?[^ ]*\s+"
+                       r"(copy|transpose|dynamic-slice|fusion|slice|gather)\(")
+
+
+def _layer_sized_ops(paths: list, b: int, k: int, d: int, min_s: int) -> tuple:
+  """(count, a few example lines) of instructions in optimized-HLO files that produce one
+  layer of a per-sequence cache, [B,S,K,D] with S >= min_s, by a copy, slice, transpose, gather
+  or fusion: the per-layer cache copies made before a custom call (XLA's own attention fuses
+  its slice instead and shows none)."""
+  count, lines = 0, []
+  for path in paths:
+    with open(path) as f:
+      for line in f:
+        # (ROOT lines are the bodies of fusions already counted at their call site.)
+        m = None if line.lstrip().startswith("ROOT") else _LAYER_OP.search(line)
+        if m and (int(m.group(2)), int(m.group(4)), int(m.group(5))) == (b, k, d) \
+            and int(m.group(3)) >= min_s:
+          count += 1
+          if len(lines) < 6:
+            lines.append(line.strip()[:240])
+  return count, lines
+
+
+def _ceilings(jax, jnp):
+  """(matmul FLOP/s, copy bytes/s) measured now: torch if present (closer to the hardware)."""
+  try:
+    import torch
+    if torch.cuda.is_available():
+      a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+      b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+      x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
+      y = torch.empty_like(x)
+      for _ in range(3):
+        a @ b
+        y.copy_(x)
+      torch.cuda.synchronize()
+      n = 20
+      t0 = time.perf_counter()
+      for _ in range(n):
+        a @ b
+      torch.cuda.synchronize()
+      flops = 2 * 8192 ** 3 * n / (time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      for _ in range(n):
+        y.copy_(x)
+      torch.cuda.synchronize()
+      bw = 2 * x.numel() * 2 * n / (time.perf_counter() - t0)
+      del a, b, x, y
+      torch.cuda.empty_cache()
+      return flops, bw, "torch"
+  except ImportError:
+    pass
+  size = 4096 if jax.default_backend() != "cpu" else 512
+  a = jnp.ones((size, size), jnp.bfloat16)
+  mm = jax.jit(lambda a: a @ a)
+  cp = jax.jit(lambda a: a * 1)
+  mm(a).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(10):
+    r = mm(a)
+  r.block_until_ready()
+  flops = 2 * size ** 3 * 10 / (time.perf_counter() - t0)
+  x = jnp.ones((1 << (26 if jax.default_backend() != "cpu" else 22),), jnp.bfloat16)
+  cp(x).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(10):
+    r = cp(x)
+  r.block_until_ready()
+  bw = 2 * x.size * 2 * 10 / (time.perf_counter() - t0)
+  return flops, bw, "jnp"
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", default="llama3-8b")
+  ap.add_argument("--layers", type=int, default=None, help="override num_layers")
+  ap.add_argument("--points", default="16384x1024,16384x256,1024x1024",
+                  help="comma-separated PREFIXxBATCH")
+  ap.add_argument("--suffix", type=int, default=16, help="unique prompt tokens per sequence")
+  ap.add_argument("--new-tokens", type=int, default=64)
+  ap.add_argument("--backend", default="auto")
+  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--ceilings", default=None, help="FLOPS,BYTES_PER_S (skip measuring)")
+  ap.add_argument("--no-dump", action="store_true", help="do not dump/scan the decode HLO")
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  dump = None if args.no_dump else _setup_dump(args.out)
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from hydrax import engine, sharing
+  from hydrax.models import configs, llama
+
+  overrides = {} if args.layers is None else {"num_layers": args.layers}
+  config = configs.LlamaConfig.from_preset(args.model, **overrides)
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.dtype(args.dtype)
+  if args.ceilings:
+    flops_s, bytes_s = (float(x) for x in args.ceilings.split(","))
+    how = "given"
+  else:
+    flops_s, bytes_s, how = _ceilings(jax, jnp)
+  env = {"device": str(jax.devices()[0]), "jax": jax.__version__, "model": args.model,
+         "layers": config.num_layers, "dtype": args.dtype, "backend": args.backend,
+         "new_tokens": args.new_tokens, "suffix": args.suffix, "ceiling_flops": flops_s,
+         "ceiling_bytes_per_s": bytes_s, "ceilings_from": how, "argv": sys.argv}
+  print(json.dumps(env), flush=True)
+  t0 = time.perf_counter()
+  model = llama.init(config, seed=0, dtype=dtype)
+  print(f"init {time.perf_counter() - t0:.1f}s", flush=True)
+  h, k, d, nl = config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers
+  item = jnp.dtype(dtype).itemsize
+  rows = []
+  for point in args.points.split(","):
+    p, b = (int(x) for x in point.lower().split("x"))
+    rng = np.random.default_rng(0)
+    head = rng.integers(3, config.vocab_size, size=p)
+    prompts = [np.concatenate([head, rng.integers(3, config.vocab_size, size=args.suffix)])
+               .astype(np.int32) for _ in range(b)]
+    plan = sharing.plan(prompts)
+    u = args.suffix + args.new_tokens / 2
+    flops = 4.0 * b * h * (p + u) * d
+    nbytes = item * (2 * p * k * d + 2 * b * u * k * d + 2 * b * h * d)
+    floor_us = max(flops / flops_s, nbytes / bytes_s) * 1e6
+    row = {"prefix": p, "batch": b, "floor_layer_us": floor_us,
+           "shared_levels": len(plan.levels)}
+    for mode in ("none", "hydragen"):
+      engine.clear_compiled_cache()
+      before = set(glob.glob(os.path.join(dump, "*after_optimizations.txt"))) if dump else set()
+      try:
+        gen = engine.generate(model, plan, max_new_tokens=args.new_tokens, attention=mode,
+                              backend=args.backend)
+      except engine.OutOfMemoryError as e:
+        row[f"{mode}_error"] = str(e)[:200]
+        print(f"P={p} B={b} {mode}: OOM", flush=True)
+        continue
+      step_ms = gen.decode_seconds / max(gen.decode_steps, 1) * 1e3
+      row[f"{mode}_ms"] = step_ms
+      row[f"{mode}_compile_s"] = gen.compile_seconds
+      row[f"{mode}_prefill_s"] = gen.prefill_seconds
+      if dump and mode == "hydragen":
+        new = sorted(set(glob.glob(os.path.join(dump, "*after_optimizations.txt"))) - before)
+        count, lines = _layer_sized_ops(new, b, k, d, args.suffix)
+        row["decode_modules"] = [os.path.basename(n) for n in new]
+        row["decode_layer_copies"] = count
+        row["decode_copy_examples"] = lines
+        for n in new:
+          shutil.copy(n, os.path.join(args.out, f"hlo_P{p}_B{b}_{os.path.basename(n)}"))
+      print(f"P={p} B={b} {mode}: step {step_ms:.2f} ms, compile {gen.compile_seconds:.1f} s, "
+            f"prefill {gen.prefill_seconds:.2f} s", flush=True)
+    if "none_ms" in row and "hydragen_ms" in row:
+      row["attn_layer_us"] = (row["hydragen_ms"] - row["none_ms"]) / nl * 1e3
+      row["ideal_ms"] = row["none_ms"] + nl * floor_us / 1e3
+      row["pct_of_ideal"] = 100 * row["ideal_ms"] / row["hydragen_ms"]
+      row["attn_vs_floor"] = row["attn_layer_us"] / floor_us
+    rows.append(row)
+    with open(os.path.join(args.out, "engine.json"), "w") as f:
+      json.dump({"env": env, "rows": rows}, f, indent=1)
+  print("\n| P / B | none ms | hydragen ms | attn/layer us | floor/layer us | ideal ms | "
+        "% of ideal | compile s (none, hyd) | [B,S,K,D] copies/slices in decode HLO |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    def g(key, fmt="{:.2f}"):
+      return fmt.format(r[key]) if key in r else "-"
+    print(f"| {r['prefix']} / {r['batch']} | {g('none_ms')} | {g('hydragen_ms')} | "
+          f"{g('attn_layer_us', '{:.0f}')} | {g('floor_layer_us', '{:.0f}')} | {g('ideal_ms')} | "
+          f"{g('pct_of_ideal', '{:.0f}%')} | {g('none_compile_s', '{:.1f}')}, "
+          f"{g('hydragen_compile_s', '{:.1f}')} | {r.get('decode_layer_copies', '-')} |")
+
+
+if __name__ == "__main__":
+  main()
