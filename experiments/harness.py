@@ -5,6 +5,7 @@ A run writes `<results_root>/<experiment>/<timestamp>/` holding
   env.json       jax / jaxlib versions, platform, devices, hydrax git revision, command line
   rows.csv       one row per sweep point (status "ok", "OOM" or "error")
   rows.json      the same rows as JSON
+  columns.md     the definition of every column of rows.csv (from COLUMNS)
   *.png          the experiment's plots
 """
 
@@ -23,6 +24,62 @@ import traceback
 from typing import Callable, Iterable, Mapping, Sequence
 
 import gin
+
+
+# Every column a results row can hold: name -> definition (written to columns.md). The
+# parameters of the point (grid axes and experiment.fixed) are columns too, named as bound.
+COLUMNS = {
+    # harness (every row)
+    "status": "ok, OOM (out of device memory; recorded, the sweep goes on), error, or "
+              "skipped (time) (not started within experiment.max_seconds)",
+    "error": "for status error: the exception's type and message (first 500 characters)",
+    "wall_seconds": "wall time of the whole point in the harness (perf_counter around the "
+                    "measure call: includes compilation, prompt building and planning)",
+    "timing": "how the point's timed columns were measured",
+    "*_vs_*": "<metric>_vs_<value>: the row's metric divided by the metric of the baseline "
+              "row (experiment.baseline, e.g. attention=none) at the same match columns; "
+              "empty when either is missing or not ok",
+    # generation_point (end to end)
+    "decode_tokens_per_s": "decode_tokens / decode_s: tokens produced by the decode loop "
+                           "only (each sequence's first token comes from prefill and is not "
+                           "counted), per second of the decode loop",
+    "e2e_tokens_per_s": "new_tokens / e2e_s (all generated tokens, prefill + decode time)",
+    "prefill_s": "seconds of the compiled prefill call (all tree nodes and suffixes, and the "
+                 "first token), synchronised with block_until_ready; compile excluded",
+    "decode_s": "seconds of the compiled decode loop (one while_loop), synchronised; compile "
+                "excluded",
+    "e2e_s": "prefill_s + decode_s",
+    "wall_with_compile_s": "seconds of the whole engine.generate call (compile, host work "
+                           "and transfers included)",
+    "compile_s": "seconds spent compiling prefill and decode (0 when reused from an earlier "
+                 "point with the same shapes and plan structure)",
+    "kv_bytes": "bytes of key/value cache allocated (shared levels once, per-sequence caches)",
+    "peak_bytes": "process-wide peak device memory so far (max over local devices; empty "
+                  "where the platform does not report it, e.g. CPU)",
+    "new_tokens": "generated tokens, all sequences (each sequence's eos included)",
+    "decode_tokens": "tokens produced by the decode loop: new_tokens minus one per sequence",
+    "shared_levels": "number of shared levels in the sharing plan",
+    # attention_point (micro-benchmark)
+    "median_us": "median microseconds of one jitted attention call over `repeats` calls, "
+                 "each synchronised (block_until_ready), after one warm-up call",
+    "tflops_per_s": "4*B*H*(P+U)*D FLOPs / median time (P prefix, U suffix keys)",
+    "tb_per_s": "bytes read once as Hydragen needs them (prefix K/V once, suffix K/V, q, "
+                "out) / median time",
+    "platform": "jax.default_backend() of the run",
+}
+
+
+def columns_markdown(columns: Sequence[str]) -> str:
+  """columns.md: a table of the given columns with their definitions (COLUMNS)."""
+  lines = ["# Columns of rows.csv", "",
+           "Columns not defined below are the point's parameters (grid axes and "
+           "experiment.fixed), named as bound in config.gin.", "",
+           "| column | definition |", "| --- | --- |"]
+  for name in columns:
+    key = "*_vs_*" if name not in COLUMNS and "_vs_" in name else name
+    if key in COLUMNS:
+      lines.append(f"| {name} | {COLUMNS[key]} |")
+  return "\n".join(lines) + "\n"
 
 
 class OutOfMemory(Exception):
@@ -159,6 +216,8 @@ def write_results(directory: str, rows: list[dict], env: Mapping, config: str) -
   columns = []
   for r in rows:
     columns += [k for k in r if k not in columns]
+  with open(os.path.join(directory, "columns.md"), "w") as f:
+    f.write(columns_markdown(columns))
   with open(os.path.join(directory, "rows.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()

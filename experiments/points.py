@@ -77,6 +77,8 @@ def generation_point(*, batch: int, prefix: int, attention: str, model: str = "t
 
   mesh: None (one device) or a mesh spec for `hydrax.parallel.make_mesh` ("2x4": data x model)
   to run the sharded engine.
+  Row fields: see `experiments.harness.COLUMNS` (decode_tokens_per_s counts only the tokens
+  the decode loop produced: the first token of each sequence comes from prefill).
   memory_limit_bytes: treat the point as out of memory when its KV cache would exceed this
   (simulates a smaller device; also how the tests exercise OOM recording).
   """
@@ -106,14 +108,21 @@ def generation_point(*, batch: int, prefix: int, attention: str, model: str = "t
                             max_new_tokens=max_new_tokens, attention=attention, eos_id=eos_id,
                             seed=seed, backend=backend)
   e2e = time.perf_counter() - start
-  new_tokens = int(np.sum(np.asarray(gen.lengths)))
+  lengths = np.asarray(gen.lengths)
+  new_tokens = int(np.sum(lengths))
+  # The first token of each sequence is sampled by prefill: the decode loop made the rest.
+  decode_tokens = int(np.sum(np.maximum(lengths - 1, 0)))
   return {
-      "decode_tokens_per_s": gen.decode_tokens_per_second,
+      "decode_tokens_per_s": (decode_tokens / gen.decode_seconds if gen.decode_seconds > 0
+                              else float("nan")),
       "e2e_tokens_per_s": new_tokens / (gen.prefill_seconds + gen.decode_seconds),
       "prefill_s": gen.prefill_seconds, "decode_s": gen.decode_seconds,
       "e2e_s": gen.prefill_seconds + gen.decode_seconds, "wall_with_compile_s": e2e,
       "kv_bytes": gen.kv_bytes, "peak_bytes": _peak_bytes(), "new_tokens": new_tokens,
+      "decode_tokens": decode_tokens, "compile_s": gen.compile_seconds,
       "shared_levels": len(plan.levels),
+      "timing": "one generate call; prefill and decode loop each timed by perf_counter around "
+                "the compiled call with block_until_ready, compile excluded",
   }
 
 
@@ -165,4 +174,6 @@ def attention_point(*, batch_prefix, suffix: int, implementation: str = "hydrage
   nbytes = item * (2 * p * kv_heads * head_dim + 2 * b * suffix * kv_heads * head_dim
                    + 2 * b * heads * head_dim)
   return {"median_us": seconds * 1e6, "tflops_per_s": flops / seconds / 1e12,
-          "tb_per_s": nbytes / seconds / 1e12, "platform": jax.default_backend()}
+          "tb_per_s": nbytes / seconds / 1e12, "platform": jax.default_backend(),
+          "timing": f"median of {repeats} jitted calls after one warm-up, each synchronised "
+                    f"(block_until_ready), perf_counter"}

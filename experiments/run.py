@@ -6,12 +6,19 @@ r"""Runs a gin-configured experiment sweep and writes its results folder.
 
 --gin_file is repeatable (later files override earlier ones) and is looked up in
 experiments/configs/ when not a path; --gin_bindings is repeatable; `--gin.X=Y` is shorthand for
-`--gin_bindings=X=Y`. The folder written is printed last (see experiments/harness.py).
+`--gin_bindings=X=Y`. The folder written is printed last (see experiments/harness.py); its
+columns.md defines every column of rows.csv (harness.COLUMNS).
+
+Exit codes: 0; 2 for a config error (unknown file, key or grid axis, malformed binding: one
+line on stderr, nothing run, no results folder); 1 when no point succeeded and one errored.
 """
 
+import difflib
 import importlib.util  # noqa: F401  (gin 0.5.0 uses importlib.util without importing it)
+import inspect
 import os
 import sys
+import tokenize
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,30 +68,76 @@ def split_gin_shorthand(argv):
   return out
 
 
+class ConfigError(Exception):
+  """A bad config file, binding or grid axis: printed as one line, exit code 2, nothing run."""
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
+
+
 def resolve_gin_file(path: str) -> str:
   for candidate in (path, os.path.join(CONFIGS, path), os.path.join(CONFIGS, path + ".gin")):
     if os.path.isfile(candidate):
       return candidate
-  raise app.UsageError(f"--gin_file={path!r} not found (looked in the working directory and "
-                       f"{CONFIGS}); available: {sorted(os.listdir(CONFIGS))}")
+  raise ConfigError(f"--gin_file={path!r} not found (looked in the working directory and "
+                    f"{CONFIGS}); available: {sorted(os.listdir(CONFIGS))}")
 
 
 def parse_config(files, bindings) -> None:
+  """Parses the files, then each binding on its own (so an error names the binding); raises
+  ConfigError with gin's message on one line."""
   gin.clear_config()
   if CONFIGS not in gin.config._LOCATION_PREFIXES:  # lets configs `include` each other by name
     gin.add_config_file_search_path(CONFIGS)
   files = [resolve_gin_file(f) for f in (files or [DEFAULT_GIN])]
   try:
-    gin.parse_config_files_and_bindings(files, bindings)
-  except (ValueError, KeyError, SyntaxError, ImportError) as e:
-    raise app.UsageError(f"gin config error ({', '.join(files)}; bindings {bindings}): "
-                         f"{e}") from None
+    gin.parse_config_files_and_bindings(files, None, finalize_config=False)
+  except Exception as e:  # gin raises ValueError, KeyError, SyntaxError, TokenError, ...
+    raise ConfigError(f"gin config error in {', '.join(files)}: {_one_line(e)}") from None
+  for binding in bindings or ():
+    try:
+      gin.parse_config(binding)
+    except tokenize.TokenError as e:     # unbalanced brackets or quotes
+      raise ConfigError(f"gin binding {binding!r} is malformed: {e.args[0]}") from None
+    except Exception as e:
+      raise ConfigError(f"gin binding {binding!r}: {_one_line(e)}") from None
+  gin.finalize()
 
 
-def run(files, bindings, results_root: str, argv=()) -> str:
-  """Parses the config, runs the sweep, writes the results folder; returns its path."""
+def check_points(spec) -> None:
+  """Every grid axis and fixed key must be a parameter of the measure function (a typo such
+  as `grid.bach` would otherwise become a new axis that every point fails on)."""
+  measure = spec["measure"]
+  try:
+    params = inspect.signature(measure).parameters
+  except (TypeError, ValueError):
+    return
+  if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return
+  name = getattr(measure, "__name__", repr(measure))
+  accepted = [p for p, v in params.items() if v.kind != inspect.Parameter.VAR_POSITIONAL]
+  points = list(spec["points"])
+  if not points:
+    raise ConfigError(f"experiment {spec['name']!r} has no points (an empty grid?)")
+  for where, keys in [("experiment.fixed", spec["fixed"])] + [("grid", p) for p in points]:
+    for key in keys:
+      if key not in params:
+        close = difflib.get_close_matches(key, accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where} key {key!r} is not a parameter of {name}{hint}; its "
+                          f"parameters: {accepted}")
+
+
+def run_experiment(files, bindings, results_root: str, argv=()) -> tuple[str, list]:
+  """Parses and checks the config, runs the sweep, writes the results folder; returns
+  (its path, the rows). Config errors (ConfigError) are raised before any point runs."""
   parse_config(files, bindings)
-  spec = experiment()
+  try:
+    spec = experiment()
+  except Exception as e:  # e.g. grid() rejecting an axis, a missing required binding
+    raise ConfigError(f"experiment config: {_one_line(e)}") from None
+  check_points(spec)
   env = harness.environment(list(argv))
   directory = harness.results_dir(results_root, spec["name"])
 
@@ -111,9 +164,21 @@ def run(files, bindings, results_root: str, argv=()) -> str:
   counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "OOM", "error")}
   print(f"{spec['name']}: {counts['ok']} ok, {counts['OOM']} OOM, {counts['error']} error")
   print(f"table: {os.path.join(directory, 'rows.csv')}")
+  print(f"columns: {os.path.join(directory, 'columns.md')}")
   for path in written:
     print(f"plot:  {path}")
-  return directory
+  return directory, rows
+
+
+def run(files, bindings, results_root: str, argv=()) -> str:
+  """`run_experiment` returning the results folder only."""
+  return run_experiment(files, bindings, results_root, argv)[0]
+
+
+def exit_code(rows) -> int:
+  """0, or 1 when no point succeeded and at least one errored (OOM points are results)."""
+  statuses = {r["status"] for r in rows}
+  return 1 if "ok" not in statuses and "error" in statuses else 0
 
 
 def main(argv):
@@ -126,7 +191,16 @@ def main(argv):
     import jax
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  run(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.results_root, sys.argv)
+  try:
+    _, rows = run_experiment(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.results_root, sys.argv)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  code = exit_code(rows)
+  if code:
+    print("error: every point that ran failed (see the error column of rows.csv)",
+          file=sys.stderr)
+  return code
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ and local tokenizers. Nothing here downloads anything.
 module with `nnx.merge(nnx.split(hydrax.models.abstract(config))[0], params)` or `as_model`.
 
 Command line:
-  python -m hydrax.checkpoint convert --hf_dir DIR --out DIR [--dtype bfloat16] [--overwrite]
+  python -m hydrax.checkpoint convert --hf_dir DIR --out DIR [--dtype bf16|fp16|fp32] [--overwrite]
   python -m hydrax.checkpoint info --ckpt DIR
 """
 
@@ -394,30 +394,61 @@ def load_tokenizer(path: str):
 # ----------------------------------------------------------------------------- command line
 
 
+# The --dtype names the command line accepts -> the dtype they mean.
+DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+                 "float16": "float16", "half": "float16", "fp32": "float32",
+                 "float32": "float32", "float": "float32"}
+
+
+class _CliError(Exception):
+  """A command-line error: printed as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise _CliError(f"{message} (see {self.prog} --help)")
+
+
+def cli_dtype(name: Optional[str]) -> Optional[str]:
+  """The dtype named by --dtype (aliases bf16, fp16, fp32 and the full names), or None."""
+  if name is None:
+    return None
+  dtype = DTYPE_ALIASES.get(name.strip().lower())
+  if dtype is None:
+    raise _CliError(f"--dtype {name!r} is not one of {sorted(DTYPE_ALIASES)}")
+  return dtype
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m hydrax.checkpoint",
-                                   description="Convert and inspect hydrax checkpoints.")
-  sub = parser.add_subparsers(dest="command", required=True)
+  """The command line (see the module docstring). Errors: one line on stderr, exit code 2."""
+  parser = _Parser(prog="python -m hydrax.checkpoint",
+                   description="Convert and inspect hydrax checkpoints.")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   convert = sub.add_parser("convert", help="HuggingFace Llama directory -> hydrax checkpoint")
   convert.add_argument("--hf_dir", required=True, help="local HF model directory")
   convert.add_argument("--out", required=True, help="output checkpoint directory")
   convert.add_argument("--dtype", default=None,
-                       help="parameter dtype (float32, bfloat16, ...); default: as stored")
+                       help="parameter dtype: bf16, fp16, fp32 (or bfloat16, float16, "
+                            "float32); default: as stored")
   convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   info = sub.add_parser("info", help="print a hydrax checkpoint's config")
   info.add_argument("--ckpt", required=True)
-  args = parser.parse_args(argv)
   try:
+    args = parser.parse_args(argv)
     if args.command == "convert":
-      config, params = from_hf(args.hf_dir, dtype=args.dtype)
+      dtype = cli_dtype(args.dtype)
+      if os.path.exists(args.out) and not args.overwrite:
+        raise _CliError(f"--out {args.out!r} already exists; pass --overwrite to replace it")
+      config, params = from_hf(args.hf_dir, dtype=dtype)
       out = save(args.out, config, params, overwrite=args.overwrite)
       print(f"saved {config.name} ({llama_lib.param_count(params):,} parameters, "
             f"{_dtype_of(params)}) to {out}")
     else:
       config, dtype = read_config(args.ckpt)
       print(json.dumps({"dtype": str(dtype), "config": config.to_dict()}, indent=2))
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (_CliError, ValueError, OSError, KeyError) as e:
+    message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    print(f"error: {message or type(e).__name__}", file=sys.stderr)
     return 2
   return 0
 

@@ -1,8 +1,10 @@
 """Input validation for the attention entry points: clear ValueErrors, never bare asserts.
 
 Shape checks are static (they run under `jit` too). Value checks (lengths within capacity,
-owners in range) run only when the values are concrete, i.e. outside a trace or closed over
-as constants; inside a trace they cannot be inspected.
+owners in range) run when the values are concrete, i.e. outside a trace or closed over as
+constants. Traced values are checked only in the runtime mode (`check_range_runtime`, through
+`jax.experimental.checkify`), which the caller's function must be functionalized for:
+`err, out = checkify.checkify(jax.jit(f))(...); err.throw()`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
+
+MODES = ("static", "runtime")
 
 
 def concrete(x):
@@ -63,3 +68,26 @@ def check_range(value, low: int, high: int, name: str, what: str) -> None:
     raise ValueError(
         f"{name}[{i}] = {int(value.flat[i])} is out of range: {what} must lie in "
         f"[{low}, {high}] ({bad.size} bad entr{'y' if bad.size == 1 else 'ies'})")
+
+
+def check_mode(mode) -> str:
+  if mode not in MODES:
+    raise ValueError(f"checks must be one of {MODES}, got {mode!r}")
+  return mode
+
+
+def check_range_runtime(x, low: int, high: int, name: str, what: str) -> None:
+  """checkify.check that low <= x <= high elementwise (x traced or concrete; scalar or vector).
+
+  Under `jit` this needs the caller's function functionalized by `checkify.checkify`; without
+  it, jax raises "Cannot abstractly evaluate a checkify.check which was not functionalized"
+  when the program is lowered."""
+  x = jnp.asarray(x)
+  where = name if x.ndim == 0 else f"{name}[{{i}}]"
+  x = jnp.ravel(x)
+  if x.size == 0:
+    return
+  bad = (x < low) | (x > high)
+  i = jnp.argmax(bad)
+  message = f"{where} = {{value}} is out of range: {what} must lie in [{low}, {high}]"
+  checkify.check(~jnp.any(bad), message, i=i, value=x[i])

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from hydrax._log import log_once
 from hydrax.attention import backends as backends_lib
-from hydrax.attention import checks
+from hydrax.attention import checks as checks_lib
 from hydrax.attention.merge import merge
 
 
@@ -47,10 +47,10 @@ class KVLevel(NamedTuple):
 
 def _check_qkv(q, k, v, *, q_name="q", k_name="k", v_name="v", kv_axes="N,S,K,D"):
   """Static checks shared by `attention` and `hydragen_attention`; returns (K, D)."""
-  qs = checks.check_rank(q, 4, q_name, "B,T,H,D")
-  ks = checks.check_rank(k, 4, k_name, kv_axes)
-  vs = checks.check_rank(v, 4, v_name, kv_axes)
-  checks.check_float(q, q_name)
+  qs = checks_lib.check_rank(q, 4, q_name, "B,T,H,D")
+  ks = checks_lib.check_rank(k, 4, k_name, kv_axes)
+  vs = checks_lib.check_rank(v, 4, v_name, kv_axes)
+  checks_lib.check_float(q, q_name)
   if ks != vs:
     raise ValueError(f"{k_name} and {v_name} must have the same shape, got {ks} and {vs}")
   if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -65,38 +65,47 @@ def _check_qkv(q, k, v, *, q_name="q", k_name="k", v_name="v", kv_axes="N,S,K,D"
   return ks[2], ks[3]
 
 
-def _check_level(i: int, level: KVLevel, q, batch: int):
+def _check_level(i: int, level: KVLevel, q, batch: int, runtime: bool = False):
   name = f"levels[{i}]"
   if not isinstance(level, KVLevel):
     raise ValueError(f"{name} must be a KVLevel(k, v, lengths, owner), got {type(level).__name__}")
   if level.layer is not None:
-    checks.check_rank(level.k, 5, f"{name}.k", "L,N,S,K,D (layer is set)")
-    checks.check_rank(level.v, 5, f"{name}.v", "L,N,S,K,D (layer is set)")
+    checks_lib.check_rank(level.k, 5, f"{name}.k", "L,N,S,K,D (layer is set)")
+    checks_lib.check_rank(level.v, 5, f"{name}.v", "L,N,S,K,D (layer is set)")
     if level.k.shape[0] != level.v.shape[0]:
       raise ValueError(f"{name}.k and {name}.v must have the same shape, got "
                        f"{tuple(level.k.shape)} and {tuple(level.v.shape)}")
     if jnp.ndim(level.layer) != 0 or not jnp.issubdtype(jnp.asarray(level.layer).dtype,
                                                         jnp.integer):
       raise ValueError(f"{name}.layer must be an integer scalar, got {level.layer!r}")
-    index = checks.concrete(level.layer)
+    index = checks_lib.concrete(level.layer)
     if index is not None and not 0 <= int(index) < level.k.shape[0]:
       raise ValueError(f"{name}.layer={int(index)} is outside [0, {level.k.shape[0] - 1}] "
                        f"(k has L={level.k.shape[0]} layers)")
+    if index is None and runtime:
+      checks_lib.check_range_runtime(level.layer, 0, level.k.shape[0] - 1, f"{name}.layer",
+                                     f"layer indices (L={level.k.shape[0]})")
     shape = tuple(level.k.shape[1:])
     view = jax.ShapeDtypeStruct(shape, level.k.dtype)
     _check_qkv(q, view, view, k_name=f"{name}.k[layer]", v_name=f"{name}.v[layer]")
   else:
     _check_qkv(q, level.k, level.v, k_name=f"{name}.k", v_name=f"{name}.v")
   n, s = level.k.shape[-4:-2]
-  lengths = checks.check_int_vector(level.lengths, n, f"{name}.lengths", "N")
-  checks.check_range(lengths, 0, s, f"{name}.lengths", f"valid keys per node (capacity S={s})")
+  lengths = checks_lib.check_int_vector(level.lengths, n, f"{name}.lengths", "N")
+  what = f"valid keys per node (capacity S={s})"
+  checks_lib.check_range(lengths, 0, s, f"{name}.lengths", what)
+  if lengths is None and runtime:
+    checks_lib.check_range_runtime(level.lengths, 0, s, f"{name}.lengths", what)
   if level.owner is None:
     if n != batch:
       raise ValueError(f"{name}.owner is None (one node per sequence) but the level has N={n} "
                        f"nodes for B={batch} sequences")
   else:
-    owner = checks.check_int_vector(level.owner, batch, f"{name}.owner", "B")
-    checks.check_range(owner, 0, n - 1, f"{name}.owner", f"node indices (N={n})")
+    owner = checks_lib.check_int_vector(level.owner, batch, f"{name}.owner", "B")
+    checks_lib.check_range(owner, 0, n - 1, f"{name}.owner", f"node indices (N={n})")
+    if owner is None and runtime:
+      checks_lib.check_range_runtime(level.owner, 0, n - 1, f"{name}.owner",
+                                     f"node indices (N={n})")
 
 
 def _run_level(backend, q, level, limits, scale):
@@ -117,7 +126,7 @@ def _default_scale(scale, d):
 
 
 def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True,
-                       scale: Optional[float] = None, backend="auto"):
+                       scale: Optional[float] = None, backend="auto", checks: str = "static"):
   """Exact attention of q over each sequence's keys, split into sharing levels.
 
   q: [B,T,H,D], the last T tokens of B sequences. The keys of sequence b are the
@@ -133,17 +142,31 @@ def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True
   backend: a name ("auto", "xla", "pallas", ...) or a `backends.Backend` value (with its
   kernel configuration, e.g. `backends.get("pallas", lowering="triton")`).
 
+  checks: "static" (default): shapes, dtypes and every concrete value (lengths in [0, S],
+  owners in [0, N), layer in [0, L)) raise ValueError; traced values cannot be inspected, and
+  out-of-range ones give clamped or zero results. "runtime": the traced values are checked too,
+  with `jax.experimental.checkify`. Eagerly that raises at once; under `jit`, functionalize
+  the caller's function and throw its error:
+
+      err, out = checkify.checkify(jax.jit(f))(q, levels)   # f calls hydragen_attention(...,
+      err.throw()                                           #   checks="runtime")
+
+  (a ValueError naming the argument, index and value). A jitted `f` not wrapped in
+  `checkify.checkify` fails to compile with jax's ValueError "Cannot abstractly evaluate a
+  checkify.check which was not functionalized".
+
   Returns out [B,T,H,D] in q's dtype (float32 accumulation) and lse [B,T,H] float32
   (natural log; -inf for a query that sees no key, whose out is 0).
   """
-  checks.check_rank(q, 4, "q", "B,T,H,D")
+  runtime = checks_lib.check_mode(checks) == "runtime"
+  checks_lib.check_rank(q, 4, "q", "B,T,H,D")
   if isinstance(levels, KVLevel) or not isinstance(levels, (list, tuple)) or not levels:
     raise ValueError("levels must be a non-empty list of KVLevel, got "
                      f"{type(levels).__name__}" + (" (wrap a single level in a list)"
                                                    if isinstance(levels, KVLevel) else ""))
   b, t, h, d = q.shape
   for i, level in enumerate(levels):
-    _check_level(i, level, q, b)
+    _check_level(i, level, q, b, runtime)
   impl = backends_lib.get(backend)
   scale = _default_scale(scale, d)
 
@@ -166,13 +189,14 @@ def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True
 
 
 def attention(q, k, v, *, kv_lengths=None, causal: bool = False,
-              scale: Optional[float] = None, backend="auto"):
+              scale: Optional[float] = None, backend="auto", checks: str = "static"):
   """Dense attention with its log-sum-exp.
 
   q: [B,T,H,D]; k, v: [B,S,K,D] with H a multiple of K (MHA, GQA, MQA).
   kv_lengths: [B] int, valid keys per row (default S); keys past it are ignored.
   causal: bottom-right aligned: query t sees keys s <= kv_lengths - T + t, so a chunk of T new
   tokens at the end of a longer cache is masked correctly.
+  checks: "static" or "runtime", as for `hydragen_attention`.
   Returns out [B,T,H,D] in q's dtype (float32 accumulation), lse [B,T,H] float32 natural log
   (-inf and out = 0 for a query that sees no key).
   """
@@ -185,7 +209,7 @@ def attention(q, k, v, *, kv_lengths=None, causal: bool = False,
   if kv_lengths is None:
     kv_lengths = jnp.full((b,), s, jnp.int32)
   else:
-    value = checks.check_int_vector(kv_lengths, b, "kv_lengths", "B")
-    checks.check_range(value, 0, s, "kv_lengths", f"valid keys per row (capacity S={s})")
+    value = checks_lib.check_int_vector(kv_lengths, b, "kv_lengths", "B")
+    checks_lib.check_range(value, 0, s, "kv_lengths", f"valid keys per row (capacity S={s})")
   return hydragen_attention(q, [KVLevel(k, v, jnp.asarray(kv_lengths), None)],
-                            causal_last=causal, scale=scale, backend=backend)
+                            causal_last=causal, scale=scale, backend=backend, checks=checks)

@@ -163,6 +163,15 @@ def level_attention(q, k, v, lengths, owner, limits, *, scale):
   b, t, h, _ = q.shape
   if k.shape[1] == 0 or b == 0 or t == 0:
     return (jnp.zeros(q.shape, jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32))
+  # Keys no query of a node may see (past its rows' largest limit, so also past its length)
+  # can hold anything (stale or uninitialised cache): a masked weight 0 times NaN is NaN, in
+  # the output and in gradients, so they are zeroed. node_hi [N] <= lengths.
+  n = k.shape[0]
+  row_hi = jnp.max(limits, axis=1).astype(jnp.int32)
+  node_hi = row_hi if owner is None else jnp.zeros((n,), jnp.int32).at[owner].max(row_hi)
+  seen = (jnp.arange(k.shape[1])[None, :] < node_hi[:, None])[:, :, None, None]
+  k = jnp.where(seen, k, jnp.zeros((), k.dtype))
+  v = jnp.where(seen, v, jnp.zeros((), v.dtype))
   if owner is None:
     return _per_sequence(q, k, v, limits, scale)
   return _shared(q, k, v, lengths, owner, limits, scale)

@@ -38,6 +38,8 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
+from hydrax._log import log_once
+
 from hydrax.sharing import buckets as buckets_lib
 from hydrax.sharing import radix
 from hydrax.sharing._inputs import Flat, flatten, read_rows
@@ -249,6 +251,8 @@ def _make_plan(flat: Flat, tree: radix.RadixTree, *, min_shared_tokens, merge_co
     a_idx[v] = np.where(pay, v, base_idx)
 
   num_levels = int(level.max(initial=-1)) + 1
+  if num_levels == 0 and b >= 2 and cap > 0:
+    _log_nothing_shared(tree.end, n, b, min_shared_tokens, merge_cost)
   index_in_level = np.full((m,), -1, np.int64)
   levels = []
   by_level = np.argsort(level, kind="stable")
@@ -295,6 +299,26 @@ def _make_plan(flat: Flat, tree: radix.RadixTree, *, min_shared_tokens, merge_co
   return SharingPlan(
       order=order, suffix_lengths=suffix_lengths, suffix_start=suffix_start, stats=stats,
       _flat=flat, _levels=tuple(levels), _suffix_capacity=suffix_capacity)
+
+
+def _log_nothing_shared(end, sharers, b: int, min_shared_tokens, merge_cost) -> None:
+  """Says once why a plan of several sequences has no shared level: the longest prefix that
+  two or more of them share (radix node depth `end`, `sharers` sequences) against the rule."""
+  common = np.flatnonzero(sharers >= 2)
+  if common.size == 0:
+    why = "no two sequences share a first token"
+    key = ("plan-nothing-shared", 0, 0, min_shared_tokens, merge_cost)
+  else:
+    best = common[np.lexsort((-sharers[common], -end[common]))[0]]
+    length, n = int(end[best]), int(sharers[best])
+    need = min_shared_tokens + merge_cost * n
+    why = (f"the longest common prefix has {length} tokens, shared by {n} of {b} sequences: "
+           f"(n-1)*L = {(n - 1) * length} < min_shared_tokens + merge_cost*n = {need:g} "
+           f"(min_shared_tokens={min_shared_tokens}, merge_cost={merge_cost}); lower "
+           f"min_shared_tokens or merge_cost to share it")
+    key = ("plan-nothing-shared", length, n, min_shared_tokens, merge_cost)
+  log_once(key, "hydrax.sharing.plan: no shared level for %d sequences (hydragen attention "
+           "will attend each sequence's whole prompt on its own): %s", b, why)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

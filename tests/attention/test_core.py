@@ -1,4 +1,10 @@
-"""Exactness and robustness of the attention core against the float64 oracle."""
+"""Exactness and robustness of the attention core against the float64 oracle.
+
+Tests that take `backend` (tests/attention/conftest.py) run once per backend that runs here
+and check, through a spy, that every level went through that backend (no XLA fallback).
+Keys and values past each node's length hold NaN or +-Inf in the hypothesis cases: nothing
+past `lengths` may reach the output.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -9,24 +15,35 @@ from hypothesis import given, strategies as st
 from hydrax.attention import KVLevel, attention, hydragen_attention, merge
 from tests import oracle
 
-BACKEND = "xla"
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
+POISONS = (None, np.nan, np.inf, -np.inf)
+
+
+def _poison(rng, k, v, lengths, poison):
+  """Writes `poison` into keys and values past each node's length (they must stay unseen)."""
+  if poison is None:
+    return
+  for node, n in enumerate(lengths):
+    k[node, n:] = poison
+    v[node, n:] = poison if rng.random() < 0.5 else np.nan
 
 
 @st.composite
-def trees(draw, dtype=jnp.float32, max_levels=4, d_choices=(4, 8)):
-  """Random q and 1..4 levels with random (not only contiguous) owners and ragged lengths."""
+def trees(draw, dtype=jnp.float32, max_levels=4, d_choices=(4, 8, 24, 128)):
+  """Random q and 1..4 levels with random (not only contiguous) owners, ragged lengths,
+  GQA 1..8, and NaN/Inf past the lengths. Returns (q, levels, causal, dtype, traced owners)."""
   b = draw(st.integers(1, 5))
   t = draw(st.sampled_from([1, 1, 2, 3]))
   kh = draw(st.sampled_from([1, 2]))
-  g = draw(st.sampled_from([1, 2, 4, 8]))
+  g = draw(st.integers(1, 8))
   d = draw(st.sampled_from(d_choices))
   n_levels = draw(st.integers(1, max_levels))
+  poison = draw(st.sampled_from(POISONS))
   seed = draw(st.integers(0, 2**31 - 1))
   rng = np.random.default_rng(seed)
   levels = []
   for i in range(n_levels):
-    per_seq = draw(st.booleans()) if i == n_levels - 1 else draw(st.booleans()) and False
+    per_seq = i == n_levels - 1 and draw(st.booleans())     # only the last level per sequence
     n = b if per_seq else draw(st.integers(1, 3))
     s = draw(st.integers(0, 6))
     lengths = rng.integers(0, s + 1, size=n).astype(np.int32)
@@ -35,23 +52,32 @@ def trees(draw, dtype=jnp.float32, max_levels=4, d_choices=(4, 8)):
     owner = None if per_seq else rng.integers(0, n, size=b).astype(np.int32)
     k = rng.standard_normal((n, s, kh, d)).astype(np.float32)
     v = rng.standard_normal((n, s, kh, d)).astype(np.float32)
+    _poison(rng, k, v, lengths, poison)
     levels.append((k, v, lengths, owner))
   q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
   causal = draw(st.booleans())
-  return q, levels, causal, dtype
+  traced = draw(st.booleans())
+  return q, levels, causal, dtype, traced
 
 
-def _run(q, levels, causal, dtype, backend=BACKEND):
-  """hydragen_attention under jit (one compile per shape), owners closed over as constants."""
-  owners = [owner for *_, owner in levels]
+def _run(backend, q, levels, causal, dtype, *, traced=False, jit=True):
+  """hydragen_attention through the spied `backend` (one call per level checked), under jit
+  (one compile per shape) unless jit=False. Owners are closed over as NumPy constants
+  (static), or with traced=True passed as jit arguments (traced)."""
+  static = [owner for *_, owner in levels]
+  dynamic = [None if o is None else jnp.asarray(o) for o in static] if traced else None
 
-  def fn(q, arrays):
-    lv = [KVLevel(k, v, lengths, owner) for (k, v, lengths), owner in zip(arrays, owners)]
-    return hydragen_attention(q, lv, causal_last=causal, backend=backend)
+  def fn(impl):
+    def call(q, arrays, dynamic):
+      owners = static if dynamic is None else dynamic
+      lv = [KVLevel(k, v, lengths, owner) for (k, v, lengths), owner in zip(arrays, owners)]
+      return hydragen_attention(q, lv, causal_last=causal, backend=impl)
 
-  arrays = [(jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(lengths))
-            for k, v, lengths, _ in levels]
-  return jax.jit(fn)(jnp.asarray(q, dtype), arrays)
+    arrays = [(jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(lengths))
+              for k, v, lengths, _ in levels]
+    return (jax.jit(call) if jit else call)(jnp.asarray(q, dtype), arrays, dynamic)
+
+  return backend.run(fn, [np.shape(k) for k, *_ in levels])
 
 
 def _expect(q, levels, causal, dtype):
@@ -73,25 +99,24 @@ def _check(out, lse, ref_out, ref_lse, dtype):
   np.testing.assert_array_equal(out[~finite], 0.0)
 
 
-@given(trees())
-def test_hydragen_matches_dense_float32(case):
-  q, levels, causal, dtype = case
-  out, lse = _run(q, levels, causal, dtype)
-  assert out.dtype == jnp.float32
+def _exact(backend, case):
+  q, levels, causal, dtype, traced = case
+  out, lse = _run(backend, q, levels, causal, dtype, traced=traced)
+  assert out.dtype == dtype
   _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
 
 
-@given(trees(dtype=jnp.bfloat16))
-def test_hydragen_matches_dense_bfloat16(case):
-  q, levels, causal, dtype = case
-  out, lse = _run(q, levels, causal, dtype)
-  assert out.dtype == jnp.bfloat16
-  _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
+def test_hydragen_matches_dense_float32(backend):
+  backend.settings(given(trees())(lambda case: _exact(backend, case)))()
 
 
-@pytest.mark.parametrize("g", [1, 3, 8])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_head_dim_128(g, dtype):
+def test_hydragen_matches_dense_bfloat16(backend):
+  backend.settings(given(trees(dtype=jnp.bfloat16))(lambda case: _exact(backend, case)))()
+
+
+@pytest.mark.parametrize("g, dtype", [(1, jnp.float32), (3, jnp.bfloat16), (8, jnp.float32),
+                                      (8, jnp.bfloat16)])
+def test_head_dim_128(backend, g, dtype):
   rng = np.random.default_rng(g)
   b, t, kh, d = 3, 2, 2, 128
   levels = [(rng.standard_normal((1, 37, kh, d)), rng.standard_normal((1, 37, kh, d)),
@@ -100,37 +125,41 @@ def test_head_dim_128(g, dtype):
              np.array([9, 0, 4], np.int32), None)]
   q = rng.standard_normal((b, t, kh * g, d))
   for causal in (False, True):
-    out, lse = _run(q, levels, causal, dtype)
+    out, lse = _run(backend, q, levels, causal, dtype)
     _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
 
 
-@given(st.integers(1, 4), st.integers(1, 5), st.integers(0, 9), st.booleans(),
-       st.sampled_from([1, 2, 4, 8]), st.integers(0, 2**31 - 1))
-def test_attention_matches_dense(b, t, s, causal, g, seed):
-  rng = np.random.default_rng(seed)
-  kh, d = 2, 8
-  q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
-  k = rng.standard_normal((b, s, kh, d)).astype(np.float32)
-  v = rng.standard_normal((b, s, kh, d)).astype(np.float32)
-  lengths = rng.integers(0, s + 1, size=b).astype(np.int32)
-  fn = jax.jit(lambda q, k, v, n: attention(q, k, v, kv_lengths=n, causal=causal,
-                                            backend=BACKEND))
-  out, lse = fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths))
-  ref = oracle.dense(q, [k[i, :lengths[i]] for i in range(b)],
-                     [v[i, :lengths[i]] for i in range(b)], causal=causal)
-  _check(out, lse, *ref, jnp.float32)
+def test_attention_matches_dense(backend):
+  @given(st.integers(1, 4), st.integers(1, 5), st.integers(0, 9), st.booleans(),
+         st.integers(1, 8), st.integers(0, 2**31 - 1))
+  def check(b, t, s, causal, g, seed):
+    rng = np.random.default_rng(seed)
+    kh, d = 2, 8
+    q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
+    k = rng.standard_normal((b, s, kh, d)).astype(np.float32)
+    v = rng.standard_normal((b, s, kh, d)).astype(np.float32)
+    lengths = rng.integers(0, s + 1, size=b).astype(np.int32)
+    ref = oracle.dense(q, [k[i, :lengths[i]] for i in range(b)],
+                       [v[i, :lengths[i]] for i in range(b)], causal=causal)
+    _poison(rng, k, v, lengths, np.nan)
+    fn = lambda impl: jax.jit(lambda q, k, v, n: attention(
+        q, k, v, kv_lengths=n, causal=causal, backend=impl))(
+            jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths))
+    _check(*backend.run(fn, [k.shape]), *ref, jnp.float32)
+
+  backend.settings(check)()
 
 
-def test_attention_default_lengths_and_scale():
+def test_attention_default_lengths_and_scale(backend):
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal(sh).astype(np.float32)
              for sh in [(2, 3, 4, 8), (2, 5, 4, 8), (2, 5, 4, 8)])
-  out, lse = attention(q, k, v, scale=0.3, backend=BACKEND)
+  out, lse = backend.run(lambda impl: attention(q, k, v, scale=0.3, backend=impl), [k.shape])
   ref = oracle.dense(q, list(k), list(v), causal=False, scale=0.3)
   _check(out, lse, *ref, jnp.float32)
 
 
-def test_causal_query_longer_than_last_level():
+def test_causal_query_longer_than_last_level(backend):
   """T exceeds the last level's length: earlier queries must not see later shared keys."""
   rng = np.random.default_rng(1)
   b, t, kh, d = 2, 4, 1, 8
@@ -139,7 +168,70 @@ def test_causal_query_longer_than_last_level():
             (rng.standard_normal((b, 3, kh, d)), rng.standard_normal((b, 3, kh, d)),
              np.array([1, 0], np.int32), None)]
   q = rng.standard_normal((b, t, kh, d))
-  out, lse = _run(q, levels, True, jnp.float32)
+  for traced in (False, True):
+    out, lse = _run(backend, q, levels, True, jnp.float32, traced=traced)
+    _check(out, lse, *_expect(q, levels, True, jnp.float32), jnp.float32)
+
+
+def _limits_case(seed, dtype):
+  """One level called directly with per-query limits below the nodes' lengths; keys and
+  values past each node's largest limit (valid by length, seen by no query) are NaN/Inf."""
+  rng = np.random.default_rng(seed)
+  b, t, kh, g, d, n, s = 5, 3, 2, 2, 8, 3, 11
+  q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
+  k = rng.standard_normal((n, s, kh, d)).astype(np.float32)
+  v = rng.standard_normal((n, s, kh, d)).astype(np.float32)
+  lengths = np.array([11, 7, 4], np.int32)
+  owner = np.array([2, 0, 0, 2, 1], np.int32)
+  limits = np.minimum(rng.integers(0, 8, size=(b, t)), lengths[owner][:, None]).astype(np.int32)
+  hi = np.zeros(n, np.int32)
+  np.maximum.at(hi, owner, limits.max(1))
+  for node in range(n):
+    k[node, hi[node]:] = np.inf
+    v[node, hi[node]:] = np.nan
+  return q, k, v, lengths, owner, limits
+
+
+@pytest.mark.parametrize("per_seq", [False, True])
+def test_keys_past_limits_never_reach_output(backend, per_seq):
+  q, k, v, lengths, owner, limits = _limits_case(3, jnp.float32)
+  if per_seq:
+    k, v, lengths, owner = k[owner], v[owner], lengths[owner], None
+  out, lse = backend.run(lambda impl: impl.attend(
+      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), owner,
+      jnp.asarray(limits), scale=0.5), [k.shape])
+  rows = [(b, t) for b in range(q.shape[0]) for t in range(q.shape[1])]
+  node = lambda b: b if owner is None else owner[b]
+  for b, t in rows:
+    lim = limits[b, t]
+    ref = oracle.dense(q[b:b + 1, t:t + 1], [k[node(b), :lim]], [v[node(b), :lim]],
+                       causal=False, scale=0.5)
+    _check(out[b:b + 1, t:t + 1], lse[b:b + 1, t:t + 1], *ref, jnp.float32)
+
+
+def test_stacked_layer_reads_its_layer_only(backend):
+  """KVLevel.layer: k, v are [L,N,S,K,D]; the other layers hold NaN and must stay unread."""
+  rng = np.random.default_rng(6)
+  b, t, kh, g, d, layers = 3, 2, 1, 2, 8, 3
+  shared = rng.standard_normal((layers, 2, 6, kh, d)).astype(np.float32)
+  suffix = rng.standard_normal((layers, b, 4, kh, d)).astype(np.float32)
+  for x in (shared, suffix):
+    x[[0, 2]] = np.nan
+  lengths = [np.array([6, 2], np.int32), np.array([4, 0, 3], np.int32)]
+  owner = np.array([1, 0, 1], np.int32)
+  q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
+
+  def fn(impl):
+    def call(q, ks, layer):
+      lv = [KVLevel(ks[0], ks[0], jnp.asarray(lengths[0]), owner, layer),
+            KVLevel(ks[1], ks[1], jnp.asarray(lengths[1]), None, layer)]
+      return hydragen_attention(q, lv, backend=impl)
+    return jax.jit(call)(jnp.asarray(q), (jnp.asarray(shared), jnp.asarray(suffix)),
+                         jnp.int32(1))
+
+  layered = backend.backend.takes_layer
+  out, lse = backend.run(fn, [x.shape if layered else x.shape[1:] for x in (shared, suffix)])
+  levels = [(shared[1], shared[1], lengths[0], owner), (suffix[1], suffix[1], lengths[1], None)]
   _check(out, lse, *_expect(q, levels, True, jnp.float32), jnp.float32)
 
 
@@ -176,9 +268,9 @@ def test_merge_equals_attention_over_union():
   q = rng.standard_normal((2, 1, 2, 8)).astype(np.float32)
   k = rng.standard_normal((2, 10, 2, 8)).astype(np.float32)
   v = rng.standard_normal((2, 10, 2, 8)).astype(np.float32)
-  whole = attention(q, k, v, backend=BACKEND)
-  a = attention(q, k[:, :4], v[:, :4], backend=BACKEND)
-  b = attention(q, k[:, 4:], v[:, 4:], backend=BACKEND)
+  whole = attention(q, k, v, backend="xla")
+  a = attention(q, k[:, :4], v[:, :4], backend="xla")
+  b = attention(q, k[:, 4:], v[:, 4:], backend="xla")
   for x, y in zip(merge([a, b]), whole):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
@@ -191,16 +283,17 @@ def test_merge_all_empty_is_zero_not_nan():
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grad))
 
 
-def test_empty_levels_never_nan():
+def test_empty_levels_never_nan(backend):
   rng = np.random.default_rng(0)
   b, kh, d = 3, 2, 8
   levels = [(rng.standard_normal((2, 4, kh, d)), rng.standard_normal((2, 4, kh, d)),
              np.zeros(2, np.int32), np.array([0, 1, 1], np.int32)),
             (rng.standard_normal((b, 0, kh, d)), rng.standard_normal((b, 0, kh, d)),
              np.zeros(b, np.int32), None)]
+  levels[0][0][:] = np.nan                     # past every length
   q = rng.standard_normal((b, 2, kh * 4, d))
-  for causal in (False, True):
-    out, lse = _run(q, levels, causal, jnp.float32)
+  for causal, traced in ((False, False), (True, True)):
+    out, lse = _run(backend, q, levels, causal, jnp.float32, traced=traced)
     assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
 
 
@@ -218,14 +311,16 @@ def _fixed_case(seed=0, b=4, t=2, kh=2, g=2, d=8):
   return q, [shared, suffix]
 
 
-def test_jit_with_static_and_traced_owners():
+def test_jit_with_static_and_traced_owners(backend):
   q, levels = _fixed_case()
-  eager = hydragen_attention(q, levels, backend=BACKEND)
-  static = jax.jit(lambda q, k0, k1: hydragen_attention(
-      q, [levels[0]._replace(k=k0), levels[1]._replace(k=k1)], backend=BACKEND))(
-          q, levels[0].k, levels[1].k)
-  traced = jax.jit(lambda q, lv: hydragen_attention(q, lv, backend=BACKEND))(
-      q, [levels[0]._replace(owner=jnp.asarray(levels[0].owner)), levels[1]])
+  shapes = [lv.k.shape for lv in levels]
+  eager = backend.run(lambda impl: hydragen_attention(q, levels, backend=impl), shapes)
+  static = backend.run(lambda impl: jax.jit(lambda q, k0, k1: hydragen_attention(
+      q, [levels[0]._replace(k=k0), levels[1]._replace(k=k1)], backend=impl))(
+          q, levels[0].k, levels[1].k), shapes)
+  traced = backend.run(lambda impl: jax.jit(lambda q, lv: hydragen_attention(
+      q, lv, backend=impl))(q, [levels[0]._replace(owner=jnp.asarray(levels[0].owner)),
+                                levels[1]]), shapes)
   for got in (static, traced):
     for x, y in zip(got, eager):
       np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
@@ -240,10 +335,10 @@ def test_vmap_over_leading_axis():
             KVLevel(stack(1, "k"), stack(1, "v"), stack(1, "lengths"), None)]
   # owner is shared by all vmapped cases: close over it.
   fn = lambda q, k0, v0, l0, k1, v1, l1: hydragen_attention(
-      q, [KVLevel(k0, v0, l0, owner), KVLevel(k1, v1, l1, None)], backend=BACKEND)
+      q, [KVLevel(k0, v0, l0, owner), KVLevel(k1, v1, l1, None)], backend="xla")
   out, lse = jax.vmap(fn)(qs, *levels[0][:3], *levels[1][:3])
   for i, (q, lv) in enumerate(cases):
-    o, l = hydragen_attention(q, lv, backend=BACKEND)
+    o, l = hydragen_attention(q, lv, backend="xla")
     np.testing.assert_allclose(out[i], o, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(lse[i], l, rtol=1e-6, atol=1e-6)
 
@@ -272,7 +367,7 @@ def _dense_jnp(q, levels, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_grad_matches_dense_autodiff(causal):
+def test_grad_matches_dense_autodiff(backend, causal):
   q, levels = _fixed_case(seed=5)
   w = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape), jnp.float32)
 
@@ -280,10 +375,11 @@ def test_grad_matches_dense_autodiff(causal):
     lv = [levels[0]._replace(k=k0, v=v0), levels[1]._replace(k=k1, v=v1)]
     return jnp.sum(fn(q, lv) * w)
 
-  ours = lambda q, lv: hydragen_attention(q, lv, causal_last=causal, backend=BACKEND)[0]
   ref = lambda q, lv: _dense_jnp(q, lv, causal)
   args = (q, levels[0].k, levels[0].v, levels[1].k, levels[1].v)
-  g_ours = jax.grad(lambda *a: loss(ours, *a), argnums=tuple(range(5)))(*args)
+  g_ours = backend.run(lambda impl: jax.grad(lambda *a: loss(
+      lambda q, lv: hydragen_attention(q, lv, causal_last=causal, backend=impl)[0], *a),
+      argnums=tuple(range(5)))(*args), [lv.k.shape for lv in levels])
   g_ref = jax.grad(lambda *a: loss(ref, *a), argnums=tuple(range(5)))(*args)
   for x, y in zip(g_ours, g_ref):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
@@ -294,8 +390,8 @@ def test_grad_through_lse_and_empty_rows_is_finite():
   levels[1] = levels[1]._replace(lengths=jnp.array([0, 0, 0, 0], jnp.int32))
   levels[0] = levels[0]._replace(lengths=jnp.array([0, 3], jnp.int32))
   fn = lambda q: jnp.sum(jnp.where(jnp.isfinite(l := hydragen_attention(
-      q, levels, backend=BACKEND)[1]), l, 0.0)) + hydragen_attention(
-          q, levels, backend=BACKEND)[0].sum()
+      q, levels, backend="xla")[1]), l, 0.0)) + hydragen_attention(
+          q, levels, backend="xla")[0].sum()
   grad = jax.grad(fn)(q)
   assert np.isfinite(np.asarray(grad)).all()
 
@@ -346,7 +442,7 @@ def test_auto_backend_on_cpu_is_xla():
     assert backends.get("auto").name == "xla"
 
 
-def test_sequences_of_empty_nodes_get_no_rows():
+def test_sequences_of_empty_nodes_get_no_rows(backend):
   """A deep plan level: most sequences own one empty node; the real node keeps its size."""
   from hydrax.attention import xla
   rng = np.random.default_rng(4)
@@ -360,5 +456,117 @@ def test_sequences_of_empty_nodes_get_no_rows():
             (rng.standard_normal((b, 2, kh, d)), rng.standard_normal((b, 2, kh, d)),
              np.full(b, 2, np.int32), None)]
   q = rng.standard_normal((b, 1, 2, d))
-  out, lse = _run(q, levels, True, jnp.float32)
+  out, lse = _run(backend, q, levels, True, jnp.float32)
   _check(out, lse, *_expect(q, levels, True, jnp.float32), jnp.float32)
+
+
+def _mosaic_run(backend, monkeypatch, levels, q, calls_expected):
+  from hydrax.attention.kernels import pallas_gpu
+  calls = []
+  real = pallas_gpu.mosaic_gpu.tile_attention
+  monkeypatch.setattr(pallas_gpu.mosaic_gpu, "tile_attention",
+                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  pallas_gpu._forward_jit.clear_cache()
+  try:
+    # Not under an outer jit: several interpreted Mosaic kernels in one program deadlocked
+    # the interpreter on a 2-core machine.
+    out, lse = _run(backend, q, levels, True, jnp.bfloat16, jit=False)
+  finally:
+    pallas_gpu._forward_jit.clear_cache()
+  assert len(calls) == calls_expected, calls        # every level ran on the Mosaic kernel
+  _check(out, lse, *_expect(q, levels, True, jnp.bfloat16), jnp.bfloat16)
+
+
+def test_mosaic_kernel_exact(mosaic_backend, monkeypatch):
+  """The Mosaic GPU kernel (interpret mode off GPU, ~4 s per program on CPU) on its own small
+  case: bf16, D 64, a shared node of S=100 (padded to whole key blocks) and a per-sequence
+  level with an empty suffix: 3 programs."""
+  rng = np.random.default_rng(12)
+  b, t, kh, g, d = 2, 2, 1, 2, 64
+  levels = [(rng.standard_normal((1, 100, kh, d)), rng.standard_normal((1, 100, kh, d)),
+             np.array([77], np.int32), np.zeros(b, np.int32)),
+            (rng.standard_normal((b, 5, kh, d)), rng.standard_normal((b, 5, kh, d)),
+             np.array([5, 0], np.int32), None)]
+  _mosaic_run(mosaic_backend, monkeypatch, levels, rng.standard_normal((b, t, kh * g, d)), 2)
+
+
+@pytest.mark.xfail(strict=True, reason="the Mosaic GPU kernel loads whole key blocks and "
+                   "multiplies masked weights (0) by the values there: NaN past a node's length "
+                   "reaches the output (kernels/mosaic_gpu.py)")
+def test_mosaic_keys_past_lengths_never_reach_output(mosaic_backend, monkeypatch):
+  rng = np.random.default_rng(13)
+  b, t, kh, g, d = 2, 1, 1, 2, 64                   # one program
+  k, v = rng.standard_normal((2, 1, 64, kh, d))
+  lengths = np.array([40], np.int32)
+  _poison(rng, k, v, lengths, np.nan)
+  _mosaic_run(mosaic_backend, monkeypatch, [(k, v, lengths, np.zeros(b, np.int32))],
+              rng.standard_normal((b, t, kh * g, d)), 1)
+
+
+# --- checked mode (checks="runtime") ---------------------------------------------------------
+
+def _checked(levels_fn, *, checks="runtime", wrap=True):
+  """Runs hydragen_attention(checks=...) under jit on traced lengths/owners/layer, through
+  checkify.checkify when `wrap`; returns (checkify error or None, out)."""
+  from jax.experimental import checkify
+  q, levels = _fixed_case()
+  f = jax.jit(lambda q, lv: hydragen_attention(q, levels_fn(lv), checks=checks,
+                                               backend="xla")[0])
+  if not wrap:
+    return None, f(q, levels)
+  return checkify.checkify(f)(q, levels)
+
+
+def _stacked(lv):
+  return [lv[0]._replace(k=jnp.stack([lv[0].k] * 2), v=jnp.stack([lv[0].v] * 2),
+                         layer=jnp.int32(1)), lv[1]]
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda lv: [lv[0]._replace(lengths=lv[0].lengths.at[1].set(6)), lv[1]],
+     r"levels\[0\].lengths\[1\] = 6 is out of range: valid keys per node \(capacity S=5\)"),
+    (lambda lv: [lv[0], lv[1]._replace(lengths=lv[1].lengths.at[2].set(-1))],
+     r"levels\[1\].lengths\[2\] = -1 is out of range"),
+    (lambda lv: [lv[0]._replace(owner=jnp.array([1, 0, 2, 1], jnp.int32)), lv[1]],
+     r"levels\[0\].owner\[2\] = 2 is out of range: node indices \(N=2\) must lie in \[0, 1\]"),
+    (lambda lv: [lv[0]._replace(owner=jnp.array([-1, 0, 1, 1], jnp.int32)), lv[1]],
+     r"levels\[0\].owner\[0\] = -1"),
+    (lambda lv: [(s := _stacked(lv))[0]._replace(layer=s[0].layer + 1), s[1]],
+     r"levels\[0\].layer = 2 is out of range: layer indices \(L=2\) must lie in \[0, 1\]"),
+])
+def test_runtime_checks_raise_under_jit(change, match):
+  err, _ = _checked(change)
+  with pytest.raises(ValueError, match=match):
+    err.throw()
+  # The default mode cannot see traced values: the same input runs and reports nothing.
+  assert _checked(change, checks="static")[0].get() is None
+
+
+def test_runtime_checks_pass_valid_input_unchanged():
+  err, out = _checked(_stacked)
+  assert err.get() is None
+  np.testing.assert_array_equal(out, _checked(_stacked, checks="static", wrap=False)[1])
+
+
+def test_runtime_checks_need_checkify_under_jit_and_a_known_mode():
+  with pytest.raises(ValueError, match=r"checkify.check which was not functionalized"):
+    _checked(lambda lv: lv, wrap=False)
+  q, levels = _fixed_case()
+  with pytest.raises(ValueError, match=r"checks must be one of \('static', 'runtime'\), got 'on'"):
+    hydragen_attention(q, levels, checks="on")
+  # Eagerly, runtime checks raise at once (the values are concrete: the static checks see them).
+  with pytest.raises(ValueError, match=r"levels\[1\].lengths\[0\] = 9"):
+    hydragen_attention(q, [levels[0], levels[1]._replace(lengths=jnp.array([9, 0, 0, 0]))],
+                       checks="runtime")
+
+
+def test_runtime_checks_through_attention_and_pallas(backend):
+  from jax.experimental import checkify
+  rng = np.random.default_rng(2)
+  q, k = (jnp.asarray(rng.standard_normal(sh), jnp.float32) for sh in [(2, 1, 2, 8), (2, 4, 1, 8)])
+  f = jax.jit(lambda n: attention(q, k, k, kv_lengths=n, backend=backend.backend,
+                                  checks="runtime"))
+  err, _ = checkify.checkify(f)(jnp.array([4, 5], jnp.int32))
+  assert "kv_lengths" not in (err.get() or "") and "lengths[1] = 5" in (err.get() or "")
+  err, (out, _) = checkify.checkify(f)(jnp.array([4, 2], jnp.int32))
+  assert err.get() is None and np.isfinite(np.asarray(out)).all()

@@ -1,21 +1,20 @@
 """The pallas backend's kernels, in Pallas interpret mode on CPU (small shapes).
 
 Each level is compared with an independent NumPy float64 reference and with the XLA backend;
-the core's exactness tests are rerun against backend="pallas".
+the core's exactness tests run against this backend through the `backend` fixture
+(tests/attention/conftest.py).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import settings
 
 from hydrax.attention import KVLevel, backends, hydragen_attention
 from hydrax.attention import xla as xla_backend
 from hydrax.attention.kernels import grouping
 from hydrax.attention.kernels import pallas_gpu as pg
 from tests import oracle
-from tests.attention import test_core as core
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
 
@@ -180,34 +179,3 @@ def test_registry():
   if jax.default_backend() == "cpu":
     assert backends.get("auto").name == "xla"
 
-
-# --- the core's exactness tests, unchanged, against backend="pallas" ----------------------
-
-@pytest.fixture
-def pallas_core(monkeypatch):
-  monkeypatch.setattr(core, "BACKEND", "pallas")
-  return core
-
-
-def test_core_head_dim_128(pallas_core):
-  pallas_core.test_head_dim_128(3, jnp.bfloat16)
-
-
-def test_core_causal_query_longer_than_last_level(pallas_core):
-  pallas_core.test_causal_query_longer_than_last_level()
-
-
-def test_core_empty_levels(pallas_core):
-  pallas_core.test_empty_levels_never_nan()
-
-
-def test_core_jit_static_and_traced_owners(pallas_core):
-  pallas_core.test_jit_with_static_and_traced_owners()
-
-
-def test_core_grad(pallas_core):
-  pallas_core.test_grad_matches_dense_autodiff(True)
-
-
-def test_core_hypothesis_float32(pallas_core):
-  settings(max_examples=3)(pallas_core.test_hydragen_matches_dense_float32)()

@@ -1,13 +1,18 @@
-"""The experiment runner end to end on CPU: quickstart config, overrides, OOM, typos."""
+"""The experiment runner end to end on CPU: quickstart config, overrides, OOM, typos, exit
+codes, column definitions."""
 
 import csv
+import inspect
 import json
 import os
+import subprocess
+import sys
 
 import pytest
-from absl import app
 
-from experiments import run
+from experiments import harness, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SMALL = ["grid.prefix=[32]", "grid.batch=[3]", "generation_point.min_shared_tokens=0",
          "experiment.fixed={'model': 'tiny', 'dtype': 'float32', 'suffix': 4, "
@@ -40,6 +45,7 @@ def test_quickstart_end_to_end(tmp_path):
   env = json.load(open(os.path.join(directory, "env.json")))
   assert env["platform"] == "cpu" and env["jax"]
   assert "grid.batch = [3]" in open(os.path.join(directory, "config.gin")).read()
+  _check_columns(directory, "generation_point")
 
 
 def test_out_of_memory_point_is_recorded_and_sweep_goes_on(tmp_path):
@@ -52,11 +58,83 @@ def test_out_of_memory_point_is_recorded_and_sweep_goes_on(tmp_path):
   assert status[("hydragen", "16")] == "ok"
 
 
-def test_config_typo_is_a_clear_error(tmp_path):
-  with pytest.raises(app.UsageError, match=r"gin config error.*nmae"):
-    run.run(["quickstart.gin"], ["experiment.nmae='x'"], str(tmp_path), [])
-  with pytest.raises(app.UsageError, match="not found.*available"):
-    run.run(["no_such_config.gin"], [], str(tmp_path), [])
+@pytest.mark.parametrize("files, bindings, match", [
+    (["quickstart.gin"], ["experiment.nmae='x'"],
+     r"gin binding \"experiment.nmae='x'\": .*doesn't have a parameter named 'nmae'"),
+    (["no_such_config.gin"], [], "not found.*available"),
+    (["quickstart.gin"], ["grid.batch=[8"], r"'grid.batch=\[8' is malformed"),
+    (["quickstart.gin"], ["grid.bach=[8]"],
+     r"grid key 'bach' is not a parameter of generation_point \(did you mean 'batch'\?\)"),
+    (["quickstart.gin"], ["experiment.fixed={'modle': 'tiny'}"],
+     r"experiment.fixed key 'modle' is not a parameter of generation_point"),
+    (["quickstart.gin"], ["grid.batch=[]"], r"experiment config: grid: axis 'batch'"),
+])
+def test_config_errors_are_raised_before_any_point(tmp_path, files, bindings, match):
+  with pytest.raises(run.ConfigError, match=match) as info:
+    run.run(files, bindings, str(tmp_path), [])
+  assert "\n" not in str(info.value)
+  assert not os.listdir(tmp_path)                        # no results folder
+
+
+def _cli(tmp_path, *args):
+  return subprocess.run([sys.executable, "experiments/run.py", f"--results_root={tmp_path}",
+                         *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "PYTHONPATH": ROOT})
+
+
+@pytest.mark.parametrize("arg, expect", [
+    ("--gin.grid.bach=[8]", "error: grid key 'bach' is not a parameter of generation_point"),
+    ("--gin.grid.batch=[8", "error: gin binding 'grid.batch=[8' is malformed"),
+])
+def test_cli_config_error_is_one_line_exit_2(tmp_path, arg, expect):
+  done = _cli(tmp_path, arg)
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.strip().startswith(expect), done.stderr
+  assert len(done.stderr.strip().splitlines()) == 1, done.stderr          # no usage text
+  assert not os.listdir(tmp_path)
+
+
+def test_every_point_errored_exits_1_with_messages(tmp_path):
+  done = _cli(tmp_path, *[f"--gin_bindings={b}" for b in SMALL],
+              "--gin.experiment.fixed={'model': 'no_such_preset'}",
+              "--gin.grid.attention=['none']")
+  assert done.returncode == 1, done.stderr[-2000:]
+  assert "error: every point that ran failed" in done.stderr
+  [folder] = os.listdir(os.path.join(tmp_path, "quickstart"))
+  rows = _rows(os.path.join(tmp_path, "quickstart", folder))
+  assert rows and all(r["status"] == "error" and "no_such_preset" in r["error"] for r in rows)
+
+
+def test_exit_code():
+  assert run.exit_code([{"status": "ok"}, {"status": "error"}]) == 0
+  assert run.exit_code([{"status": "OOM"}]) == 0                     # OOM is a result
+  assert run.exit_code([{"status": "error"}, {"status": "OOM"}]) == 1
+  assert run.exit_code([{"status": "error"}]) == 1
+
+
+def _check_columns(directory, measure):
+  """columns.md defines each metric column of rows.csv; every other column is a parameter of
+  the measure function; every row says how it was timed."""
+  params = set(inspect.signature(getattr(run.points, measure)).parameters)
+  with open(os.path.join(directory, "rows.csv")) as f:
+    header = next(csv.reader(f))
+  text = open(os.path.join(directory, "columns.md")).read()
+  for column in header:
+    if column in params:
+      continue
+    assert column in harness.COLUMNS or "_vs_" in column, f"undocumented column {column}"
+    assert f"| {column} |" in text, column
+  assert all(r["timing"] for r in _rows(directory) if r["status"] == "ok")
+
+
+def test_decode_tokens_per_s_counts_decode_loop_tokens_only(tmp_path):
+  directory = run.run(["quickstart.gin"], SMALL + ["grid.attention=['none']"], str(tmp_path),
+                      [])
+  [row] = _rows(directory)
+  batch, new = int(row["batch"]), int(row["new_tokens"])
+  assert int(row["decode_tokens"]) == new - batch                    # no eos: 3 - 1 per row
+  assert float(row["decode_tokens_per_s"]) == pytest.approx(
+      (new - batch) / float(row["decode_s"]), rel=1e-9)
 
 
 def test_gin_shorthand():
@@ -75,6 +153,7 @@ def test_attention_microbench_config(tmp_path):
   repl = [r for r in rows if r["implementation"] == "replicated"]
   assert all(abs(float(r["median_us_vs_replicated"]) - 1.0) < 1e-9 for r in repl)
   assert os.path.isfile(os.path.join(directory, "median_us_vs_suffix.png"))
+  _check_columns(directory, "attention_point")
 
 
 @pytest.mark.parametrize("config", sorted(

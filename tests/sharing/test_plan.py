@@ -231,3 +231,45 @@ def test_bad_token_in_a_later_chunk_is_located():
       plan(seqs)
   finally:
     _inputs._CHUNK = old
+
+
+def test_plan_that_shares_nothing_says_why_once(monkeypatch, caplog):
+  import logging
+  from hydrax import _log
+  monkeypatch.setattr(_log, "_seen", set())
+  prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 7], [8]]
+  with caplog.at_level(logging.WARNING, logger="hydrax"):
+    for _ in range(2):
+      assert plan(prompts).levels == ()
+    assert plan(prompts, min_shared_tokens=0, merge_cost=0).levels != ()     # shares: silent
+    assert plan(prompts, max_levels=0).levels == ()                         # asked for: silent
+  [record] = caplog.records
+  message = record.getMessage()
+  assert "no shared level for 4 sequences" in message
+  assert "longest common prefix has 3 tokens, shared by 2 of 4 sequences" in message
+  assert "min_shared_tokens=1024, merge_cost=16" in message and "= 1056" in message
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="hydrax"):
+    plan([[1, 2], [3, 4]])
+  assert "no two sequences share a first token" in caplog.records[0].getMessage()
+
+
+def test_readme_use_examples_run(monkeypatch, caplog):
+  """README.md's "Use" code blocks run as written; the plan they build shares its prefix."""
+  import logging
+  import os
+  import re
+  from hydrax import _log
+  monkeypatch.setattr(_log, "_seen", set())
+  readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+  use = readme[readme.index("## Use\n"):]
+  use = use[:use.index("\n## ", 1)] if "\n## " in use[1:] else use
+  blocks = re.findall(r"```python\n(.*?)```", use, re.S)
+  assert len(blocks) == 2
+  scope = {"print": lambda *a, **k: None}
+  with caplog.at_level(logging.WARNING, logger="hydrax"):
+    for block in blocks:
+      exec(compile(block, "README.md", "exec"), scope)
+  assert scope["out"].shape == scope["q"].shape
+  assert len(scope["plan"].levels) == 1 and scope["gen"].tokens.shape == (4, 4)
+  assert not any("no shared level" in r.getMessage() for r in caplog.records)

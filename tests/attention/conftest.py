@@ -1,0 +1,107 @@
+"""The `backend` fixture: every attention backend that runs on this machine, spied on.
+
+A test that takes `backend` runs once per entry of BACKENDS. It gets a `Spied` value whose
+`.backend` is a copy of the registered Backend (with its kernel configuration) whose
+`level_attention` records every call; `Spied.run(...)` checks that each level went through
+the named backend and that none was handed to the XLA fallback (`backends.Unsupported`).
+A name that is not registered here is skipped with the reason, never failed.
+
+Hypothesis budgets: a backend's `examples` is the share of the profile's max_examples it runs
+(interpret-mode Pallas is ~10x slower than XLA on CPU), at least one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from hydrax.attention import backends
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendCase:
+  name: str                      # the pytest id
+  registered: str                # the registry name it needs
+  make: Callable[[], backends.Backend]
+  examples: float = 1.0          # share of the hypothesis profile's max_examples
+
+
+BACKENDS = [
+    BackendCase("xla", "xla", lambda: backends.get("xla")),
+    # The Triton-lowered kernels in Pallas interpret mode (off GPU; the real kernels on one).
+    BackendCase("pallas", "pallas", lambda: backends.get("pallas", lowering="triton"),
+                examples=0.2),
+    # TPU entry point: the Pallas TPU kernels in TPU interpret mode, once "pallas_tpu" is
+    # registered (skipped until then).
+    BackendCase("pallas_tpu", "pallas_tpu",
+                lambda: backends.get("pallas_tpu", interpret=True), examples=0.2),
+]
+# The Mosaic GPU kernel in its interpret mode: bf16/fp16, D 64/128 and 3-5 s per program on
+# CPU, so it runs its own small cases (tests/attention/test_core.py, `mosaic_backend`).
+MOSAIC = BackendCase("mosaic", "pallas", lambda: backends.get("pallas", lowering="mosaic"))
+
+
+class Spied:
+  """A backend whose level_attention calls are recorded (k's shape, and whether it refused)."""
+
+  def __init__(self, case: BackendCase):
+    self.case = case
+    self.calls: list = []
+    real = case.make()
+
+    def spy(q, k, v, lengths, owner, limits, **kwargs):
+      try:
+        result = real.level_attention(q, k, v, lengths, owner, limits, **kwargs)
+      except backends.Unsupported as e:
+        self.calls.append((tuple(k.shape), f"Unsupported: {e}"))
+        raise
+      self.calls.append((tuple(k.shape), None))
+      return result
+
+    self.backend = dataclasses.replace(real, level_attention=spy)
+
+  @property
+  def name(self) -> str:
+    return self.case.name
+
+  def settings(self, fn):
+    """Hypothesis settings of this backend: its share of the profile's examples."""
+    base = settings().max_examples
+    return settings(max_examples=max(1, math.ceil(base * self.case.examples)),
+                    suppress_health_check=[HealthCheck.too_slow,
+                                           HealthCheck.function_scoped_fixture])(fn)
+
+  def run(self, fn, kv_shapes):
+    """Calls fn(backend) and asserts one call of this backend per level, in order, with the
+    levels' k shapes ([N,S,K,D]; [L,N,S,K,D] levels are sliced for backends that do not take
+    a layer), none refused (a refusal would silently run XLA instead)."""
+    self.calls.clear()
+    result = fn(self.backend)
+    shapes = [shape for shape, _ in self.calls]
+    refused = [why for _, why in self.calls if why]
+    assert not refused, f"{self.name}: fell back to XLA: {refused}"
+    assert shapes == [tuple(s) for s in kv_shapes], (
+        f"{self.name} ran for levels {shapes}, expected {list(kv_shapes)}")
+    return result
+
+
+def _make(case: BackendCase) -> Spied:
+  if case.registered not in backends.names():
+    pytest.skip(f"backend {case.registered!r} is not registered here "
+                f"(known: {backends.names()})")
+  return Spied(case)
+
+
+@pytest.fixture(params=BACKENDS, ids=[c.name for c in BACKENDS])
+def backend(request) -> Spied:
+  return _make(request.param)
+
+
+@pytest.fixture
+def mosaic_backend() -> Spied:
+  return _make(MOSAIC)
+

@@ -1,0 +1,206 @@
+r"""Mutation check: plants known bugs one at a time and shows the exactness tests catch each.
+
+  python -m tests.mutation_check [--only NAME ...] [--backends xla,pallas,mosaic] [--out F.md]
+
+For every mutation and every backend it applies to, a subprocess runs pytest on the core's
+exactness tests for that backend (tests/attention/test_core.py) with this module loaded as a
+pytest plugin (`-p tests.mutation_check`) and HYDRAX_MUTATION naming the bug: the plugin
+replaces one function of hydrax by its source with one expression changed, before any test
+runs. A mutation is "caught" when pytest reports failures (exit code 1), "missed" when every
+test passes, "error" for anything else (the bug could not be planted, a crash, a timeout).
+The first row plants nothing: every backend must pass it, or the other rows mean nothing.
+
+Prints a table mutation x backend and exits 1 when anything was missed or errored. It is a
+script, not part of the pytest run (minutes: it runs the suite once per cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Mapping, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = "HYDRAX_MUTATION"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+  name: str
+  what: str
+  module: str                 # where the function lives
+  function: str               # its name in the module
+  old: str                    # exact source text replaced (must occur once)
+  new: str
+  backends: tuple             # backends whose tests must catch it
+
+
+ALL = ("xla", "pallas", "mosaic")
+MUTATIONS = [
+    Mutation("none", "nothing planted (every backend must pass)", "", "", "", "", ALL),
+    Mutation("causal_off_by_one", "causal limit one key short (query misses its own key)",
+             "hydrax.attention.hydragen", "hydragen_attention",
+             "[:, None] + tt + 1, 0,", "[:, None] + tt, 0,", ALL),
+    Mutation("swapped_owner", "owners of a shared level reversed before the backend",
+             "hydrax.attention.hydragen", "_run_level",
+             "None if level.owner is None else level.owner,",
+             "None if level.owner is None else level.owner[::-1],", ALL),
+    Mutation("merge_weights", "merge weights exp((lse - m) / 2) instead of exp(lse - m)",
+             "hydrax.attention.merge", "merge",
+             "w = jnp.exp(lses - m)", "w = jnp.exp(0.5 * (lses - m))", ALL),
+    Mutation("xla_lse_log2", "XLA backend: lse = m + log2(l) (base 2 for the sum)",
+             "hydrax.attention.xla", "_attend",
+             "m[..., 0] + jnp.log(l_safe)", "m[..., 0] + jnp.log2(l_safe)", ("xla",)),
+    Mutation("xla_reads_past_length", "XLA backend: keys/values past the limits not zeroed",
+             "hydrax.attention.xla", "level_attention",
+             "k = jnp.where(seen, k, jnp.zeros((), k.dtype))\n  v = jnp.where(seen, v, "
+             "jnp.zeros((), v.dtype))", "pass", ("xla",)),
+    Mutation("pallas_lse_log2", "Triton kernel: lse left in base 2 (no * ln 2)",
+             "hydrax.attention.kernels.pallas_gpu", "_tile_program",
+             "(m + jnp.log2(l_safe)) * LN2", "(m + jnp.log2(l_safe))", ("pallas",)),
+    Mutation("pallas_last_block_dropped", "Triton kernel: key-block bound rounds down (the "
+             "last partial key block is dropped)",
+             "hydrax.attention.kernels.pallas_gpu", "_tile_program",
+             "lax.div(hi + block_n - 1, block_n)", "lax.div(hi, block_n)", ("pallas",)),
+    Mutation("pallas_first_block_dropped", "Triton kernel: every split starts one key block "
+             "late", "hydrax.attention.kernels.pallas_gpu", "_tile_program",
+             "b_first = j * spec.blocks_per_split", "b_first = j * spec.blocks_per_split + 1",
+             ("pallas",)),
+    Mutation("pallas_loads_past_limit", "Triton kernel: masked key/value loads bounded by the "
+             "capacity S instead of the tile's largest limit",
+             "hydrax.attention.kernels.pallas_gpu", "_tile_program",
+             "kv_ok = (keys < hi)[:, None]", "kv_ok = (keys < s_cap)[:, None]", ("pallas",)),
+    Mutation("mosaic_lse_log2", "Mosaic GPU kernel: lse left in base 2 (no * ln 2)",
+             "hydrax.attention.kernels.mosaic_gpu", "_kernel",
+             "(m_i + jnp.log2(l_safe)) * LN2", "(m_i + jnp.log2(l_safe))", ("mosaic",)),
+]
+
+# The exactness tests run for each backend (pytest node ids of tests/attention/test_core.py).
+_CORE = ["test_hydragen_matches_dense_float32[{b}]", "test_hydragen_matches_dense_bfloat16[{b}]",
+         "test_causal_query_longer_than_last_level[{b}]", "test_head_dim_128[{b}-3-bfloat16]",
+         "test_keys_past_limits_never_reach_output[{b}-False]",
+         "test_jit_with_static_and_traced_owners[{b}]", "test_empty_levels_never_nan[{b}]"]
+
+
+def node_ids(backend: str) -> list[str]:
+  path = "tests/attention/test_core.py::"
+  if backend == "mosaic":
+    return [path + "test_mosaic_kernel_exact"]
+  return [path + t.format(b=backend) for t in _CORE]
+
+
+# --- planting (in the pytest subprocess) ----------------------------------------------------
+
+def plant(mutation: Mutation) -> None:
+  """Replaces `mutation.function` of its module by its source with `old` -> `new`, and every
+  reference to the original function object in loaded hydrax modules (`from x import f`)."""
+  if not mutation.module:
+    return
+  module = importlib.import_module(mutation.module)
+  original = getattr(module, mutation.function)
+  source = textwrap.dedent(inspect.getsource(original))
+  if source.count(mutation.old) != 1:
+    raise RuntimeError(f"mutation {mutation.name}: {mutation.old!r} occurs "
+                       f"{source.count(mutation.old)} times in {mutation.module}."
+                       f"{mutation.function} (the code changed: update the mutation)")
+  scope = dict(vars(module))
+  exec(compile(source.replace(mutation.old, mutation.new), module.__file__, "exec"), scope)
+  mutant = scope[mutation.function]
+  for name, mod in list(sys.modules.items()):
+    if name.startswith(("hydrax", "tests")) and mod is not None:
+      for attr, value in list(vars(mod).items()):
+        if value is original:
+          setattr(mod, attr, mutant)
+
+
+def pytest_configure(config):  # the plugin hook: plants $HYDRAX_MUTATION before any test
+  name = os.environ.get(ENV)
+  if name:
+    plant(by_name(name))
+
+
+def by_name(name: str) -> Mutation:
+  for m in MUTATIONS:
+    if m.name == name:
+      return m
+  raise ValueError(f"no mutation {name!r}; known: {[m.name for m in MUTATIONS]}")
+
+
+# --- running and the table ------------------------------------------------------------------
+
+def run_cell(mutation: Mutation, backend: str, timeout: float) -> tuple[str, float]:
+  """(outcome, seconds): pytest on the backend's tests with the mutation planted."""
+  cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p",
+         "tests.mutation_check", *node_ids(backend)]
+  env = {**os.environ, ENV: mutation.name, "PYTHONPATH": ROOT}
+  start = time.perf_counter()
+  try:
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return "error (timeout)", time.perf_counter() - start
+  seconds = time.perf_counter() - start
+  return outcome(mutation.name == "none", done.returncode), seconds
+
+
+def outcome(is_baseline: bool, returncode: int) -> str:
+  """pytest's exit code -> the cell: 0 all passed, 1 some test failed, else an error."""
+  if returncode == 0:
+    return "passes" if is_baseline else "missed"
+  if returncode == 1:
+    return "FAILS" if is_baseline else "caught"
+  return f"error (pytest exit {returncode})"
+
+
+def table(results: Mapping[tuple, str], mutations: Sequence[Mutation],
+          backends: Sequence[str]) -> str:
+  """Markdown table: one row per mutation, one column per backend; "-" where the mutation
+  does not apply to the backend (or was not run)."""
+  lines = ["| mutation | what | " + " | ".join(backends) + " |",
+           "| --- | --- |" + " --- |" * len(backends)]
+  for m in mutations:
+    cells = [results.get((m.name, b), "-") for b in backends]
+    lines.append(f"| {m.name} | {m.what} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def failed(results: Mapping[tuple, str]) -> list:
+  """The cells that make the check fail: a missed mutation, an error, a failing baseline."""
+  return [key for key, value in results.items() if value not in ("caught", "passes")]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m tests.mutation_check")
+  parser.add_argument("--only", nargs="*", default=None, help="mutation names")
+  parser.add_argument("--backends", default=",".join(ALL))
+  parser.add_argument("--timeout", type=float, default=1200)
+  parser.add_argument("--out", default=None, help="also write the table (markdown) here")
+  args = parser.parse_args(argv)
+  backends = [b for b in args.backends.split(",") if b]
+  mutations = [by_name(n) for n in args.only] if args.only else MUTATIONS
+  results = {}
+  for m in mutations:
+    for b in backends:
+      if b in m.backends:
+        results[(m.name, b)], seconds = run_cell(m, b, args.timeout)
+        print(f"{m.name} x {b}: {results[(m.name, b)]} ({seconds:.0f} s)", flush=True)
+  text = table(results, mutations, backends)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+  bad = failed(results)
+  if bad:
+    print(f"not caught: {bad}", file=sys.stderr)
+  return 1 if bad else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
