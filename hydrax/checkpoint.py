@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hydrax.models import llama as llama_lib
@@ -35,6 +36,7 @@ from hydrax.models.configs import LlamaConfig, RopeScaling
 
 CONFIG_FILE = "hydrax_config.json"
 PARAMS_DIR = "params"
+LAYER_LAYOUT = "stacked"   # every per-layer tensor is one array with a leading [L] axis
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -125,8 +127,9 @@ def save(directory: str, config: LlamaConfig, params, *, overwrite: bool = False
   checkpointer.save(os.path.join(directory, PARAMS_DIR), pure)
   checkpointer.wait_until_finished()
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump({"format": "hydrax-llama", "dtype": str(_dtype_of(params)),
-               "config": config.to_dict()}, f, indent=2, sort_keys=True)
+    json.dump({"format": "hydrax-llama", "layers": LAYER_LAYOUT,
+               "dtype": str(_dtype_of(params)), "config": config.to_dict()}, f, indent=2,
+              sort_keys=True)
   return directory
 
 
@@ -143,8 +146,7 @@ def _intify_keys(tree):
   return tree
 
 
-def read_config(directory: str) -> tuple[LlamaConfig, jnp.dtype]:
-  """The config and parameter dtype saved in a hydrax checkpoint directory."""
+def _read_meta(directory: str) -> dict:
   path = os.path.join(os.fspath(directory), CONFIG_FILE)
   if not os.path.isfile(path):
     raise ValueError(f"{directory!r} is not a hydrax checkpoint: {CONFIG_FILE} not found "
@@ -154,6 +156,12 @@ def read_config(directory: str) -> tuple[LlamaConfig, jnp.dtype]:
     meta = json.load(f)
   if meta.get("format") != "hydrax-llama":
     raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+  return meta
+
+
+def read_config(directory: str) -> tuple[LlamaConfig, jnp.dtype]:
+  """The config and parameter dtype saved in a hydrax checkpoint directory."""
+  meta = _read_meta(directory)
   return LlamaConfig.from_dict(meta["config"]), jnp.dtype(meta["dtype"])
 
 
@@ -167,6 +175,10 @@ def restore(directory: str, *, config: Optional[LlamaConfig] = None, dtype=None)
   import orbax.checkpoint as ocp
   directory = os.path.abspath(os.fspath(directory))
   saved, saved_dtype = read_config(directory)
+  if _read_meta(directory).get("layers") != LAYER_LAYOUT:
+    raise ValueError(f"checkpoint {directory!r} stores one tensor per layer (hydrax before "
+                     "layers were stacked [L, ...]); re-convert it: python -m "
+                     "hydrax.checkpoint convert --hf_dir HF_DIR --out NEW_DIR")
   if config is not None:
     if not isinstance(config, LlamaConfig):
       raise ValueError(f"config must be a LlamaConfig or None, got {type(config).__name__}")
@@ -272,12 +284,14 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     raise ValueError(f"HF config.json lacks the required field {e.args[0]!r}") from None
 
 
-def _hf_names(config: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
-  """HF tensor name -> (path in the hydrax pure dict, transpose?)."""
-  names = {"model.embed_tokens.weight": (("embed", "embedding"), False),
-           "model.norm.weight": (("norm", "weight"), False)}
+def _hf_names(config: LlamaConfig) -> dict[str, tuple[tuple, bool, Optional[int]]]:
+  """HF tensor name -> (path in the hydrax pure dict, transpose?, layer or None).
+
+  Per-layer tensors (model.layers.{i}.*) are row i of a leaf stacked over layers [L, ...]."""
+  names = {"model.embed_tokens.weight": (("embed", "embedding"), False, None),
+           "model.norm.weight": (("norm", "weight"), False, None)}
   if not config.tie_word_embeddings:
-    names["lm_head.weight"] = (("lm_head", "kernel"), True)
+    names["lm_head.weight"] = (("lm_head", "kernel"), True, None)
   per_layer = {"self_attn.q_proj.weight": (("attn", "q", "kernel"), True),
                "self_attn.k_proj.weight": (("attn", "k", "kernel"), True),
                "self_attn.v_proj.weight": (("attn", "v", "kernel"), True),
@@ -289,7 +303,7 @@ def _hf_names(config: LlamaConfig) -> dict[str, tuple[tuple, bool]]:
                "post_attention_layernorm.weight": (("mlp_norm", "weight"), False)}
   for i in range(config.num_layers):
     for suffix, (path, transpose) in per_layer.items():
-      names[f"model.layers.{i}.{suffix}"] = (("layers", i) + path, transpose)
+      names[f"model.layers.{i}.{suffix}"] = (("layers",) + path, transpose, i)
   return names
 
 
@@ -316,6 +330,13 @@ def _safetensors_files(hf_dir: str) -> list[str]:
   return files
 
 
+def _at(tree: dict, path: tuple):
+  """The node of nested dict `tree` at `path`."""
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
 def from_hf(hf_dir: str, *, dtype=None):
   """Converts a local HuggingFace Llama directory (config.json + safetensors) to hydrax.
 
@@ -337,41 +358,50 @@ def from_hf(hf_dir: str, *, dtype=None):
   names = _hf_names(config)
   graphdef, abstract = _abstract_state(config, dtype or jnp.float32)
   pure = nnx.to_pure_dict(abstract)
-  found, unmapped = set(), []
-  for path in _safetensors_files(hf_dir):
-    with safe_open(path, framework="flax") as f:
-      for name in f.keys():
-        if name not in names:
-          if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+  # Every leaf is assembled on the host (one device transfer per leaf, not per layer).
+  host: dict[tuple, np.ndarray] = {}
+  found, unmapped, dtypes = set(), [], set()
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    for path in _safetensors_files(hf_dir):
+      with safe_open(path, framework="flax") as f:    # "flax" reads bfloat16, "numpy" cannot
+        for name in f.keys():
+          if name not in names:
+            if _IGNORED.match(name) or (name == "lm_head.weight" and
+                                        config.tie_word_embeddings):
+              continue
+            unmapped.append(name)
             continue
-          unmapped.append(name)
-          continue
-        if name in found:
-          raise ValueError(f"tensor {name!r} appears in more than one safetensors shard")
-        target, transpose = names[name]
-        node = pure
-        for key in target[:-1]:
-          node = node[key]
-        want = node[target[-1]]
-        value = f.get_tensor(name)
-        stored = tuple(value.shape)
-        if transpose:
-          value = value.T
-        if tuple(value.shape) != tuple(want.shape):
-          implied = tuple(want.shape[::-1]) if transpose else tuple(want.shape)
-          raise ValueError(f"tensor {name!r} has shape {stored}; config.json implies {implied}")
-        node[target[-1]] = jnp.asarray(value, dtype or value.dtype)
-        found.add(name)
+          if name in found:
+            raise ValueError(f"tensor {name!r} appears in more than one safetensors shard")
+          target, transpose, layer = names[name]
+          want = tuple(_at(pure, target).shape)
+          row = want if layer is None else want[1:]
+          value = np.asarray(f.get_tensor(name))
+          dtypes.add(str(value.dtype))
+          stored = tuple(value.shape)
+          if transpose:
+            value = value.T
+          if tuple(value.shape) != row:
+            implied = row[::-1] if transpose else row
+            raise ValueError(f"tensor {name!r} has shape {stored}; config.json implies "
+                             f"{implied}")
+          if layer is None:
+            host[target] = value
+          else:
+            if target not in host:
+              host[target] = np.empty(want, np.dtype(dtype or value.dtype))
+            host[target][layer] = value
+          found.add(name)
   if unmapped:
     raise ValueError(f"{len(unmapped)} tensors in {hf_dir!r} have no hydrax counterpart "
                      f"(unsupported architecture variant?): {sorted(unmapped)[:10]}")
   missing = sorted(set(names) - found)
   if missing:
     raise ValueError(f"{len(missing)} tensors are missing from {hf_dir!r}: {missing[:10]}")
-  if dtype is None:
-    dtypes = {str(x.dtype) for x in jax.tree_util.tree_leaves(pure)}
-    if len(dtypes) > 1:
-      raise ValueError(f"the checkpoint mixes dtypes {sorted(dtypes)}; pass dtype=")
+  if dtype is None and len(dtypes) > 1:
+    raise ValueError(f"the checkpoint mixes dtypes {sorted(dtypes)}; pass dtype=")
+  for target, value in host.items():
+    _at(pure, target[:-1])[target[-1]] = jnp.asarray(value, dtype or value.dtype)
   nnx.replace_by_pure_dict(abstract, pure)
   return config, abstract
 

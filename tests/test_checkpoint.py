@@ -35,24 +35,27 @@ def _hf_config(config: LlamaConfig, **overrides) -> dict:
   return out
 
 
-def _write_hf_dir(directory, config, model, *, drop=(), extra=None, reshape=None, **cfg):
-  """Writes a HF Llama directory (config.json + model.safetensors) holding `model`'s weights."""
+def _write_hf_dir(directory, config, model, *, drop=(), extra=None, reshape=None,
+                  dtype=np.float32, cast=None, **cfg):
+  """Writes a HF Llama directory (config.json + model.safetensors) holding `model`'s weights
+  in `dtype` (the tensors named in `cast` in the dtype given there)."""
   from safetensors.numpy import save_file
   tensors = {"model.embed_tokens.weight": model.embed.embedding[...],
              "model.norm.weight": model.norm.weight[...]}
   if model.lm_head is not None:
     tensors["lm_head.weight"] = model.lm_head.kernel[...].T
-  for i, block in enumerate(model.layers):
+  block = model.layers                   # every parameter stacked [L, ...]
+  for i in range(config.num_layers):
     p = f"model.layers.{i}."
     for hf, mod in (("self_attn.q_proj", block.attn.q), ("self_attn.k_proj", block.attn.k),
                     ("self_attn.v_proj", block.attn.v), ("self_attn.o_proj", block.attn.o),
                     ("mlp.gate_proj", block.mlp.gate), ("mlp.up_proj", block.mlp.up),
                     ("mlp.down_proj", block.mlp.down)):
-      tensors[p + hf + ".weight"] = mod.kernel[...].T
-    tensors[p + "input_layernorm.weight"] = block.attn_norm.weight[...]
-    tensors[p + "post_attention_layernorm.weight"] = block.mlp_norm.weight[...]
-  tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()
-             if k not in drop}
+      tensors[p + hf + ".weight"] = mod.kernel[i].T
+    tensors[p + "input_layernorm.weight"] = block.attn_norm.weight[i]
+    tensors[p + "post_attention_layernorm.weight"] = block.mlp_norm.weight[i]
+  tensors = {k: np.ascontiguousarray(np.asarray(v, (cast or {}).get(k, dtype)))
+             for k, v in tensors.items() if k not in drop}
   tensors.update(extra or {})
   for name, shape in (reshape or {}).items():
     tensors[name] = np.zeros(shape, np.float32)
@@ -129,6 +132,43 @@ def test_from_hf_round_trip_and_tied_head(tmp_path, tiny):
   got, params = checkpoint.from_hf(tmp_path / "tied")
   assert got.tie_word_embeddings
   _same_params(nnx.state(tied_model), params)
+
+
+def test_from_hf_stacks_layers_in_their_stored_dtype(tmp_path, tiny):
+  """bfloat16 tensors (config.json without a dtype) land in row i of each [L, ...] stack."""
+  config, model = tiny
+  _write_hf_dir(tmp_path / "bf16", config, model, dtype=jnp.bfloat16, torch_dtype=None)
+  _, params = checkpoint.from_hf(tmp_path / "bf16")
+  got = nnx.to_pure_dict(params)
+  assert got["layers"]["mlp"]["down"]["kernel"].shape == (2, 128, 64)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(got)} == {jnp.dtype(jnp.bfloat16)}
+  want = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), nnx.state(model))
+  _same_params(want, params)
+  mixed = {"model.layers.1.self_attn.q_proj.weight": np.float16}
+  with pytest.raises(ValueError, match="mixes dtypes.*float16"):
+    checkpoint.from_hf(_write_hf_dir(tmp_path / "mixed", config, model, dtype=jnp.bfloat16,
+                                     cast=mixed, torch_dtype=None))
+
+
+def test_restore_rejects_a_per_layer_checkpoint(tmp_path, tiny):
+  """A checkpoint of the layout before layers were stacked (layers/0/..., layers/1/...)."""
+  import orbax.checkpoint as ocp
+  config, model = tiny
+  pure = nnx.to_pure_dict(nnx.state(model))
+  per_layer = {str(i): jax.tree_util.tree_map(lambda x, i=i: x[i], pure["layers"])
+               for i in range(config.num_layers)}
+  old = dict(pure, layers=per_layer)
+  directory = tmp_path / "old"
+  directory.mkdir()
+  writer = ocp.StandardCheckpointer()
+  writer.save(directory / checkpoint.PARAMS_DIR, old)
+  writer.wait_until_finished()
+  (directory / checkpoint.CONFIG_FILE).write_text(json.dumps(
+      {"format": "hydrax-llama", "dtype": "float32", "config": config.to_dict()}))
+  with pytest.raises(ValueError, match=r"one tensor per layer.*re-convert it: python -m "
+                     r"hydrax.checkpoint convert"):
+    checkpoint.restore(directory)
+  assert checkpoint.read_config(directory)[0] == config     # `info` still reads it
 
 
 def test_from_hf_errors(tmp_path, tiny):

@@ -1,9 +1,12 @@
 """Llama-family decoder: NNX modules that hold parameters, and a pure forward pass.
 
 The modules (`Llama`, `Block`, `Attention`, `MLP`, `RMSNorm`, `Linear`, `Embed`) only own
-parameters; they have no `__call__`. The forward pass is a set of pure functions that read a
+parameters; they have no `__call__`. `Llama.layers` is one `Block` whose parameters carry a
+leading [L] axis (all layers stacked), so the forward pass is a `lax.scan` over layers: one
+layer is traced and compiled, not L. The forward pass is a set of pure functions that read a
 module's parameters and take and return explicit cache pytrees (`hydrax.cache.KVCache`). Under
-`jit`, split the model (`nnx.split`) outside and `nnx.merge` inside, or use `apply`.
+`jit`, split the model (`nnx.split`) outside and `nnx.merge` inside, or use `apply`. The same
+`forward` runs per shard under `jax.shard_map` with its all-reduces injected (`reduce=`).
 
 Axis letters: B sequences, T new tokens per sequence, E hidden size, F MLP size, H query heads,
 K KV heads, G = H/K, D head dim, L layers, V vocabulary, S cache capacity.
@@ -17,7 +20,7 @@ the parameters' dtype; attention accumulates in float32 (in `hydrax.attention`).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +47,11 @@ def _normal(rngs: nnx.Rngs, shape, dtype):
 
 
 class Linear(nnx.Module):
-  """kernel [in, out] (the transpose of a torch Linear weight); no bias."""
+  """kernel [*stack, in, out] (the transpose of a torch Linear weight); no bias."""
 
-  def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype))
+  def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs,
+               stack: tuple = ()):
+    self.kernel = nnx.Param(_normal(rngs, tuple(stack) + (in_features, out_features), dtype))
 
 
 class Embed(nnx.Module):
@@ -58,45 +62,55 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """weight [E] (initialised to ones)."""
+  """weight [*stack, E] (initialised to ones)."""
 
-  def __init__(self, features: int, *, dtype):
-    self.weight = nnx.Param(jnp.ones((features,), dtype))
+  def __init__(self, features: int, *, dtype, stack: tuple = ()):
+    self.weight = nnx.Param(jnp.ones(tuple(stack) + (features,), dtype))
 
 
 class Attention(nnx.Module):
-  """q [E, H*D], k and v [E, K*D], o [H*D, E]."""
+  """q [*stack, E, H*D], k and v [*stack, E, K*D], o [*stack, H*D, E]."""
 
-  def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, stack: tuple = ()):
     e, d = config.hidden_size, config.head_dim
-    self.q = Linear(e, config.num_heads * d, dtype=dtype, rngs=rngs)
-    self.k = Linear(e, config.num_kv_heads * d, dtype=dtype, rngs=rngs)
-    self.v = Linear(e, config.num_kv_heads * d, dtype=dtype, rngs=rngs)
-    self.o = Linear(config.num_heads * d, e, dtype=dtype, rngs=rngs)
+    kw = dict(dtype=dtype, rngs=rngs, stack=stack)
+    self.q = Linear(e, config.num_heads * d, **kw)
+    self.k = Linear(e, config.num_kv_heads * d, **kw)
+    self.v = Linear(e, config.num_kv_heads * d, **kw)
+    self.o = Linear(config.num_heads * d, e, **kw)
 
 
 class MLP(nnx.Module):
-  """SwiGLU: gate and up [E, F], down [F, E]."""
+  """SwiGLU: gate and up [*stack, E, F], down [*stack, F, E]."""
 
-  def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, stack: tuple = ()):
     e, f = config.hidden_size, config.intermediate_size
-    self.gate = Linear(e, f, dtype=dtype, rngs=rngs)
-    self.up = Linear(e, f, dtype=dtype, rngs=rngs)
-    self.down = Linear(f, e, dtype=dtype, rngs=rngs)
+    kw = dict(dtype=dtype, rngs=rngs, stack=stack)
+    self.gate = Linear(e, f, **kw)
+    self.up = Linear(e, f, **kw)
+    self.down = Linear(f, e, **kw)
 
 
 class Block(nnx.Module):
-  """One decoder layer: attn_norm, attn, mlp_norm, mlp."""
+  """Decoder layer(s): attn_norm, attn, mlp_norm, mlp.
 
-  def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(config.hidden_size, dtype=dtype)
-    self.attn = Attention(config, dtype=dtype, rngs=rngs)
-    self.mlp_norm = RMSNorm(config.hidden_size, dtype=dtype)
-    self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+  With stack=(L,) every parameter has a leading [L] axis: the layers of a `Llama`, stacked so
+  that the forward pass scans over them; a slice along that axis is one layer's Block.
+  """
+
+  def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, stack: tuple = ()):
+    self.attn_norm = RMSNorm(config.hidden_size, dtype=dtype, stack=stack)
+    self.attn = Attention(config, dtype=dtype, rngs=rngs, stack=stack)
+    self.mlp_norm = RMSNorm(config.hidden_size, dtype=dtype, stack=stack)
+    self.mlp = MLP(config, dtype=dtype, rngs=rngs, stack=stack)
 
 
 class Llama(nnx.Module):
-  """Parameters of a Llama decoder. `config` is static; `lm_head` is None when tied."""
+  """Parameters of a Llama decoder. `config` is static; `lm_head` is None when tied.
+
+  `layers` is one `Block` holding every layer's parameters stacked on a leading [L] axis
+  (e.g. layers.attn.q.kernel [L, E, H*D]).
+  """
 
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     if not isinstance(config, LlamaConfig):
@@ -106,8 +120,7 @@ class Llama(nnx.Module):
       raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     self.config = config
     self.embed = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-    self.layers = nnx.List([Block(config, dtype=dtype, rngs=rngs)
-                            for _ in range(config.num_layers)])
+    self.layers = Block(config, dtype=dtype, rngs=rngs, stack=(config.num_layers,))
     self.norm = RMSNorm(config.hidden_size, dtype=dtype)
     self.lm_head = (None if config.tie_word_embeddings else
                     Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs))
@@ -123,7 +136,7 @@ def init(config: LlamaConfig, *, seed: int = 0, dtype=jnp.float32) -> Llama:
 
   The parameters are drawn in one compiled computation with few random-number ops (XLA
   compiles each random op separately and slowly): one flat draw for small models, one draw per
-  kind of tensor stacked over layers [L, ...] for large ones.
+  (layer-stacked) tensor for large ones.
   """
   dtype = jnp.dtype(dtype)
   graphdef, state = nnx.split(abstract(config, dtype=dtype))
@@ -131,32 +144,18 @@ def init(config: LlamaConfig, *, seed: int = 0, dtype=jnp.float32) -> Llama:
 
   def make():
     key = jax.random.key(seed)
-    groups: dict[tuple, list] = {}
-    for path, leaf in flat.items():
-      if path[-1] == "weight":      # RMSNorm weights
-        continue
-      kind = tuple("*" if isinstance(p, int) else p for p in path)
-      groups.setdefault(kind, []).append(path)
     values = {path: jnp.ones(leaf.shape, dtype) for path, leaf in flat.items()
-              if path[-1] == "weight"}
-    total = sum(int(np.prod(flat[p].shape)) for paths in groups.values() for p in paths)
-    if total <= _FLAT_INIT_LIMIT:
-      draws = {None: _INIT_STDDEV * jax.random.normal(key, (total,), jnp.float32)}
+              if path[-1] == "weight"}   # RMSNorm weights
+    drawn = sorted(path for path in flat if path[-1] != "weight")
+    sizes = [int(np.prod(flat[path].shape)) for path in drawn]
+    if sum(sizes) <= _FLAT_INIT_LIMIT:
+      pool = _INIT_STDDEV * jax.random.normal(key, (sum(sizes),), jnp.float32)
+      pieces = jnp.split(pool, np.cumsum(sizes)[:-1]) if drawn else []
     else:
-      draws = {}
-    offset = 0
-    for g, (kind, paths) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-      shape = flat[paths[0]].shape
-      size = int(np.prod(shape))
-      if None in draws:
-        stacked = draws[None][offset:offset + size * len(paths)]
-        offset += size * len(paths)
-      else:
-        stacked = _INIT_STDDEV * jax.random.normal(jax.random.fold_in(key, g),
-                                                   (len(paths) * size,), dtype)
-      stacked = stacked.astype(dtype).reshape((len(paths),) + tuple(shape))
-      for i, path in enumerate(paths):
-        values[path] = stacked[i]
+      pieces = [_INIT_STDDEV * jax.random.normal(jax.random.fold_in(key, i), (size,), dtype)
+                for i, size in enumerate(sizes)]
+    for path, piece in zip(drawn, pieces):
+      values[path] = piece.astype(dtype).reshape(flat[path].shape)
     return values
 
   values = jax.jit(make)()
@@ -186,6 +185,25 @@ def _flat_leaves(tree, prefix=()) -> dict:
 def abstract(config: LlamaConfig, *, dtype=jnp.float32) -> Llama:
   """A `Llama` whose parameters are `jax.ShapeDtypeStruct`s (nothing allocated)."""
   return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(params=0)))
+
+
+def resolve(model, params=None):
+  """(graphdef, params, config) of a model given as a `Llama` module (params None: its own),
+  its nnx.GraphDef with params, or a LlamaConfig with params."""
+  if isinstance(model, Llama):
+    graphdef, own = nnx.split(model)
+    return graphdef, own if params is None else params, model.config
+  if params is None:
+    raise ValueError("params is None: pass the model's params (nnx.State) or a Llama module")
+  if isinstance(model, LlamaConfig):
+    return nnx.split(abstract(model))[0], params, model
+  if isinstance(model, nnx.GraphDef):
+    config = getattr(nnx.merge(model, params), "config", None)
+    if not isinstance(config, LlamaConfig):
+      raise ValueError("model graphdef is not a hydrax Llama")
+    return model, params, config
+  raise ValueError(f"model must be a hydrax Llama module, its nnx.GraphDef or a LlamaConfig, "
+                   f"got {type(model).__name__}")
 
 
 def param_count(model_or_params) -> int:
@@ -241,7 +259,15 @@ def apply_rope(x, positions, inv_freq):
   return x * cos + rotated * sin
 
 
-def _check_inputs(config: LlamaConfig, tokens, positions, cache):
+def _local_heads(model: Llama) -> tuple[int, int]:
+  """(H, K) of the model's arrays: the config's, or a shard's H/M, K/M under shard_map."""
+  d = model.config.head_dim
+  return (int(model.layers.attn.q.kernel.shape[-1]) // d,
+          int(model.layers.attn.k.kernel.shape[-1]) // d)
+
+
+def _check_inputs(model: Llama, tokens, positions, cache, reduce, unroll):
+  config = model.config
   if tokens.ndim != 2:
     raise ValueError(f"tokens must have shape [B,T], got {tuple(tokens.shape)}")
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -251,10 +277,20 @@ def _check_inputs(config: LlamaConfig, tokens, positions, cache):
                      f"{tuple(positions.shape)}")
   if cache is not None and not isinstance(cache, KVCache):
     raise ValueError(f"cache must be a hydrax.cache.KVCache or None, got {type(cache).__name__}")
+  if reduce is not None and not isinstance(reduce, str):
+    raise ValueError(f"reduce must be None or a mesh axis name, got {reduce!r}")
+  if not (unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool)
+                            and unroll >= 1)):
+    raise ValueError(f"unroll must be a positive int or True (every layer), got {unroll!r}")
+  stacked = model.layers.attn.q.kernel.shape
+  if len(stacked) != 3 or stacked[0] != config.num_layers:
+    raise ValueError(f"model.layers must hold L={config.num_layers} stacked layers "
+                     f"(attn.q.kernel [L,E,H*D]), got attn.q.kernel of shape {tuple(stacked)}")
   b, t = tokens.shape
+  _, kv_heads = _local_heads(model)
   if cache is not None and cache.suffix is not None:
     suffix = cache.suffix
-    want = (config.num_layers, b, None, config.num_kv_heads, config.head_dim)
+    want = (config.num_layers, b, None, kv_heads, config.head_dim)
     got = tuple(suffix.k.shape)
     if len(got) != 5 or any(w is not None and w != g for w, g in zip(want, got)):
       raise ValueError(f"cache.suffix.k must have shape [L,B,S,K,D] = "
@@ -273,17 +309,21 @@ def _check_inputs(config: LlamaConfig, tokens, positions, cache):
         raise ValueError(f"cache.shared[{i}].k must have shape [L,N,S,K,D] with "
                          f"L={config.num_layers}, got {tuple(lvl.k.shape)}")
     for i, owner in enumerate(cache.owners):
-      if owner.shape != (b,):
-        raise ValueError(f"cache owners[{i}] has shape {owner.shape} but tokens have B={b} rows")
+      if tuple(owner.shape) != (b,):
+        raise ValueError(f"cache owners[{i}] has shape {tuple(owner.shape)} but tokens have "
+                         f"B={b} rows")
 
 
-def own_level(suffix: Optional[LevelKV], index: int, k, v):
+def own_level(suffix: Optional[LevelKV], index, k, v):
   """The per-sequence level of layer `index` for this chunk's keys and values k, v [B,T,K,D].
 
-  suffix None (no cache): the chunk alone. Otherwise the chunk is written into layer `index` of
-  suffix [L,B,S,K,D] after each row's valid keys (slots past S are dropped) and the level is
-  that layer with lengths + T. Returns (suffix, KVLevel); suffix.lengths are left as they were
-  (the caller advances them once for all layers)."""
+  suffix None (no cache): the chunk alone. Otherwise the chunk is written into layer `index`
+  (an int, or an int32 scalar that may be traced) of the stacked suffix [L,B,S,K,D] after each
+  row's valid keys (slots past S are dropped): one scatter of B*T*K*D elements into the stack,
+  in place when the stack is a loop carry or donated. The level reads that layer of the stack
+  in place (`KVLevel.layer`) with lengths + T. Returns (suffix, KVLevel); suffix.lengths are
+  left as they were (the caller advances them once for all layers).
+  """
   b, t = k.shape[:2]
   if suffix is None:
     return None, attn_lib.KVLevel(k, v, jnp.full((b,), t, jnp.int32), None)
@@ -293,38 +333,54 @@ def own_level(suffix: Optional[LevelKV], index: int, k, v):
   new_k = suffix.k.at[index, rows, slots].set(k.astype(suffix.k.dtype), mode="drop")
   new_v = suffix.v.at[index, rows, slots].set(v.astype(suffix.v.dtype), mode="drop")
   return (LevelKV(new_k, new_v, suffix.lengths),
-          attn_lib.KVLevel(new_k[index], new_v[index], start + t, None))
+          attn_lib.KVLevel(new_k, new_v, start + t, None, index))
 
 
-def _attention_layer(config: LlamaConfig, layer: Attention, x, positions, inv_freq,
-                     cache: Optional[KVCache], index: int, *, skip_attention: bool,
-                     backend: str):
-  """x [B,T,E] -> (out [B,T,E], suffix LevelKV or None with this layer's new keys written)."""
+def _all_reduce(x, reduce: Optional[str]):
+  """x summed over the mesh axis `reduce` (its shards hold partial sums), or x itself."""
+  return x if reduce is None else lax.psum(x, reduce)
+
+
+def _default_attend(q, levels, *, backend):
+  return attn_lib.hydragen_attention(q, levels, causal_last=True, backend=backend)
+
+
+def _attention_layer(config: LlamaConfig, layer: Attention, x, positions, inv_freq, shared,
+                     suffix: Optional[LevelKV], index, *, skip_attention: bool, backend,
+                     reduce: Optional[str], attend):
+  """x [B,T,E] -> (out [B,T,E], suffix LevelKV or None with this layer's new keys written).
+
+  shared: ((LevelKV [L,N,S,K,D], owner [B]), ...) read at layer `index` in place.
+  """
   b, t, _ = x.shape
-  h, kh, d = config.num_heads, config.num_kv_heads, config.head_dim
-  q = _linear(layer.q, x).reshape(b, t, h, d)
-  k = _linear(layer.k, x).reshape(b, t, kh, d)
-  v = _linear(layer.v, x).reshape(b, t, kh, d)
-  suffix = None if cache is None else cache.suffix
+  d = config.head_dim
+  q = _linear(layer.q, x)
+  k = _linear(layer.k, x)
+  v = _linear(layer.v, x)
+  h, kh = q.shape[-1] // d, k.shape[-1] // d     # a shard's heads under shard_map
+  q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kh, d), v.reshape(b, t, kh, d)
   if skip_attention:
     # The paper's "no attention" upper bound: each query head takes its own token's value.
-    out = jnp.repeat(v, config.num_groups, axis=2)
-    return _linear(layer.o, out.reshape(b, t, h * d)), suffix
-  q = apply_rope(q, positions, inv_freq)
-  k = apply_rope(k, positions, inv_freq)
-  levels = [] if cache is None else cache.layer_levels(index)
-  suffix, own = own_level(suffix, index, k, v)
-  levels.append(own)
-  out, _ = attn_lib.hydragen_attention(q, levels, causal_last=True, backend=backend)
-  return _linear(layer.o, out.reshape(b, t, h * d)), suffix
+    out = jnp.repeat(v, h // kh, axis=2)
+  else:
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    levels = [attn_lib.KVLevel(lvl.k, lvl.v, lvl.lengths, owner, index)
+              for lvl, owner in shared]
+    suffix, own = own_level(suffix, index, k, v)
+    levels.append(own)
+    out, _ = attend(q, levels, backend=backend)
+  return _all_reduce(_linear(layer.o, out.reshape(b, t, h * d)), reduce), suffix
 
 
-def _mlp(mlp: MLP, x):
-  return _linear(mlp.down, jax.nn.silu(_linear(mlp.gate, x)) * _linear(mlp.up, x))
+def _mlp(mlp: MLP, x, reduce: Optional[str]):
+  out = _linear(mlp.down, jax.nn.silu(_linear(mlp.gate, x)) * _linear(mlp.up, x))
+  return _all_reduce(out, reduce)
 
 
 def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
-            valid=None, skip_attention: bool = False, backend: str = "auto"):
+            valid=None, skip_attention: bool = False, backend="auto",
+            reduce: Optional[str] = None, attend: Optional[Callable] = None, unroll=1):
   """Runs the decoder over T new tokens per row; pure (the model is only read).
 
   tokens, positions: [B,T] int32 (positions are the RoPE positions of the new tokens).
@@ -336,31 +392,62 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
     lengths grow by it. Padding tokens must come last in a row.
   skip_attention: skip the attention product (the "no attention" upper bound): caches are
     passed through untouched.
+  backend: attention backend name or `hydrax.attention.backends.Backend` value.
+
+  The layers run under `lax.scan` over the stacked parameters (`unroll` layers per loop
+  iteration; True unrolls all). The scan carries the hidden state and the stacked suffix
+  cache: layer l writes its new keys into the stack at [l, b, slot] and attends to layer l of
+  the stacked shared and suffix caches in place (`KVLevel(..., layer=l)`), so no per-layer
+  copy of a cache is made (under `jit`, donate the cache).
+
+  For the same model written per shard under `jax.shard_map` (tensor parallel; see
+  `hydrax.parallel.step`), two hashable hooks say what differs:
+  reduce: None, or the mesh axis over which the o projection's and the MLP down projection's
+    outputs are summed (`lax.psum`): their input rows are split over it, so each shard holds
+    a partial sum. The model's arrays are then the shard's slices (H/M query heads, K/M KV
+    heads, F/M MLP columns); head counts are read from the arrays.
+  attend: None (`hydragen_attention(q, levels, causal_last=True, backend=backend)`), or a
+    callable with that signature `attend(q, levels, *, backend) -> (out, lse)`; levels are the
+    shared levels (owners from `cache.owners`) then the per-row level, each at layer l.
+
   Returns (hidden [B,T,E] after the final norm, in the model dtype; the cache with its suffix
   updated, or None if `cache` was None).
   """
   config = model.config
   tokens = jnp.asarray(tokens)
   positions = jnp.asarray(positions)
-  _check_inputs(config, tokens, positions, cache)
+  _check_inputs(model, tokens, positions, cache, reduce, unroll)
   b, t = tokens.shape
   inv_freq = rope_frequencies(config)
+  eps = config.rms_norm_eps
+  attend = _default_attend if attend is None else attend
   x = jnp.take(model.embed.embedding[...], tokens.astype(jnp.int32), axis=0)
   suffix = None if cache is None else cache.suffix
-  for index, block in enumerate(model.layers):
-    layer_cache = None if cache is None else cache.replace_suffix(suffix)
-    a, suffix = _attention_layer(config, block.attn, rms_norm(block.attn_norm, x,
-                                                              config.rms_norm_eps),
-                                 positions, inv_freq, layer_cache, index,
-                                 skip_attention=skip_attention, backend=backend)
+  shared = () if cache is None or skip_attention else tuple(zip(cache.shared, cache.owners))
+  carried = None if skip_attention else suffix
+  layer_def, stacked = nnx.split(model.layers)
+
+  def layer(carry, xs):
+    x, carried = carry
+    params, index = xs
+    block = nnx.merge(layer_def, params)
+    a, carried = _attention_layer(config, block.attn, rms_norm(block.attn_norm, x, eps),
+                                  positions, inv_freq, shared, carried, index,
+                                  skip_attention=skip_attention, backend=backend,
+                                  reduce=reduce, attend=attend)
     x = x + a
-    x = x + _mlp(block.mlp, rms_norm(block.mlp_norm, x, config.rms_norm_eps))
-  hidden = rms_norm(model.norm, x, config.rms_norm_eps)
+    x = x + _mlp(block.mlp, rms_norm(block.mlp_norm, x, eps), reduce)
+    return (x, carried), None
+
+  layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+  (x, carried), _ = lax.scan(layer, (x, carried), (stacked, layers),
+                             unroll=config.num_layers if unroll is True else unroll)
+  hidden = rms_norm(model.norm, x, eps)
   if cache is None:
     return hidden, None
-  if suffix is not None and not skip_attention:
+  if carried is not None:
     grow = jnp.full((b,), t, jnp.int32) if valid is None else jnp.asarray(valid, jnp.int32)
-    suffix = LevelKV(suffix.k, suffix.v, suffix.lengths + grow)
+    suffix = LevelKV(carried.k, carried.v, carried.lengths + grow)
   return hidden, cache.replace_suffix(suffix)
 
 

@@ -1,6 +1,7 @@
 """Sharding rules: which array axis goes to which mesh axis, and where shared nodes live.
 
-Parameters (Megatron-style tensor parallelism over `model`, M its size):
+Parameters (Megatron-style tensor parallelism over `model`, M its size); the layers' arrays
+carry a leading [L] axis (stacked layers), never sharded:
   attn.q, attn.k, attn.v  kernel [E, H*D] / [E, K*D]  columns over model: H/M query heads and
                           K/M KV heads per shard (query head h reads KV head h // G, so a
                           shard's query heads read only its own KV heads)
@@ -76,12 +77,13 @@ def _names(path) -> tuple:
 
 
 def _param_spec(names: tuple, ndim: int, shard_vocab: bool):
-  if ndim != 2 or "kernel" not in names:
+  lead = (None,) if "layers" in names else ()     # the stacked layers' [L] axis: unsharded
+  if ndim != len(lead) + 2 or "kernel" not in names:
     return P()
   if "attn" in names:
-    return P(MODEL, None) if "o" in names else P(None, MODEL)
+    return P(*lead, MODEL, None) if "o" in names else P(*lead, None, MODEL)
   if "mlp" in names:
-    return P(MODEL, None) if "down" in names else P(None, MODEL)
+    return P(*lead, MODEL, None) if "down" in names else P(*lead, None, MODEL)
   if "lm_head" in names:
     return P(None, MODEL) if shard_vocab else P()
   return P()

@@ -11,6 +11,10 @@ F_l = F/M MLP columns (M the model axis size). The collectives are explicit:
   logits         vocab-sharded: greedy decoding all-gathers one (max, argmax) pair per row and
                  shard; sampling and `apply` all-gather the logits [B_l,T,V] over model.
 
+The model is `hydrax.models.llama.forward` itself (one copy of the layers, under `lax.scan`):
+`forward_shard` calls it with `reduce=MODEL` (the two psums) and, when the data shards' node
+layouts differ, an `attend=` hook that picks each shard's owners.
+
 Per-shard owners: the XLA attention backend groups a shared level's queries by node statically
 (NumPy owners), but each data shard owns a different local node layout. `OwnerTable` holds the
 distinct per-shard layouts; with more than one, the attention of each layer is a `lax.switch`
@@ -23,6 +27,7 @@ L layers, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple, Optional, Sequence
 
@@ -36,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hydrax import attention as attn_lib
 from hydrax.attention import KVLevel
 from hydrax.attention.checks import concrete
-from hydrax.cache import LevelKV
+from hydrax.cache import KVCache, LevelKV
 from hydrax.models import llama as llama_lib
 from hydrax.parallel import rules
 from hydrax.parallel.mesh import DATA, MODEL, axis_sizes, check_mesh
@@ -73,15 +78,38 @@ class OwnerTable(NamedTuple):
     """The table with one more level (the same `owner` on every shard) appended."""
     return OwnerTable(tuple(v + (owner,) for v in self.variants), self.index)
 
+  def key(self) -> tuple:
+    """A hashable value equal for tables with the same layouts (owners' bytes)."""
+    return (tuple(tuple(None if o is None else (o.shape, o.tobytes()) for o in v)
+                  for v in self.variants), self.index.tobytes())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TableAttention:
+  """The `attend=` hook of `llama.forward` under shard_map: `attend_shard` with this table's
+  per-shard owners for the shared levels (and None for the per-row level after them).
+  Hashable and equal by the table's contents."""
+  table: OwnerTable
+
+  def __call__(self, q, levels, *, backend):
+    return attend_shard(q, levels, self.table.extend(None), causal_last=True, backend=backend)
+
+  def __hash__(self):
+    return hash(self.table.key())
+
+  def __eq__(self, other):
+    return isinstance(other, TableAttention) and self.table.key() == other.table.key()
+
 
 def attend_shard(q, levels: Sequence[KVLevel], table: OwnerTable, *, causal_last: bool = True,
                  scale: Optional[float] = None, backend: str = "auto"):
   """`hydragen_attention` of one shard. No communication.
 
-  q [B_l,T,H_l,D]; levels: KVLevel(k, v, lengths, None) per level, k, v [N_l,S,K_l,D] (the
-  shard's local nodes, padded) or [B_l,S,K_l,D] (per-row levels); the owners come from `table`
-  (a shared level's k, v are cut to the nodes its owner uses). Returns out [B_l,T,H_l,D] (q's
-  dtype), lse [B_l,T,H_l] float32.
+  q [B_l,T,H_l,D]; levels: KVLevel(k, v, lengths, owner, layer) per level, k, v [N_l,S,K_l,D]
+  (the shard's local nodes, padded) or [B_l,S,K_l,D] (per-row levels), or stacked
+  [L,...] with `layer` set; their owners are replaced by `table`'s (a shared level is cut to
+  the nodes its owner uses when that is fewer than N_l; a stacked level is then sliced to its
+  layer first). Returns out [B_l,T,H_l,D] (q's dtype), lse [B_l,T,H_l] float32.
   """
   levels = list(levels)
   if any(len(v) != len(levels) for v in table.variants):
@@ -91,11 +119,11 @@ def attend_shard(q, levels: Sequence[KVLevel], table: OwnerTable, *, causal_last
   def run(variant, q, levels):
     parts = []
     for level, owner in zip(levels, variant):
-      if owner is None:
-        parts.append(level)
-      else:
-        n = int(owner.max()) + 1 if owner.size else 1
-        parts.append(KVLevel(level.k[:n], level.v[:n], level.lengths[:n], owner))
+      n = (int(owner.max()) + 1 if owner.size else 1) if owner is not None else 0
+      if owner is not None and n < level.k.shape[-4]:
+        level = level.layer_view()
+        level = KVLevel(level.k[:n], level.v[:n], level.lengths[:n])
+      parts.append(level._replace(owner=owner))
     return attn_lib.hydragen_attention(q, parts, causal_last=causal_last, scale=scale,
                                        backend=backend)
 
@@ -169,87 +197,52 @@ def hydragen_attention(q, levels: Sequence[KVLevel], *, mesh, causal_last: bool 
 # ----------------------------------------------------------------------------- model step
 
 
-def _linear(kernel, x):
-  precision = lax.Precision.HIGHEST if kernel.dtype == jnp.float32 else lax.Precision.DEFAULT
-  return jnp.einsum("...i,io->...o", x, kernel, precision=precision)
-
-
-def _attention_layer(config, layer, x, positions, inv_freq, shared, table, suffix, index, *,
-                     skip_attention, backend):
-  """x [B_l,T,E] -> (out [B_l,T,E] summed over model, suffix with this layer's keys)."""
-  b, t, _ = x.shape
-  d = config.head_dim
-  q = _linear(layer.q.kernel[...], x)
-  k = _linear(layer.k.kernel[...], x)
-  v = _linear(layer.v.kernel[...], x)
-  hl, kl = q.shape[-1] // d, k.shape[-1] // d
-  q, k, v = q.reshape(b, t, hl, d), k.reshape(b, t, kl, d), v.reshape(b, t, kl, d)
-  if skip_attention:
-    out = jnp.repeat(v, hl // kl, axis=2)
-  else:
-    q = llama_lib.apply_rope(q, positions, inv_freq)
-    k = llama_lib.apply_rope(k, positions, inv_freq)
-    levels = [KVLevel(lvl.k[index], lvl.v[index], lvl.lengths, None) for lvl in shared]
-    suffix, own = llama_lib.own_level(suffix, index, k, v)
-    levels.append(own)
-    out, _ = attend_shard(q, levels, table.extend(None), causal_last=True, backend=backend)
-  partial = _linear(layer.o.kernel[...], out.reshape(b, t, hl * d))
-  return lax.psum(partial, MODEL), suffix                        # all-reduce 1 of 2
-
-
-def _mlp(mlp, x):
-  partial = _linear(mlp.down.kernel[...],
-                    jax.nn.silu(_linear(mlp.gate.kernel[...], x)) * _linear(mlp.up.kernel[...], x))
-  return lax.psum(partial, MODEL)                                # all-reduce 2 of 2
-
-
 def forward_shard(model, tokens, positions, *, shared: Sequence[LevelKV] = (),
                   table: Optional[OwnerTable] = None, suffix: Optional[LevelKV] = None,
-                  valid=None, skip_attention: bool = False, backend: str = "auto"):
+                  valid=None, skip_attention: bool = False, backend="auto", unroll=1):
   """The tensor-parallel decoder over T new tokens of this shard's rows (inside shard_map).
 
+  `hydrax.models.llama.forward` with reduce=MODEL (a psum after the o projection and after
+  the MLP down projection) and, when the data shards' owners differ, a `TableAttention` hook.
   model: a `Llama` whose arrays are this shard's slices (`rules.param_specs`); its config is
     the global one. tokens, positions: [B_l,T] int32.
   shared: read-only LevelKV [L,N_l,S,K_l,D] of this shard's local nodes, with their owners in
     `table` (one entry per shared level). suffix: LevelKV [L,B_l,S,K_l,D] written at slots
     lengths..lengths+T-1 and attended last (causal); None: the tokens attend to themselves.
   valid: [B_l] real new tokens per row (default T); suffix lengths grow by it.
-  Same semantics as `hydrax.models.llama.forward`. Returns (hidden [B_l,T,E] after the final
-  norm, identical on the model shards; the suffix LevelKV or None).
+  Returns (hidden [B_l,T,E] after the final norm, identical on the model shards; the suffix
+  LevelKV or None).
   """
-  config = model.config
   shared = tuple(shared)
   if table is None:
-    if shared:
+    if shared and not skip_attention:
       raise ValueError("forward_shard: shared levels need an OwnerTable")
     table = OwnerTable(((),), np.zeros((1,), np.int32))
-  b, t = tokens.shape
-  inv_freq = llama_lib.rope_frequencies(config)
-  eps = config.rms_norm_eps
-  x = jnp.take(model.embed.embedding[...], tokens.astype(jnp.int32), axis=0)
-  for index, block in enumerate(model.layers):
-    a, suffix = _attention_layer(config, block.attn, llama_lib.rms_norm(block.attn_norm, x, eps),
-                                 positions, inv_freq, shared, table, suffix, index,
-                                 skip_attention=skip_attention, backend=backend)
-    x = x + a
-    x = x + _mlp(block.mlp, llama_lib.rms_norm(block.mlp_norm, x, eps))
-  hidden = llama_lib.rms_norm(model.norm, x, eps)
-  if suffix is not None and not skip_attention:
-    grow = jnp.full((b,), t, jnp.int32) if valid is None else valid.astype(jnp.int32)
-    suffix = LevelKV(suffix.k, suffix.v, suffix.lengths + grow)
-  return hidden, suffix
+  if skip_attention:
+    # No attention reads the caches: they pass through untouched.
+    hidden, _ = llama_lib.forward(model, tokens, positions, None, skip_attention=True,
+                                  backend=backend, reduce=MODEL, unroll=unroll)
+    return hidden, suffix
+  if len(table.variants[0]) != len(shared):
+    raise ValueError(f"forward_shard: the owner table has {len(table.variants[0])} levels "
+                     f"for {len(shared)} shared levels")
+  cache = None
+  if shared or suffix is not None:
+    # Any shard's owners make a valid cache ([B_l] local node indices); with several layouts
+    # the hook below replaces them by this shard's own.
+    cache = KVCache(suffix, shared, table.variants[0])
+  attend = TableAttention(table) if len(table.variants) > 1 else None
+  hidden, cache = llama_lib.forward(model, tokens, positions, cache, valid=valid,
+                                    backend=backend, reduce=MODEL, attend=attend,
+                                    unroll=unroll)
+  return hidden, None if cache is None else cache.suffix
 
 
 def logits_shard(model, hidden):
   """hidden [..., E] -> float32 logits [..., V_l]: this shard's vocabulary slice when the head
-  is vocab-sharded (V_l = V/M), else all V (tied or replicated head)."""
-  if model.lm_head is None:
-    table = model.embed.embedding[...]
-    precision = lax.Precision.HIGHEST if table.dtype == jnp.float32 else lax.Precision.DEFAULT
-    out = jnp.einsum("...e,ve->...v", hidden, table, precision=precision)
-  else:
-    out = _linear(model.lm_head.kernel[...], hidden)
-  return out.astype(jnp.float32)
+  is vocab-sharded (V_l = V/M), else all V (tied or replicated head). `llama.logits` of the
+  shard's arrays."""
+  return llama_lib.logits(model, hidden)
 
 
 def full_logits_shard(model, hidden, vocab_sharded: bool):
@@ -289,9 +282,8 @@ def apply(model, params, tokens, positions=None, *, mesh, backend: str = "auto")
   model: a hydrax `Llama`, its nnx.GraphDef (with params) or its LlamaConfig (with params);
   params: its nnx.State (None: the module's own). B must be divisible by the data axis size.
   """
-  from hydrax.parallel.generate import resolve_model
   mesh = check_mesh(mesh)
-  graphdef, params, config = resolve_model(model, params)
+  graphdef, params, config = llama_lib.resolve(model, params)
   data, _ = axis_sizes(mesh)
   tokens = np.asarray(tokens).astype(np.int32)
   if tokens.ndim != 2:

@@ -65,18 +65,18 @@ def test_param_specs_and_placement(net):
   mesh = parallel.make_mesh((2, 4))
   _, params = nnx.split(net)
   specs = nnx.to_pure_dict(parallel.param_specs(params, CONFIG, mesh))
-  layer = specs["layers"][0]
-  assert layer["attn"]["q"]["kernel"] == P(None, "model")
-  assert layer["attn"]["k"]["kernel"] == P(None, "model")
-  assert layer["attn"]["o"]["kernel"] == P("model", None)
-  assert layer["mlp"]["up"]["kernel"] == P(None, "model")
-  assert layer["mlp"]["down"]["kernel"] == P("model", None)
+  layer = specs["layers"]                                        # stacked [L, ...]
+  assert layer["attn"]["q"]["kernel"] == P(None, None, "model")
+  assert layer["attn"]["k"]["kernel"] == P(None, None, "model")
+  assert layer["attn"]["o"]["kernel"] == P(None, "model", None)
+  assert layer["mlp"]["up"]["kernel"] == P(None, None, "model")
+  assert layer["mlp"]["down"]["kernel"] == P(None, "model", None)
   assert layer["attn_norm"]["weight"] == P()
   assert specs["embed"]["embedding"] == P()
   assert specs["lm_head"]["kernel"] == P(None, "model")          # 256 % 4 == 0
   placed = nnx.to_pure_dict(parallel.shard_params(params, CONFIG, mesh))
-  k = placed["layers"][1]["attn"]["k"]["kernel"]
-  assert {s.data.shape for s in k.addressable_shards} == {(64, 2 * 8)}   # K/M = 2 heads
+  k = placed["layers"]["attn"]["k"]["kernel"]
+  assert {s.data.shape for s in k.addressable_shards} == {(2, 64, 2 * 8)}   # K/M = 2 heads
   odd = CONFIG.replace(vocab_size=250)
   assert not parallel.vocab_sharded(odd, mesh)
 
@@ -88,8 +88,8 @@ def test_init_creates_sharded_params_equal_to_llama_init():
   want = nnx.state(llama.init(config, seed=5))
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     np.testing.assert_array_equal(a, b)
-  q = nnx.to_pure_dict(got)["layers"][0]["attn"]["q"]["kernel"]
-  assert q.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
+  q = nnx.to_pure_dict(got)["layers"]["attn"]["q"]["kernel"]
+  assert q.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "model")), 3)
 
 
 def test_head_count_not_divisible_is_a_clear_error():
