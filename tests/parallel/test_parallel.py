@@ -118,16 +118,22 @@ def test_place_nodes_policy():
     parallel.place_nodes(owner, 3)
 
 
-def test_shard_plan_places_sharers(plan):
+def test_layout_over_data_places_sharers(plan):
   seqs = [np.asarray(s) for s in plan.sequences]
-  sp = parallel.shard_plan(plan, seqs, 2, max_new_tokens=4)
-  assert len(sp.levels) == 1 and sp.levels[0].rows == 2
-  assert sp.replication == (1.5,)        # node B (rows 3-7) is stored on both shards
-  assert len(sp.main.table.variants) == 2  # the shards' local owners differ: a lax.switch
-  np.testing.assert_array_equal(sp.plan_row, [[0, 1, 2, 3], [4, 5, 6, 7]])
-  uneven = parallel.shard_plan(plan, seqs, 3, max_new_tokens=4)     # 3 + 3 + 2 rows
+  lay = engine.layout(plan, seqs, data=2, max_new_tokens=4)
+  assert len(lay.levels) == 1 and lay.levels[0].rows == 2
+  assert lay.replication == (1.5,)        # node B (rows 3-7) is stored on both shards
+  # Owners are per-shard local node indices, runtime data sharded over data (no per-shard
+  # program). Plan order puts B's 5 rows first: shard 0 holds B (and an unused slot), shard 1
+  # holds B (row 4) and A (rows 5-7).
+  np.testing.assert_array_equal(lay.seq_owner[0], [0, 0, 0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(lay.main.anc[0], lay.seq_owner[0])
+  np.testing.assert_array_equal(lay.levels[0].lengths, [26, 0, 26, 20])
+  np.testing.assert_array_equal(lay.plan_row, [[0, 1, 2, 3], [4, 5, 6, 7]])
+  uneven = engine.layout(plan, seqs, data=3, max_new_tokens=4)       # 3 + 3 + 2 rows
   np.testing.assert_array_equal(uneven.real.sum(axis=1), [3, 3, 2])
   assert uneven.plan_row[2, 2] == uneven.plan_row[2, 1]              # a repeated row
+  assert lay.signature() != uneven.signature()
 
 
 # ----------------------------------------------------------------------------- attention
