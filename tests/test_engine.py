@@ -1,5 +1,6 @@
 """hydrax.engine: hydragen == replicated == a naive full-forward loop; eos, sampling, errors."""
 
+import re
 from typing import NamedTuple
 
 import jax
@@ -317,3 +318,24 @@ def test_runtime_is_a_hashable_value_in_the_key(tiny):
     engine.generate(model, prompts, max_new_tokens=2, backend="nope")
   with pytest.raises(ValueError, match="runtime= must be a Runtime"):
     engine.generate(model, prompts, max_new_tokens=2, runtime=rt, backend="xla")
+
+
+@pytest.mark.parametrize("attention", ["replicated", "hydragen"])
+def test_decode_makes_no_copy_of_the_whole_cache(tiny, attention):
+  """The compiled decode loop copies or transposes no array as large as the per-sequence cache
+  [L,B,S,K,D] (what remains on CPU: the XLA backend's per-layer transposes of one layer's k and
+  v, 1/L of it each)."""
+  config, model, _, _ = tiny
+  rng = np.random.default_rng(5)
+  prefix = rng.integers(1, 256, 40)
+  prompts = [np.concatenate([prefix, rng.integers(1, 256, 3 + i)]) for i in range(5)]
+  engine.clear_compiled_cache()
+  gen = engine.generate(model, prompts, max_new_tokens=8, attention=attention, backend="xla",
+                        sharing_options=dict(min_shared_tokens=0, merge_cost=0))
+  _, decode = list(engine._EXECUTABLES.items.values())[-1]
+  rows, _, capacity, _, _ = gen.signature.main
+  cache = config.num_layers * rows * capacity * config.num_kv_heads * config.head_dim
+  sizes = [int(np.prod([int(x) for x in dims.split(",") if x]))
+           for dims in re.findall(r"= f32\[([\d,]*)\][^ ]* (?:copy|transpose)\(",
+                                  decode.as_text())]
+  assert config.num_layers >= 2 and max(sizes, default=0) < cache

@@ -1,6 +1,8 @@
 """hydrax.parallel on 8 simulated CPU devices: mesh, rules, node placement, sharded attention
 equal to unsharded, sharded forward and greedy generation equal to single-device, errors."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,3 +245,21 @@ def test_sharded_sampling_and_eos(net):
   assert again.compile_seconds == 0                 # same shapes: executables reused
   assert again.lengths[4] <= 2 and again.tokens[4, again.lengths[4]:].max(initial=0) == 0
   np.testing.assert_array_equal(again.tokens[:, 0], first.tokens[:, 0])
+
+
+def test_mesh_decode_collectives_and_cache_sharding(net, plan):
+  """One loop on a (2, 4) mesh: the decode step holds two all-reduces of [B_l,1,E] per layer
+  (attention output, MLP down), one (max, argmax) gather per row for greedy sampling over the
+  vocab-sharded head, and the scalar "all done?" psum over data; caches stay split over
+  (data, model) and are never all-gathered."""
+  engine.clear_compiled_cache()
+  engine.generate(net, None, plan, mesh=(2, 4), max_new_tokens=3)
+  _, decode = list(engine._EXECUTABLES.items.values())[-1]
+  text = decode.as_text()
+  reduces = re.findall(r"= f32\[(\d+),1,64\][^ ]* all-reduce\(", text)
+  assert len(reduces) == 2 * CONFIG.num_layers and set(reduces) == {"4"}   # B_l = 8 / 2
+  assert len(re.findall(r"= s32\[\] all-reduce\(", text)) >= 1              # all done?
+  gathers = re.findall(r"= [fs]32\[([\d,]+)\][^ ]* all-gather\(", text)
+  assert sorted(gathers) == ["4,4", "4,4"]                                    # (max, argmax)
+  suffix = decode.input_shardings[0][2]
+  assert suffix.k.spec == P(None, "data", None, "model")
