@@ -99,14 +99,8 @@ def generation_point(*, batch: int, prefix: int, attention: str, model: str = "t
     if need > memory_limit_bytes:
       raise OutOfMemory(f"KV cache needs {need} bytes > memory_limit_bytes={memory_limit_bytes}")
   start = time.perf_counter()
-  if mesh is None:
-    gen = engine.generate(net, plan, max_new_tokens=max_new_tokens, attention=attention,
-                          eos_id=eos_id, seed=seed, backend=backend)
-  else:
-    from hydrax import parallel
-    gen = parallel.generate(net, plan, mesh=parallel.make_mesh(mesh),
-                            max_new_tokens=max_new_tokens, attention=attention, eos_id=eos_id,
-                            seed=seed, backend=backend)
+  gen = engine.generate(net, plan, max_new_tokens=max_new_tokens, attention=attention,
+                        eos_id=eos_id, seed=seed, backend=backend, mesh=mesh)
   e2e = time.perf_counter() - start
   lengths = np.asarray(gen.lengths)
   new_tokens = int(np.sum(lengths))

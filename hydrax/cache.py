@@ -7,9 +7,8 @@ A `LevelKV` holds one cache level for all layers: k, v [L,N,S,K,D] and the valid
 [N]. A `KVCache` is what a forward pass reads and writes:
 
   shared  read-only levels, root first; each node stored once (no copy per sequence);
-  owners  the node of each row at each shared level, as static NumPy data: part of the pytree's
-          structure (jit treats it as a constant), so the attention backends group sequences
-          statically;
+  owners  the node of each row at each shared level: int32 arrays that are pytree children
+          (runtime data), so compiled programs depend on shapes only, not on the sharing tree;
   suffix  the per-row level that the forward pass appends to (owner = row), or None when the
           queries attend only to themselves (a full forward without a cache).
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydrax.attention import KVLevel
+from hydrax.attention.checks import concrete
 
 
 class LevelKV(NamedTuple):
@@ -46,9 +46,10 @@ class LevelKV(NamedTuple):
   def num_nodes(self) -> int:
     return int(self.k.shape[1])
 
-  def layer(self, index: int, owner=None) -> KVLevel:
-    """The attention-core view of layer `index`: KVLevel(k[l], v[l], lengths, owner)."""
-    return KVLevel(self.k[index], self.v[index], self.lengths, owner)
+  def layer(self, index, owner=None) -> KVLevel:
+    """The attention-core view of layer `index` (an int or int32 scalar, may be traced): the
+    stacked k, v with `layer=index`, so that backends read that layer in place (no copy)."""
+    return KVLevel(self.k, self.v, self.lengths, owner, layer=index)
 
 
 def empty_level(num_layers: int, num_nodes: int, capacity: int, num_kv_heads: int,
@@ -64,15 +65,22 @@ def empty_level(num_layers: int, num_nodes: int, capacity: int, num_kv_heads: in
                  jnp.zeros((num_nodes,), jnp.int32))
 
 
-def _as_owner(owner, num_nodes: int, index: int) -> tuple:
-  arr = np.asarray(owner)
-  if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+def _check_owner(owner, num_nodes: int, batch: Optional[int], index: int):
+  """owner as given (NumPy stays NumPy: eager callers keep the static grouping), checked:
+  [B] integers, and in [0, N) when its values are concrete."""
+  if not hasattr(owner, "shape") or not hasattr(owner, "dtype"):
+    owner = np.asarray(owner)
+  if owner.ndim != 1 or not jnp.issubdtype(owner.dtype, jnp.integer):
     raise ValueError(f"owners[{index}] must be a 1-D integer array [B], got shape "
-                     f"{arr.shape} dtype {arr.dtype}")
-  if arr.size and (arr.min() < 0 or arr.max() >= num_nodes):
-    raise ValueError(f"owners[{index}] has node indices in [{arr.min()}, {arr.max()}], outside "
-                     f"[0, {num_nodes - 1}] (level {index} has N={num_nodes} nodes)")
-  return tuple(int(x) for x in arr)
+                     f"{tuple(owner.shape)} dtype {owner.dtype}")
+  if batch is not None and owner.shape[0] != batch:
+    raise ValueError(f"owners[{index}] has B={owner.shape[0]} rows but owners[0] (or the "
+                     f"suffix) has B={batch}")
+  values = concrete(owner)
+  if values is not None and values.size and (values.min() < 0 or values.max() >= num_nodes):
+    raise ValueError(f"owners[{index}] has node indices in [{values.min()}, {values.max()}], "
+                     f"outside [0, {num_nodes - 1}] (level {index} has N={num_nodes} nodes)")
+  return owner
 
 
 @jax.tree_util.register_pytree_node_class
@@ -80,49 +88,52 @@ class KVCache:
   """The cache a forward pass attends to: shared levels (read-only) + a per-row level.
 
   shared: tuple of LevelKV, root first ([L,N_i,S_i,K,D]).
-  owners: one int array [B] per shared level (static: stored as tuples in the treedef).
+  owners: one int array [B] per shared level, the node of each row: runtime data (pytree
+          children), so a new sharing tree of the same shapes reuses a compiled program.
+          NumPy owners used outside `jit` stay NumPy (backends may group statically then).
   suffix: LevelKV [L,B,S,K,D] (owner = row) or None.
   """
 
   def __init__(self, suffix: Optional[LevelKV], shared: Sequence[LevelKV] = (),
-               owners: Sequence = (), *, _checked_owners: Optional[tuple] = None):
+               owners: Sequence = (), *, _checked: bool = False):
     self.suffix = suffix
     self.shared = tuple(shared)
-    if _checked_owners is not None:
-      self._owners = _checked_owners
-      return
     owners = tuple(owners)
+    if _checked:
+      self._owners = owners
+      return
     if len(owners) != len(self.shared):
       raise ValueError(f"KVCache: {len(self.shared)} shared levels but {len(owners)} owner "
                        "arrays; give one owner array [B] per shared level")
-    self._owners = tuple(_as_owner(o, lvl.k.shape[1] if hasattr(lvl.k, "shape") else 0, i)
-                         for i, (o, lvl) in enumerate(zip(owners, self.shared)))
-    rows = {len(o) for o in self._owners}
+    batch = None
     if suffix is not None and hasattr(suffix.k, "shape"):
-      rows.add(int(suffix.k.shape[1]))
-    if len(rows) > 1:
-      raise ValueError(f"KVCache: shared owners and suffix disagree on the number of rows B: "
-                       f"{sorted(rows)}")
+      batch = int(suffix.k.shape[1])
+    checked = []
+    for i, (o, lvl) in enumerate(zip(owners, self.shared)):
+      o = _check_owner(o, int(lvl.k.shape[1]) if hasattr(lvl.k, "shape") else 0, batch, i)
+      batch = int(o.shape[0]) if batch is None else batch
+      checked.append(o)
+    self._owners = tuple(checked)
 
   @property
   def owners(self) -> tuple:
-    """One int32 NumPy array [B] per shared level."""
-    return tuple(np.asarray(o, np.int32) for o in self._owners)
+    """One int array [B] per shared level (NumPy or jax, as given; traced under `jit`)."""
+    return self._owners
 
-  def layer_levels(self, index: int) -> list[KVLevel]:
-    """The shared levels of layer `index` as KVLevels with NumPy (static) owners."""
-    return [lvl.layer(index, owner) for lvl, owner in zip(self.shared, self.owners)]
+  def layer_levels(self, index) -> list[KVLevel]:
+    """The shared levels of layer `index` (an int or int32 scalar) as KVLevels."""
+    return [lvl.layer(index, owner) for lvl, owner in zip(self.shared, self._owners)]
 
   def replace_suffix(self, suffix: Optional[LevelKV]) -> "KVCache":
-    return KVCache(suffix, self.shared, _checked_owners=self._owners)
+    return KVCache(suffix, self.shared, self._owners, _checked=True)
 
   def tree_flatten(self):
-    return (self.shared, self.suffix), self._owners
+    return (self.shared, self.suffix, self._owners), None
 
   @classmethod
-  def tree_unflatten(cls, owners, children):
-    shared, suffix = children
-    return cls(suffix, shared, _checked_owners=owners)
+  def tree_unflatten(cls, _, children):
+    shared, suffix, owners = children
+    return cls(suffix, shared, owners, _checked=True)
 
   def __repr__(self):
     def shape(lvl):

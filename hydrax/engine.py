@@ -1,9 +1,12 @@
-"""Generation: prefill over a sharing plan, one compiled decode loop, sampling.
+"""Generation: prefill over a sharing plan, one compiled decode loop, sampling; one device or a
+mesh, with the sharing tree as runtime data.
 
-  generate(model, params, prompts, *, max_new_tokens, attention="hydragen", ...) -> Generation
-  estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype) -> int
+  generate(model, params, prompts, *, max_new_tokens, attention="hydragen", backend="auto",
+           mesh=None, ...) -> Generation
+  Runtime(backend, mesh, checks) / Runtime.build(backend="auto", mesh=None, checks="static")
+  estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
-  clear_compiled_cache()
+  clear_compiled_cache(); compiled_cache_info() -> (entries, compilations so far)
   OutOfMemoryError, Generation
 
 Attention modes (all three prefill each shared node of the plan once, attending to its
@@ -19,13 +22,34 @@ cache that the suffixes and the decode loop read):
               no KV cache): the paper's "no attention" upper bound. Its tokens are not the
               model's.
 
-Axis letters: B sequences, P prompt length, N nodes, S capacity, E hidden, V vocabulary.
+Sharing structure is data. Everything derived from a plan (each row's node at every shared
+level, each node's ancestors, where each sequence's last prompt token is, the row order) is an
+int32 input array of the compiled prefill and decode. What they are compiled for is a small
+static `Signature`: rows per data shard, per shared level its node count and token width
+(bucketed with `hydrax.sharing.buckets.DEFAULT`) and cache capacity, the suffix width and
+capacity (bucketed), the prefill chunks, max_new_tokens, sampling, the `Runtime` (attention
+backend with its kernel configuration, mesh, checks mode) and the model's structure. Executables
+are cached by that key only, so nearby trees (prompts of 21, 23 or 22 tokens; other trees with
+the same bucketed shapes) reuse them and report `compile_seconds == 0`.
+
+One loop for one device and a mesh. With a ("data", "model") mesh the same prefill and decode
+run under `jax.shard_map`, manual over "data": the plan's rows (plan order, depth-first) are cut
+into `data` contiguous blocks, each shard stores and prefills the nodes its rows own (a node
+whose rows span shards is stored on each; owners are per-shard local indices, just data sharded
+over "data"), and "are all rows done?" is one scalar psum over "data" per decode step. The
+"model" axis is left to XLA's partitioner: parameters placed by `hydrax.parallel.rules`
+(tensor parallel), so XLA inserts the all-reduces after the attention output and MLP down
+projections and the vocabulary gather of sampling.
+
+Axis letters: B sequences, R rows of a prefill pass, P prompt length, N nodes, S capacity,
+W token width of a pass, E hidden, V vocabulary, L layers, K KV heads, D head dim.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import math
 import time
 from typing import Any, NamedTuple, Optional
@@ -35,15 +59,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from hydrax import sharing
+from hydrax.attention import backends as backends_lib
 from hydrax.cache import KVCache, LevelKV, empty_level, level_bytes
 from hydrax.models import llama as llama_lib
 from hydrax.models.configs import LlamaConfig
+from hydrax.sharing import buckets as buckets_lib
 
-_KEY_BLOCK = 128   # shared-level capacities are rounded up to this many keys
+_KEY_BLOCK = 128   # shared-level capacities above this are whole blocks of this many keys
+_BUCKETS = buckets_lib.DEFAULT
+_DATA = "data"     # the mesh axis of rows (hydrax.parallel.mesh.DATA; not imported: no cycle)
 
 ATTENTION_MODES = ("hydragen", "replicated", "none")
+CHECKS_MODES = ("static", "runtime")
 
 
 class OutOfMemoryError(RuntimeError):
@@ -63,12 +93,18 @@ class Generation:
   prefill_seconds, decode_seconds: wall time of the compiled prefill and decode loop (device
            work waited for; compile time excluded).
   compile_seconds: time spent compiling them; 0 when executables compiled by an earlier call
-           with the same shapes and plan structure were reused.
-  decode_tokens_per_second: generated tokens / decode_seconds.
-  tokens_per_second: generated tokens / (prefill_seconds + decode_seconds) (end to end).
-  kv_bytes: bytes of key/value cache allocated (shared levels once + per-sequence caches).
+           with the same signature (not the same tree) were reused.
+  decode_tokens_per_second: tokens produced by the decode loop / decode_seconds, i.e.
+           sum(lengths - 1) / decode_seconds: each sequence's first token comes from prefill
+           (it is sampled from the last prompt token's logits) and is not counted. NaN when
+           the loop did not run (max_new_tokens == 1).
+  tokens_per_second: all generated tokens / (prefill_seconds + decode_seconds) (end to end).
+  kv_bytes: bytes of key/value cache that decode holds (shared levels once per data shard
+           that stores them + per-sequence caches), as allocated (capacity, not valid keys).
   decode_steps: iterations of the decode loop that ran (it stops when all sequences are done).
-  texts: decoded generations when a tokenizer was given, else None.
+  attention: the mode. texts: decoded generations when a tokenizer was given, else None.
+  signature: the static `Signature` the executables were compiled for (requests with equal
+           signatures share them).
   """
   tokens: np.ndarray
   lengths: np.ndarray
@@ -81,6 +117,7 @@ class Generation:
   decode_steps: int
   attention: str
   texts: Optional[list] = None
+  signature: Optional[tuple] = None
 
   @property
   def num_generated(self) -> int:
@@ -95,6 +132,106 @@ class Generation:
   def tokens_per_s(self) -> float:
     """Alias of tokens_per_second."""
     return self.tokens_per_second
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+def _mesh_lib():
+  # Imported when a mesh is used: hydrax.parallel imports this module (its generate is ours).
+  from hydrax.parallel import mesh as mesh_lib, rules
+  return mesh_lib, rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """Where and how a generation runs; hashable, part of every compile key.
+
+  backend: the attention backend, a `hydrax.attention.backends.Backend` value carrying its
+           kernel configuration (`backends.get("pallas", lowering="triton")`).
+  mesh:    None (one device) or a ("data", "model") `jax.sharding.Mesh`.
+  checks:  "static" (the attention core's shape and concrete-value checks) or "runtime"
+           (values checked under jit too, passed to the attention core as checks=).
+  Build it with `Runtime.build(backend="auto", mesh=None, checks="static")`, which resolves a
+  backend name ("auto" per platform) and a mesh spec ("2x4", (2, 4), ...).
+  """
+  backend: backends_lib.Backend
+  mesh: Any = None
+  checks: str = "static"
+
+  def __post_init__(self):
+    if not isinstance(self.backend, backends_lib.Backend):
+      raise ValueError(f"Runtime.backend must be a backends.Backend (use Runtime.build for a "
+                       f"name), got {self.backend!r}")
+    if self.checks not in CHECKS_MODES:
+      raise ValueError(f"checks must be one of {list(CHECKS_MODES)}, got {self.checks!r}")
+    if self.checks != "static" and \
+        "checks" not in inspect.signature(llama_lib.forward).parameters:
+      raise ValueError(f"checks={self.checks!r} needs llama.forward(..., checks=...), which "
+                       "this hydrax's model does not take yet; use checks='static'")
+    if self.mesh is not None:
+      _mesh_lib()[0].check_mesh(self.mesh)
+
+  @classmethod
+  def build(cls, backend="auto", mesh=None, checks: str = "static") -> "Runtime":
+    if mesh is not None:
+      mesh = _mesh_lib()[0].make_mesh(mesh)
+    return cls(backends_lib.get(backend), mesh, checks)
+
+  @property
+  def data(self) -> int:
+    """Data shards (1 without a mesh)."""
+    return 1 if self.mesh is None else _mesh_lib()[0].axis_sizes(self.mesh)[0]
+
+  def describe(self) -> str:
+    where = "one device" if self.mesh is None else \
+        "mesh data={} model={}".format(*_mesh_lib()[0].axis_sizes(self.mesh))
+    return f"backend={self.backend.name}, {where}"
+
+  def forward_kwargs(self) -> dict:
+    kwargs = {"backend": self.backend}
+    if self.checks != "static":
+      kwargs["checks"] = self.checks
+    return kwargs
+
+  # What differs between one device and a mesh; the loop calls these and nothing else.
+
+  def wrap(self, fn, in_specs, out_specs):
+    """fn as run per data shard: itself without a mesh, else under shard_map manual over
+    "data" (the "model" axis is left to XLA's partitioner)."""
+    if self.mesh is None:
+      return fn
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                         axis_names=frozenset({_DATA}), check_vma=False)
+
+  def all_done(self, done):
+    """Whether every row of every data shard is done (one scalar psum over "data")."""
+    if self.mesh is None:
+      return jnp.all(done)
+    return lax.psum(jnp.sum((~done).astype(jnp.int32)), _DATA) == 0
+
+  def shard_key(self, key):
+    """A PRNG key of this data shard (the shards draw independently)."""
+    return key if self.mesh is None else jax.random.fold_in(key, lax.axis_index(_DATA))
+
+  def place(self, tree, spec):
+    """Host or device arrays placed with PartitionSpec `spec` (every leaf); as is without a
+    mesh."""
+    if self.mesh is None:
+      return jax.tree_util.tree_map(jnp.asarray, tree)
+    from jax.sharding import NamedSharding
+    rules = _mesh_lib()[1]
+    sharding = NamedSharding(self.mesh, spec)
+    return jax.tree_util.tree_map(lambda x: rules.put(x, sharding), tree)
+
+  def place_params(self, params, config):
+    if self.mesh is None:
+      return params
+    rules = _mesh_lib()[1]
+    return rules.shard_tree(params, rules.param_specs(params, config, self.mesh), self.mesh)
+
+  def to_host(self, x) -> np.ndarray:
+    return np.asarray(x) if self.mesh is None else _mesh_lib()[1].to_host(x)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -199,43 +336,147 @@ def resolve_model(model, params):
 # ----------------------------------------------------------------------------- plan layout
 
 
-class _Rows(NamedTuple):
-  """One prefill pass: R rows of tokens written into one cache level."""
-  tokens: np.ndarray     # [R, S_pad] int32
-  lengths: np.ndarray    # [R] int32
-  start: np.ndarray      # [R] int32 RoPE position of each row's first token
-  owners: tuple          # per earlier level: [R] node of each row (static)
-  capacity: int          # cache slots per row
-  chunk: int             # tokens per row per prefill step (S_pad is a multiple)
+class _Pass(NamedTuple):
+  """One prefill pass, R rows per data shard, stacked over shards: arrays have data*R rows.
+
+  tokens [data*R, W] int32 (W a multiple of chunk); lengths, start [data*R] int32 (start: the
+  RoPE position of each row's first token); anc: per earlier shared level, [data*R] int32 the
+  shard-local node each row attends to there (runtime data).
+  """
+  tokens: np.ndarray
+  lengths: np.ndarray
+  start: np.ndarray
+  anc: tuple
+  rows: int        # R, rows per data shard
+  capacity: int    # cache slots per row
+  chunk: int       # tokens per row per prefill step
+
+  def static(self) -> tuple:
+    return (self.rows, int(self.tokens.shape[1]), self.capacity, self.chunk, len(self.anc))
+
+  def arrays(self) -> tuple:
+    return (self.tokens, self.lengths, self.start, self.anc)
 
 
-class _Layout(NamedTuple):
-  """How a plan is prefilled and cached, for one attention mode.
+class Signature(NamedTuple):
+  """What compiled prefill and decode depend on besides the runtime and the model: nearby
+  sharing trees have equal signatures. levels and main: per pass (rows per shard, token width,
+  capacity, chunk, attended shared levels)."""
+  attention: str
+  data: int
+  rows: int
+  levels: tuple
+  main: tuple
+  max_new_tokens: int
 
-  Every mode prefills each shared node once (attending to its ancestors), then the suffixes.
-  hydragen keeps the nodes as shared levels and the suffixes (+ generated tokens) in `main`;
-  replicated copies each sequence's nodes into its own `main` cache (whole prompt + generated
-  tokens) before the suffix pass, and decodes with that cache alone; none keeps no cache.
+
+class Layout(NamedTuple):
+  """A plan laid out for prefill and decode over `data` shards (1 without a mesh).
+
+  levels: a `_Pass` per non-empty shared level (its rows are each shard's local nodes);
+  main: the per-sequence pass (suffixes; whole prompts' caches in the replicated mode).
+  seq_owner: per shared level, [data*B_l] local node of each row; last_source, last_row
+  [data*B_l]: where each row's last prompt token's hidden state is (-1: the main pass's row;
+  d: local node last_row of shared level d); prompt_lengths [data*B_l];
+  plan_row [data, B_l] plan row of each local row, real [data, B_l] False for repeated rows (a
+  short last block repeats its last row); order [B] input index of each plan row;
+  replication: per shared level, stored nodes / distinct nodes.
   """
   attention: str
-  levels: tuple          # _Rows per shared level (node prefill)
-  main: _Rows            # the per-sequence level (owners: the shared levels it attends to)
-  seq_owners: tuple      # per shared level: [B] node of each sequence (plan order)
-  last_source: np.ndarray  # [B] level holding each sequence's last prompt token (-1 = main)
-  last_row: np.ndarray   # [B] its row in that level
-  prompt_lengths: np.ndarray  # [B] (plan order)
-  order: np.ndarray      # [B] input index of plan row i
+  levels: tuple
+  main: _Pass
+  seq_owner: tuple
+  last_source: np.ndarray
+  last_row: np.ndarray
+  prompt_lengths: np.ndarray
+  plan_row: np.ndarray
+  real: np.ndarray
+  order: np.ndarray
+  replication: tuple
+  max_new_tokens: int
+
+  @property
+  def data(self) -> int:
+    return int(self.plan_row.shape[0])
+
+  def signature(self) -> Signature:
+    # With no shared level, hydragen and replicated are the same computation.
+    mode = self.attention if self.levels or self.attention == "none" else "replicated"
+    return Signature(mode, self.data, int(self.plan_row.shape[1]),
+                     tuple(p.static() for p in self.levels), self.main.static(),
+                     self.max_new_tokens)
+
+  def inputs(self) -> dict:
+    """The runtime arrays of prefill (all rows-first, sharded over "data")."""
+    return {"levels": [p.arrays() for p in self.levels], "main": self.main.arrays(),
+            "seq_owner": tuple(self.seq_owner), "last_source": self.last_source,
+            "last_row": self.last_row}
+
+  def kv_bytes(self, config: LlamaConfig, dtype) -> int:
+    """Bytes of the cache that decode holds (the shared levels only with hydragen)."""
+    held = {"none": (), "replicated": (self.main,),
+            "hydragen": self.levels + (self.main,)}[self.attention]
+    return sum(level_bytes(config.num_layers, self.data * p.rows, p.capacity,
+                           config.num_kv_heads, config.head_dim, dtype) for p in held)
 
 
-def _chunked(tokens: np.ndarray, step_tokens: int):
-  """Pads [R, S] tokens to a multiple of the per-row chunk c = step_tokens // R (>= 1, <= S),
-  so that one prefill step handles at most about step_tokens query tokens."""
-  width = max(int(tokens.shape[1]), 1)
-  c = max(1, min(step_tokens // max(int(tokens.shape[0]), 1), width))
-  padded = -(-width // c) * c
-  out = np.zeros((tokens.shape[0], padded), np.int32)
-  out[:, :tokens.shape[1]] = tokens
+def level_capacity(width: int) -> int:
+  """Cache slots of a shared level whose prefill pass is `width` tokens wide: whole blocks of
+  128 keys above 128 (the Mosaic GPU kernel of the pallas backend otherwise copies the level
+  padded on every call)."""
+  return width if width <= _KEY_BLOCK else -(-width // _KEY_BLOCK) * _KEY_BLOCK
+
+
+def _chunked(tokens: np.ndarray, width: int, step_tokens: int, rows: int):
+  """tokens [R', >= their longest] cut or zero-padded to `width` and then to a multiple of the
+  per-row chunk c = step_tokens // rows (>= 1, <= width; rows: a shard's rows), so that one
+  prefill step of a device handles at most about step_tokens query tokens."""
+  width = max(int(width), 1)
+  c = max(1, min(step_tokens // max(rows, 1), width))
+  out = np.zeros((tokens.shape[0], -(-width // c) * c), np.int32)
+  w = min(width, tokens.shape[1])
+  out[:, :w] = tokens[:, :w]
   return out, c
+
+
+def _split_rows(b: int, data: int):
+  """[data, ceil(B/data)] plan rows of each shard's contiguous block; a short block repeats
+  its last row (real False)."""
+  if b < data:
+    raise ValueError(f"{b} sequences cannot fill a data axis of size {data}: use at most {b} "
+                     "data shards (put the other devices on 'model')")
+  per = -(-b // data)
+  plan_row = np.zeros((data, per), np.int64)
+  real = np.zeros((data, per), bool)
+  first = 0
+  for s in range(data):
+    n = b // data + (s < b % data)
+    plan_row[s, :n] = np.arange(first, first + n)
+    plan_row[s, n:] = first + n - 1
+    real[s, :n] = True
+    first += n
+  return plan_row, real
+
+
+def _plan_levels(plan, b: int) -> list:
+  """(tokens, lengths, owner, start) NumPy tuples of the plan's non-empty shared levels,
+  checked for shapes and ranges."""
+  levels = []
+  for d, lvl in enumerate(plan.levels):
+    tokens, lengths = np.asarray(lvl.tokens), np.asarray(lvl.lengths, np.int64)
+    owner, start = np.asarray(lvl.owner, np.int64), np.asarray(lvl.start, np.int64)
+    n = tokens.shape[0] if tokens.ndim == 2 else -1
+    if tokens.ndim != 2 or lengths.shape != (n,) or start.shape != (n,) or owner.shape != (b,):
+      raise ValueError(f"plan.levels[{d}] has inconsistent shapes: tokens {tokens.shape}, "
+                       f"lengths {lengths.shape}, start {start.shape}, owner {owner.shape} "
+                       f"(B={b})")
+    if owner.size and (owner.min() < 0 or owner.max() >= n):
+      raise ValueError(f"plan.levels[{d}].owner has nodes outside [0, {n - 1}]")
+    if lengths.size and (lengths.min() < 0 or lengths.max() > tokens.shape[1]):
+      raise ValueError(f"plan.levels[{d}].lengths outside [0, {tokens.shape[1]}]")
+    if lengths.size and lengths.max() > 0:
+      levels.append((tokens, lengths, owner, start))
+  return levels
 
 
 def check_plan_paths(plan, seqs, levels, order) -> None:
@@ -263,83 +504,86 @@ def check_plan_paths(plan, seqs, levels, order) -> None:
                        "made from these prompts?")
 
 
-def _plan_layout(plan, seqs, max_new: int, chunk: int, attention: str) -> _Layout:
-  """Checks a SharingPlan against the prompts and lays out its prefill passes."""
-  order = np.asarray(plan.order, np.int64)
+
+def _check_tree(levels) -> None:
+  """Every non-empty node's sequences share one node at each earlier level."""
+  for d, (_, lengths, owner, _) in enumerate(levels):
+    for j in range(d):
+      pairs = np.unique(np.stack([owner, levels[j][2]]), axis=1)
+      nodes, counts = np.unique(pairs[0], return_counts=True)
+      bad = [int(n) for n, c in zip(nodes, counts) if c > 1 and lengths[n]]
+      if bad:
+        parents = np.unique(levels[j][2][owner == bad[0]]).tolist()
+        raise ValueError(f"plan level {d} node {bad[0]} has sequences under different "
+                         f"level-{j} nodes {parents}: not a tree")
+
+
+def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int = 2048,
+           attention: str = "hydragen") -> Layout:
+  """Checks a SharingPlan against the prompts (input order) and lays it out over `data`
+  shards: each shard's rows, its local nodes per shared level (count bucketed), token widths
+  and capacities bucketed, and the runtime tables (owners, ancestors, last-token sources)."""
   b = len(seqs)
+  order = np.asarray(plan.order, np.int64)
   if order.shape != (b,) or sorted(order.tolist()) != list(range(b)):
     raise ValueError(f"plan.order must be a permutation of range({b}), got {order.tolist()}")
-  levels = []
-  for d, lvl in enumerate(plan.levels):
-    tokens, lengths = np.asarray(lvl.tokens), np.asarray(lvl.lengths, np.int32)
-    owner, start = np.asarray(lvl.owner, np.int64), np.asarray(lvl.start, np.int32)
-    n = tokens.shape[0]
-    if tokens.ndim != 2 or lengths.shape != (n,) or start.shape != (n,) or owner.shape != (b,):
-      raise ValueError(f"plan.levels[{d}] has inconsistent shapes: tokens {tokens.shape}, "
-                       f"lengths {lengths.shape}, start {start.shape}, owner {owner.shape} "
-                       f"(B={b})")
-    if owner.size and (owner.min() < 0 or owner.max() >= n):
-      raise ValueError(f"plan.levels[{d}].owner has nodes outside [0, {n - 1}]")
-    if lengths.size and (lengths.min() < 0 or lengths.max() > tokens.shape[1]):
-      raise ValueError(f"plan.levels[{d}].lengths outside [0, {tokens.shape[1]}]")
-    if lengths.size and lengths.max() > 0:
-      levels.append((tokens, lengths, owner, start))
+  levels = _plan_levels(plan, b)
   check_plan_paths(plan, seqs, levels, order)
-  suf_tokens = np.asarray(plan.suffix_tokens)
-  suf_len = np.asarray(plan.suffix_lengths, np.int32)
-  suf_start = np.asarray(plan.suffix_start, np.int32)
-  rows = []
+  _check_tree(levels)
+  plan_row, real = _split_rows(b, data)
+  per = plan_row.shape[1]
+  local_owner = []       # per level: [data, per] local node of each local row
+  passes, replication = [], []
   for d, (tokens, lengths, owner, start) in enumerate(levels):
-    n = tokens.shape[0]
-    anc = []
-    for j in range(d):
-      a = np.zeros((n,), np.int32)
-      for node in range(n):
-        members = np.flatnonzero(owner == node)
-        if members.size and lengths[node]:
-          parents = np.unique(levels[j][2][members])
-          if parents.size != 1:
-            raise ValueError(f"plan level {d} node {node} has sequences under different "
-                             f"level-{j} nodes {parents.tolist()}: not a tree")
-          a[node] = parents[0]
-      anc.append(a)
-    padded, c = _chunked(tokens, chunk)
-    # Capacity in whole blocks of 128 keys: the Mosaic GPU kernel (pallas backend on Hopper)
-    # otherwise copies the level padded on every call.
-    cap = padded.shape[1]
-    cap = cap if cap <= _KEY_BLOCK else -(-cap // _KEY_BLOCK) * _KEY_BLOCK
-    rows.append(_Rows(padded, lengths, start, tuple(anc), cap, c))
-  padded, c = _chunked(suf_tokens, chunk)
-  seq_owners = tuple(lvl[2].astype(np.int32) for lvl in levels)
-  prompt_lengths = np.array([len(seqs[o]) for o in order], np.int32)
-  if attention == "replicated":   # the whole prompt + new tokens in each sequence's cache
-    capacity = max(padded.shape[1], int(prompt_lengths.max()) + max_new - 1, 1)
-    main = _Rows(padded, suf_len, suf_start, (), capacity, c)
+    nodes = [np.unique(owner[plan_row[s]]) for s in range(data)]
+    n_loc = _BUCKETS.nodes(max(len(u) for u in nodes))
+    glob = np.zeros((data, n_loc), np.int64)
+    used = np.zeros((data, n_loc), bool)
+    mine = np.zeros((data, per), np.int64)
+    anc = np.zeros((d, data, n_loc), np.int32)
+    for s, u in enumerate(nodes):
+      glob[s, :len(u)] = u
+      used[s, :len(u)] = True
+      mine[s] = np.searchsorted(u, owner[plan_row[s]])
+      first_row = np.unique(mine[s], return_index=True)[1]   # one row of each local node
+      for j in range(d):
+        anc[j, s, :len(u)] = local_owner[j][s][first_row]
+    local_owner.append(mine)
+    flat, ok = glob.reshape(-1), used.reshape(-1)
+    width = _BUCKETS.tokens(int(lengths[np.unique(glob[used])].max(initial=0)))
+    padded, c = _chunked(tokens[flat], width, prefill_chunk, n_loc)
+    passes.append(_Pass(
+        np.where(ok[:, None], padded, 0).astype(np.int32),
+        np.where(ok, lengths[flat], 0).astype(np.int32),
+        np.where(ok, start[flat], 0).astype(np.int32),
+        tuple(a.reshape(-1) for a in anc), n_loc, level_capacity(padded.shape[1]), c))
+    replication.append(sum(len(u) for u in nodes) / max(len(np.unique(owner)), 1))
+  rows = plan_row.reshape(-1)
+  suf_tokens = np.asarray(plan.suffix_tokens)
+  suf_len = np.asarray(plan.suffix_lengths, np.int64)
+  suf_start = np.asarray(plan.suffix_start, np.int64)
+  prompt_lengths = np.array([len(seqs[order[i]]) for i in rows], np.int32)
+  padded, c = _chunked(suf_tokens[rows], _BUCKETS.tokens(int(suf_len.max(initial=0))),
+                       prefill_chunk, per)
+  seq_owner = tuple(lo.reshape(-1).astype(np.int32) for lo in local_owner)
+  # Capacity from the bucketed prompt part, so that it adds no signatures of its own.
+  if attention == "replicated":    # whole prompt + new tokens in each sequence's cache
+    held, anc = _BUCKETS.tokens(int(prompt_lengths.max())), ()
   else:
-    capacity = max(padded.shape[1], int(suf_len.max(initial=0)) + max_new - 1, 1)
-    main = _Rows(padded, suf_len, suf_start, seq_owners, capacity, c)
-  last_source = np.full((b,), -1, np.int32)
-  last_row = np.arange(b, dtype=np.int32)
-  for i in range(b):
-    if suf_len[i] == 0:   # the prompt ends inside its deepest non-empty node
+    held, anc = _BUCKETS.tokens(int(suf_len.max(initial=0))), seq_owner
+  capacity = max(padded.shape[1], _BUCKETS.tokens(held + max_new_tokens - 1))
+  main = _Pass(padded, suf_len[rows].astype(np.int32), suf_start[rows].astype(np.int32), anc,
+               per, capacity, c)
+  last_source = np.full((data * per,), -1, np.int32)
+  last_row = np.zeros((data * per,), np.int32)
+  for i, r in enumerate(rows):
+    if suf_len[r] == 0:   # the prompt ends inside its deepest non-empty node
       for d in reversed(range(len(levels))):
-        node = levels[d][2][i]
-        if levels[d][1][node] > 0:
-          last_source[i], last_row[i] = d, node
+        if levels[d][1][levels[d][2][r]] > 0:
+          last_source[i], last_row[i] = d, seq_owner[d][i]
           break
-  return _Layout(attention, tuple(rows), main, seq_owners, last_source, last_row,
-                 prompt_lengths, order)
-
-
-def _layout_kv_bytes(layout: _Layout, config: LlamaConfig, dtype) -> int:
-  """Bytes of the cache that decode holds (the shared levels only with hydragen)."""
-  if layout.attention == "none":
-    return 0
-  sizes = [(r.tokens.shape[0], r.capacity) for r in layout.levels
-           if layout.attention == "hydragen"]
-  sizes.append((layout.main.tokens.shape[0], layout.main.capacity))
-  return sum(level_bytes(config.num_layers, n, s, config.num_kv_heads, config.head_dim, dtype)
-             for n, s in sizes)
+  return Layout(attention, tuple(passes), main, seq_owner, last_source, last_row,
+                prompt_lengths, plan_row, real, order, tuple(replication), int(max_new_tokens))
 
 
 # ----------------------------------------------------------------------------- prefill / decode
@@ -382,30 +626,110 @@ def chunked_prefill(forward_chunk, tokens, lengths, start, own, *, chunk: int, h
   return own, last
 
 
-def _prefill_rows(model, rows: _Rows, tokens, lengths, start, shared, own, *, skip: bool,
-                  backend: str):
+
+def _prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool, runtime: Runtime):
   """Runs one prefill pass in chunks, appending to `own` (a LevelKV, or None with skip).
 
-  Row r attends to its nodes of `shared` (per rows.owners) and to `own`. Returns (own, last
-  hidden [R,E] of each row's last real token).
+  Row r attends to its nodes of the first len(anc) `shared` levels (anc: per level [R] local
+  node, runtime data) and to `own`. Returns (own, last hidden [R,E] of each row's last real
+  token).
   """
-  shared_levels = tuple(shared[:len(rows.owners)])
+  tokens, lengths, start, anc = arrays
+  levels = tuple(shared[:len(anc)])
 
   def forward_chunk(tok, positions, own, valid):
-    cache = None if skip else KVCache(own, shared_levels, rows.owners)
+    cache = None if skip else KVCache(own, levels, anc)
     hidden, cache = llama_lib.forward(model, tok, positions, cache, valid=valid,
-                                      skip_attention=skip, backend=backend)
+                                      skip_attention=skip, **runtime.forward_kwargs())
     return hidden, None if cache is None else cache.suffix
 
-  return chunked_prefill(forward_chunk, tokens, lengths, start, own, chunk=rows.chunk,
+  return chunked_prefill(forward_chunk, tokens, lengths, start, own, chunk=spec[3],
                          hidden_size=model.config.hidden_size, dtype=model.dtype)
+
+
+def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
+  """prefill(params, inputs, key_data, eos) -> (shared levels held by decode, main LevelKV,
+  first tokens, done), per data shard; eos is an int32 scalar (-1: none)."""
+  skip = sig.attention == "none"
+
+  def prefill(params, inputs, key_data, eos):
+    model = nnx.merge(graphdef, params)
+    config = model.config
+
+    def fresh(spec):
+      if skip:
+        return None
+      return empty_level(config.num_layers, spec[0], spec[2], config.num_kv_heads,
+                         config.head_dim, model.dtype)
+
+    shared, lasts = [], []
+    for spec, arrays in zip(sig.levels, inputs["levels"]):
+      own, last = _prefill_pass(model, spec, arrays, shared, fresh(spec), skip=skip,
+                                runtime=runtime)
+      shared.append(own)
+      lasts.append(last)
+    main = fresh(sig.main)
+    if sig.attention == "replicated" and shared:
+      nodes = [(a[0], a[1], a[2]) for a in inputs["levels"]]
+      main = replicate_nodes(shared, inputs["seq_owner"], nodes, main, inputs["main"][2])
+    held = tuple(shared) if sig.attention == "hydragen" else ()
+    main, last = _prefill_pass(model, sig.main, inputs["main"], held, main, skip=skip,
+                               runtime=runtime)
+    source, row = inputs["last_source"], inputs["last_row"]
+    for d, node_last in enumerate(lasts):
+      picked = node_last[jnp.clip(row, 0, node_last.shape[0] - 1)]
+      last = jnp.where((source == d)[:, None], picked, last)
+    key = runtime.shard_key(jax.random.wrap_key_data(key_data))
+    first = sample(llama_lib.logits(model, last), key, **sampling)
+    return held, main, first, first == eos
+
+  return prefill
+
+
+def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
+  """decode(params, shared, suffix, owners, first, done, key_data, prompt_lengths, eos, pad)
+  -> (tokens [B,max_new], n [B], steps, suffix), per data shard; one lax.while_loop, stopping
+  when every row of every shard is done. eos (-1: none) and pad are int32 scalars."""
+  skip = sig.attention == "none"
+  max_new = sig.max_new_tokens
+
+  def decode(params, shared, suffix, owners, first, done, key_data, plen, eos, pad):
+    model = nnx.merge(graphdef, params)
+    key = runtime.shard_key(jax.random.wrap_key_data(key_data))
+    b = first.shape[0]
+    out = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(first)
+    count = jnp.ones((b,), jnp.int32)
+
+    def cond(carry):
+      return (carry[0] < max_new) & ~carry[-1]
+
+    def body(carry):
+      i, out, last, done, count, suffix, key, _ = carry
+      key, sub = jax.random.split(key)
+      positions = (plen + i - 1)[:, None]
+      cache = None if skip else KVCache(suffix, shared, owners)
+      hidden, cache = llama_lib.forward(model, last[:, None], positions, cache,
+                                        skip_attention=skip, **runtime.forward_kwargs())
+      tok = sample(llama_lib.logits(model, hidden[:, 0]), sub, **sampling)
+      tok = jnp.where(done, pad, tok)
+      out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
+      count = count + (~done).astype(jnp.int32)
+      done = done | (tok == eos)
+      suffix = None if cache is None else cache.suffix
+      return i + 1, out, tok, done, count, suffix, key, runtime.all_done(done)
+
+    carry = (jnp.int32(1), out, first, done, count, suffix, key, runtime.all_done(done))
+    steps, out, _, _, count, suffix, _, _ = lax.while_loop(cond, body, carry)
+    return out, count, steps - 1, suffix
+
+  return decode
 
 
 def replicate_nodes(shared, owners, level_inputs, full: LevelKV, prefix_lengths) -> LevelKV:
   """Copies each sequence's shared nodes into its own cache `full` [L,B,S,K,D] at their
   positions (the replicated baseline's layout); lengths become prefix_lengths [B]. owners: per
   shared level, [B] node of each row (concrete or traced: a gather needs no static grouping).
-  Also used per data shard by `hydrax.parallel.generate`."""
+"""
   b = full.k.shape[1]
   rows = jnp.arange(b)[:, None]
   k, v = full.k, full.v
@@ -425,82 +749,15 @@ def replicate_nodes(shared, owners, level_inputs, full: LevelKV, prefix_lengths)
   return LevelKV(k, v, prefix_lengths.astype(jnp.int32))
 
 
-def _make_prefill(graphdef, layout: _Layout, *, backend: str, sampling: dict):
-  """prefill(params, inputs, key, eos) -> (shared levels, main LevelKV, first tokens, done);
-  eos is an int32 scalar (-1: none)."""
-  skip = layout.attention == "none"
 
-  def prefill(params, inputs, key, eos):
-    model = nnx.merge(graphdef, params)
-    config = model.config
-
-    def fresh(rows):
-      if skip:
-        return None
-      return empty_level(config.num_layers, rows.tokens.shape[0], rows.capacity,
-                         config.num_kv_heads, config.head_dim, model.dtype)
-
-    shared, lasts = [], []
-    for d, rows in enumerate(layout.levels):
-      tok, lengths, start = inputs["levels"][d]
-      own, last = _prefill_rows(model, rows, tok, lengths, start, shared, fresh(rows),
-                                skip=skip, backend=backend)
-      shared.append(own)
-      lasts.append(last)
-    tok, lengths, start = inputs["main"]
-    main = fresh(layout.main)
-    if layout.attention == "replicated":
-      main = replicate_nodes(shared, layout.seq_owners, inputs["levels"], main, start)
-      shared = []
-    main, last = _prefill_rows(model, layout.main, tok, lengths, start, shared, main,
-                               skip=skip, backend=backend)
-    for d, node_last in enumerate(lasts):
-      rows_here = np.flatnonzero(layout.last_source == d)
-      if rows_here.size:
-        last = last.at[rows_here].set(node_last[layout.last_row[rows_here]])
-    first = sample(llama_lib.logits(model, last), key, **sampling)
-    done = first == eos
-    return tuple(shared), main, first, done
-
-  return prefill
-
-
-def _make_decode(graphdef, layout: _Layout, *, backend: str, sampling: dict, max_new: int):
-  """decode(params, shared, suffix, first, done, key, prompt_lengths, eos, pad) ->
-  (tokens [B,max_new], n [B], steps, suffix); one lax.while_loop, stopping when every sequence
-  is done. eos (-1: none) and pad are int32 scalars."""
-  skip = layout.attention == "none"
-  owners = layout.seq_owners if layout.attention == "hydragen" else ()
-
-  def decode(params, shared, suffix, first, done, key, plen, eos, pad):
-    model = nnx.merge(graphdef, params)
-    b = first.shape[0]
-    out = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(first)
-    count = jnp.ones((b,), jnp.int32)
-
-    def cond(carry):
-      i, _, _, done, _, _, _ = carry
-      return (i < max_new) & ~jnp.all(done)
-
-    def body(carry):
-      i, out, last, done, count, suffix, key = carry
-      key, sub = jax.random.split(key)
-      positions = (plen + i - 1)[:, None]
-      cache = None if skip else KVCache(suffix, shared, owners)
-      hidden, cache = llama_lib.forward(model, last[:, None], positions, cache,
-                                        skip_attention=skip, backend=backend)
-      tok = sample(llama_lib.logits(model, hidden[:, 0]), sub, **sampling)
-      tok = jnp.where(done, pad, tok)
-      out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
-      count = count + (~done).astype(jnp.int32)
-      done = done | (tok == eos)
-      return (i + 1, out, tok, done, count, None if cache is None else cache.suffix, key)
-
-    carry = (jnp.int32(1), out, first, done, count, suffix, key)
-    steps, out, _, _, count, suffix, _ = lax.while_loop(cond, body, carry)
-    return out, count, steps - 1, suffix
-
-  return decode
+def _specs(sig: Signature):
+  """shard_map specs (manual axis "data" only) of prefill's and decode's arguments and
+  results: rows first everywhere, caches [L,N,S,K,D] with N over data."""
+  rows, one = P(_DATA), P()
+  level = None if sig.attention == "none" else LevelKV(P(None, _DATA), P(None, _DATA), rows)
+  held = tuple(level for _ in sig.levels) if sig.attention == "hydragen" else ()
+  owners = tuple(rows for _ in sig.levels) if sig.attention == "hydragen" else ()
+  return rows, one, level, held, owners
 
 
 # ----------------------------------------------------------------------------- generate
@@ -530,18 +787,20 @@ class _OOMGuard:
     return False
 
 
-class _LRU:
-  """A small least-recently-used cache of compiled (prefill, decode) executables."""
+class _Compiled:
+  """A small least-recently-used cache of compiled (prefill, decode) executables, keyed by the
+  signature, the runtime and the model's structure; counts compilations."""
 
   def __init__(self, size: int):
     self.size = size
     self.items: "collections.OrderedDict" = collections.OrderedDict()
+    self.compilations = 0
 
   def get(self, key):
     if key in self.items:
       self.items.move_to_end(key)
       return self.items[key]
-    return None
+    return [None, None]
 
   def put(self, key, value):
     self.items[key] = value
@@ -549,11 +808,15 @@ class _LRU:
     while len(self.items) > self.size:
       self.items.popitem(last=False)
 
+  def compile(self, fn, *args):
+    self.compilations += 1
+    return fn.lower(*args).compile()
+
   def clear(self):
     self.items.clear()
 
 
-_EXECUTABLES = _LRU(8)
+_EXECUTABLES = _Compiled(8)
 
 
 def clear_compiled_cache() -> None:
@@ -561,21 +824,20 @@ def clear_compiled_cache() -> None:
   _EXECUTABLES.clear()
 
 
-def _executable_key(graphdef, params, layout: _Layout, **static):
-  """Everything the compiled prefill/decode depend on besides their array inputs."""
+def compiled_cache_info() -> tuple:
+  """(executable pairs held, compilations since the process started)."""
+  return len(_EXECUTABLES.items), _EXECUTABLES.compilations
+
+
+def _executable_key(graphdef, params, sig: Signature, runtime: Runtime, sampling: dict):
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  rows = tuple((r.tokens.shape, r.capacity, r.chunk, tuple(o.tobytes() for o in r.owners))
-               for r in layout.levels + (layout.main,))
-  # With no shared level, hydragen and replicated are the same computation.
-  mode = layout.attention if layout.levels or layout.attention == "none" else "replicated"
-  return (mode, graphdef, treedef, tuple((x.shape, str(x.dtype)) for x in leaves), rows,
-          tuple(o.tobytes() for o in layout.seq_owners), layout.last_source.tobytes(),
-          layout.last_row.tobytes(), tuple(sorted((k, str(v)) for k, v in static.items())))
+  return (sig, runtime, graphdef, treedef, tuple((x.shape, str(x.dtype)) for x in leaves),
+          tuple(sorted((k, str(v)) for k, v in sampling.items())))
 
 
 def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len,
-             prefill_chunk, tokenizer, sharing_options):
-  """Validates the request and lays it out: (sequences in input order, _Layout)."""
+             prefill_chunk, tokenizer, sharing_options, data: int = 1):
+  """Validates the request and lays it out: (sequences in input order, Layout)."""
   if attention not in ATTENTION_MODES:
     raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -596,29 +858,41 @@ def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len
                        f"length max_len={max_len}")
   if plan is None:
     plan = sharing.plan(seqs, **(sharing_options or {}))
-  return seqs, _plan_layout(plan, seqs, max_new_tokens, int(prefill_chunk), attention)
+  return seqs, layout(plan, seqs, data=data, max_new_tokens=max_new_tokens,
+                      prefill_chunk=int(prefill_chunk), attention=attention)
 
 
 def estimate_kv_bytes(config: LlamaConfig, prompts, *, max_new_tokens: int,
                       attention: str = "hydragen", dtype=jnp.bfloat16,
                       max_len: Optional[int] = None, prefill_chunk: int = 2048,
-                      sharing_options: Optional[dict] = None) -> int:
+                      sharing_options: Optional[dict] = None, mesh=None) -> int:
   """The `kv_bytes` that `generate` would allocate for this request, computed without running
   anything (same validation and layout; prompts as for `generate`, token ids or a plan)."""
   if not isinstance(config, LlamaConfig):
     raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
-  _, layout = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
-                       max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=None,
-                       sharing_options=sharing_options)
-  return _layout_kv_bytes(layout, config, jnp.dtype(dtype))
+  data = 1 if mesh is None else Runtime.build("xla", mesh).data
+  _, lay = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
+                    max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=None,
+                    sharing_options=sharing_options, data=data)
+  return lay.kv_bytes(config, jnp.dtype(dtype))
+
+
+def _in_input_order(lay: Layout, x: np.ndarray) -> np.ndarray:
+  """Rows of x [data*B_l, ...] (the shards' local rows) in the caller's input order."""
+  real = lay.real.reshape(-1)
+  plan_order = np.empty((len(lay.order),) + x.shape[1:], x.dtype)
+  plan_order[lay.plan_row.reshape(-1)[real]] = x[real]
+  out = np.empty_like(plan_order)
+  out[lay.order] = plan_order
+  return out
 
 
 def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str = "hydragen",
              temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, eos_id: Optional[int] = None, pad_id: int = 0,
              seed: int = 0, max_len: Optional[int] = None, prefill_chunk: int = 2048,
-             backend: str = "auto", tokenizer: Any = None,
-             sharing_options: Optional[dict] = None) -> Generation:
+             backend="auto", tokenizer: Any = None, sharing_options: Optional[dict] = None,
+             mesh=None, checks: str = "static", runtime: Optional[Runtime] = None) -> Generation:
   """Generates up to max_new_tokens tokens for each prompt.
 
   model: a hydrax `Llama` module, its `nnx.GraphDef`, or its `LlamaConfig`; params: its
@@ -633,8 +907,17 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
   eos_id: a sequence stops after generating it (None: all generate max_new_tokens); later slots
     hold pad_id. max_len: positions a sequence may reach (prompt + new tokens; default the
     config's max_position_embeddings). prefill_chunk: query tokens (rows x tokens) per
-    prefill step; bounds the attention scores' memory (~ prefill_chunk * H * keys * 4 bytes
-    with the XLA backend) at the price of more steps. backend: attention backend name.
+    prefill step per device; bounds the attention scores' memory (~ prefill_chunk * H * keys *
+    4 bytes with the XLA backend) at the price of more steps.
+  backend: attention backend, a name ("auto", "xla", "pallas", ...) or a `Backend` value with
+    its kernel configuration (`backends.get("pallas", lowering="triton")`).
+  mesh: None (one device), or a ("data", "model") mesh or a spec `hydrax.parallel.make_mesh`
+    takes ("2x4", (2, 4), ...): the same loop runs sharded (module docstring). Greedy tokens
+    equal the single-device ones up to the float rounding of the all-reduces; sampled ones
+    draw per data shard (the key folded with the shard index). K, H and the MLP size must be
+    divisible by the model axis.
+  checks: "static" or "runtime" (see `Runtime`). runtime: a `Runtime` given whole (then
+    backend, mesh and checks must be left at their defaults).
   sharing_options: keyword arguments of `hydrax.sharing.plan` for plain prompts.
   Returns a `Generation` (rows in input order). Raises ValueError for bad inputs and
   `OutOfMemoryError` when the device runs out of memory.
@@ -644,79 +927,94 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       raise ValueError("generate(model, prompts) without params needs a Llama module; pass "
                        "generate(model, params, prompts)")
     params, prompts = None, params
+  if runtime is None:
+    runtime = Runtime.build(backend, mesh, checks)
+  elif not isinstance(runtime, Runtime) or (backend, mesh, checks) != ("auto", None, "static"):
+    raise ValueError("runtime= must be a Runtime, given instead of backend=, mesh= and checks=")
   graphdef, params, config = resolve_model(model, params)
+  if runtime.mesh is not None:
+    _mesh_lib()[1].check_model(config, runtime.mesh)
   _check_sampling(temperature, top_k, top_p)
   for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
     if value is not None and not 0 <= int(value) < config.vocab_size:
       raise ValueError(f"{name}={value} is outside the vocabulary [0, {config.vocab_size - 1}]")
-  seqs, layout = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
-                          max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=tokenizer,
-                          sharing_options=sharing_options)
-  max_new_tokens = int(max_new_tokens)
+  seqs, lay = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
+                       max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=tokenizer,
+                       sharing_options=sharing_options, data=runtime.data)
+  sig = lay.signature()
   dtype = jax.tree_util.tree_leaves(params)[0].dtype
-  kv = _layout_kv_bytes(layout, config, dtype)
+  kv = lay.kv_bytes(config, dtype)
   point = (f"attention={attention}, sequences={len(seqs)}, prompt tokens "
-           f"{min(map(len, seqs))}..{max(map(len, seqs))}, max_new_tokens={max_new_tokens}, "
-           f"shared levels={len(layout.levels)}, kv_bytes={kv:,}, dtype={jnp.dtype(dtype)}")
+           f"{min(map(len, seqs))}..{max(map(len, seqs))}, max_new_tokens={sig.max_new_tokens}, "
+           f"shared levels={len(lay.levels)} (replication "
+           f"{[round(r, 2) for r in lay.replication]}), kv_bytes={kv:,}, "
+           f"dtype={jnp.dtype(dtype)}, {runtime.describe()}")
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
-  eos = jnp.int32(-1 if eos_id is None else int(eos_id))
-  pad = jnp.int32(pad_id)
-  inputs = {"levels": [(jnp.asarray(r.tokens), jnp.asarray(r.lengths), jnp.asarray(r.start))
-                       for r in layout.levels],
-            "main": (jnp.asarray(layout.main.tokens), jnp.asarray(layout.main.lengths),
-                     jnp.asarray(layout.main.start))}
-  key_first, key_loop = jax.random.split(jax.random.key(seed))
+  key = _executable_key(graphdef, params, sig, runtime, sampling)
+  compiled = _EXECUTABLES.get(key)
+  rows_spec, one, level_spec, held_spec, owner_spec = _specs(sig)
+  # Keys travel as raw data and scalars as host values placed replicated: global arrays on
+  # several hosts too.
+  key_first, key_loop = (np.asarray(jax.random.key_data(k))
+                         for k in jax.random.split(jax.random.key(seed)))
   compile_s = decode_s = 0.0
   steps = 0
-  plen = jnp.asarray(layout.prompt_lengths)
-  cache_key = _executable_key(graphdef, params, layout, max_new=max_new_tokens,
-                              backend=backend, **sampling)
-  compiled = _EXECUTABLES.get(cache_key) or [None, None]
   with _OOMGuard(point) as guard:
+    guard.stage = "placement"
+    params = runtime.place_params(params, config)
+    host_inputs = lay.inputs()
+    inputs = runtime.place(host_inputs, rows_spec)
+    plen = runtime.place(lay.prompt_lengths, rows_spec)
+    key_first, key_loop, eos, pad = runtime.place(
+        (key_first, key_loop, np.int32(-1 if eos_id is None else int(eos_id)),
+         np.int32(pad_id)), one)
     prefill, decode = compiled
     if prefill is None:
       guard.stage = "prefill compilation"
       t0 = time.perf_counter()
-      prefill = jax.jit(_make_prefill(graphdef, layout, backend=backend, sampling=sampling))
-      prefill = prefill.lower(params, inputs, key_first, eos).compile()
+      fn = runtime.wrap(_make_prefill(graphdef, sig, runtime, sampling),
+                        in_specs=(one, jax.tree_util.tree_map(lambda _: rows_spec, host_inputs),
+                                  one, one),
+                        out_specs=(held_spec, level_spec, rows_spec, rows_spec))
+      prefill = _EXECUTABLES.compile(jax.jit(fn), params, inputs, key_first, eos)
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"
     t0 = time.perf_counter()
-    shared, suffix, first, done = jax.block_until_ready(
-        prefill(params, inputs, key_first, eos))
+    shared, suffix, first, done = jax.block_until_ready(prefill(params, inputs, key_first, eos))
     prefill_s = time.perf_counter() - t0
-    if max_new_tokens > 1:
+    owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
+    if sig.max_new_tokens > 1:
       if decode is None:
         guard.stage = "decode compilation"
         t0 = time.perf_counter()
-        decode = jax.jit(_make_decode(graphdef, layout, backend=backend, sampling=sampling,
-                                      max_new=max_new_tokens), donate_argnums=(2,))
-        decode = decode.lower(params, shared, suffix, first, done, key_loop, plen, eos,
-                              pad).compile()
+        fn = runtime.wrap(_make_decode(graphdef, sig, runtime, sampling),
+                          in_specs=(one, held_spec, level_spec, owner_spec, rows_spec,
+                                    rows_spec, one, rows_spec, one, one),
+                          out_specs=(rows_spec, rows_spec, one, level_spec))
+        decode = _EXECUTABLES.compile(jax.jit(fn, donate_argnums=(2,)), params, shared,
+                                      suffix, owners, first, done, key_loop, plen, eos, pad)
         compile_s += time.perf_counter() - t0
       guard.stage = "decode"
       t0 = time.perf_counter()
       out, count, steps, suffix = jax.block_until_ready(
-          decode(params, shared, suffix, first, done, key_loop, plen, eos, pad))
+          decode(params, shared, suffix, owners, first, done, key_loop, plen, eos, pad))
       decode_s = time.perf_counter() - t0
-      steps = int(steps)
+      steps = int(runtime.to_host(steps))
     else:
-      out = first[:, None]
-      count = jnp.ones_like(first)
-    _EXECUTABLES.put(cache_key, [prefill, decode])
-    out, count = np.asarray(out), np.asarray(count)
-  tokens = np.empty_like(out)
-  lengths = np.empty_like(count)
-  tokens[layout.order] = out
-  lengths[layout.order] = count
+      out, count = first[:, None], jnp.ones_like(first)
+    _EXECUTABLES.put(key, [prefill, decode])
+    out, count = runtime.to_host(out), runtime.to_host(count)
+  tokens = _in_input_order(lay, out).astype(np.int32)
+  lengths = _in_input_order(lay, count).astype(np.int32)
   generated = int(lengths.sum())
   texts = None
   if tokenizer is not None:
     texts = [tokenizer.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(seqs))]
   return Generation(
-      tokens=tokens.astype(np.int32), lengths=lengths.astype(np.int32),
-      prefill_seconds=prefill_s, decode_seconds=decode_s, compile_seconds=compile_s,
-      decode_tokens_per_second=generated / decode_s if decode_s > 0 else float("nan"),
+      tokens=tokens, lengths=lengths, prefill_seconds=prefill_s, decode_seconds=decode_s,
+      compile_seconds=compile_s,
+      decode_tokens_per_second=(generated - len(seqs)) / decode_s if decode_s > 0
+      else float("nan"),
       tokens_per_second=generated / (prefill_s + decode_s) if prefill_s + decode_s > 0
       else float("nan"),
-      kv_bytes=kv, decode_steps=steps, attention=attention, texts=texts)
+      kv_bytes=kv, decode_steps=steps, attention=attention, texts=texts, signature=sig)

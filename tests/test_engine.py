@@ -1,5 +1,6 @@
 """hydrax.engine: hydragen == replicated == a naive full-forward loop; eos, sampling, errors."""
 
+import re
 from typing import NamedTuple
 
 import jax
@@ -114,13 +115,15 @@ def test_three_level_tree_hydragen_equals_replicated_and_reference(tiny, tree_ru
     np.testing.assert_array_equal(g.lengths, 6)
     assert g.decode_steps == 5 and g.num_generated == 36
     assert g.prefill_seconds > 0 and g.decode_seconds > 0
-    assert g.decode_tokens_per_second == pytest.approx(36 / g.decode_seconds)
+    # The decode loop produced 5 of each sequence's 6 tokens (the first comes from prefill).
+    assert g.decode_tokens_per_second == pytest.approx(30 / g.decode_seconds)
     assert g.tokens_per_second == pytest.approx(36 / (g.prefill_seconds + g.decode_seconds))
-  # KV bytes: each shared node once at its level's capacity (1x8, 4x4, 4x3), plus per-sequence
-  # caches of the longest suffix (4) + 5 appended tokens; replicated: longest prompt (14) + 5.
+  # KV bytes: each used node once, node counts bucketed (1, 3, 3 used nodes), capacities
+  # bucketed to the 16-token floor; per-sequence caches of the longest suffix (4 -> 16) + 5
+  # appended tokens -> 24; replicated: longest prompt (14 -> 16) + 5 -> 24.
   per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
-  assert hydragen.kv_bytes == per_token * (1 * 8 + 4 * 4 + 4 * 3 + 6 * (4 + 5))
-  assert replicated.kv_bytes == per_token * 6 * (14 + 5)
+  assert hydragen.kv_bytes == per_token * (16 * (1 + 3 + 3) + 6 * 24)
+  assert replicated.kv_bytes == per_token * 6 * 24
   for g in (hydragen, replicated):
     assert engine.estimate_kv_bytes(config, plan, max_new_tokens=6, attention=g.attention,
                                     dtype=jnp.float32) == g.kv_bytes
@@ -136,7 +139,9 @@ def test_sharing_plan_tree_and_plain_prompts(tiny, tree_runs):
   assert len(radix.levels) == 3
   out = engine.generate(model, None, radix, max_new_tokens=6)
   np.testing.assert_array_equal(out.tokens, replicated.tokens)
-  assert out.kv_bytes < replicated.kv_bytes
+  # Segments this short sit under the 16-token capacity floor, so sharing saves no bytes here.
+  assert out.kv_bytes == engine.estimate_kv_bytes(model.config, radix, max_new_tokens=6,
+                                                  dtype=jnp.float32)
   rng = np.random.default_rng(7)
   plain = [np.concatenate([[i + 1], rng.integers(0, 256, n)]) for i, n in enumerate((4, 9, 1))]
   a = engine.generate(model, None, plain, max_new_tokens=4, attention="hydragen")
@@ -256,3 +261,81 @@ def test_out_of_memory_is_reported(tiny, monkeypatch):
                      match=r"prefill compilation: attention=replicated, sequences=2.*kv_bytes"):
     engine.generate(model, None, [[1, 2, 3], [4]], max_new_tokens=2, attention="replicated",
                     max_len=100)
+
+
+def _two_groups(rng, sizes, prefix_lengths, suffix_lengths):
+  """Prompts under len(sizes) root prefixes: group g has sizes[g] prompts."""
+  prompts, i = [], 0
+  for size, p in zip(sizes, prefix_lengths):
+    prefix = rng.integers(1, 256, p)
+    for _ in range(size):
+      prompts.append(np.concatenate([prefix, rng.integers(1, 256, suffix_lengths[i])]))
+      i += 1
+  return [x.astype(np.int32) for x in prompts]
+
+
+def test_new_trees_of_one_signature_reuse_the_executables(tiny):
+  """The compile key is the bucketed signature: prompts of 21, 23 and 22 tokens compile once,
+  and two different sharing trees of one signature compile once, with correct tokens."""
+  _, model, _, _ = tiny
+  rng = np.random.default_rng(11)
+  engine.clear_compiled_cache()
+  before = engine.compiled_cache_info()[1]
+  runs = [engine.generate(model, [rng.integers(1, 256, n) for _ in range(3)], max_new_tokens=4)
+          for n in (21, 23, 22)]
+  assert engine.compiled_cache_info()[1] - before == 2          # one prefill, one decode
+  assert runs[0].compile_seconds > 0
+  assert [r.compile_seconds for r in runs[1:]] == [0.0, 0.0]
+  assert runs[0].signature == runs[1].signature == runs[2].signature
+
+  share = dict(min_shared_tokens=0, merge_cost=0)
+  a = _two_groups(rng, (3, 3), (10, 12), (3, 5, 4, 2, 6, 3))
+  b = _two_groups(rng, (4, 2), (13, 9), (6, 2, 5, 3, 4, 1))   # other tokens, owners, lengths
+  before = engine.compiled_cache_info()[1]
+  first = engine.generate(model, a, max_new_tokens=4, sharing_options=share)
+  second = engine.generate(model, b, max_new_tokens=4, sharing_options=share)
+  assert engine.compiled_cache_info()[1] - before == 2
+  assert second.compile_seconds == 0.0 and first.signature == second.signature
+  assert len(first.signature.levels) == 1
+  want = engine.generate(model, b, max_new_tokens=4, attention="replicated")
+  np.testing.assert_array_equal(second.tokens, want.tokens)
+
+
+def test_runtime_is_a_hashable_value_in_the_key(tiny):
+  from hydrax.attention import backends
+  _, model, _, _ = tiny
+  rt = engine.Runtime.build("xla")
+  assert rt == engine.Runtime(backends.get("xla")) and hash(rt) == hash(engine.Runtime.build())
+  assert rt.data == 1 and rt.mesh is None
+  prompts = [[5, 6, 7, 8], [9, 10, 11]]
+  one = engine.generate(model, prompts, max_new_tokens=3, runtime=rt)
+  again = engine.generate(model, prompts, max_new_tokens=3, backend="xla")
+  assert again.compile_seconds == 0.0
+  np.testing.assert_array_equal(one.tokens, again.tokens)
+  with pytest.raises(ValueError, match="checks must be one of"):
+    engine.Runtime.build("xla", checks="sometimes")
+  with pytest.raises(ValueError, match="backend='nope' is unknown"):
+    engine.generate(model, prompts, max_new_tokens=2, backend="nope")
+  with pytest.raises(ValueError, match="runtime= must be a Runtime"):
+    engine.generate(model, prompts, max_new_tokens=2, runtime=rt, backend="xla")
+
+
+@pytest.mark.parametrize("attention", ["replicated", "hydragen"])
+def test_decode_makes_no_copy_of_the_whole_cache(tiny, attention):
+  """The compiled decode loop copies or transposes no array as large as the per-sequence cache
+  [L,B,S,K,D] (what remains on CPU: the XLA backend's per-layer transposes of one layer's k and
+  v, 1/L of it each)."""
+  config, model, _, _ = tiny
+  rng = np.random.default_rng(5)
+  prefix = rng.integers(1, 256, 40)
+  prompts = [np.concatenate([prefix, rng.integers(1, 256, 3 + i)]) for i in range(5)]
+  engine.clear_compiled_cache()
+  gen = engine.generate(model, prompts, max_new_tokens=8, attention=attention, backend="xla",
+                        sharing_options=dict(min_shared_tokens=0, merge_cost=0))
+  _, decode = list(engine._EXECUTABLES.items.values())[-1]
+  rows, _, capacity, _, _ = gen.signature.main
+  cache = config.num_layers * rows * capacity * config.num_kv_heads * config.head_dim
+  sizes = [int(np.prod([int(x) for x in dims.split(",") if x]))
+           for dims in re.findall(r"= f32\[([\d,]*)\][^ ]* (?:copy|transpose)\(",
+                                  decode.as_text())]
+  assert config.num_layers >= 2 and max(sizes, default=0) < cache

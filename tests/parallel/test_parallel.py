@@ -1,6 +1,8 @@
 """hydrax.parallel on 8 simulated CPU devices: mesh, rules, node placement, sharded attention
 equal to unsharded, sharded forward and greedy generation equal to single-device, errors."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,16 +120,22 @@ def test_place_nodes_policy():
     parallel.place_nodes(owner, 3)
 
 
-def test_shard_plan_places_sharers(plan):
+def test_layout_over_data_places_sharers(plan):
   seqs = [np.asarray(s) for s in plan.sequences]
-  sp = parallel.shard_plan(plan, seqs, 2, max_new_tokens=4)
-  assert len(sp.levels) == 1 and sp.levels[0].rows == 2
-  assert sp.replication == (1.5,)        # node B (rows 3-7) is stored on both shards
-  assert len(sp.main.table.variants) == 2  # the shards' local owners differ: a lax.switch
-  np.testing.assert_array_equal(sp.plan_row, [[0, 1, 2, 3], [4, 5, 6, 7]])
-  uneven = parallel.shard_plan(plan, seqs, 3, max_new_tokens=4)     # 3 + 3 + 2 rows
+  lay = engine.layout(plan, seqs, data=2, max_new_tokens=4)
+  assert len(lay.levels) == 1 and lay.levels[0].rows == 2
+  assert lay.replication == (1.5,)        # node B (rows 3-7) is stored on both shards
+  # Owners are per-shard local node indices, runtime data sharded over data (no per-shard
+  # program). Plan order puts B's 5 rows first: shard 0 holds B (and an unused slot), shard 1
+  # holds B (row 4) and A (rows 5-7).
+  np.testing.assert_array_equal(lay.seq_owner[0], [0, 0, 0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(lay.main.anc[0], lay.seq_owner[0])
+  np.testing.assert_array_equal(lay.levels[0].lengths, [26, 0, 26, 20])
+  np.testing.assert_array_equal(lay.plan_row, [[0, 1, 2, 3], [4, 5, 6, 7]])
+  uneven = engine.layout(plan, seqs, data=3, max_new_tokens=4)       # 3 + 3 + 2 rows
   np.testing.assert_array_equal(uneven.real.sum(axis=1), [3, 3, 2])
   assert uneven.plan_row[2, 2] == uneven.plan_row[2, 1]              # a repeated row
+  assert lay.signature() != uneven.signature()
 
 
 # ----------------------------------------------------------------------------- attention
@@ -237,3 +245,21 @@ def test_sharded_sampling_and_eos(net):
   assert again.compile_seconds == 0                 # same shapes: executables reused
   assert again.lengths[4] <= 2 and again.tokens[4, again.lengths[4]:].max(initial=0) == 0
   np.testing.assert_array_equal(again.tokens[:, 0], first.tokens[:, 0])
+
+
+def test_mesh_decode_collectives_and_cache_sharding(net, plan):
+  """One loop on a (2, 4) mesh: the decode step holds two all-reduces of [B_l,1,E] per layer
+  (attention output, MLP down), one (max, argmax) gather per row for greedy sampling over the
+  vocab-sharded head, and the scalar "all done?" psum over data; caches stay split over
+  (data, model) and are never all-gathered."""
+  engine.clear_compiled_cache()
+  engine.generate(net, None, plan, mesh=(2, 4), max_new_tokens=3)
+  _, decode = list(engine._EXECUTABLES.items.values())[-1]
+  text = decode.as_text()
+  reduces = re.findall(r"= f32\[(\d+),1,64\][^ ]* all-reduce\(", text)
+  assert len(reduces) == 2 * CONFIG.num_layers and set(reduces) == {"4"}   # B_l = 8 / 2
+  assert len(re.findall(r"= s32\[\] all-reduce\(", text)) >= 1              # all done?
+  gathers = re.findall(r"= [fs]32\[([\d,]+)\][^ ]* all-gather\(", text)
+  assert sorted(gathers) == ["4,4", "4,4"]                                    # (max, argmax)
+  suffix = decode.input_shardings[0][2]
+  assert suffix.k.spec == P(None, "data", None, "model")
