@@ -282,8 +282,9 @@ def apply(model, params, tokens, positions=None, *, mesh, backend: str = "auto")
   model: a hydrax `Llama`, its nnx.GraphDef (with params) or its LlamaConfig (with params);
   params: its nnx.State (None: the module's own). B must be divisible by the data axis size.
   """
+  from hydrax.engine import resolve_model    # at call time, as `sample` above: no cycle
   mesh = check_mesh(mesh)
-  graphdef, params, config = llama_lib.resolve(model, params)
+  graphdef, params, config = resolve_model(model, params)
   data, _ = axis_sizes(mesh)
   tokens = np.asarray(tokens).astype(np.int32)
   if tokens.ndim != 2:

@@ -237,3 +237,23 @@ def test_sharded_sampling_and_eos(net):
   assert again.compile_seconds == 0                 # same shapes: executables reused
   assert again.lengths[4] <= 2 and again.tokens[4, again.lengths[4]:].max(initial=0) == 0
   np.testing.assert_array_equal(again.tokens[:, 0], first.tokens[:, 0])
+
+
+def test_one_model_for_one_or_many_devices():
+  """The sharded step is llama.forward (no second copy of the layers), its hooks are
+  hashable values, and step does not import generate (no import cycle)."""
+  import ast
+  import inspect
+
+  from hydrax.parallel import step
+  tree = ast.parse(inspect.getsource(step))
+  imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+  imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  assert "hydrax.parallel.generate" not in imported
+  assert not any(isinstance(n, ast.FunctionDef) and n.name in ("_attention_layer", "_mlp")
+                 for n in ast.walk(tree))
+  owners = [np.array([0, 0, 1, 1], np.int32)]
+  one = step.TableAttention(step.OwnerTable.build([owners, [np.array([0, 1, 1, 1])]]))
+  same = step.TableAttention(step.OwnerTable.build([owners, [np.array([0, 1, 1, 1])]]))
+  other = step.TableAttention(step.OwnerTable.build([owners, owners]))
+  assert one == same and hash(one) == hash(same) and one != other
