@@ -4,6 +4,11 @@ Inspects the optimised HLO of `jax.jit(...).lower(...).compile()` (CPU, XLA back
 instruction that produces an array of a cache's [L,N,S,K,D] shape must be a parameter, a
 bitcast, a loop-carry element, or an in-place update (scatter / dynamic-update-slice, alone or
 in a fusion). A copy, transpose or any other full-size computation is reported.
+
+The caches are float32: XLA's CPU backend has no bfloat16 scatter, so with bfloat16 caches it
+converts the whole stack to float32 and back around every write (a bare `.at[].set` in a loop
+shows the same); GPUs scatter bfloat16 natively (`experiments/bench_engine.py` counts the
+copies in the H200's decode HLO).
 """
 
 import re
