@@ -119,10 +119,11 @@ def attend_shard(q, levels: Sequence[KVLevel], table: OwnerTable, *, causal_last
   def run(variant, q, levels):
     parts = []
     for level, owner in zip(levels, variant):
-      n = (int(owner.max()) + 1 if owner.size else 1) if owner is not None else 0
-      if owner is not None and n < level.k.shape[-4]:
-        level = level.layer_view()
-        level = KVLevel(level.k[:n], level.v[:n], level.lengths[:n])
+      if owner is not None:
+        n = int(owner.max()) + 1 if owner.size else 1
+        if n < level.k.shape[-4]:          # padding nodes this shard does not use
+          view = level.layer_view()
+          level = KVLevel(view.k[:n], view.v[:n], view.lengths[:n])
       parts.append(level._replace(owner=owner))
     return attn_lib.hydragen_attention(q, parts, causal_last=causal_last, scale=scale,
                                        backend=backend)
