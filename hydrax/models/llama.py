@@ -187,25 +187,6 @@ def abstract(config: LlamaConfig, *, dtype=jnp.float32) -> Llama:
   return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(params=0)))
 
 
-def resolve(model, params=None):
-  """(graphdef, params, config) of a model given as a `Llama` module (params None: its own),
-  its nnx.GraphDef with params, or a LlamaConfig with params."""
-  if isinstance(model, Llama):
-    graphdef, own = nnx.split(model)
-    return graphdef, own if params is None else params, model.config
-  if params is None:
-    raise ValueError("params is None: pass the model's params (nnx.State) or a Llama module")
-  if isinstance(model, LlamaConfig):
-    return nnx.split(abstract(model))[0], params, model
-  if isinstance(model, nnx.GraphDef):
-    config = getattr(nnx.merge(model, params), "config", None)
-    if not isinstance(config, LlamaConfig):
-      raise ValueError("model graphdef is not a hydrax Llama")
-    return model, params, config
-  raise ValueError(f"model must be a hydrax Llama module, its nnx.GraphDef or a LlamaConfig, "
-                   f"got {type(model).__name__}")
-
-
 def param_count(model_or_params) -> int:
   """Number of parameter elements of a `Llama` module or a params state."""
   state = nnx.state(model_or_params) if isinstance(model_or_params, nnx.Module) \

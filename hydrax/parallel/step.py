@@ -119,10 +119,11 @@ def attend_shard(q, levels: Sequence[KVLevel], table: OwnerTable, *, causal_last
   def run(variant, q, levels):
     parts = []
     for level, owner in zip(levels, variant):
-      n = (int(owner.max()) + 1 if owner.size else 1) if owner is not None else 0
-      if owner is not None and n < level.k.shape[-4]:
-        level = level.layer_view()
-        level = KVLevel(level.k[:n], level.v[:n], level.lengths[:n])
+      if owner is not None:
+        n = int(owner.max()) + 1 if owner.size else 1
+        if n < level.k.shape[-4]:          # padding nodes this shard does not use
+          view = level.layer_view()
+          level = KVLevel(view.k[:n], view.v[:n], view.lengths[:n])
       parts.append(level._replace(owner=owner))
     return attn_lib.hydragen_attention(q, parts, causal_last=causal_last, scale=scale,
                                        backend=backend)
@@ -282,8 +283,9 @@ def apply(model, params, tokens, positions=None, *, mesh, backend: str = "auto")
   model: a hydrax `Llama`, its nnx.GraphDef (with params) or its LlamaConfig (with params);
   params: its nnx.State (None: the module's own). B must be divisible by the data axis size.
   """
+  from hydrax.engine import resolve_model    # at call time, as `sample` above: no cycle
   mesh = check_mesh(mesh)
-  graphdef, params, config = llama_lib.resolve(model, params)
+  graphdef, params, config = resolve_model(model, params)
   data, _ = axis_sizes(mesh)
   tokens = np.asarray(tokens).astype(np.int32)
   if tokens.ndim != 2:

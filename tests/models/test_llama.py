@@ -181,6 +181,30 @@ def test_forward_rejects_bad_inputs(tiny):
     llama.forward(model, toks, toks[:, :2])
   with pytest.raises(ValueError, match="tokens must have shape"):
     llama.forward(model, toks[0], toks[0])
+  for unroll in (0, 1.5, False):
+    with pytest.raises(ValueError, match=rf"unroll must be a positive int or True \(every "
+                       rf"layer\), got {unroll}"):
+      llama.forward(model, toks, toks, unroll=unroll)
+  with pytest.raises(ValueError, match="reduce must be None or a mesh axis name, got 3"):
+    llama.forward(model, toks, toks, reduce=3)
+  flat = nnx.merge(graphdef, params)
+  flat.layers = llama.Block(config, dtype=jnp.float32, rngs=nnx.Rngs(0))   # one layer, unstacked
+  with pytest.raises(ValueError, match=r"L=2 stacked layers.*shape \(64, 64\)"):
+    llama.forward(flat, toks, toks)
+
+
+def test_layers_are_stacked_and_unroll_does_not_change_the_result(tiny):
+  config, graphdef, params = tiny
+  model = nnx.merge(graphdef, params)
+  assert model.layers.attn.q.kernel.shape == (config.num_layers, 64, 64)
+  assert model.layers.mlp_norm.weight.shape == (config.num_layers, 64)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (3, 9)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (3, 9))
+  run = jax.jit(lambda p, unroll: llama.forward(nnx.merge(graphdef, p), tokens, positions,
+                                                unroll=unroll)[0], static_argnums=1)
+  want = run(params, 1)
+  for unroll in (2, 3, True):
+    np.testing.assert_allclose(run(params, unroll), want, rtol=1e-6, atol=1e-6)
 
 
 def test_rope_scaling_changes_only_low_frequencies():

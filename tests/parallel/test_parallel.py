@@ -263,3 +263,21 @@ def test_mesh_decode_collectives_and_cache_sharding(net, plan):
   assert sorted(gathers) == ["4,4", "4,4"]                                    # (max, argmax)
   suffix = decode.input_shardings[0][2]
   assert suffix.k.spec == P(None, "data", None, "model")
+def test_one_model_for_one_or_many_devices():
+  """The sharded step is llama.forward (no second copy of the layers), its hooks are
+  hashable values, and step does not import generate (no import cycle)."""
+  import ast
+  import inspect
+
+  from hydrax.parallel import step
+  tree = ast.parse(inspect.getsource(step))
+  imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+  imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  assert "hydrax.parallel.generate" not in imported
+  assert not any(isinstance(n, ast.FunctionDef) and n.name in ("_attention_layer", "_mlp")
+                 for n in ast.walk(tree))
+  owners = [np.array([0, 0, 1, 1], np.int32)]
+  one = step.TableAttention(step.OwnerTable.build([owners, [np.array([0, 1, 1, 1])]]))
+  same = step.TableAttention(step.OwnerTable.build([owners, [np.array([0, 1, 1, 1])]]))
+  other = step.TableAttention(step.OwnerTable.build([owners, owners]))
+  assert one == same and hash(one) == hash(same) and one != other
