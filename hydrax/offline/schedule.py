@@ -25,9 +25,10 @@ Axis letters: B requests (of the dataset, or of one batch), L layers, K KV heads
 4. Fixed shapes: batches are padded to a batch size from a geometric grid (two steps an
    octave, at most max_batch) with copies of their last request (outputs dropped), and
    max_new_tokens is rounded up on the same grid (floor 16, never past the model's positions);
-   each row is cut to its own max_new_tokens afterwards. Together with the plan's node and
-   capacity buckets, a dataset of any size falls on few compiled signatures
-   (`Batch.signature`).
+   each row is cut to its own max_new_tokens afterwards. The batches' plans use the coarse
+   `BUCKETS` (unless sharing_options name others): node counts and capacities are powers of
+   two, at least 4 nodes and 64 tokens. So a dataset of any size falls on few compiled
+   signatures (`Batch.signature`).
 5. Order (BatchLLM): batches with more decode tokens per prefill token run first. Mixing the
    next batch's prefill into the current decode steps is not done (the engine runs one plan at
    a time).
@@ -49,6 +50,10 @@ from hydrax._log import log_once
 from hydrax.sharing.buckets import round_up
 
 STRATEGIES = ("global", "arrival")
+# Coarse buckets for the batches' plans (powers of two, at least 4 nodes and 64 tokens): the
+# default grid (two steps an octave) gave 28 signatures over 81 batches of a 1,205-request
+# workload where this one gives 5 (tests/offline/test_schedule.py).
+BUCKETS = sharing.Buckets(steps=1, min_nodes=4, min_tokens=64)
 _FILL = 0.9          # fraction of the budget the first pass aims for (buckets pad the rest)
 
 
@@ -187,6 +192,7 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
                      f"{len(max_new_tokens)} max_new_tokens, {len(keys)} keys")
   t0 = time.perf_counter()
   sharing_options = dict(sharing_options or {})
+  sharing_options.setdefault("buckets", BUCKETS)
   max_positions = config.max_position_embeddings if max_positions is None else max_positions
   lengths = np.array([s.size for s in sequences], np.int64)
   max_new = np.asarray(max_new_tokens, np.int64)
