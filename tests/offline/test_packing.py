@@ -83,27 +83,50 @@ def _packed(x, pk, lengths):
 
 
 def _run_packed(levels, suffix, width, q, k, v, traced, dtype):
+  """Packed attention under one jit: segment ids closed over (static) or passed (traced)."""
   pk = P.pack(suffix, width=width)
   _, seg, _ = P.pack_tokens(np.zeros(q.shape[:2], np.int32), suffix, np.zeros_like(suffix), pk)
-  cast = lambda x: jnp.asarray(x, dtype)
-  kv_levels = [KVLevel(cast(lk), cast(lv), jnp.asarray(n), o) for lk, lv, n, o in levels]
-  args = (cast(_packed(q, pk, suffix)), cast(_packed(k, pk, suffix)), cast(_packed(v, pk, suffix)))
+  owners = [o for *_, o in levels]
+  arrays = ([(jnp.asarray(lk, dtype), jnp.asarray(lv, dtype), jnp.asarray(n))
+             for lk, lv, n, _ in levels],
+            *(jnp.asarray(_packed(x, pk, suffix), dtype) for x in (q, k, v)))
+
+  def run(kvl, q, k, v, seg):
+    kv_levels = [KVLevel(lk, lv, n, o) for (lk, lv, n), o in zip(kvl, owners)]
+    return P.packed_attention(q, k, v, seg, kv_levels, backend="xla")
   if traced:
-    out, lse = jax.jit(lambda q, k, v, s: P.packed_attention(q, k, v, s, kv_levels,
-                                                             backend="xla"))(*args, seg)
+    out, lse = jax.jit(run)(*arrays, seg)
   else:
-    out, lse = P.packed_attention(*args, seg, kv_levels, backend="xla")
+    out, lse = jax.jit(lambda *a: run(*a, seg))(*arrays)
   return pk, seg, np.asarray(out, np.float32), np.asarray(lse)
 
 
-@given(batches(), st.sampled_from([jnp.float32, jnp.bfloat16]))
-def test_packed_attention_matches_the_oracle(case, dtype):
+def _padded(levels, q, k, v):
+  """Padded prefill: every row holds S slots; query i of row b sees its path and suffix keys
+  0..i (bottom-right causal over the padded width)."""
+  b, s = q.shape[:2]
+  owners = [o for *_, o in levels]
+
+  @jax.jit
+  def run(kvl, q, k, v):
+    kv_levels = [KVLevel(lk, lv, n, o) for (lk, lv, n), o in zip(kvl, owners)]
+    kv_levels.append(KVLevel(k, v, jnp.full((b,), s, jnp.int32), None))
+    return hydragen_attention(q, kv_levels, causal_last=True, backend="xla")
+  out, lse = run([(jnp.asarray(lk), jnp.asarray(lv), jnp.asarray(n)) for lk, lv, n, _ in levels],
+                 jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  return np.asarray(out), np.asarray(lse)
+
+
+@given(batches(), st.sampled_from([jnp.float32, jnp.float32, jnp.bfloat16]))
+def test_packed_attention_matches_oracle_and_padded_prefill(case, dtype):
   levels, suffix, width, q, k, v, traced = case
   pk, seg, out, lse = _run_packed(levels, suffix, width, q, k, v, traced, dtype)
   rnd = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
   tol = TOL[dtype]
   keys, values = oracle.concat_levels([(rnd(lk), rnd(lv), n, o) for lk, lv, n, o in levels] +
                                       [(rnd(k), rnd(v), suffix, None)])
+  if dtype == jnp.float32:
+    pad_out, pad_lse = _padded(levels, q, k, v)
   for b, n in enumerate(suffix):
     if n == 0:
       continue
@@ -111,26 +134,11 @@ def test_packed_attention_matches_the_oracle(case, dtype):
     cols = slice(pk.offset[b], pk.offset[b] + n)
     np.testing.assert_allclose(out[pk.row[b], cols], ref_out[0], atol=tol, rtol=tol)
     np.testing.assert_allclose(lse[pk.row[b], cols], ref_lse[0], atol=tol, rtol=tol)
+    if dtype == jnp.float32:     # packed == padded prefill, float32 tight
+      np.testing.assert_allclose(out[pk.row[b], cols], pad_out[b, :n], atol=1e-5, rtol=1e-5)
+      np.testing.assert_allclose(lse[pk.row[b], cols], pad_lse[b, :n], atol=1e-5, rtol=1e-5)
   pad = seg < 0
   assert np.all(out[pad] == 0) and np.all(np.isneginf(lse[pad]))
-
-
-@given(batches())
-def test_packed_equals_padded_prefill(case):
-  levels, suffix, width, q, k, v, traced = case
-  pk, _, out, lse = _run_packed(levels, suffix, width, q, k, v, traced, jnp.float32)
-  b, s = q.shape[:2]
-  kv_levels = [KVLevel(jnp.asarray(lk), jnp.asarray(lv), jnp.asarray(n), o)
-               for lk, lv, n, o in levels]
-  # padded: every row holds S slots; query i of row b sees its path and suffix keys 0..i
-  kv_levels.append(KVLevel(jnp.asarray(k), jnp.asarray(v), jnp.full((b,), s, jnp.int32), None))
-  ref_out, ref_lse = hydragen_attention(jnp.asarray(q), kv_levels, causal_last=True,
-                                        backend="xla")
-  ref_out, ref_lse = np.asarray(ref_out), np.asarray(ref_lse)
-  for row, n in enumerate(suffix):
-    cols = slice(pk.offset[row], pk.offset[row] + n)
-    np.testing.assert_allclose(out[pk.row[row], cols], ref_out[row, :n], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(lse[pk.row[row], cols], ref_lse[row, :n], atol=1e-5, rtol=1e-5)
 
 
 def test_bad_input():
