@@ -1,9 +1,12 @@
 """Synthetic offline workloads shaped like real ones, as `hydrax.generate` requests (token ids).
 
-  make(name, *, scale=1.0, vocab_size=32000, seed=0, max_new=(128, 256)) -> list of dicts
+  make(name, *, scale=1.0, group_scale=1.0, length_scale=1.0, vocab_size=32000, seed=0,
+       max_new=(128, 256)) -> list of dicts
   python experiments/offline_workloads.py --workload system --scale 0.1 --out prompts.jsonl
 
-Workloads (sizes at scale 1; counts and lengths scale with `scale`, lengths with `length_scale`):
+Workloads (sizes at scale 1): `scale` multiplies the number of groups (system prompts,
+questions, problems, control prompts), `group_scale` the requests per group (system prompt,
+problem), `length_scale` every token length.
   system     48 system prompts of 1-4K tokens, each with 10-500 requests (a unique 20-200-token
              user message): synthetic-data generation, chat evaluation.
   document   one 12K-token document with 1,000 questions of 10-50 tokens (long-document QA).
@@ -31,8 +34,8 @@ def _count(x: float, scale: float) -> int:
   return max(1, int(round(x * scale)))
 
 
-def make(name: str, *, scale: float = 1.0, length_scale: float = 1.0, vocab_size: int = 32000,
-         seed: int = 0, max_new=(128, 256)) -> list:
+def make(name: str, *, scale: float = 1.0, group_scale: float = 1.0, length_scale: float = 1.0,
+         vocab_size: int = 32000, seed: int = 0, max_new=(128, 256)) -> list:
   """The workload's requests: dicts with id, tokens, max_new_tokens (and temperature)."""
   if name not in WORKLOADS:
     raise ValueError(f"workload must be one of {list(WORKLOADS)}, got {name!r}")
@@ -46,7 +49,7 @@ def make(name: str, *, scale: float = 1.0, length_scale: float = 1.0, vocab_size
   if name == "system":
     for _ in range(_count(48, scale)):
       system = toks(rng.integers(1024, 4097))
-      for _ in range(_count(rng.integers(10, 501), scale)):
+      for _ in range(_count(rng.integers(10, 501), group_scale)):
         prompts.append(system + toks(rng.integers(20, 201)))
   elif name == "document":
     doc = toks(12288)
@@ -55,7 +58,7 @@ def make(name: str, *, scale: float = 1.0, length_scale: float = 1.0, vocab_size
     header = toks(500)
     for _ in range(_count(128, scale)):
       problem = header + toks(rng.integers(300, 1001))
-      prompts.extend([problem] * _count(64, scale))
+      prompts.extend([problem] * _count(64, group_scale))
     extra = {"temperature": 0.8}
   else:
     prompts = [toks(rng.integers(200, 2001)) for _ in range(_count(2000, scale))]
@@ -77,13 +80,14 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workload", choices=WORKLOADS, required=True)
   p.add_argument("--scale", type=float, default=1.0)
+  p.add_argument("--group_scale", type=float, default=1.0)
   p.add_argument("--length_scale", type=float, default=1.0)
   p.add_argument("--vocab_size", type=int, default=32000)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", required=True)
   a = p.parse_args(argv)
-  recs = make(a.workload, scale=a.scale, length_scale=a.length_scale, vocab_size=a.vocab_size,
-              seed=a.seed)
+  recs = make(a.workload, scale=a.scale, group_scale=a.group_scale,
+              length_scale=a.length_scale, vocab_size=a.vocab_size, seed=a.seed)
   write_jsonl(recs, a.out)
   print(f"{len(recs)} requests, {sum(len(r['tokens']) for r in recs):,} prompt tokens -> "
         f"{a.out}", file=sys.stderr)

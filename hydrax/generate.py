@@ -81,9 +81,11 @@ class RunSummary:
 
   @property
   def ok(self) -> bool:
-    """False when there was work and none of it succeeded."""
-    todo = self.requests - self.skipped + len(self.bad_lines)
-    return not (todo and self.completed == 0)
+    """False when everything failed: requests to run and none completed, or a file of bad
+    lines only. (Everything already in the output is not a failure.)"""
+    if self.requests == 0:
+      return not self.bad_lines
+    return self.requests == self.skipped or self.completed > 0
 
   def as_dict(self) -> dict:
     out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("bad_lines",
