@@ -26,9 +26,11 @@ or not), so a resumed run runs the same batches with the same seeds as an uninte
 
 Model: a hydrax checkpoint (`--checkpoint`, its tokenizer.json used if present), a local
 HuggingFace Llama directory (`--hf_dir`, its tokenizer.json), or a preset with random weights
-(`--preset`, for benchmarks); without a tokenizer and with text prompts, a byte-level BPE
-tokenizer is trained on the prompts file (saved beside --out as OUT.tokenizer.json and reused on
-resume) and the preset's vocabulary is resized to it.
+(`--preset`, for benchmarks). EOS: the model config's (the engine stops rows there), and for
+an HF directory every id its config.json / generation_config.json lists (as stop ids). Without
+a tokenizer and with text prompts, a byte-level BPE tokenizer is trained on the prompts file
+(saved beside --out as OUT.tokenizer.json and reused on resume) and the preset's vocabulary is
+resized to it.
 """
 
 from __future__ import annotations
@@ -152,6 +154,19 @@ def find_tokenizer(tokenizer: Optional[str], checkpoint: Optional[str], hf_dir: 
     if folder is not None and os.path.isfile(os.path.join(folder, "tokenizer.json")):
       return checkpoint_lib.load_tokenizer(folder)
   return None
+
+
+def hf_eos_ids(hf_dir: str) -> set:
+  """Every EOS id named by a HuggingFace directory's config.json and generation_config.json
+  (Llama 3 lists several; the model config keeps only the first)."""
+  ids = set()
+  for name in ("config.json", "generation_config.json"):
+    path = os.path.join(hf_dir, name)
+    if os.path.isfile(path):
+      with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+      ids.update([eos] if isinstance(eos, int) else [e for e in eos or () if isinstance(e, int)])
+  return ids
 
 
 def device_memory_budget(fraction: float = 0.8) -> Optional[int]:
@@ -317,6 +332,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   eos = None if ignore_eos else config.eos_token_id
   run_stop_strings = tuple(s for s in stop if isinstance(s, str))
   run_stop_ids = tuple(int(s) for s in stop if not isinstance(s, str))
+  if hf_dir is not None and not ignore_eos:
+    run_stop_ids += tuple(sorted(hf_eos_ids(hf_dir)))
   if memory_budget is None:
     memory_budget = device_memory_budget(memory_fraction)
     if memory_budget is None:

@@ -202,3 +202,39 @@ def test_readme_example_runs(tmp_path):
     assert r["finish_reason"] in ("stop", "length") and isinstance(r["text"], str)
     assert {"batch", "prefill_s", "decode_s", "compile_s", "at_s"} <= set(r["timings"])
   assert "requests" in proc.stderr and "tokens/s" in proc.stderr
+
+
+def test_checkpoint_and_hf_directories_with_their_tokenizer(tmp_path):
+  from hydrax import checkpoint
+  from tests.test_checkpoint import _write_hf_dir
+  texts = ["the cat sat on the mat", "the cat sat on a hat", "a dog ran far away"]
+  tok = G.train_tokenizer(texts * 3, vocab_size=300)
+  config = CONFIG.replace(vocab_size=tok.get_vocab_size())
+  model = llama.init(config, seed=1)
+  params = nnx.split(model)[1]
+  ck = tmp_path / "ck"
+  checkpoint.save(str(ck), config, params)
+  hf = _write_hf_dir(str(tmp_path / "hf"), config, model, bos_token_id=1,
+                     eos_token_id=[2, 7])
+  for folder in (str(ck), hf):
+    tok.save(os.path.join(folder, "tokenizer.json"))
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("\n".join(texts) + "\n")
+  options = dict(max_new_tokens=5, memory_budget=1 << 30, min_shared_tokens=0, merge_cost=0,
+                 progress=False)
+  G.run(str(prompts), str(tmp_path / "a.jsonl"), checkpoint=str(ck), **options)
+  G.run(str(prompts), str(tmp_path / "b.jsonl"), hf_dir=hf, **options)
+  a, b = _read(tmp_path / "a.jsonl"), _read(tmp_path / "b.jsonl")
+  assert [r["id"] for r in a] and sorted(r["id"] for r in a) == ["1", "2", "3"]
+  by_id = {r["id"]: r for r in b}
+  for rec in a:
+    ids = tok.encode(texts[int(rec["id"]) - 1]).ids
+    assert ids[0] == 1 and rec["prompt_tokens"] == len(ids)       # BOS from the template
+    ref = engine.generate(config, params, [np.asarray(ids, np.int32)], max_new_tokens=5,
+                          eos_id=2)
+    want = ref.tokens[0, :ref.lengths[0]].tolist()
+    cut = want.index(2) if 2 in want else len(want)
+    assert rec["tokens"] == want[:cut] and rec["text"] == tok.decode(want[:cut])
+    other = by_id[rec["id"]]            # the HF directory also stops at its second EOS, 7
+    stop7 = rec["tokens"].index(7) if 7 in rec["tokens"] else len(rec["tokens"])
+    assert other["tokens"] == rec["tokens"][:stop7]
