@@ -49,9 +49,10 @@ MODES = {"global": dict(strategy="global", attention="hydragen"),
          "arrival": dict(strategy="arrival", attention="hydragen"),
          "replicated": dict(strategy="global", attention="replicated")}
 FIELDS = ["workload", "mode", "requests", "prompt_tokens", "generated_tokens", "wall_s",
-          "wall_minus_compile_s", "planning_s", "compile_s", "prefill_s", "decode_s", "tokens_per_s", "batches",
-          "signatures", "compiles", "prefill_tokens", "reprefill_tokens", "shared_fraction",
-          "memory_budget", "speedup_vs_arrival", "speedup_minus_compile", "planning_pct", "status"]
+          "wall_minus_compile_s", "planning_s", "compile_s", "prefill_s", "decode_s",
+          "tokens_per_s", "batches", "signatures", "compiles", "prefill_tokens",
+          "reprefill_tokens", "shared_fraction", "memory_budget", "speedup_vs_arrival",
+          "speedup_minus_compile", "planning_pct", "status"]
 
 
 def _run_one(path, out, model, mode, args):
