@@ -29,24 +29,26 @@ class ResultWriter:
   def _recover(self) -> set:
     if not os.path.exists(self.path):
       return set()
+    done, good = set(), 0                 # good: bytes up to the last complete line
     with open(self.path, "rb") as f:
-      data = f.read()
-    keep = data.rfind(b"\n") + 1          # everything after the last newline is partial
-    done = set()
-    for number, raw in enumerate(data[:keep].split(b"\n")[:-1], start=1):
-      if not raw.strip():
-        continue
-      try:
-        done.add(str(json.loads(raw)["id"]))
-      except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{self.path}: line {number} is not a completion record "
-                         f"({raw[:80]!r}); is this the output of hydrax.generate?") from None
-    if keep < len(data):
+      for number, raw in enumerate(f, start=1):
+        if not raw.endswith(b"\n"):
+          break                             # a partial last line
+        good += len(raw)
+        if not raw.strip():
+          continue
+        try:
+          done.add(str(json.loads(raw)["id"]))
+        except (ValueError, KeyError, TypeError):
+          raise ValueError(f"{self.path}: line {number} is not a completion record "
+                           f"({raw[:80]!r}); is this the output of hydrax.generate?") from None
+    size = os.path.getsize(self.path)
+    if good < size:
       logger.log(logging.WARNING, "hydrax.generate: %s ends with a partial line (%d bytes, an "
                  "interrupted write); removing it, its requests run again", self.path,
-                 len(data) - keep)
+                 size - good)
       with open(self.path, "r+b") as f:
-        f.truncate(keep)
+        f.truncate(good)
         f.flush()
         os.fsync(f.fileno())
     return done
