@@ -285,6 +285,13 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   Returns a RunSummary; raises ValueError for bad arguments.
   """
   t_start = time.perf_counter()
+  _check_defaults(max_new_tokens, temperature, top_k, top_p, max_batch)
+  if strategy not in schedule_lib.STRATEGIES:
+    raise ValueError(f"strategy must be one of {list(schedule_lib.STRATEGIES)}, got "
+                     f"{strategy!r}")
+  if attention not in engine.ATTENTION_MODES:
+    raise ValueError(f"attention must be one of {list(engine.ATTENTION_MODES)}, got "
+                     f"{attention!r}")
   summary = RunSummary()
   reqs, bad = requests_lib.read_requests(prompts, on_bad_line=on_bad_line)
   writer = ResultWriter(out)
@@ -322,7 +329,6 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     summary.wall_seconds = time.perf_counter() - t_start
     return summary
 
-  _check_defaults(max_new_tokens, temperature, top_k, top_p, max_batch)
   defaults = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
   keys = [tuple((k, getattr(r, k) if getattr(r, k) is not None else v)
                 for k, v in defaults.items()) for r in reqs]
