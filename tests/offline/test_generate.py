@@ -178,9 +178,10 @@ def test_compilations_bounded_as_the_dataset_grows(tmp_path):
   for n in (10, 200):
     path = _write(tmp_path / f"p{n}.jsonl", _dataset(n, seed=n))
     s = G.run(path, str(tmp_path / f"o{n}.jsonl"), max_new_tokens=4, max_batch=16, **RUN)
-    assert s.completed == n and s.compiles <= s.signatures
-    compiles[n] = (s.compiles, s.batches_run)
-  assert compiles[200][0] <= compiles[10][0] + 4 and compiles[200][1] >= 10, compiles
+    assert s.completed == n
+    compiles[n] = (s.compiles, s.batches_run, s.signatures)
+  # 200 requests run in >= 13 batches; compilations follow the (few) signatures, not batches
+  assert compiles[200][1] >= 13 and compiles[200][0] <= compiles[10][0] + 4, compiles
 
 
 def test_readme_example_runs(tmp_path):
