@@ -88,8 +88,10 @@ def _timed(fn, *args, repeats=5):
   return statistics.median(times)
 
 
-def prepack_point(config, dtype, *, batch, lo, hi, prefix, seed=0):
-  """Padded vs packed suffix-prefill attention (one layer), with a shared prefix level."""
+def prepack_point(config, dtype, *, batch, lo, hi, prefix, seed=0, backend="xla"):
+  """Padded vs packed suffix-prefill attention (one layer), with a shared prefix level. Both
+  on the same backend (default XLA: the packed in-row part is jnp, so a Pallas padded path
+  would compare kernels, not packing)."""
   rng = np.random.default_rng(seed)
   h, kh, d = config.num_heads, config.num_kv_heads, config.head_dim
   lengths = rng.integers(lo, hi + 1, batch)
@@ -110,7 +112,8 @@ def prepack_point(config, dtype, *, batch, lo, hi, prefix, seed=0):
 
   @jax.jit
   def padded(q, k, v, pk_, pv_):
-    return hydragen_attention(q, [KVLevel(pk_, pv_, pre_len, owner), KVLevel(k, v, full, None)])
+    return hydragen_attention(q, [KVLevel(pk_, pv_, pre_len, owner), KVLevel(k, v, full, None)],
+                              backend=backend)
 
   def to_packed(x):
     seq, index, row, col = packing._slots(pk, lengths)
@@ -120,11 +123,12 @@ def prepack_point(config, dtype, *, batch, lo, hi, prefix, seed=0):
 
   @jax.jit
   def packed(q, k, v, pk_, pv_):
-    return packing.packed_attention(q, k, v, seg, [KVLevel(pk_, pv_, pre_len, owner)])
+    return packing.packed_attention(q, k, v, seg, [KVLevel(pk_, pv_, pre_len, owner)],
+                                    backend=backend)
 
   t_pad = _timed(padded, q, k, v, pre_k, pre_v)
   t_pack = _timed(packed, qp, kp, vp, pre_k, pre_v)
-  return dict(batch=batch, suffix_lo=lo, suffix_hi=hi, prefix=prefix,
+  return dict(backend=backend, batch=batch, suffix_lo=lo, suffix_hi=hi, prefix=prefix,
               tokens=int(lengths.sum()), padded_slots=batch * s, packed_slots=pk.slots,
               slot_ratio=round(batch * s / pk.slots, 3), padded_attention_ms=round(1e3 * t_pad, 3),
               packed_attention_ms=round(1e3 * t_pack, 3),

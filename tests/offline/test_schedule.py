@@ -86,6 +86,10 @@ def test_budget_is_respected_by_splitting():
   assert len(small.batches) > len(big.batches)
   assert all(b.kv_bytes <= budget for b in small.batches)
   assert sorted(r for b in small.batches for r in b.rows) == list(range(len(seqs)))
+  # replicated caches copy every prefix: the same budget holds fewer requests a batch
+  rep = _schedule(seqs, max_batch=64, budget=budget, attention="replicated")
+  assert len(rep.batches) > len(small.batches)
+  assert all(b.kv_bytes <= budget for b in rep.batches)
 
 
 def test_signatures_stay_few_as_the_dataset_grows():
