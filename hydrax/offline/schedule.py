@@ -13,12 +13,13 @@ Axis letters: B requests (of the dataset, or of one batch), L layers, K KV heads
 2. Requests are split by `keys` (their sampling settings: a batch shares one sampler) and each
    key's requests are walked in tree order. A batch grows while its KV estimate, prompt tokens
    stored once (first request: all of them; the next: len - lcp) + max_new_tokens per request,
-   times the bytes of one token's K and V over all layers, stays within `fill` x budget and it
-   holds at most max_batch requests. A batch that fills up is cut, within its last quarter,
-   where the next request shares the fewest tokens with the one before it: that prefix is the
-   one the next batch prefills again. A node shared by requests of several batches is
-   re-prefilled once per batch (its KV is not kept across batches: the engine takes a plan,
-   not precomputed levels); `Schedule.reprefill_tokens` counts what that costs.
+   times the bytes of one token's K and V over all layers, stays within 90% of the budget
+   (with attention="replicated" every request stores its whole prompt) and it holds at most
+   max_batch requests. A batch that fills up is cut, within its last quarter, where the
+   prefix shared across the cut (which the next batch prefills again) plus the decode tokens
+   of the requests moved to the next batch is least. A node shared by requests of several
+   batches is re-prefilled once per batch (its KV is not kept across batches: the engine
+   takes a plan, not precomputed levels); `Schedule.reprefill_tokens` counts what that costs.
 3. Each batch is planned on its own (`sharing.plan` with the run's cost model) and its exact
    KV bytes are taken from `engine.estimate_kv_bytes`; a batch over budget is split in two at
    its least-shared point, recursively (a single request over budget runs alone, logged).
