@@ -168,14 +168,16 @@ def main(argv=None) -> int:
   if args.memory_budget is not None:
     args.memory_budget = int(args.memory_budget)
 
-  rows = []
+  paths = {}
   for w in args.workloads.split(","):
     recs = offline_workloads.make(w, scale=args.scale, group_scale=args.group_scale,
                                   length_scale=args.length_scale, vocab_size=config.vocab_size,
                                   max_new=(lo, hi))
-    path = offline_workloads.write_jsonl(recs, os.path.join(args.out, "workloads",
-                                                            f"{w}.jsonl"))
-    for mode in args.modes.split(","):
+    paths[w] = offline_workloads.write_jsonl(recs, os.path.join(args.out, "workloads",
+                                                                f"{w}.jsonl"))
+  rows = []
+  for mode in args.modes.split(","):      # mode by mode: the time budget cuts the last ones
+    for w, path in paths.items():
       row = dict(workload=w, mode=mode)
       if time.perf_counter() - t_start > args.time_budget:
         row["status"] = "skipped (time budget)"

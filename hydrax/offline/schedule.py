@@ -28,7 +28,8 @@ Axis letters: B requests (of the dataset, or of one batch), L layers, K KV heads
    max_new_tokens is rounded up on the same grid (floor 16, never past the model's positions);
    each row is cut to its own max_new_tokens afterwards. The batches' plans use the coarse
    `BUCKETS` (unless sharing_options name others): node counts and capacities are powers of
-   two, at least 4 nodes and 64 tokens. So a dataset of any size falls on few compiled
+   two, at least 4 nodes and 64 tokens; a batch that this padding puts over budget takes the
+   finer default buckets before it is split. So a dataset of any size falls on few compiled
    signatures (`Batch.signature`).
 5. Order (BatchLLM): batches with more decode tokens per prefill token run first. Mixing the
    next batch's prefill into the current decode steps is not done (the engine runs one plan at
@@ -193,7 +194,6 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
                      f"{len(max_new_tokens)} max_new_tokens, {len(keys)} keys")
   t0 = time.perf_counter()
   sharing_options = dict(sharing_options or {})
-  sharing_options.setdefault("buckets", BUCKETS)
   max_positions = config.max_position_embeddings if max_positions is None else max_positions
   lengths = np.array([s.size for s in sequences], np.int64)
   max_new = np.asarray(max_new_tokens, np.int64)
@@ -244,7 +244,7 @@ def make_batch(sequences, rows, key, max_new, *, config, dtype, max_batch: int,
   own = int(max(max_new[r] for r in rows))
   longest = max(s.size for s in seqs)
   bucket = max(own, min(round_up(own, steps=2, minimum=16), max_positions - longest))
-  plan = sharing.plan(seqs, **sharing_options)
+  plan = sharing.plan(seqs, **{"buckets": BUCKETS, **sharing_options})
   kv = engine.estimate_kv_bytes(config, plan, max_new_tokens=bucket, attention=attention,
                                 dtype=dtype, max_len=max_positions)
   # Stored prompt tokens of the real rows: the padded plan's minus the copies' suffixes. A
@@ -258,12 +258,18 @@ def make_batch(sequences, rows, key, max_new, *, config, dtype, max_batch: int,
                tree_tokens=int(plan.stats.radix_tokens), signature=signature)
 
 
-def _fit(sequences, rows, lcp, key, max_new, *, budget, **kw) -> list:
-  """[Batch] for rows (tree order): one batch if it fits the budget, else split in two where
-  the least prefix is shared (middle half), recursively."""
-  batch = make_batch(sequences, rows, key, max_new, **kw)
-  if batch.kv_bytes <= budget:
-    return [batch]
+def _fit(sequences, rows, lcp, key, max_new, *, budget, sharing_options, **kw) -> list:
+  """[Batch] for rows (tree order): one batch if it fits the budget with the coarse buckets,
+  or else with the finer default ones (padding a long node to 4 nodes of a power-of-two
+  capacity can take several times its KV), else split in two where the least prefix is
+  shared (middle half), recursively. Buckets named in sharing_options are the only ones."""
+  tries = ([sharing_options] if "buckets" in sharing_options else
+           [dict(sharing_options, buckets=BUCKETS),
+            dict(sharing_options, buckets=sharing.DEFAULT_BUCKETS)])
+  for options in tries:
+    batch = make_batch(sequences, rows, key, max_new, sharing_options=options, **kw)
+    if batch.kv_bytes <= budget:
+      return [batch]
   if len(rows) == 1:
     log_once(("offline-over-budget", int(rows[0])),
              "hydrax.generate: request %d alone needs %d KV bytes, over the budget of %d; it "
@@ -272,5 +278,6 @@ def _fit(sequences, rows, lcp, key, max_new, *, budget, **kw) -> list:
   b = len(rows)
   cands = np.arange(max(1, b // 4), max(2, (3 * b) // 4 + 1))
   cut = int(cands[np.argmin(lcp[cands])])
-  return (_fit(sequences, rows[:cut], lcp[:cut], key, max_new, budget=budget, **kw) +
-          _fit(sequences, rows[cut:], lcp[cut:], key, max_new, budget=budget, **kw))
+  kw.update(budget=budget, sharing_options=sharing_options)
+  return (_fit(sequences, rows[:cut], lcp[:cut], key, max_new, **kw) +
+          _fit(sequences, rows[cut:], lcp[cut:], key, max_new, **kw))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hydrax import sharing
 from hydrax.models import configs
 from hydrax.offline import schedule as S
 
@@ -90,6 +91,19 @@ def test_budget_is_respected_by_splitting():
   rep = _schedule(seqs, max_batch=64, budget=budget, attention="replicated")
   assert len(rep.batches) > len(small.batches)
   assert all(b.kv_bytes <= budget for b in rep.batches)
+
+
+def test_a_long_node_falls_back_to_fine_buckets_before_splitting():
+  seqs, _ = _groups([8], prefix=(700, 701), own=(2, 6))
+  coarse = _schedule(seqs, max_batch=8)
+  (batch,) = coarse.batches
+  fine = S.make_batch(seqs, batch.rows, (), np.full(len(seqs), 8), config=CONFIG,
+                      dtype=jnp.float32, max_batch=8, attention="hydragen",
+                      sharing_options=dict(SHARE_ALL, buckets=sharing.DEFAULT_BUCKETS),
+                      pad=True, max_positions=CONFIG.max_position_embeddings)
+  assert fine.kv_bytes < batch.kv_bytes / 2        # 4 nodes of 1024 vs 1 node of 768 tokens
+  (tight,) = _schedule(seqs, max_batch=8, budget=fine.kv_bytes).batches
+  assert tight.rows == batch.rows and tight.kv_bytes == fine.kv_bytes
 
 
 def test_signatures_stay_few_as_the_dataset_grows():
