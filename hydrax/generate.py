@@ -368,12 +368,12 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
                             prefill_chunk=prefill_chunk, backend=backend,
                             **dict(batch.key))
     except engine.OutOfMemoryError as e:
-      if batch.size == 1:
+      if len(batch.rows) == 1:
         sys.stderr.write(f"hydrax.generate: request {reqs[batch.rows[0]].id!r} failed: {e}\n")
         summary.failed += 1
         return []
-      half = batch.size // 2
-      sys.stderr.write(f"hydrax.generate: batch {index} ({batch.size} requests) ran out of "
+      half = len(batch.rows) // 2
+      sys.stderr.write(f"hydrax.generate: batch {index} ({len(batch.rows)} requests) ran out of "
                        f"memory; splitting it in two\n")
       return [r for part in (batch.rows[:half], batch.rows[half:])
               for r in run_batch(index, schedule_lib.make_batch(
@@ -382,7 +382,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     summary.prefill_seconds += gen.prefill_seconds
     summary.decode_seconds += gen.decode_seconds
     summary.compile_seconds += gen.compile_seconds
-    timings = dict(batch=index, batch_size=batch.size, prefill_s=round(gen.prefill_seconds, 4),
+    timings = dict(batch=index, batch_requests=len(batch.rows), batch_size=batch.size,
+                   prefill_s=round(gen.prefill_seconds, 4),
                    decode_s=round(gen.decode_seconds, 4),
                    compile_s=round(gen.compile_seconds, 4))
     records = []
@@ -400,7 +401,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     rows = tuple(r for r in batch.rows if reqs[r].id not in writer.done_ids)
     if not rows:
       continue
-    if len(rows) < batch.size:   # partly written before (an interrupted write): re-plan
+    if len(rows) < len(batch.rows):   # partly written before (an interrupted write): re-plan
       batch = schedule_lib.make_batch(seqs, rows, batch.key, own_new, **batch_options)
     records = run_batch(index, batch)
     now = round(time.perf_counter() - t_start, 3)
@@ -410,7 +411,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     summary.batches_run += 1
     summary.completed += len(records)
     summary.generated_tokens += sum(len(rec["tokens"]) for rec in records)
-    done_here += batch.size
+    done_here += len(batch.rows)
     bar.update(done_here, summary.generated_tokens)
     if on_batch is not None:
       on_batch(index, records)

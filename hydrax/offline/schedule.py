@@ -21,10 +21,12 @@ Axis letters: B requests (of the dataset, or of one batch), L layers, K KV heads
    batches is re-prefilled once per batch (its KV is not kept across batches: the engine
    takes a plan, not precomputed levels); `Schedule.reprefill_tokens` counts what that costs.
 3. Each batch is planned on its own (`sharing.plan` with the run's cost model) and its exact
-   KV bytes are taken from `engine.estimate_kv_bytes`; a batch over budget is split in two at
-   its least-shared point, recursively (a single request over budget runs alone, logged).
+   KV bytes (every row gets the capacity of the longest suffix + max_new_tokens) are taken
+   from `engine.estimate_kv_bytes`; rows over budget are cut where the most leading rows fit
+   (bisection), at the cheapest point of their last quarter (a single request over budget
+   runs alone, logged).
 4. Fixed shapes: batches are padded to a batch size from a geometric grid (two steps an
-   octave, at most max_batch) with copies of their last request (outputs dropped), and
+   octave, at most max_batch) with distinct one-token prompts (outputs dropped), and
    max_new_tokens is rounded up on the same grid (floor 16, never past the model's positions);
    each row is cut to its own max_new_tokens afterwards. The batches' plans use the coarse
    `BUCKETS` (unless sharing_options name others): node counts and capacities are powers of
@@ -63,7 +65,8 @@ _FILL = 0.9          # fraction of the budget the first pass aims for (buckets p
 class Batch:
   """One engine call: rows are indices into the scheduler's `sequences`.
 
-  rows: the requests, tree order; padded: rows + copies of the last one (the engine's batch).
+  rows: the requests, tree order; size: the engine's batch size (rows + one-token padding
+  prompts, whose outputs are dropped; plan rows 0..len(rows)-1 are `rows`).
   key: the shared sampling settings; max_new_tokens: the batch's (bucketed) decode length.
   kv_bytes: exact KV bytes of the padded batch (engine.estimate_kv_bytes).
   prefill_tokens: prompt tokens the batch prefills (its plan's stored tokens, no padding rows).
@@ -73,7 +76,7 @@ class Batch:
     the plan's padded level shapes and suffix capacity).
   """
   rows: tuple
-  padded: tuple
+  size: int
   key: tuple
   max_new_tokens: int
   plan: object = dataclasses.field(repr=False, compare=False)
@@ -83,9 +86,6 @@ class Batch:
   tree_tokens: int = 0
   signature: tuple = ()
 
-  @property
-  def size(self) -> int:
-    return len(self.rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,14 +158,7 @@ def _cut(costs: np.ndarray, lcp: np.ndarray, decode: np.ndarray, cap: float, max
       total += costs[end]
       end += 1
     if end < b and group_aware and end - start > 1:
-      # Cut within the last quarter where re-prefilling the shared prefix plus the decode
-      # slots left empty (a decode token counted as one prefill token) costs least; the
-      # latest such cut (the fullest batch) among ties.
-      lo = start + max(1, (3 * (end - start)) // 4)
-      cands = np.arange(lo, end + 1)
-      slots = decode[start:end + 1].cumsum()
-      cost = lcp[cands] + slots[-1] - slots[cands - start]
-      end = int(cands[::-1][np.argmin(cost[::-1])])
+      end = _best_cut(lcp, decode, start + max(1, (3 * (end - start)) // 4), end)
     runs.append((start, end))
     start = end
   return runs
@@ -221,7 +214,8 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
     share = lcp if attention == "hydragen" else np.zeros_like(lcp)   # replicated: copies
     costs = lengths[rows] - share + max_new[rows]
     for lo, hi in _cut(costs, share, max_new[rows], cap, max_batch, strategy == "global"):
-      batches.extend(_fit(sequences, rows[lo:hi], lcp[lo:hi], k, max_new, config=config,
+      batches.extend(_fit(sequences, rows[lo:hi], lcp[lo:hi], max_new[rows[lo:hi]], k, max_new,
+                          config=config,
                           dtype=dtype, budget=memory_budget, max_batch=max_batch,
                           attention=attention, sharing_options=sharing_options, pad=pad,
                           max_positions=max_positions))
@@ -234,50 +228,90 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
                   seconds=time.perf_counter() - t0, budget=int(memory_budget))
 
 
+def _pad_prompts(k: int) -> list:
+  """k distinct one-token prompts that fill a batch up to its padded size (outputs dropped):
+  they add one cached token each and share nothing with each other."""
+  return [np.array([i], np.int32) for i in range(k)]
+
+
 def make_batch(sequences, rows, key, max_new, *, config, dtype, max_batch: int,
                attention: str, sharing_options: dict, pad: bool, max_positions: int) -> Batch:
   """A Batch of `rows` (indices into sequences): padded, planned, its KV measured."""
   rows = tuple(int(r) for r in rows)
   size = _padded_size(len(rows), max_batch) if pad else len(rows)
-  padded = rows + (rows[-1],) * (size - len(rows))
-  seqs = [sequences[r] for r in padded]
+  real = [sequences[r] for r in rows]
   own = int(max(max_new[r] for r in rows))
-  longest = max(s.size for s in seqs)
+  longest = max(s.size for s in real)
   bucket = max(own, min(round_up(own, steps=2, minimum=16), max_positions - longest))
-  plan = sharing.plan(seqs, **{"buckets": BUCKETS, **sharing_options})
+  plan = sharing.plan(real + _pad_prompts(size - len(rows)),
+                      **{"buckets": BUCKETS, **sharing_options})
   kv = engine.estimate_kv_bytes(config, plan, max_new_tokens=bucket, attention=attention,
                                 dtype=dtype, max_len=max_positions)
-  # Stored prompt tokens of the real rows: the padded plan's minus the copies' suffixes. A
-  # copy shares its whole prompt with the last row, so the radix tokens are the rows' own.
-  copies = np.asarray(plan.inverse_order)[len(rows):]
-  prefill = int(plan.stats.stored_tokens - np.asarray(plan.suffix_lengths)[copies].sum())
+  # Prompt tokens the real rows prefill: the plan's stored tokens minus the padding rows'
+  # suffixes (a padding token shared with a real row is counted with the real row).
+  pads = np.asarray(plan.inverse_order)[len(rows):]
+  prefill = int(plan.stats.stored_tokens - np.asarray(plan.suffix_lengths)[pads].sum())
+  # Radix-tree tokens of the real rows: in lexicographic order, sum(len - lcp with previous).
+  order = np.asarray([i for i in np.asarray(plan.order) if i < len(rows)])
+  tree = int(sum(s.size for s in real) - lcp_with_previous(real, order).sum())
   signature = (size, bucket, key, plan.stats.padded_shapes, plan.stats.suffix_capacity)
-  return Batch(rows=rows, padded=padded, key=key, max_new_tokens=bucket, plan=plan,
+  return Batch(rows=rows, size=size, key=key, max_new_tokens=bucket, plan=plan,
                kv_bytes=int(kv), prefill_tokens=prefill,
-               decode_tokens=int(sum(max_new[r] for r in rows)),
-               tree_tokens=int(plan.stats.radix_tokens), signature=signature)
+               decode_tokens=int(sum(max_new[r] for r in rows)), tree_tokens=tree,
+               signature=signature)
 
 
-def _fit(sequences, rows, lcp, key, max_new, *, budget, sharing_options, **kw) -> list:
-  """[Batch] for rows (tree order): one batch if it fits the budget with the coarse buckets,
-  or else with the finer default ones (padding a long node to 4 nodes of a power-of-two
-  capacity can take several times its KV), else split in two where the least prefix is
-  shared (middle half), recursively. Buckets named in sharing_options are the only ones."""
+def _best_cut(lcp: np.ndarray, decode: np.ndarray, lo: int, hi: int) -> int:
+  """The cut c in [lo, hi] (rows before c stay, rows from c move on) where the prefix shared
+  across it (re-prefilled by the next batch) plus the decode tokens of rows c..hi-1 (slots
+  this batch leaves empty) is least; the latest among ties. lcp[c]: what row c shares with
+  row c-1; decode[i]: row i's max_new_tokens; lcp[len] counts as 0."""
+  cands = np.arange(lo, hi + 1)
+  tail = np.append(np.cumsum(decode[::-1])[::-1], 0)     # tail[c] = sum of decode[c:]
+  cost = np.append(lcp, 0)[cands] + tail[cands] - tail[hi]
+  return int(cands[::-1][np.argmin(cost[::-1])])
+
+
+def _fit(sequences, rows, lcp, decode, key, max_new, *, budget, sharing_options,
+         **kw) -> list:
+  """[Batch] for rows (tree order) under the budget (exact KV of the padded plan). A batch is
+  tried with the coarse buckets, then the finer default ones (padding a long node to 4 nodes
+  of a power-of-two capacity can take several times its KV); buckets named in
+  sharing_options are the only ones tried. When the rows do not fit, the most leading rows
+  that fit are found by bisection and cut in their last quarter where `_best_cut` says."""
   tries = ([sharing_options] if "buckets" in sharing_options else
            [dict(sharing_options, buckets=BUCKETS),
             dict(sharing_options, buckets=sharing.DEFAULT_BUCKETS)])
-  for options in tries:
-    batch = make_batch(sequences, rows, key, max_new, sharing_options=options, **kw)
-    if batch.kv_bytes <= budget:
-      return [batch]
-  if len(rows) == 1:
-    log_once(("offline-over-budget", int(rows[0])),
-             "hydrax.generate: request %d alone needs %d KV bytes, over the budget of %d; it "
-             "runs in a batch of its own", int(rows[0]), batch.kv_bytes, budget)
-    return [batch]
-  b = len(rows)
-  cands = np.arange(max(1, b // 4), max(2, (3 * b) // 4 + 1))
-  cut = int(cands[np.argmin(lcp[cands])])
-  kw.update(budget=budget, sharing_options=sharing_options)
-  return (_fit(sequences, rows[:cut], lcp[:cut], key, max_new, **kw) +
-          _fit(sequences, rows[cut:], lcp[cut:], key, max_new, **kw))
+
+  def fit(lo, hi):
+    for options in tries:
+      batch = make_batch(sequences, rows[lo:hi], key, max_new, sharing_options=options, **kw)
+      if batch.kv_bytes <= budget:
+        return batch
+    return None
+
+  out, start, n = [], 0, len(rows)
+  while start < n:
+    batch = fit(start, n)
+    if batch is not None:
+      out.append(batch)
+      break
+    good, lo, hi = start + 1, start + 2, n - 1      # rows[start:good] fits (or is one row)
+    while lo <= hi:
+      mid = (lo + hi) // 2
+      if fit(start, mid) is not None:
+        good, lo = mid, mid + 1
+      else:
+        hi = mid - 1
+    if good - start > 1:
+      good = _best_cut(lcp, decode, start + max(1, (3 * (good - start)) // 4), good)
+    batch = fit(start, good)
+    if batch is None:
+      log_once(("offline-over-budget", int(rows[start])),
+               "hydrax.generate: request %d alone needs more than the KV budget of %d bytes; "
+               "it runs in a batch of its own", int(rows[start]), budget)
+      batch = make_batch(sequences, rows[start:good], key, max_new,
+                         sharing_options=tries[-1], **kw)
+    out.append(batch)
+    start = good
+  return out

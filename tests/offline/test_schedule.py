@@ -47,11 +47,13 @@ def test_every_request_once_and_batches_well_formed():
   grid = S.batch_sizes(8)
   for b in sched.batches:
     assert {keys[r] for r in b.rows} == {b.key}
-    assert len(b.padded) in grid and b.padded[:b.size] == b.rows and b.size <= 8
-    assert set(b.padded[b.size:]) <= {b.rows[-1]}
+    assert b.size in grid and len(b.rows) <= b.size <= 8
+    assert b.plan.num_sequences == b.size
+    assert all(np.array_equal(b.plan.sequences[j], seqs[r]) for j, r in enumerate(b.rows))
+    assert all(s.size == 1 for s in b.plan.sequences[len(b.rows):])   # padding prompts
     assert b.max_new_tokens >= max(max_new[r] for r in b.rows)
     assert b.decode_tokens == sum(max_new[r] for r in b.rows)
-    assert np.array_equal(np.sort(b.plan.order), np.arange(len(b.padded)))
+    assert np.array_equal(np.sort(b.plan.order), np.arange(b.size))
   ratios = [b.decode_tokens / b.prefill_tokens for b in sched.batches]
   assert ratios == sorted(ratios, reverse=True)       # BatchLLM: decode-heavy first
 
