@@ -55,7 +55,7 @@ from hydrax.sharing.buckets import round_up
 
 STRATEGIES = ("global", "arrival")
 # Coarse buckets for the batches' plans (powers of two, at least 4 nodes and 64 tokens): the
-# default grid (two steps an octave) gave 28 signatures over 81 batches of a 1,205-request
+# default grid (two steps an octave) gave 27 signatures over 79 batches of a 1,205-request
 # workload where this one gives 5 (tests/offline/test_schedule.py).
 BUCKETS = sharing.Buckets(steps=1, min_nodes=4, min_tokens=64)
 _FILL = 0.9          # fraction of the budget the first pass aims for (buckets pad the rest)
