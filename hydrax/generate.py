@@ -9,8 +9,9 @@ per-request `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop` (strings a
 or plain text, one prompt a line. Output: one JSON line per request, appended per batch (fsync):
 `id`, `text` (null without a tokenizer), `tokens` (generated ids, stop id excluded),
 `finish_reason` ("stop": EOS, a stop id or a stop string ended it; "length": max_new_tokens),
-`stop` (what stopped it, or null), `prompt_tokens`, and `timings` (its batch's index, size,
-prefill / decode / compile seconds, and seconds since the run started when it was written).
+`stop` (what stopped it, or null), `prompt_tokens`, and `timings` (its batch's index, requests
+and padded size, prefill / decode / compile seconds, and `at_s`: seconds since the run started
+when it was written).
 
 Planning (`hydrax.offline.schedule`): one radix tree over the whole dataset, batches that keep
 sharers together under a KV budget, each planned and run by `hydrax.engine.generate`. Requests
