@@ -1,0 +1,490 @@
+"""Offline batch inference of a whole prompts file: text in, completions out.
+
+  python -m hydrax.generate --prompts P.jsonl --out OUT.jsonl (--checkpoint DIR | --hf_dir DIR |
+      --preset NAME) [--tokenizer PATH] [--max_new_tokens 128] [--memory_budget BYTES] ...
+  run(prompts, out, *, checkpoint=None, hf_dir=None, preset=None, ...) -> RunSummary
+
+Input (see `hydrax.offline.requests`): JSONL with `id`, `prompt` text or `tokens`, optional
+per-request `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop` (strings and/or token ids);
+or plain text, one prompt a line. Output: one JSON line per request, appended per batch (fsync):
+`id`, `text` (null without a tokenizer), `tokens` (generated ids, stop id excluded),
+`finish_reason` ("stop": EOS, a stop id or a stop string ended it; "length": max_new_tokens),
+`stop` (what stopped it, or null), `prompt_tokens`, and `timings` (its batch's index, requests
+and padded size, prefill / decode / compile seconds, and `at_s`: seconds since the run started
+when it was written).
+
+Planning (`hydrax.offline.schedule`): one radix tree over the whole dataset, batches that keep
+sharers together under a KV budget, each planned and run by `hydrax.engine.generate`. Requests
+whose sampling settings (temperature, top_k, top_p) differ go to different batches; max_new_tokens
+and stop settings are per row (a batch decodes to its longest max_new_tokens; rows are cut to
+their own afterwards, and past a stop id or EOS). The engine stops a row at the model's EOS;
+other stop ids and stop strings end the completion when the batch is done (their tokens are
+decoded, then dropped).
+
+Resuming: rerunning with the same --out skips the ids already in it; an interrupted run loses
+at most the batch in flight. The schedule is made over every request of the file (finished
+or not), so a resumed run runs the same batches with the same seeds as an uninterrupted one.
+
+Model: a hydrax checkpoint (`--checkpoint`, its tokenizer.json used if present), a local
+HuggingFace Llama directory (`--hf_dir`, its tokenizer.json), or a preset with random weights
+(`--preset`, for benchmarks). EOS: the model config's (the engine stops rows there), and for
+an HF directory every id its config.json / generation_config.json lists (as stop ids). Without
+a tokenizer and with text prompts, a byte-level BPE tokenizer is trained on the prompts file
+(saved beside --out as OUT.tokenizer.json and reused on resume) and the preset's vocabulary is
+resized to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hydrax import checkpoint as checkpoint_lib
+from hydrax import engine
+from hydrax._log import log_once
+from hydrax.models import configs, llama
+from hydrax.offline import requests as requests_lib
+from hydrax.offline import schedule as schedule_lib
+from hydrax.offline.writer import ResultWriter
+
+_CPU_BUDGET = 4 << 30      # KV bytes a batch may take where the device reports no memory
+
+
+@dataclasses.dataclass
+class RunSummary:
+  """What a run did. requests: good requests in the file; skipped: already in the output;
+  completed / failed: in this run; bad_lines: BadLine list; generated_tokens: by completed
+  requests (after cutting); compiles: engine calls that compiled; signatures: distinct batch
+  signatures of the schedule; wall_seconds, planning_seconds; schedule: the Schedule."""
+  requests: int = 0
+  skipped: int = 0
+  completed: int = 0
+  failed: int = 0
+  bad_lines: list = dataclasses.field(default_factory=list)
+  generated_tokens: int = 0
+  batches_run: int = 0
+  compiles: int = 0
+  signatures: int = 0
+  wall_seconds: float = 0.0
+  planning_seconds: float = 0.0
+  prefill_seconds: float = 0.0
+  decode_seconds: float = 0.0
+  compile_seconds: float = 0.0
+  schedule: object = None
+
+  @property
+  def ok(self) -> bool:
+    """False when everything failed: requests to run and none completed, or a file of bad
+    lines only. (Everything already in the output is not a failure.)"""
+    if self.requests == 0:
+      return not self.bad_lines
+    return self.requests == self.skipped or self.completed > 0
+
+  def as_dict(self) -> dict:
+    out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("bad_lines",
+                                                                          "schedule")}
+    out["bad_lines"] = len(self.bad_lines)
+    if self.schedule is not None:
+      s = self.schedule
+      out.update(batches=len(s.batches), prompt_tokens=s.prompt_tokens,
+                 tree_tokens=s.tree_tokens, prefill_tokens=s.prefill_tokens,
+                 reprefill_tokens=s.reprefill_tokens, shared_fraction=round(s.shared_fraction, 4),
+                 memory_budget=s.budget)
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_model(*, checkpoint: Optional[str] = None, hf_dir: Optional[str] = None,
+               preset: Optional[str] = None, dtype=None, seed: int = 0,
+               vocab_size: Optional[int] = None, tokenizer_ids: Optional[dict] = None):
+  """(config, params) from exactly one of a hydrax checkpoint, an HF directory or a preset
+  (random weights with `seed`; `vocab_size` / `tokenizer_ids` (bos, eos) override the
+  preset's for a tokenizer made on the fly). dtype: None = as stored (presets: float32)."""
+  given = [n for n, v in (("checkpoint", checkpoint), ("hf_dir", hf_dir), ("preset", preset))
+           if v is not None]
+  if len(given) != 1:
+    raise ValueError(f"give exactly one of checkpoint, hf_dir, preset; got {given or 'none'}")
+  if checkpoint is not None:
+    return checkpoint_lib.restore(checkpoint, dtype=dtype)
+  if hf_dir is not None:
+    return checkpoint_lib.from_hf(hf_dir, dtype=dtype)
+  config = configs.LlamaConfig.from_preset(preset)
+  changes = dict(tokenizer_ids or {})
+  if vocab_size is not None:
+    changes["vocab_size"] = int(vocab_size)
+  if changes:
+    config = config.replace(**changes)
+  model = llama.init(config, seed=seed, dtype=jnp.float32 if dtype is None else dtype)
+  from flax import nnx
+  return config, nnx.split(model)[1]
+
+
+def train_tokenizer(texts: Sequence[str], *, vocab_size: int = 512):
+  """A byte-level BPE tokenizer trained on `texts`, with <pad>=0, <s>=1 (added before every
+  prompt) and </s>=2, the ids of the `tiny` preset's pad/bos/eos. Deterministic."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(list(texts), trainer=trainer)
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+  return tok
+
+
+def find_tokenizer(tokenizer: Optional[str], checkpoint: Optional[str], hf_dir: Optional[str]):
+  """The tokenizer given, or the model directory's tokenizer.json, or None."""
+  if tokenizer is not None:
+    return checkpoint_lib.load_tokenizer(tokenizer)
+  for folder in (checkpoint, hf_dir):
+    if folder is not None and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+      return checkpoint_lib.load_tokenizer(folder)
+  return None
+
+
+def hf_eos_ids(hf_dir: str) -> set:
+  """Every EOS id named by a HuggingFace directory's config.json and generation_config.json
+  (Llama 3 lists several; the model config keeps only the first)."""
+  ids = set()
+  for name in ("config.json", "generation_config.json"):
+    path = os.path.join(hf_dir, name)
+    if os.path.isfile(path):
+      with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+      ids.update([eos] if isinstance(eos, int) else [e for e in eos or () if isinstance(e, int)])
+  return ids
+
+
+def device_memory_budget(fraction: float = 0.8) -> Optional[int]:
+  """fraction x the free memory of the first device, or None where it reports none (CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return None
+  return int(fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+
+
+# ----------------------------------------------------------------------------- completions
+
+
+def _first_stop_string(tokenizer, tokens: list, stops: Sequence[str]):
+  """(k, text, stop): the fewest leading tokens whose text holds a stop string, that text cut
+  where the stop string starts, and the stop string; None when no stop string occurs."""
+  text = tokenizer.decode(tokens)
+  hits = [(text.find(s), s) for s in stops if s in text]
+  if not hits:
+    return None
+  lo, hi = 1, len(tokens)            # decode(tokens[:k]) holds a stop string for k = hi
+  while lo < hi:
+    mid = (lo + hi) // 2
+    part = tokenizer.decode(tokens[:mid])
+    if any(s in part for s in stops):
+      hi = mid
+    else:
+      lo = mid + 1
+  at, stop = min(hits)
+  return hi, text[:at], stop
+
+
+def finish(tokens: np.ndarray, *, max_new_tokens: int, stop_ids, stop_strings, tokenizer):
+  """(tokens, text, finish_reason, stop) of one row from the engine's generated ids."""
+  tokens = [int(t) for t in tokens[:max_new_tokens]]
+  reason, stop = "length", None
+  for i, t in enumerate(tokens):
+    if t in stop_ids:
+      tokens, reason, stop = tokens[:i], "stop", t
+      break
+  text = None
+  if tokenizer is not None:
+    hit = _first_stop_string(tokenizer, tokens, stop_strings) if stop_strings else None
+    if hit is not None:
+      k, text, stop = hit
+      tokens, reason = tokens[:k], "stop"
+    else:
+      text = tokenizer.decode(tokens)
+  return tokens, text, reason, stop
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class _Progress:
+  """One line on stderr per finished batch: requests done, tokens/s, ETA."""
+
+  def __init__(self, total: int, enabled: bool):
+    self.total, self.enabled = total, enabled
+    self.t0 = time.perf_counter()
+    self.tty = enabled and sys.stderr.isatty()
+
+  def update(self, done: int, tokens: int) -> None:
+    if not self.enabled:
+      return
+    elapsed = time.perf_counter() - self.t0
+    rate = tokens / elapsed if elapsed > 0 else 0.0
+    left = self.total - done
+    eta = elapsed / done * left if done else float("nan")
+    eta_s = "?" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+    line = (f"hydrax.generate: {done}/{self.total} requests ({100 * done / max(self.total, 1):.0f}"
+            f"%), {rate:,.0f} tokens/s, ETA {eta_s}")
+    sys.stderr.write(("\r" + line + (" " * 8) + ("\n" if done >= self.total else ""))
+                     if self.tty else line + "\n")
+    sys.stderr.flush()
+
+
+def _check_defaults(max_new_tokens, temperature, top_k, top_p, max_batch):
+  def bad(name, value, want):
+    raise ValueError(f"{name} must be {want}, got {value!r}")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    bad("max_new_tokens", max_new_tokens, "an int >= 1")
+  if not isinstance(temperature, (int, float)) or not temperature >= 0:
+    bad("temperature", temperature, "a number >= 0")
+  if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    bad("top_k", top_k, "None or an int >= 1")
+  if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    bad("top_p", top_p, "None or a number in (0, 1]")
+  if not isinstance(max_batch, int) or max_batch < 1:
+    bad("max_batch", max_batch, "an int >= 1")
+
+
+def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
+        hf_dir: Optional[str] = None, preset: Optional[str] = None,
+        tokenizer: Optional[str] = None, dtype=None, seed: int = 0,
+        max_new_tokens: int = 128, temperature: float = 0.0, top_k: Optional[int] = None,
+        top_p: Optional[float] = None, stop: Sequence = (), ignore_eos: bool = False,
+        add_special_tokens: bool = True, memory_budget: Optional[int] = None,
+        memory_fraction: float = 0.8, max_batch: int = 64, strategy: str = "global",
+        attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
+        merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
+        on_bad_line: str = "error", progress: bool = True,
+        on_batch: Optional[Callable] = None, model=None) -> RunSummary:
+  """Runs every request of `prompts` not yet in `out` and appends its completion to `out`.
+
+  Model: one of checkpoint / hf_dir / preset, or `model=(config, params)` already loaded.
+  Defaults for requests that leave them out: max_new_tokens, temperature, top_k, top_p, stop
+  (strings and/or ids). ignore_eos: do not stop at the model's EOS. add_special_tokens: let
+  the tokenizer add BOS as its template says. memory_budget: KV bytes per batch (default:
+  memory_fraction of the device's free memory; 4 GiB where it reports none, logged).
+  max_batch: most requests per batch. strategy: "global" (tree grouping, BatchLLM order) or
+  "arrival" (input order; the baseline). attention / backend / prefill_chunk: the engine's.
+  min_shared_tokens / merge_cost / max_levels: the per-batch sharing plan's cost model.
+  on_bad_line: "error" (raise BadInput naming every bad line) or "skip" (report and go on).
+  on_batch(index, records): called after each batch is written (tests use it to interrupt).
+  Returns a RunSummary; raises ValueError for bad arguments.
+  """
+  t_start = time.perf_counter()
+  _check_defaults(max_new_tokens, temperature, top_k, top_p, max_batch)
+  if strategy not in schedule_lib.STRATEGIES:
+    raise ValueError(f"strategy must be one of {list(schedule_lib.STRATEGIES)}, got "
+                     f"{strategy!r}")
+  if attention not in engine.ATTENTION_MODES:
+    raise ValueError(f"attention must be one of {list(engine.ATTENTION_MODES)}, got "
+                     f"{attention!r}")
+  summary = RunSummary()
+  reqs, bad = requests_lib.read_requests(prompts, on_bad_line=on_bad_line)
+  writer = ResultWriter(out)
+  tok = find_tokenizer(tokenizer, checkpoint, hf_dir)
+  if model is None:
+    vocab, ids = None, None
+    if tok is None and preset is not None and any(r.prompt is not None for r in reqs):
+      tok_path = out + ".tokenizer.json"
+      if os.path.isfile(tok_path):
+        tok = checkpoint_lib.load_tokenizer(tok_path)
+      else:
+        tok = train_tokenizer([r.prompt for r in reqs if r.prompt is not None])
+        tok.save(tok_path)
+      vocab, ids = tok.get_vocab_size(), dict(bos_token_id=1, eos_token_id=2)
+    config, params = load_model(checkpoint=checkpoint, hf_dir=hf_dir, preset=preset,
+                                dtype=dtype, seed=seed, vocab_size=vocab, tokenizer_ids=ids)
+  else:
+    config, params = model
+  param_dtype = jax.tree_util.tree_leaves(params)[0].dtype
+  seqs, more_bad = requests_lib.tokenize(
+      reqs, tok, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
+      default_max_new_tokens=max_new_tokens, add_special_tokens=add_special_tokens)
+  if more_bad and on_bad_line == "error":
+    raise requests_lib.BadInput(prompts, more_bad)
+  bad = sorted(bad + more_bad, key=lambda b: b.line)
+  summary.bad_lines = bad
+  for b in bad:
+    sys.stderr.write(f"hydrax.generate: skipping {prompts} {b}\n")
+  good = [i for i, s in enumerate(seqs) if s is not None]
+  reqs = [reqs[i] for i in good]
+  seqs = [seqs[i] for i in good]
+  summary.requests = len(reqs)
+  summary.skipped = sum(r.id in writer.done_ids for r in reqs)
+  if not reqs:
+    summary.wall_seconds = time.perf_counter() - t_start
+    return summary
+
+  defaults = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+  keys = [tuple((k, getattr(r, k) if getattr(r, k) is not None else v)
+                for k, v in defaults.items()) for r in reqs]
+  keys = [k if dict(k)["temperature"] > 0 else (("temperature", 0.0), ("top_k", None),
+                                                ("top_p", None)) for k in keys]
+  own_new = [r.max_new_tokens or max_new_tokens for r in reqs]
+  eos = None if ignore_eos else config.eos_token_id
+  run_stop_strings = tuple(s for s in stop if isinstance(s, str))
+  run_stop_ids = tuple(int(s) for s in stop if not isinstance(s, str))
+  if hf_dir is not None and not ignore_eos:
+    run_stop_ids += tuple(sorted(hf_eos_ids(hf_dir)))
+  if memory_budget is None:
+    memory_budget = device_memory_budget(memory_fraction)
+    if memory_budget is None:
+      memory_budget = _CPU_BUDGET
+      log_once("offline-cpu-budget", "hydrax.generate: the device reports no memory limit; "
+               "using a KV budget of %d bytes per batch (set memory_budget)", memory_budget)
+  sharing_options = dict(min_shared_tokens=min_shared_tokens, merge_cost=merge_cost,
+                         max_levels=max_levels)
+  batch_options = dict(config=config, dtype=param_dtype, max_batch=max_batch,
+                       attention=attention, sharing_options=sharing_options, pad=True,
+                       max_positions=config.max_position_embeddings)
+  plan = schedule_lib.schedule(seqs, own_new, keys, memory_budget=memory_budget,
+                               strategy=strategy, **batch_options)
+  summary.schedule = plan
+  summary.signatures = plan.signatures
+  summary.planning_seconds = plan.seconds
+  todo = summary.requests - summary.skipped
+  bar = _Progress(todo, progress)
+  done_here = 0
+
+  def run_batch(index, batch):
+    """Runs `batch` (splitting it on out-of-memory); returns the records of its rows."""
+    try:
+      gen = engine.generate(config, params, batch.plan, max_new_tokens=batch.max_new_tokens,
+                            attention=attention, eos_id=eos, seed=seed + index,
+                            prefill_chunk=prefill_chunk, backend=backend,
+                            **dict(batch.key))
+    except engine.OutOfMemoryError as e:
+      if len(batch.rows) == 1:
+        sys.stderr.write(f"hydrax.generate: request {reqs[batch.rows[0]].id!r} failed: {e}\n")
+        summary.failed += 1
+        return []
+      half = len(batch.rows) // 2
+      sys.stderr.write(f"hydrax.generate: batch {index} ({len(batch.rows)} requests) ran out of "
+                       f"memory; splitting it in two\n")
+      return [r for part in (batch.rows[:half], batch.rows[half:])
+              for r in run_batch(index, schedule_lib.make_batch(
+                  seqs, part, batch.key, own_new, **batch_options))]
+    summary.compiles += gen.compile_seconds > 0
+    summary.prefill_seconds += gen.prefill_seconds
+    summary.decode_seconds += gen.decode_seconds
+    summary.compile_seconds += gen.compile_seconds
+    timings = dict(batch=index, batch_requests=len(batch.rows), batch_size=batch.size,
+                   prefill_s=round(gen.prefill_seconds, 4),
+                   decode_s=round(gen.decode_seconds, 4),
+                   compile_s=round(gen.compile_seconds, 4))
+    records = []
+    for j, row in enumerate(batch.rows):
+      r = reqs[row]
+      stop_ids = set(r.stop_ids) | set(run_stop_ids) | ({eos} if eos is not None else set())
+      tokens, text, reason, why = finish(
+          gen.tokens[j, :gen.lengths[j]], max_new_tokens=own_new[row], stop_ids=stop_ids,
+          stop_strings=r.stop + run_stop_strings, tokenizer=tok)
+      records.append(dict(id=r.id, text=text, tokens=tokens, finish_reason=reason, stop=why,
+                          prompt_tokens=int(seqs[row].size), timings=dict(timings)))
+    return records
+
+  for index, batch in enumerate(plan.batches):
+    rows = tuple(r for r in batch.rows if reqs[r].id not in writer.done_ids)
+    if not rows:
+      continue
+    if len(rows) < len(batch.rows):   # partly written before (an interrupted write): re-plan
+      batch = schedule_lib.make_batch(seqs, rows, batch.key, own_new, **batch_options)
+    records = run_batch(index, batch)
+    now = round(time.perf_counter() - t_start, 3)
+    for rec in records:
+      rec["timings"]["at_s"] = now
+    writer.write(records)
+    summary.batches_run += 1
+    summary.completed += len(records)
+    summary.generated_tokens += sum(len(rec["tokens"]) for rec in records)
+    done_here += len(batch.rows)
+    bar.update(done_here, summary.generated_tokens)
+    if on_batch is not None:
+      on_batch(index, records)
+  summary.wall_seconds = time.perf_counter() - t_start
+  return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parse_stop(values):
+  out = []
+  for v in values or ():
+    out.append(int(v[3:]) if v.startswith("id:") else v)
+  return tuple(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(
+      prog="python -m hydrax.generate",
+      description="Completions for every prompt of a file (JSONL or plain text), appended to "
+                  "a JSONL file; reruns skip finished ids.")
+  model = p.add_mutually_exclusive_group(required=True)
+  model.add_argument("--checkpoint", help="hydrax checkpoint directory")
+  model.add_argument("--hf_dir", help="local HuggingFace Llama directory")
+  model.add_argument("--preset", help="a preset with random weights (e.g. tiny, llama3-8b)")
+  p.add_argument("--prompts", required=True, help="JSONL (id, prompt|tokens, ...) or text")
+  p.add_argument("--out", required=True, help="output JSONL (appended; finished ids skipped)")
+  p.add_argument("--tokenizer", help="tokenizer.json (default: the model directory's)")
+  p.add_argument("--dtype", default=None, help="parameter dtype (default: as stored; presets "
+                 "float32)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max_new_tokens", type=int, default=128)
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top_k", type=int, default=None)
+  p.add_argument("--top_p", type=float, default=None)
+  p.add_argument("--stop", action="append", help="a stop string (repeatable); 'id:N' for a "
+                 "stop token id")
+  p.add_argument("--ignore_eos", action="store_true")
+  p.add_argument("--no_special_tokens", action="store_true",
+                 help="do not let the tokenizer add BOS")
+  p.add_argument("--memory_budget", type=float, default=None,
+                 help="KV-cache bytes per batch (default: a fraction of free device memory)")
+  p.add_argument("--memory_fraction", type=float, default=0.8)
+  p.add_argument("--max_batch", type=int, default=64)
+  p.add_argument("--strategy", choices=schedule_lib.STRATEGIES, default="global")
+  p.add_argument("--attention", choices=engine.ATTENTION_MODES, default="hydragen")
+  p.add_argument("--backend", default="auto")
+  p.add_argument("--min_shared_tokens", type=float, default=256)
+  p.add_argument("--merge_cost", type=float, default=16)
+  p.add_argument("--max_levels", type=int, default=2)
+  p.add_argument("--prefill_chunk", type=int, default=2048)
+  p.add_argument("--on_bad_line", choices=requests_lib.ON_BAD_LINE, default="error")
+  p.add_argument("--quiet", action="store_true", help="no progress lines")
+  a = p.parse_args(argv)
+  try:
+    summary = run(
+        a.prompts, a.out, checkpoint=a.checkpoint, hf_dir=a.hf_dir, preset=a.preset,
+        tokenizer=a.tokenizer, dtype=a.dtype, seed=a.seed, max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop=_parse_stop(a.stop),
+        ignore_eos=a.ignore_eos, add_special_tokens=not a.no_special_tokens,
+        memory_budget=None if a.memory_budget is None else int(a.memory_budget),
+        memory_fraction=a.memory_fraction, max_batch=a.max_batch, strategy=a.strategy,
+        attention=a.attention, backend=a.backend, min_shared_tokens=a.min_shared_tokens,
+        merge_cost=a.merge_cost, max_levels=a.max_levels, prefill_chunk=a.prefill_chunk,
+        on_bad_line=a.on_bad_line, progress=not a.quiet)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary.as_dict()), file=sys.stderr)
+  return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,211 @@
+"""Reading a prompts file: JSONL or plain text -> validated `Request`s, bad lines reported.
+
+  read_requests(path, *, on_bad_line="error") -> (requests, bad_lines)
+  tokenize(requests, tokenizer, *, vocab_size, max_positions, default_max_new_tokens,
+           add_special_tokens=True) -> (token arrays, bad_lines)
+  Request, BadLine, BadInput
+
+JSONL (one object a line; blank lines are ignored): `id` (string or int; default: the line
+number), exactly one of `prompt` (text) or `tokens` (token ids), and optional `max_new_tokens`
+(int >= 1), `temperature` (>= 0; 0 = greedy), `top_k` (int >= 1), `top_p` (in (0, 1]), `stop`
+(a string, an int, or a list of strings and ints: strings end the text where they first occur,
+ints are stop token ids). Unknown keys are errors (a typo must not be silently ignored).
+Plain text: every non-blank line is one prompt, its id is its line number. A file is JSONL when
+its name ends in .jsonl / .json or its first non-blank character is `{`.
+
+Every bad line is reported as a `BadLine(line, id, message)` with its 1-based line number;
+`on_bad_line="error"` raises `BadInput` listing them, "skip" returns them beside the good ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+ON_BAD_LINE = ("error", "skip")
+_KEYS = ("id", "prompt", "tokens", "max_new_tokens", "temperature", "top_k", "top_p", "stop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One prompt and its settings; None means "the run's default"."""
+  id: str
+  line: int
+  prompt: Optional[str] = None
+  tokens: Optional[tuple] = None
+  max_new_tokens: Optional[int] = None
+  temperature: Optional[float] = None
+  top_k: Optional[int] = None
+  top_p: Optional[float] = None
+  stop: tuple = ()          # stop strings
+  stop_ids: tuple = ()      # stop token ids
+
+
+@dataclasses.dataclass(frozen=True)
+class BadLine:
+  line: int
+  id: Optional[str]
+  message: str
+
+  def __str__(self) -> str:
+    name = "" if self.id is None else f" (id {self.id!r})"
+    return f"line {self.line}{name}: {self.message}"
+
+
+class BadInput(ValueError):
+  """The prompts file has bad lines and on_bad_line="error"; `.bad_lines` lists them."""
+
+  def __init__(self, path: str, bad_lines: list):
+    self.bad_lines = list(bad_lines)
+    shown = "\n  ".join(str(b) for b in self.bad_lines[:20])
+    more = f"\n  ... and {len(self.bad_lines) - 20} more" if len(self.bad_lines) > 20 else ""
+    super().__init__(f"{path}: {len(self.bad_lines)} bad line(s) (pass on_bad_line='skip' / "
+                     f"--on_bad_line=skip to skip them):\n  {shown}{more}")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+  return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _parse_object(obj, line: int) -> Request:
+  """A Request from one decoded JSON object; ValueError with a short message if invalid."""
+  if not isinstance(obj, dict):
+    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+  unknown = sorted(set(obj) - set(_KEYS))
+  if unknown:
+    raise ValueError(f"unknown key(s) {unknown}; known keys: {list(_KEYS)}")
+  rid = obj.get("id", line)
+  if not (isinstance(rid, str) or _is_int(rid)) or rid == "":
+    raise ValueError(f"id must be a non-empty string or an int, got {rid!r}")
+  has_prompt, has_tokens = "prompt" in obj, "tokens" in obj
+  if has_prompt == has_tokens:
+    raise ValueError("give exactly one of 'prompt' (text) or 'tokens' (token ids)")
+  prompt = tokens = None
+  if has_prompt:
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str) or not prompt:
+      raise ValueError(f"prompt must be a non-empty string, got {prompt!r:.60}")
+  else:
+    tokens = obj["tokens"]
+    if not isinstance(tokens, list) or not tokens or not all(_is_int(t) for t in tokens):
+      raise ValueError(f"tokens must be a non-empty list of ints, got {tokens!r:.60}")
+    if min(tokens) < 0:
+      raise ValueError(f"tokens has a negative id {min(tokens)}")
+    tokens = tuple(tokens)
+  max_new = obj.get("max_new_tokens")
+  if max_new is not None and (not _is_int(max_new) or max_new < 1):
+    raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new!r}")
+  temperature = obj.get("temperature")
+  if temperature is not None and (not _is_number(temperature) or temperature < 0):
+    raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+  top_k = obj.get("top_k")
+  if top_k is not None and (not _is_int(top_k) or top_k < 1):
+    raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+  top_p = obj.get("top_p")
+  if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+    raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+  stop = obj.get("stop", [])
+  stop = stop if isinstance(stop, list) else [stop]
+  strings, ids = [], []
+  for s in stop:
+    if isinstance(s, str) and s:
+      strings.append(s)
+    elif _is_int(s) and s >= 0:
+      ids.append(s)
+    else:
+      raise ValueError(f"stop entries must be non-empty strings or token ids >= 0, got {s!r}")
+  return Request(id=str(rid), line=line, prompt=prompt, tokens=tokens, max_new_tokens=max_new,
+                 temperature=None if temperature is None else float(temperature),
+                 top_k=top_k, top_p=None if top_p is None else float(top_p),
+                 stop=tuple(strings), stop_ids=tuple(ids))
+
+
+def is_jsonl(path: str, head: str) -> bool:
+  return path.endswith((".jsonl", ".json")) or head.lstrip().startswith("{")
+
+
+def read_requests(path: str, *, on_bad_line: str = "error"):
+  """(requests, bad_lines) from a prompts file (see the module docstring). Duplicate ids are
+  bad lines (the first one wins). Raises BadInput when on_bad_line="error" and any line is
+  bad, ValueError for a missing or empty file."""
+  if on_bad_line not in ON_BAD_LINE:
+    raise ValueError(f"on_bad_line must be one of {list(ON_BAD_LINE)}, got {on_bad_line!r}")
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f"prompts file {path!r} not found")
+  with open(path, encoding="utf-8", errors="strict") as f:
+    try:
+      text = f.read()
+    except UnicodeDecodeError as e:
+      raise ValueError(f"prompts file {path!r} is not UTF-8: {e}") from None
+  lines = text.split("\n")
+  jsonl = is_jsonl(path, text[:4096])
+  requests, bad, seen = [], [], set()
+  for number, raw in enumerate(lines, start=1):
+    if not raw.strip():
+      continue
+    if jsonl:
+      try:
+        request = _parse_object(json.loads(raw), number)
+      except json.JSONDecodeError as e:
+        bad.append(BadLine(number, None, f"invalid JSON: {e.msg} at column {e.colno}"))
+        continue
+      except ValueError as e:
+        bad.append(BadLine(number, None, str(e)))
+        continue
+    else:
+      request = Request(id=str(number), line=number, prompt=raw.rstrip("\r"))
+    if request.id in seen:
+      bad.append(BadLine(number, request.id, "duplicate id (an earlier line has it)"))
+      continue
+    seen.add(request.id)
+    requests.append(request)
+  if not requests and not bad:
+    raise ValueError(f"prompts file {path!r} holds no prompts")
+  if bad and on_bad_line == "error":
+    raise BadInput(path, bad)
+  return requests, bad
+
+
+def tokenize(requests, tokenizer, *, vocab_size: int, max_positions: int,
+             default_max_new_tokens: int, add_special_tokens: bool = True):
+  """Token ids of each request: (list of int32 arrays or None per request, bad_lines).
+
+  Text prompts go through `tokenizer.encode(text, add_special_tokens=...)`: with True the
+  tokenizer's own template adds BOS as its checkpoint says; given `tokens` are used as they
+  are. A request is bad when it has
+  text but no tokenizer, encodes to nothing, holds ids outside [0, vocab_size), or needs more
+  than max_positions positions (prompt + max_new_tokens)."""
+  out, bad = [], []
+  for r in requests:
+    try:
+      if r.tokens is not None:
+        ids = np.asarray(r.tokens, np.int64)
+      else:
+        if tokenizer is None:
+          raise ValueError("text prompt but no tokenizer (give one, or 'tokens')")
+        ids = np.asarray(tokenizer.encode(r.prompt, add_special_tokens=add_special_tokens).ids,
+                         np.int64)
+      if ids.size == 0:
+        raise ValueError("the prompt encodes to no tokens")
+      if ids.max() >= vocab_size:
+        raise ValueError(f"token id {int(ids.max())} is outside the vocabulary [0, "
+                         f"{vocab_size - 1}]")
+      new = r.max_new_tokens or default_max_new_tokens
+      if ids.size + new > max_positions:
+        raise ValueError(f"{ids.size} prompt tokens + max_new_tokens {new} exceed the model's "
+                         f"{max_positions} positions")
+      out.append(ids.astype(np.int32))
+    except ValueError as e:
+      bad.append(BadLine(r.line, r.id, str(e)))
+      out.append(None)
+  return out, bad

@@ -1,0 +1,241 @@
+"""python -m hydrax.generate / hydrax.generate.run end to end on the tiny model (CPU, float32).
+
+Completions equal per-request engine.generate (greedy); an interrupted run resumed gives the
+same file as an uninterrupted one; bad lines; stop ids and strings; the README's command.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from hydrax import engine, sharing
+from hydrax import generate as G
+from hydrax.models import configs, llama
+from hydrax.offline import requests as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = configs.LlamaConfig.from_preset("tiny")
+PARAMS = nnx.split(llama.init(CONFIG, seed=0))[1]
+RUN = dict(model=(CONFIG, PARAMS), memory_budget=1 << 30, min_shared_tokens=0, merge_cost=0,
+           progress=False)
+
+
+def _dataset(n=12, seed=0):
+  """n requests of <= 16 tokens under 3 shared prefixes, arrival order shuffled."""
+  rng = np.random.default_rng(seed)
+  heads = [rng.integers(3, 256, 8).tolist() for _ in range(3)]
+  return [dict(id=f"r{i}", tokens=heads[i % 3] + rng.integers(3, 256, 1 + i % 8).tolist())
+          for i in rng.permutation(n)]
+
+
+def _write(path, records):
+  with open(path, "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+def _read(path, drop_timings=True):
+  out = [json.loads(x) for x in open(path)]
+  for r in out:
+    if drop_timings:
+      r.pop("timings")
+  return out
+
+
+def _reference(tokens, max_new, stop_ids):
+  """Per-request engine.generate, cut before the first eos / stop id."""
+  gen = engine.generate(CONFIG, PARAMS, [np.asarray(tokens, np.int32)], max_new_tokens=max_new,
+                        eos_id=CONFIG.eos_token_id)
+  out = gen.tokens[0, :gen.lengths[0]].tolist()
+  for i, t in enumerate(out):
+    if t in stop_ids:
+      return out[:i], "stop"
+  return out, "length"
+
+
+def test_completions_equal_per_request_generate(tmp_path):
+  reqs = _dataset()
+  for i, r in enumerate(reqs):
+    r["max_new_tokens"] = (3, 8)[i % 2]
+  first = _reference(reqs[1]["tokens"], reqs[1]["max_new_tokens"], ())[0]
+  reqs[1]["stop"] = [first[2]]             # a stop id the model produces at step 3
+  path = _write(tmp_path / "p.jsonl", reqs)
+  summary = G.run(path, str(tmp_path / "out.jsonl"), max_batch=4, **RUN)
+  assert summary.ok and summary.completed == len(reqs) and summary.batches_run >= 3
+  got = {r["id"]: r for r in _read(tmp_path / "out.jsonl")}
+  assert set(got) == {r["id"] for r in reqs}
+  for r in reqs:
+    stop_ids = {CONFIG.eos_token_id, *r.get("stop", [])}
+    tokens, reason = _reference(r["tokens"], r["max_new_tokens"], stop_ids)
+    rec = got[r["id"]]
+    assert rec["tokens"] == tokens and rec["finish_reason"] == reason, (r, rec)
+    assert rec["prompt_tokens"] == len(r["tokens"]) and rec["text"] is None
+  assert got[reqs[1]["id"]]["finish_reason"] == "stop"
+  assert got[reqs[1]["id"]]["stop"] == first[2]
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path):
+  reqs = _dataset(14, seed=1)
+  for i in range(0, 14, 3):
+    reqs[i].update(temperature=0.7, top_p=0.9)   # sampled rows: their own batches
+  path = _write(tmp_path / "p.jsonl", reqs)
+  full = tmp_path / "full.jsonl"
+  s = G.run(path, str(full), max_batch=4, seed=3, **RUN)
+  assert s.completed == 14 and s.batches_run >= 4
+
+  cut = tmp_path / "cut.jsonl"
+
+  def kill_after_two(index, records):
+    kill_after_two.seen += 1
+    if kill_after_two.seen == 2:
+      raise _Killed
+  kill_after_two.seen = 0
+  with pytest.raises(_Killed):
+    G.run(path, str(cut), max_batch=4, seed=3, on_batch=kill_after_two, **RUN)
+  written = _read(cut)
+  assert 0 < len(written) < 14
+  with open(cut, "a") as f:                     # and a write cut short by the kill
+    f.write('{"id": "r0", "text": nu')
+  s = G.run(path, str(cut), max_batch=4, seed=3, **RUN)
+  assert s.skipped == len(written) and s.completed == 14 - len(written)
+  assert _read(cut) == _read(full)
+  again = G.run(path, str(cut), max_batch=4, seed=3, **RUN)
+  assert again.ok and again.completed == 0 and again.skipped == 14 and again.batches_run == 0
+
+
+def test_bad_lines_error_or_skip(tmp_path):
+  good = _dataset(3)
+  lines = [json.dumps(good[0]), "{oops", json.dumps(dict(id="big", tokens=[1, 999])),
+           json.dumps(good[1]), json.dumps(dict(id="x", prompt="text without tokenizer"))]
+  path = tmp_path / "p.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  out = tmp_path / "out.jsonl"
+  with pytest.raises(R.BadInput, match="line 2") as e:
+    G.run(str(path), str(out), max_new_tokens=4, max_batch=4, **RUN)
+  assert [b.line for b in e.value.bad_lines] == [2]
+  assert not out.exists() or out.read_text() == ""
+  s = G.run(str(path), str(out), max_new_tokens=4, max_batch=4, on_bad_line="skip", **RUN)
+  assert [b.line for b in s.bad_lines] == [2, 3, 5]
+  assert "outside the vocabulary" in s.bad_lines[1].message
+  assert s.ok and sorted(r["id"] for r in _read(out)) == sorted([good[0]["id"], good[1]["id"]])
+
+
+def test_everything_failed_exits_nonzero(tmp_path, capsys):
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"id": 1}\n{"tokens": []}\n')
+  args = ["--preset", "tiny", "--prompts", str(path), "--out", str(tmp_path / "o.jsonl"),
+          "--quiet"]
+  assert G.main(args + ["--on_bad_line", "skip"]) == 1
+  assert G.main(args) == 2
+  err = capsys.readouterr().err
+  assert "line 1" in err and "line 2" in err
+
+
+def test_stop_strings_trim_text_and_tokens():
+  tok = G.train_tokenizer(["the cat sat on the mat", "a dog ran"] * 5, vocab_size=300)
+  ids = tok.encode("the cat sat on the mat", add_special_tokens=False).ids
+  tokens, text, reason, stop = G.finish(np.asarray(ids), max_new_tokens=50, stop_ids=set(),
+                                        stop_strings=("on the", "zebra"), tokenizer=tok)
+  assert (text, reason, stop) == ("the cat sat ", "stop", "on the")
+  assert "on the" in tok.decode(tokens) and "on the" not in tok.decode(tokens[:-1])
+  tokens, text, reason, stop = G.finish(np.asarray(ids), max_new_tokens=2, stop_ids=set(),
+                                        stop_strings=("mat",), tokenizer=tok)
+  assert (tokens, reason, stop) == (ids[:2], "length", None)
+  assert text == tok.decode(ids[:2])
+
+
+def _engine_reuses_signatures() -> bool:
+  """Whether a new tree of the same bucketed signature runs without compiling (issue 13)."""
+  rng = np.random.default_rng(5)
+  p, q = rng.integers(3, 256, 10).tolist(), rng.integers(3, 256, 10).tolist()
+  tails = [rng.integers(3, 256, 3).tolist() for _ in range(4)]
+  options = dict(min_shared_tokens=0, merge_cost=0, buckets=sharing.Buckets(steps=1,
+                                                                             min_nodes=4))
+  a = [p + tails[0], p + tails[1], q + tails[2], q + tails[3]]
+  b = [p + tails[0], p + tails[1], p + tails[2], q + tails[3]]
+  engine.generate(CONFIG, PARAMS, a, max_new_tokens=2, sharing_options=options)
+  return engine.generate(CONFIG, PARAMS, b, max_new_tokens=2,
+                         sharing_options=options).compile_seconds == 0
+
+
+def test_compilations_bounded_as_the_dataset_grows(tmp_path):
+  if not _engine_reuses_signatures():
+    pytest.skip("this engine compiles each new tree (compile cache keyed by the tree, before "
+                "issue 13's engine): the schedule's signature count is tested in "
+                "test_schedule.py")
+  compiles = {}
+  for n in (10, 200):
+    path = _write(tmp_path / f"p{n}.jsonl", _dataset(n, seed=n))
+    s = G.run(path, str(tmp_path / f"o{n}.jsonl"), max_new_tokens=4, max_batch=16, **RUN)
+    assert s.completed == n
+    compiles[n] = (s.compiles, s.batches_run, s.signatures)
+  # 200 requests run in >= 13 batches; compilations follow the (few) signatures, not batches
+  assert compiles[200][1] >= 13 and compiles[200][0] <= compiles[10][0] + 4, compiles
+
+
+def test_readme_example_runs(tmp_path):
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  match = re.search(r"^ *(python -m hydrax\.generate .*)$", readme, re.M)
+  assert match, "README.md has no `python -m hydrax.generate` command"
+  args = shlex.split(match.group(1))[3:]
+  out = str(tmp_path / "completions.jsonl")
+  args[args.index("--out") + 1] = out
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-m", "hydrax.generate", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = _read(out, drop_timings=False)
+  prompts = [json.loads(x) for x in open(os.path.join(ROOT, "experiments/data/prompts.jsonl"))]
+  assert [r["id"] for r in records] != [] and {r["id"] for r in records} == \
+      {p["id"] for p in prompts}
+  for r in records:
+    assert r["finish_reason"] in ("stop", "length") and isinstance(r["text"], str)
+    assert {"batch", "prefill_s", "decode_s", "compile_s", "at_s"} <= set(r["timings"])
+  assert "requests" in proc.stderr and "tokens/s" in proc.stderr
+
+
+def test_checkpoint_and_hf_directories_with_their_tokenizer(tmp_path):
+  from hydrax import checkpoint
+  from tests.test_checkpoint import _write_hf_dir
+  texts = ["the cat sat on the mat", "the cat sat on a hat", "a dog ran far away"]
+  tok = G.train_tokenizer(texts * 3, vocab_size=300)
+  config = CONFIG.replace(vocab_size=tok.get_vocab_size())
+  model = llama.init(config, seed=1)
+  params = nnx.split(model)[1]
+  ck = tmp_path / "ck"
+  checkpoint.save(str(ck), config, params)
+  hf = _write_hf_dir(str(tmp_path / "hf"), config, model, bos_token_id=1,
+                     eos_token_id=[2, 7])
+  for folder in (str(ck), hf):
+    tok.save(os.path.join(folder, "tokenizer.json"))
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("\n".join(texts) + "\n")
+  options = dict(max_new_tokens=5, memory_budget=1 << 30, min_shared_tokens=0, merge_cost=0,
+                 progress=False)
+  G.run(str(prompts), str(tmp_path / "a.jsonl"), checkpoint=str(ck), **options)
+  G.run(str(prompts), str(tmp_path / "b.jsonl"), hf_dir=hf, **options)
+  a, b = _read(tmp_path / "a.jsonl"), _read(tmp_path / "b.jsonl")
+  assert [r["id"] for r in a] and sorted(r["id"] for r in a) == ["1", "2", "3"]
+  by_id = {r["id"]: r for r in b}
+  for rec in a:
+    ids = tok.encode(texts[int(rec["id"]) - 1]).ids
+    assert ids[0] == 1 and rec["prompt_tokens"] == len(ids)       # BOS from the template
+    ref = engine.generate(config, params, [np.asarray(ids, np.int32)], max_new_tokens=5,
+                          eos_id=2)
+    want = ref.tokens[0, :ref.lengths[0]].tolist()
+    cut = want.index(2) if 2 in want else len(want)
+    assert rec["tokens"] == want[:cut] and rec["text"] == tok.decode(want[:cut])
+    other = by_id[rec["id"]]            # the HF directory also stops at its second EOS, 7
+    stop7 = rec["tokens"].index(7) if 7 in rec["tokens"] else len(rec["tokens"])
+    assert other["tokens"] == rec["tokens"][:stop7]

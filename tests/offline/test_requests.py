@@ -1,0 +1,86 @@
+"""Prompts files: JSONL and plain text, every bad line reported with its line number."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hydrax.offline import requests as R
+
+
+def _write(tmp_path, name, lines):
+  path = tmp_path / name
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def test_jsonl_fields_and_defaults(tmp_path):
+  path = _write(tmp_path, "p.jsonl", [
+      json.dumps({"id": "a", "prompt": "hi", "max_new_tokens": 5, "temperature": 0.5,
+                  "top_k": 3, "top_p": 0.9, "stop": ["\n", 7]}),
+      "",
+      json.dumps({"tokens": [1, 2, 3]}),
+  ])
+  reqs, bad = R.read_requests(path)
+  assert bad == []
+  a, b = reqs
+  assert (a.id, a.line, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p) == \
+      ("a", 1, "hi", 5, 0.5, 3, 0.9)
+  assert a.stop == ("\n",) and a.stop_ids == (7,)
+  assert (b.id, b.line, b.tokens, b.max_new_tokens) == ("3", 3, (1, 2, 3), None)
+
+
+def test_plain_text_one_prompt_a_line(tmp_path):
+  path = _write(tmp_path, "p.txt", ["first prompt", "", "  second  "])
+  reqs, bad = R.read_requests(path)
+  assert [(r.id, r.prompt) for r in reqs] == [("1", "first prompt"), ("3", "  second  ")]
+
+
+BAD = [
+    ("{not json", "invalid JSON"),
+    (json.dumps({"id": "x", "prompt": "a", "max_tokens": 3}), "unknown key"),
+    (json.dumps({"id": "y"}), "exactly one of"),
+    (json.dumps({"id": "z", "prompt": "a", "tokens": [1]}), "exactly one of"),
+    (json.dumps({"id": "w", "prompt": "a", "max_new_tokens": 0}), "max_new_tokens"),
+    (json.dumps({"id": "v", "prompt": "a", "temperature": -1}), "temperature"),
+    (json.dumps({"id": "u", "prompt": "a", "top_p": 1.5}), "top_p"),
+    (json.dumps({"id": "t", "tokens": [1, "2"]}), "tokens"),
+    (json.dumps({"id": "s", "prompt": "a", "stop": [""]}), "stop"),
+    (json.dumps({"id": "ok", "prompt": "a"}), "duplicate id"),
+    ("[1, 2]", "JSON object"),
+]
+
+
+def test_bad_lines_are_reported_with_line_numbers(tmp_path):
+  lines = [json.dumps({"id": "ok", "prompt": "fine"})] + [text for text, _ in BAD]
+  path = _write(tmp_path, "p.jsonl", lines)
+  with pytest.raises(R.BadInput) as e:
+    R.read_requests(path, on_bad_line="error")
+  assert len(e.value.bad_lines) == len(BAD)
+  reqs, bad = R.read_requests(path, on_bad_line="skip")
+  assert [r.id for r in reqs] == ["ok"]
+  for (text, needle), b in zip(BAD, bad):
+    assert needle in b.message, (text, b)
+  assert [b.line for b in bad] == list(range(2, 2 + len(BAD)))
+  assert f"line {2 + len(BAD) - 1}" in str(e.value)
+
+
+def test_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match="on_bad_line"):
+    R.read_requests(_write(tmp_path, "p.txt", ["a"]), on_bad_line="ignore")
+  with pytest.raises(ValueError, match="not found"):
+    R.read_requests(str(tmp_path / "missing.jsonl"))
+  with pytest.raises(ValueError, match="no prompts"):
+    R.read_requests(_write(tmp_path, "empty.txt", ["", "  "]))
+
+
+def test_tokenize_checks_vocab_and_length():
+  reqs = [R.Request("a", 1, tokens=(1, 2, 3)), R.Request("b", 2, tokens=(1, 300)),
+          R.Request("c", 3, tokens=(1,) * 10, max_new_tokens=7), R.Request("d", 4, prompt="x")]
+  seqs, bad = R.tokenize(reqs, None, vocab_size=256, max_positions=16,
+                         default_max_new_tokens=4)
+  assert np.array_equal(seqs[0], [1, 2, 3]) and seqs[1] is seqs[2] is seqs[3] is None
+  assert [b.line for b in bad] == [2, 3, 4]
+  assert "outside the vocabulary" in bad[0].message
+  assert "exceed the model's 16 positions" in bad[1].message
+  assert "no tokenizer" in bad[2].message

@@ -1,0 +1,134 @@
+"""The global schedule: every request once, sharers together, the KV budget, BatchLLM order,
+few signatures as the dataset grows."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hydrax import sharing
+from hydrax.models import configs
+from hydrax.offline import schedule as S
+
+CONFIG = configs.LlamaConfig.from_preset("tiny")
+SHARE_ALL = dict(min_shared_tokens=0, merge_cost=0, max_levels=2)
+
+
+def _groups(sizes, *, prefix=(20, 60), own=(1, 12), seed=0, shuffle=True):
+  """Requests under len(sizes) distinct prefixes; returns (seqs, group of each)."""
+  rng = np.random.default_rng(seed)
+  seqs, group = [], []
+  for g, n in enumerate(sizes):
+    head = np.concatenate([[g + 3], rng.integers(3, 256, rng.integers(*prefix))])
+    for _ in range(n):
+      seqs.append(np.concatenate([head, rng.integers(3, 256, rng.integers(*own))]).astype(
+          np.int32))
+      group.append(g)
+  order = rng.permutation(len(seqs)) if shuffle else np.arange(len(seqs))
+  return [seqs[i] for i in order], np.asarray(group)[order]
+
+
+def _schedule(seqs, *, max_new=None, keys=None, budget=1 << 30, **kw):
+  n = len(seqs)
+  max_new = [8] * n if max_new is None else max_new
+  keys = [()] * n if keys is None else keys
+  kw.setdefault("sharing_options", SHARE_ALL)
+  return S.schedule(seqs, max_new, keys, config=CONFIG, dtype=jnp.float32,
+                    memory_budget=budget, **kw)
+
+
+def test_every_request_once_and_batches_well_formed():
+  seqs, _ = _groups([3, 9, 1, 17, 4, 2])
+  rng = np.random.default_rng(1)
+  max_new = rng.integers(1, 40, len(seqs)).tolist()
+  keys = [("greedy",) if i % 3 else ("t=1",) for i in range(len(seqs))]
+  sched = _schedule(seqs, max_new=max_new, keys=keys, max_batch=8)
+  rows = sorted(r for b in sched.batches for r in b.rows)
+  assert rows == list(range(len(seqs)))
+  grid = S.batch_sizes(8)
+  for b in sched.batches:
+    assert {keys[r] for r in b.rows} == {b.key}
+    assert b.size in grid and len(b.rows) <= b.size <= 8
+    assert b.plan.num_sequences == b.size
+    assert all(np.array_equal(b.plan.sequences[j], seqs[r]) for j, r in enumerate(b.rows))
+    assert all(s.size == 1 for s in b.plan.sequences[len(b.rows):])   # padding prompts
+    assert b.max_new_tokens >= max(max_new[r] for r in b.rows)
+    assert b.decode_tokens == sum(max_new[r] for r in b.rows)
+    assert np.array_equal(np.sort(b.plan.order), np.arange(b.size))
+  ratios = [b.decode_tokens / b.prefill_tokens for b in sched.batches]
+  assert ratios == sorted(ratios, reverse=True)       # BatchLLM: decode-heavy first
+
+
+def test_sharers_stay_together_and_arrival_order_does_not():
+  sizes = [2, 3, 4, 3, 2, 4, 3, 4, 2, 3]
+  seqs, group = _groups(sizes)
+  glob = _schedule(seqs, max_batch=16)
+  arrival = _schedule(seqs, max_batch=16, strategy="arrival")
+  for g in range(len(sizes)):           # groups of <= max_batch / 4 are never split
+    assert sum(any(group[r] == g for r in b.rows) for b in glob.batches) == 1
+  assert glob.reprefill_tokens == 0 < arrival.reprefill_tokens
+  assert glob.prefill_tokens < arrival.prefill_tokens
+  assert [r for b in arrival.batches for r in b.rows] == list(range(len(seqs)))
+
+
+def test_one_document_many_questions_reprefills_once_per_extra_batch():
+  seqs, _ = _groups([40], prefix=(100, 101))
+  sched = _schedule(seqs, max_batch=16)
+  doc = 101                             # the group id token + 100 tokens
+  assert len(sched.batches) == 3
+  own = sum(s.size - doc for s in seqs)
+  # questions may share a first token or two by chance (256-token vocabulary)
+  assert own - 10 <= sched.tree_tokens - doc <= own
+  assert 2 * doc <= sched.reprefill_tokens <= 2 * doc + 10
+
+
+def test_budget_is_respected_by_splitting():
+  seqs, _ = _groups([30, 30], prefix=(200, 201), own=(5, 30))
+  big = _schedule(seqs, max_batch=64)
+  budget = max(b.kv_bytes for b in big.batches) // 3
+  small = _schedule(seqs, max_batch=64, budget=budget)
+  assert len(small.batches) > len(big.batches)
+  assert all(b.kv_bytes <= budget for b in small.batches)
+  assert sorted(r for b in small.batches for r in b.rows) == list(range(len(seqs)))
+  # replicated caches copy every prefix: the same budget holds fewer requests a batch
+  rep = _schedule(seqs, max_batch=64, budget=budget, attention="replicated")
+  assert len(rep.batches) > len(small.batches)
+  assert all(b.kv_bytes <= budget for b in rep.batches)
+
+
+def test_a_long_node_falls_back_to_fine_buckets_before_splitting():
+  seqs, _ = _groups([8], prefix=(700, 701), own=(2, 6))
+  coarse = _schedule(seqs, max_batch=8)
+  (batch,) = coarse.batches
+  fine = S.make_batch(seqs, batch.rows, (), np.full(len(seqs), 8), config=CONFIG,
+                      dtype=jnp.float32, max_batch=8, attention="hydragen",
+                      sharing_options=dict(SHARE_ALL, buckets=sharing.DEFAULT_BUCKETS),
+                      pad=True, max_positions=CONFIG.max_position_embeddings)
+  assert fine.kv_bytes < batch.kv_bytes / 2        # 4 nodes of 1024 vs 1 node of 768 tokens
+  (tight,) = _schedule(seqs, max_batch=8, budget=fine.kv_bytes).batches
+  assert tight.rows == batch.rows and tight.kv_bytes == fine.kv_bytes
+
+
+def test_signatures_stay_few_as_the_dataset_grows():
+  counts = {}
+  for n_groups in (2, 40, 200):
+    rng = np.random.default_rng(n_groups)
+    seqs, _ = _groups(rng.integers(1, 12, n_groups).tolist(), seed=n_groups)
+    max_new = rng.integers(4, 16, len(seqs)).tolist()
+    sched = _schedule(seqs, max_new=max_new, max_batch=16,
+                      sharing_options=dict(min_shared_tokens=32, merge_cost=4, max_levels=2))
+    counts[len(seqs)] = (len(sched.batches), sched.signatures)
+  (_, (_, few)), (_, (_, mid)), (n, (batches, many)) = sorted(counts.items())
+  assert n >= 1000 and batches >= 60
+  assert few <= mid <= many <= 6, counts      # 1, 2, 5 (13, 220, 1205 requests)
+
+
+def test_bad_arguments():
+  seqs, _ = _groups([2])
+  with pytest.raises(ValueError, match="strategy"):
+    _schedule(seqs, strategy="random")
+  with pytest.raises(ValueError, match="memory_budget"):
+    _schedule(seqs, budget=0)
+  with pytest.raises(ValueError, match="max_batch"):
+    _schedule(seqs, max_batch=0)
+  with pytest.raises(ValueError, match="one max_new_tokens"):
+    S.schedule(seqs, [1], [()] * 2, config=CONFIG, dtype=jnp.float32, memory_budget=1 << 20)

@@ -1,0 +1,32 @@
+"""Appended JSONL results: durable per batch, a partial last line removed on reopening."""
+
+import json
+
+import pytest
+
+from hydrax.offline.writer import ResultWriter
+
+
+def test_append_and_resume(tmp_path):
+  path = str(tmp_path / "sub" / "out.jsonl")
+  w = ResultWriter(path)
+  assert w.done_ids == set()
+  w.write([{"id": "a", "x": 1}, {"id": "b", "x": 2}])
+  w.write([{"id": 3}])
+  assert ResultWriter(path).done_ids == {"a", "b", "3"}
+  assert [json.loads(x)["id"] for x in open(path)] == ["a", "b", 3]
+
+
+def test_partial_last_line_is_removed(tmp_path):
+  path = tmp_path / "out.jsonl"
+  path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "te')
+  w = ResultWriter(str(path))
+  assert w.done_ids == {"a", "b"}
+  assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+
+
+def test_foreign_file_is_refused(tmp_path):
+  path = tmp_path / "out.jsonl"
+  path.write_text('{"id": "a"}\nnot json\n')
+  with pytest.raises(ValueError, match="line 2 is not a completion record"):
+    ResultWriter(str(path))
