@@ -263,3 +263,16 @@ def test_mesh_decode_collectives_and_cache_sharding(net, plan):
   assert sorted(gathers) == ["4,4", "4,4"]                                    # (max, argmax)
   suffix = decode.input_shardings[0][2]
   assert suffix.k.spec == P(None, "data", None, "model")
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (4, 2)])
+def test_three_level_tree_on_a_mesh_equals_single_device(net, shape):
+  """The hand-built 3-level tree (a prompt ending inside a shared node, empty nodes, a
+  permuted row order): per-shard ancestor tables and last-token sources are runtime data;
+  (4, 2) cuts 6 rows into 2 + 2 + 1 + 1 with repeated rows."""
+  from tests.test_engine import _hand_plan
+  plan = _hand_plan()
+  want = engine.generate(net, None, plan, max_new_tokens=3)
+  got = engine.generate(net, None, plan, mesh=shape, max_new_tokens=3)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  assert got.signature.data == shape[0] and len(got.signature.levels) == 3
