@@ -39,7 +39,9 @@ whose rows span shards is stored on each; owners are per-shard local indices, ju
 over "data"), and "are all rows done?" is one scalar psum over "data" per decode step. The
 "model" axis is left to XLA's partitioner: parameters placed by `hydrax.parallel.rules`
 (tensor parallel), so XLA inserts the all-reduces after the attention output and MLP down
-projections and the vocabulary gather of sampling.
+projections and the (max, argmax) gather of greedy sampling; attention itself runs in a nested
+shard_map manual over "model" (a shard's query heads read only its own KV heads), so kernels
+see their shard's heads and nothing is communicated there. All of this is on the `Runtime`.
 
 Axis letters: B sequences, R rows of a prefill pass, P prompt length, N nodes, S capacity,
 W token width of a pass, E hidden, V vocabulary, L layers, K KV heads, D head dim.
