@@ -471,12 +471,14 @@ def level_capacity(width: int) -> int:
 
 
 def _chunked(tokens: np.ndarray, width: int, step_tokens: int, rows: int):
-  """tokens [R', >= their longest] cut or zero-padded to `width` and then to a multiple of the
-  per-row chunk c = step_tokens // rows (>= 1, <= width; rows: a shard's rows), so that one
-  prefill step of a device handles at most about step_tokens query tokens."""
+  """tokens [R', >= their longest] cut or zero-padded to `width`, then to n chunks of c tokens
+  per row: the fewest chunks of at most step_tokens // rows tokens (rows: a shard's rows), cut
+  evenly, so that one prefill step of a device handles at most about step_tokens query tokens
+  and the padding is under n tokens. Returns (tokens [R', n*c], c)."""
   width = max(int(width), 1)
-  c = max(1, min(step_tokens // max(rows, 1), width))
-  out = np.zeros((tokens.shape[0], -(-width // c) * c), np.int32)
+  n = -(-width // max(1, min(step_tokens // max(rows, 1), width)))
+  c = -(-width // n)
+  out = np.zeros((tokens.shape[0], n * c), np.int32)
   w = min(width, tokens.shape[1])
   out[:, :w] = tokens[:, :w]
   return out, c
