@@ -217,6 +217,8 @@ def test_sharded_greedy_generation_equals_single_device(net, plan, reference, sh
   assert got.decode_steps == reference.decode_steps
   if shape[0] > 1:          # shared nodes spanning data shards are stored once per shard
     assert got.kv_bytes > reference.kv_bytes
+  assert got.kv_bytes == engine.estimate_kv_bytes(CONFIG, plan, max_new_tokens=4, mesh=shape,
+                                                  prefill_chunk=chunk, dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("attention", ["replicated", "none"])
