@@ -39,7 +39,9 @@ whose rows span shards is stored on each; owners are per-shard local indices, ju
 over "data"), and "are all rows done?" is one scalar psum over "data" per decode step. The
 "model" axis is left to XLA's partitioner: parameters placed by `hydrax.parallel.rules`
 (tensor parallel), so XLA inserts the all-reduces after the attention output and MLP down
-projections and the vocabulary gather of sampling.
+projections and the (max, argmax) gather of greedy sampling; attention itself runs in a nested
+shard_map manual over "model" (a shard's query heads read only its own KV heads), so kernels
+see their shard's heads and nothing is communicated there. All of this is on the `Runtime`.
 
 Axis letters: B sequences, R rows of a prefill pass, P prompt length, N nodes, S capacity,
 W token width of a pass, E hidden, V vocabulary, L layers, K KV heads, D head dim.
@@ -62,6 +64,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from hydrax import sharing
+from hydrax._log import log_once
 from hydrax.attention import backends as backends_lib
 from hydrax.cache import KVCache, LevelKV, empty_level, level_bytes
 from hydrax.models import llama as llama_lib
@@ -189,10 +192,20 @@ class Runtime:
     return f"backend={self.backend.name}, {where}"
 
   def forward_kwargs(self) -> dict:
-    kwargs = {"backend": self.backend}
+    kwargs = {"backend": self._attention_backend()}
     if self.checks != "static":
       kwargs["checks"] = self.checks
     return kwargs
+
+  def _attention_backend(self) -> backends_lib.Backend:
+    """The backend as the forward pass gets it: itself, or with a model axis > 1 run per model
+    shard (a nested shard_map manual over "model": each shard's query heads read only its own
+    KV heads, so attention needs no communication and kernels, custom calls that XLA's
+    partitioner cannot split, see their shard's heads)."""
+    if self.mesh is None or _mesh_lib()[0].axis_sizes(self.mesh)[1] == 1:
+      return self.backend
+    return dataclasses.replace(self.backend, config=None, takes_layer=True,
+                               level_attention=_per_model_shard(self.backend))
 
   # What differs between one device and a mesh; the loop calls these and nothing else.
 
@@ -232,6 +245,36 @@ class Runtime:
 
   def to_host(self, x) -> np.ndarray:
     return np.asarray(x) if self.mesh is None else _mesh_lib()[1].to_host(x)
+
+
+def _per_model_shard(backend: backends_lib.Backend):
+  """level_attention of `backend` under a shard_map manual over "model" (nested in the
+  engine's shard_map over "data"): q [B,T,H,D] split on H, k, v [(L,)N,S,K,D] on K; lengths,
+  owner, limits and layer replicated."""
+  model = _mesh_lib()[0].MODEL
+  xla = backends_lib.get("xla")
+
+  def level_attention(q, k, v, lengths, owner, limits, *, scale, layer=None):
+    def body(q, k, v, lengths, limits, owner, layer):
+      try:
+        return backend.attend(q, k, v, lengths, owner, limits, scale=scale, layer=layer)
+      except backends_lib.Unsupported as e:
+        log_once(("fallback", backend.name, str(e)), "hydrax: backend %r cannot take this "
+                 "input (%s); using the XLA backend", backend.name, e)
+        return xla.attend(q, k, v, lengths, owner, limits, scale=scale, layer=layer)
+
+    heads = P(None, None, model, None)
+    kv = P(*([None] * (k.ndim - 2)), model, None)
+    args = (q, k, v, lengths, limits, owner, layer)
+    specs = (heads, kv, kv, P(), P(), None if owner is None else P(),
+             None if layer is None else P())
+    # mesh=None: the context's mesh, i.e. `mesh` with "data" already manual (the engine's
+    # shard_map encloses every forward pass).
+    return jax.shard_map(body, mesh=None, in_specs=specs,
+                         out_specs=(heads, P(None, None, model)),
+                         axis_names=frozenset({model}), check_vma=False)(*args)
+
+  return level_attention
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -428,12 +471,14 @@ def level_capacity(width: int) -> int:
 
 
 def _chunked(tokens: np.ndarray, width: int, step_tokens: int, rows: int):
-  """tokens [R', >= their longest] cut or zero-padded to `width` and then to a multiple of the
-  per-row chunk c = step_tokens // rows (>= 1, <= width; rows: a shard's rows), so that one
-  prefill step of a device handles at most about step_tokens query tokens."""
+  """tokens [R', >= their longest] cut or zero-padded to `width`, then to n chunks of c tokens
+  per row: the fewest chunks of at most step_tokens // rows tokens (rows: a shard's rows), cut
+  evenly, so that one prefill step of a device handles at most about step_tokens query tokens
+  and the padding is under n tokens. Returns (tokens [R', n*c], c)."""
   width = max(int(width), 1)
-  c = max(1, min(step_tokens // max(rows, 1), width))
-  out = np.zeros((tokens.shape[0], -(-width // c) * c), np.int32)
+  n = -(-width // max(1, min(step_tokens // max(rows, 1), width)))
+  c = -(-width // n)
+  out = np.zeros((tokens.shape[0], n * c), np.int32)
   w = min(width, tokens.shape[1])
   out[:, :w] = tokens[:, :w]
   return out, c

@@ -339,3 +339,34 @@ def test_decode_makes_no_copy_of_the_whole_cache(tiny, attention):
            for dims in re.findall(r"= f32\[([\d,]*)\][^ ]* (?:copy|transpose)\(",
                                   decode.as_text())]
   assert config.num_layers >= 2 and max(sizes, default=0) < cache
+
+
+def test_kv_cache_owners_are_runtime_data():
+  """Owners are pytree children: a jitted function of a KVCache traces once for two trees of
+  the same shapes; bad owners are one-line ValueErrors."""
+  from hydrax.cache import KVCache, empty_level
+  shared = empty_level(2, 3, 8, 1, 4, jnp.float32)._replace(lengths=jnp.array([5, 2, 0]))
+  suffix = empty_level(2, 4, 6, 1, 4, jnp.float32)
+  traces = []
+
+  @jax.jit
+  def lengths_seen(cache):
+    traces.append(1)
+    return cache.shared[0].lengths[cache.owners[0]]
+
+  a = KVCache(suffix, [shared], [np.array([0, 0, 1, 2], np.int32)])
+  b = KVCache(suffix, [shared], [np.array([1, 2, 2, 0], np.int32)])
+  assert any(leaf is a.owners[0] for leaf in jax.tree_util.tree_leaves(a))
+  np.testing.assert_array_equal(lengths_seen(a), [5, 5, 2, 0])
+  np.testing.assert_array_equal(lengths_seen(b), [2, 0, 0, 5])
+  assert len(traces) == 1
+  level = a.layer_levels(1)[0]
+  assert level.layer == 1 and level.k.shape == (2, 3, 8, 1, 4) and level.owner is a.owners[0]
+  with pytest.raises(ValueError, match=r"owners\[0\] has node indices in \[0, 3\], outside"):
+    KVCache(suffix, [shared], [np.array([0, 1, 2, 3])])
+  with pytest.raises(ValueError, match=r"owners\[0\] has B=3 rows"):
+    KVCache(suffix, [shared], [np.array([0, 1, 2])])
+  with pytest.raises(ValueError, match=r"owners\[0\] must be a 1-D integer array"):
+    KVCache(suffix, [shared], [np.zeros(4)])
+  with pytest.raises(ValueError, match="1 shared levels but 0 owner arrays"):
+    KVCache(suffix, [shared], [])
