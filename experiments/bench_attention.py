@@ -6,29 +6,50 @@ K KV heads, D head dim, P shared-prefix length, U per-sequence suffix length.
 Sections (flags; several may be given, they run in this order):
   --check     exactness of every kernel variant on the GPU against the XLA backend run on
               float32 copies of fresh random inputs (ragged lengths, odd batches, empty nodes,
-              GQA 1..8, D 64/80/128, bf16/fp16/fp32, T = 1 and T > 1 causal, traced owners,
-              forced key splits, fused levels); outputs poisoned with NaN before the kernel.
+              GQA 1..8, D 64/80/128, bf16/fp16/fp32, T = 1 and T > 1 causal, forced key
+              splits, fused levels; random deep trees with traced owners and caches stacked
+              [L,...] read at a traced layer); outputs poisoned with NaN before the kernel.
   --ceilings  bf16 matmul 8192^3 and a large device copy, through jnp and through torch.
   --sweep     block sizes / warps / stages of the kernel on a few shapes, each level alone.
   --mgpu      jax's bundled Mosaic GPU flash attention (FA3 style, Hopper only) on the same
               stacked shared-prefix product, for the choice of lowering.
   --kernel    hydrax's Mosaic GPU kernel alone (no XLA work around it), key blocks x splits.
   --decode    decode step, H=32, K=8, D=128, U=128, P in {1K,4K,16K}, B in {16,64,256,1024}.
+  --trees     traced vs static owners on 3-level trees (P=2K prefix, B/16 problems of 1K, U=128)
+              at B = 256 and 1024: the pallas and XLA backends, back to back.
+  --engine    decode step of a llama3-8b-shaped model (random bf16 weights, --engine-layers
+              layers, default 4 to bound compile time and memory) through `engine.generate`
+              with attention="hydragen" and "none", for the issue's points (16K/1024, 16K/256,
+              1K/1024) then the other decode shapes while the budget lasts; attention per
+              layer inside the step = (step_hydragen - step_none) / layers.
   --micro     the paper's micro-benchmark: H=8, K=1, D=128, (B,P) in {(512,1K),(1024,2K),
               (2048,4K),(4096,8K)}, U in 0..512 step 64.
-Every timed shape reports the median time of: hydrax pallas backend (levels run separately and
-merged; lowering "auto": Mosaic GPU for the shared level on Hopper), the same with every level
-on the Triton kernel (pallas_triton), optionally all levels in one Triton launch
-(`hydragen_attention_fused`, impl pallas_fused), hydrax's XLA backend, and cuDNN attention over caches holding a copy of the prefix in every sequence
+  --smoke     tiny shapes (CPU, interpret mode): the script's logic in seconds (tests).
+Every timed shape reports, per implementation, (a) `us`: the median time per call issued back
+to back (host dispatch overlaps device work), and (b) `device_us`: the device time of the op
+alone, from one jit of --loop dependent calls in a `lax.fori_loop` (each call's q depends on
+the previous output through a 1e-30 term) divided by --loop. Caches are stacked [R,...] and
+each call reads copy i % R through KVLevel.layer (in place for pallas; XLA fuses the slice),
+R chosen so that one pass exceeds twice the L2. Implementations: hydrax pallas backend (levels
+run separately and merged; lowering "auto": Mosaic GPU for the shared level on Hopper), the
+same with every level on the Triton kernel (pallas_triton), optionally all levels in one
+Triton launch (`hydragen_attention_fused`, impl pallas_fused), hydrax's XLA backend, and cuDNN
+attention over caches holding a copy of the prefix in every sequence
 (`jax.nn.dot_product_attention(implementation="cudnn")`; the copy is made before timing).
 Floors: FLOPs = 4*B*T*H*(P+U)*D; bytes = prefix KV once + suffix KV + q + out (bf16) + lse;
 floor = max(FLOPs / matmul ceiling, bytes / copy ceiling), with the ceilings of this run.
 
-With --sweep, the decode/micro tables run with the sweep's best configuration (logged).
+With --sweep, the decode/micro tables run with the sweep's best configuration (logged). The
+kernel configuration is a value (`pallas_gpu.configure(**json of --config)`) passed as
+`backend=`, never global state.
 
-Usage: python experiments/bench_attention.py --check --ceilings --decode --micro --out DIR
-Writes DIR/results.csv (one row per timed shape and implementation), DIR/check.csv,
-DIR/sweep.csv, DIR/ceilings.json; prints a table last.
+H200 (one invocation, about 6 minutes; the table of the decode shapes prints last):
+  python3 experiments/bench_attention.py --check --check-cases decode_gqa4_odd,\
+mosaic_ragged_nodes,mosaic_splits_T5,tree_traced_layer,tree_traced_layer_fp16_T3,\
+tree_traced_wide_B256,tree_traced_layer_f32_D80,tree_layer_copy --ceilings --decode --trees \
+--engine --impls pallas,xla,cudnn --out $OUT --budget 540
+Writes DIR/results.csv (one row per timed shape and implementation, engine steps included),
+DIR/check.csv, DIR/sweep.csv, DIR/ceilings.json, DIR/summary.json; prints a table last.
   python experiments/bench_attention.py --plot DIR/results.csv   (no GPU: PNG + markdown table)
 """
 
@@ -239,8 +260,9 @@ def floors(b, p, u, h, kh, d, ceil, t=1):
 
 
 def _cudnn_step(q, k, v, layer):
-  del layer       # one replicated copy (R copies of a replicated cache rarely fit)
-  return CUDNN(q, k, v)
+  """cuDNN on k, v [1,B,P+U,K,D]: one replicated copy (R copies of it rarely fit)."""
+  del layer
+  return CUDNN(q, k[0], v[0])
 
 
 def time_shape(name, b, p, u, h, kh, d, ceil, impls, rows, backend, seed=0):

@@ -13,6 +13,11 @@ The backend contract (shared by every backend, see `backends.py`):
   out     [B,T,H,D] float32; zero where a query sees no key.
   lse     [B,T,H] float32 natural-log sum of exp(scores); -inf where a query sees no key.
 
+  Backends with a configuration also take `config=` (their frozen config value); backends
+  with `takes_layer=True` also take `layer=` (k, v are then stacked [L,N,S,K,D] and the level
+  is that layer, read in place). This backend takes neither: the caller slices the layer with
+  `lax.dynamic_index_in_dim`, which XLA fuses into the products that read it.
+
 Shared levels use Hydragen's inter-sequence batching: the queries of all sequences of a node,
 and all query heads of a KV head, are stacked into the rows of one product with that node's
 keys. Two layouts:

@@ -16,13 +16,26 @@ S are masked (no padding of S, no rejected lengths). Rows with no visible key gi
 lse = -inf, never NaN. With few programs (small batch, long prefix) the keys are split in P
 parts whose results are merged through their LSEs.
 
+Sharing structure is data: with concrete (NumPy) owners the tile table is a compile-time
+constant (exactly the tiles needed); with traced owners it is computed at run time (argsort,
+counts, tile starts; `grouping.py`) for a static upper bound of tiles, and the programs of
+the unused tiles (no rows) exit at once. A new tree of the same shapes reuses the compiled
+program. Stacked caches (`layer=`: k, v [L,N,S,K,D], the layer an int32 scalar that may be
+traced) are read in place: the kernels see the stack as L*N nodes (a bitcast) and the tile
+table's nodes carry the offset layer*N, so no copy of a layer is made.
+
+Configuration is an explicit value: `Config` (frozen, hashable) travels on the registered
+`Backend` (`backends.get("pallas", **changes)`, or `configure(**changes)`, which returns the
+same) and is a static argument of every jit here; nothing global changes.
+
 Lowering (`Config.lowering`): Triton (`jax.experimental.pallas.triton.CompilerParams`) on CUDA
-and ROCm, Hopper and older GPUs alike; on Hopper, "auto" sends stacked shared levels (>= 96
-rows per node and KV head, bf16/fp16, D 64/128, concrete owners) to the Mosaic GPU kernel in
-`mosaic_gpu.py` (TMA + wgmma + warp specialisation: 547-579 TFLOP/s on the stacked product on
-the H200, where this Triton kernel reached 390-500). Elsewhere (CPU) the kernels run in
-interpret mode (slow; for tests). Gradients go through the XLA backend (recomputed in the
-backward pass). Measurements: experiments/results/attention_microbench/NOTES.md.
+and ROCm, Hopper and older GPUs alike; on Hopper, "auto" sends stacked shared levels (on
+average >= 96 rows per node and KV head from the static shapes, T*G*B / min(N, B); bf16/fp16,
+D 64/128; concrete or traced owners) to the Mosaic GPU kernel in `mosaic_gpu.py` (TMA + wgmma
++ warp specialisation: 547-579 TFLOP/s on the stacked product on the H200, where this Triton
+kernel reached 390-500). Elsewhere (CPU) the kernels run in interpret mode (slow; for tests).
+Gradients go through the XLA backend (recomputed in the backward pass). Measurements:
+experiments/results/attention_microbench/NOTES.md.
 
 `hydragen_attention_fused` runs all levels in one launch and merges in the packed row layout:
 faster for small batches (fewer launches), slower for large ones (measured; see NOTES.md).
