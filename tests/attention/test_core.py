@@ -449,7 +449,7 @@ def test_sequences_of_empty_nodes_get_no_rows(backend):
   b, kh, d = 9, 1, 8
   owner = np.array([2, 2, 0, 2, 2, 1, 2, 2, 0], np.int32)       # node 2 is empty
   lengths = np.array([5, 3, 0], np.int32)
-  seq_idx, slot, _ = xla._grouping(None, xla._static_owner(owner, lengths, 3, b), 3, b)
+  seq_idx, slot, _ = xla._static_grouping(xla._static_owner(owner, lengths, 3, b), 3, b)
   assert seq_idx.shape == (3, 2)                                  # not 6 rows per node
   levels = [(rng.standard_normal((3, 5, kh, d)), rng.standard_normal((3, 5, kh, d)),
              lengths, owner),

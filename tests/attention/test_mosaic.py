@@ -9,9 +9,11 @@ and poisons with NaN what the wrapper must never use: rows and tiles that break 
 
 * direct kernel calls vs a float64 NumPy reference of each key split (and the emulator on the
   same cases, so that the emulator itself is checked without the oracle);
-* `hydragen_attention(backend="pallas")` under `configure(lowering="mosaic")` with the
-  emulator, vs the float64 oracle (hypothesis: ragged, empty and padded nodes, splits);
-* one interpret-mode run of the whole path (a padded shared level and a per-sequence level);
+* `hydragen_attention(backend=configure(lowering="mosaic"))` with the emulator, vs the
+  float64 oracle (hypothesis: ragged, empty and padded nodes, splits; static owners, and
+  traced owners with a stacked cache read at a traced layer);
+* interpret-mode runs of the whole path (a padded shared level and a per-sequence level; a
+  traced owner with a stacked cache);
 * the static decisions (`_use_mosaic`), the logged fallbacks and a bad `lowering`.
 """
 
@@ -255,17 +257,28 @@ def _expect(q, levels, causal, dtype):
   return oracle.dense(rnd(q), keys, values, causal=causal)
 
 
-def _run(q, levels, causal, dtype):
-  """hydragen_attention(backend="pallas") under jit, owners closed over (static)."""
+def _run(q, levels, causal, dtype, backend="pallas", traced=False, layers=None):
+  """hydragen_attention(backend=...) under jit. Owners closed over (static) or, with `traced`,
+  jit arguments; with `layers` (int L), each level's k, v are stored as layer L-1 of a stacked
+  [L,...] cache (other layers random) and read at a traced layer index."""
   owners = [owner for *_, owner in levels]
 
-  def fn(q, arrays):
-    lv = [KVLevel(k, v, n, o) for (k, v, n), o in zip(arrays, owners)]
-    return hydragen_attention(q, lv, causal_last=causal, backend="pallas")
+  def fn(q, arrays, owners_dyn, layer):
+    lv = [KVLevel(k, v, n, od if traced else o, None if layers is None else layer)
+          for (k, v, n), o, od in zip(arrays, owners, owners_dyn)]
+    return hydragen_attention(q, lv, causal_last=causal, backend=backend)
 
-  arrays = [(jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(n, jnp.int32))
-            for k, v, n, _ in levels]
-  return jax.jit(fn)(jnp.asarray(q, dtype), arrays)
+  def stack(x):
+    x = jnp.asarray(x, dtype)
+    if layers is None:
+      return x
+    rest = jax.random.normal(jax.random.key(x.size), (layers - 1,) + x.shape, dtype)
+    return jnp.concatenate([rest, x[None]])
+
+  arrays = [(stack(k), stack(v), jnp.asarray(n, jnp.int32)) for k, v, n, _ in levels]
+  owners_dyn = [None if o is None else jnp.asarray(o) for o in owners]
+  return jax.jit(fn)(jnp.asarray(q, dtype), arrays, owners_dyn,
+                     jnp.int32(0 if layers is None else layers - 1))
 
 
 def _check(out, lse, ref_out, ref_lse, dtype):
@@ -284,7 +297,8 @@ def _check(out, lse, ref_out, ref_lse, dtype):
 def mosaic_trees(draw):
   """q and 1..3 levels: shared levels with random (non-contiguous) owners and empty nodes,
   capacities 0..320 (mostly not multiples of 64), ragged and zero lengths; the last level
-  per sequence or not; bf16/fp16, D 64/128, GQA 1..8, forced splits 1..3."""
+  per sequence or not; bf16/fp16, D 64/128, GQA 1..8, forced splits 1..3; owners static, or
+  traced (jit arguments) with every level in a stacked cache read at a traced layer."""
   b = draw(st.integers(1, 9))
   t = draw(st.integers(1, 3))
   kh = draw(st.sampled_from([1, 2]))
@@ -310,17 +324,19 @@ def mosaic_trees(draw):
   q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
   mosaic = dict(splits=draw(st.sampled_from([3, 2, 1])),
                 block_kv=draw(st.sampled_from([64, 128])), stages=draw(st.sampled_from([2, 3])))
-  return q, levels, draw(st.booleans()), dtype, mosaic
+  return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans())
 
 
 @given(mosaic_trees())
 def test_wrapper_with_emulated_kernel_matches_oracle(case):
-  q, levels, causal, dtype, mosaic = case
-  with emulated() as calls, pg.configure(lowering="mosaic", mosaic=mosaic):
-    out, lse = _run(q, levels, causal, dtype)
+  q, levels, causal, dtype, mosaic, traced = case
+  with emulated() as calls:
+    out, lse = _run(q, levels, causal, dtype, pg.configure(lowering="mosaic", mosaic=mosaic),
+                    traced=traced, layers=3 if traced else None)
   _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
   # Every level with keys ran on the (emulated) Mosaic kernel, its keys padded to whole
-  # blocks and cut in at most the forced number of splits.
+  # blocks and cut in at most the forced number of splits; a stacked cache (traced case) of
+  # whole key blocks is read in place (3 * N nodes), else its layer is sliced and padded.
   assert len(calls) == sum(k.shape[1] > 0 for k, *_ in levels)
   for call, (k, *_) in zip(calls, [lv for lv in levels if lv[0].shape[1] > 0]):
     s = k.shape[1]
@@ -328,6 +344,8 @@ def test_wrapper_with_emulated_kernel_matches_oracle(case):
     assert call["block_kv"] == mosaic["block_kv"]
     assert call["shape"][4] == nblk * mosaic["block_kv"]
     assert call["splits"] <= min(mosaic["splits"], nblk)
+    in_place = traced and s % mosaic["block_kv"] == 0
+    assert call["shape"][3] == (3 * k.shape[0] if in_place else k.shape[0])
 
 
 def test_wrapper_full_tiles_in_place_and_combine():
@@ -341,9 +359,9 @@ def test_wrapper_full_tiles_in_place_and_combine():
              rng.integers(0, 71, size=b).astype(np.int32), None)]
   q = rng.standard_normal((b, t, kh * g, d))
   for causal in (True, False):
-    with emulated() as calls, pg.configure(lowering="mosaic",
-                                           mosaic={"splits": 3, "block_kv": 64}):
-      out, lse = _run(q, levels, causal, jnp.bfloat16)
+    with emulated() as calls:
+      out, lse = _run(q, levels, causal, jnp.bfloat16,
+                      pg.configure(lowering="mosaic", mosaic={"splits": 3, "block_kv": 64}))
     _check(out, lse, *_expect(q, levels, causal, jnp.bfloat16), jnp.bfloat16)
     assert [c["splits"] for c in calls] == [3, 2]      # the suffix has only 2 blocks
 
@@ -375,13 +393,13 @@ def test_hydragen_through_interpreted_kernel(monkeypatch, caplog):
   lv = [KVLevel(jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(n), o)
         for k, v, n, o in levels]
   try:
-    with caplog.at_level(logging.WARNING, logger="hydrax"), \
-         pg.configure(lowering="mosaic", mosaic={"block_kv": 64, "stages": 2}):
+    with caplog.at_level(logging.WARNING, logger="hydrax"):
       # Not under an outer jit: each level is then its own program (`_forward_jit`). With
       # both interpreted kernels in one XLA program, the Mosaic GPU interpreter deadlocked
       # on this 2-core machine (its simulated threads starve XLA's CPU thread pool).
-      out, lse = hydragen_attention(jnp.asarray(q, dtype), lv, causal_last=True,
-                                    backend="pallas")
+      out, lse = hydragen_attention(
+          jnp.asarray(q, dtype), lv, causal_last=True,
+          backend=pg.configure(lowering="mosaic", mosaic={"block_kv": 64, "stages": 2}))
   finally:
     pg._forward_jit.clear_cache()
   _check(out, lse, *_expect(q, levels, True, dtype), dtype)
@@ -389,11 +407,45 @@ def test_hydragen_through_interpreted_kernel(monkeypatch, caplog):
   assert any("S=100" in r.getMessage() for r in caplog.records)     # the padding is logged
 
 
+def test_traced_owner_and_stacked_layer_through_interpreted_kernel(monkeypatch):
+  """The real kernel (interpret mode): a shared level of 3 nodes (one empty of sequences) in a
+  stacked [2,...] cache read at a traced layer, owners traced: a runtime tile table of 2 tiles
+  for 4 rows (one unused: no key block), vs the oracle."""
+  calls = []
+  real = mosaic_gpu.tile_attention
+
+  def spy(*args, **kwargs):
+    calls.append((args[1].shape, args[3].shape))
+    return real(*args, **kwargs)
+
+  pg._forward_jit.clear_cache()
+  monkeypatch.setattr(pg.mosaic_gpu, "tile_attention", spy)
+  rng = np.random.default_rng(15)
+  b, t, kh, g, d, n, s = 2, 1, 1, 2, 64, 3, 64
+  ks = jnp.asarray(rng.standard_normal((2, n, s, kh, d)), jnp.bfloat16)
+  vs = jnp.asarray(rng.standard_normal((2, n, s, kh, d)), jnp.bfloat16)
+  lengths = np.array([64, 0, 41], np.int32)
+  owner = np.array([2, 0], np.int32)
+  q = jnp.asarray(rng.standard_normal((b, t, kh * g, d)), jnp.bfloat16)
+  limits = jnp.asarray(lengths[owner][:, None])
+  cfg = pg.Config(lowering="mosaic", mosaic=mosaic_gpu.MosaicConfig(block_kv=64, stages=2))
+  try:
+    out, lse = jax.jit(lambda q, ks, vs, own, layer: pg.level_attention(
+        q, ks, vs, jnp.asarray(lengths), own, limits, scale=d ** -0.5, config=cfg,
+        layer=layer))(q, ks, vs, jnp.asarray(owner), jnp.int32(1))
+  finally:
+    pg._forward_jit.clear_cache()
+  assert calls == [((2 * n, s, kh, d), (2, 4))]        # the stack in place; 2 tiles (bound)
+  keys, values = oracle.concat_levels([(_f64(ks[1]), _f64(vs[1]), lengths, owner)])
+  ref = oracle.dense(_f64(q), keys, values, causal=False)
+  _check(out.astype(jnp.bfloat16), lse, *ref, jnp.bfloat16)
+
+
 # --- static decisions -----------------------------------------------------------------------
 
 def _uses(q_shape, k_shape, owner, dtype, **cfg):
-  with pg.configure(**cfg) as c:
-    return pg._use_mosaic(q_shape, jax.ShapeDtypeStruct(k_shape, dtype), owner, dtype, c)
+  return pg._use_mosaic(q_shape, jax.ShapeDtypeStruct(k_shape, dtype), owner, dtype,
+                        pg.Config(**cfg))
 
 
 def test_use_mosaic_decisions_and_logged_fallbacks(monkeypatch, caplog):
@@ -414,11 +466,10 @@ def test_use_mosaic_decisions_and_logged_fallbacks(monkeypatch, caplog):
       seen = []
       jax.jit(lambda o: seen.append(_uses(qs, ks, o, jnp.bfloat16, lowering="mosaic")) or o)(
           jnp.asarray(owner))
-      assert seen == [False]
+      assert seen == [True]                             # traced owners: a runtime table
     msgs = [r.getMessage() for r in caplog.records]
-    assert len(msgs) == 3, msgs
+    assert len(msgs) == 2, msgs
     assert any("float32" in m for m in msgs) and any("head dim 80" in m for m in msgs)
-    assert any("traced owners" in m for m in msgs)
     assert all(r.levelno == logging.WARNING and r.name == "hydrax" for r in caplog.records)
     # One node: traced owners do not matter (every sequence owns node 0).
     seen = []
@@ -427,13 +478,30 @@ def test_use_mosaic_decisions_and_logged_fallbacks(monkeypatch, caplog):
     assert seen == [True]
 
 
-def test_configure_mosaic_dict_and_restore():
-  before = pg._config
-  with pg.configure(lowering="mosaic", mosaic={"splits": 2}) as c:
-    assert c.lowering == "mosaic" and c.mosaic.splits == 2
-    assert c.mosaic.block_kv == mosaic_gpu.MosaicConfig().block_kv
-    assert pg._config is c
-  assert pg._config is before
+def test_configure_mosaic_dict_is_a_value():
+  backend = pg.configure(lowering="mosaic", mosaic={"splits": 2})
+  c = backend.config
+  assert c.lowering == "mosaic" and c.mosaic.splits == 2
+  assert c.mosaic.block_kv == mosaic_gpu.MosaicConfig().block_kv
+  assert isinstance(c.mosaic, mosaic_gpu.MosaicConfig) and hash(backend)
+  assert pg.configure().config == pg.Config()           # nothing global changed
+
+
+def test_auto_rows_per_node_rule_reads_static_shapes_only(monkeypatch):
+  """On Hopper, "auto" sends a shared level to the Mosaic kernel when T*G*B / min(N, B) >= 96
+  rows per node and KV head, whether the owners are concrete or traced."""
+  monkeypatch.setattr(pg, "_is_hopper", lambda: True)
+  monkeypatch.setattr(pg, "_interpret", lambda cfg: False)
+  k = (4, 256, 2, 128)
+  for b, t, h, expect in [(192, 1, 4, True), (95, 2, 4, False), (190, 1, 8, True),
+                          (64, 1, 4, False)]:
+    # rows per node: T * (H/K) * B / min(N, B) = 96, 95, 190, 64
+    seen = []
+    owner = np.arange(b, dtype=np.int32) % 4
+    jax.jit(lambda o: seen.append(_uses((b, t, h, 128), k, o, jnp.bfloat16)) or o)(
+        jnp.asarray(owner))
+    assert seen == [expect] and _uses((b, t, h, 128), k, owner, jnp.bfloat16) == expect
+  assert not _uses((192, 1, 4, 128), (192, 256, 2, 128), None, jnp.bfloat16)  # per sequence
 
 
 def test_fallback_to_triton_runs_and_never_calls_the_kernel(monkeypatch, caplog):
@@ -449,8 +517,8 @@ def test_fallback_to_triton_runs_and_never_calls_the_kernel(monkeypatch, caplog)
              np.array([9, 4], np.int32), np.array([1, 0], np.int32))]
   q = rng.standard_normal((2, 1, 2, 64))
   try:
-    with caplog.at_level(logging.WARNING, logger="hydrax"), pg.configure(lowering="mosaic"):
-      out, lse = _run(q, levels, False, jnp.float32)
+    with caplog.at_level(logging.WARNING, logger="hydrax"):
+      out, lse = _run(q, levels, False, jnp.float32, pg.configure(lowering="mosaic"))
   finally:
     pg._forward_jit.clear_cache()
   ref_out, ref_lse = _expect(q, levels, False, jnp.float32)
@@ -464,6 +532,5 @@ def test_bad_lowering_is_a_value_error():
   levels = [(rng.standard_normal((1, 8, 1, 64)), rng.standard_normal((1, 8, 1, 64)),
              np.array([8], np.int32), np.zeros(2, np.int32))]
   q = rng.standard_normal((2, 1, 1, 64))
-  pg._forward_jit.clear_cache()
-  with pg.configure(lowering="bogus"), pytest.raises(ValueError, match="lowering"):
-    _run(q, levels, True, jnp.bfloat16)
+  with pytest.raises(ValueError, match="lowering must be"):
+    _run(q, levels, True, jnp.bfloat16, pg.configure(lowering="bogus"))

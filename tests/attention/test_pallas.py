@@ -93,9 +93,8 @@ def test_level_matches_references(case):
   _, seed, b, t, kh, g, d, n, s, dtype, per_seq, causal, cfg = case
   q, k, v, lengths, owner, limits = _case(seed, b, t, kh, g, d, n, s, dtype, per_seq, causal)
   scale = 0.7 / np.sqrt(d)
-  with pg.configure(**cfg):
-    out, lse = jax.jit(lambda q, k, v, lim: pg.level_attention(
-        q, k, v, lengths, owner, lim, scale=scale))(q, k, v, limits)
+  out, lse = jax.jit(lambda q, k, v, lim: pg.level_attention(
+      q, k, v, lengths, owner, lim, scale=scale, config=pg.Config(**cfg)))(q, k, v, limits)
   _assert_close(out, lse, *_level_ref(q, k, v, owner, np.asarray(limits), scale), TOL[dtype])
   xo, xl = xla_backend.level_attention(q, k, v, lengths, owner, limits, scale=scale)
   _assert_close(out, lse, np.asarray(xo), np.asarray(xl), TOL[dtype])
@@ -132,8 +131,8 @@ def test_fused_levels_match_dense_oracle():
   keys, values = oracle.concat_levels(levels)
   lv = [KVLevel(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), jnp.asarray(n), o)
         for k, v, n, o in levels]
-  with pg.configure(poison=True):
-    out, lse = jax.jit(lambda q, lv: pg.hydragen_attention_fused(q, lv))(jnp.asarray(q), lv)
+  out, lse = jax.jit(lambda q, lv: pg.hydragen_attention_fused(
+      q, lv, backend=pg.configure(poison=True)))(jnp.asarray(q), lv)
   ref = oracle.dense(q, keys, values, causal=True)
   assert out.dtype == jnp.float32
   _assert_close(out, lse, *ref, 1e-5)
@@ -179,3 +178,197 @@ def test_registry():
   if jax.default_backend() == "cpu":
     assert backends.get("auto").name == "xla"
 
+
+# --- sharing structure as data: traced owners, stacked caches, no recompilation ------------
+
+TRACED = [
+    # id, seed, B, T, K, G, D, N, S, dtype, causal, config
+    ("bf16_gqa4_T3_causal", 20, 7, 3, 2, 4, 64, 5, 37, jnp.bfloat16, True, {}),
+    ("f32_mha_T1_splits", 21, 5, 1, 1, 1, 32, 4, 45, jnp.float32, False,
+     {"splits": 2, "block_n": 16, "block_m": 16}),
+    ("bf16_gqa8_T2_bounds_in_kernel", 22, 9, 2, 1, 8, 64, 6, 20, jnp.bfloat16, True,
+     {"tile_bounds": "kernel"}),
+]
+
+
+@pytest.mark.parametrize("case", TRACED, ids=[c[0] for c in TRACED])
+def test_traced_owners_runtime_tile_table(case):
+  """Owners as jit arguments (random, non-contiguous, an empty node, ragged lengths): the tile
+  table is built at run time for a static bound of tiles; outputs poisoned, so every row must
+  be written by a real tile while the unused tiles exit."""
+  _, seed, b, t, kh, g, d, n, s, dtype, causal, cfg = case
+  q, k, v, lengths, owner, limits = _case(seed, b, t, kh, g, d, n, s, dtype, False, causal)
+  config = pg.Config(poison=True, **cfg)
+  fn = jax.jit(lambda q, k, v, own, lim: pg.level_attention(q, k, v, lengths, own, lim,
+                                                            scale=0.3, config=config))
+  out, lse = fn(q, k, v, jnp.asarray(owner), limits)
+  _assert_close(out, lse, *_level_ref(q, k, v, owner, np.asarray(limits), 0.3), TOL[dtype])
+  static = jax.jit(lambda q, k, v, lim: pg.level_attention(q, k, v, lengths, owner, lim,
+                                                           scale=0.3, config=config))
+  _assert_close(out, lse, *(np.asarray(x) for x in static(q, k, v, limits)), TOL[dtype])
+
+
+def _stacked(seed, layers, n, s, kh, d, dtype):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((layers, n, s, kh, d)), dtype),
+          jnp.asarray(rng.standard_normal((layers, n, s, kh, d)), dtype))
+
+
+@pytest.mark.parametrize("per_seq,d,in_place", [(False, 64, True), (True, 32, True),
+                                                 (False, 24, True), (False, 64, False)])
+def test_stacked_layer_read_in_place_equals_slicing(per_seq, d, in_place):
+  """k, v [L,N,S,K,D] with a traced layer index give exactly the results of slicing the layer
+  first (the same kernel over the same keys), for shared and per-sequence levels, a head dim
+  that is padded inside (the layer is then sliced before padding) and layer_in_place off."""
+  b, t, kh, g, n, s, layers = 5, 2, 2, 2, (5 if per_seq else 3), 19, 3
+  q, _, _, lengths, owner, limits = _case(30, b, t, kh, g, d, n, s, jnp.float32, per_seq, True)
+  ks, vs = _stacked(31, layers, n, s, kh, d, jnp.float32)
+  config = pg.Config(layer_in_place=in_place, poison=True)
+  fn = jax.jit(lambda q, ks, vs, lim, layer: pg.level_attention(
+      q, ks, vs, lengths, owner, lim, scale=0.2, config=config, layer=layer))
+  for layer in (2, 0):
+    out, lse = fn(q, ks, vs, limits, jnp.int32(layer))
+    ref = pg.level_attention(q, ks[layer], vs[layer], lengths, owner, limits, scale=0.2,
+                             config=config)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref[0]))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(ref[1]))
+    _assert_close(out, lse, *_level_ref(q, ks[layer], vs[layer], owner, np.asarray(limits),
+                                        0.2), 1e-5)
+
+
+def test_stacked_layer_in_place_makes_no_copy_of_the_cache():
+  """The in-place read reshapes [L,N,...] to [L*N,...] (a bitcast): no slice of a layer, and no
+  copy of the stack's size, appears in the optimized program (interpret mode, CPU)."""
+  b, t, kh, g, d, n, s, layers = 3, 1, 1, 2, 64, 3, 64, 6
+  q, _, _, lengths, owner, limits = _case(32, b, t, kh, g, d, n, s, jnp.float32, False, False)
+  ks, vs = _stacked(33, layers, n, s, kh, d, jnp.float32)
+  hlo = {}
+  for in_place in (True, False):
+    cfg = pg.Config(layer_in_place=in_place)
+    fn = jax.jit(lambda q, ks, vs, lim, layer: pg.level_attention(
+        q, ks, vs, lengths, owner, lim, scale=0.2, config=cfg, layer=layer))
+    hlo[in_place] = fn.lower(q, ks, vs, limits, jnp.int32(1)).compile().as_text()
+  layer_shape = f"f32[{n},{s},{kh},{d}]"
+  assert layer_shape in hlo[False] and "dynamic-slice" in hlo[False]     # the test can fail
+  assert layer_shape not in hlo[True]
+
+
+def test_fused_levels_with_stacked_cache_and_traced_owner():
+  """`hydragen_attention_fused`: a shared level read from a stacked cache at a traced layer,
+  a traced owner, and a per-sequence level, vs the oracle on the sliced layer."""
+  rng = np.random.default_rng(34)
+  b, t, kh, g, d = 4, 2, 2, 2, 32
+  q = jnp.asarray(rng.standard_normal((b, t, kh * g, d)), jnp.float32)
+  ks, vs = _stacked(35, 3, 3, 13, kh, d, jnp.float32)
+  own = np.array([2, 0, 2, 0], np.int32)
+  lens = np.array([13, 0, 9], np.int32)
+  suf = [rng.standard_normal((b, 5, kh, d)).astype(np.float32) for _ in range(2)]
+  suf_len = np.array([5, 0, 2, 4], np.int32)
+
+  def fn(q, ks, vs, own, layer):
+    lv = [KVLevel(ks, vs, jnp.asarray(lens), own, layer),
+          KVLevel(jnp.asarray(suf[0]), jnp.asarray(suf[1]), jnp.asarray(suf_len), None)]
+    return pg.hydragen_attention_fused(q, lv, backend=pg.configure(poison=True))
+
+  out, lse = jax.jit(fn)(q, ks, vs, jnp.asarray(own), jnp.int32(1))
+  keys, values = oracle.concat_levels([(np.asarray(ks[1]), np.asarray(vs[1]), lens, own),
+                                       (suf[0], suf[1], suf_len, None)])
+  _assert_close(out, lse, *oracle.dense(np.asarray(q), keys, values, causal=True), 1e-5)
+
+
+def test_new_tree_of_same_shapes_does_not_recompile():
+  """Owners, lengths and the layer are runtime values: a second tree of the same shapes runs
+  the same trace and the same compiled executable (traces counted, jit caches compared)."""
+  b, t, kh, g, d, n, s = 6, 1, 1, 2, 32, 4, 16
+  q, _, _, _, _, limits = _case(40, b, t, kh, g, d, n, s, jnp.float32, False, False)
+  ks, vs = _stacked(41, 2, n, s, kh, d, jnp.float32)
+  traces = []
+  backend = pg.configure()
+
+  def fn(q, ks, vs, lengths, own, layer):
+    traces.append(1)
+    lv = [KVLevel(ks, vs, lengths, own, layer)]
+    return hydragen_attention(q, lv, causal_last=False, backend=backend)
+
+  jfn = jax.jit(fn)
+  rng = np.random.default_rng(42)
+  results = []
+  for i in range(3):
+    own = rng.integers(0, n, size=b).astype(np.int32)
+    lengths = rng.integers(0, s + 1, size=n).astype(np.int32)
+    out, lse = jfn(q, ks, vs, jnp.asarray(lengths), jnp.asarray(own), jnp.int32(i % 2))
+    results.append((out, lse, own, lengths, i % 2))
+    if i == 0:
+      sizes = (jfn._cache_size(), pg._forward_jit._cache_size())
+  assert len(traces) == 1
+  assert (jfn._cache_size(), pg._forward_jit._cache_size()) == sizes
+  for out, lse, own, lengths, layer in results:
+    keys, values = oracle.concat_levels([(np.asarray(ks[layer]), np.asarray(vs[layer]),
+                                          lengths, own)])
+    _assert_close(out, lse, *oracle.dense(np.asarray(q), keys, values, causal=False), 1e-5)
+
+
+def test_eager_calls_reuse_the_compiled_program_across_trees():
+  """Eager calls with NumPy owners pass them as runtime values: one compilation for any tree
+  of the same shapes."""
+  b, t, kh, g, d, n, s = 5, 1, 1, 2, 32, 3, 12
+  q, k, v, lengths, _, limits = _case(43, b, t, kh, g, d, n, s, jnp.float32, False, False,
+                                      empty_node=False)
+  rng = np.random.default_rng(44)
+  config = pg.Config(block_m=16)
+  for i in range(3):
+    owner = rng.integers(0, n, size=b).astype(np.int32)
+    lim = jnp.asarray(np.asarray(lengths)[owner][:, None])
+    out, lse = pg.level_attention(q, k, v, lengths, owner, lim, scale=0.2, config=config)
+    _assert_close(out, lse, *_level_ref(q, k, v, owner, np.asarray(lim), 0.2), 1e-5)
+    if i == 0:
+      size = pg._forward_jit._cache_size()
+  assert pg._forward_jit._cache_size() == size
+
+
+def test_configuration_is_a_hashable_value():
+  base = backends.get("pallas")
+  tuned = pg.configure(block_n=32, mosaic={"splits": 2}, wide=[64, 4])
+  assert isinstance(tuned, backends.Backend) and tuned.takes_layer and base.takes_layer
+  assert tuned.config.mosaic.splits == 2 and tuned.config.wide == (64, 4)
+  assert hash(tuned) == hash(pg.configure(block_n=32, mosaic={"splits": 2}, wide=(64, 4)))
+  assert tuned != base and backends.get("pallas") == base       # nothing global changed
+  assert not hasattr(pg, "_config")
+  with pytest.raises(ValueError, match="lowering"):
+    pg.configure(lowering="bogus")
+  with pytest.raises(ValueError, match="tile_bounds"):
+    pg.Config(tile_bounds="nowhere")
+  with pytest.raises(ValueError, match="no configuration field"):
+    pg.configure(blockn=32)
+
+
+# --- the core's exactness tests, unchanged, against backend="pallas" ----------------------
+
+@pytest.fixture
+def pallas_core(monkeypatch):
+  monkeypatch.setattr(core, "BACKEND", "pallas")
+  return core
+
+
+def test_core_head_dim_128(pallas_core):
+  pallas_core.test_head_dim_128(3, jnp.bfloat16)
+
+
+def test_core_causal_query_longer_than_last_level(pallas_core):
+  pallas_core.test_causal_query_longer_than_last_level()
+
+
+def test_core_empty_levels(pallas_core):
+  pallas_core.test_empty_levels_never_nan()
+
+
+def test_core_jit_static_and_traced_owners(pallas_core):
+  pallas_core.test_jit_with_static_and_traced_owners()
+
+
+def test_core_grad(pallas_core):
+  pallas_core.test_grad_matches_dense_autodiff(True)
+
+
+def test_core_hypothesis_float32(pallas_core):
+  settings(max_examples=3)(pallas_core.test_hydragen_matches_dense_float32)()

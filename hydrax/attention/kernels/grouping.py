@@ -9,9 +9,11 @@ tiles of at most M rows, so that every tile belongs to one node; a node with no 
 tile. The tiles carry (node, first row, row count); the kernel loops over the node's keys up to the
 largest key limit of the tile's rows and masks keys only in blocks past the smallest.
 
-Everything here is plain NumPy when the owners are concrete (a static layout: few tiles, no
-sort at run time) and `jnp` when they are traced (then the tile count is the static bound
-(R + min(N, B) * (M - 1)) // M and the unused tiles have count 0, which the kernel skips).
+Everything here is plain NumPy when the owners are concrete (a static layout: exactly the tiles
+needed, no sort at run time) and `jnp` when they are traced: a runtime tile table (argsort,
+counts per node, tile starts) whose length is the static bound (R + min(N, B) * (M - 1)) // M;
+the unused tiles have count 0 and their programs exit at once. Such a table depends on the
+owners' values only, so a new tree of the same shapes runs the same compiled program.
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@ those blocks (finite, unspecified values), so callers drop them. S must be a mul
 inference failed (an internal assertion) on key-block slices of a capacity that is not, so
 callers pad such caches (`pallas_gpu._forward_mosaic` does, and logs it once).
 
+The tile table `tab` is an input array (compile-time constant or computed at run time: the
+caller's choice), so traced owners need no recompilation; a tile with hi = 0 (an unused tile
+of a runtime table with a static bound) runs no key block and only writes out = 0, lse = -inf.
+A stacked cache [L,N,S,K,D] is passed as [L*N,S,K,D] (a bitcast) with the layer's offset
+layer*N in the table's nodes: TMA then reads the layer in place.
+
 Outputs: out [P,K,R,D] in q's dtype (normalised per split), lse [P,K,R] float32, natural log.
 The caller merges the P splits through their LSEs (`pallas_gpu._combine`).
 

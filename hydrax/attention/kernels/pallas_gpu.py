@@ -16,13 +16,26 @@ S are masked (no padding of S, no rejected lengths). Rows with no visible key gi
 lse = -inf, never NaN. With few programs (small batch, long prefix) the keys are split in P
 parts whose results are merged through their LSEs.
 
+Sharing structure is data: with concrete (NumPy) owners the tile table is a compile-time
+constant (exactly the tiles needed); with traced owners it is computed at run time (argsort,
+counts, tile starts; `grouping.py`) for a static upper bound of tiles, and the programs of
+the unused tiles (no rows) exit at once. A new tree of the same shapes reuses the compiled
+program. Stacked caches (`layer=`: k, v [L,N,S,K,D], the layer an int32 scalar that may be
+traced) are read in place: the kernels see the stack as L*N nodes (a bitcast) and the tile
+table's nodes carry the offset layer*N, so no copy of a layer is made.
+
+Configuration is an explicit value: `Config` (frozen, hashable) travels on the registered
+`Backend` (`backends.get("pallas", **changes)`, or `configure(**changes)`, which returns the
+same) and is a static argument of every jit here; nothing global changes.
+
 Lowering (`Config.lowering`): Triton (`jax.experimental.pallas.triton.CompilerParams`) on CUDA
-and ROCm, Hopper and older GPUs alike; on Hopper, "auto" sends stacked shared levels (>= 96
-rows per node and KV head, bf16/fp16, D 64/128, concrete owners) to the Mosaic GPU kernel in
-`mosaic_gpu.py` (TMA + wgmma + warp specialisation: 547-579 TFLOP/s on the stacked product on
-the H200, where this Triton kernel reached 390-500). Elsewhere (CPU) the kernels run in
-interpret mode (slow; for tests). Gradients go through the XLA backend (recomputed in the
-backward pass). Measurements: experiments/results/attention_microbench/NOTES.md.
+and ROCm, Hopper and older GPUs alike; on Hopper, "auto" sends stacked shared levels (on
+average >= 96 rows per node and KV head from the static shapes, T*G*B / min(N, B); bf16/fp16,
+D 64/128; concrete or traced owners) to the Mosaic GPU kernel in `mosaic_gpu.py` (TMA + wgmma
++ warp specialisation: 547-579 TFLOP/s on the stacked product on the H200, where this Triton
+kernel reached 390-500). Elsewhere (CPU) the kernels run in interpret mode (slow; for tests).
+Gradients go through the XLA backend (recomputed in the backward pass). Measurements:
+experiments/results/attention_microbench/NOTES.md.
 
 `hydragen_attention_fused` runs all levels in one launch and merges in the packed row layout:
 faster for small batches (fewer launches), slower for large ones (measured; see NOTES.md).
@@ -30,7 +43,6 @@ faster for small batches (fewer launches), slower for large ones (measured; see 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -81,27 +93,28 @@ class Config:
   # deadlocked jax's Mosaic GPU interpreter on a 2-core machine). Inputs it cannot take go to
   # Triton (logged once).
   lowering: str = "auto"
-  mosaic: mosaic_gpu.MosaicConfig = mosaic_gpu.MosaicConfig()
+  mosaic: mosaic_gpu.MosaicConfig = mosaic_gpu.MosaicConfig()   # (a dict: MosaicConfig(**it))
+  # Stacked caches (`layer=`): read layer `layer` of k, v [L,N,S,K,D] in place (True) or slice
+  # it out first (False: one copy of the layer; for measuring what the in-place read saves).
+  layer_in_place: bool = True
+
+  def __post_init__(self):
+    # JSON-friendly forms (benchmark flags) become the hashable ones.
+    if isinstance(self.mosaic, dict):
+      object.__setattr__(self, "mosaic", mosaic_gpu.MosaicConfig(**self.mosaic))
+    for name in ("wide", "narrow"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.lowering not in ("auto", "triton", "mosaic"):
+      raise ValueError(f"lowering must be 'auto', 'triton' or 'mosaic', got {self.lowering!r}")
+    if self.tile_bounds not in ("xla", "kernel"):
+      raise ValueError(f"tile_bounds must be 'xla' or 'kernel', got {self.tile_bounds!r}")
 
 
-_config = Config()
-
-
-@contextlib.contextmanager
-def configure(**changes):
-  """Temporarily changes the kernel configuration (benchmarks, tests):
-  `with configure(block_n=128): ...`. Applies to calls traced inside the block."""
-  global _config
-  old = _config
-  if isinstance(changes.get("mosaic"), dict):        # JSON-friendly form (benchmark flags)
-    changes["mosaic"] = dataclasses.replace(old.mosaic, **changes["mosaic"])
-  _config = dataclasses.replace(_config, **changes)
-  backends.register(_backend(_config))
-  try:
-    yield _config
-  finally:
-    _config = old
-    backends.register(_backend(old))
+def configure(**changes) -> backends.Backend:
+  """The `pallas` backend with these configuration fields replaced (a hashable value to pass
+  as `backend=`): `hydragen_attention(q, levels, backend=configure(block_n=128))` is
+  `backends.get("pallas", block_n=128)`. Changes nothing global."""
+  return backends.get("pallas", **changes)
 
 
 def _pow2_at_least(x: int, low: int = 16) -> int:
@@ -237,6 +250,7 @@ class _Spec(NamedTuple):
   scale_log2: float
   exact: bool              # float32 inputs: IEEE products (no TF32)
   bounds_in_kernel: bool   # tile key-limit bounds reduced in-kernel (else loaded)
+  skip_empty: bool         # the tile table is a runtime one (traced owners): tiles may be empty
 
 
 _INS = 9     # per level: node, start, count, lo, hi (tiles), row limits, q, k, v
@@ -246,9 +260,19 @@ def _tile_program(refs, i, j, kh, spec: _Spec):
   """Attention of tile i (<= M rows of one node), key split j, KV head kh.
 
   refs: node, start, count, lo, hi [num_tiles] int32 (lo/hi: min/max key limit of the tile's
-  rows, unused when spec.bounds_in_kernel); rowlim [R] int32; q [K,R,Dp]; k, v [N,S,K,Dp];
+  rows, unused when spec.bounds_in_kernel); rowlim [R] int32; q [K,R,Dp]; k, v [N',S,K,Dp]
+  (N' = L*N for a stacked cache read in place: the table's nodes then carry the layer offset);
   o [P,K,R,Dp] f32 (normalised), lse [P,K,R] f32 (natural log; -inf where no key is seen).
   """
+  if spec.skip_empty:
+    # A runtime tile table has a static number of tiles, an upper bound: the unused ones have
+    # no rows, and their programs exit here.
+    pl.when(refs[2][i] > 0)(lambda: _tile_body(refs, i, j, kh, spec))
+  else:
+    _tile_body(refs, i, j, kh, spec)
+
+
+def _tile_body(refs, i, j, kh, spec: _Spec):
   (node_ref, start_ref, count_ref, lo_ref, hi_ref, rowlim_ref, q_ref, k_ref, v_ref, o_ref,
    lse_ref) = refs
   block_m, block_n = spec.block_m, spec.block_n
@@ -392,7 +416,8 @@ def grouped_attention(levels, *, scale: float, interpret: bool, poison: bool = F
     in_kernel = tile_bounds == "kernel"
     specs.append(_Spec(lv.plan.block_m, lv.plan.block_n, lv.plan.blocks_per_split,
                        lv.plan.splits, lv.layout.num_tiles, kh, float(scale) * LOG2E,
-                       lv.qp.dtype == jnp.float32, in_kernel))
+                       lv.qp.dtype == jnp.float32, in_kernel,
+                       not isinstance(lv.layout.count, np.ndarray)))
     tiles = [jnp.asarray(x, jnp.int32) for x in (lv.layout.node, lv.layout.start,
                                                  lv.layout.count)]
     bounds = tiles[1:3] if in_kernel else list(_tile_bounds(lv.layout, lv.row_limits))
@@ -468,13 +493,42 @@ class _Prepared(NamedTuple):
   interpret: bool
 
 
-def _prepare(q_shape, k, v, owner, limits, cfg: Config) -> _Prepared:
-  """Static layout and plan of one level, k/v padded to Dp, the rows' key limits [R]."""
+def _layer_view(k, v, layer, cfg: Config, in_place_ok: bool = True):
+  """(k, v, node offset) of a level for the kernels.
+
+  Without `layer`, k and v as given ([N,S,K,D]) and offset None. With `layer` (int32 scalar,
+  may be traced), k and v are stacked [L,N,S,K,D] caches: read in place they are seen as
+  [L*N,S,K,D] (merging the two leading axes of a row-major array is a bitcast, not a copy)
+  and the tile table's nodes move by offset layer*N; otherwise (`cfg.layer_in_place` off, or
+  `in_place_ok` false because the caller must copy the keys anyway to pad them) the layer is
+  sliced out and offset is None.
+  """
+  if layer is None:
+    return k, v, None
+  if cfg.layer_in_place and in_place_ok:
+    l, n = k.shape[:2]
+    return (k.reshape((l * n,) + k.shape[2:]), v.reshape((l * n,) + v.shape[2:]),
+            jnp.asarray(layer, jnp.int32) * n)
+  index = jnp.asarray(layer, jnp.int32)
+  return (lax.dynamic_index_in_dim(k, index, 0, keepdims=False),
+          lax.dynamic_index_in_dim(v, index, 0, keepdims=False), None)
+
+
+def _offset_nodes(node, offset):
+  """The tile table's nodes moved by a stacked cache's layer offset (see `_layer_view`)."""
+  return node if offset is None else jnp.asarray(node, jnp.int32) + offset
+
+
+def _prepare(q_shape, k, v, owner, limits, cfg: Config, layer=None) -> _Prepared:
+  """Layout and plan of one level (static, or a runtime tile table for traced owners), k/v
+  padded to Dp (and seen as L*N nodes for a stacked cache read in place), the rows' key
+  limits [R]."""
   b, t, h, d = q_shape
-  n, s, kh, _ = k.shape
+  n, s, kh, _ = k.shape[-4:]
   g = h // kh
   interpret = _interpret(cfg)
   dp = _pow2_at_least(d)
+  k, v, offset = _layer_view(k, v, layer, cfg, in_place_ok=dp == d)
   if dp != d:
     pad = ((0, 0), (0, 0), (0, 0), (0, dp - d))
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
@@ -486,6 +540,7 @@ def _prepare(q_shape, k, v, owner, limits, cfg: Config) -> _Prepared:
   layout = grouping.make_layout(owner, n, b, rows_per_seq, bm)
   plan = _plan(dataclasses.replace(cfg, block_m=bm), rows_per_node, layout.num_tiles, kh, s,
                dp, interpret, itemsize)
+  layout = layout._replace(node=_offset_nodes(layout.node, offset))
   lim = limits.astype(jnp.int32)
   if layout.order is not None:
     lim = jnp.take(lim, jnp.asarray(layout.order), axis=0)
@@ -496,25 +551,22 @@ def _prepare(q_shape, k, v, owner, limits, cfg: Config) -> _Prepared:
 def _use_mosaic(q_shape, k, owner, dtype, cfg: Config) -> bool:
   """Whether this level runs on the Mosaic GPU kernel (static decision; see Config.lowering).
 
-  "auto": on Hopper, for shared levels (concrete owners) whose nodes hold >= min_rows_per_node
-  rows per KV head (the stacked, matrix-bound products); per-sequence levels and narrow
-  shared levels stay on the Triton kernel, which is faster there. A level that would qualify but
-  the Mosaic kernel cannot take (dtype, head dim, traced owners) falls back to Triton, logged."""
-  if cfg.lowering not in ("auto", "triton", "mosaic"):
-    raise ValueError(f"lowering must be 'auto', 'triton' or 'mosaic', got {cfg.lowering!r}")
+  "auto": on Hopper, for shared levels whose nodes hold on average >= min_rows_per_node rows
+  per KV head, T*G*B / min(N, B) from the static shapes alone (so concrete and traced owners
+  decide alike): the stacked, matrix-bound products. Per-sequence levels and narrow shared
+  levels stay on the Triton kernel, which is faster there. A level that would qualify but the
+  Mosaic kernel cannot take (dtype, head dim) falls back to Triton, logged once.
+  k: [N,S,K,D] or a stacked [L,N,S,K,D] cache."""
   if cfg.lowering == "triton":
     return False
   d = q_shape[3]
-  n, _, kh, _ = k.shape
-  forced = cfg.lowering == "mosaic"
-  if not forced:
+  n, _, kh, _ = k.shape[-4:]
+  if cfg.lowering == "auto":
     if _interpret(cfg) or not _is_hopper() or owner is None:
       return False
     if _rows_per_node(q_shape, n, kh, owner) < cfg.mosaic.min_rows_per_node:
       return False
   reason = mosaic_gpu.unsupported_reason(dtype, d, cfg.mosaic.block_kv)
-  if reason is None and owner is not None and concrete(owner) is None and n > 1:
-    reason = "traced owners (its tiles are laid out at trace time)"
   if reason is not None:
     log_once(("mosaic-fallback", reason),
              "hydrax pallas backend: Mosaic GPU kernel cannot take %s; this level runs on the "
@@ -523,47 +575,49 @@ def _use_mosaic(q_shape, k, owner, dtype, cfg: Config) -> bool:
   return True
 
 
-def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config):
-  """One level through `mosaic_gpu.tile_attention` (concrete owners; see `_use_mosaic`).
+def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config, layer=None):
+  """One level through `mosaic_gpu.tile_attention` (see `_use_mosaic`).
 
   Rows are packed as for Triton (sorted by node), then cut in tiles of TILE rows of one node
-  each; a tile's unused rows are padding (limit 0, results dropped). Both index maps are NumPy
-  constants; they are skipped when every tile is full and in place."""
+  each; a tile's unused rows are padding (limit 0, results dropped). With concrete owners the
+  tile table and both index maps are NumPy constants (skipped when every tile is full and in
+  place); with traced owners they are computed at run time (`grouping.make_layout`) for a
+  static upper bound of tiles, and the unused tiles (no rows: hi = 0) run no key block."""
   b, t, h, d = q.shape
-  n, s, kh, _ = k.shape
+  n, s, kh, _ = k.shape[-4:]
   g = h // kh
   mc = cfg.mosaic
   tile = mosaic_gpu.TILE
-  static_owner = None if owner is None else (np.zeros((b,), np.int32) if n == 1
-                                             else np.asarray(concrete(owner)))
-  layout = grouping.make_layout(static_owner, n, b, t * g, tile)
+  bk = mc.block_kv
+  nblk = -(-s // bk)
+  k, v, offset = _layer_view(k, v, layer, cfg, in_place_ok=s % bk == 0)
+  layout = grouping.make_layout(owner, n, b, t * g, tile)
   qp = _pack(q, layout.order, kh, d)                               # [K, R, D]
   lim = limits.astype(jnp.int32)
   if layout.order is not None:
     lim = jnp.take(lim, jnp.asarray(layout.order), axis=0)
   row_limits = jnp.repeat(lim.reshape(b * t), g)                   # [R]
   r = b * t * g
-  starts, counts = np.asarray(layout.start), np.asarray(layout.count)
+  static = isinstance(layout.count, np.ndarray)
+  xp = np if static else jnp
   num_tiles = layout.num_tiles
-  local = np.arange(tile)[None, :]
-  valid = local < counts[:, None]                                  # [Tn, TILE]
-  src = np.where(valid, starts[:, None] + local, 0).reshape(-1)    # packed row of each slot
-  in_place = bool(valid.all()) and np.array_equal(src, np.arange(r))
+  local = xp.arange(tile)[None, :]
+  valid = local < xp.asarray(layout.count)[:, None]                # [Tn, TILE]
+  src = xp.where(valid, xp.asarray(layout.start)[:, None] + local, 0).reshape(-1)
+  in_place = static and bool(valid.all()) and np.array_equal(src, np.arange(r))
   if in_place:
     qt, limt = qp, row_limits
   else:
-    qt = jnp.take(qp, jnp.asarray(src, np.int32), axis=1)
+    qt = jnp.take(qp, jnp.asarray(src, jnp.int32), axis=1)
     limt = jnp.where(jnp.asarray(valid.reshape(-1)),
-                     jnp.take(row_limits, jnp.asarray(src, np.int32)), 0)
+                     jnp.take(row_limits, jnp.asarray(src, jnp.int32)), 0)
   lim2 = limt.reshape(num_tiles, tile)
   valid_j = jnp.asarray(valid)
   hi = jnp.max(lim2, axis=1)
   lo = jnp.min(jnp.where(valid_j, lim2, jnp.iinfo(jnp.int32).max), axis=1)
   lo = jnp.where(hi > 0, lo, 0)
-  tab = jnp.stack([jnp.asarray(layout.node, jnp.int32), lo, hi,
-                   jnp.zeros((num_tiles,), jnp.int32)], axis=1)
-  bk = mc.block_kv
-  nblk = -(-s // bk)
+  node = _offset_nodes(jnp.asarray(layout.node, jnp.int32), offset)
+  tab = jnp.stack([node, lo, hi, jnp.zeros((num_tiles,), jnp.int32)], axis=1)
   if s % bk:                      # pad the capacity to whole key blocks (masked inside)
     if s > bk:
       log_once(("mosaic-pad", s, bk),
@@ -587,18 +641,23 @@ def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config):
       blocks_per_split=bps, interpret=interpret)
   out, lse = _combine(out.astype(jnp.float32), lse)                # [K, Tn*TILE, D], [K, ...]
   if not in_place:
-    pos = np.empty((r,), np.int32)                                 # slot of each packed row
-    pos[src.reshape(num_tiles, tile)[valid]] = np.nonzero(valid.reshape(-1))[0]
+    slots = num_tiles * tile
+    if static:
+      pos = np.empty((r,), np.int32)                               # slot of each packed row
+      pos[src.reshape(num_tiles, tile)[valid]] = np.nonzero(valid.reshape(-1))[0]
+    else:
+      pos = jnp.zeros((r,), jnp.int32).at[jnp.where(valid.reshape(-1), src, r)].set(
+          jnp.arange(slots, dtype=jnp.int32), mode="drop")
     out = jnp.take(out, jnp.asarray(pos), axis=1)
     lse = jnp.take(lse, jnp.asarray(pos), axis=1)
   return _unpack(out, lse, layout.order, q.shape)
 
 
-def _forward(q, k, v, owner, limits, scale, cfg: Config):
+def _forward(q, k, v, owner, limits, scale, cfg: Config, layer=None):
   if _use_mosaic(q.shape, k, owner, q.dtype, cfg):
-    return _forward_mosaic(q, k, v, owner, limits, scale, cfg)
-  prep = _prepare(q.shape, k, v, owner, limits, cfg)
-  qp = _pack(q, prep.layout.order, k.shape[2], prep.dp)
+    return _forward_mosaic(q, k, v, owner, limits, scale, cfg, layer)
+  prep = _prepare(q.shape, k, v, owner, limits, cfg, layer)
+  qp = _pack(q, prep.layout.order, k.shape[-2], prep.dp)
   [(out, lse)] = grouped_attention(
       [LevelInput(qp, prep.k, prep.v, prep.row_limits, prep.layout, prep.plan)],
       scale=scale, interpret=prep.interpret, poison=cfg.poison, tile_bounds=cfg.tile_bounds)
@@ -625,57 +684,79 @@ def _owner_of(key):
 
 
 @functools.partial(jax.jit, static_argnames=("owner_key", "scale", "cfg"))
-def _forward_jit(q, k, v, limits, owner_dyn, *, owner_key, scale, cfg):
-  """`_forward` under jit (eager callers hit the compilation cache): owner_dyn is a traced
-  owner array or None; owner_key the static owner (`_owner_key`) when owner_dyn is None."""
+def _forward_jit(q, k, v, limits, owner_dyn, layer, *, owner_key, scale, cfg):
+  """`_forward` under jit (eager callers hit the compilation cache; keyed by the config):
+  owner_dyn is a traced owner array or None; owner_key the static owner (`_owner_key`) when
+  owner_dyn is None; layer None or the int32 layer of stacked k, v."""
   owner = owner_dyn if owner_dyn is not None else _owner_of(owner_key)
-  return _forward(q, k, v, owner, limits, scale, cfg)
+  return _forward(q, k, v, owner, limits, scale, cfg, layer)
 
 
 @functools.partial(jax.jit, static_argnames=("owner_key", "scale"))
-def _xla_level_vjp(q, k, v, lengths, limits, owner_dyn, cts, *, owner_key, scale):
-  """Cotangents of (q, k, v) for one level, recomputed with the XLA backend."""
+def _xla_level_vjp(q, k, v, lengths, limits, owner_dyn, layer, cts, *, owner_key, scale):
+  """Cotangents of (q, k, v) for one level, recomputed with the XLA backend (k, v stacked
+  [L,N,S,K,D] when layer is given: their cotangents are zero outside that layer)."""
   owner = owner_dyn if owner_dyn is not None else _owner_of(owner_key)
-  _, vjp = jax.vjp(lambda q, k, v: xla.level_attention(q, k, v, lengths, owner, limits,
-                                                       scale=scale), q, k, v)
+
+  def level(q, k, v):
+    if layer is not None:
+      k = lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)
+      v = lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
+    return xla.level_attention(q, k, v, lengths, owner, limits, scale=scale)
+
+  _, vjp = jax.vjp(level, q, k, v)
   return vjp(cts)
 
 
-def level_attention(q, k, v, lengths, owner, limits, *, scale, config: Optional[Config] = None):
+def level_attention(q, k, v, lengths, owner, limits, *, scale, config: Optional[Config] = None,
+                    layer=None):
   """One level of attention through the Pallas kernels; contract in `hydrax.attention.xla`.
 
+  config: the kernel configuration (`Config`; None: the defaults). layer: None, or an int32
+  scalar (may be traced): k and v are then stacked [L,N,S,K,D] caches and the level is that
+  layer, read in place by the kernels (no copy of it is made; see `_layer_view`).
   Raises backends.Unsupported for dtypes other than bf16/fp16/fp32. Differentiable: the
   backward pass recomputes the level with the XLA backend.
   """
   b, t, h, d = q.shape
-  n, s, kh, _ = k.shape
+  n, s, kh, _ = k.shape[-4:]
+  if k.ndim != (4 if layer is None else 5):
+    raise ValueError(f"k must be [N,S,K,D] without layer and [L,N,S,K,D] with it, got shape "
+                     f"{tuple(k.shape)} with layer={layer!r}")
   if s == 0 or b == 0 or t == 0:
     return (jnp.zeros(q.shape, jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32))
   if q.dtype not in _DTYPES:
     raise backends.Unsupported(f"dtype {q.dtype} (the kernels take bfloat16, float16, float32)")
-  cfg = _config if config is None else config
+  cfg = Config() if config is None else config
   static_owner, traced = _static_owner(owner, n, b)
+  if static_owner is not None and n > 1 and not isinstance(q, jax.core.Tracer):
+    # An eager call: its owners become a runtime argument of the compiled program, which a
+    # new tree of the same shapes then reuses. (Under an outer jit, concrete owners are
+    # constants of the caller's program anyway: they get the static layout.)
+    owner, static_owner, traced = jnp.asarray(static_owner, jnp.int32), None, True
   key = _owner_key(static_owner)
+  if layer is not None:
+    layer = jnp.asarray(layer, jnp.int32)
 
-  def impl(q, k, v, lengths, limits, *rest):
-    return _forward_jit(q, k, v, limits, rest[0] if rest else None, owner_key=key,
-                        scale=float(scale), cfg=cfg)
+  def impl(q, k, v, lengths, limits, owner_dyn, layer):
+    return _forward_jit(q, k, v, limits, owner_dyn, layer, owner_key=key, scale=float(scale),
+                        cfg=cfg)
 
   f = jax.custom_vjp(impl)
 
-  def f_fwd(q, k, v, lengths, limits, *rest):
-    return impl(q, k, v, lengths, limits, *rest), (q, k, v, lengths, limits, *rest)
+  def f_fwd(*args):
+    return impl(*args), args
 
   def f_bwd(res, cts):
-    q, k, v, lengths, limits, *rest = res
-    grads = _xla_level_vjp(q, k, v, lengths, limits, rest[0] if rest else None, cts,
-                           owner_key=key, scale=float(scale))
-    return (*grads, None, None, *([None] * len(rest)))
+    q, k, v, lengths, limits, owner_dyn, layer = res
+    grads = _xla_level_vjp(q, k, v, lengths, limits, owner_dyn, layer, cts, owner_key=key,
+                           scale=float(scale))
+    return (*grads, None, None, None, None)
 
   f.defvjp(f_fwd, f_bwd)
   # (lengths only feed the XLA backward: the forward's limits already bound every query.)
   lengths = jnp.full((n,), s, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-  return f(q, k, v, lengths, limits, *((owner,) if traced else ()))
+  return f(q, k, v, lengths, limits, owner if traced else None, layer)
 
 
 def _level_limits(levels, b: int, t: int, causal_last: bool):
@@ -700,14 +781,14 @@ def _concurrent(q, levels, causal_last: bool, scale: float, cfg: Config):
   b, t, h, d = q.shape
   inputs, orders, packed = [], [], {}
   for level, limits in zip(levels, _level_limits(levels, b, t, causal_last)):
-    if level.k.shape[1] == 0:
+    if level.k.shape[-3] == 0:
       continue
-    prep = _prepare(q.shape, level.k, level.v, level.owner, limits, cfg)
+    prep = _prepare(q.shape, level.k, level.v, level.owner, limits, cfg, level.layer)
     order = prep.layout.order
     key = (None if order is None else order.tobytes() if isinstance(order, np.ndarray)
            else id(order), prep.dp)
     if key not in packed:
-      packed[key] = _pack(q, order, level.k.shape[2], prep.dp)
+      packed[key] = _pack(q, order, level.k.shape[-2], prep.dp)
     inputs.append(LevelInput(packed[key], prep.k, prep.v, prep.row_limits, prep.layout,
                              prep.plan))
     orders.append(order)
@@ -725,40 +806,52 @@ def _concurrent(q, levels, causal_last: bool, scale: float, cfg: Config):
   return out.astype(q.dtype), lse
 
 
+def _levels_of(kvl, owners):
+  """KVLevels from [(k, v, lengths, layer)] and their owners."""
+  from hydrax.attention import hydragen
+  return [hydragen.KVLevel(k, v, n, o, layer) for (k, v, n, layer), o in zip(kvl, owners)]
+
+
 @functools.partial(jax.jit, static_argnames=("owner_keys", "causal_last", "scale", "cfg"))
 def _concurrent_jit(q, kvl, *, owner_keys, causal_last, scale, cfg):
-  from hydrax.attention import hydragen
-  levels = [hydragen.KVLevel(k, v, n, _owner_of(key)) for (k, v, n), key in zip(kvl, owner_keys)]
-  return _concurrent(q, levels, causal_last, scale, cfg)
+  return _concurrent(q, _levels_of(kvl, [_owner_of(key) for key in owner_keys]), causal_last,
+                     scale, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("owner_keys", "causal_last", "scale"))
 def _xla_fused_vjp(q, kvl, owners_dyn, cts, *, owner_keys, causal_last, scale):
   """Cotangents of q and every level's (k, v), recomputed with the XLA backend."""
   from hydrax.attention import hydragen
+  owners = [od if od is not None else _owner_of(key) for od, key in zip(owners_dyn, owner_keys)]
 
   def ref(q, kv):
-    lv = [hydragen.KVLevel(k, v, n, od if od is not None else _owner_of(key))
-          for (k, v), (_, _, n), od, key in zip(kv, kvl, owners_dyn, owner_keys)]
+    lv = _levels_of([(k, v, n, layer) for (k, v), (_, _, n, layer) in zip(kv, kvl)], owners)
     return hydragen.hydragen_attention(q, lv, causal_last=causal_last, scale=scale,
                                        backend="xla")
 
-  _, vjp = jax.vjp(ref, q, [(k, v) for k, v, _ in kvl])
+  _, vjp = jax.vjp(ref, q, [(k, v) for k, v, _, _ in kvl])
   return vjp(cts)
 
 
 def hydragen_attention_fused(q, levels, *, causal_last: bool = True,
-                             scale: Optional[float] = None):
+                             scale: Optional[float] = None, backend="pallas"):
   """`hydrax.attention.hydragen_attention` with all levels in one kernel launch.
 
-  Same arguments and result (out [B,T,H,D] in q's dtype, lse [B,T,H] float32). The programs of
-  every level share one grid, so the matrix-bound shared levels and the memory-bound
-  per-sequence level run at the same time; when the levels' rows come in the same order
-  (per-sequence levels, shared levels whose concrete owners are sorted by node) the parts are
-  merged in the packed row layout and unpacked once. Traced owners: one launch per level.
+  Same arguments and result (out [B,T,H,D] in q's dtype, lse [B,T,H] float32); `backend` is
+  the pallas backend (its name or a configured value, e.g. `configure(block_n=32)`) whose
+  kernel configuration is used. The programs of every level share one grid, so the
+  matrix-bound shared levels and the memory-bound per-sequence level run at the same time;
+  when the levels' rows come in the same order (per-sequence levels, shared levels whose
+  concrete owners are sorted by node) the parts are merged in the packed row layout and
+  unpacked once. Traced owners: one launch per level. Levels with `layer` are read in place.
   Gradients recompute everything with the XLA backend.
   """
   from hydrax.attention import hydragen
+  impl_backend = backends.get(backend)
+  if impl_backend.name != "pallas":
+    raise ValueError(f"hydragen_attention_fused runs the pallas backend, got "
+                     f"backend={impl_backend.name!r}")
+  cfg = impl_backend.config
   checks.check_rank(q, 4, "q", "B,T,H,D")
   if isinstance(levels, hydragen.KVLevel) or not isinstance(levels, (list, tuple)) or not levels:
     raise ValueError("levels must be a non-empty list of KVLevel")
@@ -768,21 +861,16 @@ def hydragen_attention_fused(q, levels, *, causal_last: bool = True,
   if q.dtype not in _DTYPES:
     raise ValueError(f"hydragen_attention_fused takes bfloat16, float16 or float32, got {q.dtype}")
   scale = float(d) ** -0.5 if scale is None else scale
-  cfg = _config
-  statics, traced = zip(*[_static_owner(lv.owner, lv.k.shape[0], b) for lv in levels])
+  statics, traced = zip(*[_static_owner(lv.owner, lv.k.shape[-4], b) for lv in levels])
   if b == 0 or t == 0:
     return jnp.zeros(q.shape, q.dtype), jnp.full((b, t, h), -jnp.inf, jnp.float32)
 
-  def with_owners(levels_dyn, owners_dyn):
-    return [lv._replace(owner=(od if tr else (None if lv.owner is None else st)))
-            for lv, od, st, tr in zip(levels_dyn, owners_dyn, statics, traced)]
-
   def impl(q, kvl, owners_dyn):
-    lv = with_owners([l._replace(k=k, v=v, lengths=n) for l, (k, v, n) in zip(levels, kvl)],
-                     owners_dyn)
     if any(traced):
       # Traced owners: rows differ in order per level; run each level, merge outside.
-      parts = [level_attention(q, x.k, x.v, x.lengths, x.owner, lim, scale=scale)
+      lv = _levels_of(kvl, [od if tr else st for od, tr, st in zip(owners_dyn, traced, statics)])
+      parts = [level_attention(q, x.k, x.v, x.lengths, x.owner, lim, scale=scale, config=cfg,
+                               layer=x.layer)
                for x, lim in zip(lv, _level_limits(lv, b, t, causal_last))]
       out, lse = merge_parts(parts)
       return out.astype(q.dtype), lse
@@ -799,20 +887,17 @@ def hydragen_attention_fused(q, levels, *, causal_last: bool = True,
     dq, dkv = _xla_fused_vjp(q, kvl, owners_dyn, cts,
                              owner_keys=tuple(_owner_key(st) for st in statics),
                              causal_last=causal_last, scale=float(scale))
-    return dq, [(dk, dv, None) for dk, dv in dkv], [None] * len(owners_dyn)
+    return dq, [(dk, dv, None, None) for dk, dv in dkv], [None] * len(owners_dyn)
 
   f.defvjp(f_fwd, f_bwd)
-  owners_dyn = [lv.owner if tr else None for lv, tr in zip(levels, traced)]
-  return f(q, [(lv.k, lv.v, lv.lengths) for lv in levels], owners_dyn)
+  kvl = [(lv.k, lv.v, lv.lengths,
+          None if lv.layer is None else jnp.asarray(lv.layer, jnp.int32)) for lv in levels]
+  return f(q, kvl, [lv.owner if tr else None for lv, tr in zip(levels, traced)])
 
 
 def _available() -> bool:
   return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
-def _backend(config: Config) -> backends.Backend:
-  return backends.Backend("pallas", level_attention, platforms=("gpu",),
-                          is_available=_available, config=config)
-
-
-backends.register(_backend(_config))
+backends.register(backends.Backend("pallas", level_attention, platforms=("gpu",),
+                                   is_available=_available, config=Config(), takes_layer=True))

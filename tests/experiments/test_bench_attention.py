@@ -1,0 +1,38 @@
+"""The attention benchmark's logic on CPU: its smoke mode (tiny shapes, interpret mode) runs
+the exactness check (traced owners, a stacked cache at a traced layer), the back-to-back and
+dependent-loop timings, traced vs static owners and the engine step, and writes its files."""
+
+import csv
+import json
+
+import pytest
+
+from experiments import bench_attention
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_smoke_mode_runs_every_section(tmp_path, capsys):
+  results, engine, fails = bench_attention.main([
+      "--smoke", "--check", "--decode", "--trees", "--engine", "--impls", "xla",
+      "--tree-impls", "xla", "--loop", "2", "--outer", "1", "--engine-layers", "1",
+      "--engine-new-tokens", "2", "--engine-backend", "xla", "--out", str(tmp_path)])
+  assert fails == 0
+  by = {(r["shape"], r["impl"]): r for r in results}
+  decode = by[("decode_P64_B4", "xla")]
+  assert decode["us"] > 0 and decode["device_us"] > 0 and "error" not in decode
+  assert decode["engine_us_per_layer"] == engine[(64, 4)]
+  for label in ("xla_static", "xla_traced"):
+    row = by[("tree_B6_P32_N2x16_U8", label)]
+    assert row["us"] > 0 and row["rel_err_vs_first"] < 1e-4
+  steps = {r["impl"]: r for r in results if r["shape"] == "engine_P64_B4"}
+  assert set(steps) == {"engine_none", "engine_hydragen"}
+  assert all(r["step_us"] > 0 for r in steps.values())
+  with open(tmp_path / "check.csv") as f:
+    checks = list(csv.DictReader(f))
+  assert checks and all(r["ok"] == "True" and r["traced"] == "True" for r in checks)
+  with open(tmp_path / "results.csv") as f:
+    assert len(list(csv.DictReader(f))) == len(results)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["check_failures"] == 0 and "64x4" in summary["engine_us_per_layer"]
+  printed = capsys.readouterr().out
+  assert "decode_P64_B4 |" in printed and "check: 0 failures" in printed
