@@ -340,35 +340,3 @@ def test_configuration_is_a_hashable_value():
     pg.Config(tile_bounds="nowhere")
   with pytest.raises(ValueError, match="no configuration field"):
     pg.configure(blockn=32)
-
-
-# --- the core's exactness tests, unchanged, against backend="pallas" ----------------------
-
-@pytest.fixture
-def pallas_core(monkeypatch):
-  monkeypatch.setattr(core, "BACKEND", "pallas")
-  return core
-
-
-def test_core_head_dim_128(pallas_core):
-  pallas_core.test_head_dim_128(3, jnp.bfloat16)
-
-
-def test_core_causal_query_longer_than_last_level(pallas_core):
-  pallas_core.test_causal_query_longer_than_last_level()
-
-
-def test_core_empty_levels(pallas_core):
-  pallas_core.test_empty_levels_never_nan()
-
-
-def test_core_jit_static_and_traced_owners(pallas_core):
-  pallas_core.test_jit_with_static_and_traced_owners()
-
-
-def test_core_grad(pallas_core):
-  pallas_core.test_grad_matches_dense_autodiff(True)
-
-
-def test_core_hypothesis_float32(pallas_core):
-  settings(max_examples=3)(pallas_core.test_hydragen_matches_dense_float32)()
