@@ -123,6 +123,12 @@ def plant(mutation: Mutation) -> None:
 def pytest_configure(config):  # the plugin hook: plants $HYDRAX_MUTATION before any test
   name = os.environ.get(ENV)
   if name:
+    # The same examples as the loaded profile, without shrinking a failure (a caught
+    # mutation only needs one failing example; shrinking recompiles many new shapes).
+    from hypothesis import Phase, settings
+    settings.register_profile("mutation", parent=settings(),
+                              phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    settings.load_profile("mutation")
     plant(by_name(name))
 
 

@@ -173,7 +173,7 @@ def test_causal_query_longer_than_last_level(backend):
     _check(out, lse, *_expect(q, levels, True, jnp.float32), jnp.float32)
 
 
-def _limits_case(seed, dtype):
+def _limits_case(seed):
   """One level called directly with per-query limits below the nodes' lengths; keys and
   values past each node's largest limit (valid by length, seen by no query) are NaN/Inf."""
   rng = np.random.default_rng(seed)
@@ -194,7 +194,7 @@ def _limits_case(seed, dtype):
 
 @pytest.mark.parametrize("per_seq", [False, True])
 def test_keys_past_limits_never_reach_output(backend, per_seq):
-  q, k, v, lengths, owner, limits = _limits_case(3, jnp.float32)
+  q, k, v, lengths, owner, limits = _limits_case(3)
   if per_seq:
     k, v, lengths, owner = k[owner], v[owner], lengths[owner], None
   out, lse = backend.run(lambda impl: impl.attend(
