@@ -100,7 +100,8 @@ def node_ids(backend: str) -> list[str]:
 
 def plant(mutation: Mutation) -> None:
   """Replaces `mutation.function` of its module by its source with `old` -> `new`, and every
-  reference to the original function object in loaded hydrax modules (`from x import f`)."""
+  reference to the original function object in loaded hydrax modules (`from x import f`) and
+  in the backend registry."""
   if not mutation.module:
     return
   module = importlib.import_module(mutation.module)
@@ -118,11 +119,21 @@ def plant(mutation: Mutation) -> None:
       for attr, value in list(vars(mod).items()):
         if value is original:
           setattr(mod, attr, mutant)
+  from hydrax.attention import backends       # registered Backend values hold functions too
+  for key, backend in list(backends._REGISTRY.items()):
+    if backend.level_attention is original:
+      backends._REGISTRY[key] = dataclasses.replace(backend, level_attention=mutant)
 
 
 def pytest_configure(config):  # the plugin hook: plants $HYDRAX_MUTATION before any test
   name = os.environ.get(ENV)
   if name:
+    # The same examples as the loaded profile, without shrinking a failure (a caught
+    # mutation only needs one failing example; shrinking recompiles many new shapes).
+    from hypothesis import Phase, settings
+    settings.register_profile("mutation", parent=settings(),
+                              phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    settings.load_profile("mutation")
     plant(by_name(name))
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from hydrax._log import log_once
 from hydrax.attention import backends as backends_lib
-from hydrax.attention import checks as checks_lib
+from hydrax.attention import checks
 from hydrax.attention.merge import merge
 
 
@@ -47,10 +47,10 @@ class KVLevel(NamedTuple):
 
 def _check_qkv(q, k, v, *, q_name="q", k_name="k", v_name="v", kv_axes="N,S,K,D"):
   """Static checks shared by `attention` and `hydragen_attention`; returns (K, D)."""
-  qs = checks_lib.check_rank(q, 4, q_name, "B,T,H,D")
-  ks = checks_lib.check_rank(k, 4, k_name, kv_axes)
-  vs = checks_lib.check_rank(v, 4, v_name, kv_axes)
-  checks_lib.check_float(q, q_name)
+  qs = checks.check_rank(q, 4, q_name, "B,T,H,D")
+  ks = checks.check_rank(k, 4, k_name, kv_axes)
+  vs = checks.check_rank(v, 4, v_name, kv_axes)
+  checks.check_float(q, q_name)
   if ks != vs:
     raise ValueError(f"{k_name} and {v_name} must have the same shape, got {ks} and {vs}")
   if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -70,20 +70,20 @@ def _check_level(i: int, level: KVLevel, q, batch: int, runtime: bool = False):
   if not isinstance(level, KVLevel):
     raise ValueError(f"{name} must be a KVLevel(k, v, lengths, owner), got {type(level).__name__}")
   if level.layer is not None:
-    checks_lib.check_rank(level.k, 5, f"{name}.k", "L,N,S,K,D (layer is set)")
-    checks_lib.check_rank(level.v, 5, f"{name}.v", "L,N,S,K,D (layer is set)")
+    checks.check_rank(level.k, 5, f"{name}.k", "L,N,S,K,D (layer is set)")
+    checks.check_rank(level.v, 5, f"{name}.v", "L,N,S,K,D (layer is set)")
     if level.k.shape[0] != level.v.shape[0]:
       raise ValueError(f"{name}.k and {name}.v must have the same shape, got "
                        f"{tuple(level.k.shape)} and {tuple(level.v.shape)}")
     if jnp.ndim(level.layer) != 0 or not jnp.issubdtype(jnp.asarray(level.layer).dtype,
                                                         jnp.integer):
       raise ValueError(f"{name}.layer must be an integer scalar, got {level.layer!r}")
-    index = checks_lib.concrete(level.layer)
+    index = checks.concrete(level.layer)
     if index is not None and not 0 <= int(index) < level.k.shape[0]:
       raise ValueError(f"{name}.layer={int(index)} is outside [0, {level.k.shape[0] - 1}] "
                        f"(k has L={level.k.shape[0]} layers)")
     if index is None and runtime:
-      checks_lib.check_range_runtime(level.layer, 0, level.k.shape[0] - 1, f"{name}.layer",
+      checks.check_range_runtime(level.layer, 0, level.k.shape[0] - 1, f"{name}.layer",
                                      f"layer indices (L={level.k.shape[0]})")
     shape = tuple(level.k.shape[1:])
     view = jax.ShapeDtypeStruct(shape, level.k.dtype)
@@ -91,20 +91,20 @@ def _check_level(i: int, level: KVLevel, q, batch: int, runtime: bool = False):
   else:
     _check_qkv(q, level.k, level.v, k_name=f"{name}.k", v_name=f"{name}.v")
   n, s = level.k.shape[-4:-2]
-  lengths = checks_lib.check_int_vector(level.lengths, n, f"{name}.lengths", "N")
+  lengths = checks.check_int_vector(level.lengths, n, f"{name}.lengths", "N")
   what = f"valid keys per node (capacity S={s})"
-  checks_lib.check_range(lengths, 0, s, f"{name}.lengths", what)
+  checks.check_range(lengths, 0, s, f"{name}.lengths", what)
   if lengths is None and runtime:
-    checks_lib.check_range_runtime(level.lengths, 0, s, f"{name}.lengths", what)
+    checks.check_range_runtime(level.lengths, 0, s, f"{name}.lengths", what)
   if level.owner is None:
     if n != batch:
       raise ValueError(f"{name}.owner is None (one node per sequence) but the level has N={n} "
                        f"nodes for B={batch} sequences")
   else:
-    owner = checks_lib.check_int_vector(level.owner, batch, f"{name}.owner", "B")
-    checks_lib.check_range(owner, 0, n - 1, f"{name}.owner", f"node indices (N={n})")
+    owner = checks.check_int_vector(level.owner, batch, f"{name}.owner", "B")
+    checks.check_range(owner, 0, n - 1, f"{name}.owner", f"node indices (N={n})")
     if owner is None and runtime:
-      checks_lib.check_range_runtime(level.owner, 0, n - 1, f"{name}.owner",
+      checks.check_range_runtime(level.owner, 0, n - 1, f"{name}.owner",
                                      f"node indices (N={n})")
 
 
@@ -119,6 +119,17 @@ def _run_level(backend, q, level, limits, scale):
              "hydrax: backend %r cannot take this input (%s); using the XLA backend",
              backend.name, e)
     return backends_lib.get("xla").attend(*args, scale=scale, layer=layer)
+
+
+def _check_call(q, mode: str) -> bool:
+  """Checks q's rank and the checks mode; True for "runtime"."""
+  checks.check_rank(q, 4, "q", "B,T,H,D")
+  return checks.check_mode(mode) == "runtime"
+
+
+def _check_kv_lengths(kv_lengths, b: int, s: int) -> None:
+  value = checks.check_int_vector(kv_lengths, b, "kv_lengths", "B")
+  checks.check_range(value, 0, s, "kv_lengths", f"valid keys per row (capacity S={s})")
 
 
 def _default_scale(scale, d):
@@ -158,8 +169,7 @@ def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True
   Returns out [B,T,H,D] in q's dtype (float32 accumulation) and lse [B,T,H] float32
   (natural log; -inf for a query that sees no key, whose out is 0).
   """
-  runtime = checks_lib.check_mode(checks) == "runtime"
-  checks_lib.check_rank(q, 4, "q", "B,T,H,D")
+  runtime = _check_call(q, checks)
   if isinstance(levels, KVLevel) or not isinstance(levels, (list, tuple)) or not levels:
     raise ValueError("levels must be a non-empty list of KVLevel, got "
                      f"{type(levels).__name__}" + (" (wrap a single level in a list)"
@@ -209,7 +219,6 @@ def attention(q, k, v, *, kv_lengths=None, causal: bool = False,
   if kv_lengths is None:
     kv_lengths = jnp.full((b,), s, jnp.int32)
   else:
-    value = checks_lib.check_int_vector(kv_lengths, b, "kv_lengths", "B")
-    checks_lib.check_range(value, 0, s, "kv_lengths", f"valid keys per row (capacity S={s})")
+    _check_kv_lengths(kv_lengths, b, s)
   return hydragen_attention(q, [KVLevel(k, v, jnp.asarray(kv_lengths), None)],
                             causal_last=causal, scale=scale, backend=backend, checks=checks)

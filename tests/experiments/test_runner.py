@@ -82,12 +82,10 @@ def _cli(tmp_path, *args):
                         env={**os.environ, "PYTHONPATH": ROOT})
 
 
-@pytest.mark.parametrize("arg, expect", [
-    ("--gin.grid.bach=[8]", "error: grid key 'bach' is not a parameter of generation_point"),
-    ("--gin.grid.batch=[8", "error: gin binding 'grid.batch=[8' is malformed"),
-])
-def test_cli_config_error_is_one_line_exit_2(tmp_path, arg, expect):
-  done = _cli(tmp_path, arg)
+def test_cli_config_error_is_one_line_exit_2(tmp_path):
+  """Every ConfigError takes this path (the messages are tested above, in process)."""
+  done = _cli(tmp_path, "--gin.grid.batch=[8")
+  expect = "error: gin binding 'grid.batch=[8' is malformed"
   assert done.returncode == 2, done.stderr
   assert done.stderr.strip().startswith(expect), done.stderr
   assert len(done.stderr.strip().splitlines()) == 1, done.stderr          # no usage text
