@@ -729,11 +729,6 @@ def level_attention(q, k, v, lengths, owner, limits, *, scale, config: Optional[
     raise backends.Unsupported(f"dtype {q.dtype} (the kernels take bfloat16, float16, float32)")
   cfg = Config() if config is None else config
   static_owner, traced = _static_owner(owner, n, b)
-  if static_owner is not None and n > 1 and not isinstance(q, jax.core.Tracer):
-    # An eager call: its owners become a runtime argument of the compiled program, which a
-    # new tree of the same shapes then reuses. (Under an outer jit, concrete owners are
-    # constants of the caller's program anyway: they get the static layout.)
-    owner, static_owner, traced = jnp.asarray(static_owner, jnp.int32), None, True
   key = _owner_key(static_owner)
   if layer is not None:
     layer = jnp.asarray(layer, jnp.int32)
