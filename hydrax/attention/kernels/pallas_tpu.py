@@ -40,12 +40,17 @@ float16 raises `backends.Unsupported` (TPUs have no float16 matrix unit path wor
 caller falls back to XLA, logged once).
 
 Block sizes (`TpuConfig`, chosen statically by `plan`): M = the rows per node and KV head
-rounded up to the dtype's sublane tile (8 float32, 16 bfloat16), at most 256 (the v6e MXU is
-256x256, v5e's 128x128: two passes); Sb = 512 keys (a 2 MiB k+v step at K=8, D=128, bf16:
-DMA-sized steps that hide the ~0.35 us per grid step), halved while the estimated VMEM use
-(double-buffered q, k, v, out blocks, the scratch and the score temporaries, with K and D padded
-to the (sublane, 128) tile) exceeds `vmem_budget` = 12 MiB, below v5e's 16 MiB scoped default
-(v6e: 32 MiB), so no `vmem_limit_bytes` is needed. Then M is halved if it still does not fit.
+rounded up to the dtype's sublane tile (8 float32, 16 bfloat16), at most 512 (two passes of
+v6e's 256-wide MXU, four of v5e's 128-wide ones): each tile reads its node's keys once, so a
+larger M divides the shared prefix's reads. Sb = 512 keys (a 2 MiB k+v step at K=8, D=128,
+bf16: DMA-sized steps against the ~0.35 us fixed cost of a grid step). While the estimated
+VMEM use (`vmem_bytes`: double-buffered q, k, v, out, lse and limit blocks, the scratch and the
+score temporaries, K and D padded to the (sublane, 128) tile) exceeds `vmem_budget` = 24 MiB,
+Sb shrinks to 256, then M to 256, then Sb to 128, then M. The scoped VMEM limit passed to
+Mosaic follows the estimate (`vmem_limit`; v5e and v6e have 128 MiB of VMEM per core, 16 and
+32 MiB scoped by default; on a chip with 16 MiB of VMEM (v4) pass `vmem_budget=10 << 20`).
+These are design choices, not measured optima: `experiments/bench_attention_tpu.py --sweep`
+measures them.
 
 Gradients: `jax.custom_vjp` whose backward pass recomputes the level with the XLA backend.
 
@@ -81,11 +86,15 @@ _MiB = 1 << 20
 class TpuConfig:
   """Kernel configuration (hashable). None picks by shape (see `plan`)."""
   block_m: Optional[int] = None        # M, rows per tile: a multiple of 8
-  max_block_m: int = 256               # cap on the automatic M
+  max_block_m: int = 512               # cap on the automatic M
   block_k: Optional[int] = None        # Sb, keys per block: a multiple of 8 (or >= S)
   max_block_k: int = 512               # cap on the automatic Sb
-  vmem_budget: int = 12 * _MiB         # estimated VMEM use the automatic sizes stay under
-  interpret: Optional[bool] = None     # None: interpret unless the default backend is a TPU
+  vmem_budget: int = 24 * _MiB         # estimated VMEM use the automatic sizes stay under
+  vmem_limit: Optional[int] = None     # Mosaic's scoped VMEM limit; None: see `vmem_limit`
+  # None: interpret unless the default backend is a TPU. True: Pallas TPU interpret mode
+  # (simulates the pipeline's DMAs; uninitialised VMEM reads NaN). "generic": Pallas' generic
+  # interpreter (faster to compile and run; for tests).
+  interpret: Optional[object] = None
 
 
 class Plan(NamedTuple):
@@ -123,6 +132,14 @@ def vmem_bytes(block_m: int, block_k: int, kv_heads: int, d: int, dtype) -> int:
   return 2 * (q + kv + out + small) + scratch + temps
 
 
+def vmem_limit(p: Plan, cfg: TpuConfig) -> int:
+  """Scoped VMEM limit passed to Mosaic: the estimate plus a quarter and 4 MiB for Mosaic's
+  own buffers, at least 16 MiB (v5e's scoped default; v6e's is 32 MiB, both have 128 MiB)."""
+  if cfg.vmem_limit is not None:
+    return cfg.vmem_limit
+  return max(16 * _MiB, _round_up(p.vmem_bytes * 5 // 4 + 4 * _MiB, _MiB))
+
+
 def plan(q_shape, k_shape, dtype, num_nodes: int, per_sequence: bool,
          cfg: TpuConfig) -> Plan:
   """Block sizes for one level (static). k_shape is [N,S,K,D] (the layer's view)."""
@@ -144,10 +161,15 @@ def plan(q_shape, k_shape, dtype, num_nodes: int, per_sequence: bool,
                        f"{cfg.block_k}")
   else:
     bk = s if s <= cfg.max_block_k else cfg.max_block_k
-  while cfg.block_k is None and bk > _LANES and vmem_bytes(bm, bk, kh, d, dtype) > cfg.vmem_budget:
-    bk = max(_LANES, _round_up(bk // 2, 8))
-  while cfg.block_m is None and bm > sub and vmem_bytes(bm, bk, kh, d, dtype) > cfg.vmem_budget:
-    bm = max(sub, _round_up(bm // 2, sub))
+  # Over the budget: Sb down to 256, then M down to 256, then Sb to 128, then M.
+  for floor_k, floor_m in ((256, 256), (_LANES, sub)):
+    while vmem_bytes(bm, bk, kh, d, dtype) > cfg.vmem_budget:
+      if cfg.block_k is None and bk > floor_k:
+        bk = max(floor_k, _round_up(bk // 2, 8))
+      elif cfg.block_m is None and bm > floor_m:
+        bm = max(floor_m, _round_up(bm // 2, sub))
+      else:
+        break
   rows = t * g
   if per_sequence:
     num_tiles = b * (-(-rows // bm))
@@ -165,8 +187,12 @@ def _interpret(cfg: TpuConfig):
       log_once(("pallas-tpu-interpret", jax.default_backend()),
                "hydrax pallas_tpu backend: no TPU (default backend %r), running the kernels in "
                "Pallas TPU interpret mode (slow; meant for tests)", jax.default_backend())
+  if use not in (True, False, "generic"):
+    raise ValueError(f"TpuConfig.interpret must be None, True, False or 'generic', got {use!r}")
   if not use:
     return False
+  if use == "generic":
+    return True
   params = getattr(pltpu, "InterpretParams", None)
   return params() if params is not None else True
 
@@ -319,7 +345,7 @@ def _kv_spec(p: Plan, kv_heads: int, d: int, stacked: bool):
 
 
 def grouped_call(qt, k, v, layer, tiles: Tiles, p: Plan, *, scale: float, interpret,
-                 stacked: bool):
+                 stacked: bool, vmem_limit: Optional[int] = None):
   """The pallas_call over gathered query slots qt [K, Tn*M, D] and k, v [N,S,K,D] (or
   [L,N,S,K,D] with `stacked`, layer [1] int32). Returns out [K, Tn*M, D] f32 and
   lse [K, Tn*M, 1] f32 (natural log)."""
@@ -347,7 +373,8 @@ def grouped_call(qt, k, v, layer, tiles: Tiles, p: Plan, *, scale: float, interp
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((kh, rows, d), jnp.float32),
                  jax.ShapeDtypeStruct((kh, rows, 1), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                           vmem_limit_bytes=vmem_limit),
       interpret=interpret,
       name="hydrax_tpu_grouped_attention",
   )(layer, tiles.node, tiles.fetch_node, tiles.fetch_block, tiles.lo, tiles.hi,
@@ -367,7 +394,8 @@ def _forward(q, k, v, limits, owner, layer, *, scale: float, cfg: TpuConfig):
   if layer is None:
     layer = jnp.zeros((1,), jnp.int32)
   out, lse = grouped_call(qt, k, v, layer.reshape(1), tiles, p, scale=scale,
-                          interpret=_interpret(cfg), stacked=stacked)
+                          interpret=_interpret(cfg), stacked=stacked,
+                          vmem_limit=vmem_limit(p, cfg))
   out = jnp.take(out, tiles.pos, axis=1).reshape(kh, b, t, g, d)
   lse = jnp.take(lse[..., 0], tiles.pos, axis=1).reshape(kh, b, t, g)
   return (jnp.transpose(out, (1, 2, 0, 3, 4)).reshape(b, t, h, d),
