@@ -84,13 +84,11 @@ def kernel_model(b, p, sh, sf):
   """Bytes, MXU FLOPs (padded rows included) and grid steps of the two kernel launches of a
   decode step as planned (shared level: each tile reads the whole prefix; outputs float32)."""
   kv = KH * D * 2 * 2                                    # k and v bytes per key (bf16)
-  g = H // KH
   nbytes = (sh.num_tiles * p + b * U) * kv               # key/value reads
   nbytes += 2 * (2 * b * H * D * 2)                      # q read by both launches (bf16)
   nbytes += 2 * (b * H * D * 4 + b * H * 4) * 2          # out, lse f32: written, read by merge
   flops = 4.0 * KH * D * (sh.num_tiles * sh.block_m * p + b * sf.block_m * U)
   steps = sh.num_tiles * sh.num_blocks + sf.num_tiles * sf.num_blocks
-  del g
   return nbytes, flops, steps
 
 
@@ -303,7 +301,8 @@ def main():
   print("|---|---|---|---|")
   for r in results:
     if "us" in r and "block_m" not in r:
-      print(f"| {r['shape']} | {r['impl']} | {r['us']:.1f} | {r.get('pct_floor', float('nan')):.0f}% |")
+      pct = r.get("pct_floor", float("nan"))
+      print(f"| {r['shape']} | {r['impl']} | {r['us']:.1f} | {pct:.0f}% |")
 
 
 if __name__ == "__main__":

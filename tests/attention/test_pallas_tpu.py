@@ -21,8 +21,8 @@ from hydrax.attention import KVLevel, backends, hydragen_attention
 from hydrax.attention import xla as xla_backend
 from hydrax.attention.kernels import pallas_tpu as pt
 from tests import oracle
-
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2}
+from tests.attention.test_core import TOL, _check
+from tests.attention.test_core import _expect as _core_expect
 
 
 class Profile(NamedTuple):
@@ -88,22 +88,7 @@ def _draw(p: Profile, seed: int):
 
 
 def _expect(p: Profile, q, levels):
-  rnd = lambda x: np.asarray(jnp.asarray(x, p.dtype).astype(jnp.float32))
-  keys, values = oracle.concat_levels(
-      [(rnd(k), rnd(v), lengths, owner) for k, v, lengths, owner in levels])
-  return oracle.dense(rnd(q), keys, values, causal=p.causal)
-
-
-def _check(out, lse, ref_out, ref_lse, dtype):
-  out, lse = np.asarray(jnp.asarray(out).astype(jnp.float32)), np.asarray(lse)
-  assert not np.isnan(out).any() and not np.isnan(lse).any()
-  assert lse.dtype == np.float32
-  tol = TOL[dtype]
-  np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
-  finite = np.isfinite(ref_lse)
-  np.testing.assert_array_equal(np.isfinite(lse), finite)
-  np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=tol, atol=tol)
-  np.testing.assert_array_equal(out[~finite], 0.0)
+  return _core_expect(q, levels, p.causal, p.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,8 +36,8 @@ index maps read layer `layer` (a scalar-prefetch operand, may be traced) in plac
 Shapes: any B, T, S, D. S needs no padding (the partial last block is masked); D is a whole
 block dimension (VMEM rows are lane-padded to 128 inside Mosaic, so D = 64 or 80 costs the lanes
 of D = 128, not a copy). Dtypes bfloat16 and float32 (float32 products at HIGHEST precision);
-float16 raises `backends.Unsupported` (TPUs have no float16 matrix unit path worth taking; the
-caller falls back to XLA, logged once).
+float16 raises `backends.Unsupported` (the caller falls back to XLA for that level, logged
+once).
 
 Block sizes (`TpuConfig`, chosen statically by `plan`): M = the rows per node and KV head
 rounded up to the dtype's sublane tile (8 float32, 16 bfloat16), at most 512 (two passes of
@@ -55,8 +55,9 @@ measures them.
 Gradients: `jax.custom_vjp` whose backward pass recomputes the level with the XLA backend.
 
 Off TPU the kernel runs in Pallas TPU interpret mode (`TpuConfig(interpret=None)`: interpret
-unless the default backend is a TPU; logged once). Hardware status: written for Mosaic TPU
-and lowered to Mosaic MLIR on CPU in the tests (`lower(lowering_platforms=("tpu",))`); it has
+unless the default backend is a TPU; logged once); `interpret="generic"` uses Pallas' generic
+interpreter (faster; tests). Hardware status: written for Mosaic TPU and lowered to Mosaic
+MLIR on CPU in the tests (`lower(lowering_platforms=("tpu",))`); it has
 not been compiled by libtpu or run on a TPU (none was available).
 """
 
@@ -69,7 +70,6 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -351,7 +351,6 @@ def grouped_call(qt, k, v, layer, tiles: Tiles, p: Plan, *, scale: float, interp
   lse [K, Tn*M, 1] f32 (natural log)."""
   kh, _, d = qt.shape
   bm = p.block_m
-  sq = _squeezed()
   spec = _Spec(bm, p.block_k, kh, float(scale), qt.dtype == jnp.float32)
   row_map = lambda i, j, *_: (i, 0)
   head_map = lambda i, j, *_: (0, i, 0)
@@ -366,7 +365,6 @@ def grouped_call(qt, k, v, layer, tiles: Tiles, p: Plan, *, scale: float, interp
       scratch_shapes=[pltpu.VMEM((kh, bm, _LANES), jnp.float32),
                       pltpu.VMEM((kh, bm, _LANES), jnp.float32),
                       pltpu.VMEM((kh, bm, d), jnp.float32)])
-  del sq
   rows = p.num_tiles * bm
   return pl.pallas_call(
       functools.partial(_kernel, spec=spec),
@@ -438,7 +436,7 @@ def level_attention(q, k, v, lengths, owner, limits, *, scale, config: Optional[
   """
   cfg = TpuConfig() if config is None else config
   b, t, h, d = q.shape
-  n, s, kh = k.shape[-4], k.shape[-3], k.shape[-2]
+  n, s = k.shape[-4], k.shape[-3]
   if s == 0 or b == 0 or t == 0:
     return (jnp.zeros(q.shape, jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32))
   if q.dtype not in _DTYPES:
