@@ -81,12 +81,15 @@ STEP_US = 0.35   # the Pallas TPU docs' estimate of the fixed cost of one grid s
 
 
 def kernel_model(b, p, sh, sf):
-  """Bytes, MXU FLOPs (padded rows included) and grid steps of the two kernel launches of a
-  decode step as planned (shared level: each tile reads the whole prefix; outputs float32)."""
+  """Bytes, MXU FLOPs and grid steps of the two kernel launches of a decode step as planned,
+  padded rows included (shared level: each tile reads the whole prefix; the float32 out and
+  lse of every slot are written, then read back by the merge; lse rows lane-padded to 128)."""
   kv = KH * D * 2 * 2                                    # k and v bytes per key (bf16)
   nbytes = (sh.num_tiles * p + b * U) * kv               # key/value reads
   nbytes += 2 * (2 * b * H * D * 2)                      # q read by both launches (bf16)
-  nbytes += 2 * (b * H * D * 4 + b * H * 4) * 2          # out, lse f32: written, read by merge
+  for lv in (sh, sf):
+    slots = lv.num_tiles * lv.block_m
+    nbytes += 2 * (KH * slots * D * 4 + KH * lv.num_tiles * -(-lv.block_m // 128) * 128 * 4)
   flops = 4.0 * KH * D * (sh.num_tiles * sh.block_m * p + b * sf.block_m * U)
   steps = sh.num_tiles * sh.num_blocks + sf.num_tiles * sf.num_blocks
   return nbytes, flops, steps

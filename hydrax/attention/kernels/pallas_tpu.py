@@ -126,9 +126,10 @@ def vmem_bytes(block_m: int, block_k: int, kv_heads: int, d: int, dtype) -> int:
   q = kv_heads * _round_up(block_m, _sublanes(dtype)) * dl * isz
   kv = 2 * block_k * kp * dl * isz
   out = kv_heads * mp * dl * 4
-  small = (kv_heads + 1) * mp * _LANES * 4          # lse and limit blocks (lane-padded)
+  small = (_round_up(kv_heads, 8) * _round_up(block_m, _LANES)   # lse block [K, M]
+           + mp * _LANES) * 4                                     # limits [M, 1], lane-padded
   scratch = out + 2 * kv_heads * mp * _LANES * 4    # acc, m, l
-  temps = 3 * mp * _round_up(block_k, _LANES) * 4   # scores, p, mask
+  temps = max(3 * mp * _round_up(block_k, _LANES), 2 * mp * _round_up(block_m, _LANES)) * 4
   return 2 * (q + kv + out + small) + scratch + temps
 
 
@@ -215,7 +216,8 @@ def _kernel(layer_ref, node_ref, fnode_ref, fblk_ref, lo_ref, hi_ref,   # scalar
             o_ref, lse_ref,                                              # outputs
             m_sc, l_sc, acc_sc, *, spec: _Spec):
   """Tile i, key block j. lim [M,1] int32, q [K,M,D], k, v [Sb,K,D]; o [K,M,D] f32,
-  lse [K,M,1] f32; scratch m, l [K,M,128] f32 (lane-replicated), acc [K,M,D] f32."""
+  lse [K,M] f32 (rows along lanes: dense in HBM); scratch m, l [K,M,128] f32
+  (lane-replicated), acc [K,M,D] f32."""
   del layer_ref, node_ref, fnode_ref, fblk_ref     # read by the index maps only
   i, j = pl.program_id(0), pl.program_id(1)
   bm, bk = spec.block_m, spec.block_k
@@ -262,12 +264,17 @@ def _kernel(layer_ref, node_ref, fnode_ref, fblk_ref, lo_ref, hi_ref,   # scalar
 
   @pl.when(j == pl.num_programs(1) - 1)
   def _finish():
+    # The [M, 1] column of a head's lse becomes a [1, M] row through its diagonal (a select
+    # and a sublane sum: no transpose), so the lse output is lane-dense.
+    eye = (lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
+           == lax.broadcasted_iota(jnp.int32, (bm, bm), 1))
     for kh in range(spec.kv_heads):
       l = l_sc[kh][:, :1]
       has = l > 0
       l_safe = jnp.where(has, l, 1.0)
       o_ref[kh] = jnp.where(has, acc_sc[kh] / l_safe, 0.0)
-      lse_ref[kh] = jnp.where(has, m_sc[kh][:, :1] + jnp.log(l_safe), -jnp.inf)
+      col = jnp.where(has, m_sc[kh][:, :1] + jnp.log(l_safe), -jnp.inf)
+      lse_ref[pl.ds(kh, 1), :] = jnp.sum(jnp.where(eye, col, 0.0), axis=0, keepdims=True)
 
 
 class Tiles(NamedTuple):
@@ -348,7 +355,7 @@ def grouped_call(qt, k, v, layer, tiles: Tiles, p: Plan, *, scale: float, interp
                  stacked: bool, vmem_limit: Optional[int] = None):
   """The pallas_call over gathered query slots qt [K, Tn*M, D] and k, v [N,S,K,D] (or
   [L,N,S,K,D] with `stacked`, layer [1] int32). Returns out [K, Tn*M, D] f32 and
-  lse [K, Tn*M, 1] f32 (natural log)."""
+  lse [Tn, K, M] f32 (natural log)."""
   kh, _, d = qt.shape
   bm = p.block_m
   spec = _Spec(bm, p.block_k, kh, float(scale), qt.dtype == jnp.float32)
@@ -361,7 +368,7 @@ def grouped_call(qt, k, v, layer, tiles: Tiles, p: Plan, *, scale: float, interp
                 pl.BlockSpec((kh, bm, d), head_map),                 # q slots
                 _kv_spec(p, kh, d, stacked), _kv_spec(p, kh, d, stacked)],
       out_specs=[pl.BlockSpec((kh, bm, d), head_map),
-                 pl.BlockSpec((kh, bm, 1), head_map)],
+                 pl.BlockSpec((_squeezed(), kh, bm), lambda i, j, *_: (i, 0, 0))],
       scratch_shapes=[pltpu.VMEM((kh, bm, _LANES), jnp.float32),
                       pltpu.VMEM((kh, bm, _LANES), jnp.float32),
                       pltpu.VMEM((kh, bm, d), jnp.float32)])
@@ -370,7 +377,7 @@ def grouped_call(qt, k, v, layer, tiles: Tiles, p: Plan, *, scale: float, interp
       functools.partial(_kernel, spec=spec),
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((kh, rows, d), jnp.float32),
-                 jax.ShapeDtypeStruct((kh, rows, 1), jnp.float32)],
+                 jax.ShapeDtypeStruct((p.num_tiles, kh, bm), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                            vmem_limit_bytes=vmem_limit),
       interpret=interpret,
@@ -395,7 +402,8 @@ def _forward(q, k, v, limits, owner, layer, *, scale: float, cfg: TpuConfig):
                           interpret=_interpret(cfg), stacked=stacked,
                           vmem_limit=vmem_limit(p, cfg))
   out = jnp.take(out, tiles.pos, axis=1).reshape(kh, b, t, g, d)
-  lse = jnp.take(lse[..., 0], tiles.pos, axis=1).reshape(kh, b, t, g)
+  lse = jnp.transpose(lse, (1, 0, 2)).reshape(kh, p.num_tiles * p.block_m)
+  lse = jnp.take(lse, tiles.pos, axis=1).reshape(kh, b, t, g)
   return (jnp.transpose(out, (1, 2, 0, 3, 4)).reshape(b, t, h, d),
           jnp.transpose(lse, (1, 2, 0, 3)).reshape(b, t, h))
 
