@@ -279,6 +279,10 @@ def test_registry_and_config():
     pt.plan((2, 1, 4, 64), (1, 16, 2, 64), jnp.float32, 1, False, pt.TpuConfig(block_m=12))
   with pytest.raises(ValueError, match="block_k"):
     pt.plan((2, 1, 4, 64), (1, 16, 2, 64), jnp.float32, 1, False, pt.TpuConfig(block_k=5))
+  with pytest.raises(ValueError, match="interpret"):
+    pt.level_attention(jnp.ones((1, 1, 1, 8)), jnp.ones((1, 4, 1, 8)), jnp.ones((1, 4, 1, 8)),
+                       jnp.array([4]), None, jnp.full((1, 1), 4), scale=0.1,
+                       config=pt.TpuConfig(interpret="yes"))
 
 
 @pytest.mark.parametrize("prefix", [1024, 4096, 16384])
