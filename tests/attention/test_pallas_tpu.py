@@ -118,6 +118,7 @@ def _args(p: Profile, q, levels):
 def test_matches_oracle_and_xla_traced_owners(p, seed):
   q, levels = _draw(p, seed)
   out, lse = _compiled(p, "pallas_tpu")(*_args(p, q, levels))
+  assert _compiled(p, "pallas_tpu")._cache_size() == 1     # every tree of p: one program
   assert out.dtype == p.dtype
   _check(out, lse, *_expect(p, q, levels), p.dtype)
   # (The XLA backend multiplies values past the lengths by 0: give it finite ones.)
