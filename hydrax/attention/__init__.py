@@ -12,5 +12,6 @@ from hydrax.attention.hydragen import KVLevel, attention, hydragen_attention
 from hydrax.attention.merge import merge
 
 backends.register_lazy("pallas", "hydrax.attention.kernels.pallas_gpu", platforms=("gpu",))
+backends.register_lazy("pallas_tpu", "hydrax.attention.kernels.pallas_tpu", platforms=("tpu",))
 
 __all__ = ["attention", "merge", "KVLevel", "hydragen_attention", "backends"]
