@@ -897,6 +897,8 @@ def main(argv=None):
   ap.add_argument("--engine-shapes", default="",
                   help="PxB list (default: the issue's three points, then the decode table)")
   ap.add_argument("--engine-backend", default="pallas")
+  ap.add_argument("--decode-shapes", default="",
+                  help="PxB list for --decode (default: every shape of the decode table)")
   ap.add_argument("--tree-impls", default="pallas,xla")
   ARGS = ap.parse_args(argv)
   if ARGS.plot:
@@ -939,6 +941,8 @@ def main(argv=None):
   # Smoke mode (CPU, interpret mode: tests the script's logic in seconds): tiny shapes.
   heads = (4, 2, 64) if ARGS.smoke else (32, 8, 128)
   decode = [(64, 4)] if ARGS.smoke else DECODE
+  if ARGS.decode_shapes:
+    decode = [tuple(int(x) for x in ps.split("x")) for ps in ARGS.decode_shapes.split(",")]
   if ARGS.decode:
     for p, b in decode:
       time_shape(f"decode_P{p}_B{b}" if ARGS.smoke else f"decode_P{p // 1024}K_B{b}", b, p,
