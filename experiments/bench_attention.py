@@ -540,7 +540,8 @@ def run_checks(rows):
           empty_zero = bool(np.all(out[~fin] == 0))
           e_out = _rel(out, ro)
           e_lse = float(np.max(np.abs(lse[fin] - rlse[fin]))) if fin.any() else 0.0
-          ok = (not nan) and pattern and empty_zero and e_out < tol[dtype] and e_lse < 10 * tol[dtype]
+          ok = (not nan and pattern and empty_zero and e_out < tol[dtype]
+                and e_lse < 10 * tol[dtype])
           failures += not ok
           rows.append(dict(case=name, variant=variant, causal=causal, dtype=jnp.dtype(dtype).name,
                            traced=traced, layers=layers, rel_err_out=e_out,

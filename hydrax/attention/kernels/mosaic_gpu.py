@@ -15,9 +15,10 @@ Masking happens inside: a tile reads its node's keys up to the largest key limit
 (`hi`); blocks below the smallest (`lo`) run unmasked, the others compare each key with the
 row's own limit. Rows that see no key give out = 0 and lse = -inf, never NaN. Padding rows of
 a tile carry limit 0; in a tile whose smallest real limit lets blocks run unmasked they see
-those blocks (finite, unspecified values), so callers drop them. S must be a multiple of block_kv: jax 0.11.2's Mosaic GPU layout
-inference failed (an internal assertion) on key-block slices of a capacity that is not, so
-callers pad such caches (`pallas_gpu._forward_mosaic` does, and logs it once).
+those blocks (finite, unspecified values), so callers drop them. S must be a multiple of
+block_kv: jax 0.11.2's Mosaic GPU layout inference failed (an internal assertion) on key-block
+slices of a capacity that is not, so callers pad such caches (`pallas_gpu._forward_mosaic`
+does, and logs it once).
 
 The tile table `tab` is an input array (compile-time constant or computed at run time: the
 caller's choice), so traced owners need no recompilation; a tile with hi = 0 (an unused tile
