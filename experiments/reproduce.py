@@ -15,7 +15,7 @@ import gin
 from experiments import points
 
 
-def _scoped_point(*, scope: str, **kwargs) -> dict:
+def scoped_point(*, scope: str, **kwargs) -> dict:
   """generation_point(**kwargs) with the gin scope `scope` active (a scope with no binding in
   the config is a ValueError: a misspelt scope would silently measure the unscoped values)."""
   if not isinstance(scope, str) or not scope:
@@ -30,10 +30,10 @@ def _scoped_point(*, scope: str, **kwargs) -> dict:
 # The runner checks every grid key against the measure's signature: advertise generation_point's
 # keyword arguments plus `scope`, so a misspelt key is still a config error before any point runs.
 _base = inspect.signature(points.generation_point)
-_scoped_point.__signature__ = _base.replace(parameters=[
+scoped_point.__signature__ = _base.replace(parameters=[
     *_base.parameters.values(),
     inspect.Parameter("scope", inspect.Parameter.KEYWORD_ONLY, annotation=str)])
-scoped_point = gin.configurable("scoped_point")(_scoped_point)
+scoped_point = gin.configurable(scoped_point)
 
 
 # Gin bindings that shrink every reproduce_*.gin to the `tiny` model on CPU (seconds per

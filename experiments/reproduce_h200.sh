@@ -10,7 +10,7 @@
 # gin-config is installed from .whl/ when missing (`pip download --no-deps -d .whl
 # gin-config==0.5.0` beforehand, and carry .whl). $OUT receives at most 8 files: log.txt, one
 # <config>.csv per config, results.tar.gz (every results folder: config.gin, env.json,
-# rows.csv, columns.md, plots) and summary.md.
+# rows.csv, columns.md, plots), summary.md (the claims table) and claims.png.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,4 +74,4 @@ for entry in "${PLAN[@]}"; do
   tar -czf "$OUT/results.tar.gz" -C "$WORK" --exclude='*.err' . 2>/dev/null
 done
 echo "== done in $(( SECONDS - start ))s" | tee -a "$LOG"
-$PY experiments/compare_paper.py --rows "$OUT" --out "$OUT/summary.md" 2>>"$LOG"
+$PY experiments/compare_paper.py --rows "$OUT" --out "$OUT/summary.md" --plot "$OUT/claims.png" 2>>"$LOG"
