@@ -4,7 +4,7 @@
 # starting points, `timeout` stops a point that overruns), copies each config's rows to $OUT as
 # soon as it ends, and prints the claims table (experiments/compare_paper.py) last.
 #
-#   OUT=/some/dir bash experiments/reproduce_h200.sh        # ~8.3 minutes on one H200
+#   OUT=/some/dir bash experiments/reproduce_h200.sh        # <= 8.3 minutes on one H200
 #   REPRODUCE_TINY=1 REPRODUCE_SHARE_S=20 bash experiments/reproduce_h200.sh   # CPU smoke test
 #
 # gin-config is installed from .whl/ when missing (`pip download --no-deps -d .whl
@@ -16,8 +16,8 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-$PWD/results/reproduce_h200}
 WORK=${REPRODUCE_WORK:-$(mktemp -d /tmp/hydrax_reproduce.XXXXXX)}
-TOTAL=${REPRODUCE_TOTAL_S:-500}        # seconds for all configs (the call's limit is 9 minutes)
-RESERVE=${REPRODUCE_RESERVE_S:-35}     # no point starts later than this before its deadline
+TOTAL=${REPRODUCE_TOTAL_S:-485}        # seconds for all configs (the call's limit is 9 minutes)
+RESERVE=${REPRODUCE_RESERVE_S:-40}     # no point starts later than ~this before its deadline
 mkdir -p "$OUT" "$WORK"
 # JAX preallocates 75% of the GPU by default: give the caches 95% (the configs'
 # memory_limit_bytes assume it).
