@@ -3,7 +3,8 @@ mesh, with the sharing tree as runtime data.
 
   generate(model, params, prompts, *, max_new_tokens, attention="hydragen", backend="auto",
            mesh=None, ...) -> Generation
-  Runtime(backend, mesh, checks) / Runtime.build(backend="auto", mesh=None, checks="static")
+  Runtime(backend, mesh, checks, unroll)
+  Runtime.build(backend="auto", mesh=None, checks="static", unroll=1)
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
   clear_compiled_cache(); compiled_cache_info() -> (entries, compilations so far)
@@ -51,7 +52,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import math
 import time
 from typing import Any, NamedTuple, Optional
@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.experimental import checkify
 from jax.sharding import PartitionSpec as P
 
 from hydrax import sharing
@@ -155,12 +156,18 @@ class Runtime:
   mesh:    None (one device) or a ("data", "model") `jax.sharding.Mesh`.
   checks:  "static" (the attention core's shape and concrete-value checks) or "runtime"
            (values checked under jit too, passed to the attention core as checks=).
-  Build it with `Runtime.build(backend="auto", mesh=None, checks="static")`, which resolves a
-  backend name ("auto" per platform) and a mesh spec ("2x4", (2, 4), ...).
+  unroll:  layers per iteration of the model's `lax.scan` (True, stored as "all": every
+           layer). 1 compiles fastest;
+           on GPUs XLA then copies each layer's weights out of the stacked parameters every
+           step, which full unrolling avoids at several times the compile time (measured
+           trade-off in `llama.forward`'s docstring).
+  Build it with `Runtime.build(backend="auto", mesh=None, checks="static", unroll=1)`, which
+  resolves a backend name ("auto" per platform) and a mesh spec ("2x4", (2, 4), ...).
   """
   backend: backends_lib.Backend
   mesh: Any = None
   checks: str = "static"
+  unroll: Any = 1
 
   def __post_init__(self):
     if not isinstance(self.backend, backends_lib.Backend):
@@ -168,18 +175,20 @@ class Runtime:
                        f"name), got {self.backend!r}")
     if self.checks not in CHECKS_MODES:
       raise ValueError(f"checks must be one of {list(CHECKS_MODES)}, got {self.checks!r}")
-    if self.checks != "static" and \
-        "checks" not in inspect.signature(llama_lib.forward).parameters:
-      raise ValueError(f"checks={self.checks!r} needs llama.forward(..., checks=...), which "
-                       "this hydrax's model does not take yet; use checks='static'")
+    if self.unroll is True:      # True == 1 in Python: keep full unrolling apart in the key
+      object.__setattr__(self, "unroll", "all")
+    if not (self.unroll == "all" or (isinstance(self.unroll, int)
+                                     and not isinstance(self.unroll, bool) and self.unroll >= 1)):
+      raise ValueError(f"unroll must be a positive int or True (every layer), got "
+                       f"{self.unroll!r}")
     if self.mesh is not None:
       _mesh_lib()[0].check_mesh(self.mesh)
 
   @classmethod
-  def build(cls, backend="auto", mesh=None, checks: str = "static") -> "Runtime":
+  def build(cls, backend="auto", mesh=None, checks: str = "static", unroll=1) -> "Runtime":
     if mesh is not None:
       mesh = _mesh_lib()[0].make_mesh(mesh)
-    return cls(backends_lib.get(backend), mesh, checks)
+    return cls(backends_lib.get(backend), mesh, checks, unroll)
 
   @property
   def data(self) -> int:
@@ -192,7 +201,8 @@ class Runtime:
     return f"backend={self.backend.name}, {where}"
 
   def forward_kwargs(self) -> dict:
-    kwargs = {"backend": self._attention_backend()}
+    kwargs = {"backend": self._attention_backend(),
+              "unroll": True if self.unroll == "all" else self.unroll}
     if self.checks != "static":
       kwargs["checks"] = self.checks
     return kwargs
@@ -932,12 +942,29 @@ def _in_input_order(lay: Layout, x: np.ndarray) -> np.ndarray:
   return out
 
 
+def _checked(runtime: Runtime, fn):
+  """fn, functionalized by checkify when the runtime checks traced values (checks="runtime"):
+  it then returns (error, outputs), which `_run_checked` unpacks."""
+  return checkify.checkify(fn) if runtime.checks == "runtime" else fn
+
+
+def _run_checked(runtime: Runtime, executable, *args):
+  """Runs a compiled prefill/decode; with checks="runtime" raises the first failed check
+  (a lengths, owner or layer index out of range) after the run."""
+  out = executable(*args)
+  if runtime.checks == "runtime":
+    error, out = out
+    error.throw()
+  return out
+
+
 def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str = "hydragen",
              temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, eos_id: Optional[int] = None, pad_id: int = 0,
              seed: int = 0, max_len: Optional[int] = None, prefill_chunk: int = 2048,
              backend="auto", tokenizer: Any = None, sharing_options: Optional[dict] = None,
-             mesh=None, checks: str = "static", runtime: Optional[Runtime] = None) -> Generation:
+             mesh=None, checks: str = "static", unroll=1,
+             runtime: Optional[Runtime] = None) -> Generation:
   """Generates up to max_new_tokens tokens for each prompt.
 
   model: a hydrax `Llama` module, its `nnx.GraphDef`, or its `LlamaConfig`; params: its
@@ -961,8 +988,9 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     equal the single-device ones up to the float rounding of the all-reduces; sampled ones
     draw per data shard (the key folded with the shard index). K, H and the MLP size must be
     divisible by the model axis.
-  checks: "static" or "runtime" (see `Runtime`). runtime: a `Runtime` given whole (then
-    backend, mesh and checks must be left at their defaults).
+  checks: "static" or "runtime"; unroll: layers per scan iteration (see `Runtime`).
+    runtime: a `Runtime` given whole (then backend, mesh, checks and unroll must be left at
+    their defaults).
   sharing_options: keyword arguments of `hydrax.sharing.plan` for plain prompts.
   Returns a `Generation` (rows in input order). Raises ValueError for bad inputs and
   `OutOfMemoryError` when the device runs out of memory.
@@ -973,9 +1001,11 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
                        "generate(model, params, prompts)")
     params, prompts = None, params
   if runtime is None:
-    runtime = Runtime.build(backend, mesh, checks)
-  elif not isinstance(runtime, Runtime) or (backend, mesh, checks) != ("auto", None, "static"):
-    raise ValueError("runtime= must be a Runtime, given instead of backend=, mesh= and checks=")
+    runtime = Runtime.build(backend, mesh, checks, unroll)
+  elif not isinstance(runtime, Runtime) or (backend, mesh, checks, unroll) != \
+      ("auto", None, "static", 1):
+    raise ValueError("runtime= must be a Runtime, given instead of backend=, mesh=, checks= "
+                     "and unroll=")
   graphdef, params, config = resolve_model(model, params)
   if runtime.mesh is not None:
     _mesh_lib()[1].check_model(config, runtime.mesh)
@@ -1021,11 +1051,13 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
                         in_specs=(one, jax.tree_util.tree_map(lambda _: rows_spec, host_inputs),
                                   one, one),
                         out_specs=(held_spec, level_spec, rows_spec, rows_spec))
-      prefill = _EXECUTABLES.compile(jax.jit(fn), params, inputs, key_first, eos)
+      prefill = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn)), params, inputs, key_first,
+                                     eos)
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"
     t0 = time.perf_counter()
-    shared, suffix, first, done = jax.block_until_ready(prefill(params, inputs, key_first, eos))
+    shared, suffix, first, done = jax.block_until_ready(
+        _run_checked(runtime, prefill, params, inputs, key_first, eos))
     prefill_s = time.perf_counter() - t0
     owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
     if sig.max_new_tokens > 1:
@@ -1036,13 +1068,15 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
                           in_specs=(one, held_spec, level_spec, owner_spec, rows_spec,
                                     rows_spec, one, rows_spec, one, one),
                           out_specs=(rows_spec, rows_spec, one, level_spec))
-        decode = _EXECUTABLES.compile(jax.jit(fn, donate_argnums=(2,)), params, shared,
-                                      suffix, owners, first, done, key_loop, plen, eos, pad)
+        decode = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn), donate_argnums=(2,)),
+                                      params, shared, suffix, owners, first, done, key_loop,
+                                      plen, eos, pad)
         compile_s += time.perf_counter() - t0
       guard.stage = "decode"
       t0 = time.perf_counter()
-      out, count, steps, suffix = jax.block_until_ready(
-          decode(params, shared, suffix, owners, first, done, key_loop, plen, eos, pad))
+      out, count, steps, suffix = jax.block_until_ready(_run_checked(
+          runtime, decode, params, shared, suffix, owners, first, done, key_loop, plen, eos,
+          pad))
       decode_s = time.perf_counter() - t0
       steps = int(runtime.to_host(steps))
     else:

@@ -320,6 +320,28 @@ def test_runtime_is_a_hashable_value_in_the_key(tiny):
     engine.generate(model, prompts, max_new_tokens=2, runtime=rt, backend="xla")
 
 
+def test_runtime_checks_and_unroll(tiny):
+  """checks="runtime" runs prefill and decode with their traced lengths, owners and layers
+  checked (checkify-functionalized executables) and gives the tokens of the static run; a
+  fully unrolled scan (unroll=True) does too, compiled under its own key."""
+  _, model, _, _ = tiny
+  rng = np.random.default_rng(11)
+  prefix = rng.integers(1, 256, 24)
+  prompts = [np.concatenate([prefix, rng.integers(1, 256, n)]) for n in (3, 5, 4)]
+  share = dict(min_shared_tokens=0, merge_cost=0)
+  want = engine.generate(model, prompts, max_new_tokens=4, sharing_options=share)
+  checked = engine.generate(model, prompts, max_new_tokens=4, sharing_options=share,
+                            checks="runtime")
+  np.testing.assert_array_equal(checked.tokens, want.tokens)
+  assert checked.compile_seconds > 0          # its own executables (functionalized checks)
+  unrolled = engine.generate(model, prompts, max_new_tokens=4, sharing_options=share,
+                             unroll=True)
+  np.testing.assert_array_equal(unrolled.tokens, want.tokens)
+  assert engine.Runtime.build("xla", unroll=True) != engine.Runtime.build("xla")
+  with pytest.raises(ValueError, match="unroll must be"):
+    engine.Runtime.build("xla", unroll=0)
+
+
 @pytest.mark.parametrize("attention", ["replicated", "hydragen"])
 def test_decode_makes_no_copy_of_the_whole_cache(tiny, attention):
   """The compiled decode loop copies or transposes no array as large as the per-sequence cache
