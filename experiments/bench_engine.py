@@ -131,6 +131,7 @@ def main(argv=None):
   ap.add_argument("--new-tokens", type=int, default=64)
   ap.add_argument("--backend", default="auto")
   ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--unroll", default="1", help="layers per scan iteration, or 'all'")
   ap.add_argument("--ceilings", default=None, help="FLOPS,BYTES_PER_S (skip measuring)")
   ap.add_argument("--no-dump", action="store_true", help="do not dump/scan the decode HLO")
   ap.add_argument("--out", required=True)
@@ -155,7 +156,7 @@ def main(argv=None):
     flops_s, bytes_s, how = _ceilings(jax, jnp)
   env = {"device": str(jax.devices()[0]), "jax": jax.__version__, "model": args.model,
          "layers": config.num_layers, "dtype": args.dtype, "backend": args.backend,
-         "new_tokens": args.new_tokens, "suffix": args.suffix, "ceiling_flops": flops_s,
+         "new_tokens": args.new_tokens, "suffix": args.suffix, "unroll": args.unroll, "ceiling_flops": flops_s,
          "ceiling_bytes_per_s": bytes_s, "ceilings_from": how, "argv": sys.argv}
   print(json.dumps(env), flush=True)
   t0 = time.perf_counter()
@@ -182,7 +183,8 @@ def main(argv=None):
       before = set(glob.glob(os.path.join(dump, "*after_optimizations.txt"))) if dump else set()
       try:
         gen = engine.generate(model, plan, max_new_tokens=args.new_tokens, attention=mode,
-                              backend=args.backend)
+                              backend=args.backend,
+                              unroll=True if args.unroll == "all" else int(args.unroll))
       except engine.OutOfMemoryError as e:
         row[f"{mode}_error"] = str(e)[:200]
         print(f"P={p} B={b} {mode}: OOM", flush=True)

@@ -24,12 +24,15 @@ import inspect
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hydrax.cache import KVCache, LevelKV
 from hydrax.models import LlamaConfig, llama
