@@ -6,6 +6,7 @@ mesh, with the sharing tree as runtime data.
   Runtime(backend, mesh, checks, unroll)
   Runtime.build(backend="auto", mesh=None, checks="static", unroll=1)
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
+  footprint(config, prompts, ...) -> (kv_bytes, Signature)
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
   clear_compiled_cache(); compiled_cache_info() -> (entries, compilations so far)
   OutOfMemoryError, Generation
@@ -73,7 +74,7 @@ from hydrax.models.configs import LlamaConfig
 from hydrax.sharing import buckets as buckets_lib
 
 _KEY_BLOCK = 128   # shared-level capacities above this are whole blocks of this many keys
-_BUCKETS = buckets_lib.DEFAULT
+_BUCKETS = buckets_lib.DEFAULT   # for plans that carry no bucket policy of their own
 _DATA = "data"     # the mesh axis of rows (hydrax.parallel.mesh.DATA; not imported: no cycle)
 
 ATTENTION_MODES = ("hydragen", "replicated", "none")
@@ -579,6 +580,7 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
   shards: each shard's rows, its local nodes per shared level (count bucketed), token widths
   and capacities bucketed, and the runtime tables (owners, ancestors, last-token sources)."""
   b = len(seqs)
+  bk = getattr(plan, "buckets", None) or _BUCKETS     # the plan's padding policy flows here
   order = np.asarray(plan.order, np.int64)
   if order.shape != (b,) or sorted(order.tolist()) != list(range(b)):
     raise ValueError(f"plan.order must be a permutation of range({b}), got {order.tolist()}")
@@ -591,7 +593,7 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
   passes, replication = [], []
   for d, (tokens, lengths, owner, start) in enumerate(levels):
     nodes = [np.unique(owner[plan_row[s]]) for s in range(data)]
-    n_loc = _BUCKETS.nodes(max(len(u) for u in nodes))
+    n_loc = bk.nodes(max(len(u) for u in nodes))
     glob = np.zeros((data, n_loc), np.int64)
     used = np.zeros((data, n_loc), bool)
     mine = np.zeros((data, per), np.int64)
@@ -605,7 +607,7 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
         anc[j, s, :len(u)] = local_owner[j][s][first_row]
     local_owner.append(mine)
     flat, ok = glob.reshape(-1), used.reshape(-1)
-    width = _BUCKETS.tokens(int(lengths[np.unique(glob[used])].max(initial=0)))
+    width = bk.tokens(int(lengths[np.unique(glob[used])].max(initial=0)))
     padded, c = _chunked(tokens[flat], width, prefill_chunk, n_loc)
     passes.append(_Pass(
         np.where(ok[:, None], padded, 0).astype(np.int32),
@@ -618,15 +620,15 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
   suf_len = np.asarray(plan.suffix_lengths, np.int64)
   suf_start = np.asarray(plan.suffix_start, np.int64)
   prompt_lengths = np.array([len(seqs[order[i]]) for i in rows], np.int32)
-  padded, c = _chunked(suf_tokens[rows], _BUCKETS.tokens(int(suf_len.max(initial=0))),
+  padded, c = _chunked(suf_tokens[rows], bk.tokens(int(suf_len.max(initial=0))),
                        prefill_chunk, per)
   seq_owner = tuple(lo.reshape(-1).astype(np.int32) for lo in local_owner)
   # Capacity from the bucketed prompt part, so that it adds no signatures of its own.
   if attention == "replicated":    # whole prompt + new tokens in each sequence's cache
-    held, anc = _BUCKETS.tokens(int(prompt_lengths.max())), ()
+    held, anc = bk.tokens(int(prompt_lengths.max())), ()
   else:
-    held, anc = _BUCKETS.tokens(int(suf_len.max(initial=0))), seq_owner
-  capacity = max(padded.shape[1], _BUCKETS.tokens(held + max_new_tokens - 1))
+    held, anc = bk.tokens(int(suf_len.max(initial=0))), seq_owner
+  capacity = max(padded.shape[1], bk.tokens(held + max_new_tokens - 1))
   main = _Pass(padded, suf_len[rows].astype(np.int32), suf_start[rows].astype(np.int32), anc,
                per, capacity, c)
   last_source = np.full((data * per,), -1, np.int32)
@@ -917,19 +919,31 @@ def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len
                       prefill_chunk=int(prefill_chunk), attention=attention)
 
 
-def estimate_kv_bytes(config: LlamaConfig, prompts, *, max_new_tokens: int,
-                      attention: str = "hydragen", dtype=jnp.bfloat16,
-                      max_len: Optional[int] = None, prefill_chunk: int = 2048,
-                      sharing_options: Optional[dict] = None, mesh=None) -> int:
-  """The `kv_bytes` that `generate` would allocate for this request, computed without running
-  anything (same validation and layout; prompts as for `generate`, token ids or a plan)."""
+def footprint(config: LlamaConfig, prompts, *, max_new_tokens: int,
+              attention: str = "hydragen", dtype=jnp.bfloat16, max_len: Optional[int] = None,
+              prefill_chunk: int = 2048, sharing_options: Optional[dict] = None,
+              mesh=None) -> tuple:
+  """(kv_bytes, Signature) that `generate` would allocate and compile for this request,
+  computed without running anything (same validation and layout; prompts as for `generate`,
+  token ids or a plan). Requests of one Signature (and one Runtime) share compiled programs."""
   if not isinstance(config, LlamaConfig):
     raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
   data = 1 if mesh is None else Runtime.build("xla", mesh).data
   _, lay = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
                     max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=None,
                     sharing_options=sharing_options, data=data)
-  return lay.kv_bytes(config, jnp.dtype(dtype))
+  return lay.kv_bytes(config, jnp.dtype(dtype)), lay.signature()
+
+
+def estimate_kv_bytes(config: LlamaConfig, prompts, *, max_new_tokens: int,
+                      attention: str = "hydragen", dtype=jnp.bfloat16,
+                      max_len: Optional[int] = None, prefill_chunk: int = 2048,
+                      sharing_options: Optional[dict] = None, mesh=None) -> int:
+  """The `kv_bytes` that `generate` would allocate for this request (`footprint`'s first
+  part)."""
+  return footprint(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
+                   dtype=dtype, max_len=max_len, prefill_chunk=prefill_chunk,
+                   sharing_options=sharing_options, mesh=mesh)[0]
 
 
 def _in_input_order(lay: Layout, x: np.ndarray) -> np.ndarray:

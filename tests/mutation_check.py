@@ -63,19 +63,19 @@ MUTATIONS = [
              "k = jnp.where(seen, k, jnp.zeros((), k.dtype))\n  v = jnp.where(seen, v, "
              "jnp.zeros((), v.dtype))", "pass", ("xla",)),
     Mutation("pallas_lse_log2", "Triton kernel: lse left in base 2 (no * ln 2)",
-             "hydrax.attention.kernels.pallas_gpu", "_tile_program",
+             "hydrax.attention.kernels.pallas_gpu", "_tile_body",
              "(m + jnp.log2(l_safe)) * LN2", "(m + jnp.log2(l_safe))", ("pallas",)),
     Mutation("pallas_last_block_dropped", "Triton kernel: key-block bound rounds down (the "
              "last partial key block is dropped)",
-             "hydrax.attention.kernels.pallas_gpu", "_tile_program",
+             "hydrax.attention.kernels.pallas_gpu", "_tile_body",
              "lax.div(hi + block_n - 1, block_n)", "lax.div(hi, block_n)", ("pallas",)),
     Mutation("pallas_first_block_dropped", "Triton kernel: every split starts one key block "
-             "late", "hydrax.attention.kernels.pallas_gpu", "_tile_program",
+             "late", "hydrax.attention.kernels.pallas_gpu", "_tile_body",
              "b_first = j * spec.blocks_per_split", "b_first = j * spec.blocks_per_split + 1",
              ("pallas",)),
     Mutation("pallas_loads_past_limit", "Triton kernel: masked key/value loads bounded by the "
              "capacity S instead of the tile's largest limit",
-             "hydrax.attention.kernels.pallas_gpu", "_tile_program",
+             "hydrax.attention.kernels.pallas_gpu", "_tile_body",
              "kv_ok = (keys < hi)[:, None]", "kv_ok = (keys < s_cap)[:, None]", ("pallas",)),
     Mutation("mosaic_lse_log2", "Mosaic GPU kernel: lse left in base 2 (no * ln 2)",
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",

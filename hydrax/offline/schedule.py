@@ -68,12 +68,12 @@ class Batch:
   rows: the requests, tree order; size: the engine's batch size (rows + one-token padding
   prompts, whose outputs are dropped; plan rows 0..len(rows)-1 are `rows`).
   key: the shared sampling settings; max_new_tokens: the batch's (bucketed) decode length.
-  kv_bytes: exact KV bytes of the padded batch (engine.estimate_kv_bytes).
+  kv_bytes: exact KV bytes of the padded batch (engine.footprint).
   prefill_tokens: prompt tokens the batch prefills (its plan's stored tokens, no padding rows).
   decode_tokens: sum of the rows' own max_new_tokens.
   tree_tokens: tokens of the radix tree of its rows (what it would prefill sharing every node).
-  signature: what its compiled executables depend on (batch size, max_new_tokens, sampling,
-    the plan's padded level shapes and suffix capacity).
+  signature: what its compiled executables depend on: (sampling key, the engine's
+    `Signature` of its plan: batch size, bucketed level shapes, capacities, max_new_tokens).
   """
   rows: tuple
   size: int
@@ -245,8 +245,9 @@ def make_batch(sequences, rows, key, max_new, *, config, dtype, max_batch: int,
   bucket = max(own, min(round_up(own, steps=2, minimum=16), max_positions - longest))
   plan = sharing.plan(real + _pad_prompts(size - len(rows)),
                       **{"buckets": BUCKETS, **sharing_options})
-  kv = engine.estimate_kv_bytes(config, plan, max_new_tokens=bucket, attention=attention,
-                                dtype=dtype, max_len=max_positions)
+  kv, engine_signature = engine.footprint(config, plan, max_new_tokens=bucket,
+                                         attention=attention, dtype=dtype,
+                                         max_len=max_positions)
   # Prompt tokens the real rows prefill: the plan's stored tokens minus the padding rows'
   # suffixes (a padding token shared with a real row is counted with the real row).
   pads = np.asarray(plan.inverse_order)[len(rows):]
@@ -254,7 +255,7 @@ def make_batch(sequences, rows, key, max_new, *, config, dtype, max_batch: int,
   # Radix-tree tokens of the real rows: in lexicographic order, sum(len - lcp with previous).
   order = np.asarray([i for i in np.asarray(plan.order) if i < len(rows)])
   tree = int(sum(s.size for s in real) - lcp_with_previous(real, order).sum())
-  signature = (size, bucket, key, plan.stats.padded_shapes, plan.stats.suffix_capacity)
+  signature = (key, engine_signature)       # what the engine compiles for, and the sampler
   return Batch(rows=rows, size=size, key=key, max_new_tokens=bucket, plan=plan,
                kv_bytes=int(kv), prefill_tokens=prefill,
                decode_tokens=int(sum(max_new[r] for r in rows)), tree_tokens=tree,

@@ -298,7 +298,7 @@ def _make_plan(flat: Flat, tree: radix.RadixTree, *, min_shared_tokens, merge_co
     _frozen(*lv[:6])
   return SharingPlan(
       order=order, suffix_lengths=suffix_lengths, suffix_start=suffix_start, stats=stats,
-      _flat=flat, _levels=tuple(levels), _suffix_capacity=suffix_capacity)
+      buckets=buckets, _flat=flat, _levels=tuple(levels), _suffix_capacity=suffix_capacity)
 
 
 def _log_nothing_shared(end, sharers, b: int, min_shared_tokens, merge_cost) -> None:
@@ -337,6 +337,8 @@ class SharingPlan:
   suffix_lengths: [B] int32 (0 for a sequence equal to a shared path).
   suffix_start:   [B] int32 position of the suffix's first token (sum of its shared lengths).
   stats:          PlanStats.
+  buckets:        the padding policy the plan was made with (`hydrax.sharing.Buckets`); the
+                  engine pads its caches and keys its compiled programs with the same one.
   `levels` and `suffix_tokens` are built on first use (they are the padded, larger arrays;
   the plan itself holds O(total tokens + nodes)). All arrays are read-only.
   """
@@ -344,6 +346,7 @@ class SharingPlan:
   suffix_lengths: np.ndarray
   suffix_start: np.ndarray
   stats: PlanStats
+  buckets: buckets_lib.Buckets
   _flat: Flat = dataclasses.field(repr=False)
   _levels: tuple = dataclasses.field(repr=False)
   _suffix_capacity: int = dataclasses.field(repr=False)

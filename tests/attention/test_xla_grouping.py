@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 from hydrax.attention import KVLevel, hydragen_attention
 from hydrax.attention import xla
 from tests import oracle
+from tests.attention.conftest import BACKENDS, Spied
 from tests.attention.test_core import _check, _expect, _run
 
 
@@ -72,7 +73,9 @@ def test_traced_owners_match_oracle(case):
 def test_static_owners_match_oracle(case):
   """Static owners: grouped by node, or tiles with a NumPy table when the groups are uneven."""
   q, levels, causal, dtype = case
-  out, lse = _run(q, levels, causal, dtype, backend="xla")     # owners closed over: static
+  xla = Spied(BACKENDS[0])
+  assert xla.name == "xla"
+  out, lse = _run(xla, q, levels, causal, dtype)          # owners closed over: static
   _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
 
 
