@@ -1,6 +1,12 @@
-"""Shared test settings: hypothesis profiles sized for a 2-core CI machine."""
+"""Shared test settings: hypothesis profiles sized for a 2-core CI machine, and 8 simulated
+CPU devices for tests/parallel (set here, before any test module can start jax's backend;
+otherwise tests/parallel falls back to rerunning itself in a subprocess, ~2 minutes more)."""
 
 import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 
 from hypothesis import HealthCheck, settings
 
