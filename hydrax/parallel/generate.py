@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from hydrax import engine
 
-resolve_model = engine.resolve_model   # (graphdef, params, config) of a model argument
 clear_compiled_cache = engine.clear_compiled_cache
 
 

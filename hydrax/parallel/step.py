@@ -8,8 +8,8 @@ F_l = F/M MLP columns (M the model axis size). The collectives are explicit:
                  own nodes (see `rules.place_nodes`);
   o projection   psum over model of [B_l,T,E] (the rows of o are split over model);
   MLP down       psum over model of [B_l,T,E];
-  logits         vocab-sharded: greedy decoding all-gathers one (max, argmax) pair per row and
-                 shard; sampling and `apply` all-gather the logits [B_l,T,V] over model.
+  logits         vocab-sharded: `apply` all-gathers the logits [B_l,T,V] over model.
+(Generation itself runs in `hydrax.engine`, whose loop leaves the model axis to XLA.)
 
 The model is `hydrax.models.llama.forward` itself (one copy of the layers, under `lax.scan`):
 `forward_shard` calls it with `reduce=MODEL` (the two psums) and, when the data shards' node
@@ -239,42 +239,12 @@ def forward_shard(model, tokens, positions, *, shared: Sequence[LevelKV] = (),
   return hidden, None if cache is None else cache.suffix
 
 
-def logits_shard(model, hidden):
-  """hidden [..., E] -> float32 logits [..., V_l]: this shard's vocabulary slice when the head
-  is vocab-sharded (V_l = V/M), else all V (tied or replicated head). `llama.logits` of the
-  shard's arrays."""
-  return llama_lib.logits(model, hidden)
-
-
 def full_logits_shard(model, hidden, vocab_sharded: bool):
-  """Logits [..., V] on every model shard (all-gathered over model when vocab-sharded)."""
-  local = logits_shard(model, hidden)
+  """Logits [..., V] on every model shard: `llama.logits` of the shard's arrays (this shard's
+  vocabulary slice when the head is vocab-sharded), all-gathered over model in that case."""
+  local = llama_lib.logits(model, hidden)
   return lax.all_gather(local, MODEL, axis=local.ndim - 1, tiled=True) if vocab_sharded \
       else local
-
-
-def argmax_shard(local, vocab_sharded: bool):
-  """Greedy token [B_l] int32 from logits [B_l,V_l]; the first maximum over the whole vocabulary
-  (as jnp.argmax), found from one (max, argmax) pair per model shard."""
-  if not vocab_sharded:
-    return jnp.argmax(local, axis=-1).astype(jnp.int32)
-  best = jnp.max(local, axis=-1)
-  where = jnp.argmax(local, axis=-1).astype(jnp.int32) + \
-      lax.axis_index(MODEL).astype(jnp.int32) * local.shape[-1]
-  bests = lax.all_gather(best, MODEL)                        # [M,B_l]
-  wheres = lax.all_gather(where, MODEL)
-  pick = jnp.argmax(bests, axis=0)                           # first shard with the maximum
-  return jnp.take_along_axis(wheres, pick[None], axis=0)[0]
-
-
-def next_token_shard(model, hidden, key, sampling: dict, vocab_sharded: bool):
-  """One token per row [B_l] from hidden [B_l,E]: greedy (temperature 0) or sampled with
-  `hydrax.engine.sample` (each data shard draws with its own fold of `key`)."""
-  if sampling.get("temperature", 0.0) == 0:
-    return argmax_shard(logits_shard(model, hidden), vocab_sharded)
-  from hydrax.engine import sample
-  full = full_logits_shard(model, hidden, vocab_sharded)
-  return sample(full, jax.random.fold_in(key, lax.axis_index(DATA)), **sampling)
 
 
 def apply(model, params, tokens, positions=None, *, mesh, backend: str = "auto"):
@@ -283,7 +253,7 @@ def apply(model, params, tokens, positions=None, *, mesh, backend: str = "auto")
   model: a hydrax `Llama`, its nnx.GraphDef (with params) or its LlamaConfig (with params);
   params: its nnx.State (None: the module's own). B must be divisible by the data axis size.
   """
-  from hydrax.engine import resolve_model    # at call time, as `sample` above: no cycle
+  from hydrax.engine import resolve_model    # at call time: the engine imports parallel
   mesh = check_mesh(mesh)
   graphdef, params, config = resolve_model(model, params)
   data, _ = axis_sizes(mesh)
