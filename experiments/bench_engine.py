@@ -132,6 +132,8 @@ def main(argv=None):
   ap.add_argument("--backend", default="auto")
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--unroll", default="1", help="layers per scan iteration, or 'all'")
+  ap.add_argument("--xla-options", default="auto", choices=("auto", "xla-defaults"),
+                  help="the engine's GPU XLA options (auto) or XLA's defaults (for comparison)")
   ap.add_argument("--ceilings", default=None, help="FLOPS,BYTES_PER_S (skip measuring)")
   ap.add_argument("--no-dump", action="store_true", help="do not dump/scan the decode HLO")
   ap.add_argument("--out", required=True)
@@ -156,7 +158,8 @@ def main(argv=None):
     flops_s, bytes_s, how = _ceilings(jax, jnp)
   env = {"device": str(jax.devices()[0]), "jax": jax.__version__, "model": args.model,
          "layers": config.num_layers, "dtype": args.dtype, "backend": args.backend,
-         "new_tokens": args.new_tokens, "suffix": args.suffix, "unroll": args.unroll, "ceiling_flops": flops_s,
+         "new_tokens": args.new_tokens, "suffix": args.suffix, "unroll": args.unroll,
+         "xla_options": args.xla_options, "ceiling_flops": flops_s,
          "ceiling_bytes_per_s": bytes_s, "ceilings_from": how, "argv": sys.argv}
   print(json.dumps(env), flush=True)
   t0 = time.perf_counter()
@@ -182,9 +185,11 @@ def main(argv=None):
       engine.clear_compiled_cache()
       before = set(glob.glob(os.path.join(dump, "*after_optimizations.txt"))) if dump else set()
       try:
+        runtime = engine.Runtime.build(
+            args.backend, unroll=True if args.unroll == "all" else int(args.unroll),
+            xla_options="auto" if args.xla_options == "auto" else {})
         gen = engine.generate(model, plan, max_new_tokens=args.new_tokens, attention=mode,
-                              backend=args.backend,
-                              unroll=True if args.unroll == "all" else int(args.unroll))
+                              runtime=runtime)
       except engine.OutOfMemoryError as e:
         row[f"{mode}_error"] = str(e)[:200]
         print(f"P={p} B={b} {mode}: OOM", flush=True)

@@ -148,6 +148,18 @@ def _mesh_lib():
   return mesh_lib, rules
 
 
+# XLA options for GPU executables. Under `lax.scan` over stacked [L, ...] weights, XLA's GPU
+# backend by default copies each layer's weight slice out of the stack before its matrix
+# products, every step (~16 GB per llama3-8b decode step). Dynamic-slice fusion lets cuBLAS
+# read the slice in place; it applies to cuBLAS calls only, hence Triton GEMM fusions off
+# (cuBLAS is as fast on these shapes). Measured on an H200, llama3-8b bf16 no-attention decode
+# step (experiments/bench_layers.py, experiments/results/engine/layers/): B=256 12.52 ->
+# 6.68 ms, B=1024 27.55 -> 22.23 ms, the same as per-layer weight buffers (6.86, 22.35 ms);
+# dynamic-slice fusion alone changed nothing.
+GPU_XLA_OPTIONS = (("xla_gpu_enable_dynamic_slice_fusion", True),
+                   ("xla_gpu_enable_triton_gemm", False))
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
   """Where and how a generation runs; hashable, part of every compile key.
@@ -158,17 +170,20 @@ class Runtime:
   checks:  "static" (the attention core's shape and concrete-value checks) or "runtime"
            (values checked under jit too, passed to the attention core as checks=).
   unroll:  layers per iteration of the model's `lax.scan` (True, stored as "all": every
-           layer). 1 compiles fastest;
-           on GPUs XLA then copies each layer's weights out of the stacked parameters every
-           step, which full unrolling avoids at several times the compile time (measured
-           trade-off in `llama.forward`'s docstring).
-  Build it with `Runtime.build(backend="auto", mesh=None, checks="static", unroll=1)`, which
-  resolves a backend name ("auto" per platform) and a mesh spec ("2x4", (2, 4), ...).
+           layer). 1 compiles fastest and, with the GPU's default `xla_options`, runs as fast
+           as per-layer weight buffers (see `llama.forward`'s docstring).
+  xla_options: XLA compiler options of the prefill and decode executables, as sorted
+           (name, value) pairs (a dict is accepted), or "auto": `GPU_XLA_OPTIONS` on GPUs
+           (so that the layer scan reads each layer's weights in place), none elsewhere.
+  Build it with `Runtime.build(backend="auto", mesh=None, checks="static", unroll=1,
+  xla_options="auto")`, which resolves a backend name ("auto" per platform) and a mesh spec
+  ("2x4", (2, 4), ...).
   """
   backend: backends_lib.Backend
   mesh: Any = None
   checks: str = "static"
   unroll: Any = 1
+  xla_options: Any = "auto"
 
   def __post_init__(self):
     if not isinstance(self.backend, backends_lib.Backend):
@@ -184,12 +199,29 @@ class Runtime:
                        f"{self.unroll!r}")
     if self.mesh is not None:
       _mesh_lib()[0].check_mesh(self.mesh)
+    if isinstance(self.xla_options, dict):
+      object.__setattr__(self, "xla_options", tuple(sorted(self.xla_options.items())))
+    if self.xla_options != "auto" and not (
+        isinstance(self.xla_options, tuple) and
+        all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str)
+            for o in self.xla_options)):
+      raise ValueError(f"xla_options must be 'auto', a dict or (name, value) pairs, got "
+                       f"{self.xla_options!r}")
 
   @classmethod
-  def build(cls, backend="auto", mesh=None, checks: str = "static", unroll=1) -> "Runtime":
+  def build(cls, backend="auto", mesh=None, checks: str = "static", unroll=1,
+            xla_options="auto") -> "Runtime":
     if mesh is not None:
       mesh = _mesh_lib()[0].make_mesh(mesh)
-    return cls(backends_lib.get(backend), mesh, checks, unroll)
+    return cls(backends_lib.get(backend), mesh, checks, unroll, xla_options)
+
+  def compiler_options(self) -> Optional[dict]:
+    """The XLA options the executables are compiled with (None: XLA's defaults)."""
+    if self.xla_options != "auto":
+      return dict(self.xla_options) or None
+    devices = jax.devices() if self.mesh is None else self.mesh.devices.flat
+    platform = next(iter(devices)).platform
+    return dict(GPU_XLA_OPTIONS) if platform == "gpu" else None
 
   @property
   def data(self) -> int:
@@ -865,9 +897,9 @@ class _Compiled:
     while len(self.items) > self.size:
       self.items.popitem(last=False)
 
-  def compile(self, fn, *args):
+  def compile(self, fn, *args, options: Optional[dict] = None):
     self.compilations += 1
-    return fn.lower(*args).compile()
+    return fn.lower(*args).compile(compiler_options=options)
 
   def clear(self):
     self.items.clear()
@@ -1066,7 +1098,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
                                   one, one),
                         out_specs=(held_spec, level_spec, rows_spec, rows_spec))
       prefill = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn)), params, inputs, key_first,
-                                     eos)
+                                     eos, options=runtime.compiler_options())
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"
     t0 = time.perf_counter()
@@ -1084,7 +1116,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
                           out_specs=(rows_spec, rows_spec, one, level_spec))
         decode = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn), donate_argnums=(2,)),
                                       params, shared, suffix, owners, first, done, key_loop,
-                                      plen, eos, pad)
+                                      plen, eos, pad, options=runtime.compiler_options())
         compile_s += time.perf_counter() - t0
       guard.stage = "decode"
       t0 = time.perf_counter()

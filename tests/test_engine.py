@@ -342,6 +342,31 @@ def test_runtime_checks_and_unroll(tiny):
     engine.Runtime.build("xla", unroll=0)
 
 
+def test_runtime_xla_options_reach_the_compiler(tiny, monkeypatch):
+  """xla_options: "auto" is GPU_XLA_OPTIONS on GPUs and nothing elsewhere; given options are a
+  sorted, hashable part of the key, and the executables are compiled with them (a spy on
+  `Lowered.compile`, and an unknown option name that XLA itself rejects)."""
+  _, model, _, _ = tiny
+  assert engine.Runtime.build("xla").compiler_options() is None        # CPU
+  rt = engine.Runtime.build("xla", xla_options={"xla_gpu_enable_triton_gemm": False,
+                                               "xla_cpu_enable_fast_math": False})
+  assert rt.xla_options == (("xla_cpu_enable_fast_math", False),
+                            ("xla_gpu_enable_triton_gemm", False))
+  assert rt != engine.Runtime.build("xla") and hash(rt)
+  seen = []
+  real = jax.stages.Lowered.compile
+  monkeypatch.setattr(jax.stages.Lowered, "compile",
+                      lambda self, compiler_options=None: seen.append(compiler_options)
+                      or real(self, compiler_options=compiler_options))
+  engine.generate(model, [[5, 6, 7, 8], [9, 10, 11]], max_new_tokens=3, runtime=rt)
+  assert seen == [dict(rt.xla_options)] * 2                  # prefill and decode
+  with pytest.raises(Exception, match="no_such_option"):
+    engine.generate(model, [[5, 6, 7]], max_new_tokens=2,
+                    runtime=engine.Runtime.build("xla", xla_options={"no_such_option": 1}))
+  with pytest.raises(ValueError, match="xla_options must be"):
+    engine.Runtime.build("xla", xla_options=["xla_gpu_enable_triton_gemm"])
+
+
 @pytest.mark.parametrize("attention", ["replicated", "hydragen"])
 def test_decode_makes_no_copy_of_the_whole_cache(tiny, attention):
   """The compiled decode loop copies or transposes no array as large as the per-sequence cache

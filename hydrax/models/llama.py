@@ -382,10 +382,14 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
   iteration; True unrolls all). The scan carries the hidden state and the stacked suffix
   cache: layer l writes its new keys into the stack at [l, b, slot] and attends to layer l of
   the stacked shared and suffix caches in place (`KVLevel(..., layer=l)`), so no per-layer
-  copy of a cache is made (under `jit`, donate the cache). The trade-off of `unroll`, measured
-  on the H200 (jax 0.11.2, llama3-8b, a no-attention decode step at B=256): unroll=1 compiles
-  in 2.4 s but XLA copies each layer's weight slice out of the stack every step (12.32 ms per
-  step); unroll=True compiles in 41 s and reads the weights in place (7.59 ms per step).
+  copy of a cache is made (under `jit`, donate the cache). On GPUs, compile with XLA's
+  dynamic-slice fusion on and Triton GEMMs off (`hydrax.engine.GPU_XLA_OPTIONS`, what the
+  engine does): XLA's defaults copy each layer's weight slice out of the stack every step.
+  Measured on the H200 (jax 0.11.2, llama3-8b bf16, a no-attention decode step,
+  experiments/bench_layers.py): B=256 12.52 ms with the defaults, 6.68 ms with those options,
+  6.86 ms with per-layer weight buffers; B=1024 27.55 / 22.23 / 22.35 ms; the scan compiles in
+  0.4-2.4 s, fully unrolled 4.7-41 s (unroll=True brings nothing once the weights are read in
+  place).
   checks: "static" or "runtime", passed to `hydragen_attention` (the default attend only).
 
   For the same model written per shard under `jax.shard_map` (tensor parallel; see

@@ -491,9 +491,6 @@ def test_mosaic_kernel_exact(mosaic_backend, monkeypatch):
   _mosaic_run(mosaic_backend, monkeypatch, levels, q, 2, jnp.float16)
 
 
-@pytest.mark.xfail(strict=True, reason="the Mosaic GPU kernel loads whole key blocks and "
-                   "multiplies masked weights (0) by the values there: NaN past a node's length "
-                   "reaches the output (kernels/mosaic_gpu.py)")
 def test_mosaic_keys_past_lengths_never_reach_output(mosaic_backend, monkeypatch):
   rng = np.random.default_rng(13)
   b, t, kh, g, d = 2, 1, 1, 2, 64                   # one program

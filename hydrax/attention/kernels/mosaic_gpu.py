@@ -164,6 +164,20 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, bl
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(v_bar.at[slot])
       plgpu.barrier_wait(sched)
+      if masked:
+        # p is exactly 0 for keys >= hi, but 0 * NaN is NaN in p v: a block that runs past hi
+        # (the node's valid keys end inside it) has its value rows >= hi zeroed in shared
+        # memory first. Both compute warpgroups do it before their own product; they write
+        # the same bits, so neither can read a value that is not finite or not the real one.
+        @pl.when(block_start(i) + bk > hi)
+        def _():
+          for c in range(block_kv // BLOCK_Q):
+            part = v_smem.at[slot, pl.ds(c * BLOCK_Q, BLOCK_Q)]
+            keys = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, d), 0),
+                        plgpu.Layout.WGMMA) + (block_start(i) + c * BLOCK_Q)
+            vals = cast(part[...], plgpu.Layout.WGMMA)
+            part[...] = jnp.where(keys < hi, vals, jnp.zeros_like(vals))
+          plgpu.commit_smem()
 
       def wait_next_keys():
         nxt = i + 1
