@@ -160,6 +160,13 @@ def throughput(rows) -> dict:
                   if a == "replicated" and q == p and ("none", p, b) in tps]
       if rep_none:
         out[f"replicated_vs_none_{p}"] = min(rep_none)
+    # The paper's "baselines lose > 90% from 1K to 16K": each prefix at its best batch (the
+    # batch a baseline can hold shrinks with the prefix; that is part of what it loses).
+    best = {p: max(((v, b) for (a, q, b), v in tps.items() if a == "replicated" and q == p),
+                   default=None) for p in (short, long)}
+    if best[short] and best[long]:
+      out["replicated_loss"] = (short, best[short][1], long, best[long][1],
+                                1 - best[long][0] / best[short][0])
   ooms = sorted({(r["attention"], int(r["prefix"]), int(r["batch"])) for r in rows
                  if r["status"] == "OOM"})
   out["oom"] = ooms
@@ -193,8 +200,13 @@ def claims(data: dict) -> list:
                     "met" if x > goal else "not met"))
       if f"replicated_vs_none_{p}" in t:
         x, b = t[f"replicated_vs_none_{p}"]
-        out.append((f"{model}: replicated / none decode tok/s, prefix {p}", "< 10% (loses > 90%)",
-                    f"{100 * x:.0f}% at batch {b}", "met" if x < 0.1 else "not met"))
+        out.append((f"{model}: replicated / none decode tok/s, prefix {p}", "-",
+                    f"{100 * x:.0f}% at batch {b}", "reported"))
+    if "replicated_loss" in t:
+      s, bs, l, bl, loss = t["replicated_loss"]
+      out.append((f"{model}: best replicated loss from prefix {s} (batch {bs}) to {l} "
+                  f"(batch {bl})", "> 90%", f"{100 * loss:.0f}%",
+                  "met" if loss > 0.9 else "not met"))
     if len(out) == before:
       out.append((f"end to end, {model}", "-", "no comparable pair of points ran", "pending"))
     if t["oom"]:
