@@ -49,7 +49,13 @@ def _tiles(xp, counts, rows_per_seq: int, block_m: int, num_tiles: int):
   ntiles = (rows + block_m - 1) // block_m
   tiles_end = xp.cumsum(ntiles)
   tile = xp.arange(num_tiles)
-  node = xp.searchsorted(tiles_end, tile, side="right")
+  if xp is np:
+    node = np.searchsorted(tiles_end, tile, side="right")
+  else:
+    # One fused comparison instead of the default binary search's loop of small launches
+    # (these tables are small: num_tiles x N compares), else a sort-based search.
+    method = "compare_all" if num_tiles * counts.shape[0] <= (1 << 22) else "sort"
+    node = jnp.searchsorted(tiles_end, tile, side="right", method=method)
   used = node < counts.shape[0]
   node = xp.minimum(node, counts.shape[0] - 1)
   j = tile - (tiles_end[node] - ntiles[node])          # tile index within its node
