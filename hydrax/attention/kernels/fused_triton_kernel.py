@@ -1,0 +1,193 @@
+"""The fused decode kernel in native Triton (imported only by `fused_triton`, never by hydrax).
+
+Axis letters: B sequences, T queries per sequence, H = K*G query heads, K KV heads, D head dim
+(DP: padded to a power of two >= 16), S a level's key capacity, W work items, NP partial
+results per query (sum of the levels' key splits), TGP = T*G padded to a power of two, M rows
+of an item (C sequences x TGP), BN keys per block.
+
+One persistent launch runs the whole call: program p takes items p, p + NPROG, ... of the work
+list (`fused_worklist.work_list`, heaviest first). An item attends the rows of `count`
+sequences (one node) of one level to a key range of that node, with an online softmax in
+float32 (base 2), and writes its normalised partial output and natural-log lse per row to a
+scratch slot (b, kh, part). Then it takes a ticket per sequence (an atomic add on a counter per
+(b, kh), acquire-release at GPU scope, after a block barrier so every thread's partial stores
+are ordered before it). The program that draws the NP-th ticket of a sequence merges its NP
+partials (loads through L2, `.cg`) into out [B,T,H,D] and lse [B,T,H]. No program ever waits
+for another, so residency of the grid does not matter and Triton's interpreter (sequential
+programs) runs it too. With NP == 1 the single item writes out and lse directly.
+
+Keys past a row's limit never reach the output: blocks are loaded only below the item's key
+end (<= the largest limit of its rows <= the node's length; masked loads give 0) and scores at
+or past each row's own limit are -inf before the exponent, so neither NaN keys nor NaN values
+stored past a length are ever read. A row that sees no key gets lse = -inf and out = 0.
+
+Levels are static (up to 4, pointer arguments k0..k3, v0..v3; unused ones repeat k0, v0 and
+are never read): each has its own rows per item (M*), capacity (S*), keys per split (CHUNK*)
+and first part index (PBASE*), all constexpr.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attend_item(node, start, count, kh, split, lvl_row0,
+                 order_ptr, limits_ptr, q_ptr, k_ptr, v_ptr,
+                 out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
+                 B: tl.constexpr, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                 G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, TGP: tl.constexpr,
+                 NP: tl.constexpr, BN: tl.constexpr, SCALE_LOG2: tl.constexpr,
+                 EXACT: tl.constexpr, M: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr,
+                 PBASE: tl.constexpr):
+  C: tl.constexpr = M // TGP
+  rows = tl.arange(0, M)
+  slot = rows // TGP
+  within = rows % TGP
+  t = within // G
+  g = within % G
+  row_ok = (slot < count) & (within < T * G)
+  b = tl.load(order_ptr + lvl_row0 + start + slot, mask=row_ok, other=0)
+  lim = tl.load(limits_ptr + (lvl_row0 + b) * T + t, mask=row_ok, other=0)
+  hi = tl.max(lim, axis=0)
+  k_begin = split * CHUNK
+  k_end = tl.minimum(k_begin + CHUNK, hi)
+
+  dofs = tl.arange(0, DP)
+  d_ok = dofs < D
+  qrow = ((b.to(tl.int64) * T + t) * H + kh * G + g) * D
+  q = tl.load(q_ptr + qrow[:, None] + dofs[None, :], mask=row_ok[:, None] & d_ok[None, :],
+              other=0.0)
+  # Key s of (node, kh) sits at ((node * S + s) * K + kh) * D; 64-bit: stacked caches are large.
+  kv_base = (node.to(tl.int64) * S * K + kh) * D
+  m_i = tl.full([M], float("-inf"), tl.float32)
+  l_i = tl.zeros([M], tl.float32)
+  acc = tl.zeros([M, DP], tl.float32)
+  for s0 in range(k_begin, k_end, BN):
+    keys = s0 + tl.arange(0, BN)
+    k_ok = keys < k_end
+    kv_off = kv_base + keys.to(tl.int64)[:, None] * (K * D) + dofs[None, :]
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    kb = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+    vb = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+    if EXACT:
+      s = tl.dot(q, tl.trans(kb), input_precision="ieee")
+    else:
+      s = tl.dot(q, tl.trans(kb))
+    s = tl.where(keys[None, :] < lim[:, None], s * SCALE_LOG2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if EXACT:
+      pv = tl.dot(p, vb, input_precision="ieee")
+    else:
+      pv = tl.dot(p.to(vb.dtype), vb)
+    acc = acc * alpha[:, None] + pv
+    m_i = m_new
+
+  has = l_i > 0.0
+  l_safe = tl.where(has, l_i, 1.0)
+  o = acc / l_safe[:, None]
+  lse = tl.where(has, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+  hrow = (b * T + t) * H + kh * G + g
+  if NP == 1:
+    tl.store(out_ptr + qrow[:, None] + dofs[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + hrow, lse, mask=row_ok)
+  else:
+    seq_kh = b * K + kh
+    prow = ((seq_kh.to(tl.int64) * NP + PBASE + split) * TGP + within)
+    tl.store(part_o_ptr + prow[:, None] * DP + dofs[None, :], o, mask=row_ok[:, None])
+    tl.store(part_lse_ptr + prow, lse, mask=row_ok)
+    # Every thread's partial stores happen before the ticket (release at GPU scope).
+    tl.debug_barrier()
+    first = row_ok & (within == 0)
+    old = tl.atomic_add(ticket_ptr + seq_kh, tl.full([M], 1, tl.int32), mask=first,
+                        sem="acq_rel", scope="gpu")
+    last_first = (first & (old == NP - 1)).to(tl.int32)
+    # A sequence's flag, drawn on its first row, spread to its TGP rows.
+    per_seq = tl.max(tl.reshape(last_first, [C, TGP]), axis=1)
+    last = (tl.reshape(tl.broadcast_to(per_seq[:, None], [C, TGP]), [M]) > 0) & row_ok
+    tl.debug_barrier()
+    if tl.max(last.to(tl.int32), axis=0) > 0:
+      m_a = tl.full([M], float("-inf"), tl.float32)
+      l_a = tl.zeros([M], tl.float32)
+      o_a = tl.zeros([M, DP], tl.float32)
+      base = (seq_kh.to(tl.int64) * NP) * TGP + within
+      for part in tl.static_range(NP):
+        prow_p = base + part * TGP
+        lse_p = tl.load(part_lse_ptr + prow_p, mask=last, other=float("-inf"),
+                        cache_modifier=".cg")
+        o_p = tl.load(part_o_ptr + prow_p[:, None] * DP + dofs[None, :], mask=last[:, None],
+                      other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_a, lse_p)
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+        a = tl.exp(m_a - m_use)
+        w = tl.exp(lse_p - m_use)
+        l_a = l_a * a + w
+        o_a = o_a * a[:, None] + w[:, None] * o_p
+        m_a = m_new
+      has_a = l_a > 0.0
+      l_as = tl.where(has_a, l_a, 1.0)
+      out = o_a / l_as[:, None]
+      lse_out = tl.where(has_a, m_a + tl.log(l_as), float("-inf"))
+      tl.store(out_ptr + qrow[:, None] + dofs[None, :], out.to(out_ptr.dtype.element_ty),
+               mask=last[:, None] & d_ok[None, :])
+      tl.store(lse_ptr + hrow, lse_out, mask=last)
+
+
+@triton.jit
+def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
+                        k0, v0, k1, v1, k2, v2, k3, v3,
+                        out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
+                        W: tl.constexpr, NPROG: tl.constexpr, NUM_LEVELS: tl.constexpr,
+                        B: tl.constexpr, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                        G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                        TGP: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
+                        SCALE_LOG2: tl.constexpr, EXACT: tl.constexpr,
+                        M0: tl.constexpr, S0: tl.constexpr, CHUNK0: tl.constexpr,
+                        PBASE0: tl.constexpr,
+                        M1: tl.constexpr, S1: tl.constexpr, CHUNK1: tl.constexpr,
+                        PBASE1: tl.constexpr,
+                        M2: tl.constexpr, S2: tl.constexpr, CHUNK2: tl.constexpr,
+                        PBASE2: tl.constexpr,
+                        M3: tl.constexpr, S3: tl.constexpr, CHUNK3: tl.constexpr,
+                        PBASE3: tl.constexpr):
+  """items [W, 6] int32 (level, node, start, count, kv head, split); order [Lv*B] int32;
+  limits [Lv*B*T] int32; q [B,T,H,D]; k*, v* [N*,S*,K,D] (stacked caches flattened: the
+  items' nodes carry the layer offset); out [B,T,H,D]; lse [B,T,H] f32; part_o [B*K*NP*TGP,
+  DP] f32, part_lse [B*K*NP*TGP] f32 (scratch; size 1 when NP == 1); ticket [B*K] int32,
+  zero on entry."""
+  pid = tl.program_id(0)
+  for w in range(pid, W, NPROG):
+    it = items_ptr + w * 6
+    lvl = tl.load(it)
+    node = tl.load(it + 1)
+    start = tl.load(it + 2)
+    count = tl.load(it + 3)
+    kh = tl.load(it + 4)
+    split = tl.load(it + 5)
+    if count > 0:
+      if lvl == 0:
+        _attend_item(node, start, count, kh, split, 0, order_ptr, limits_ptr, q_ptr, k0, v0,
+                     out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr, B, T, H, K, G, D,
+                     DP, TGP, NP, BN, SCALE_LOG2, EXACT, M0, S0, CHUNK0, PBASE0)
+      if NUM_LEVELS > 1:
+        if lvl == 1:
+          _attend_item(node, start, count, kh, split, B, order_ptr, limits_ptr, q_ptr, k1,
+                       v1, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr, B, T, H, K,
+                       G, D, DP, TGP, NP, BN, SCALE_LOG2, EXACT, M1, S1, CHUNK1, PBASE1)
+      if NUM_LEVELS > 2:
+        if lvl == 2:
+          _attend_item(node, start, count, kh, split, 2 * B, order_ptr, limits_ptr, q_ptr, k2,
+                       v2, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr, B, T, H, K,
+                       G, D, DP, TGP, NP, BN, SCALE_LOG2, EXACT, M2, S2, CHUNK2, PBASE2)
+      if NUM_LEVELS > 3:
+        if lvl == 3:
+          _attend_item(node, start, count, kh, split, 3 * B, order_ptr, limits_ptr, q_ptr, k3,
+                       v3, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr, B, T, H, K,
+                       G, D, DP, TGP, NP, BN, SCALE_LOG2, EXACT, M3, S3, CHUNK3, PBASE3)
