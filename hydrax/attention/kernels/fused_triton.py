@@ -223,7 +223,8 @@ def _forward(q, kvs, limits, owners, layers, *, shapes, scale, cfg: Config, out_
     kv_args += list(kvs[i] if i < len(kvs) else kvs[0])
   consts = dict(W=plan.num_items, NPROG=plan.grid, NUM_LEVELS=len(kvs), B=b, T=t, H=h, K=kh,
                 G=h // kh, D=d, DP=dp, TGP=plan.tgp, NP=parts, BN=plan.block_n,
-                SCALE_LOG2=float(scale) * LOG2E, EXACT=q.dtype == jnp.float32)
+                SCALE_LOG2=float(scale) * LOG2E, EXACT=q.dtype == jnp.float32,
+                DOT_UPCAST=bool(cfg.interpret) and q.dtype != jnp.float32)
   for i in range(wl.MAX_LEVELS):
     lp = plan.levels[i] if i < len(kvs) else plan.levels[0]
     cap = shapes[i].capacity if i < len(kvs) else shapes[0].capacity

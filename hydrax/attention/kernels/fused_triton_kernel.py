@@ -21,6 +21,10 @@ end (<= the largest limit of its rows <= the node's length; masked loads give 0)
 or past each row's own limit are -inf before the exponent, so neither NaN keys nor NaN values
 stored past a length are ever read. A row that sees no key gets lse = -inf and out = 0.
 
+DOT_UPCAST (Triton's interpreter only, whose dot multiplies bfloat16 bit patterns as
+integers): the dots' bf16/fp16 operands are widened to float32 first, which gives the same
+products (exact in float32) with float32 accumulation, as on the GPU.
+
 Levels are static (up to 4, pointer arguments k0..k3, v0..v3; unused ones repeat k0, v0 and
 are never read): each has its own rows per item (M*), capacity (S*), keys per split (CHUNK*)
 and first part index (PBASE*), all constexpr.
@@ -40,8 +44,8 @@ def _attend_item(node, start, count, kh, split, lvl_row0,
                  B: tl.constexpr, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                  G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, TGP: tl.constexpr,
                  NP: tl.constexpr, BN: tl.constexpr, SCALE_LOG2: tl.constexpr,
-                 EXACT: tl.constexpr, M: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr,
-                 PBASE: tl.constexpr):
+                 EXACT: tl.constexpr, DOT_UPCAST: tl.constexpr, M: tl.constexpr,
+                 S: tl.constexpr, CHUNK: tl.constexpr, PBASE: tl.constexpr):
   C: tl.constexpr = M // TGP
   rows = tl.arange(0, M)
   slot = rows // TGP
@@ -74,6 +78,8 @@ def _attend_item(node, start, count, kh, split, lvl_row0,
     vb = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
     if EXACT:
       s = tl.dot(q, tl.trans(kb), input_precision="ieee")
+    elif DOT_UPCAST:
+      s = tl.dot(q.to(tl.float32), tl.trans(kb.to(tl.float32)))
     else:
       s = tl.dot(q, tl.trans(kb))
     s = tl.where(keys[None, :] < lim[:, None], s * SCALE_LOG2, float("-inf"))
@@ -84,6 +90,8 @@ def _attend_item(node, start, count, kh, split, lvl_row0,
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if EXACT:
       pv = tl.dot(p, vb, input_precision="ieee")
+    elif DOT_UPCAST:
+      pv = tl.dot(p.to(vb.dtype).to(tl.float32), vb.to(tl.float32))
     else:
       pv = tl.dot(p.to(vb.dtype), vb)
     acc = acc * alpha[:, None] + pv
@@ -149,6 +157,7 @@ def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
                         G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                         TGP: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
                         SCALE_LOG2: tl.constexpr, EXACT: tl.constexpr,
+                        DOT_UPCAST: tl.constexpr,
                         M0: tl.constexpr, S0: tl.constexpr, CHUNK0: tl.constexpr,
                         PBASE0: tl.constexpr,
                         M1: tl.constexpr, S1: tl.constexpr, CHUNK1: tl.constexpr,
@@ -175,19 +184,22 @@ def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
       if lvl == 0:
         _attend_item(node, start, count, kh, split, 0, order_ptr, limits_ptr, q_ptr, k0, v0,
                      out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr, B, T, H, K, G, D,
-                     DP, TGP, NP, BN, SCALE_LOG2, EXACT, M0, S0, CHUNK0, PBASE0)
+                     DP, TGP, NP, BN, SCALE_LOG2, EXACT, DOT_UPCAST, M0, S0, CHUNK0, PBASE0)
       if NUM_LEVELS > 1:
         if lvl == 1:
-          _attend_item(node, start, count, kh, split, B, order_ptr, limits_ptr, q_ptr, k1,
-                       v1, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr, B, T, H, K,
-                       G, D, DP, TGP, NP, BN, SCALE_LOG2, EXACT, M1, S1, CHUNK1, PBASE1)
+          _attend_item(node, start, count, kh, split, B, order_ptr, limits_ptr,
+                       q_ptr, k1, v1, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+                       ticket_ptr, B, T, H, K, G, D, DP, TGP, NP, BN, SCALE_LOG2,
+                       EXACT, DOT_UPCAST, M1, S1, CHUNK1, PBASE1)
       if NUM_LEVELS > 2:
         if lvl == 2:
-          _attend_item(node, start, count, kh, split, 2 * B, order_ptr, limits_ptr, q_ptr, k2,
-                       v2, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr, B, T, H, K,
-                       G, D, DP, TGP, NP, BN, SCALE_LOG2, EXACT, M2, S2, CHUNK2, PBASE2)
+          _attend_item(node, start, count, kh, split, 2 * B, order_ptr, limits_ptr,
+                       q_ptr, k2, v2, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+                       ticket_ptr, B, T, H, K, G, D, DP, TGP, NP, BN, SCALE_LOG2,
+                       EXACT, DOT_UPCAST, M2, S2, CHUNK2, PBASE2)
       if NUM_LEVELS > 3:
         if lvl == 3:
-          _attend_item(node, start, count, kh, split, 3 * B, order_ptr, limits_ptr, q_ptr, k3,
-                       v3, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr, B, T, H, K,
-                       G, D, DP, TGP, NP, BN, SCALE_LOG2, EXACT, M3, S3, CHUNK3, PBASE3)
+          _attend_item(node, start, count, kh, split, 3 * B, order_ptr, limits_ptr,
+                       q_ptr, k3, v3, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+                       ticket_ptr, B, T, H, K, G, D, DP, TGP, NP, BN, SCALE_LOG2,
+                       EXACT, DOT_UPCAST, M3, S3, CHUNK3, PBASE3)
