@@ -61,8 +61,11 @@ class Config:
   max_block_m: int = 64              # rows of a shared tile (C sequences x T*G padded)
   num_warps: int = 4
   num_stages: int = 2
-  programs_per_sm: int = 4           # persistent grid = min(items, SMs x this)
-  min_blocks_per_split: int = 4
+  # Persistent grid = min(items, SMs x this). Key splits fill that many programs, and each
+  # split adds a partial result per query (scratch traffic): 2 and >= 8 blocks per split keep
+  # that scratch under ~20% of the key bytes at the decode table's shapes (estimate).
+  programs_per_sm: int = 2
+  min_blocks_per_split: int = 8
   splits: Optional[int] = None       # force P key splits on every level (tests)
   num_sms: Optional[int] = None      # None: the device's (132 when unknown)
   interpret: Optional[bool] = None   # True: Triton's interpreter (CPU tests); None: GPU only

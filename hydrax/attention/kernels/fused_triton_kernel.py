@@ -126,7 +126,7 @@ def _attend_item(node, start, count, kh, split, lvl_row0,
       l_a = tl.zeros([M], tl.float32)
       o_a = tl.zeros([M, DP], tl.float32)
       base = (seq_kh.to(tl.int64) * NP) * TGP + within
-      for part in tl.static_range(NP):
+      for part in range(NP):     # a loop, not unrolled: NP can reach the tens
         prow_p = base + part * TGP
         lse_p = tl.load(part_lse_ptr + prow_p, mask=last, other=float("-inf"),
                         cache_modifier=".cg")

@@ -130,7 +130,7 @@ def _splits(items: int, capacity: int, block_n: int, slots: int, min_blocks: int
 
 def make_plan(q_shape, kv_heads: int, shapes: Sequence[LevelShape], *, mode: str,
               block_n: int = 64, max_block_m: int = 64, num_sms: int = 132,
-              programs_per_sm: int = 4, min_blocks_per_split: int = 4,
+              programs_per_sm: int = 2, min_blocks_per_split: int = 8,
               splits: Optional[int] = None) -> Plan:
   """The static plan of a call (all Python ints: part of the compile key).
 
@@ -230,13 +230,16 @@ def work_list(plan: Plan, owners: Sequence, nodes: Sequence[int], limits: Sequen
     keys = xp.clip(hi[:, None] - split[None, :] * lp.chunk, 0, lp.chunk)    # [tiles, P]
     cost = (keys + ITEM_OVERHEAD_KEYS) * max(lp.block_m, BALANCE_ROWS) / BALANCE_ROWS
     cost = xp.where(count[:, None] > 0, cost, -1.0).astype(np.float32)
-    shape = (tiles, kh_n, lp.splits)
-    per_tile = [xp.broadcast_to(x[:, None, None], shape) for x in (node, start, count)]
+    # Items ordered (split, KV head, tile): the tiles that read the same keys are neighbours
+    # in the list, so they run at the same time and share those keys through L2 (ties of
+    # the cost sort keep this order).
+    shape = (lp.splits, kh_n, tiles)
+    per_tile = [xp.broadcast_to(x[None, None, :], shape) for x in (node, start, count)]
     fields = [xp.full(shape, lvl, np.int32), *per_tile,
               xp.broadcast_to(xp.arange(kh_n, dtype=np.int32)[None, :, None], shape),
-              xp.broadcast_to(split[None, None, :], shape)]
+              xp.broadcast_to(split[:, None, None], shape)]
     items = xp.stack([f.astype(np.int32) for f in fields], axis=-1).reshape(-1, 6)
-    parts.append((items, xp.broadcast_to(cost[:, None, :], shape).reshape(-1)))
+    parts.append((items, xp.broadcast_to(cost.T[:, None, :], shape).reshape(-1)))
   items = xp.concatenate([p[0] for p in parts])
   cost = xp.concatenate([p[1] for p in parts])
   if items.shape[0] != plan.num_items:
