@@ -1,6 +1,7 @@
 """The fused Triton kernel in Triton's interpreter against the float64 oracle (run as a script).
 
     TRITON_INTERPRET=1 python -m tests.attention.fused_interpret_cases
+    python -m tests.attention.fused_interpret_cases --compile    (sm_90 cubin, no GPU needed)
 
 Needs triton and CPU torch (not CI dependencies): exits 0 and prints "ok" when every case
 passes, 1 on a failure, 3 with "SKIP: reason" when the interpreter cannot run here.
@@ -158,6 +159,72 @@ def check_grad_and_reuse():
   print("grad and reuse: ok", flush=True)
 
 
+def compile_hopper(cases=None):
+  """Compiles the kernel for sm_90 with Triton's own toolchain (no GPU needed: TTIR to cubin
+  through the bundled ptxas), for the plans of real decode shapes; returns ptxas' register
+  and spill counts per case. Catches what the interpreter cannot (globals that are not
+  constexpr, layouts, types); run WITHOUT TRITON_INTERPRET."""
+  import inspect
+  import re
+  import subprocess
+  import tempfile
+
+  import jax.numpy as jnp
+  import triton
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler import ASTSource
+
+  from hydrax.attention.kernels import fused_triton as ft
+  from hydrax.attention.kernels import fused_triton_kernel as kmod
+  from hydrax.attention.kernels import fused_worklist as wl
+
+  kernel = kmod.fused_decode_kernel
+  names = list(inspect.signature(kernel.fn).parameters)
+  ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+  # (name, B, H, K, dtype, [(N, S) shared], U, mode)
+  cases = cases or [("decode_bf16_32K_256_shared", 256, 32, 8, "bfloat16", [(1, 32768)], 128,
+                     "shared"),
+                    ("decode_bf16_1K_16_per_seq", 16, 32, 8, "bfloat16", [(1, 1024)], 128,
+                     "per_sequence"),
+                    ("tree_f32_3lv_shared", 33, 8, 8, "float32", [(1, 700), (5, 200)], 64,
+                     "shared")]
+  out = {}
+  for name, b, h, kh, dtype, shared, u, mode in cases:
+    shapes = [wl.LevelShape(n, s, True, np.zeros(b, np.int32) if n == 1 else None)
+              for n, s in shared] + [wl.LevelShape(b, u, False)]
+    cfg = ft.Config(mode=mode)
+    plan = ft._plan_for((b, 1, h, 128), kh, jnp.dtype(dtype), shapes, cfg)
+    scalars, consts = ft.kernel_params(plan, shapes, (b, 1, h, 128), dtype, 128 ** -0.5, cfg)
+    ty = {"bfloat16": "*bf16", "float32": "*fp32"}[dtype]
+    sig = dict(items_ptr="*i32", order_ptr="*i32", limits_ptr="*i32", q_ptr=ty,
+               out_ptr=ty, lse_ptr="*fp32", part_o_ptr="*fp32", part_lse_ptr="*fp32",
+               ticket_ptr="*i32")
+    sig.update({f"{x}{i}": ty for x in "kv" for i in range(wl.MAX_LEVELS)})
+    ints = names[names.index("v3") + 1:names.index("out_ptr")]
+    assert len(ints) == len(scalars), (ints, scalars)
+    sig.update({n: "i32" for n in ints})
+    sig.update({n: "constexpr" for n in consts})
+    src = ASTSource(fn=kernel, signature={n: sig[n] for n in names},
+                    constexprs={(names.index(n),): v for n, v in consts.items()})
+    t0 = time.time()
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps,
+                                       "num_stages": cfg.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+      ptx = os.path.join(tmp, "k.ptx")
+      with open(ptx, "w") as f:
+        f.write(compiled.asm["ptx"])
+      res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o",
+                            os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    regs = re.findall(r"Used (\d+) registers", res.stderr)
+    spill = re.findall(r"(\d+) bytes spill stores", res.stderr)
+    out[name] = dict(registers=int(regs[-1]) if regs else None,
+                     spill_bytes=int(spill[-1]) if spill else None,
+                     shared_bytes=compiled.metadata.shared, seconds=time.time() - t0)
+    print(f"{name}: sm_90 ok, {out[name]}", flush=True)
+  return out
+
+
 def main() -> int:
   try:
     import triton  # noqa: F401
@@ -167,14 +234,18 @@ def main() -> int:
     return 3
   from hydrax.attention.kernels import fused_triton
   reason = fused_triton.unavailable_reason(fused_triton.Config(interpret=True))
-  if reason:
+  if reason and sys.argv[1:] != ["--compile"]:
     print(f"SKIP: {reason}")
     return 3
   if int(np.__version__.split(".")[0]) * 100 + int(np.__version__.split(".")[1]) >= 204 and \
-      triton.__version__ < "3.7":
+      triton.__version__ < "3.7" and sys.argv[1:] != ["--compile"]:
     print(f"SKIP: Triton {triton.__version__}'s interpreter needs NumPy < 2.4 "
           f"(found {np.__version__})")
     return 3
+  if sys.argv[1:] == ["--compile"]:
+    compile_hopper()
+    print("ok")
+    return 0
   only = set(sys.argv[1:])
   for case in CASES:
     if not only or case["name"] in only:

@@ -169,7 +169,7 @@ def test_splits_fill_the_machine_and_cover_the_capacity():
   assert prefix.num_tiles == 1 and prefix.splits * kh >= 132   # one tile, split to fill SMs
   assert prefix.splits * prefix.chunk >= 32768 and prefix.chunk % plan.block_n == 0
   assert plan.parts == prefix.splits + suffix.splits
-  assert plan.grid == min(plan.num_items, 132 * 2)
+  assert plan.grid == min(plan.num_items, 132)
 
 
 def test_cost_rule_shares_only_when_it_saves_enough():

@@ -59,12 +59,14 @@ class Config:
   crossover_bytes: int = wl.SHARING_CROSSOVER_BYTES_PROVISIONAL   # provisional, see wl
   block_n: int = 64                  # keys per block
   max_block_m: int = 64              # rows of a shared tile (C sequences x T*G padded)
-  num_warps: int = 4
+  # 8 warps: ptxas (sm_90a, Triton 3.6, compiled here without a GPU) spilled 0.2-1.4 KB per
+  # thread at 4 warps and 0-96 B at 8, all at 255 registers: one program fits an SM.
+  num_warps: int = 8
   num_stages: int = 2
-  # Persistent grid = min(items, SMs x this). Key splits fill that many programs, and each
-  # split adds a partial result per query (scratch traffic): 2 and >= 8 blocks per split keep
-  # that scratch under ~20% of the key bytes at the decode table's shapes (estimate).
-  programs_per_sm: int = 2
+  # Persistent grid = min(items, SMs x this): programs that all fit at once (see num_warps).
+  # Key splits fill that many programs; each split adds a partial result per query (scratch
+  # traffic), so a split keeps >= 8 key blocks.
+  programs_per_sm: int = 1
   min_blocks_per_split: int = 8
   splits: Optional[int] = None       # force P key splits on every level (tests)
   num_sms: Optional[int] = None      # None: the device's (132 when unknown)
@@ -163,7 +165,7 @@ def _torch_dtype(dtype):
               jnp.dtype(dtype)]
 
 
-def _interpret_call(kernel, grid, out_shapes, constexprs, *arrays):
+def _interpret_call(kernel, grid, scalars, out_shapes, constexprs, *arrays):
   """Runs the kernel in Triton's interpreter on host copies (a `jax.pure_callback`). Outputs
   start as NaN (rows the kernel never writes show), the tickets at zero."""
   import torch
@@ -176,18 +178,21 @@ def _interpret_call(kernel, grid, out_shapes, constexprs, *arrays):
         outs.append(torch.zeros(s.shape, dtype=_torch_dtype(s.dtype)))
       else:
         outs.append(torch.full(s.shape, float("nan"), dtype=_torch_dtype(s.dtype)))
-    kernel[grid](*ins, *outs, **constexprs)
+    kernel[grid](*ins, *scalars, *outs, **constexprs)
     return tuple(_from_torch(o, s.dtype) for o, s in zip(outs, out_shapes))
 
   return jax.pure_callback(host, tuple(out_shapes), *arrays)
 
 
-def _launch(cfg: Config, plan: wl.Plan, arrays, out_shapes, constexprs):
+def _launch(cfg: Config, plan: wl.Plan, arrays, scalars, out_shapes, constexprs):
+  """One launch: arrays, then the run-time int scalars, then the outputs (the kernel's
+  argument order), constexprs by name."""
   kernel = _kernel_module().fused_decode_kernel
   if cfg.interpret:
-    return _interpret_call(kernel, (plan.grid,), out_shapes, constexprs, *arrays)
+    return _interpret_call(kernel, (plan.grid,), scalars, out_shapes, constexprs, *arrays)
   import jax_triton as jt
-  return jt.triton_call(*arrays, kernel=kernel, out_shape=list(out_shapes), grid=(plan.grid,),
+  return jt.triton_call(*arrays, *scalars, kernel=kernel, out_shape=list(out_shapes),
+                        grid=(plan.grid,),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                         zeroed_outputs=(len(out_shapes) - 1,), name="hydrax_fused_decode",
                         **constexprs)
@@ -195,13 +200,33 @@ def _launch(cfg: Config, plan: wl.Plan, arrays, out_shapes, constexprs):
 
 def _plan_for(q_shape, kv_heads, dtype, shapes, cfg: Config) -> wl.Plan:
   mode = cfg.mode
+  itemsize = jnp.dtype(dtype).itemsize
   if mode == "auto":
-    mode = wl.choose_mode(q_shape, shapes, kv_heads, jnp.dtype(dtype).itemsize,
-                          cfg.crossover_bytes)
-  return wl.make_plan(q_shape, kv_heads, shapes, mode=mode, block_n=cfg.block_n,
-                      max_block_m=cfg.max_block_m, num_sms=_num_sms(cfg),
+    mode = wl.choose_mode(q_shape, shapes, kv_heads, itemsize, cfg.crossover_bytes)
+  # float32 tiles hold twice the bytes (and IEEE products): half the rows and keys, so that
+  # registers and shared memory stay as for 16-bit types (ptxas spilled 63 KB at 64 x 64).
+  shrink = 2 if itemsize == 4 else 1
+  return wl.make_plan(q_shape, kv_heads, shapes, mode=mode,
+                      block_n=max(16, cfg.block_n // shrink),
+                      max_block_m=max(16, cfg.max_block_m // shrink), num_sms=_num_sms(cfg),
                       programs_per_sm=cfg.programs_per_sm,
                       min_blocks_per_split=cfg.min_blocks_per_split, splits=cfg.splits)
+
+
+def kernel_params(plan: wl.Plan, shapes, q_shape, dtype, scale: float, cfg: Config):
+  """(run-time int scalars, constexprs by name) of a launch, in the kernel's argument order;
+  unused level slots repeat level 0 (never read)."""
+  b, t, h, d = q_shape
+  lv = [plan.levels[i if i < len(plan.levels) else 0] for i in range(wl.MAX_LEVELS)]
+  caps = [shapes[i if i < len(shapes) else 0].capacity for i in range(wl.MAX_LEVELS)]
+  scalars = ([plan.num_items, plan.grid, b, plan.parts] + caps + [x.chunk for x in lv]
+             + [x.part_base for x in lv])
+  consts = dict(NUM_LEVELS=len(plan.levels), T=t, H=h, K=plan.kv_heads, G=plan.groups, D=d,
+                DP=wl.pow2_at_least(d, 16), TGP=plan.tgp, BN=plan.block_n,
+                SCALE_LOG2=float(scale) * LOG2E, EXACT=jnp.dtype(dtype) == jnp.float32,
+                DOT_UPCAST=bool(cfg.interpret) and jnp.dtype(dtype) != jnp.float32,
+                **{f"M{i}": x.block_m for i, x in enumerate(lv)})
+  return [int(x) for x in scalars], consts
 
 
 def _forward(q, kvs, limits, owners, layers, *, shapes, scale, cfg: Config, out_dtype):
@@ -213,30 +238,20 @@ def _forward(q, kvs, limits, owners, layers, *, shapes, scale, cfg: Config, out_
   nodes = [s.nodes for s in shapes]
   offsets = [None if layer is None else layer * n for layer, n in zip(layers, nodes)]
   work = wl.work_list(plan, owners, nodes, limits, offsets)
-  dp = wl.pow2_at_least(d, 16)
-  parts = plan.parts
-  scratch_rows = b * kh * parts * plan.tgp if parts > 1 else 1
+  scratch_rows = b * kh * plan.parts * plan.tgp if plan.parts > 1 else 1
   out_shapes = (jax.ShapeDtypeStruct((b, t, h, d), out_dtype),
                 jax.ShapeDtypeStruct((b, t, h), jnp.float32),
-                jax.ShapeDtypeStruct((scratch_rows, dp), jnp.float32),
+                jax.ShapeDtypeStruct((scratch_rows, wl.pow2_at_least(d, 16)), jnp.float32),
                 jax.ShapeDtypeStruct((scratch_rows,), jnp.float32),
                 jax.ShapeDtypeStruct((b * kh,), jnp.int32))
   kv_args = []
   for i in range(wl.MAX_LEVELS):
-    kv_args += list(kvs[i] if i < len(kvs) else kvs[0])
-  consts = dict(W=plan.num_items, NPROG=plan.grid, NUM_LEVELS=len(kvs), B=b, T=t, H=h, K=kh,
-                G=h // kh, D=d, DP=dp, TGP=plan.tgp, NP=parts, BN=plan.block_n,
-                SCALE_LOG2=float(scale) * LOG2E, EXACT=q.dtype == jnp.float32,
-                DOT_UPCAST=bool(cfg.interpret) and q.dtype != jnp.float32)
-  for i in range(wl.MAX_LEVELS):
-    lp = plan.levels[i] if i < len(kvs) else plan.levels[0]
-    cap = shapes[i].capacity if i < len(kvs) else shapes[0].capacity
-    consts.update({f"M{i}": lp.block_m, f"S{i}": cap, f"CHUNK{i}": lp.chunk,
-                   f"PBASE{i}": lp.part_base})
+    kv_args += list(kvs[i if i < len(kvs) else 0])
+  scalars, consts = kernel_params(plan, shapes, q.shape, q.dtype, scale, cfg)
   arrays = [jnp.asarray(work.items, jnp.int32).reshape(-1),
             jnp.asarray(work.orders, jnp.int32).reshape(-1),
             jnp.stack([jnp.asarray(x, jnp.int32) for x in limits]).reshape(-1), q] + kv_args
-  out, lse, *_ = _launch(cfg, plan, arrays, out_shapes, consts)
+  out, lse, *_ = _launch(cfg, plan, arrays, scalars, out_shapes, consts)
   return out, lse
 
 

@@ -26,26 +26,24 @@ integers): the dots' bf16/fp16 operands are widened to float32 first, which give
 products (exact in float32) with float32 accumulation, as on the GPU.
 
 Levels are static (up to 4, pointer arguments k0..k3, v0..v3; unused ones repeat k0, v0 and
-are never read): each has its own rows per item (M*), capacity (S*), keys per split (CHUNK*)
-and first part index (PBASE*), all constexpr.
+are never read): each has its own rows per item (M*, constexpr), capacity (S*), keys per
+split (CHUNK*) and first part index (PBASE*).
 """
 
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)   # a constexpr: Triton reads no other globals
 
 
 @triton.jit
-def _attend_item(node, start, count, kh, split, lvl_row0,
+def _attend_item(node, start, count, kh, split, lvl_row0, S, CHUNK, PBASE, NP,
                  order_ptr, limits_ptr, q_ptr, k_ptr, v_ptr,
                  out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
-                 B: tl.constexpr, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                 G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, TGP: tl.constexpr,
-                 NP: tl.constexpr, BN: tl.constexpr, SCALE_LOG2: tl.constexpr,
-                 EXACT: tl.constexpr, DOT_UPCAST: tl.constexpr, M: tl.constexpr,
-                 S: tl.constexpr, CHUNK: tl.constexpr, PBASE: tl.constexpr):
+                 T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+                 D: tl.constexpr, DP: tl.constexpr, TGP: tl.constexpr, BN: tl.constexpr,
+                 SCALE_LOG2: tl.constexpr, EXACT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                 M: tl.constexpr):
   C: tl.constexpr = M // TGP
   rows = tl.arange(0, M)
   slot = rows // TGP
@@ -102,7 +100,7 @@ def _attend_item(node, start, count, kh, split, lvl_row0,
   o = acc / l_safe[:, None]
   lse = tl.where(has, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
   hrow = (b * T + t) * H + kh * G + g
-  if NP == 1:
+  if NP == 1:     # one part per query: written directly
     tl.store(out_ptr + qrow[:, None] + dofs[None, :], o.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + hrow, lse, mask=row_ok)
@@ -117,60 +115,65 @@ def _attend_item(node, start, count, kh, split, lvl_row0,
     old = tl.atomic_add(ticket_ptr + seq_kh, tl.full([M], 1, tl.int32), mask=first,
                         sem="acq_rel", scope="gpu")
     last_first = (first & (old == NP - 1)).to(tl.int32)
-    # A sequence's flag, drawn on its first row, spread to its TGP rows.
+    # Per sequence slot of the tile: did this item draw its last ticket (flag on its 1st row)?
     per_seq = tl.max(tl.reshape(last_first, [C, TGP]), axis=1)
-    last = (tl.reshape(tl.broadcast_to(per_seq[:, None], [C, TGP]), [M]) > 0) & row_ok
-    tl.debug_barrier()
-    if tl.max(last.to(tl.int32), axis=0) > 0:
-      m_a = tl.full([M], float("-inf"), tl.float32)
-      l_a = tl.zeros([M], tl.float32)
-      o_a = tl.zeros([M, DP], tl.float32)
-      base = (seq_kh.to(tl.int64) * NP) * TGP + within
-      for part in range(NP):     # a loop, not unrolled: NP can reach the tens
-        prow_p = base + part * TGP
-        lse_p = tl.load(part_lse_ptr + prow_p, mask=last, other=float("-inf"),
-                        cache_modifier=".cg")
-        o_p = tl.load(part_o_ptr + prow_p[:, None] * DP + dofs[None, :], mask=last[:, None],
-                      other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_a, lse_p)
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
-        a = tl.exp(m_a - m_use)
-        w = tl.exp(lse_p - m_use)
-        l_a = l_a * a + w
-        o_a = o_a * a[:, None] + w[:, None] * o_p
-        m_a = m_new
-      has_a = l_a > 0.0
-      l_as = tl.where(has_a, l_a, 1.0)
-      out = o_a / l_as[:, None]
-      lse_out = tl.where(has_a, m_a + tl.log(l_as), float("-inf"))
-      tl.store(out_ptr + qrow[:, None] + dofs[None, :], out.to(out_ptr.dtype.element_ty),
-               mask=last[:, None] & d_ok[None, :])
-      tl.store(lse_ptr + hrow, lse_out, mask=last)
+    if tl.sum(per_seq, axis=0) > 0:
+      tl.debug_barrier()
+      r = tl.arange(0, TGP)
+      r_t = r // G
+      r_g = r % G
+      r_ok = r < T * G
+      slots = tl.arange(0, C)
+      # One sequence at a time ([TGP, DP] tiles): the merge needs few registers, so the
+      # attention loop above keeps them.
+      for i in range(0, C):
+        if tl.sum(tl.where(slots == i, per_seq, 0), axis=0) > 0:
+          b_i = tl.load(order_ptr + lvl_row0 + start + i)
+          base = ((b_i * K + kh).to(tl.int64) * NP) * TGP + r
+          m_a = tl.full([TGP], float("-inf"), tl.float32)
+          l_a = tl.zeros([TGP], tl.float32)
+          o_a = tl.zeros([TGP, DP], tl.float32)
+          for part in range(NP):     # a loop, not unrolled: NP can reach the tens
+            prow_p = base + part * TGP
+            lse_p = tl.load(part_lse_ptr + prow_p, mask=r_ok, other=float("-inf"),
+                            cache_modifier=".cg")
+            o_p = tl.load(part_o_ptr + prow_p[:, None] * DP + dofs[None, :],
+                          mask=r_ok[:, None], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_a, lse_p)
+            m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+            a = tl.exp(m_a - m_use)
+            w_p = tl.exp(lse_p - m_use)
+            l_a = l_a * a + w_p
+            o_a = o_a * a[:, None] + w_p[:, None] * o_p
+            m_a = m_new
+          has_a = l_a > 0.0
+          l_as = tl.where(has_a, l_a, 1.0)
+          out = o_a / l_as[:, None]
+          lse_out = tl.where(has_a, m_a + tl.log(l_as), float("-inf"))
+          orow = ((b_i.to(tl.int64) * T + r_t) * H + kh * G + r_g) * D
+          tl.store(out_ptr + orow[:, None] + dofs[None, :], out.to(out_ptr.dtype.element_ty),
+                   mask=r_ok[:, None] & d_ok[None, :])
+          tl.store(lse_ptr + (b_i * T + r_t) * H + kh * G + r_g, lse_out, mask=r_ok)
 
 
 @triton.jit
 def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
                         k0, v0, k1, v1, k2, v2, k3, v3,
+                        W, NPROG, B, NP, S0, S1, S2, S3, CHUNK0, CHUNK1, CHUNK2, CHUNK3,
+                        PBASE0, PBASE1, PBASE2, PBASE3,
                         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
-                        W: tl.constexpr, NPROG: tl.constexpr, NUM_LEVELS: tl.constexpr,
-                        B: tl.constexpr, T: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
-                        G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                        TGP: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
-                        SCALE_LOG2: tl.constexpr, EXACT: tl.constexpr,
-                        DOT_UPCAST: tl.constexpr,
-                        M0: tl.constexpr, S0: tl.constexpr, CHUNK0: tl.constexpr,
-                        PBASE0: tl.constexpr,
-                        M1: tl.constexpr, S1: tl.constexpr, CHUNK1: tl.constexpr,
-                        PBASE1: tl.constexpr,
-                        M2: tl.constexpr, S2: tl.constexpr, CHUNK2: tl.constexpr,
-                        PBASE2: tl.constexpr,
-                        M3: tl.constexpr, S3: tl.constexpr, CHUNK3: tl.constexpr,
-                        PBASE3: tl.constexpr):
+                        NUM_LEVELS: tl.constexpr, T: tl.constexpr, H: tl.constexpr,
+                        K: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                        TGP: tl.constexpr, BN: tl.constexpr, SCALE_LOG2: tl.constexpr,
+                        EXACT: tl.constexpr, DOT_UPCAST: tl.constexpr, M0: tl.constexpr,
+                        M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr):
   """items [W, 6] int32 (level, node, start, count, kv head, split); order [Lv*B] int32;
   limits [Lv*B*T] int32; q [B,T,H,D]; k*, v* [N*,S*,K,D] (stacked caches flattened: the
   items' nodes carry the layer offset); out [B,T,H,D]; lse [B,T,H] f32; part_o [B*K*NP*TGP,
   DP] f32, part_lse [B*K*NP*TGP] f32 (scratch; size 1 when NP == 1); ticket [B*K] int32,
-  zero on entry."""
+  zero on entry. Sizes that only enter address arithmetic and loop bounds (W, NPROG, B, NP,
+  S*, CHUNK*, PBASE*) are run-time integers, so one compiled kernel serves every batch and
+  cache size; block shapes and head layout are constexpr."""
   pid = tl.program_id(0)
   for w in range(pid, W, NPROG):
     it = items_ptr + w * 6
@@ -182,24 +185,24 @@ def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
     split = tl.load(it + 5)
     if count > 0:
       if lvl == 0:
-        _attend_item(node, start, count, kh, split, 0, order_ptr, limits_ptr, q_ptr, k0, v0,
-                     out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr, B, T, H, K, G, D,
-                     DP, TGP, NP, BN, SCALE_LOG2, EXACT, DOT_UPCAST, M0, S0, CHUNK0, PBASE0)
+        _attend_item(node, start, count, kh, split, 0, S0, CHUNK0, PBASE0, NP, order_ptr,
+                     limits_ptr, q_ptr, k0, v0, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+                     ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT, DOT_UPCAST, M0)
       if NUM_LEVELS > 1:
         if lvl == 1:
-          _attend_item(node, start, count, kh, split, B, order_ptr, limits_ptr,
-                       q_ptr, k1, v1, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-                       ticket_ptr, B, T, H, K, G, D, DP, TGP, NP, BN, SCALE_LOG2,
-                       EXACT, DOT_UPCAST, M1, S1, CHUNK1, PBASE1)
+          _attend_item(node, start, count, kh, split, B, S1, CHUNK1, PBASE1, NP, order_ptr,
+                       limits_ptr, q_ptr, k1, v1, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+                       ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT, DOT_UPCAST,
+                       M1)
       if NUM_LEVELS > 2:
         if lvl == 2:
-          _attend_item(node, start, count, kh, split, 2 * B, order_ptr, limits_ptr,
-                       q_ptr, k2, v2, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-                       ticket_ptr, B, T, H, K, G, D, DP, TGP, NP, BN, SCALE_LOG2,
-                       EXACT, DOT_UPCAST, M2, S2, CHUNK2, PBASE2)
+          _attend_item(node, start, count, kh, split, 2 * B, S2, CHUNK2, PBASE2, NP,
+                       order_ptr, limits_ptr, q_ptr, k2, v2, out_ptr, lse_ptr, part_o_ptr,
+                       part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
+                       DOT_UPCAST, M2)
       if NUM_LEVELS > 3:
         if lvl == 3:
-          _attend_item(node, start, count, kh, split, 3 * B, order_ptr, limits_ptr,
-                       q_ptr, k3, v3, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-                       ticket_ptr, B, T, H, K, G, D, DP, TGP, NP, BN, SCALE_LOG2,
-                       EXACT, DOT_UPCAST, M3, S3, CHUNK3, PBASE3)
+          _attend_item(node, start, count, kh, split, 3 * B, S3, CHUNK3, PBASE3, NP,
+                       order_ptr, limits_ptr, q_ptr, k3, v3, out_ptr, lse_ptr, part_o_ptr,
+                       part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
+                       DOT_UPCAST, M3)

@@ -130,7 +130,7 @@ def _splits(items: int, capacity: int, block_n: int, slots: int, min_blocks: int
 
 def make_plan(q_shape, kv_heads: int, shapes: Sequence[LevelShape], *, mode: str,
               block_n: int = 64, max_block_m: int = 64, num_sms: int = 132,
-              programs_per_sm: int = 2, min_blocks_per_split: int = 8,
+              programs_per_sm: int = 1, min_blocks_per_split: int = 8,
               splits: Optional[int] = None) -> Plan:
   """The static plan of a call (all Python ints: part of the compile key).
 
