@@ -50,13 +50,17 @@ def _check_cover(plan, work, owners, nodes, limits, offsets=None):
   increase; items without sequences last."""
   items, orders, cost = (np.asarray(x) for x in work)
   b, kh = plan.batch, plan.kv_heads
-  assert items.shape == (plan.num_items, 6)
+  assert items.shape == (plan.num_items, len(wl.ITEM_FIELDS))
   seen = np.zeros((len(plan.levels), b, kh, max(lp.splits for lp in plan.levels)), np.int64)
-  for lvl, node, start, count, h, split in items:
+  for lvl, node, start, count, h, split, key_end in items:
     lp = plan.levels[lvl]
     assert 0 <= count <= lp.seqs_per_tile and lp.block_m == max(16, lp.seqs_per_tile * plan.tgp)
     assert 0 <= split < lp.splits and 0 <= h < kh
-    for b_ in orders[lvl][start:start + count]:
+    seqs = orders[lvl][start:start + count]
+    # The key loop's end: the split's end, clipped to the tile's largest limit.
+    hi = max([int(limits[lvl][x].max()) for x in seqs], default=0)
+    assert key_end == min((split + 1) * lp.chunk, hi), (key_end, split, lp.chunk, hi)
+    for b_ in seqs:
       own = b_ if owners[lvl] is None else owners[lvl][b_]
       off = 0 if offsets is None or offsets[lvl] is None else offsets[lvl]
       assert node == own + off, (lvl, b_, node, own)
@@ -143,8 +147,8 @@ def test_traced_work_list_equals_static_and_bounds_hold():
     # Same tiles, once the traced bound's unused tiles (no sequence) are dropped.
     assert (used[:, 0] == lvl).sum() <= (items[:, 0] == lvl).sum()
     assert (plan.levels[lvl].num_tiles >= plan_static.levels[lvl].num_tiles)
-  assert sorted(map(tuple, static[static[:, 3] > 0][:, [0, 3, 4, 5]].tolist())) == sorted(
-      map(tuple, used[:, [0, 3, 4, 5]].tolist()))
+  assert sorted(map(tuple, static[static[:, 3] > 0][:, [0, 3, 4, 5, 6]].tolist())) == sorted(
+      map(tuple, used[:, [0, 3, 4, 5, 6]].tolist()))
 
 
 def test_plan_rejects_bad_configuration():

@@ -37,7 +37,7 @@ LN2 = tl.constexpr(0.6931471805599453)   # a constexpr: Triton reads no other gl
 
 
 @triton.jit
-def _attend_item(node, start, count, kh, split, lvl_row0, S, CHUNK, PBASE, NP,
+def _attend_item(node, start, count, kh, split, key_end, lvl_row0, S, CHUNK, PBASE, NP,
                  order_ptr, limits_ptr, q_ptr, k_ptr, v_ptr,
                  out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
                  T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
@@ -53,9 +53,8 @@ def _attend_item(node, start, count, kh, split, lvl_row0, S, CHUNK, PBASE, NP,
   row_ok = (slot < count) & (within < T * G)
   b = tl.load(order_ptr + lvl_row0 + start + slot, mask=row_ok, other=0)
   lim = tl.load(limits_ptr + (lvl_row0 + b) * T + t, mask=row_ok, other=0)
-  hi = tl.max(lim, axis=0)
   k_begin = split * CHUNK
-  k_end = tl.minimum(k_begin + CHUNK, hi)
+  k_end = key_end              # <= the largest limit of the rows <= the node's length
 
   dofs = tl.arange(0, DP)
   d_ok = dofs < D
@@ -167,7 +166,7 @@ def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
                         TGP: tl.constexpr, BN: tl.constexpr, SCALE_LOG2: tl.constexpr,
                         EXACT: tl.constexpr, DOT_UPCAST: tl.constexpr, M0: tl.constexpr,
                         M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr):
-  """items [W, 6] int32 (level, node, start, count, kv head, split); order [Lv*B] int32;
+  """items [W, 7] int32 (level, node, start, count, kv head, split, key end); order [Lv*B];
   limits [Lv*B*T] int32; q [B,T,H,D]; k*, v* [N*,S*,K,D] (stacked caches flattened: the
   items' nodes carry the layer offset); out [B,T,H,D]; lse [B,T,H] f32; part_o [B*K*NP*TGP,
   DP] f32, part_lse [B*K*NP*TGP] f32 (scratch; size 1 when NP == 1); ticket [B*K] int32,
@@ -176,33 +175,36 @@ def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
   cache size; block shapes and head layout are constexpr."""
   pid = tl.program_id(0)
   for w in range(pid, W, NPROG):
-    it = items_ptr + w * 6
+    it = items_ptr + w * 7
     lvl = tl.load(it)
     node = tl.load(it + 1)
     start = tl.load(it + 2)
     count = tl.load(it + 3)
     kh = tl.load(it + 4)
     split = tl.load(it + 5)
+    key_end = tl.load(it + 6)
     if count > 0:
       if lvl == 0:
-        _attend_item(node, start, count, kh, split, 0, S0, CHUNK0, PBASE0, NP, order_ptr,
-                     limits_ptr, q_ptr, k0, v0, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-                     ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT, DOT_UPCAST, M0)
+        _attend_item(node, start, count, kh, split, key_end, 0, S0, CHUNK0, PBASE0, NP,
+                     order_ptr, limits_ptr, q_ptr, k0, v0, out_ptr, lse_ptr, part_o_ptr,
+                     part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
+                     DOT_UPCAST, M0)
       if NUM_LEVELS > 1:
         if lvl == 1:
-          _attend_item(node, start, count, kh, split, B, S1, CHUNK1, PBASE1, NP, order_ptr,
-                       limits_ptr, q_ptr, k1, v1, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-                       ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT, DOT_UPCAST,
-                       M1)
+          _attend_item(node, start, count, kh, split, key_end, B, S1, CHUNK1, PBASE1, NP,
+                       order_ptr, limits_ptr, q_ptr, k1, v1, out_ptr, lse_ptr, part_o_ptr,
+                       part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
+                       DOT_UPCAST, M1)
       if NUM_LEVELS > 2:
         if lvl == 2:
-          _attend_item(node, start, count, kh, split, 2 * B, S2, CHUNK2, PBASE2, NP,
+          _attend_item(node, start, count, kh, split, key_end, 2 * B, S2, CHUNK2, PBASE2, NP,
                        order_ptr, limits_ptr, q_ptr, k2, v2, out_ptr, lse_ptr, part_o_ptr,
                        part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
                        DOT_UPCAST, M2)
+      # (Level slots are written out: a Triton kernel cannot index a list of pointers.)
       if NUM_LEVELS > 3:
         if lvl == 3:
-          _attend_item(node, start, count, kh, split, 3 * B, S3, CHUNK3, PBASE3, NP,
+          _attend_item(node, start, count, kh, split, key_end, 3 * B, S3, CHUNK3, PBASE3, NP,
                        order_ptr, limits_ptr, q_ptr, k3, v3, out_ptr, lse_ptr, part_o_ptr,
                        part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
                        DOT_UPCAST, M3)

@@ -7,10 +7,10 @@ NP = sum of P over levels (partial results per query), C sequences per tile, M r
 Pure functions, no Triton: everything here runs (and is tested) on CPU.
 
 The kernel sees, per KV head, the T*G query rows (t, g) of each sequence, padded to TGp (a
-power of two). A *work item* is (level, node, first sequence, sequence count, KV head, split):
-the rows of `count` consecutive sequences of the level's row order (all owned by `node`)
-attend the keys [split * chunk, (split + 1) * chunk) of that node, clipped in the kernel to
-the largest key limit of those rows. A shared level in "shared" mode stacks up to C sequences
+power of two). A *work item* is (level, node, first sequence, sequence count, KV head, split,
+key end): the rows of `count` consecutive sequences of the level's row order (all owned by `node`)
+attend the keys [split * chunk, key end) of that node, key end = min((split + 1) * chunk,
+the largest key limit of those rows). A shared level in "shared" mode stacks up to C sequences
 of one node into a tile (M = C * TGp rows: Hydragen's inter-sequence batching, the node's keys
 read once per tile); a per-sequence level (owner None), or any level in "per_sequence" mode,
 has one sequence per item (its own node: the prefix is read once per sequence, as with the
@@ -52,7 +52,8 @@ ITEM_OVERHEAD_KEYS = 64      # fixed cost of an item (its loads, partial write, 
 # measures the crossover (fused shared vs fused per-sequence) and prints the value to put here.
 SHARING_CROSSOVER_BYTES_PROVISIONAL = 16 << 20
 
-ITEM_FIELDS = ("level", "node", "start", "count", "kv_head", "split")
+ITEM_FIELDS = ("level", "node", "start", "count", "kv_head", "split", "key_end")
+NUM_FIELDS = len(ITEM_FIELDS)
 MAX_LEVELS = 4
 
 
@@ -178,7 +179,7 @@ def make_plan(q_shape, kv_heads: int, shapes: Sequence[LevelShape], *, mode: str
 
 
 class WorkList(NamedTuple):
-  """items [W, 6] int32 (ITEM_FIELDS), heaviest first; orders [Lv, B] int32, each level's
+  """items [W, 7] int32 (ITEM_FIELDS), heaviest first; orders [Lv, B] int32, each level's
   sequences in row order (a tile's sequences are orders[level, start:start + count]);
   cost [W] float32 of the sorted items (-1: no sequence)."""
   items: object
@@ -235,10 +236,14 @@ def work_list(plan: Plan, owners: Sequence, nodes: Sequence[int], limits: Sequen
     # the cost sort keep this order).
     shape = (lp.splits, kh_n, tiles)
     per_tile = [xp.broadcast_to(x[None, None, :], shape) for x in (node, start, count)]
+    # key_end: the split's last key + 1, clipped to the tile's largest limit (the kernel's key
+    # loop bound, known before it loads any row: its key loads start at once).
+    key_end = xp.minimum(((split + 1) * lp.chunk)[:, None], hi[None, :])    # [P, tiles]
     fields = [xp.full(shape, lvl, np.int32), *per_tile,
               xp.broadcast_to(xp.arange(kh_n, dtype=np.int32)[None, :, None], shape),
-              xp.broadcast_to(split[:, None, None], shape)]
-    items = xp.stack([f.astype(np.int32) for f in fields], axis=-1).reshape(-1, 6)
+              xp.broadcast_to(split[:, None, None], shape),
+              xp.broadcast_to(key_end[:, None, :], shape)]
+    items = xp.stack([f.astype(np.int32) for f in fields], axis=-1).reshape(-1, NUM_FIELDS)
     parts.append((items, xp.broadcast_to(cost.T[:, None, :], shape).reshape(-1)))
   items = xp.concatenate([p[0] for p in parts])
   cost = xp.concatenate([p[1] for p in parts])
