@@ -387,7 +387,8 @@ def table(rows, checks_failed):
   nan = float("nan")
   by = {}
   for r in rows:
-    by.setdefault(r["shape"], {})[r["impl"]] = r
+    if r["impl"] != "fused_variant":
+      by.setdefault(r["shape"], {})[r["impl"]] = r
   impls = ["fused", "fused_shared", "fused_per_seq", "pallas", "xla", "cudnn", "torch_sdpa",
            "flashinfer", "tokamax"]
   present = [i for i in impls if any("device_us" in d.get(i, {}) for d in by.values())]
@@ -404,6 +405,11 @@ def table(rows, checks_failed):
           + f" | {100 * row0.get('floor_us', nan) / dev('fused'):.0f}% | "
           f"{best_copied / dev('fused'):.2f}x | {dev('pallas') / dev('fused'):.2f}x | "
           f"{dev('flashinfer') / dev('fused'):.2f}x")
+  for r in rows:
+    if r["impl"] == "fused_variant" and "device_us" in r:
+      base = by.get(r["shape"], {}).get("fused", {}).get("device_us", nan)
+      print(f"variant {r['variant']} at {r['shape']}: {r['device_us']:.1f} us device "
+            f"(default fused {base:.1f})")
   print(f"\nexactness: {checks_failed} failure(s)")
   if BROKEN:
     print("not retried after a failure:", json.dumps(BROKEN))
@@ -430,6 +436,9 @@ def main(argv=None):
   ap.add_argument("--xla-max-keys", type=int, default=64 * 4096,
                   help="time the XLA backend only where B*P <= this (it is slow)")
   ap.add_argument("--fused", default="{}", help="JSON of extra fused Config fields")
+  ap.add_argument("--variants", default='[{"max_block_m": 128}, {"num_warps": 4, '
+                  '"programs_per_sm": 2}, {"block_n": 128}]',
+                  help="JSON list of fused Config changes timed at the first two shapes last")
   ARGS = ap.parse_args(argv)
   ARGS.fused_extra = json.loads(ARGS.fused)
   ba.ARGS = argparse.Namespace(outer=ARGS.outer, budget=ARGS.budget, loop=ARGS.loop,
@@ -457,6 +466,27 @@ def main(argv=None):
     use = [i for i in impls if i != "xla" or b * p <= ARGS.xla_max_keys]
     rows += time_shapes([(p, b)], h, kh, d, u, use)
     write_csv(os.path.join(ARGS.out, "fused_timing.csv"), rows)
+  variants = json.loads(ARGS.variants)
+  if ft.unavailable_reason(ft.Config(**ARGS.fused_extra)):
+    variants = []            # (the backend would run its fallback: nothing to compare)
+  for cfg in variants:     # kernel settings to try next, if time is left (device time only)
+    for p, b in shapes[:2]:
+      if left() < 20:
+        log("budget: skipping variant", cfg)
+        break
+      name = f"P{p}_B{b}"
+      try:
+        fn = _hydrax_fn(b, p, u, backends.get("fused", **{**ARGS.fused_extra, **cfg}))
+        case = ba.make_case(jax.random.key(1), b, p, u, h, kh, d, copies=1)
+        us, dev = _time_jax(fn, case, 1)
+        rows.append(dict(shape=name, impl="fused_variant", variant=json.dumps(cfg), B=b, P=p,
+                         U=u, us=us, device_us=dev))
+        log(f"{name:>12} variant {json.dumps(cfg)}: {us:.1f} us b2b {dev:.1f} us device")
+      except Exception as e:
+        rows.append(dict(shape=name, impl="fused_variant", variant=json.dumps(cfg),
+                         error=err_line(e)))
+        log(f"{name:>12} variant {json.dumps(cfg)} FAILED {err_line(e)}")
+  write_csv(os.path.join(ARGS.out, "fused_timing.csv"), rows)
   cross = crossover(rows)
   skipped = [r["case"] for r in check_rows if r.get("ok") is None]
   if skipped:
