@@ -259,6 +259,17 @@ def _tokamax(b, p, u, h, kh, d, case):
   return t * 1e6, td / ARGS.loop * 1e6
 
 
+def _case(seed, b, p, u, h, kh, d, copies):
+  """`bench_attention.make_case` (q, stacked prefix and suffix caches); in smoke mode from
+  NumPy (a jax.random compile per shape costs seconds on a CPU, nothing on the GPU)."""
+  if not ARGS.smoke:
+    return ba.make_case(jax.random.key(seed), b, p, u, h, kh, d, copies=copies)
+  rng = np.random.default_rng(seed)
+  shapes = [(b, 1, h, d), (copies, 1, p, kh, d), (copies, 1, p, kh, d), (copies, b, u, kh, d),
+            (copies, b, u, kh, d)]
+  return tuple(jnp.asarray(rng.standard_normal(x), jnp.bfloat16) for x in shapes)
+
+
 def _peer_import(name):
   try:
     __import__(name)
@@ -289,7 +300,7 @@ def time_shapes(shapes, h, kh, d, u, impls):
     rule = wl.choose_mode((b, 1, h, d), shapes_, kh, 2)
     per_call = 2 * (2 * p * kh * d + 2 * b * u * kh * d + 2 * b * h * d)
     rot = ba.rotations(per_call)
-    case = ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d, copies=rot)
+    case = _case(p + b, b, p, u, h, kh, d, rot)
     for impl in impls:
       base = dict(shape=name, impl=impl, B=b, P=p, U=u, H=h, K=kh, D=d, floor_us=floor,
                   saved_bytes=saved, rule=rule)
@@ -477,7 +488,7 @@ def main(argv=None):
       name = f"P{p}_B{b}"
       try:
         fn = _hydrax_fn(b, p, u, backends.get("fused", **{**ARGS.fused_extra, **cfg}))
-        case = ba.make_case(jax.random.key(1), b, p, u, h, kh, d, copies=1)
+        case = _case(1, b, p, u, h, kh, d, 1)
         us, dev = _time_jax(fn, case, 1)
         rows.append(dict(shape=name, impl="fused_variant", variant=json.dumps(cfg), B=b, P=p,
                          U=u, us=us, device_us=dev))
