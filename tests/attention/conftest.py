@@ -51,6 +51,8 @@ BACKENDS = [
 def _fused_skip() -> Optional[str]:
   from hydrax.attention.kernels import fused_triton
   return fused_triton.unavailable_reason(fused_triton.Config(interpret=True))
+
+
 # The Mosaic GPU kernel in its interpret mode: bf16/fp16, D 64/128 and 3-5 s per program on
 # CPU, so it runs its own small cases (tests/attention/test_core.py, `mosaic_backend`).
 MOSAIC = BackendCase("mosaic", "pallas", lambda: backends.get("pallas", lowering="mosaic"))

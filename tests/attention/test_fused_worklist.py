@@ -276,6 +276,8 @@ def test_config_rejects_bad_values():
     backends.get("fused", mode="fastest")
   with pytest.raises(ValueError, match="max_block_m must be a power of two"):
     backends.get("fused", max_block_m=100)
+  with pytest.raises(ValueError, match="programs_per_sm must be >= 1"):
+    backends.get("fused", programs_per_sm=0)
   with pytest.raises(ValueError, match="fallback must be another backend"):
     backends.get("fused", fallback="fused")
 

@@ -80,6 +80,9 @@ class Config:
       val = getattr(self, name)
       if val < 16 or val & (val - 1):
         raise ValueError(f"{name} must be a power of two >= 16, got {val}")
+    for name in ("num_warps", "num_stages", "programs_per_sm", "min_blocks_per_split"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.fallback == "fused":
       raise ValueError("fallback must be another backend than 'fused'")
 
