@@ -13,5 +13,8 @@ from hydrax.attention.merge import merge
 
 backends.register_lazy("pallas", "hydrax.attention.kernels.pallas_gpu", platforms=("gpu",))
 backends.register_lazy("pallas_tpu", "hydrax.attention.kernels.pallas_tpu", platforms=("tpu",))
+# The fused decode kernel (native Triton through jax-triton, both optional): asked for by name;
+# not picked by "auto" (no platform) until the H200 measurement shows it beats "pallas".
+backends.register_lazy("fused", "hydrax.attention.kernels.fused_triton", platforms=())
 
 __all__ = ["attention", "merge", "KVLevel", "hydragen_attention", "backends"]

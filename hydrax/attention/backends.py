@@ -29,7 +29,14 @@ from hydrax.attention import xla
 
 
 class Unsupported(Exception):
-  """Raised by a backend for an input it cannot handle; the caller falls back to XLA."""
+  """Raised by a backend for an input it cannot handle; the caller falls back to XLA.
+
+  From `Backend.all_levels`, the caller runs the levels one by one instead, on the backend
+  named by `fallback` (e.g. a kernel whose toolchain is missing here) or else on this one."""
+
+  def __init__(self, reason, fallback: Optional[str] = None):
+    super().__init__(reason)
+    self.fallback = fallback
 
 
 def _always() -> bool:
@@ -44,6 +51,11 @@ class Backend:
   is_available: Callable[[], bool] = _always
   config: Any = None                 # frozen kernel configuration, passed as config=
   takes_layer: bool = False          # level_attention reads k[layer], v[layer] itself
+  # Optional: every level of a call at once, all_levels(q, levels, limits, *, scale[,
+  # config]) -> (out [B,T,H,D] in q's dtype, lse [B,T,H] f32); levels are KVLevels (stacked
+  # caches read at their layer), limits per level [B,T] int32. hydragen_attention calls it
+  # instead of its level loop (a fused kernel: one launch, the merge inside).
+  all_levels: Optional[Callable] = None
 
   def configured(self, **changes) -> "Backend":
     """This backend with the given fields of its configuration replaced."""
@@ -71,6 +83,11 @@ class Backend:
         k = lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)
         v = lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
     return self.level_attention(q, k, v, lengths, owner, limits, scale=scale, **kwargs)
+
+  def attend_all(self, q, levels, limits, *, scale):
+    """Every level at once through `all_levels` (which this backend must have)."""
+    kwargs = {} if self.config is None else {"config": self.config}
+    return self.all_levels(q, levels, limits, scale=scale, **kwargs)
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -184,16 +184,33 @@ def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True
              else lvl.lengths.astype(jnp.int32)[lvl.owner] for lvl in levels]
   total = sum(per_seq)
   offset = jnp.zeros((b,), jnp.int32)
-  parts = []
-  for level, seq_len in zip(levels, per_seq):
+  all_limits = []
+  for seq_len in per_seq:
     if causal_last:
       # Keys of this level visible to query t: positions up to total - T + t, shifted.
       tt = jnp.arange(t, dtype=jnp.int32)[None, :]
-      limits = jnp.clip((total - t - offset)[:, None] + tt + 1, 0, seq_len[:, None])
+      all_limits.append(jnp.clip((total - t - offset)[:, None] + tt + 1, 0, seq_len[:, None]))
     else:
-      limits = jnp.broadcast_to(seq_len[:, None], (b, t))
-    parts.append(_run_level(impl, q, level, limits, scale))
+      all_limits.append(jnp.broadcast_to(seq_len[:, None], (b, t)))
     offset = offset + seq_len
+  if impl.all_levels is not None:
+    try:
+      out, lse = impl.attend_all(q, list(levels), all_limits, scale=scale)
+      return out.astype(q.dtype), lse
+    except backends_lib.Unsupported as e:
+      if e.fallback is not None:
+        fallback = backends_lib.get(e.fallback)
+        if fallback.all_levels is not None:
+          raise ValueError(f"fallback {e.fallback!r} of backend {impl.name!r} must run "
+                           "level by level") from e
+      else:
+        fallback = impl
+      log_once(("fallback-all", impl.name, str(e)),
+               "hydrax: backend %r cannot take this call (%s); its levels run one by one on "
+               "backend %r", impl.name, e, fallback.name)
+      impl = fallback
+  parts = [_run_level(impl, q, level, limits, scale)
+           for level, limits in zip(levels, all_limits)]
   out, lse = merge(parts)
   return out.astype(q.dtype), lse
 

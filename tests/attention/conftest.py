@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -28,6 +28,7 @@ class BackendCase:
   registered: str                # the registry name it needs
   make: Callable[[], backends.Backend]
   examples: float = 1.0          # share of the hypothesis profile's max_examples
+  skip: Optional[Callable[[], Optional[str]]] = None   # why it cannot run here, or None
 
 
 BACKENDS = [
@@ -39,7 +40,19 @@ BACKENDS = [
     # registered (skipped until then).
     BackendCase("pallas_tpu", "pallas_tpu",
                 lambda: backends.get("pallas_tpu", interpret=True), examples=0.2),
+    # The fused Triton kernel in Triton's interpreter (all levels in one call, spied through
+    # all_levels): only where triton and torch are installed and TRITON_INTERPRET=1 was set
+    # before triton was imported (not in CI; see tests/attention/test_fused_kernel.py).
+    BackendCase("fused", "fused", lambda: backends.get("fused", interpret=True), examples=0.2,
+                skip=lambda: _fused_skip()),
 ]
+
+
+def _fused_skip() -> Optional[str]:
+  from hydrax.attention.kernels import fused_triton
+  return fused_triton.unavailable_reason(fused_triton.Config(interpret=True))
+
+
 # The Mosaic GPU kernel in its interpret mode: bf16/fp16, D 64/128 and 3-5 s per program on
 # CPU, so it runs its own small cases (tests/attention/test_core.py, `mosaic_backend`).
 MOSAIC = BackendCase("mosaic", "pallas", lambda: backends.get("pallas", lowering="mosaic"))
@@ -62,7 +75,20 @@ class Spied:
       self.calls.append((tuple(k.shape), None))
       return result
 
-    self.backend = dataclasses.replace(real, level_attention=spy)
+    changes = {"level_attention": spy}
+    if real.all_levels is not None:
+      def spy_all(q, levels, limits, **kwargs):
+        shapes = [tuple(lv.k.shape) for lv in levels]
+        try:
+          result = real.all_levels(q, levels, limits, **kwargs)
+        except backends.Unsupported as e:
+          self.calls.extend((shape, f"Unsupported: {e}") for shape in shapes)
+          raise
+        self.calls.extend((shape, None) for shape in shapes)
+        return result
+
+      changes["all_levels"] = spy_all
+    self.backend = dataclasses.replace(real, **changes)
 
   @property
   def name(self) -> str:
@@ -93,6 +119,9 @@ def _make(case: BackendCase) -> Spied:
   if case.registered not in backends.names():
     pytest.skip(f"backend {case.registered!r} is not registered here "
                 f"(known: {backends.names()})")
+  reason = case.skip() if case.skip else None
+  if reason:
+    pytest.skip(f"backend {case.name!r} cannot run here: {reason}")
   return Spied(case)
 
 

@@ -1,0 +1,517 @@
+"""H200 check of the fused Triton decode kernel (issue 16): exactness, timing against peers,
+the cost rule's crossover. Self-checking, one invocation, <= 4 minutes including compiles.
+
+Axis letters: B sequences, T queries per sequence, H query heads, K KV heads, D head dim,
+P shared-prefix length, U per-sequence suffix length, L layers of a stacked cache.
+
+    python3 experiments/check_fused_h200.py --out $OUT          (H200: jax 0.11.2, triton
+                                                                 3.6, torch, jax-triton)
+    python3 experiments/check_fused_h200.py --smoke --out DIR   (CPU: tiny shapes, seconds)
+
+(a) Exactness: random deep trees (2-3 levels, ragged lengths with empty nodes and sequences,
+    GQA 1/4/8, D 128, bf16 and fp32, traced owners, caches stacked [L,...] read at a traced
+    layer, NaN stored past every length in keys and values) through backend "fused" (cost rule,
+    forced shared, forced per-sequence, forced key splits) against the XLA backend on float32
+    copies with the NaN zeroed. Relative error per case; NaN or error > tolerance fails.
+(b) Timing at decode shapes (T=1, H=32, K=8, D=128, bf16, U=128; P in 1K/4K/16K/32K x B in
+    16/64/256/1024, FlashInfer's blog shape 32K/256 among them): fused (shared and
+    per-sequence modes; "fused" is the one the cost rule picks), the `pallas` backend, the XLA
+    backend, cuDNN with the prefix copied (jax.nn.dot_product_attention(implementation=
+    "cudnn")), torch SDPA with the prefix copied, FlashInfer's MultiLevelCascadeAttentionWrapper
+    and tokamax if importable (else the exact failure is printed). Each: back to back (`us`)
+    and device time (`device_us`: an in-jit loop of dependent calls; CUDA events for torch),
+    the roofline floor (every level's keys read once / 4.22 TB/s vs flops / 805 TFLOP/s) and %
+    of it. Every (shape, implementation) runs in try/except: one failure loses nothing else.
+(c) Crossover: per shape, fused shared vs fused per-sequence device time against the bytes
+    sharing saves; the smallest saving where sharing wins is the value for
+    fused_worklist.SHARING_CROSSOVER_BYTES_PROVISIONAL.
+Writes OUT/fused_check.csv, OUT/fused_timing.csv, OUT/fused_summary.json; the table prints last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares the GPU
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import bench_attention as ba  # noqa: E402
+from hydrax.attention import KVLevel, backends, hydragen_attention  # noqa: E402
+from hydrax.attention.kernels import fused_triton as ft  # noqa: E402
+from hydrax.attention.kernels import fused_worklist as wl  # noqa: E402
+
+T0 = time.time()
+ARGS = None
+
+
+def log(*a):
+  print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def left() -> float:
+  return ARGS.budget - (time.time() - T0)
+
+
+def err_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:240] if str(e) else ''}"
+
+
+# --- (a) exactness ---------------------------------------------------------------------------
+
+# name, B, T, K, G, dtype, shared levels [(N, S)], U, layers, fused config changes
+CHECKS = [   # most telling first: the budget may cut the tail (skipped, not failed)
+    ("tree3_bf16_gqa4_auto", 67, 1, 8, 4, "bfloat16", [(1, 1500), (7, 300)], 130, 3, {}),
+    ("tree3_f32_gqa1_splits3", 33, 1, 8, 1, "float32", [(1, 700), (5, 200)], 64, 2,
+     {"mode": "shared", "splits": 3}),
+    ("tree3_bf16_gqa8_per_seq", 40, 1, 4, 8, "bfloat16", [(1, 900), (5, 200)], 64, 2,
+     {"mode": "per_sequence"}),
+    ("tree2_bf16_gqa4_B256_4K", 256, 1, 8, 4, "bfloat16", [(1, 4096)], 128, 2,
+     {"mode": "shared"}),
+    ("tree3_bf16_gqa4_shared", 67, 1, 8, 4, "bfloat16", [(1, 1500), (7, 300)], 130, 3,
+     {"mode": "shared"}),
+    ("tree3_bf16_B1024_per_seq", 1024, 1, 8, 4, "bfloat16", [(1, 1024), (16, 256)], 128, 2,
+     {"mode": "per_sequence"}),
+    ("tree2_f32_gqa4_T3", 9, 3, 2, 4, "float32", [(3, 333)], 45, 2, {"mode": "shared"}),
+]
+SMOKE_CHECKS = [("smoke_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
+                 {"mode": "shared", "splits": 2})]
+TOL = {"bfloat16": 2e-2, "float32": 1e-4}
+
+
+def _tree(rng, b, kh, d, shared, u, layers, dtype):
+  """NumPy levels (k, v, lengths, owner) with NaN past every length, stacked [L,...] copies
+  (the level at `layer`), and the layer."""
+  levels_np, stacks, layer = ba._check_levels(rng, b, u, shared, kh, d, layers)
+  poisoned = []
+  for (k, v, n, o), (sk, sv) in zip(levels_np, stacks):
+    k, v = k.copy(), v.copy()
+    for j, length in enumerate(n):
+      k[j, length:] = np.nan
+      v[j, length:] = np.nan
+    sk[layer], sv[layer] = k, v
+    poisoned.append((k, v, n, o))
+  return poisoned, [(sk.astype(dtype), sv.astype(dtype)) for sk, sv in stacks], layer
+
+
+def run_checks(cases, d=128):
+  rows, fails = [], 0
+  rng = np.random.default_rng(int(time.time()) % 100000)
+  for name, b, t, kh, g, dtype, shared, u, layers, cfg in cases:
+    if left() < ARGS.timing_reserve:
+      log("budget: skipping check", name)
+      rows.append(dict(case=name, ok=None, error="skipped (budget)"))
+      continue
+    try:
+      levels_np, stacks, layer = _tree(rng, b, kh, d, shared, u, layers, np.dtype(dtype)
+                                       if dtype == "float32" else jnp.bfloat16)
+      q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
+      backend = backends.get("fused", **cfg, **ARGS.fused_extra)
+
+      def fused_fn(q, stacks, owners, lengths, layer):
+        lv = [KVLevel(sk, sv, n, o, layer) for (sk, sv), o, n in zip(stacks, owners, lengths)]
+        return hydragen_attention(q, lv, backend=backend)
+
+      owners = [None if o is None else jnp.asarray(o) for *_, o in levels_np]
+      lengths = [jnp.asarray(n) for _, _, n, _ in levels_np]
+      qd = jnp.asarray(q).astype(dtype)
+      out, lse = jax.jit(fused_fn)(qd, [(jnp.asarray(a), jnp.asarray(c)) for a, c in stacks],
+                                   owners, lengths, jnp.int32(layer))
+      # Reference: the XLA backend on float32 copies of the same (rounded) inputs, the NaN
+      # past lengths zeroed.
+      ref_levels = [KVLevel(jnp.asarray(np.nan_to_num(np.asarray(sk[layer], np.float32))),
+                            jnp.asarray(np.nan_to_num(np.asarray(sv[layer], np.float32))),
+                            jnp.asarray(n), None if o is None else np.asarray(o))
+                    for (sk, sv), (_, _, n, o) in zip(stacks, levels_np)]
+      with jax.default_matmul_precision("highest"):
+        ref_out, ref_lse = hydragen_attention(qd.astype(jnp.float32), ref_levels,
+                                              backend="xla")
+      out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
+      ref_out, ref_lse = np.asarray(ref_out, np.float64), np.asarray(ref_lse, np.float64)
+      empty = np.isneginf(ref_lse)
+      nan = bool(np.isnan(out).any() or np.isnan(lse).any())
+      rel = ba._rel(out, ref_out)
+      lse_err = float(np.abs(np.where(empty, 0, lse - np.where(empty, 0, ref_lse))).max())
+      empty_ok = bool((np.isneginf(lse) == empty).all() and (out[empty] == 0).all())
+      ok = (not nan) and rel <= TOL[dtype] and lse_err <= 10 * TOL[dtype] and empty_ok
+      rows.append(dict(case=name, B=b, T=t, K=kh, G=g, dtype=dtype, levels=len(shared) + 1,
+                       layers=layers, config=json.dumps(cfg), rel_err=rel, lse_abs_err=lse_err,
+                       nan=nan, empty_rows=int(empty.sum()), empty_ok=empty_ok, ok=ok))
+      fails += not ok
+      log(f"check {name:28s} rel err {rel:.2e} lse err {lse_err:.2e} nan={nan} "
+          f"empty rows {int(empty.sum())} ok={empty_ok} -> {'ok' if ok else 'FAIL'}")
+    except Exception as e:
+      fails += 1
+      rows.append(dict(case=name, ok=False, error=err_line(e)))
+      log(f"check {name} FAILED {err_line(e)}")
+      traceback.print_exc(limit=3)
+  return rows, fails
+
+
+# --- (b) timing ------------------------------------------------------------------------------
+
+def _levels(b, p, u, kp, vp, ks, vs, layer):
+  owner = np.zeros((b,), np.int32)
+  return [KVLevel(kp, vp, jnp.full((1,), p, jnp.int32), owner, layer),
+          KVLevel(ks, vs, jnp.full((b,), u, jnp.int32), None, layer)]
+
+
+def _hydrax_fn(b, p, u, backend):
+  return jax.jit(lambda q, kp, vp, ks, vs, layer: hydragen_attention(
+      q, _levels(b, p, u, kp, vp, ks, vs, layer), backend=backend)[0])
+
+
+def _time_jax(fn, case, rot):
+  """(back-to-back us, device us) of fn(q, kp, vp, ks, vs, layer) over rotating copies."""
+  t, _, _ = ba.bench(fn, [case + (jnp.int32(i),) for i in range(rot)])
+  loop = ba.dependent_loop(lambda q, *r: fn(q, *r), ARGS.loop)
+  td, _, _ = ba.bench(loop, [case], min_batch_s=0, outer=ARGS.outer)
+  return t * 1e6, td / ARGS.loop * 1e6
+
+
+def _torch_sdpa(b, p, u, h, kh, d, case):
+  """torch SDPA over caches holding a copy of the prefix (GQA through enable_gqa)."""
+  import torch
+  q, kp, vp, ks, vs = (torch.from_dlpack(x[0] if x.ndim == 5 else x) for x in case)
+  k = torch.cat([kp.expand(b, -1, -1, -1), ks], dim=1).transpose(1, 2).contiguous()
+  v = torch.cat([vp.expand(b, -1, -1, -1), vs], dim=1).transpose(1, 2).contiguous()
+  qt = q.transpose(1, 2).contiguous()                     # [B,H,1,D]
+  f = lambda: torch.nn.functional.scaled_dot_product_attention(qt, k, v, enable_gqa=True)
+  return _torch_times(f)
+
+
+def _torch_times(f):
+  import torch
+  for _ in range(3):
+    f()
+  torch.cuda.synchronize()
+  n = ARGS.loop
+  b2b, dev = [], []
+  for _ in range(ARGS.outer):
+    t = time.perf_counter()
+    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+      f()
+    e.record()
+    torch.cuda.synchronize()
+    b2b.append((time.perf_counter() - t) / n * 1e6)
+    dev.append(a.elapsed_time(e) / n * 1e3)
+  return float(np.median(b2b)), float(np.median(dev))
+
+
+def _flashinfer(b, p, u, h, kh, d, case):
+  """FlashInfer's 2-level cascade: level 0 the prefix pages (one query group of all B),
+  level 1 each sequence's suffix pages; page size 16; NHD paged cache [pages,2,16,K,D]."""
+  import flashinfer
+  import torch
+  page = 16
+  q, kp, vp, ks, vs = (torch.from_dlpack(x[0] if x.ndim == 5 else x) for x in case)
+  pre_pages, suf_pages = -(-p // page), -(-u // page)
+  total = pre_pages + b * suf_pages
+  cache = torch.zeros((total, 2, page, kh, d), dtype=q.dtype, device=q.device)
+  pre = torch.zeros((pre_pages * page, kh, d), dtype=q.dtype, device=q.device)
+  pre[:p] = kp[0]
+  cache[:pre_pages, 0] = pre.view(pre_pages, page, kh, d)
+  pre[:p] = vp[0]
+  cache[:pre_pages, 1] = pre.view(pre_pages, page, kh, d)
+  suf = torch.zeros((b, suf_pages * page, kh, d), dtype=q.dtype, device=q.device)
+  suf[:, :u] = ks
+  cache[pre_pages:, 0] = suf.view(b * suf_pages, page, kh, d)
+  suf[:, :u] = vs
+  cache[pre_pages:, 1] = suf.view(b * suf_pages, page, kh, d)
+  i32 = dict(dtype=torch.int32, device=q.device)
+  ws = torch.empty(256 << 20, dtype=torch.uint8, device=q.device)
+  wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(2, ws, "NHD")
+  last = lambda n: (n - 1) % page + 1
+  wrapper.plan([torch.tensor([0, b], **i32), torch.arange(b + 1, **i32)],
+               [torch.tensor([0, pre_pages], **i32), torch.arange(b + 1, **i32) * suf_pages],
+               [torch.arange(pre_pages, **i32), torch.arange(pre_pages, total, **i32)],
+               [torch.tensor([last(p)], **i32), torch.full((b,), last(u), **i32)],
+               h, kh, d, page)
+  qf = q[:, 0].contiguous()                               # [B,H,D]
+  out = wrapper.run(qf, cache)
+  ref = hydragen_attention(jnp.asarray(case[0]), _levels(
+      b, p, u, *[x[:1] for x in case[1:]], jnp.int32(0)), backend="xla")[0]
+  rel = ba._rel(out.float().cpu().numpy(), np.asarray(ref[:, 0], np.float32))
+  us, dev = _torch_times(lambda: wrapper.run(qf, cache))
+  return us, dev, rel
+
+
+def _tokamax(b, p, u, h, kh, d, case):
+  import tokamax
+  q, kp, vp, ks, vs = case
+  k, v = ba.replicated(kp[0], vp[0], ks[0], vs[0])
+  f = jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v))
+  t, _, _ = ba.bench(f, [(q, k, v)])
+  steps = jax.jit(lambda q, k, v: jax.lax.fori_loop(0, ARGS.loop, lambda i, q: q + (
+      jnp.asarray(1e-30, q.dtype) * f(q, k, v)[:1, :1, :1, :1]).astype(q.dtype), q))
+  td, _, _ = ba.bench(steps, [(q, k, v)], min_batch_s=0, outer=ARGS.outer)
+  return t * 1e6, td / ARGS.loop * 1e6
+
+
+def _case(seed, b, p, u, h, kh, d, copies):
+  """`bench_attention.make_case` (q, stacked prefix and suffix caches); in smoke mode from
+  NumPy (a jax.random compile per shape costs seconds on a CPU, nothing on the GPU)."""
+  if not ARGS.smoke:
+    return ba.make_case(jax.random.key(seed), b, p, u, h, kh, d, copies=copies)
+  rng = np.random.default_rng(seed)
+  shapes = [(b, 1, h, d), (copies, 1, p, kh, d), (copies, 1, p, kh, d), (copies, b, u, kh, d),
+            (copies, b, u, kh, d)]
+  return tuple(jnp.asarray(rng.standard_normal(x), jnp.bfloat16) for x in shapes)
+
+
+def _peer_import(name):
+  try:
+    __import__(name)
+    return None
+  except Exception as e:
+    return err_line(e)
+
+
+BROKEN = {}   # impl -> the error of its first failure: not retried (each retry recompiles)
+
+
+def time_shapes(shapes, h, kh, d, u, impls):
+  rows = []
+  peers = {"flashinfer": _peer_import("flashinfer"), "tokamax": _peer_import("tokamax"),
+           "torch_sdpa": _peer_import("torch")}
+  for name, why in peers.items():
+    if why and name in impls:
+      log(f"{name}: not importable here ({why}); its rows are skipped")
+  on_gpu = jax.default_backend() == "gpu"
+  fused_why = ft.unavailable_reason(ft.Config(**ARGS.fused_extra))
+  if fused_why:
+    log(f"fused: unavailable here ({fused_why}); its rows are skipped")
+  for p, b in shapes:
+    name = f"P{p}_B{b}"
+    floor = wl.roofline_us((b, 1, h, d), kh, [(1, p), (b, u)], 2)
+    shapes_ = [wl.LevelShape(1, p, True, np.zeros(b, np.int32)), wl.LevelShape(b, u, False)]
+    saved = wl.sharing_saved_bytes((b, 1, h, d), shapes_, 2) * kh
+    rule = wl.choose_mode((b, 1, h, d), shapes_, kh, 2)
+    per_call = 2 * (2 * p * kh * d + 2 * b * u * kh * d + 2 * b * h * d)
+    rot = ba.rotations(per_call)
+    case = _case(p + b, b, p, u, h, kh, d, rot)
+    for impl in impls:
+      base = dict(shape=name, impl=impl, B=b, P=p, U=u, H=h, K=kh, D=d, floor_us=floor,
+                  saved_bytes=saved, rule=rule)
+      if left() < 5:
+        rows.append(dict(base, error="skipped (budget)"))
+        continue
+      if impl in BROKEN:
+        rows.append(dict(base, error=f"skipped: failed before ({BROKEN[impl]})"))
+        continue
+      try:
+        extra = {}
+        if impl.startswith("fused"):
+          if fused_why:
+            raise RuntimeError(f"unavailable: {fused_why}")
+          mode = {"fused_shared": "shared", "fused_per_seq": "per_sequence"}[impl]
+          fn = _hydrax_fn(b, p, u, backends.get("fused", mode=mode, **ARGS.fused_extra))
+          us, dev = _time_jax(fn, case, rot)
+        elif impl in ("pallas", "xla"):
+          if impl == "pallas" and not on_gpu:
+            raise RuntimeError("needs a GPU (interpret mode is not timed)")
+          us, dev = _time_jax(_hydrax_fn(b, p, u, impl), case, rot)
+        elif impl == "cudnn":
+          if not on_gpu:
+            raise RuntimeError("needs a GPU")
+          if 2 * b * (p + u) * kh * d * 2 > ARGS.max_replicated_gb * 1e9:
+            raise MemoryError(f"copied caches: {2 * b * (p + u) * kh * d * 2 / 1e9:.0f} GB")
+          q, kp, vp, ks, vs = case
+          k, v = ba.replicated(kp[0], vp[0], ks[0], vs[0])
+          t, _, _ = ba.bench(ba.CUDNN, [(q, k, v)])
+          loop = ba.dependent_loop(ba._cudnn_step, ARGS.loop)
+          td, _, _ = ba.bench(loop, [(q, k[None], v[None])], min_batch_s=0, outer=ARGS.outer)
+          us, dev = t * 1e6, td / ARGS.loop * 1e6
+          del k, v
+        elif impl in peers:
+          if peers[impl]:
+            raise RuntimeError(f"not importable: {peers[impl]}")
+          if not on_gpu:
+            raise RuntimeError("needs a GPU")
+          if impl != "flashinfer" and 2 * b * (p + u) * kh * d * 2 > \
+              ARGS.max_replicated_gb * 1e9:
+            raise MemoryError(f"copied caches: {2 * b * (p + u) * kh * d * 2 / 1e9:.0f} GB")
+          if impl == "torch_sdpa":
+            us, dev = _torch_sdpa(b, p, u, h, kh, d, case)
+          elif impl == "flashinfer":
+            us, dev, extra["rel_err"] = _flashinfer(b, p, u, h, kh, d, case)
+          else:
+            us, dev = _tokamax(b, p, u, h, kh, d, case)
+        else:
+          raise ValueError(f"unknown impl {impl!r}")
+        row = dict(base, us=us, device_us=dev, pct_floor=100 * floor / dev, **extra)
+        rows.append(row)
+        log(f"{name:>12} {impl:>13} {us:9.1f} us b2b {dev:9.1f} us device "
+            f"({row['pct_floor']:.0f}% of floor {floor:.1f})")
+      except Exception as e:
+        rows.append(dict(base, error=err_line(e)))
+        log(f"{name:>12} {impl:>13} FAILED {err_line(e)}")
+        if not isinstance(e, MemoryError) and not any(
+            x in str(e) for x in ("needs a GPU", "not importable", "unavailable")):
+          BROKEN[impl] = err_line(e)[:120]
+          traceback.print_exc(limit=4)
+    del case
+  # "fused" = what the cost rule picks (no extra compile: it is one of the two modes).
+  by = {(r["shape"], r["impl"]): r for r in rows}
+  for p, b in shapes:
+    name = f"P{p}_B{b}"
+    rule = by.get((name, "fused_shared"), {}).get("rule")
+    pick = by.get((name, "fused_shared" if rule == "shared" else "fused_per_seq"))
+    if pick and "device_us" in pick:
+      rows.append(dict(pick, impl="fused"))
+  return rows
+
+
+def crossover(rows):
+  """Smallest saving where shared beats per-sequence, largest where it loses, suggestion."""
+  by = {}
+  for r in rows:
+    if "device_us" in r and r["impl"] in ("fused_shared", "fused_per_seq"):
+      by.setdefault(r["shape"], {})[r["impl"]] = r
+  wins, losses = [], []
+  for d in by.values():
+    if len(d) == 2:
+      s = d["fused_shared"]
+      (wins if s["device_us"] <= d["fused_per_seq"]["device_us"] else losses).append(
+          s["saved_bytes"])
+  res = {"shared_wins_at_saved_bytes": sorted(wins), "per_seq_wins_at_saved_bytes":
+         sorted(losses), "provisional_bytes": wl.SHARING_CROSSOVER_BYTES_PROVISIONAL}
+  if wins:
+    lo = max([x for x in losses if x < min(wins)], default=0)
+    res["suggested_bytes"] = int(math.sqrt(max(lo, 1) * min(wins))) if lo else int(min(wins))
+    res["consistent"] = all(x < min(wins) for x in losses)
+  return res
+
+
+def table(rows, checks_failed):
+  nan = float("nan")
+  by = {}
+  for r in rows:
+    if r["impl"] != "fused_variant":
+      by.setdefault(r["shape"], {})[r["impl"]] = r
+  impls = ["fused", "fused_shared", "fused_per_seq", "pallas", "xla", "cudnn", "torch_sdpa",
+           "flashinfer", "tokamax"]
+  present = [i for i in impls if any("device_us" in d.get(i, {}) for d in by.values())]
+  print("\nshape | rule | floor us | fused b2b us | " + " | ".join(
+      f"{i} dev us" for i in present) + " | fused % floor | best copied / fused | "
+      "pallas / fused | flashinfer / fused")
+  for shape, d in by.items():
+    dev = lambda k: d.get(k, {}).get("device_us", nan)
+    row0 = next(iter(d.values()))
+    best_copied = min(dev("cudnn"), dev("torch_sdpa"))
+    print(f"{shape} | {row0.get('rule', '')} | {row0.get('floor_us', nan):.1f} | "
+          f"{d.get('fused', {}).get('us', nan):.1f} | "
+          + " | ".join(f"{dev(i):.1f}" for i in present)
+          + f" | {100 * row0.get('floor_us', nan) / dev('fused'):.0f}% | "
+          f"{best_copied / dev('fused'):.2f}x | {dev('pallas') / dev('fused'):.2f}x | "
+          f"{dev('flashinfer') / dev('fused'):.2f}x")
+  for r in rows:
+    if r["impl"] == "fused_variant" and "device_us" in r:
+      base = by.get(r["shape"], {}).get("fused", {}).get("device_us", nan)
+      print(f"variant {r['variant']} at {r['shape']}: {r['device_us']:.1f} us device "
+            f"(default fused {base:.1f})")
+  print(f"\nexactness: {checks_failed} failure(s)")
+  if BROKEN:
+    print("not retried after a failure:", json.dumps(BROKEN))
+
+
+def write_csv(path, rows):
+  ba.write_csv(path, rows)
+
+
+def main(argv=None):
+  global ARGS
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default="results_fused")
+  ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, XLA/interpreter")
+  ap.add_argument("--budget", type=float, default=220.0, help="seconds for everything")
+  ap.add_argument("--timing-reserve", type=float, default=130.0,
+                  help="seconds kept for timing: checks stop when less is left")
+  ap.add_argument("--loop", type=int, default=10, help="dependent calls per device time")
+  ap.add_argument("--outer", type=int, default=5, help="timed repetitions (median)")
+  ap.add_argument("--max-replicated-gb", type=float, default=40.0)
+  ap.add_argument("--shapes", default="", help="PxB list (default: the issue's table)")
+  ap.add_argument("--impls", default="fused_shared,fused_per_seq,pallas,cudnn,torch_sdpa,"
+                  "flashinfer,tokamax,xla")
+  ap.add_argument("--xla-max-keys", type=int, default=64 * 4096,
+                  help="time the XLA backend only where B*P <= this (it is slow)")
+  ap.add_argument("--fused", default="{}", help="JSON of extra fused Config fields")
+  ap.add_argument("--variants", default='[{"max_block_m": 128}, {"num_warps": 4, '
+                  '"programs_per_sm": 2}, {"block_n": 128}]',
+                  help="JSON list of fused Config changes timed at the first two shapes last")
+  ARGS = ap.parse_args(argv)
+  ARGS.fused_extra = json.loads(ARGS.fused)
+  ba.ARGS = argparse.Namespace(outer=ARGS.outer, budget=ARGS.budget, loop=ARGS.loop,
+                               max_replicated_gb=ARGS.max_replicated_gb)
+  os.makedirs(ARGS.out, exist_ok=True)
+  log("jax", jax.__version__, jax.devices(), "fused:",
+      ft.unavailable_reason(ft.Config(**ARGS.fused_extra)) or "available")
+  if ARGS.smoke:
+    ARGS.timing_reserve = min(ARGS.timing_reserve, ARGS.budget / 2)
+    check_rows, fails = run_checks(SMOKE_CHECKS, d=16) if ft.available(
+        ft.Config(**ARGS.fused_extra)) else ([], 0)
+    shapes, h, kh, d, u = [(64, 4)], 4, 2, 16, 8
+  else:
+    check_rows, fails = run_checks(CHECKS)
+    shapes = [(1024, 16), (1024, 64), (4096, 256), (16384, 256), (32768, 256), (1024, 1024),
+              (4096, 16), (4096, 64), (16384, 64), (32768, 64), (1024, 256), (4096, 1024),
+              (16384, 16), (32768, 16), (16384, 1024), (32768, 1024)]
+    h, kh, d, u = 32, 8, 128, 128
+  if ARGS.shapes:
+    shapes = [tuple(int(x) for x in s.split("x")) for s in ARGS.shapes.split(",")]
+  write_csv(os.path.join(ARGS.out, "fused_check.csv"), check_rows)
+  impls = [i for i in ARGS.impls.split(",") if i]
+  rows = []
+  for p, b in shapes:      # the headline shapes first: budget cuts the tail
+    use = [i for i in impls if i != "xla" or b * p <= ARGS.xla_max_keys]
+    rows += time_shapes([(p, b)], h, kh, d, u, use)
+    write_csv(os.path.join(ARGS.out, "fused_timing.csv"), rows)
+  variants = json.loads(ARGS.variants)
+  if ft.unavailable_reason(ft.Config(**ARGS.fused_extra)):
+    variants = []            # (the backend would run its fallback: nothing to compare)
+  for cfg in variants:     # kernel settings to try next, if time is left (device time only)
+    for p, b in shapes[:2]:
+      if left() < 20:
+        log("budget: skipping variant", cfg)
+        break
+      name = f"P{p}_B{b}"
+      try:
+        fn = _hydrax_fn(b, p, u, backends.get("fused", **{**ARGS.fused_extra, **cfg}))
+        case = _case(1, b, p, u, h, kh, d, 1)
+        us, dev = _time_jax(fn, case, 1)
+        rows.append(dict(shape=name, impl="fused_variant", variant=json.dumps(cfg), B=b, P=p,
+                         U=u, us=us, device_us=dev))
+        log(f"{name:>12} variant {json.dumps(cfg)}: {us:.1f} us b2b {dev:.1f} us device")
+      except Exception as e:
+        rows.append(dict(shape=name, impl="fused_variant", variant=json.dumps(cfg),
+                         error=err_line(e)))
+        log(f"{name:>12} variant {json.dumps(cfg)} FAILED {err_line(e)}")
+  write_csv(os.path.join(ARGS.out, "fused_timing.csv"), rows)
+  cross = crossover(rows)
+  skipped = [r["case"] for r in check_rows if r.get("ok") is None]
+  if skipped:
+    log("checks skipped for the budget (not failures):", skipped)
+  summary = dict(check_failures=fails, checks_skipped=skipped, crossover=cross,
+                 broken=BROKEN, device=str(jax.devices()[0]),
+                 jax=jax.__version__, seconds=time.time() - T0)
+  with open(os.path.join(ARGS.out, "fused_summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  print("\ncrossover:", json.dumps(cross))
+  table(rows, fails)
+  return rows, check_rows, fails
+
+
+if __name__ == "__main__":
+  _, _, n_fail = main()
+  sys.exit(1 if n_fail else 0)
