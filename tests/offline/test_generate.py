@@ -69,6 +69,8 @@ def test_completions_equal_per_request_generate(tmp_path):
   path = _write(tmp_path / "p.jsonl", reqs)
   summary = G.run(path, str(tmp_path / "out.jsonl"), max_batch=4, **RUN)
   assert summary.ok and summary.completed == len(reqs) and summary.batches_run >= 3
+  # ragged suffixes in batches of 4: prefill packed (the reference, one request, is padded)
+  assert summary.packed_batches >= 1 and summary.prefill_slots < summary.padded_slots
   got = {r["id"]: r for r in _read(tmp_path / "out.jsonl")}
   assert set(got) == {r["id"] for r in reqs}
   for r in reqs:
@@ -138,6 +140,8 @@ def test_everything_failed_exits_nonzero(tmp_path, capsys):
           "--quiet"]
   assert G.main(args + ["--on_bad_line", "skip"]) == 1
   assert G.main(args) == 2
+  with pytest.raises(ValueError, match=r"prefill must be one of \['auto', 'packed', "):
+    G.run(str(path), str(tmp_path / "o.jsonl"), prefill="packd", **RUN)
   err = capsys.readouterr().err
   assert "line 1" in err and "line 2" in err
 
