@@ -652,7 +652,11 @@ def _packed_pass(tokens, lengths, start, plan_row, width: int, capacity: int, an
   data, per = plan_row.shape
   packs = [packing.pack(lengths[plan_row[s]], width=width) for s in range(data)]
   rows = max(pk.rows for pk in packs)
-  rows = rows if not bk.steps else buckets_lib.round_up(rows, steps=bk.steps)
+  # Bucketed like a level's node count (the policy's floor, min_nodes), with at least two
+  # steps an octave: the packed rows stand in for the batch's rows, whose sizes the offline
+  # scheduler pads on that grid (a coarser one would waste up to half the rows).
+  rows = rows if not bk.steps else buckets_lib.round_up(rows, steps=max(bk.steps, 2),
+                                                        minimum=max(bk.min_nodes, 1))
   steps = -(-rows // max(1, min(step_tokens // width, rows)))
   chunk = -(-rows // steps)
   rows = steps * chunk

@@ -3,7 +3,7 @@
   pack(lengths, *, width=None) -> Packing                    first-fit-decreasing bin packing
   pack_tokens(tokens, lengths, starts, packing) -> (tokens, segment_ids, positions)   [R,W]
   unpack(x, packing, lengths, capacity) -> [B,S,...]
-  packed_attention(q, k, v, segment_ids, levels, *, owners, scale=None, backend="auto")
+  packed_attention(q, k, v, segment_ids, levels, *, scale=None, backend="auto", attend=None)
       -> (out [R,W,H,D], lse [R,W,H])
 
 Axis letters: B sequences, S a suffix's padded length, R packed rows, W tokens per row, H query
@@ -20,10 +20,15 @@ that, the shared levels through `hydragen_attention` (one query per packed token
 sequence's node) and the in-row part with a block-diagonal causal mask, merged by LSE.
 Padding slots get out = 0 and lse = -inf.
 
-Using it in prefill needs the model's attention to be injectable: `llama.forward` computing
-q, k, v of [R,W] packed tokens at `positions`, calling an attention function with the
-segment ids, and writing each segment's keys to its sequence's cache slots (a scatter by
-(segment, index) instead of by row). That hook is not in `llama.forward` yet.
+In the engine: `llama.forward(model, tokens [R,W], positions [R,W], cache, segments=...)`
+runs packed tokens through the model (the attention layer calls `packed_attention` with its
+`attend=` hook for the levels: the sequences' shared nodes and, unless `fresh`, the keys their
+caches already hold) and appends each token's keys to its sequence's suffix cache
+[L,B,S,K,D] at (segment, cache length + index in the segment) by one scatter per layer.
+`engine.generate(..., prefill="auto" | "packed" | "padded")` packs the unique suffixes of a
+batch per data shard (`engine.layout`: rows bucketed into the compile `Signature`; prefill
+steps take whole rows, so the width must be <= prefill_chunk); "auto" packs when that runs
+fewer token slots. `python -m hydrax.generate --prefill` passes it on.
 """
 
 from __future__ import annotations
