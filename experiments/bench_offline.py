@@ -1,25 +1,35 @@
 """Offline batch inference benchmark: the global plan vs arrival-order batches vs replicated.
 
   python experiments/bench_offline.py --out DIR                       (H200: llama3-8b, bf16)
-  python experiments/bench_offline.py --out DIR --model tiny --dtype float32 --scale 0.02 \
-      --group_scale 0.05 --length_scale 0.02 --max_new 4,12 --max_batch 16 --prepack 8,4,64,32
-                                                                          (CPU smoke test)
+  python experiments/bench_offline.py --out DIR --smoke                (CPU: tiny, toy sizes)
 
 For each workload of `offline_workloads.py` (system prompts, one document, problems x samples,
 a no-sharing control; scaled by --scale and --length_scale), `hydrax.generate.run` processes the
 whole file three ways with the same model, budget and engine:
   global      one radix tree over the dataset, sharers batched together, BatchLLM order;
   arrival     the same engine fed in arrival order, fixed-size batches each planned on its own;
-  replicated  the global batches with the prefix copied into every sequence's cache.
+  replicated  the global batches with the prefix copied into every sequence's cache;
+  (global_padded, with --modes: global with every batch's suffixes prefilled padded.)
+Every run prefills its batches' unique suffixes packed where that runs fewer token slots
+(`engine.generate(prefill="auto")`); rows.csv counts the slots (prefill_slots, padded_slots,
+packed_batches).
 Wall time covers planning, prefill, decode and compiles (the model is loaded once before; the
 engine's compiled executables are dropped before every run, so each run pays its own).
-Then Prepacking at the attention level: B suffixes of 16..2,048 tokens (llama3-8b heads),
-padded prefill attention vs the packed op, and the token slots each runs (the model's matrix
-products scale with slots).
+Prepacking, twice (the engine points run first and are never skipped; their time counts
+against --time_budget, which cuts workload runs):
+  engine      `engine.generate(prefill="padded")` vs `prefill="packed"` on B prompts of one
+              shared prefix + suffixes of lo..hi tokens (--engine_prepack; the whole model,
+              both on the same backend): prefill seconds (median of --repeats runs after a
+              compiling one), prefill + decode seconds, compile seconds, the token slots the
+              suffix pass runs and its padding (1 - suffix tokens / slots), and whether the
+              greedy tokens agree (bf16 may round apart; float32 must not);
+  attention   one layer's suffix attention alone, padded vs the packed op (--prepack).
 
-Writes DIR/rows.csv (one row per workload x mode), DIR/prepack.csv, DIR/runs/*.jsonl (the
-completions) and DIR/workloads/*.jsonl; prints a short table last. --time_budget stops starting
-new runs when it is spent (the table then says which were skipped).
+Writes DIR/rows.csv (one row per workload x mode), DIR/prepack_engine.csv, DIR/prepack.csv,
+DIR/runs/*.jsonl (the completions) and DIR/workloads/*.jsonl; prints a short table last.
+--time_budget stops starting new runs when it is spent (the table then says which were
+skipped). --smoke: the tiny model in float32 on CPU at toy sizes (what
+tests/experiments/test_bench_offline.py runs).
 """
 
 from __future__ import annotations
@@ -47,12 +57,14 @@ from hydrax.offline import packing  # noqa: E402
 
 MODES = {"global": dict(strategy="global", attention="hydragen"),
          "arrival": dict(strategy="arrival", attention="hydragen"),
-         "replicated": dict(strategy="global", attention="replicated")}
+         "replicated": dict(strategy="global", attention="replicated"),
+         "global_padded": dict(strategy="global", attention="hydragen", prefill="padded")}
 FIELDS = ["workload", "mode", "requests", "prompt_tokens", "generated_tokens", "wall_s",
           "wall_minus_compile_s", "planning_s", "compile_s", "prefill_s", "decode_s",
           "tokens_per_s", "batches", "signatures", "compiles", "prefill_tokens",
           "reprefill_tokens", "shared_fraction", "memory_budget", "speedup_vs_arrival",
-          "speedup_minus_compile", "planning_pct", "status"]
+          "speedup_minus_compile", "planning_pct", "prefill_slots", "padded_slots",
+          "packed_batches", "status"]
 
 
 def _run_one(path, out, model, mode, args):
@@ -75,6 +87,8 @@ def _run_one(path, out, model, mode, args):
               reprefill_tokens=d["reprefill_tokens"], shared_fraction=d["shared_fraction"],
               memory_budget=d["memory_budget"],
               planning_pct=round(100 * s.planning_seconds / wall, 2),
+              prefill_slots=s.prefill_slots, padded_slots=s.padded_slots,
+              packed_batches=s.packed_batches,
               status="ok" if s.completed == s.requests else f"{s.failed} failed")
 
 
@@ -135,13 +149,75 @@ def prepack_point(config, dtype, *, batch, lo, hi, prefix, seed=0, backend="xla"
               attention_speedup=round(t_pad / t_pack, 3))
 
 
+def engine_prepack_point(model, *, batch, lo, hi, prefix, max_new=8, repeats=3, seed=0,
+                         backend="auto"):
+  """Padded vs packed unique-suffix prefill through the engine: B prompts = one shared prefix
+  of `prefix` tokens + a suffix of lo..hi tokens each (uniform), greedy, max_new tokens."""
+  config, params = model
+  rng = np.random.default_rng(seed)
+  head = rng.integers(3, config.vocab_size, prefix)
+  lengths = rng.integers(lo, hi + 1, batch)
+  prompts = [np.concatenate([head, rng.integers(3, config.vocab_size, n)]).astype(np.int32)
+             for n in lengths]
+  share = dict(min_shared_tokens=0, merge_cost=0, max_levels=1)
+  row = dict(batch=batch, suffix_lo=lo, suffix_hi=hi, prefix=prefix, max_new=max_new,
+             suffix_tokens=int(lengths.sum()))
+  tokens = {}
+  for mode in ("padded", "packed"):
+    run = lambda: engine.generate(config, params, prompts, max_new_tokens=max_new,
+                                  sharing_options=share, backend=backend, prefill=mode)
+    first = run()                                      # compiles (or reuses) its executables
+    gens = [run() for _ in range(repeats)]
+    tokens[mode] = first.tokens
+    row.update({f"{mode}_prefill_s": round(statistics.median(g.prefill_seconds for g in gens), 4),
+                f"{mode}_total_s": round(statistics.median(g.prefill_seconds + g.decode_seconds
+                                                           for g in gens), 4),
+                f"{mode}_compile_s": round(first.compile_seconds, 2),
+                f"{mode}_slots": first.prefill_slots,
+                f"{mode}_padding": round(1 - int(lengths.sum()) / first.prefill_slots, 3),
+                f"{mode}_ran": first.prefill})
+  row["slot_ratio"] = round(row["padded_slots"] / row["packed_slots"], 3)
+  row["prefill_speedup"] = round(row["padded_prefill_s"] / row["packed_prefill_s"], 3)
+  row["total_speedup"] = round(row["padded_total_s"] / row["packed_total_s"], 3)
+  row["tokens_equal"] = bool(np.array_equal(tokens["padded"], tokens["packed"]))
+  return row
+
+
+def _write_csv(path, rows):
+  with open(path, "w", newline="") as f:
+    wr = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
+    wr.writeheader()
+    wr.writerows(rows)
+
+
+SMOKE = ["--model", "tiny", "--dtype", "float32", "--scale", "0.02", "--group_scale", "0.05",
+         "--length_scale", "0.02", "--max_new", "4,12", "--max_batch", "16",
+         "--prepack", "8,4,64,32", "--engine_prepack", "8,4,60,24", "--repeats", "1"]
+
+
+def _print_rows(rows):
+  print("| workload | mode | requests | wall s | compile s | plan % | tok/s | batches | sigs | "
+        "compiles | prefill tok | re-prefill tok | packed batches (slots / padded) | "
+        "vs arrival | (no compile) | status |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    g = lambda k: r.get(k, "")
+    print(f"| {g('workload')} | {g('mode')} | {g('requests')} | {g('wall_s')} | "
+          f"{g('compile_s')} | {g('planning_pct')} | {g('tokens_per_s')} | {g('batches')} | "
+          f"{g('signatures')} | {g('compiles')} | {g('prefill_tokens')} | "
+          f"{g('reprefill_tokens')} | {g('packed_batches')} ({g('prefill_slots')} / "
+          f"{g('padded_slots')}) | {g('speedup_vs_arrival')} | "
+          f"{g('speedup_minus_compile')} | {g('status')} |")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True)
   p.add_argument("--model", default="llama3-8b")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--workloads", default=",".join(offline_workloads.WORKLOADS))
-  p.add_argument("--modes", default=",".join(MODES))
+  p.add_argument("--modes", default="global,arrival,replicated",
+                 help=f"of {','.join(MODES)}")
   p.add_argument("--scale", type=float, default=0.1, help="groups x this (see the workloads)")
   p.add_argument("--group_scale", type=float, default=1.0, help="requests per group x this")
   p.add_argument("--length_scale", type=float, default=1.0, help="token lengths x this")
@@ -153,7 +229,16 @@ def main(argv=None) -> int:
   p.add_argument("--backend", default="auto")
   p.add_argument("--time_budget", type=float, default=480, help="seconds; no new run after")
   p.add_argument("--prepack", default="32,16,2048,1024",
-                 help="batch,lo,hi,prefix of the Prepacking point ('' to skip)")
+                 help="batch,lo,hi,prefix of the attention-level Prepacking point ('' to skip)")
+  p.add_argument("--engine_prepack", default="32,16,2048,1024;128,16,512,1024",
+                 help="';'-separated batch,lo,hi,prefix points of the engine-level padded vs "
+                 "packed prefill ('' to skip)")
+  p.add_argument("--repeats", type=int, default=3, help="timed runs per engine prefill point")
+  p.add_argument("--smoke", action="store_true", help="tiny model, float32, toy sizes (CPU): "
+                 + " ".join(SMOKE))
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--smoke" in argv:
+    argv = SMOKE + argv       # explicit flags after them still win
   args = p.parse_args(argv)
   t_start = time.perf_counter()
   os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
@@ -171,15 +256,30 @@ def main(argv=None) -> int:
   # caches) do not land on whichever run comes first.
   engine.generate(model[0], model[1], [np.arange(3, 40, dtype=np.int32)] * 2, max_new_tokens=2)
 
+  # The engine-level Prepacking points first: bounded (a few compiles and runs), so that the
+  # time budget cuts workload runs, not them.
+  engine_rows = []
+  for point in filter(None, args.engine_prepack.split(";")):
+    b, plo, phi, prefix = (int(x) for x in point.split(","))
+    try:
+      engine_rows.append(engine_prepack_point(model, batch=b, lo=plo, hi=phi, prefix=prefix,
+                                              repeats=args.repeats, backend=args.backend))
+    except Exception as e:  # noqa: BLE001 -- recorded, the other points go on
+      engine_rows.append(dict(batch=b, suffix_lo=plo, suffix_hi=phi, prefix=prefix,
+                              error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+    print(json.dumps(engine_rows[-1]), file=sys.stderr)
+  if engine_rows:
+    _write_csv(os.path.join(args.out, "prepack_engine.csv"), engine_rows)
+
   paths = {}
-  for w in args.workloads.split(","):
+  for w in filter(None, args.workloads.split(",")):
     recs = offline_workloads.make(w, scale=args.scale, group_scale=args.group_scale,
                                   length_scale=args.length_scale, vocab_size=config.vocab_size,
                                   max_new=(lo, hi))
     paths[w] = offline_workloads.write_jsonl(recs, os.path.join(args.out, "workloads",
                                                                 f"{w}.jsonl"))
   rows = []
-  for mode in args.modes.split(","):      # mode by mode: the time budget cuts the last ones
+  for mode in filter(None, args.modes.split(",")):   # mode by mode: the budget cuts the last
     for w, path in paths.items():
       row = dict(workload=w, mode=mode)
       if time.perf_counter() - t_start > args.time_budget:
@@ -217,16 +317,21 @@ def main(argv=None) -> int:
       wr.writerows(prepack)
 
   print(f"\ntotal {time.perf_counter() - t_start:.0f} s; results in {args.out}")
-  print("| workload | mode | requests | wall s | compile s | plan % | tok/s | batches | sigs | "
-        "compiles | prefill tok | re-prefill tok | vs arrival | (no compile) | status |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    g = lambda k: r.get(k, "")
-    print(f"| {g('workload')} | {g('mode')} | {g('requests')} | {g('wall_s')} | "
-          f"{g('compile_s')} | {g('planning_pct')} | {g('tokens_per_s')} | {g('batches')} | "
-          f"{g('signatures')} | {g('compiles')} | {g('prefill_tokens')} | "
-          f"{g('reprefill_tokens')} | {g('speedup_vs_arrival')} | "
-          f"{g('speedup_minus_compile')} | {g('status')} |")
+  if rows:
+    _print_rows(rows)
+  if engine_rows:
+    print("\n| B | suffix | prefix | mode ran | slots | padding | prefill s | prefill+decode s | "
+          "compile s | tokens equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in engine_rows:
+      for mode in ("padded", "packed"):
+        g = lambda k: r.get(f"{mode}_{k}", r.get("error", "") if k == "ran" else "")
+        print(f"| {r['batch']} | {r['suffix_lo']}..{r['suffix_hi']} | {r['prefix']} | "
+              f"{g('ran')} | {g('slots')} | {g('padding')} | {g('prefill_s')} | "
+              f"{g('total_s')} | {g('compile_s')} | {r.get('tokens_equal', '')} |")
+      if "prefill_speedup" in r:
+        print(f"| | | | packed vs padded | {r['slot_ratio']}x fewer | | "
+              f"{r['prefill_speedup']}x | {r['total_speedup']}x | | |")
   for r in prepack:
     print(f"prepack: {json.dumps(r)}")
   return 0

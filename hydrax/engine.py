@@ -2,7 +2,7 @@
 mesh, with the sharing tree as runtime data.
 
   generate(model, params, prompts, *, max_new_tokens, attention="hydragen", backend="auto",
-           mesh=None, ...) -> Generation
+           mesh=None, prefill="auto", ...) -> Generation
   Runtime(backend, mesh, checks, unroll)
   Runtime.build(backend="auto", mesh=None, checks="static", unroll=1)
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
@@ -33,6 +33,19 @@ capacity (bucketed), the prefill chunks, max_new_tokens, sampling, the `Runtime`
 backend with its kernel configuration, mesh, checks mode) and the model's structure. Executables
 are cached by that key only, so nearby trees (prompts of 21, 23 or 22 tokens; other trees with
 the same bucketed shapes) reuse them and report `compile_seconds == 0`.
+
+Prefill of the unique suffixes (the per-sequence pass), `prefill=`: "padded" runs each
+sequence as a row as wide as the longest suffix (bucketed), B x max(lengths) token slots;
+"packed" (Prepacking) first-fit packs the suffixes into rows of that width
+(`hydrax.offline.packing`), each token with its sequence id and its own position, so about
+sum(lengths) slots run: a packed token attends to its sequence's tree path (the shared levels,
+one query per token) and, block-diagonally, to the earlier tokens of its own suffix, and its
+keys are scattered into its sequence's cache (`llama.forward(..., segments=)`). Prefill steps
+take whole packed rows (a suffix never spans two steps), so packing needs the width <=
+prefill_chunk. "auto" (the default) packs when that runs fewer slots and fits, decided on the
+host from the lengths; the packed row count is bucketed and part of the `Signature`. On a mesh
+each data shard packs its own sequences: their caches live on that shard, and packing across
+shards would move keys between devices.
 
 One loop for one device and a mesh. With a ("data", "model") mesh the same prefill and decode
 run under `jax.shard_map`, manual over "data": the plan's rows (plan order, depth-first) are cut
@@ -71,6 +84,7 @@ from hydrax.attention import backends as backends_lib
 from hydrax.cache import KVCache, LevelKV, empty_level, level_bytes
 from hydrax.models import llama as llama_lib
 from hydrax.models.configs import LlamaConfig
+from hydrax.offline import packing
 from hydrax.sharing import buckets as buckets_lib
 
 _KEY_BLOCK = 128   # shared-level capacities above this are whole blocks of this many keys
@@ -78,6 +92,7 @@ _BUCKETS = buckets_lib.DEFAULT   # for plans that carry no bucket policy of thei
 _DATA = "data"     # the mesh axis of rows (hydrax.parallel.mesh.DATA; not imported: no cycle)
 
 ATTENTION_MODES = ("hydragen", "replicated", "none")
+PREFILL_MODES = ("auto", "packed", "padded")
 CHECKS_MODES = ("static", "runtime")
 
 
@@ -110,6 +125,8 @@ class Generation:
   attention: the mode. texts: decoded generations when a tokenizer was given, else None.
   signature: the static `Signature` the executables were compiled for (requests with equal
            signatures share them).
+  prefill: how the per-sequence pass ran, "packed" or "padded"; prefill_slots: the token
+           slots it ran (all shards); padded_slots: what the padded pass would run.
   """
   tokens: np.ndarray
   lengths: np.ndarray
@@ -123,6 +140,9 @@ class Generation:
   attention: str
   texts: Optional[list] = None
   signature: Optional[tuple] = None
+  prefill: Optional[str] = None
+  prefill_slots: int = 0
+  padded_slots: int = 0
 
   @property
   def num_generated(self) -> int:
@@ -443,24 +463,66 @@ class _Pass(NamedTuple):
   def arrays(self) -> tuple:
     return (self.tokens, self.lengths, self.start, self.anc)
 
+  @property
+  def slots(self) -> int:
+    """Token slots the pass runs (all shards): the prefill's cost in the model's products."""
+    return int(self.tokens.size)
+
+
+class _PackedPass(NamedTuple):
+  """The per-sequence pass packed (Prepacking): each data shard's suffixes first-fit into P
+  rows of W slots (`hydrax.offline.packing.pack`) instead of one padded row each.
+
+  tokens, segments, positions [data*P, W] int32: segments the shard-local sequence of each
+  slot (-1: padding), positions each token's own (restarting per sequence); start [data*R]
+  int32 each sequence's first suffix position; last_row, last_col [data*R] int32 the packed
+  row (in its shard) and column of each sequence's last suffix token (-1: no suffix); anc:
+  per earlier shared level, [data*R] the node of each sequence (as `_Pass`).
+  """
+  tokens: np.ndarray
+  segments: np.ndarray
+  positions: np.ndarray
+  start: np.ndarray
+  last_row: np.ndarray
+  last_col: np.ndarray
+  anc: tuple
+  rows: int         # R, sequences per data shard (the cache's rows)
+  packed_rows: int  # P, packed rows per data shard
+  capacity: int     # cache slots per sequence
+  chunk: int        # packed rows per prefill step (P is a multiple)
+
+  def static(self) -> tuple:
+    return (self.rows, int(self.tokens.shape[1]), self.capacity, self.chunk, len(self.anc))
+
+  def arrays(self) -> tuple:
+    return (self.tokens, self.segments, self.positions, self.start, self.last_row,
+            self.last_col, self.anc)
+
+  @property
+  def slots(self) -> int:
+    return int(self.tokens.size)
+
 
 class Signature(NamedTuple):
   """What compiled prefill and decode depend on besides the runtime and the model: nearby
   sharing trees have equal signatures. levels and main: per pass (rows per shard, token width,
-  capacity, chunk, attended shared levels)."""
+  capacity, chunk, attended shared levels). packed_rows: 0 for a padded per-sequence pass;
+  else it is packed into that many rows per shard (main's chunk: packed rows per step)."""
   attention: str
   data: int
   rows: int
   levels: tuple
   main: tuple
   max_new_tokens: int
+  packed_rows: int = 0
 
 
 class Layout(NamedTuple):
   """A plan laid out for prefill and decode over `data` shards (1 without a mesh).
 
   levels: a `_Pass` per non-empty shared level (its rows are each shard's local nodes);
-  main: the per-sequence pass (suffixes; whole prompts' caches in the replicated mode).
+  main: the per-sequence pass (suffixes; whole prompts' caches in the replicated mode), a
+  `_Pass` (padded) or a `_PackedPass`; padded_slots: the token slots a padded main pass runs.
   seq_owner: per shared level, [data*B_l] local node of each row; last_source, last_row
   [data*B_l]: where each row's last prompt token's hidden state is (-1: the main pass's row;
   d: local node last_row of shared level d); prompt_lengths [data*B_l];
@@ -480,17 +542,24 @@ class Layout(NamedTuple):
   order: np.ndarray
   replication: tuple
   max_new_tokens: int
+  padded_slots: int = 0
 
   @property
   def data(self) -> int:
     return int(self.plan_row.shape[0])
+
+  @property
+  def prefill(self) -> str:
+    """How the per-sequence pass runs: "packed" or "padded"."""
+    return "packed" if isinstance(self.main, _PackedPass) else "padded"
 
   def signature(self) -> Signature:
     # With no shared level, hydragen and replicated are the same computation.
     mode = self.attention if self.levels or self.attention == "none" else "replicated"
     return Signature(mode, self.data, int(self.plan_row.shape[1]),
                      tuple(p.static() for p in self.levels), self.main.static(),
-                     self.max_new_tokens)
+                     self.max_new_tokens,
+                     self.main.packed_rows if self.prefill == "packed" else 0)
 
   def inputs(self) -> dict:
     """The runtime arrays of prefill (all rows-first, sharded over "data")."""
@@ -606,11 +675,54 @@ def _check_tree(levels) -> None:
                          f"level-{j} nodes {parents}: not a tree")
 
 
+def _packed_pass(tokens, lengths, start, plan_row, width: int, capacity: int, anc: tuple,
+                 step_tokens: int, bk) -> _PackedPass:
+  """The per-sequence pass packed: each shard's suffixes (tokens [B, >= lengths], lengths,
+  start [B] by plan row) first-fit into rows of `width` slots; the shards' row count is
+  bucketed (the policy's grid) and cut into equal steps of at most step_tokens // width rows
+  (at least one). A sequence's suffix lies in one row, so no step depends on another."""
+  data, per = plan_row.shape
+  packs = [packing.pack(lengths[plan_row[s]], width=width) for s in range(data)]
+  rows = max(pk.rows for pk in packs)
+  # Bucketed like a level's node count (the policy's floor, min_nodes), with at least two
+  # steps an octave: the packed rows stand in for the batch's rows, whose sizes the offline
+  # scheduler pads on that grid (a coarser one would waste up to half the rows).
+  rows = rows if not bk.steps else buckets_lib.round_up(rows, steps=max(bk.steps, 2),
+                                                        minimum=max(bk.min_nodes, 1))
+  steps = -(-rows // max(1, min(step_tokens // width, rows)))
+  chunk = -(-rows // steps)
+  rows = steps * chunk
+  tok = np.zeros((data, rows, width), np.int32)
+  seg = np.full((data, rows, width), -1, np.int32)
+  pos = np.zeros((data, rows, width), np.int32)
+  last_row = np.full((data, per), -1, np.int32)
+  last_col = np.zeros((data, per), np.int32)
+  for s, pk in enumerate(packs):
+    mine = plan_row[s]
+    n = lengths[mine]
+    t, g, p = packing.pack_tokens(tokens[mine], n, start[mine], pk)
+    tok[s, :pk.rows], seg[s, :pk.rows], pos[s, :pk.rows] = t, g, p
+    last_row[s] = np.where(n > 0, pk.row, -1)
+    last_col[s] = np.maximum(pk.offset + n - 1, 0)
+  flat = lambda x: x.reshape((data * x.shape[1],) + x.shape[2:])
+  return _PackedPass(flat(tok), flat(seg), flat(pos), start[plan_row.reshape(-1)].astype(
+      np.int32), flat(last_row), flat(last_col), anc, per, rows, capacity, chunk)
+
+
 def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int = 2048,
-           attention: str = "hydragen") -> Layout:
+           attention: str = "hydragen", prefill: str = "auto") -> Layout:
   """Checks a SharingPlan against the prompts (input order) and lays it out over `data`
   shards: each shard's rows, its local nodes per shared level (count bucketed), token widths
-  and capacities bucketed, and the runtime tables (owners, ancestors, last-token sources)."""
+  and capacities bucketed, and the runtime tables (owners, ancestors, last-token sources).
+
+  prefill: how the per-sequence pass (the unique suffixes) runs: "padded" (each sequence a
+  row as wide as the longest suffix, bucketed), "packed" (each shard's suffixes first-fit
+  into rows of that width: about sum(lengths) slots instead of B x max(lengths); it needs the
+  width <= prefill_chunk, since a row is never cut), or "auto": packed when that runs fewer
+  token slots and fits, padded otherwise (decided here from the lengths, so it is part of the
+  Signature)."""
+  if prefill not in PREFILL_MODES:
+    raise ValueError(f"prefill must be one of {list(PREFILL_MODES)}, got {prefill!r}")
   b = len(seqs)
   bk = getattr(plan, "buckets", None) or _BUCKETS     # the plan's padding policy flows here
   order = np.asarray(plan.order, np.int64)
@@ -663,6 +775,18 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
   capacity = max(padded.shape[1], bk.tokens(held + max_new_tokens - 1))
   main = _Pass(padded, suf_len[rows].astype(np.int32), suf_start[rows].astype(np.int32), anc,
                per, capacity, c)
+  padded_slots = main.slots
+  if prefill != "padded":
+    width = bk.tokens(int(suf_len.max(initial=0)))
+    if width > prefill_chunk and prefill == "packed":
+      raise ValueError(f"prefill='packed' runs whole packed rows of W={width} tokens (the "
+                       f"longest suffix, bucketed) per step, more than prefill_chunk="
+                       f"{prefill_chunk}: raise prefill_chunk or use prefill='padded'")
+    if width <= prefill_chunk:
+      packed = _packed_pass(suf_tokens, suf_len, suf_start, plan_row, width,
+                            capacity, anc, prefill_chunk, bk)
+      if prefill == "packed" or packed.slots < main.slots:
+        main = packed
   last_source = np.full((data * per,), -1, np.int32)
   last_row = np.zeros((data * per,), np.int32)
   for i, r in enumerate(rows):
@@ -672,7 +796,8 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
           last_source[i], last_row[i] = d, seq_owner[d][i]
           break
   return Layout(attention, tuple(passes), main, seq_owner, last_source, last_row,
-                prompt_lengths, plan_row, real, order, tuple(replication), int(max_new_tokens))
+                prompt_lengths, plan_row, real, order, tuple(replication), int(max_new_tokens),
+                padded_slots)
 
 
 # ----------------------------------------------------------------------------- prefill / decode
@@ -707,12 +832,41 @@ def chunked_prefill(forward_chunk, tokens, lengths, start, own, *, chunk: int, h
 
   last = jnp.zeros((r, hidden_size), dtype)
   chunks = tokens.reshape(r, steps, c).transpose(1, 0, 2)
-  if steps == 1:
-    (own, last), _ = step((own, last), (jnp.int32(0), chunks[0]))
-  else:
-    (own, last), _ = lax.scan(step, (own, last),
-                              (jnp.arange(steps, dtype=jnp.int32), chunks))
-  return own, last
+  return _steps(step, (own, last), chunks)
+
+
+def _steps(step, carry, xs):
+  """step(carry, (index, xs[i])) -> (carry, None) over the leading axis of xs (a pytree):
+  under `lax.scan` when there is more than one step. Returns the final carry."""
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  if n == 1:
+    return step(carry, (jnp.int32(0), jax.tree_util.tree_map(lambda x: x[0], xs)))[0]
+  return lax.scan(step, carry, (jnp.arange(n, dtype=jnp.int32), xs))[0]
+
+
+def packed_prefill(forward_step, tokens, segments, positions, last_row, last_col, own, *,
+                   rows_per_step: int, hidden_size: int, dtype):
+  """Runs a packed pass over tokens, segments, positions [P, W] in steps of rows_per_step
+  whole rows (a sequence's suffix lies in one row, so no step reads another's keys).
+
+  forward_step(tok, seg, pos [c,W], own) -> (hidden [c,W,E], own). last_row, last_col [R]: the
+  packed row and column of each sequence's last suffix token (row -1: none). Returns (own,
+  last hidden [R,E], zeros where a sequence has no suffix).
+  """
+  p, w = tokens.shape
+  c = rows_per_step
+
+  def step(carry, xs):
+    own, last = carry
+    index, (tok, seg, pos) = xs
+    hidden, own = forward_step(tok, seg, pos, own)
+    here = (last_row >= 0) & (last_row // c == index)
+    picked = hidden[jnp.clip(last_row - index * c, 0, c - 1), jnp.clip(last_col, 0, w - 1)]
+    return (own, jnp.where(here[:, None], picked, last)), None
+
+  split = lambda x: x.reshape(p // c, c, w)
+  last = jnp.zeros((last_row.shape[0], hidden_size), dtype)
+  return _steps(step, (own, last), (split(tokens), split(segments), split(positions)))
 
 
 
@@ -734,6 +888,27 @@ def _prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool, runtim
 
   return chunked_prefill(forward_chunk, tokens, lengths, start, own, chunk=spec[3],
                          hidden_size=model.config.hidden_size, dtype=model.dtype)
+
+
+def _packed_prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool, fresh: bool,
+                         runtime: Runtime):
+  """`_prefill_pass` of a `_PackedPass`: the packed tokens attend to their sequence's nodes
+  of the first len(anc) `shared` levels, the keys `own` already holds for them (unless
+  fresh: it holds none) and the earlier tokens of their own suffix; their keys are appended
+  to `own` by sequence. Returns (own, last hidden [R,E] of each sequence's last suffix
+  token)."""
+  tokens, segments, positions, _, last_row, last_col, anc = arrays
+  levels = tuple(shared[:len(anc)])
+
+  def forward_step(tok, seg, pos, own):
+    cache = None if skip else KVCache(own, levels, anc)
+    hidden, cache = llama_lib.forward(model, tok, pos, cache, segments=seg, fresh=fresh,
+                                      skip_attention=skip, **runtime.forward_kwargs())
+    return hidden, None if cache is None else cache.suffix
+
+  return packed_prefill(forward_step, tokens, segments, positions, last_row, last_col, own,
+                        rows_per_step=spec[3], hidden_size=model.config.hidden_size,
+                        dtype=model.dtype)
 
 
 def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
@@ -760,10 +935,17 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
     main = fresh(sig.main)
     if sig.attention == "replicated" and shared:
       nodes = [(a[0], a[1], a[2]) for a in inputs["levels"]]
-      main = replicate_nodes(shared, inputs["seq_owner"], nodes, main, inputs["main"][2])
+      start = inputs["main"][3 if sig.packed_rows else 2]
+      main = replicate_nodes(shared, inputs["seq_owner"], nodes, main, start)
     held = tuple(shared) if sig.attention == "hydragen" else ()
-    main, last = _prefill_pass(model, sig.main, inputs["main"], held, main, skip=skip,
-                               runtime=runtime)
+    if sig.packed_rows:
+      # Fresh unless the replicated mode copied each sequence's nodes into its cache first.
+      main, last = _packed_prefill_pass(
+          model, sig.main, inputs["main"], held, main, skip=skip, runtime=runtime,
+          fresh=not (sig.attention == "replicated" and shared))
+    else:
+      main, last = _prefill_pass(model, sig.main, inputs["main"], held, main, skip=skip,
+                                 runtime=runtime)
     source, row = inputs["last_source"], inputs["last_row"]
     for d, node_last in enumerate(lasts):
       picked = node_last[jnp.clip(row, 0, node_last.shape[0] - 1)]
@@ -925,7 +1107,7 @@ def _executable_key(graphdef, params, sig: Signature, runtime: Runtime, sampling
 
 
 def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len,
-             prefill_chunk, tokenizer, sharing_options, data: int = 1):
+             prefill_chunk, tokenizer, sharing_options, data: int = 1, prefill: str = "auto"):
   """Validates the request and lays it out: (sequences in input order, Layout)."""
   if attention not in ATTENTION_MODES:
     raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
@@ -948,13 +1130,13 @@ def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len
   if plan is None:
     plan = sharing.plan(seqs, **(sharing_options or {}))
   return seqs, layout(plan, seqs, data=data, max_new_tokens=max_new_tokens,
-                      prefill_chunk=int(prefill_chunk), attention=attention)
+                      prefill_chunk=int(prefill_chunk), attention=attention, prefill=prefill)
 
 
 def footprint(config: LlamaConfig, prompts, *, max_new_tokens: int,
               attention: str = "hydragen", dtype=jnp.bfloat16, max_len: Optional[int] = None,
               prefill_chunk: int = 2048, sharing_options: Optional[dict] = None,
-              mesh=None) -> tuple:
+              mesh=None, prefill: str = "auto") -> tuple:
   """(kv_bytes, Signature) that `generate` would allocate and compile for this request,
   computed without running anything (same validation and layout; prompts as for `generate`,
   token ids or a plan). Requests of one Signature (and one Runtime) share compiled programs."""
@@ -963,7 +1145,7 @@ def footprint(config: LlamaConfig, prompts, *, max_new_tokens: int,
   data = 1 if mesh is None else Runtime.build("xla", mesh).data
   _, lay = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
                     max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=None,
-                    sharing_options=sharing_options, data=data)
+                    sharing_options=sharing_options, data=data, prefill=prefill)
   return lay.kv_bytes(config, jnp.dtype(dtype)), lay.signature()
 
 
@@ -1010,7 +1192,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
              seed: int = 0, max_len: Optional[int] = None, prefill_chunk: int = 2048,
              backend="auto", tokenizer: Any = None, sharing_options: Optional[dict] = None,
              mesh=None, checks: str = "static", unroll=1,
-             runtime: Optional[Runtime] = None) -> Generation:
+             runtime: Optional[Runtime] = None, prefill: str = "auto") -> Generation:
   """Generates up to max_new_tokens tokens for each prompt.
 
   model: a hydrax `Llama` module, its `nnx.GraphDef`, or its `LlamaConfig`; params: its
@@ -1027,6 +1209,11 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     config's max_position_embeddings). prefill_chunk: query tokens (rows x tokens) per
     prefill step per device; bounds the attention scores' memory (~ prefill_chunk * H * keys *
     4 bytes with the XLA backend) at the price of more steps.
+  prefill: "auto" | "packed" | "padded": how the unique suffixes are prefilled (Prepacking,
+    see `layout`): packed into rows by first-fit bin packing, or padded to the longest each;
+    "auto" packs when that runs fewer token slots. Greedy tokens are the same either way; the
+    choice is part of the `Signature` (`Generation.prefill` says which ran). On a mesh each
+    data shard packs its own sequences (their caches live there).
   backend: attention backend, a name ("auto", "xla", "pallas", ...) or a `Backend` value with
     its kernel configuration (`backends.get("pallas", lowering="triton")`).
   mesh: None (one device), or a ("data", "model") mesh or a spec `hydrax.parallel.make_mesh`
@@ -1061,7 +1248,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       raise ValueError(f"{name}={value} is outside the vocabulary [0, {config.vocab_size - 1}]")
   seqs, lay = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
                        max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=tokenizer,
-                       sharing_options=sharing_options, data=runtime.data)
+                       sharing_options=sharing_options, data=runtime.data, prefill=prefill)
   sig = lay.signature()
   dtype = jax.tree_util.tree_leaves(params)[0].dtype
   kv = lay.kv_bytes(config, dtype)
@@ -1069,7 +1256,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
            f"{min(map(len, seqs))}..{max(map(len, seqs))}, max_new_tokens={sig.max_new_tokens}, "
            f"shared levels={len(lay.levels)} (replication "
            f"{[round(r, 2) for r in lay.replication]}), kv_bytes={kv:,}, "
-           f"dtype={jnp.dtype(dtype)}, {runtime.describe()}")
+           f"dtype={jnp.dtype(dtype)}, prefill={lay.prefill} ({lay.main.slots} slots), "
+           f"{runtime.describe()}")
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   compiled = _EXECUTABLES.get(key)
@@ -1142,4 +1330,5 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       else float("nan"),
       tokens_per_second=generated / (prefill_s + decode_s) if prefill_s + decode_s > 0
       else float("nan"),
-      kv_bytes=kv, decode_steps=steps, attention=attention, texts=texts, signature=sig)
+      kv_bytes=kv, decode_steps=steps, attention=attention, texts=texts, signature=sig,
+      prefill=lay.prefill, prefill_slots=lay.main.slots, padded_slots=lay.padded_slots)

@@ -10,8 +10,13 @@ or plain text, one prompt a line. Output: one JSON line per request, appended pe
 `id`, `text` (null without a tokenizer), `tokens` (generated ids, stop id excluded),
 `finish_reason` ("stop": EOS, a stop id or a stop string ended it; "length": max_new_tokens),
 `stop` (what stopped it, or null), `prompt_tokens`, and `timings` (its batch's index, requests
-and padded size, prefill / decode / compile seconds, and `at_s`: seconds since the run started
-when it was written).
+and padded size, `prefill` ("packed" or "padded"), prefill / decode / compile seconds, and
+`at_s`: seconds since the run started when it was written).
+
+Prefill (`--prefill`, default auto): each batch's unique suffixes are packed into rows by
+first-fit bin packing (Prepacking: about sum(lengths) token slots instead of batch x longest)
+where that runs fewer slots, else padded; the engine decides per batch from the lengths and
+the choice is part of the batch's compile signature.
 
 Planning (`hydrax.offline.schedule`): one radix tree over the whole dataset, batches that keep
 sharers together under a KV budget, each planned and run by `hydrax.engine.generate`. Requests
@@ -65,7 +70,9 @@ class RunSummary:
   """What a run did. requests: good requests in the file; skipped: already in the output;
   completed / failed: in this run; bad_lines: BadLine list; generated_tokens: by completed
   requests (after cutting); compiles: engine calls that compiled; signatures: distinct batch
-  signatures of the schedule; wall_seconds, planning_seconds; schedule: the Schedule."""
+  signatures of the schedule; wall_seconds, planning_seconds; prefill_slots: token slots the
+  batches' unique-suffix prefill ran (packed or padded), padded_slots: what padding every
+  batch would have run, packed_batches: batches prefilled packed; schedule: the Schedule."""
   requests: int = 0
   skipped: int = 0
   completed: int = 0
@@ -80,6 +87,9 @@ class RunSummary:
   prefill_seconds: float = 0.0
   decode_seconds: float = 0.0
   compile_seconds: float = 0.0
+  prefill_slots: int = 0
+  padded_slots: int = 0
+  packed_batches: int = 0
   schedule: object = None
 
   @property
@@ -269,7 +279,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
         memory_fraction: float = 0.8, max_batch: int = 64, strategy: str = "global",
         attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
         merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
-        on_bad_line: str = "error", progress: bool = True,
+        prefill: str = "auto", on_bad_line: str = "error", progress: bool = True,
         on_batch: Optional[Callable] = None, model=None) -> RunSummary:
   """Runs every request of `prompts` not yet in `out` and appends its completion to `out`.
 
@@ -279,7 +289,9 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   the tokenizer add BOS as its template says. memory_budget: KV bytes per batch (default:
   memory_fraction of the device's free memory; 4 GiB where it reports none, logged).
   max_batch: most requests per batch. strategy: "global" (tree grouping, BatchLLM order) or
-  "arrival" (input order; the baseline). attention / backend / prefill_chunk: the engine's.
+  "arrival" (input order; the baseline). attention / backend / prefill_chunk / prefill: the
+  engine's (prefill "auto" packs a batch's unique suffixes into rows where that runs fewer
+  token slots than padding each to the longest; "packed" / "padded" force one way).
   min_shared_tokens / merge_cost / max_levels: the per-batch sharing plan's cost model.
   on_bad_line: "error" (raise BadInput naming every bad line) or "skip" (report and go on).
   on_batch(index, records): called after each batch is written (tests use it to interrupt).
@@ -293,6 +305,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   if attention not in engine.ATTENTION_MODES:
     raise ValueError(f"attention must be one of {list(engine.ATTENTION_MODES)}, got "
                      f"{attention!r}")
+  if prefill not in engine.PREFILL_MODES:
+    raise ValueError(f"prefill must be one of {list(engine.PREFILL_MODES)}, got {prefill!r}")
   summary = RunSummary()
   reqs, bad = requests_lib.read_requests(prompts, on_bad_line=on_bad_line)
   writer = ResultWriter(out)
@@ -351,7 +365,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
                          max_levels=max_levels)
   batch_options = dict(config=config, dtype=param_dtype, max_batch=max_batch,
                        attention=attention, sharing_options=sharing_options, pad=True,
-                       max_positions=config.max_position_embeddings)
+                       max_positions=config.max_position_embeddings, prefill=prefill,
+                       prefill_chunk=prefill_chunk)
   plan = schedule_lib.schedule(seqs, own_new, keys, memory_budget=memory_budget,
                                strategy=strategy, **batch_options)
   summary.schedule = plan
@@ -366,7 +381,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     try:
       gen = engine.generate(config, params, batch.plan, max_new_tokens=batch.max_new_tokens,
                             attention=attention, eos_id=eos, seed=seed + index,
-                            prefill_chunk=prefill_chunk, backend=backend,
+                            prefill_chunk=prefill_chunk, backend=backend, prefill=prefill,
                             **dict(batch.key))
     except engine.OutOfMemoryError as e:
       if len(batch.rows) == 1:
@@ -383,8 +398,11 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     summary.prefill_seconds += gen.prefill_seconds
     summary.decode_seconds += gen.decode_seconds
     summary.compile_seconds += gen.compile_seconds
+    summary.prefill_slots += gen.prefill_slots
+    summary.padded_slots += gen.padded_slots
+    summary.packed_batches += gen.prefill == "packed"
     timings = dict(batch=index, batch_requests=len(batch.rows), batch_size=batch.size,
-                   prefill_s=round(gen.prefill_seconds, 4),
+                   prefill=gen.prefill, prefill_s=round(gen.prefill_seconds, 4),
                    decode_s=round(gen.decode_seconds, 4),
                    compile_s=round(gen.compile_seconds, 4))
     records = []
@@ -465,6 +483,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--merge_cost", type=float, default=16)
   p.add_argument("--max_levels", type=int, default=2)
   p.add_argument("--prefill_chunk", type=int, default=2048)
+  p.add_argument("--prefill", choices=engine.PREFILL_MODES, default="auto",
+                 help="unique-suffix prefill: packed into rows (Prepacking), padded to the "
+                 "longest, or auto (packed where it runs fewer token slots)")
   p.add_argument("--on_bad_line", choices=requests_lib.ON_BAD_LINE, default="error")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   a = p.parse_args(argv)
@@ -478,6 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         memory_fraction=a.memory_fraction, max_batch=a.max_batch, strategy=a.strategy,
         attention=a.attention, backend=a.backend, min_shared_tokens=a.min_shared_tokens,
         merge_cost=a.merge_cost, max_levels=a.max_levels, prefill_chunk=a.prefill_chunk,
+        prefill=a.prefill,
         on_bad_line=a.on_bad_line, progress=not a.quiet)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

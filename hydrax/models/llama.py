@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ from jax import lax
 from hydrax import attention as attn_lib
 from hydrax.cache import KVCache, LevelKV
 from hydrax.models.configs import LlamaConfig
+from hydrax.offline import packing
 
 _INIT_STDDEV = 0.02   # HF initializer_range
 
@@ -248,7 +249,7 @@ def _local_heads(model: Llama) -> tuple[int, int]:
           int(model.layers.attn.k.kernel.shape[-1]) // d)
 
 
-def _check_inputs(model: Llama, tokens, positions, cache, reduce, unroll):
+def _check_inputs(model: Llama, tokens, positions, cache, reduce, unroll, segments, valid):
   config = model.config
   if tokens.ndim != 2:
     raise ValueError(f"tokens must have shape [B,T], got {tuple(tokens.shape)}")
@@ -269,6 +270,8 @@ def _check_inputs(model: Llama, tokens, positions, cache, reduce, unroll):
     raise ValueError(f"model.layers must hold L={config.num_layers} stacked layers "
                      f"(attn.q.kernel [L,E,H*D]), got attn.q.kernel of shape {tuple(stacked)}")
   b, t = tokens.shape
+  if segments is not None:
+    b = _check_segments(tokens, segments, cache, valid)
   _, kv_heads = _local_heads(model)
   if cache is not None and cache.suffix is not None:
     suffix = cache.suffix
@@ -281,7 +284,8 @@ def _check_inputs(model: Llama, tokens, positions, cache, reduce, unroll):
       raise ValueError(f"{t} new tokens do not fit in the per-sequence cache of capacity "
                        f"S={got[2]}")
     lengths = attn_lib.checks.concrete(suffix.lengths)
-    if lengths is not None and lengths.size and int(lengths.max()) + t > got[2]:
+    if segments is None and lengths is not None and lengths.size and \
+        int(lengths.max()) + t > got[2]:
       i = int(np.argmax(lengths))
       raise ValueError(f"cache overflow: row {i} holds {int(lengths[i])} keys and {t} new "
                        f"tokens exceed the per-sequence cache capacity S={got[2]}")
@@ -294,6 +298,72 @@ def _check_inputs(model: Llama, tokens, positions, cache, reduce, unroll):
       if tuple(owner.shape) != (b,):
         raise ValueError(f"cache owners[{i}] has shape {tuple(owner.shape)} but tokens have "
                          f"B={b} rows")
+
+
+def _check_segments(tokens, segments, cache, valid) -> int:
+  """Checks packed-mode inputs; returns B, the sequences (rows of the per-sequence cache)."""
+  if tuple(np.shape(segments)) != tuple(tokens.shape) or \
+      not jnp.issubdtype(jnp.asarray(segments).dtype, jnp.integer):
+    raise ValueError(f"segments must be an int array of the tokens' shape [R,W] = "
+                     f"{tuple(tokens.shape)}, got shape {tuple(np.shape(segments))} dtype "
+                     f"{jnp.asarray(segments).dtype}")
+  if valid is not None:
+    raise ValueError("valid= is for rows of one sequence each; with segments= padding is "
+                     "segment -1")
+  if cache is None:
+    return tokens.shape[0]
+  if cache.suffix is None:
+    raise ValueError("segments= needs cache=None or a cache with a per-sequence suffix "
+                     "[L,B,S,K,D] to write the packed tokens' keys into")
+  b = int(cache.suffix.k.shape[1])
+  seg = attn_lib.checks.concrete(segments)
+  if seg is not None and seg.size and (seg.min() < -1 or seg.max() >= b):
+    raise ValueError(f"segments has ids in [{seg.min()}, {seg.max()}], outside [-1, {b - 1}] "
+                     f"(the cache holds B={b} sequences; -1 is padding)")
+  return b
+
+
+class Packed(NamedTuple):
+  """Where packed tokens [R,W] go (built once per forward pass, `_packed`).
+
+  segments: [R,W] int32 each token's sequence, -1 for padding.
+  row:      [R,W] int32 its cache row for the scatter: the sequence, B for padding (dropped).
+  rank:     [R,W] int32 its index among its sequence's tokens of this call.
+  count:    [B] int32 tokens of each sequence in this call.
+  fresh:    static: the sequences that have tokens here start their caches anew.
+  """
+  segments: jax.Array
+  row: jax.Array
+  rank: jax.Array
+  count: jax.Array
+  fresh: bool
+
+
+def _packed(segments, b: int, fresh: bool) -> Packed:
+  seg = jnp.asarray(segments, jnp.int32)
+  col = jnp.arange(seg.shape[1], dtype=jnp.int32)[None, :]
+  # A sequence's tokens are one contiguous run of its row: rank = column - the run's first.
+  starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+  rank = col - lax.cummax(jnp.where(starts, col, 0), axis=1)
+  row = jnp.where(seg >= 0, seg, b)
+  count = jnp.zeros((b,), jnp.int32).at[row].add(1, mode="drop")
+  return Packed(seg, row, rank, count, bool(fresh))
+
+
+def packed_level(suffix: LevelKV, index, k, v, packed: Packed):
+  """own_level for packed tokens k, v [R,W,K,D]: one scatter per stack into layer `index` at
+  (sequence, its cache length + rank; rank alone when fresh), padding and slots past S
+  dropped. Returns (suffix with lengths as they were, the levels of keys the sequences held
+  before this call: [] when fresh, else the stack with the old lengths, one node per
+  sequence)."""
+  b = suffix.k.shape[1]
+  base = 0 if packed.fresh else \
+      suffix.lengths.astype(jnp.int32)[jnp.minimum(packed.row, b - 1)]   # padding: any row
+  slots = base + packed.rank
+  new_k = suffix.k.at[index, packed.row, slots].set(k.astype(suffix.k.dtype), mode="drop")
+  new_v = suffix.v.at[index, packed.row, slots].set(v.astype(suffix.v.dtype), mode="drop")
+  held = [] if packed.fresh else [attn_lib.KVLevel(new_k, new_v, suffix.lengths, None, index)]
+  return LevelKV(new_k, new_v, suffix.lengths), held
 
 
 def own_level(suffix: Optional[LevelKV], index, k, v):
@@ -330,10 +400,11 @@ def _default_attend(q, levels, *, backend, checks="static"):
 
 def _attention_layer(config: LlamaConfig, layer: Attention, x, positions, inv_freq, shared,
                      suffix: Optional[LevelKV], index, *, skip_attention: bool, backend,
-                     reduce: Optional[str], attend):
+                     reduce: Optional[str], attend, packed: Optional[Packed] = None):
   """x [B,T,E] -> (out [B,T,E], suffix LevelKV or None with this layer's new keys written).
 
   shared: ((LevelKV [L,N,S,K,D], owner [B]), ...) read at layer `index` in place.
+  packed: None, or x is [R,W,E] packed tokens of the sequences (`Packed`; owners per sequence).
   """
   b, t, _ = x.shape
   d = config.head_dim
@@ -350,9 +421,16 @@ def _attention_layer(config: LlamaConfig, layer: Attention, x, positions, inv_fr
     k = apply_rope(k, positions, inv_freq)
     levels = [attn_lib.KVLevel(lvl.k, lvl.v, lvl.lengths, owner, index)
               for lvl, owner in shared]
-    suffix, own = own_level(suffix, index, k, v)
-    levels.append(own)
-    out, _ = attend(q, levels, backend=backend)
+    if packed is None:
+      suffix, own = own_level(suffix, index, k, v)
+      levels.append(own)
+      out, _ = attend(q, levels, backend=backend)
+    else:
+      if suffix is not None:
+        suffix, held = packed_level(suffix, index, k, v, packed)
+        levels += held
+      out, _ = packing.packed_attention(q, k, v, packed.segments, levels,
+                                        attend=functools.partial(attend, backend=backend))
   return _all_reduce(_linear(layer.o, out.reshape(b, t, h * d)), reduce), suffix
 
 
@@ -364,7 +442,7 @@ def _mlp(mlp: MLP, x, reduce: Optional[str]):
 def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
             valid=None, skip_attention: bool = False, backend="auto",
             reduce: Optional[str] = None, attend: Optional[Callable] = None, unroll=1,
-            checks: str = "static"):
+            checks: str = "static", segments=None, fresh: bool = False):
   """Runs the decoder over T new tokens per row; pure (the model is only read).
 
   tokens, positions: [B,T] int32 (positions are the RoPE positions of the new tokens).
@@ -392,6 +470,21 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
   place).
   checks: "static" or "runtime", passed to `hydragen_attention` (the default attend only).
 
+  Packed tokens (Prepacking, `hydrax.offline.packing`): with segments [R,W] int32 the tokens
+  [R,W] are not rows of one sequence each but runs of the B sequences of the cache, packed
+  side by side: segments holds each token's sequence (-1: padding), and each sequence's tokens
+  of one call are one contiguous run, in order, within one row (positions: their own RoPE
+  positions, restarting per run). A token attends to its sequence's nodes of `cache.shared`
+  (owners [B] per sequence), its keys already in `cache.suffix` [L,B,S,K,D], and the earlier
+  tokens of its run; its keys and values are appended to its sequence's cache (one scatter per
+  layer at (sequence, lengths + index in the run), in place under donation; padding dropped),
+  whose lengths grow by its tokens here. fresh=True (static): the sequences that have tokens
+  here start their caches anew (keys written from slot 0, lengths = their tokens here, old keys
+  not read: the first prefill of a sequence, which then skips reading an empty cache).
+  cache=None: each token attends to its run alone. attend= gets one query per packed token
+  ([R*W,1,H,D], owners per token) for the levels; the in-row part is
+  `packing.packed_attention`'s. valid= does not apply (padding is segment -1).
+
   For the same model written per shard under `jax.shard_map` (tensor parallel; see
   `hydrax.parallel.step`), two hashable hooks say what differs:
   reduce: None, or the mesh axis over which the o projection's and the MLP down projection's
@@ -408,8 +501,12 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
   config = model.config
   tokens = jnp.asarray(tokens)
   positions = jnp.asarray(positions)
-  _check_inputs(model, tokens, positions, cache, reduce, unroll)
+  _check_inputs(model, tokens, positions, cache, reduce, unroll, segments, valid)
   b, t = tokens.shape
+  packed = None
+  if segments is not None:
+    b = b if cache is None or cache.suffix is None else int(cache.suffix.k.shape[1])
+    packed = _packed(segments, b, fresh)
   inv_freq = rope_frequencies(config)
   eps = config.rms_norm_eps
   if attend is None:
@@ -430,7 +527,7 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
     a, carried = _attention_layer(config, block.attn, rms_norm(block.attn_norm, x, eps),
                                   positions, inv_freq, shared, carried, index,
                                   skip_attention=skip_attention, backend=backend,
-                                  reduce=reduce, attend=attend)
+                                  reduce=reduce, attend=attend, packed=packed)
     x = x + a
     x = x + _mlp(block.mlp, rms_norm(block.mlp_norm, x, eps), reduce)
     return (x, carried), None
@@ -441,7 +538,11 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
   hidden = rms_norm(model.norm, x, eps)
   if cache is None:
     return hidden, None
-  if carried is not None:
+  if carried is not None and packed is not None:
+    lengths = carried.lengths + packed.count if not fresh else \
+        jnp.where(packed.count > 0, packed.count, carried.lengths)
+    suffix = LevelKV(carried.k, carried.v, lengths.astype(carried.lengths.dtype))
+  elif carried is not None:
     grow = jnp.full((b,), t, jnp.int32) if valid is None else jnp.asarray(valid, jnp.int32)
     suffix = LevelKV(carried.k, carried.v, carried.lengths + grow)
   return hidden, cache.replace_suffix(suffix)

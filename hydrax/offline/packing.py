@@ -3,7 +3,7 @@
   pack(lengths, *, width=None) -> Packing                    first-fit-decreasing bin packing
   pack_tokens(tokens, lengths, starts, packing) -> (tokens, segment_ids, positions)   [R,W]
   unpack(x, packing, lengths, capacity) -> [B,S,...]
-  packed_attention(q, k, v, segment_ids, levels, *, owners, scale=None, backend="auto")
+  packed_attention(q, k, v, segment_ids, levels, *, scale=None, backend="auto", attend=None)
       -> (out [R,W,H,D], lse [R,W,H])
 
 Axis letters: B sequences, S a suffix's padded length, R packed rows, W tokens per row, H query
@@ -20,10 +20,15 @@ that, the shared levels through `hydragen_attention` (one query per packed token
 sequence's node) and the in-row part with a block-diagonal causal mask, merged by LSE.
 Padding slots get out = 0 and lse = -inf.
 
-Using it in prefill needs the model's attention to be injectable: `llama.forward` computing
-q, k, v of [R,W] packed tokens at `positions`, calling an attention function with the
-segment ids, and writing each segment's keys to its sequence's cache slots (a scatter by
-(segment, index) instead of by row). That hook is not in `llama.forward` yet.
+In the engine: `llama.forward(model, tokens [R,W], positions [R,W], cache, segments=...)`
+runs packed tokens through the model (the attention layer calls `packed_attention` with its
+`attend=` hook for the levels: the sequences' shared nodes and, unless `fresh`, the keys their
+caches already hold) and appends each token's keys to its sequence's suffix cache
+[L,B,S,K,D] at (segment, cache length + index in the segment) by one scatter per layer.
+`engine.generate(..., prefill="auto" | "packed" | "padded")` packs the unique suffixes of a
+batch per data shard (`engine.layout`: rows bucketed into the compile `Signature`; prefill
+steps take whole rows, so the width must be <= prefill_chunk); "auto" packs when that runs
+fewer token slots. `python -m hydrax.generate --prefill` passes it on.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from hydrax.attention import KVLevel, hydragen_attention, merge
 
@@ -112,12 +118,15 @@ def unpack(x, packing: Packing, lengths, capacity: int):
 
 def _in_row(q, k, v, segment_ids, scale):
   """Attention of each packed token over the earlier tokens of its own segment (itself
-  included): out [R,W,H,D] float32, lse [R,W,H] float32 (-inf where none: padding)."""
+  included): out [R,W,H,D] float32, lse [R,W,H] float32 (-inf where none: padding). Products
+  in the inputs' dtype with float32 accumulation (float32 inputs at full precision: GPUs
+  would otherwise round them to TF32), as the XLA backend does."""
   r, w, h, d = q.shape
   kh = k.shape[2]
   g = h // kh
-  qf = q.astype(jnp.float32).reshape(r, w, kh, g, d)
-  scores = jnp.einsum("rqkgd,rskd->rkgqs", qf, k.astype(jnp.float32)) * scale
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
+  scores = jnp.einsum("rqkgd,rskd->rkgqs", q.reshape(r, w, kh, g, d), k,
+                      preferred_element_type=jnp.float32, precision=precision) * scale
   seg = jnp.asarray(segment_ids)
   col = jnp.arange(w)
   visible = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & \
@@ -127,22 +136,29 @@ def _in_row(q, k, v, segment_ids, scale):
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(scores - m_safe)
   total = p.sum(-1)
-  out = jnp.einsum("rkgqs,rskd->rqkgd", p, v.astype(jnp.float32))
+  out = jnp.einsum("rkgqs,rskd->rqkgd", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32, precision=precision)
   out = out / jnp.maximum(jnp.moveaxis(total, -1, 1), 1e-30)[..., None]
   lse = jnp.where(total > 0, jnp.log(jnp.maximum(total, 1e-30)) + m_safe[..., 0], -jnp.inf)
   return out.reshape(r, w, h, d), jnp.moveaxis(lse, -1, 1).reshape(r, w, h)
 
 
 def packed_attention(q, k, v, segment_ids, levels: Sequence[KVLevel] = (), *,
-                     scale: Optional[float] = None, backend="auto"):
+                     scale: Optional[float] = None, backend="auto", attend=None):
   """Exact attention of packed suffix tokens over their tree paths and their own segments.
 
   q [R,W,H,D], k, v [R,W,K,D]: the packed tokens' queries, keys and values (RoPE applied at
   their restarted positions). segment_ids [R,W] int32: the sequence of each slot, -1 for
-  padding; a segment's tokens are contiguous and in order within its row. levels: the shared
-  levels of the batch's plan, KVLevel(k [N,S,K,D], v, lengths [N], owner [B]) with owner the
-  node of each sequence (every sequence's whole node precedes its suffix). A NumPy
-  segment_ids lets the backends group the shared levels statically.
+  padding; a segment's tokens are contiguous and in order within its row. levels: keys every
+  token of a sequence sees in full before its segment's own tokens: the shared levels of the
+  batch's plan, KVLevel(k [N,S,K,D], v, lengths [N], owner [B]) with owner the node of each
+  sequence, or owner None for a level of one node per sequence (node b is sequence b, e.g.
+  keys already in the sequences' caches). A NumPy segment_ids lets the backends group the
+  levels statically.
+  attend: None (the levels through `hydragen_attention(..., causal_last=False, scale=scale,
+    backend=backend)`), or a callable attend(q [R*W,1,H,D], levels) -> (out, lse) computing
+    the same with one query per packed token (the levels' owners are then per token), at the
+    same scale (`llama.forward` passes its `attend=` hook here).
   Returns out [R,W,H,D] in q's dtype and lse [R,W,H] float32 (out 0, lse -inf in padding).
   """
   r, w, h, d = q.shape
@@ -154,17 +170,26 @@ def packed_attention(q, k, v, segment_ids, levels: Sequence[KVLevel] = (), *,
                      f"{tuple(np.shape(segment_ids))}")
   scale = float(d) ** -0.5 if scale is None else scale
   parts = [_in_row(q, k, v, segment_ids, scale)]
-  static = isinstance(segment_ids, np.ndarray)
-  seg = np.maximum(segment_ids, 0).reshape(-1) if static else \
-      jnp.maximum(jnp.asarray(segment_ids), 0).reshape(-1)
-  q_tokens = q.reshape(r * w, 1, h, d)          # one query per packed token
-  for i, level in enumerate(levels):
-    if level.owner is None:
-      raise ValueError(f"levels[{i}].owner is None; shared levels need an owner per sequence")
-    owner = (np.asarray(level.owner)[seg] if static and isinstance(level.owner, np.ndarray)
-             else jnp.asarray(level.owner)[seg])
-    out, lse = hydragen_attention(q_tokens, [level._replace(owner=owner)], causal_last=False,
-                                  scale=scale, backend=backend)
+  if levels:
+    static = isinstance(segment_ids, np.ndarray)
+    # Padding slots read sequence 0's path (any valid one); their results are zeroed below.
+    seg = np.maximum(segment_ids, 0).reshape(-1) if static else \
+        jnp.maximum(jnp.asarray(segment_ids), 0).reshape(-1)
+    per_token = []
+    for level in levels:
+      if level.owner is None:
+        owner = seg
+      elif static and isinstance(level.owner, np.ndarray):
+        owner = np.asarray(level.owner)[seg]
+      else:
+        owner = jnp.asarray(level.owner)[seg]
+      per_token.append(level._replace(owner=owner))
+    q_tokens = q.reshape(r * w, 1, h, d)          # one query per packed token
+    if attend is None:
+      out, lse = hydragen_attention(q_tokens, per_token, causal_last=False, scale=scale,
+                                    backend=backend)
+    else:
+      out, lse = attend(q_tokens, per_token)
     parts.append((out.astype(jnp.float32).reshape(r, w, h, d), lse.reshape(r, w, h)))
   out, lse = merge(parts)
   pad = (jnp.asarray(segment_ids) < 0)

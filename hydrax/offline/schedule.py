@@ -168,12 +168,15 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
              keys: Sequence[tuple], *, config, dtype, memory_budget: int, max_batch: int = 64,
              strategy: str = "global", attention: str = "hydragen",
              sharing_options: Optional[dict] = None, pad: bool = True,
-             max_positions: Optional[int] = None) -> Schedule:
+             max_positions: Optional[int] = None, prefill: str = "auto",
+             prefill_chunk: int = 2048) -> Schedule:
   """Batches for all `sequences` (int32 arrays, input order) with their own max_new_tokens
   and sampling `keys` (hashable; a batch holds one key). See the module docstring.
 
   memory_budget: KV-cache bytes a batch may take; max_batch: most requests in a batch;
-  sharing_options: the per-batch `sharing.plan` cost model; pad: pad batch sizes to the grid.
+  sharing_options: the per-batch `sharing.plan` cost model; pad: pad batch sizes to the grid;
+  prefill, prefill_chunk: the engine's (they decide packed or padded prefill, part of each
+  batch's signature).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
@@ -218,7 +221,8 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
                           config=config,
                           dtype=dtype, budget=memory_budget, max_batch=max_batch,
                           attention=attention, sharing_options=sharing_options, pad=pad,
-                          max_positions=max_positions))
+                          max_positions=max_positions, prefill=prefill,
+                          prefill_chunk=prefill_chunk))
   if strategy == "global":   # BatchLLM: more decode per prefill token first (stable)
     batches.sort(key=lambda b: -b.decode_tokens / max(b.prefill_tokens, 1))
   return Schedule(batches=tuple(batches), prompt_tokens=int(lengths.sum()),
@@ -235,7 +239,8 @@ def _pad_prompts(k: int) -> list:
 
 
 def make_batch(sequences, rows, key, max_new, *, config, dtype, max_batch: int,
-               attention: str, sharing_options: dict, pad: bool, max_positions: int) -> Batch:
+               attention: str, sharing_options: dict, pad: bool, max_positions: int,
+               prefill: str = "auto", prefill_chunk: int = 2048) -> Batch:
   """A Batch of `rows` (indices into sequences): padded, planned, its KV measured."""
   rows = tuple(int(r) for r in rows)
   size = _padded_size(len(rows), max_batch) if pad else len(rows)
@@ -247,7 +252,8 @@ def make_batch(sequences, rows, key, max_new, *, config, dtype, max_batch: int,
                       **{"buckets": BUCKETS, **sharing_options})
   kv, engine_signature = engine.footprint(config, plan, max_new_tokens=bucket,
                                          attention=attention, dtype=dtype,
-                                         max_len=max_positions)
+                                         max_len=max_positions, prefill=prefill,
+                                         prefill_chunk=prefill_chunk)
   # Prompt tokens the real rows prefill: the plan's stored tokens minus the padding rows'
   # suffixes (a padding token shared with a real row is counted with the real row).
   pads = np.asarray(plan.inverse_order)[len(rows):]

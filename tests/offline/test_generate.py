@@ -69,6 +69,14 @@ def test_completions_equal_per_request_generate(tmp_path):
   path = _write(tmp_path / "p.jsonl", reqs)
   summary = G.run(path, str(tmp_path / "out.jsonl"), max_batch=4, **RUN)
   assert summary.ok and summary.completed == len(reqs) and summary.batches_run >= 3
+  # One batch of all 12: its ragged suffixes are prefilled packed (batches of 4 and the
+  # one-request reference are padded: the schedule's buckets keep at least 4 packed rows),
+  # and the completions are the same.
+  whole = G.run(path, str(tmp_path / "whole.jsonl"), max_batch=16, **RUN)
+  assert whole.packed_batches == whole.batches_run == 1 and summary.packed_batches == 0
+  assert whole.prefill_slots < whole.padded_slots
+  by_id = lambda name: sorted(_read(tmp_path / name), key=lambda r: r["id"])
+  assert by_id("whole.jsonl") == by_id("out.jsonl")
   got = {r["id"]: r for r in _read(tmp_path / "out.jsonl")}
   assert set(got) == {r["id"] for r in reqs}
   for r in reqs:
@@ -138,6 +146,8 @@ def test_everything_failed_exits_nonzero(tmp_path, capsys):
           "--quiet"]
   assert G.main(args + ["--on_bad_line", "skip"]) == 1
   assert G.main(args) == 2
+  with pytest.raises(ValueError, match=r"prefill must be one of \['auto', 'packed', "):
+    G.run(str(path), str(tmp_path / "o.jsonl"), prefill="packd", **RUN)
   err = capsys.readouterr().err
   assert "line 1" in err and "line 2" in err
 

@@ -148,6 +148,23 @@ def test_bad_input():
     P.packed_attention(q, k, k, np.zeros((2, 3), np.int32))
   with pytest.raises(ValueError, match="k and v must be"):
     P.packed_attention(q, k[:, :3], k[:, :3], np.zeros((2, 4), np.int32))
+  # owner None: one node per sequence, so a segment id must name one of its N nodes
   lvl = KVLevel(jnp.zeros((2, 3, 1, 8)), jnp.zeros((2, 3, 1, 8)), jnp.array([1, 2]), None)
-  with pytest.raises(ValueError, match="owner is None"):
-    P.packed_attention(q, k, k, np.zeros((2, 4), np.int32), [lvl])
+  seg = np.array([[0, 0, 1, 1], [3, 3, -1, -1]], np.int32)
+  with pytest.raises(ValueError, match=r"owner\[4\] = 3 is out of range"):
+    P.packed_attention(q, k, k, seg, [lvl])
+
+
+def test_level_without_owner_is_one_node_per_sequence():
+  """owner None (node b = sequence b: keys the sequences already hold) equals owner arange."""
+  rng = np.random.default_rng(3)
+  lengths = np.array([2, 0, 3])
+  pk = P.pack(lengths, width=4)
+  _, seg, _ = P.pack_tokens(np.zeros((3, 3), np.int32), lengths, np.zeros(3), pk)
+  q, k = (jnp.asarray(rng.standard_normal((pk.rows, 4, h, 8)), jnp.float32) for h in (4, 2))
+  kv = [jnp.asarray(rng.standard_normal((3, 5, 2, 8)), jnp.float32) for _ in "kv"]
+  held = jnp.array([5, 1, 0], jnp.int32)
+  a = P.packed_attention(q, k, k, seg, [KVLevel(*kv, held, None)])
+  b = P.packed_attention(q, k, k, seg, [KVLevel(*kv, held, np.arange(3, dtype=np.int32))])
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

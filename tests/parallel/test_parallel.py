@@ -299,3 +299,27 @@ def test_three_level_tree_on_a_mesh_equals_single_device(net, shape):
   got = engine.generate(net, None, plan, mesh=shape, max_new_tokens=3)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   assert got.signature.data == shape[0] and len(got.signature.levels) == 3
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (4, 2)])
+def test_packed_prefill_on_a_mesh_equals_padded(net, plan, shape):
+  """Prepacking on a mesh: each data shard packs its own sequences (their caches live on it;
+  packing across shards would move keys between devices), segment ids are shard-local rows.
+  Ragged suffixes (one empty), a node spanning two shards: greedy tokens equal the
+  single-device padded prefill's."""
+  want = engine.generate(net, None, plan, max_new_tokens=3, prefill="padded")
+  got = engine.generate(net, None, plan, mesh=shape, max_new_tokens=3, prefill="packed")
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+  seqs = [np.asarray(s) for s in plan.sequences]
+  lay = engine.layout(plan, seqs, data=shape[0], max_new_tokens=3, prefill="packed")
+  per_shard = lay.main.segments.reshape(shape[0], -1, lay.main.segments.shape[1])
+  rows = lay.plan_row.shape[1]
+  for s in range(shape[0]):        # every shard holds its own rows' suffix tokens, once each
+    ids, counts = np.unique(per_shard[s][per_shard[s] >= 0], return_counts=True)
+    lengths = np.asarray(plan.suffix_lengths)[lay.plan_row[s]]
+    np.testing.assert_array_equal(counts, lengths[ids])
+    assert ids.max(initial=0) < rows
+  assert got.prefill_slots == lay.main.slots < lay.padded_slots
+  auto = engine.generate(net, None, plan, mesh=shape, max_new_tokens=3)
+  assert auto.prefill == "packed" and auto.compile_seconds == 0.0     # the same signature
