@@ -7,6 +7,9 @@
 #   OUT=/some/dir bash experiments/reproduce_h200.sh        # <= 8.3 minutes on one H200
 #   REPRODUCE_TINY=1 REPRODUCE_SHARE_S=20 bash experiments/reproduce_h200.sh   # CPU smoke test
 #
+# REPRODUCE_ONLY="reproduce_hierarchical reproduce_throughput_8b" runs only the configs named
+# (the others are listed as not selected and take no time); unset, all of them run.
+#
 # gin-config is installed from .whl/ when missing (`pip download --no-deps -d .whl
 # gin-config==0.5.0` beforehand, and carry .whl). $OUT receives at most 8 files: log.txt, one
 # <config>.csv per config, results.tar.gz (every results folder: config.gin, env.json,
@@ -48,11 +51,19 @@ fi
 # (REPRODUCE_SHARE_S=N gives each config N seconds instead: the CPU smoke test).
 PLAN=(reproduce_hierarchical:140 reproduce_long_document:125 reproduce_throughput_13b:110
       reproduce_throughput_8b:110)
+for want in ${REPRODUCE_ONLY:-}; do
+  [[ " ${PLAN[*]%%:*} " == *" $want "* ]] || {
+    echo "error: REPRODUCE_ONLY names '$want', not one of: ${PLAN[*]%%:*}" >&2; exit 2; }
+done
 echo "reproduce_h200: $(date -u +%FT%TZ), total ${TOTAL}s, results in $WORK, copies in $OUT" | tee -a "$LOG"
 start=$SECONDS
 deadline=0
 for entry in "${PLAN[@]}"; do
   name=${entry%%:*}
+  if [[ -n "${REPRODUCE_ONLY:-}" && " $REPRODUCE_ONLY " != *" $name "* ]]; then
+    echo "== $name: not selected (REPRODUCE_ONLY)" | tee -a "$LOG"
+    continue
+  fi
   deadline=$(( deadline + ${REPRODUCE_SHARE_S:-${entry##*:}} ))
   (( deadline > TOTAL )) && deadline=$TOTAL
   left=$(( deadline - (SECONDS - start) ))

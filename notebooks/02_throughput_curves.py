@@ -123,7 +123,9 @@ DEVICE = jax.devices()[0]
 CI_SMALL = os.environ.get("HYDRAX_NOTEBOOK_SMALL", "") not in ("", "0")
 SIZE = "ci" if CI_SMALL else ("cpu" if PLATFORM == "cpu" else "accelerator")
 SIZES = {
-    "ci": dict(model="tiny", layers=None, prefixes=[64, 256], batches=[2, 8],
+    # ci: one prefix, two batches, both modes (4 points, each a compile): every line and ratio
+    # of the plots below; the committed results further down draw several prefixes.
+    "ci": dict(model="tiny", layers=None, prefixes=[128], batches=[2, 8],
                modes=["hydragen", "replicated"], suffix=4, new_tokens=4, min_shared_tokens=0),
     "cpu": dict(model="tiny", layers=None, prefixes=[256, 1024, 2048], batches=[4, 16, 64],
                 modes=["hydragen", "replicated"], suffix=8, new_tokens=32,

@@ -172,7 +172,7 @@ def test_notebook_runs_on_cpu(name, tmp_path, monkeypatch):
     text = proc.stdout
   assert "sizes: ci" in text
   if name.startswith("02"):
-    assert "this runtime: 8 points {'ok': 8" in text, text[-3000:]
+    assert "this runtime: 4 points {'ok': 4" in text, text[-3000:]
     assert " run(s) (throughput_curves" in text, text[-3000:]
   assert set(os.listdir(NOTEBOOKS)) - before <= {"__pycache__", ".ipynb_checkpoints"}, (
       "the notebook wrote into notebooks/")

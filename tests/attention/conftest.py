@@ -54,8 +54,11 @@ def _fused_skip() -> Optional[str]:
 
 
 # The Mosaic GPU kernel in its interpret mode: bf16/fp16, D 64/128 and 3-5 s per program on
-# CPU, so it runs its own small cases (tests/attention/test_core.py, `mosaic_backend`).
-MOSAIC = BackendCase("mosaic", "pallas", lambda: backends.get("pallas", lowering="mosaic"))
+# CPU, so it runs its own small cases (tests/attention/test_core.py, `mosaic_backend`). Key
+# blocks of 64 (the default is 128): capacities of 65..128 keys then run two blocks through the
+# two-stage pipeline, and capacities past one block are padded (a logged copy).
+MOSAIC = BackendCase("mosaic", "pallas", lambda: backends.get(
+    "pallas", lowering="mosaic", mosaic={"block_kv": 64, "stages": 2}))
 
 
 class Spied:

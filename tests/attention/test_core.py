@@ -6,12 +6,15 @@ Keys and values past each node's length hold NaN or +-Inf in the hypothesis case
 past `lengths` may reach the output.
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from hydrax import _log
 from hydrax.attention import KVLevel, attention, hydragen_attention, merge
 from tests import oracle
 
@@ -460,6 +463,7 @@ def test_sequences_of_empty_nodes_get_no_rows(backend):
 
 
 def _mosaic_run(backend, monkeypatch, levels, q, calls_expected, dtype):
+  """Runs `levels` eagerly through the interpreted Mosaic kernel, every level on it."""
   from hydrax.attention.kernels import pallas_gpu
   calls = []
   real = pallas_gpu.mosaic_gpu.tile_attention
@@ -473,14 +477,18 @@ def _mosaic_run(backend, monkeypatch, levels, q, calls_expected, dtype):
   finally:
     pallas_gpu._forward_jit.clear_cache()
   assert len(calls) == calls_expected, calls        # every level ran on the Mosaic kernel
+  assert all(c["interpret"] for c in calls)
   _check(out, lse, *_expect(q, levels, True, dtype), dtype)
 
 
-def test_mosaic_kernel_exact(mosaic_backend, monkeypatch):
+def test_mosaic_kernel_exact(mosaic_backend, monkeypatch, caplog):
   """The Mosaic GPU kernel (interpret mode off GPU, ~4 s per program on CPU) on its own small
   case: float16 (its tolerance catches one key more or less), D 64, a shared level of two
-  nodes of S=100 (padded to whole key blocks) with owners out of order, and a per-sequence
-  level with an empty suffix: 4 programs. q is scaled up so that each key's weight matters."""
+  nodes of S=100 (padded to whole key blocks, which is logged) with owners out of order, and a
+  per-sequence level with an empty suffix (a tile that runs no key block): 4 programs. q is
+  scaled up so that each key's weight matters. (bfloat16 through the interpreted kernel:
+  tests/attention/test_mosaic.py.)"""
+  monkeypatch.setattr(_log, "_seen", set())
   rng = np.random.default_rng(12)
   b, t, kh, g, d = 2, 2, 1, 2, 64
   levels = [(rng.standard_normal((2, 100, kh, d)), rng.standard_normal((2, 100, kh, d)),
@@ -488,7 +496,9 @@ def test_mosaic_kernel_exact(mosaic_backend, monkeypatch):
             (rng.standard_normal((b, 5, kh, d)), rng.standard_normal((b, 5, kh, d)),
              np.array([5, 0], np.int32), None)]
   q = 3 * rng.standard_normal((b, t, kh * g, d))
-  _mosaic_run(mosaic_backend, monkeypatch, levels, q, 2, jnp.float16)
+  with caplog.at_level(logging.WARNING, logger="hydrax"):
+    _mosaic_run(mosaic_backend, monkeypatch, levels, q, 2, jnp.float16)
+  assert any("S=100" in r.getMessage() for r in caplog.records)     # the padding is logged
 
 
 def test_mosaic_keys_past_lengths_never_reach_output(mosaic_backend, monkeypatch):

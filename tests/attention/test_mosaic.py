@@ -2,7 +2,7 @@
 
 On CPU the kernel runs in jax's Mosaic GPU interpret mode, which costs 3-5 s per program (one
 tile x one key split x one KV head) on a 2-core machine: the interpret-mode tests below make
-four kernel calls of tiny shapes (8 programs in all). Everything else replaces the kernel
+three kernel calls of tiny shapes (6 programs in all). Everything else replaces the kernel
 with `emulate_tile_attention`, a plain jnp implementation of its contract written here from
 the docstring (sharing no code with the kernel), which also checks the tile table it is given
 and poisons with NaN what the wrapper must never use: rows and tiles that break the contract.
@@ -12,8 +12,9 @@ and poisons with NaN what the wrapper must never use: rows and tiles that break 
 * `hydragen_attention(backend=configure(lowering="mosaic"))` with the emulator, vs the
   float64 oracle (hypothesis: ragged, empty and padded nodes, splits; static owners, and
   traced owners with a stacked cache read at a traced layer);
-* interpret-mode runs of the whole path (a padded shared level and a per-sequence level; a
-  stacked cache read in place);
+* interpret-mode runs of the whole path: a stacked cache read in place here, in bfloat16; a
+  padded shared level and a per-sequence level with an empty suffix, in float16, in
+  tests/attention/test_core.py::test_mosaic_kernel_exact (the mutation check's Mosaic case);
 * the static decisions (`_use_mosaic`), the logged fallbacks and a bad `lowering`.
 """
 
@@ -367,45 +368,6 @@ def test_wrapper_full_tiles_in_place_and_combine():
 
 
 # --- end to end in interpret mode (the real kernel) ----------------------------------------
-
-def test_hydragen_through_interpreted_kernel(monkeypatch, caplog):
-  """A shared level (2 nodes, S=100: padded to 128, owners out of order) and a per-sequence
-  level with an empty suffix (a tile that runs no key block), both on the interpreted Mosaic
-  kernel, vs the oracle."""
-  calls = []
-  real = mosaic_gpu.tile_attention
-
-  def spy(*args, **kwargs):
-    calls.append(kwargs)
-    return real(*args, **kwargs)
-
-  pg._forward_jit.clear_cache()
-  monkeypatch.setattr(pg.mosaic_gpu, "tile_attention", spy)
-  monkeypatch.setattr(_log, "_seen", set())
-  rng = np.random.default_rng(12)
-  b, t, kh, g, d = 2, 2, 1, 2, 64          # 4 programs: ~4 s each in interpret mode
-  levels = [(rng.standard_normal((2, 100, kh, d)), rng.standard_normal((2, 100, kh, d)),
-             np.array([100, 77], np.int32), np.array([1, 0], np.int32)),
-            (rng.standard_normal((b, 5, kh, d)), rng.standard_normal((b, 5, kh, d)),
-             np.array([5, 0], np.int32), None)]
-  q = rng.standard_normal((b, t, kh * g, d))
-  dtype = jnp.bfloat16
-  lv = [KVLevel(jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(n), o)
-        for k, v, n, o in levels]
-  try:
-    with caplog.at_level(logging.WARNING, logger="hydrax"):
-      # Not under an outer jit: each level is then its own program (`_forward_jit`). With
-      # both interpreted kernels in one XLA program, the Mosaic GPU interpreter deadlocked
-      # on this 2-core machine (its simulated threads starve XLA's CPU thread pool).
-      out, lse = hydragen_attention(
-          jnp.asarray(q, dtype), lv, causal_last=True,
-          backend=pg.configure(lowering="mosaic", mosaic={"block_kv": 64, "stages": 2}))
-  finally:
-    pg._forward_jit.clear_cache()
-  _check(out, lse, *_expect(q, levels, True, dtype), dtype)
-  assert len(calls) == 2 and all(c["interpret"] for c in calls)
-  assert any("S=100" in r.getMessage() for r in caplog.records)     # the padding is logged
-
 
 def test_stacked_layer_through_interpreted_kernel(monkeypatch):
   """The real kernel (interpret mode): a shared level of 3 nodes (one empty of sequences) in a
