@@ -37,6 +37,19 @@ _add_xla_flag("xla_force_host_platform_device_count", 8)
 if _cpu_only():
   _add_xla_flag("xla_backend_optimization_level", 0)
 
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: takes 10 s or more on the 2-core CI machine; collected first (below)")
+
+
+def pytest_collection_modifyitems(items):
+  """Slow tests first, otherwise in file order: under `-n 2` a long test that starts last
+  leaves the other worker idle while it runs. (pyproject.toml's `--dist=loadgroup` sends
+  each xdist_group, largest first, then the other tests one by one in this order.)"""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 settings.register_profile(
     "ci", max_examples=int(os.environ.get("HYDRAX_EXAMPLES", "15")), deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
