@@ -93,6 +93,10 @@ def tiny():
   return config, model, graphdef, params
 
 
+# The tests of `tree_runs` (two generations of the hand plan, ~15 s) run on one xdist worker.
+TREE_RUNS = pytest.mark.xdist_group("test_engine.tree_runs")
+
+
 @pytest.fixture(scope="module")
 def tree_runs(tiny):
   _, model, graphdef, params = tiny
@@ -104,6 +108,7 @@ def tree_runs(tiny):
   return plan, hydragen, replicated
 
 
+@TREE_RUNS
 def test_three_level_tree_hydragen_equals_replicated_and_reference(tiny, tree_runs):
   config, _, graphdef, params = tiny
   plan, hydragen, replicated = tree_runs
@@ -129,6 +134,7 @@ def test_three_level_tree_hydragen_equals_replicated_and_reference(tiny, tree_ru
                                     dtype=jnp.float32) == g.kv_bytes
 
 
+@TREE_RUNS
 def test_sharing_plan_tree_and_plain_prompts(tiny, tree_runs):
   """hydrax.sharing's plan of the same prompts (full radix tree), and prompts that share
   nothing, give the replicated tokens."""
@@ -149,6 +155,7 @@ def test_sharing_plan_tree_and_plain_prompts(tiny, tree_runs):
   np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
+@TREE_RUNS
 def test_eos_stops_sequences_and_pads(tiny, tree_runs):
   _, model, _, _ = tiny
   plan, _, replicated = tree_runs
@@ -190,6 +197,7 @@ def test_sample():
     engine.sample(logits, key, temperature=-1.0)
 
 
+@TREE_RUNS
 def test_sampled_generation_is_reproducible(tiny, tree_runs):
   _, model, _, _ = tiny
   plan, _, _ = tree_runs
@@ -218,6 +226,7 @@ def test_no_attention_mode_and_tokenizer(tiny, tmp_path):
   assert one.tokens.shape == (1, 1) and one.decode_steps == 0 and one.decode_seconds == 0
 
 
+@TREE_RUNS
 def test_bad_inputs_raise(tiny, tree_runs):
   config, model, _, _ = tiny
   plan, _, _ = tree_runs
@@ -274,6 +283,7 @@ def _two_groups(rng, sizes, prefix_lengths, suffix_lengths):
   return [x.astype(np.int32) for x in prompts]
 
 
+@pytest.mark.slow
 def test_new_trees_of_one_signature_reuse_the_executables(tiny):
   """The compile key is the bucketed signature: prompts of 21, 23 and 22 tokens compile once,
   and two different sharing trees of one signature compile once, with correct tokens."""
@@ -320,6 +330,7 @@ def test_runtime_is_a_hashable_value_in_the_key(tiny):
     engine.generate(model, prompts, max_new_tokens=2, runtime=rt, backend="xla")
 
 
+@pytest.mark.slow
 def test_runtime_checks_and_unroll(tiny):
   """checks="runtime" runs prefill and decode with their traced lengths, owners and layers
   checked (checkify-functionalized executables) and gives the tokens of the static run; a

@@ -142,6 +142,7 @@ show()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_on_cpu(name, tmp_path, monkeypatch):
   # The kernel (or the subprocess) inherits this environment.

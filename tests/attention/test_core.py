@@ -109,10 +109,12 @@ def _exact(backend, case):
   _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
 
 
+@pytest.mark.slow
 def test_hydragen_matches_dense_float32(backend):
   backend.settings(given(trees())(lambda case: _exact(backend, case)))()
 
 
+@pytest.mark.slow
 def test_hydragen_matches_dense_bfloat16(backend):
   backend.settings(given(trees(dtype=jnp.bfloat16))(lambda case: _exact(backend, case)))()
 
@@ -313,6 +315,7 @@ def _fixed_case(seed=0, b=4, t=2, kh=2, g=2, d=8):
   return q, [shared, suffix]
 
 
+@pytest.mark.slow
 def test_jit_with_static_and_traced_owners(backend):
   q, levels = _fixed_case()
   shapes = [lv.k.shape for lv in levels]
@@ -481,6 +484,7 @@ def _mosaic_run(backend, monkeypatch, levels, q, calls_expected, dtype):
   _check(out, lse, *_expect(q, levels, True, dtype), dtype)
 
 
+@pytest.mark.slow
 def test_mosaic_kernel_exact(mosaic_backend, monkeypatch, caplog):
   """The Mosaic GPU kernel (interpret mode off GPU, ~4 s per program on CPU) on its own small
   case: float16 (its tolerance catches one key more or less), D 64, a shared level of two

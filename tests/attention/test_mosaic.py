@@ -328,6 +328,7 @@ def mosaic_trees(draw):
   return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans())
 
 
+@pytest.mark.slow
 @given(mosaic_trees())
 def test_wrapper_with_emulated_kernel_matches_oracle(case):
   q, levels, causal, dtype, mosaic, traced = case

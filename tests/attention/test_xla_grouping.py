@@ -5,6 +5,7 @@ float64 oracle; the tile table's invariants; no recompilation for a new tree."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from hydrax.attention import KVLevel, hydragen_attention
@@ -62,6 +63,7 @@ def _run_traced(q, levels, causal, dtype, layers=None):
   return jax.jit(fn)(jnp.asarray(q, dtype), arrays, owners, layer)
 
 
+@pytest.mark.slow
 @given(skewed_trees())
 def test_traced_owners_match_oracle(case):
   q, levels, causal, dtype = case
@@ -69,6 +71,7 @@ def test_traced_owners_match_oracle(case):
   _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
 
 
+@pytest.mark.slow
 @given(skewed_trees())
 def test_static_owners_match_oracle(case):
   """Static owners: grouped by node, or tiles with a NumPy table when the groups are uneven."""

@@ -11,6 +11,7 @@ import pytest
 from experiments import bench_attention
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_smoke_mode_runs_every_section(tmp_path, capsys, monkeypatch):
   # As in a test worker that imported the module long ago: the budget counts from main().

@@ -53,6 +53,7 @@ def _distinct_modes(points):
   return list(best.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_runs_tiny(config, tmp_path):
   spec = _spec(config, TINY)
@@ -63,6 +64,7 @@ def test_config_runs_tiny(config, tmp_path):
   assert all(r["e2e_s"] > 0 and r["new_tokens"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_hierarchical_scopes_change_the_tree():
   spec = _spec("reproduce_hierarchical.gin", TINY)
   rows = harness.run_sweep(
@@ -185,6 +187,7 @@ def test_h200_script_rejects_an_unknown_config_name(tmp_path):
       in done.stderr
 
 
+@pytest.mark.slow
 def test_h200_script_smoke_on_cpu(tmp_path):
   """The one H200 command at tiny size on two of its configs (the first and the last of its
   plan; the configs themselves run in-process above): each runs its first point only (points

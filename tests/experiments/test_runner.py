@@ -24,6 +24,7 @@ def _rows(directory):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
   directory = run.run(["quickstart.gin"], SMALL, str(tmp_path), ["test"])
   for name in ("config.gin", "env.json", "rows.csv", "rows.json",
@@ -162,6 +163,7 @@ def test_every_config_parses_to_an_experiment(config):
   assert spec["name"] and list(spec["points"]) and callable(spec["measure"])
 
 
+@pytest.mark.slow
 def test_hierarchical_config_runs_small(tmp_path):
   directory = run.run(["hierarchical.gin"], [
       "grid.batch=[4]", "grid.attention=['hydragen']",

@@ -54,6 +54,8 @@ def test_init_dtype_and_count(tie):
   assert bool(jnp.all(jnp.isfinite(out)))
 
 
+# One xdist worker for the four cases: importing torch and transformers costs ~10 s.
+@pytest.mark.xdist_group("torch")
 @pytest.mark.parametrize("kv_heads,scaled,tie", [(4, False, False), (4, True, False),
                                                  (2, False, True), (2, True, True)],
                          ids=["mha", "mha-llama3", "gqa-tied", "gqa-tied-llama3"])

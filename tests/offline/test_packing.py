@@ -117,6 +117,7 @@ def _padded(levels, q, k, v):
   return np.asarray(out), np.asarray(lse)
 
 
+@pytest.mark.slow
 @given(batches(), st.sampled_from([jnp.float32, jnp.float32, jnp.bfloat16]))
 def test_packed_attention_matches_oracle_and_padded_prefill(case, dtype):
   levels, suffix, width, q, k, v, traced = case

@@ -206,6 +206,9 @@ def test_sharded_forward_equals_unsharded(shape, vocab):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+# One xdist worker for the tests of `reference`, and one for the two meshes of the hand plan
+# (their single-device run compiles once).
+@pytest.mark.xdist_group("test_parallel.reference")
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_greedy_generation_equals_single_device(net, plan, reference, shape):
   # (2, 4): prefill in chunks of 16 query tokens per device (a scan over chunks).
@@ -221,6 +224,7 @@ def test_sharded_greedy_generation_equals_single_device(net, plan, reference, sh
                                                   prefill_chunk=chunk, dtype=jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["replicated", "none"])
 def test_sharded_baselines_and_uneven_batch(net, attention):
   prompts = _prompts()[:7]                           # 7 rows over 2 data shards: 4 + 3
@@ -288,6 +292,7 @@ def test_one_model_for_one_or_many_devices():
   assert one == same and hash(one) == hash(same) and one != other
 
 
+@pytest.mark.xdist_group("test_parallel.hand_plan")
 @pytest.mark.parametrize("shape", [(2, 4), (4, 2)])
 def test_three_level_tree_on_a_mesh_equals_single_device(net, shape):
   """The hand-built 3-level tree (a prompt ending inside a shared node, empty nodes, a

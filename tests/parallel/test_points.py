@@ -1,10 +1,12 @@
 """The experiment runner's generation_point on a mesh matches the single-device point."""
 
 import numpy as np
+import pytest
 
 from experiments import points
 
 
+@pytest.mark.slow
 def test_generation_point_on_a_mesh_matches_one_device():
   kw = dict(batch=4, prefix=48, attention="hydragen", model="tiny", suffix=3,
             max_new_tokens=3, min_shared_tokens=0)

@@ -254,6 +254,7 @@ def test_plan_that_shares_nothing_says_why_once(monkeypatch, caplog):
   assert "no two sequences share a first token" in caplog.records[0].getMessage()
 
 
+@pytest.mark.slow
 def test_readme_use_examples_run(monkeypatch, caplog):
   """README.md's "Use" code blocks run as written; the plan they build shares its prefix."""
   import logging
