@@ -24,7 +24,7 @@ P shared-prefix length, U per-sequence suffix length, L layers of a stacked cach
     of it. Every (shape, implementation) runs in try/except: one failure loses nothing else.
 (c) Crossover: per shape, fused shared vs fused per-sequence device time against the bytes
     sharing saves; the smallest saving where sharing wins is the value for
-    fused_worklist.SHARING_CROSSOVER_BYTES_PROVISIONAL.
+    fused_worklist.SHARING_CROSSOVER_BYTES.
 Writes OUT/fused_check.csv, OUT/fused_timing.csv, OUT/fused_summary.json; the table prints last.
 """
 
@@ -386,7 +386,7 @@ def crossover(rows):
       (wins if s["device_us"] <= d["fused_per_seq"]["device_us"] else losses).append(
           s["saved_bytes"])
   res = {"shared_wins_at_saved_bytes": sorted(wins), "per_seq_wins_at_saved_bytes":
-         sorted(losses), "provisional_bytes": wl.SHARING_CROSSOVER_BYTES_PROVISIONAL}
+         sorted(losses), "current_bytes": wl.SHARING_CROSSOVER_BYTES}
   if wins:
     lo = max([x for x in losses if x < min(wins)], default=0)
     res["suggested_bytes"] = int(math.sqrt(max(lo, 1) * min(wins))) if lo else int(min(wins))

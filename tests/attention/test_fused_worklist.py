@@ -179,7 +179,7 @@ def test_splits_fill_the_machine_and_cover_the_capacity():
 def test_cost_rule_shares_only_when_it_saves_enough():
   kh, item = 8, 2
 
-  def mode(b, prefix, crossover=wl.SHARING_CROSSOVER_BYTES_PROVISIONAL, nodes=1):
+  def mode(b, prefix, crossover=wl.SHARING_CROSSOVER_BYTES, nodes=1):
     shapes = [wl.LevelShape(nodes, prefix, True), wl.LevelShape(b, 128, False)]
     return wl.choose_mode((b, 1, 32, 128), shapes, kh, item, crossover)
 

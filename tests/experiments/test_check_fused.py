@@ -28,6 +28,6 @@ def test_smoke_mode_runs_and_records_every_failure(tmp_path, capsys, monkeypatch
   with open(tmp_path / "fused_timing.csv") as f:
     assert len(list(csv.DictReader(f))) == len(rows)
   summary = json.loads((tmp_path / "fused_summary.json").read_text())
-  assert summary["check_failures"] == 0 and "provisional_bytes" in summary["crossover"]
+  assert summary["check_failures"] == 0 and "current_bytes" in summary["crossover"]
   printed = capsys.readouterr().out
   assert "P64_B4 |" in printed and "exactness: 0 failure(s)" in printed

@@ -56,17 +56,20 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 class Config:
   """Kernel configuration (frozen, hashable: part of every compile key)."""
   mode: str = "auto"                 # "auto" (cost rule), "shared" or "per_sequence"
-  crossover_bytes: int = wl.SHARING_CROSSOVER_BYTES_PROVISIONAL   # provisional, see wl
+  crossover_bytes: int = wl.SHARING_CROSSOVER_BYTES   # measured on the H200, see wl
   block_n: int = 64                  # keys per block
   max_block_m: int = 64              # rows of a shared tile (C sequences x T*G padded)
-  # 8 warps: ptxas (sm_90a, Triton 3.6, compiled here without a GPU) spilled 0.2-1.4 KB per
-  # thread at 4 warps and 0-96 B at 8, all at 255 registers: one program fits an SM.
-  num_warps: int = 8
-  num_stages: int = 2
-  # Persistent grid = min(items, SMs x this): programs that all fit at once (see num_warps).
-  # Key splits fill that many programs; each split adds a partial result per query (scratch
-  # traffic), so a split keeps >= 8 key blocks.
-  programs_per_sm: int = 1
+  # 4 warps, 3 stages, 2 programs per SM: the fastest of 9 settings on the H200 (device time
+  # at 4K/256 270 us vs 352 us for 8 warps, 2 stages, 1 program per SM; at 16K/256 427 vs
+  # 729 us; experiments/results/fused_h200/run2). Two programs per SM hide one program's
+  # load latency behind the other's work across item boundaries, which the software pipeline
+  # (num_stages) cannot do. (ptxas spills a little at 4 warps - 0.2-1.4 KB per thread, seen
+  # compiling without a GPU - and it is still the fastest.)
+  num_warps: int = 4
+  num_stages: int = 3
+  # Persistent grid = min(items, SMs x this). Key splits fill that many programs; each split
+  # adds a partial result per query (scratch traffic), so a split keeps >= 8 key blocks.
+  programs_per_sm: int = 2
   min_blocks_per_split: int = 8
   splits: Optional[int] = None       # force P key splits on every level (tests)
   num_sms: Optional[int] = None      # None: the device's (132 when unknown)

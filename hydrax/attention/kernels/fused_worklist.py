@@ -46,11 +46,12 @@ BALANCE_ROWS = BF16_FLOPS_PER_S / HBM_BYTES_PER_S   # ~190 rows (bf16: 4D flops 
 ITEM_OVERHEAD_KEYS = 64      # fixed cost of an item (its loads, partial write, ticket), in keys
 
 # Cost rule (see `choose_mode`): sharing a level pays when the key/value bytes it avoids
-# reading (one read per node instead of one per sequence) exceed this many bytes.
-# PROVISIONAL: not measured yet. 16 MiB is ~4 us of H200 HBM time, about the work-list
-# construction plus the in-kernel merge the shared mode adds. experiments/check_fused_h200.py
-# measures the crossover (fused shared vs fused per-sequence) and prints the value to put here.
-SHARING_CROSSOVER_BYTES_PROVISIONAL = 16 << 20
+# reading (one read per node instead of one per sequence) exceed this many bytes. Measured on
+# the H200 by experiments/check_fused_h200.py (fused shared vs fused per-sequence, T=1, 32/8
+# heads, D=128, bf16; experiments/results/fused_h200/run1, run2): per-sequence won at a
+# saving of 63 MB (1K/16: 76.9 vs 79.3 us), sharing at 264 MB (1K/64: 188.0 vs 192.6 us) and
+# above (4K/256: 352 vs 1561 us). 128 MiB sits between the two (their geometric mean).
+SHARING_CROSSOVER_BYTES = 128 << 20
 
 ITEM_FIELDS = ("level", "node", "start", "count", "kv_head", "split", "key_end")
 NUM_FIELDS = len(ITEM_FIELDS)
@@ -109,7 +110,7 @@ def sharing_saved_bytes(q_shape, shapes: Sequence[LevelShape], itemsize: int) ->
 
 
 def choose_mode(q_shape, shapes: Sequence[LevelShape], kv_heads: int, itemsize: int,
-                crossover_bytes: int = SHARING_CROSSOVER_BYTES_PROVISIONAL) -> str:
+                crossover_bytes: int = SHARING_CROSSOVER_BYTES) -> str:
   """The cost rule: "shared" when the bytes sharing saves (`sharing_saved_bytes`, all KV
   heads) reach `crossover_bytes`, else "per_sequence" (every level read per sequence: no
   sorting of rows, no tile table; one item per sequence, KV head and split). A pure function
