@@ -11,9 +11,14 @@ flags, so float results do not change. It cut the CPU time of compile-bound test
 on the 2-core machine. `--xla_cpu_use_fusion_emitters=false` emits the CPU fusions with XLA's
 older elemental emitters instead of its MLIR fusion pipeline, which compiles far faster
 at -O0: a tiny-model generation's compiles 2.2 -> 0.9-1.1 s, an attention compile 2.1-2.3 ->
-0.9-1.2 s (jax 0.10.2 here; without -O0 the old emitters are slower, so only both together). It is set only when jax will run on CPU alone (no accelerator plugin,
-or JAX_PLATFORMS=cpu), and never over a value the caller chose. Subprocesses (the notebooks'
-kernel, `python -m ...` runs) inherit both flags through the environment.
+0.9-1.2 s (jax 0.10.2 here; without -O0 the old emitters are slower, so only both together).
+Unlike -O0 alone, the old emitters can round a transcendental function 1 ulp differently in two
+programs that compute the same thing with different shapes or shardings (seen in the sharded
+parameter init, whose test compares to float32 rounding). Together they took the suite from
+889-1055 s to 556 s on the 2-core machine (WORKSPACE.md, Tests). Both are set only when jax
+will run on CPU alone (no accelerator plugin, or JAX_PLATFORMS=cpu), and never over a value the
+caller chose. Subprocesses (the notebooks' kernel, `python -m ...` runs) inherit the flags
+through the environment.
 """
 
 import gc
