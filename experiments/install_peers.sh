@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Installs carried wheels on the device machine (which cannot reach PyPI) into /tmp/site:
+# Installs carried packages on the device machine (which cannot reach PyPI) into /tmp/site:
 #   bash experiments/install_peers.sh .whl .peer && export PYTHONPATH=/tmp/site
 # Each argument is a folder of wheels (downloaded here with `pip download --no-deps`, see
-# WORKSPACE.md). tokamax imports xprof's kernel-stats tool for its own benchmarking only,
-# which hydrax's benchmarks do not use: a one-line module stands in for the 32 MB xprof wheel
-# and its dependencies.
+# WORKSPACE.md) and of unpacked wheels re-packed as NAME.tar.xz (FlashInfer's 62 MB wheel is
+# 16 MB so), which are extracted into /tmp/site as they are. tokamax imports xprof's
+# kernel-stats tool for its own benchmarking only, which hydrax's benchmarks do not use: a
+# one-line module stands in for the 32 MB xprof wheel and its dependencies.
 set -euo pipefail
+shopt -s nullglob
 wheels=()
-for d in "$@"; do wheels+=("$d"/*.whl); done
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site "${wheels[@]}"
+archives=()
+for d in "$@"; do
+  wheels+=("$d"/*.whl)
+  archives+=("$d"/*.tar.xz)
+done
+mkdir -p /tmp/site
+if [ ${#wheels[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "${wheels[@]}"
+fi
+for f in "${archives[@]}"; do tar -xJf "$f" -C /tmp/site; done
 if [ -d /tmp/site/tokamax ] && [ ! -d /tmp/site/xprof ]; then
   mkdir -p /tmp/site/xprof/cli
   touch /tmp/site/xprof/__init__.py /tmp/site/xprof/cli/__init__.py
