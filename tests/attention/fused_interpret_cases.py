@@ -208,8 +208,8 @@ def compile_hopper(cases=None):
                     constexprs={(names.index(n),): v for n, v in consts.items()})
     t0 = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps,
-                                       "num_stages": cfg.num_stages})
+                              options={k: v for k, v in ft.launch_settings(cfg, dtype).items()
+                                       if k != "programs_per_sm"})
     with tempfile.TemporaryDirectory() as tmp:
       ptx = os.path.join(tmp, "k.ptx")
       with open(ptx, "w") as f:

@@ -271,6 +271,23 @@ def test_fused_on_cpu_without_interpreter_runs_the_fallback():
   np.testing.assert_array_equal(np.asarray(lse), np.asarray(ref[1]))
 
 
+def test_launch_settings_by_dtype_and_explicit_values_win():
+  from hydrax.attention.kernels import fused_triton as ft
+  for dtype in (jnp.bfloat16, jnp.float16):
+    assert ft.launch_settings(ft.Config(), dtype) == dict(num_warps=4, num_stages=3,
+                                                          programs_per_sm=2)
+  assert ft.launch_settings(ft.Config(), jnp.float32) == dict(num_warps=8, num_stages=2,
+                                                              programs_per_sm=1)
+  cfg = ft.Config(num_warps=2, programs_per_sm=3)
+  assert ft.launch_settings(cfg, jnp.bfloat16) == dict(num_warps=2, num_stages=3,
+                                                       programs_per_sm=3)
+  # The plan's persistent grid follows the programs per SM of the dtype.
+  shapes = [wl.LevelShape(1, 4096, True, np.zeros(256, np.int32)), wl.LevelShape(256, 128, False)]
+  grid = {d: ft._plan_for((256, 1, 32, 128), 8, d, shapes, ft.Config(num_sms=10)).grid
+          for d in (jnp.bfloat16, jnp.float32)}
+  assert grid == {jnp.bfloat16: 20, jnp.float32: 10}
+
+
 def test_config_rejects_bad_values():
   with pytest.raises(ValueError, match="mode must be"):
     backends.get("fused", mode="fastest")

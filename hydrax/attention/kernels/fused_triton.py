@@ -59,17 +59,18 @@ class Config:
   crossover_bytes: int = wl.SHARING_CROSSOVER_BYTES   # measured on the H200, see wl
   block_n: int = 64                  # keys per block
   max_block_m: int = 64              # rows of a shared tile (C sequences x T*G padded)
-  # 4 warps, 3 stages, 2 programs per SM: the fastest of 9 settings on the H200 (device time
-  # at 4K/256 270 us vs 352 us for 8 warps, 2 stages, 1 program per SM; at 16K/256 427 vs
-  # 729 us; experiments/results/fused_h200/run2). Two programs per SM hide one program's
-  # load latency behind the other's work across item boundaries, which the software pipeline
-  # (num_stages) cannot do. (ptxas spills a little at 4 warps - 0.2-1.4 KB per thread, seen
-  # compiling without a GPU - and it is still the fastest.)
-  num_warps: int = 4
-  num_stages: int = 3
+  # Launch settings; None picks by dtype (`launch_settings`). For 16-bit inputs 4 warps, 3
+  # stages, 2 programs per SM: the fastest of 9 settings on the H200 (device time at 4K/256
+  # 270 us vs 352 us for 8 warps, 2 stages, 1 program per SM; at 16K/256 427 vs 729 us;
+  # experiments/results/fused_h200/run2). Two programs per SM hide one program's load
+  # latency behind the other's work across item boundaries. ptxas spills 0.4-0.9 KB per
+  # thread there (sm_90, compiled without a GPU) and it is still the fastest. float32 keeps
+  # 8 warps, 2 stages, 1 program per SM: at 4 warps its IEEE tiles spilled 2.7-27 KB.
+  num_warps: Optional[int] = None
+  num_stages: Optional[int] = None
   # Persistent grid = min(items, SMs x this). Key splits fill that many programs; each split
   # adds a partial result per query (scratch traffic), so a split keeps >= 8 key blocks.
-  programs_per_sm: int = 2
+  programs_per_sm: Optional[int] = None
   min_blocks_per_split: int = 8
   splits: Optional[int] = None       # force P key splits on every level (tests)
   num_sms: Optional[int] = None      # None: the device's (132 when unknown)
@@ -84,10 +85,21 @@ class Config:
       if val < 16 or val & (val - 1):
         raise ValueError(f"{name} must be a power of two >= 16, got {val}")
     for name in ("num_warps", "num_stages", "programs_per_sm", "min_blocks_per_split"):
-      if getattr(self, name) < 1:
+      if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.fallback == "fused":
       raise ValueError("fallback must be another backend than 'fused'")
+
+
+LAUNCH_16BIT = dict(num_warps=4, num_stages=3, programs_per_sm=2)
+LAUNCH_FLOAT32 = dict(num_warps=8, num_stages=2, programs_per_sm=1)
+
+
+def launch_settings(cfg: Config, dtype) -> dict:
+  """num_warps, num_stages, programs_per_sm of a launch: the Config's, where set, else the
+  measured defaults of the dtype (see Config)."""
+  base = LAUNCH_FLOAT32 if jnp.dtype(dtype).itemsize == 4 else LAUNCH_16BIT
+  return {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in base.items()}
 
 
 # --- toolchain -------------------------------------------------------------------------------
@@ -190,16 +202,17 @@ def _interpret_call(kernel, grid, scalars, out_shapes, constexprs, *arrays):
   return jax.pure_callback(host, tuple(out_shapes), *arrays)
 
 
-def _launch(cfg: Config, plan: wl.Plan, arrays, scalars, out_shapes, constexprs):
+def _launch(cfg: Config, plan: wl.Plan, arrays, scalars, out_shapes, constexprs, dtype):
   """One launch: arrays, then the run-time int scalars, then the outputs (the kernel's
   argument order), constexprs by name."""
   kernel = _kernel_module().fused_decode_kernel
   if cfg.interpret:
     return _interpret_call(kernel, (plan.grid,), scalars, out_shapes, constexprs, *arrays)
   import jax_triton as jt
+  launch = launch_settings(cfg, dtype)
   return jt.triton_call(*arrays, *scalars, kernel=kernel, out_shape=list(out_shapes),
                         grid=(plan.grid,),
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
                         zeroed_outputs=(len(out_shapes) - 1,), name="hydrax_fused_decode",
                         **constexprs)
 
@@ -215,7 +228,7 @@ def _plan_for(q_shape, kv_heads, dtype, shapes, cfg: Config) -> wl.Plan:
   return wl.make_plan(q_shape, kv_heads, shapes, mode=mode,
                       block_n=max(16, cfg.block_n // shrink),
                       max_block_m=max(16, cfg.max_block_m // shrink), num_sms=_num_sms(cfg),
-                      programs_per_sm=cfg.programs_per_sm,
+                      programs_per_sm=launch_settings(cfg, dtype)["programs_per_sm"],
                       min_blocks_per_split=cfg.min_blocks_per_split, splits=cfg.splits)
 
 
@@ -257,7 +270,7 @@ def _forward(q, kvs, limits, owners, layers, *, shapes, scale, cfg: Config, out_
   arrays = [jnp.asarray(work.items, jnp.int32).reshape(-1),
             jnp.asarray(work.orders, jnp.int32).reshape(-1),
             jnp.stack([jnp.asarray(x, jnp.int32) for x in limits]).reshape(-1), q] + kv_args
-  out, lse, *_ = _launch(cfg, plan, arrays, scalars, out_shapes, consts)
+  out, lse, *_ = _launch(cfg, plan, arrays, scalars, out_shapes, consts, q.dtype)
   return out, lse
 
 
