@@ -204,8 +204,13 @@ def compile_hopper(cases=None):
     assert len(ints) == len(scalars), (ints, scalars)
     sig.update({n: "i32" for n in ints})
     sig.update({n: "constexpr" for n in consts})
+    # Pointers 16-byte aligned, as jax-triton declares every array argument (JAX buffers
+    # are): without it Triton cannot use asynchronous copies and does not pipeline the key
+    # loop, and the registers and spills below would not be those of the GPU build.
     src = ASTSource(fn=kernel, signature={n: sig[n] for n in names},
-                    constexprs={(names.index(n),): v for n, v in consts.items()})
+                    constexprs={(names.index(n),): v for n, v in consts.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                           if sig[n].startswith("*")})
     t0 = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={k: v for k, v in ft.launch_settings(cfg, dtype).items()

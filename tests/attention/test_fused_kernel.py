@@ -41,9 +41,8 @@ def test_fused_kernel_compiles_for_hopper_without_spills():
   assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (
       res.stdout[-3000:] + res.stderr[-3000:])
   for line in res.stdout.splitlines():
-    # The timed configurations at their default launch settings (4 warps): ptxas spills
-    # 444 and 892 bytes per thread (Triton 3.6), the fastest setting on the H200 all the same
-    # (experiments/results/fused_h200/run2); more than 1 KB would be a regression.
+    # The timed configurations at their default launch settings: (nearly) no register spills
+    # (Triton 3.6: 32 B for the shared tiles, none for the per-sequence items).
     if "decode_bf16" in line:
       spill = int(line.split("'spill_bytes': ")[1].split(",")[0])
-      assert spill <= 1024, line
+      assert spill <= 256, line

@@ -63,9 +63,12 @@ class Config:
   # stages, 2 programs per SM: the fastest of 9 settings on the H200 (device time at 4K/256
   # 270 us vs 352 us for 8 warps, 2 stages, 1 program per SM; at 16K/256 427 vs 729 us;
   # experiments/results/fused_h200/run2). Two programs per SM hide one program's load
-  # latency behind the other's work across item boundaries. ptxas spills 0.4-0.9 KB per
-  # thread there (sm_90, compiled without a GPU) and it is still the fastest. float32 keeps
-  # 8 warps, 2 stages, 1 program per SM: at 4 warps its IEEE tiles spilled 2.7-27 KB.
+  # latency behind the other's work across item boundaries. Compiled for sm_90 with the
+  # pointer alignment jax-triton declares (tests/attention/fused_interpret_cases.py), the key
+  # loop is pipelined (asynchronous copies) and ptxas spills 32 B (shared tiles, 112 KB of
+  # shared memory at 3 stages: one such program per SM) or nothing (per-sequence items).
+  # float32 keeps 8 warps, 2 stages, 1 program per SM: at 4 warps its IEEE tiles spill 2.3 KB
+  # (128 B at 8).
   num_warps: Optional[int] = None
   num_stages: Optional[int] = None
   # Persistent grid = min(items, SMs x this). Key splits fill that many programs; each split
