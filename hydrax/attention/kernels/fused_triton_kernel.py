@@ -184,6 +184,8 @@ def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
     split = tl.load(it + 5)
     key_end = tl.load(it + 6)
     if count > 0:
+      # One branch per level slot, written out: a Triton kernel cannot index a list of
+      # pointers, and the slots differ only in their level's arguments.
       if lvl == 0:
         _attend_item(node, start, count, kh, split, key_end, 0, S0, CHUNK0, PBASE0, NP,
                      order_ptr, limits_ptr, q_ptr, k0, v0, out_ptr, lse_ptr, part_o_ptr,
@@ -201,7 +203,6 @@ def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
                        order_ptr, limits_ptr, q_ptr, k2, v2, out_ptr, lse_ptr, part_o_ptr,
                        part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
                        DOT_UPCAST, M2)
-      # (Level slots are written out: a Triton kernel cannot index a list of pointers.)
       if NUM_LEVELS > 3:
         if lvl == 3:
           _attend_item(node, start, count, kh, split, key_end, 3 * B, S3, CHUNK3, PBASE3, NP,
