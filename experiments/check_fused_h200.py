@@ -237,7 +237,7 @@ def _flashinfer(b, p, u, h, kh, d, case):
                [torch.tensor([0, pre_pages], **i32), torch.arange(b + 1, **i32) * suf_pages],
                [torch.arange(pre_pages, **i32), torch.arange(pre_pages, total, **i32)],
                [torch.tensor([last(p)], **i32), torch.full((b,), last(u), **i32)],
-               h, kh, d, page)
+               h, kh, d, page, q_data_type=q.dtype, kv_data_type=q.dtype)
   qf = q[:, 0].contiguous()                               # [B,H,D]
   out = wrapper.run(qf, cache)
   ref = hydragen_attention(jnp.asarray(case[0]), _levels(
