@@ -6,10 +6,13 @@
 For each workload of `offline_workloads.py` (system prompts, one document, problems x samples,
 a no-sharing control; scaled by --scale and --length_scale), `hydrax.generate.run` processes the
 whole file three ways with the same model, budget and engine:
-  global      one radix tree over the dataset, sharers batched together, BatchLLM order;
-  arrival     the same engine fed in arrival order, fixed-size batches each planned on its own;
+  global      one radix tree over the dataset, sharers batched together, BatchLLM order, a
+              node shared across batches passed from one to the next (keep_nodes);
+  arrival     the same engine fed in arrival order, fixed-size batches each planned and
+              prefilled on its own (keep_nodes off);
   replicated  the global batches with the prefix copied into every sequence's cache;
-  (global_padded, with --modes: global with every batch's suffixes prefilled padded.)
+  (with --modes: global_padded, global with every batch's suffixes prefilled padded;
+  global_nokeep, global with every batch prefilling its own nodes.)
 Every run prefills its batches' unique suffixes packed where that runs fewer token slots
 (`engine.generate(prefill="auto")`); rows.csv counts the slots (prefill_slots, padded_slots,
 packed_batches).
@@ -56,13 +59,14 @@ from hydrax.models import configs  # noqa: E402
 from hydrax.offline import packing  # noqa: E402
 
 MODES = {"global": dict(strategy="global", attention="hydragen"),
-         "arrival": dict(strategy="arrival", attention="hydragen"),
+         "arrival": dict(strategy="arrival", attention="hydragen", keep_nodes=False),
+         "global_nokeep": dict(strategy="global", attention="hydragen", keep_nodes=False),
          "replicated": dict(strategy="global", attention="replicated"),
          "global_padded": dict(strategy="global", attention="hydragen", prefill="padded")}
 FIELDS = ["workload", "mode", "requests", "prompt_tokens", "generated_tokens", "wall_s",
           "wall_minus_compile_s", "planning_s", "compile_s", "prefill_s", "decode_s",
           "tokens_per_s", "batches", "signatures", "compiles", "prefill_tokens",
-          "reprefill_tokens", "shared_fraction", "memory_budget", "speedup_vs_arrival",
+          "reprefill_tokens", "reused_tokens", "shared_fraction", "memory_budget", "speedup_vs_arrival",
           "speedup_minus_compile", "planning_pct", "prefill_slots", "padded_slots",
           "packed_batches", "status"]
 
@@ -84,7 +88,8 @@ def _run_one(path, out, model, mode, args):
               prefill_s=round(s.prefill_seconds, 2), decode_s=round(s.decode_seconds, 2),
               tokens_per_s=round(s.generated_tokens / wall, 1), batches=d["batches"],
               signatures=s.signatures, compiles=s.compiles, prefill_tokens=d["prefill_tokens"],
-              reprefill_tokens=d["reprefill_tokens"], shared_fraction=d["shared_fraction"],
+              reprefill_tokens=d["reprefill_tokens"], reused_tokens=s.reused_tokens,
+              shared_fraction=d["shared_fraction"],
               memory_budget=d["memory_budget"],
               planning_pct=round(100 * s.planning_seconds / wall, 2),
               prefill_slots=s.prefill_slots, padded_slots=s.padded_slots,
@@ -197,15 +202,15 @@ SMOKE = ["--model", "tiny", "--dtype", "float32", "--scale", "0.02", "--group_sc
 
 def _print_rows(rows):
   print("| workload | mode | requests | wall s | compile s | plan % | tok/s | batches | sigs | "
-        "compiles | prefill tok | re-prefill tok | packed batches (slots / padded) | "
-        "vs arrival | (no compile) | status |")
+        "compiles | prefill tok | re-prefill tok (passed on) | packed batches (slots / "
+        "padded) | vs arrival | (no compile) | status |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     g = lambda k: r.get(k, "")
     print(f"| {g('workload')} | {g('mode')} | {g('requests')} | {g('wall_s')} | "
           f"{g('compile_s')} | {g('planning_pct')} | {g('tokens_per_s')} | {g('batches')} | "
           f"{g('signatures')} | {g('compiles')} | {g('prefill_tokens')} | "
-          f"{g('reprefill_tokens')} | {g('packed_batches')} ({g('prefill_slots')} / "
+          f"{g('reprefill_tokens')} ({g('reused_tokens')}) | {g('packed_batches')} ({g('prefill_slots')} / "
           f"{g('padded_slots')}) | {g('speedup_vs_arrival')} | "
           f"{g('speedup_minus_compile')} | {g('status')} |")
 

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import math
 import time
 from typing import Any, NamedTuple, Optional
@@ -127,6 +128,8 @@ class Generation:
            signatures share them).
   prefill: how the per-sequence pass ran, "packed" or "padded"; prefill_slots: the token
            slots it ran (all shards); padded_slots: what the padded pass would run.
+  kept:    with keep=True, the shared levels for the next call's `reuse=` (`KeptNodes`).
+  reused_tokens: node tokens taken from `reuse=` instead of prefilled (all shards).
   """
   tokens: np.ndarray
   lengths: np.ndarray
@@ -143,6 +146,8 @@ class Generation:
   prefill: Optional[str] = None
   prefill_slots: int = 0
   padded_slots: int = 0
+  kept: Optional["KeptNodes"] = None
+  reused_tokens: int = 0
 
   @property
   def num_generated(self) -> int:
@@ -157,6 +162,43 @@ class Generation:
   def tokens_per_s(self) -> float:
     """Alias of tokens_per_second."""
     return self.tokens_per_second
+
+
+@dataclasses.dataclass
+class KeptNodes:
+  """The shared levels of a finished `generate(..., keep=True)` (hydragen), for the next
+  call's `reuse=`: a node of the next plan whose path (the prompt tokens from position 0 to
+  its end) equals a kept node's at the same level, in the same data shard, is not prefilled
+  again; its keys, values and last hidden state are taken from here. A level is reused in
+  place (its arrays donated to that call, so no second copy is ever held) when the next plan
+  lays it out with the same node count and capacity, the usual case under bucketed shapes;
+  otherwise that level is prefilled as usual. Used once: the call that reuses it takes it.
+
+  levels: per shared level, LevelKV [L, data*N, S, K, D] (None once taken); lasts: per level
+  [data*N, E] the hidden state of each node's last token; index: per level, per data shard,
+  {path key: local node}; shapes: per level (N, S); data: data shards.
+  """
+  levels: list
+  lasts: list
+  index: tuple
+  shapes: tuple
+  data: int
+  taken: bool = False
+
+  def take(self, used: tuple) -> tuple:
+    """((LevelKV, lasts) of the levels in `used`, in order); drops every reference here, so
+    the levels that are not used are freed."""
+    out = tuple((self.levels[d], self.lasts[d]) for d in used)
+    self.levels = [None] * len(self.levels)
+    self.lasts = [None] * len(self.lasts)
+    self.taken = True
+    return out
+
+
+def path_key(tokens: np.ndarray) -> bytes:
+  """Identity of a node across plans: a digest of its path's tokens (int32)."""
+  return hashlib.blake2b(np.ascontiguousarray(tokens, np.int32).tobytes(),
+                         digest_size=16).digest()
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -456,12 +498,20 @@ class _Pass(NamedTuple):
   rows: int        # R, rows per data shard
   capacity: int    # cache slots per row
   chunk: int       # tokens per row per prefill step
+  # A shared level laid into a kept one (`KeptNodes`): storage (N, S) of the kept level; the
+  # pass runs only the level's new nodes, dest [data*R] their local node there (N: a padding
+  # row, dropped), storage_lengths [data*N] every node's length in this plan (0: unused).
+  storage: tuple = ()
+  dest: Optional[np.ndarray] = None
+  storage_lengths: Optional[np.ndarray] = None
 
   def static(self) -> tuple:
-    return (self.rows, int(self.tokens.shape[1]), self.capacity, self.chunk, len(self.anc))
+    return (self.rows, int(self.tokens.shape[1]), self.capacity, self.chunk,
+            len(self.anc)) + tuple(self.storage)
 
   def arrays(self) -> tuple:
-    return (self.tokens, self.lengths, self.start, self.anc)
+    base = (self.tokens, self.lengths, self.start, self.anc)
+    return base + ((self.dest, self.storage_lengths) if self.storage else ())
 
   @property
   def slots(self) -> int:
@@ -529,6 +579,9 @@ class Layout(NamedTuple):
   plan_row [data, B_l] plan row of each local row, real [data, B_l] False for repeated rows (a
   short last block repeats its last row); order [B] input index of each plan row;
   replication: per shared level, stored nodes / distinct nodes.
+  index (with keep): per shared level, per shard, {path key: local node} of its non-empty
+  nodes; reused: the shared levels laid into the kept ones of `reuse` (their passes run only
+  the new nodes); reused_tokens: node tokens taken from there.
   """
   attention: str
   levels: tuple
@@ -543,6 +596,9 @@ class Layout(NamedTuple):
   replication: tuple
   max_new_tokens: int
   padded_slots: int = 0
+  index: tuple = ()
+  reused: tuple = ()
+  reused_tokens: int = 0
 
   @property
   def data(self) -> int:
@@ -710,7 +766,8 @@ def _packed_pass(tokens, lengths, start, plan_row, width: int, capacity: int, an
 
 
 def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int = 2048,
-           attention: str = "hydragen", prefill: str = "auto") -> Layout:
+           attention: str = "hydragen", prefill: str = "auto", keep: bool = False,
+           reuse: Optional[KeptNodes] = None) -> Layout:
   """Checks a SharingPlan against the prompts (input order) and lays it out over `data`
   shards: each shard's rows, its local nodes per shared level (count bucketed), token widths
   and capacities bucketed, and the runtime tables (owners, ancestors, last-token sources).
@@ -720,7 +777,12 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
   into rows of that width: about sum(lengths) slots instead of B x max(lengths); it needs the
   width <= prefill_chunk, since a row is never cut), or "auto": packed when that runs fewer
   token slots and fits, padded otherwise (decided here from the lengths, so it is part of the
-  Signature)."""
+  Signature).
+
+  keep: also index the shared levels' nodes by path (`Layout.index`, for `KeptNodes`);
+  reuse: a `KeptNodes` whose levels of the same (node count, capacity) this plan's levels are
+  laid into: found nodes keep their local node, the rest take free ones, and only they are
+  prefilled (`Layout.reused`; a reused level's pass has the new nodes as rows)."""
   if prefill not in PREFILL_MODES:
     raise ValueError(f"prefill must be one of {list(PREFILL_MODES)}, got {prefill!r}")
   b = len(seqs)
@@ -735,29 +797,80 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
   per = plan_row.shape[1]
   local_owner = []       # per level: [data, per] local node of each local row
   passes, replication = [], []
+  index, reused, reused_tokens = [], [], 0
   for d, (tokens, lengths, owner, start) in enumerate(levels):
     nodes = [np.unique(owner[plan_row[s]]) for s in range(data)]
     n_loc = bk.nodes(max(len(u) for u in nodes))
+    union = np.unique(np.concatenate(nodes))
+    width = bk.tokens(int(lengths[union].max(initial=0)))
+    keys = {}
+    if keep or reuse is not None:
+      first_row = dict(zip(*np.unique(owner, return_index=True)))
+      keys = {int(u): path_key(seqs[order[first_row[u]]][:start[u] + lengths[u]])
+              for u in union if lengths[u]}
+    # Local node positions: in node order, except that nodes found in a kept level of the
+    # same shape keep their place there (the level is then updated in place).
+    pos = [np.arange(len(u)) for u in nodes]
+    hits = [np.zeros(len(u), bool) for u in nodes]
+    cap = level_capacity(_chunked(tokens[union[:1]], width, prefill_chunk, n_loc)[0].shape[1])
+    if reuse is not None and d < len(reuse.shapes) and reuse.levels[d] is not None \
+        and tuple(reuse.shapes[d]) == (n_loc, cap):
+      for s, u in enumerate(nodes):
+        found = [reuse.index[d][s].get(keys.get(int(x))) for x in u]
+        hits[s] = np.array([f is not None for f in found], bool)
+        free = iter(sorted(set(range(n_loc)) - {f for f in found if f is not None}))
+        pos[s] = np.array([f if f is not None else next(free) for f in found], np.int64)
+    reuse_level = any(h.any() for h in hits)
     glob = np.zeros((data, n_loc), np.int64)
     used = np.zeros((data, n_loc), bool)
     mine = np.zeros((data, per), np.int64)
     anc = np.zeros((d, data, n_loc), np.int32)
     for s, u in enumerate(nodes):
-      glob[s, :len(u)] = u
-      used[s, :len(u)] = True
-      mine[s] = np.searchsorted(u, owner[plan_row[s]])
-      first_row = np.unique(mine[s], return_index=True)[1]   # one row of each local node
+      glob[s, pos[s]] = u
+      used[s, pos[s]] = True
+      mine[s] = pos[s][np.searchsorted(u, owner[plan_row[s]])]
+      local, first_row = np.unique(mine[s], return_index=True)   # one row of each node
       for j in range(d):
-        anc[j, s, :len(u)] = local_owner[j][s][first_row]
+        anc[j, s, local] = local_owner[j][s][first_row]
     local_owner.append(mine)
-    flat, ok = glob.reshape(-1), used.reshape(-1)
-    width = bk.tokens(int(lengths[np.unique(glob[used])].max(initial=0)))
-    padded, c = _chunked(tokens[flat], width, prefill_chunk, n_loc)
-    passes.append(_Pass(
-        np.where(ok[:, None], padded, 0).astype(np.int32),
-        np.where(ok, lengths[flat], 0).astype(np.int32),
-        np.where(ok, start[flat], 0).astype(np.int32),
-        tuple(a.reshape(-1) for a in anc), n_loc, level_capacity(padded.shape[1]), c))
+    if keep:
+      index.append(tuple({keys[int(glob[s, p])]: int(p) for p in range(n_loc)
+                          if used[s, p] and int(glob[s, p]) in keys} for s in range(data)))
+    if not reuse_level:
+      flat, ok = glob.reshape(-1), used.reshape(-1)
+      padded, c = _chunked(tokens[flat], width, prefill_chunk, n_loc)
+      passes.append(_Pass(
+          np.where(ok[:, None], padded, 0).astype(np.int32),
+          np.where(ok, lengths[flat], 0).astype(np.int32),
+          np.where(ok, start[flat], 0).astype(np.int32),
+          tuple(a.reshape(-1) for a in anc), n_loc, level_capacity(padded.shape[1]), c))
+    else:
+      # Only the level's new non-empty nodes are prefilled, into rows of their own.
+      reused.append(d)
+      reused_tokens += int(sum(lengths[u[h]].sum() for u, h in zip(nodes, hits)))
+      new = [[(int(x), int(p)) for x, p, h in zip(u, pos[s], hits[s]) if not h and lengths[x]]
+             for s, u in enumerate(nodes)]
+      most = max(len(n) for n in new)
+      r = min(n_loc, bk.nodes(most)) if most else 0
+      node = np.zeros((data, r), np.int64)
+      dest = np.full((data, r), n_loc, np.int32)
+      real_row = np.zeros((data, r), bool)
+      for s, n in enumerate(new):
+        for i, (x, p) in enumerate(n):
+          node[s, i], dest[s, i], real_row[s, i] = x, p, True
+      flat, ok = node.reshape(-1), real_row.reshape(-1)
+      new_width = bk.tokens(int(lengths[flat[ok]].max(initial=1)))
+      padded, c = (_chunked(tokens[flat], new_width, prefill_chunk, r) if r
+                   else (np.zeros((0, 1), np.int32), 1))
+      rows_anc = tuple(np.take_along_axis(a, np.minimum(dest, n_loc - 1), axis=1).reshape(-1)
+                       for a in anc)
+      passes.append(_Pass(
+          np.where(ok[:, None], padded, 0).astype(np.int32),
+          np.where(ok, lengths[flat], 0).astype(np.int32),
+          np.where(ok, start[flat], 0).astype(np.int32),
+          rows_anc, r, max(cap, padded.shape[1]), c, storage=(n_loc, cap),
+          dest=dest.reshape(-1),
+          storage_lengths=np.where(used, lengths[glob], 0).reshape(-1).astype(np.int32)))
     replication.append(sum(len(u) for u in nodes) / max(len(np.unique(owner)), 1))
   rows = plan_row.reshape(-1)
   suf_tokens = np.asarray(plan.suffix_tokens)
@@ -797,7 +910,7 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
           break
   return Layout(attention, tuple(passes), main, seq_owner, last_source, last_row,
                 prompt_lengths, plan_row, real, order, tuple(replication), int(max_new_tokens),
-                padded_slots)
+                padded_slots, tuple(index), tuple(reused), reused_tokens)
 
 
 # ----------------------------------------------------------------------------- prefill / decode
@@ -877,7 +990,7 @@ def _prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool, runtim
   node, runtime data) and to `own`. Returns (own, last hidden [R,E] of each row's last real
   token).
   """
-  tokens, lengths, start, anc = arrays
+  tokens, lengths, start, anc = arrays[:4]
   levels = tuple(shared[:len(anc)])
 
   def forward_chunk(tok, positions, own, valid):
@@ -912,11 +1025,14 @@ def _packed_prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool,
 
 
 def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
-  """prefill(params, inputs, key_data, eos) -> (shared levels held by decode, main LevelKV,
-  first tokens, done), per data shard; eos is an int32 scalar (-1: none)."""
+  """prefill(params, inputs, key_data, eos, kept) -> (shared levels held by decode, main
+  LevelKV, first tokens, done, lasts), per data shard; eos is an int32 scalar (-1: none);
+  kept: (LevelKV, last hidden [N,E]) of each level laid into a kept one (`KeptNodes`), which
+  its new nodes are written into (donated); lasts: per shared level (hydragen) [N,E] the
+  hidden state of each node's last token."""
   skip = sig.attention == "none"
 
-  def prefill(params, inputs, key_data, eos):
+  def prefill(params, inputs, key_data, eos, kept):
     model = nnx.merge(graphdef, params)
     config = model.config
 
@@ -927,7 +1043,21 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
                          config.head_dim, model.dtype)
 
     shared, lasts = [], []
+    kept = iter(kept)
     for spec, arrays in zip(sig.levels, inputs["levels"]):
+      if len(spec) > 5:      # a kept level (node count spec[5], capacity spec[6]) updated
+        stored, last = next(kept)
+        k, v = stored.k, stored.v
+        if spec[0]:          # new nodes: prefilled in rows of their own, written in place
+          own, new_last = _prefill_pass(model, spec, arrays, shared, fresh(spec), skip=skip,
+                                        runtime=runtime)
+          dest, cap = arrays[4], spec[6]
+          k = k.at[:, dest].set(own.k[:, :, :cap], mode="drop")
+          v = v.at[:, dest].set(own.v[:, :, :cap], mode="drop")
+          last = last.at[dest].set(new_last, mode="drop")
+        shared.append(LevelKV(k, v, arrays[5]))
+        lasts.append(last)
+        continue
       own, last = _prefill_pass(model, spec, arrays, shared, fresh(spec), skip=skip,
                                 runtime=runtime)
       shared.append(own)
@@ -952,7 +1082,7 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
       last = jnp.where((source == d)[:, None], picked, last)
     key = runtime.shard_key(jax.random.wrap_key_data(key_data))
     first = sample(llama_lib.logits(model, last), key, **sampling)
-    return held, main, first, first == eos
+    return held, main, first, first == eos, tuple(lasts) if held else ()
 
   return prefill
 
@@ -1060,24 +1190,32 @@ class _OOMGuard:
 
 class _Compiled:
   """A small least-recently-used cache of compiled (prefill, decode) executables, keyed by the
-  signature, the runtime and the model's structure; counts compilations."""
+  signature, the runtime and the model's structure; counts compilations. Decode loops are
+  also found by their own key (`_decode_signature`): plans that differ only in how they
+  prefill (a level laid into a kept one, packed or padded suffixes) share one."""
 
   def __init__(self, size: int):
     self.size = size
     self.items: "collections.OrderedDict" = collections.OrderedDict()
+    self.decodes: "collections.OrderedDict" = collections.OrderedDict()
     self.compilations = 0
 
-  def get(self, key):
+  def get(self, key, decode_key=None):
     if key in self.items:
       self.items.move_to_end(key)
-      return self.items[key]
-    return [None, None]
+      return list(self.items[key])
+    return [None, self.decodes.get(decode_key)]
 
-  def put(self, key, value):
+  def put(self, key, value, decode_key=None):
     self.items[key] = value
     self.items.move_to_end(key)
     while len(self.items) > self.size:
       self.items.popitem(last=False)
+    if decode_key is not None and value[1] is not None:
+      self.decodes[decode_key] = value[1]
+      self.decodes.move_to_end(decode_key)
+      while len(self.decodes) > self.size:
+        self.decodes.popitem(last=False)
 
   def compile(self, fn, *args, options: Optional[dict] = None):
     self.compilations += 1
@@ -1085,6 +1223,7 @@ class _Compiled:
 
   def clear(self):
     self.items.clear()
+    self.decodes.clear()
 
 
 _EXECUTABLES = _Compiled(8)
@@ -1106,8 +1245,17 @@ def _executable_key(graphdef, params, sig: Signature, runtime: Runtime, sampling
           tuple(sorted((k, str(v)) for k, v in sampling.items())))
 
 
+def _decode_signature(sig: Signature) -> tuple:
+  """What the decode loop's program depends on in a Signature: the shared levels' stored
+  shapes (nodes, capacity per shard), the rows and the suffix capacity, max_new_tokens."""
+  stored = tuple((s[5], s[6]) if len(s) > 5 else (s[0], s[2]) for s in sig.levels)
+  return (sig.attention, sig.data, sig.rows, stored, sig.main[0], sig.main[2],
+          sig.max_new_tokens)
+
+
 def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len,
-             prefill_chunk, tokenizer, sharing_options, data: int = 1, prefill: str = "auto"):
+             prefill_chunk, tokenizer, sharing_options, data: int = 1, prefill: str = "auto",
+             keep: bool = False, reuse: Optional[KeptNodes] = None):
   """Validates the request and lays it out: (sequences in input order, Layout)."""
   if attention not in ATTENTION_MODES:
     raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
@@ -1130,7 +1278,8 @@ def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len
   if plan is None:
     plan = sharing.plan(seqs, **(sharing_options or {}))
   return seqs, layout(plan, seqs, data=data, max_new_tokens=max_new_tokens,
-                      prefill_chunk=int(prefill_chunk), attention=attention, prefill=prefill)
+                      prefill_chunk=int(prefill_chunk), attention=attention, prefill=prefill,
+                      keep=keep, reuse=reuse)
 
 
 def footprint(config: LlamaConfig, prompts, *, max_new_tokens: int,
@@ -1192,7 +1341,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
              seed: int = 0, max_len: Optional[int] = None, prefill_chunk: int = 2048,
              backend="auto", tokenizer: Any = None, sharing_options: Optional[dict] = None,
              mesh=None, checks: str = "static", unroll=1,
-             runtime: Optional[Runtime] = None, prefill: str = "auto") -> Generation:
+             runtime: Optional[Runtime] = None, prefill: str = "auto", keep: bool = False,
+             reuse: Optional[KeptNodes] = None) -> Generation:
   """Generates up to max_new_tokens tokens for each prompt.
 
   model: a hydrax `Llama` module, its `nnx.GraphDef`, or its `LlamaConfig`; params: its
@@ -1225,6 +1375,10 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     runtime: a `Runtime` given whole (then backend, mesh, checks and unroll must be left at
     their defaults).
   sharing_options: keyword arguments of `hydrax.sharing.plan` for plain prompts.
+  keep: return the shared levels as `Generation.kept` (hydragen) for a later call's reuse=;
+    reuse: a `KeptNodes` from an earlier call (same model, runtime): this plan's nodes found
+    there are not prefilled again (`KeptNodes`; `Generation.reused_tokens` counts them). It is
+    taken by this call (its arrays are donated), whether or not a level matched.
   Returns a `Generation` (rows in input order). Raises ValueError for bad inputs and
   `OutOfMemoryError` when the device runs out of memory.
   """
@@ -1246,9 +1400,24 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
   for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
     if value is not None and not 0 <= int(value) < config.vocab_size:
       raise ValueError(f"{name}={value} is outside the vocabulary [0, {config.vocab_size - 1}]")
+  if (keep or reuse is not None) and attention != "hydragen":
+    raise ValueError(f"keep= and reuse= keep shared levels, which only attention='hydragen' "
+                     f"holds; got attention={attention!r}")
+  if reuse is not None:
+    if not isinstance(reuse, KeptNodes):
+      raise ValueError(f"reuse must be the KeptNodes of an earlier generate(..., keep=True), "
+                       f"got {type(reuse).__name__}")
+    if reuse.taken:
+      raise ValueError("reuse= was already taken by an earlier generate call (its arrays were "
+                       "donated to it); pass that call's Generation.kept instead")
+    if reuse.data != runtime.data:
+      raise ValueError(f"reuse= was kept over {reuse.data} data shards, this call has "
+                       f"{runtime.data}")
   seqs, lay = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
                        max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=tokenizer,
-                       sharing_options=sharing_options, data=runtime.data, prefill=prefill)
+                       sharing_options=sharing_options, data=runtime.data, prefill=prefill,
+                       keep=keep, reuse=reuse)
+  kept_in = reuse.take(lay.reused) if reuse is not None else ()
   sig = lay.signature()
   dtype = jax.tree_util.tree_leaves(params)[0].dtype
   kv = lay.kv_bytes(config, dtype)
@@ -1260,7 +1429,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
            f"{runtime.describe()}")
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
-  compiled = _EXECUTABLES.get(key)
+  decode_key = ("decode", _decode_signature(sig)) + key[1:]
+  compiled = _EXECUTABLES.get(key, decode_key)
   rows_spec, one, level_spec, held_spec, owner_spec = _specs(sig)
   # Keys travel as raw data and scalars as host values placed replicated: global arrays on
   # several hosts too.
@@ -1281,17 +1451,21 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     if prefill is None:
       guard.stage = "prefill compilation"
       t0 = time.perf_counter()
+      kept_spec = tuple((level_spec, rows_spec) for _ in kept_in)
+      lasts_spec = tuple(rows_spec for _ in held_spec)
       fn = runtime.wrap(_make_prefill(graphdef, sig, runtime, sampling),
                         in_specs=(one, jax.tree_util.tree_map(lambda _: rows_spec, host_inputs),
-                                  one, one),
-                        out_specs=(held_spec, level_spec, rows_spec, rows_spec))
-      prefill = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn)), params, inputs, key_first,
-                                     eos, options=runtime.compiler_options())
+                                  one, one, kept_spec),
+                        out_specs=(held_spec, level_spec, rows_spec, rows_spec, lasts_spec))
+      prefill = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn), donate_argnums=(4,)),
+                                     params, inputs, key_first, eos, kept_in,
+                                     options=runtime.compiler_options())
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"
     t0 = time.perf_counter()
-    shared, suffix, first, done = jax.block_until_ready(
-        _run_checked(runtime, prefill, params, inputs, key_first, eos))
+    shared, suffix, first, done, lasts = jax.block_until_ready(
+        _run_checked(runtime, prefill, params, inputs, key_first, eos, kept_in))
+    del kept_in
     prefill_s = time.perf_counter() - t0
     owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
     if sig.max_new_tokens > 1:
@@ -1315,8 +1489,13 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       steps = int(runtime.to_host(steps))
     else:
       out, count = first[:, None], jnp.ones_like(first)
-    _EXECUTABLES.put(key, [prefill, decode])
+    _EXECUTABLES.put(key, [prefill, decode], decode_key)
     out, count = runtime.to_host(out), runtime.to_host(count)
+  kept = None
+  if keep:
+    kept = KeptNodes(levels=list(shared), lasts=list(lasts), index=lay.index,
+                     shapes=tuple((p.storage or (p.rows, p.capacity))[:2] for p in lay.levels),
+                     data=lay.data)
   tokens = _in_input_order(lay, out).astype(np.int32)
   lengths = _in_input_order(lay, count).astype(np.int32)
   generated = int(lengths.sum())
@@ -1331,4 +1510,5 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       tokens_per_second=generated / (prefill_s + decode_s) if prefill_s + decode_s > 0
       else float("nan"),
       kv_bytes=kv, decode_steps=steps, attention=attention, texts=texts, signature=sig,
-      prefill=lay.prefill, prefill_slots=lay.main.slots, padded_slots=lay.padded_slots)
+      prefill=lay.prefill, prefill_slots=lay.main.slots, padded_slots=lay.padded_slots,
+      kept=kept, reused_tokens=lay.reused_tokens)

@@ -72,7 +72,9 @@ class RunSummary:
   requests (after cutting); compiles: engine calls that compiled; signatures: distinct batch
   signatures of the schedule; wall_seconds, planning_seconds; prefill_slots: token slots the
   batches' unique-suffix prefill ran (packed or padded), padded_slots: what padding every
-  batch would have run, packed_batches: batches prefilled packed; schedule: the Schedule."""
+  batch would have run, packed_batches: batches prefilled packed; reused_tokens: shared-node
+  tokens a batch took from the previous one instead of prefilling them (keep_nodes);
+  schedule: the Schedule."""
   requests: int = 0
   skipped: int = 0
   completed: int = 0
@@ -90,6 +92,7 @@ class RunSummary:
   prefill_slots: int = 0
   padded_slots: int = 0
   packed_batches: int = 0
+  reused_tokens: int = 0
   schedule: object = None
 
   @property
@@ -279,8 +282,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
         memory_fraction: float = 0.8, max_batch: int = 64, strategy: str = "global",
         attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
         merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
-        prefill: str = "auto", on_bad_line: str = "error", progress: bool = True,
-        on_batch: Optional[Callable] = None, model=None) -> RunSummary:
+        prefill: str = "auto", keep_nodes: bool = True, on_bad_line: str = "error",
+        progress: bool = True, on_batch: Optional[Callable] = None, model=None) -> RunSummary:
   """Runs every request of `prompts` not yet in `out` and appends its completion to `out`.
 
   Model: one of checkpoint / hf_dir / preset, or `model=(config, params)` already loaded.
@@ -293,6 +296,10 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   engine's (prefill "auto" packs a batch's unique suffixes into rows where that runs fewer
   token slots than padding each to the longest; "packed" / "padded" force one way).
   min_shared_tokens / merge_cost / max_levels: the per-batch sharing plan's cost model.
+  keep_nodes (hydragen): pass each batch's shared levels to the next batch, which takes the
+  nodes it shares with it from there instead of prefilling them again (`engine.KeptNodes`;
+  the schedule runs such batches back to back). The levels are handed over in place, so no
+  batch holds more memory than it would alone.
   on_bad_line: "error" (raise BadInput naming every bad line) or "skip" (report and go on).
   on_batch(index, records): called after each batch is written (tests use it to interrupt).
   Returns a RunSummary; raises ValueError for bad arguments.
@@ -376,13 +383,17 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   bar = _Progress(todo, progress)
   done_here = 0
 
+  keep = keep_nodes and attention == "hydragen"
+  kept = [None]        # the last batch's shared levels (engine.KeptNodes), for the next one
+
   def run_batch(index, batch):
     """Runs `batch` (splitting it on out-of-memory); returns the records of its rows."""
+    reuse, kept[0] = kept[0], None
     try:
       gen = engine.generate(config, params, batch.plan, max_new_tokens=batch.max_new_tokens,
                             attention=attention, eos_id=eos, seed=seed + index,
                             prefill_chunk=prefill_chunk, backend=backend, prefill=prefill,
-                            **dict(batch.key))
+                            keep=keep, reuse=reuse, **dict(batch.key))
     except engine.OutOfMemoryError as e:
       if len(batch.rows) == 1:
         sys.stderr.write(f"hydrax.generate: request {reqs[batch.rows[0]].id!r} failed: {e}\n")
@@ -394,6 +405,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
       return [r for part in (batch.rows[:half], batch.rows[half:])
               for r in run_batch(index, schedule_lib.make_batch(
                   seqs, part, batch.key, own_new, **batch_options))]
+    kept[0] = gen.kept
+    summary.reused_tokens += gen.reused_tokens
     summary.compiles += gen.compile_seconds > 0
     summary.prefill_seconds += gen.prefill_seconds
     summary.decode_seconds += gen.decode_seconds
@@ -486,6 +499,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--prefill", choices=engine.PREFILL_MODES, default="auto",
                  help="unique-suffix prefill: packed into rows (Prepacking), padded to the "
                  "longest, or auto (packed where it runs fewer token slots)")
+  p.add_argument("--no_keep_nodes", action="store_true",
+                 help="prefill every batch's shared nodes itself, even those the previous "
+                 "batch holds (an ablation)")
   p.add_argument("--on_bad_line", choices=requests_lib.ON_BAD_LINE, default="error")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   a = p.parse_args(argv)
@@ -499,7 +515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         memory_fraction=a.memory_fraction, max_batch=a.max_batch, strategy=a.strategy,
         attention=a.attention, backend=a.backend, min_shared_tokens=a.min_shared_tokens,
         merge_cost=a.merge_cost, max_levels=a.max_levels, prefill_chunk=a.prefill_chunk,
-        prefill=a.prefill,
+        prefill=a.prefill, keep_nodes=not a.no_keep_nodes,
         on_bad_line=a.on_bad_line, progress=not a.quiet)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -18,8 +18,11 @@ Axis letters: B requests (of the dataset, or of one batch), L layers, K KV heads
    max_batch requests. A batch that fills up is cut, within its last quarter, where the
    prefix shared across the cut (which the next batch prefills again) plus the decode tokens
    of the requests moved to the next batch is least. A node shared by requests of several
-   batches is re-prefilled once per batch (its KV is not kept across batches: the engine
-   takes a plan, not precomputed levels); `Schedule.reprefill_tokens` counts what that costs.
+   batches is prefilled by the first of them; the next one, run right after it (step 5),
+   takes its keys and values from there (`hydrax.generate.run` passes each batch's
+   `engine.KeptNodes` to the next) when the engine lays the node's level out with the same
+   bucketed shape, the usual case; `Schedule.reprefill_tokens` counts the tokens such nodes
+   hold beyond their first batch (what prefilling each batch on its own would repeat).
 3. Each batch is planned on its own (`sharing.plan` with the run's cost model) and its exact
    KV bytes (every row gets the capacity of the longest suffix + max_new_tokens) are taken
    from `engine.estimate_kv_bytes`; rows over budget are cut where the most leading rows fit
@@ -33,9 +36,11 @@ Axis letters: B requests (of the dataset, or of one batch), L layers, K KV heads
    two, at least 4 nodes and 64 tokens; a batch that this padding puts over budget takes the
    finer default buckets before it is split. So a dataset of any size falls on few compiled
    signatures (`Batch.signature`).
-5. Order (BatchLLM): batches with more decode tokens per prefill token run first. Mixing the
-   next batch's prefill into the current decode steps is not done (the engine runs one plan at
-   a time).
+5. Order (BatchLLM): batches with more decode tokens per prefill token run first; batches
+   that share a node across their cut (at least min_shared_tokens, or 1 token) are a chain,
+   ordered as one by their sums and kept consecutive, so the node passes along the chain and
+   is never dropped while requests that need it remain. Mixing the next batch's prefill into
+   the current decode steps is not done (the engine runs one plan at a time).
 
 strategy="arrival" is the baseline: requests in input order, cut only by max_batch and the
 budget, no tree grouping, no reordering.
@@ -52,6 +57,7 @@ import numpy as np
 from hydrax import engine, sharing
 from hydrax._log import log_once
 from hydrax.sharing.buckets import round_up
+from hydrax.sharing.planning import DEFAULT_MIN_SHARED_TOKENS
 
 STRATEGIES = ("global", "arrival")
 # Coarse buckets for the batches' plans (powers of two, at least 4 nodes and 64 tokens): the
@@ -95,9 +101,10 @@ class Schedule:
   prompt_tokens: sum of prompt lengths; tree_tokens: tokens of the whole dataset's radix
   tree (the least any plan prefills); prefill_tokens: what the batches prefill (sum over
   batches of their plans' stored tokens, padding rows excluded; nodes that do not pay under
-  the cost model are prefilled per request); reprefill_tokens: prefix tokens prefilled again
-  because their sharers sit in several batches (sum of the batches' tree_tokens minus the
-  dataset's);
+  the cost model are prefilled per request); reprefill_tokens: prefix tokens that batches
+  hold beyond the first batch that holds them, because their sharers sit in several batches
+  (sum of the batches' tree_tokens minus the dataset's): prefilled again unless passed on from
+  the previous batch (`RunSummary.reused_tokens` says how many were);
   seconds: planning time; signatures: distinct Batch.signature values.
   """
   batches: tuple
@@ -223,13 +230,33 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
                           attention=attention, sharing_options=sharing_options, pad=pad,
                           max_positions=max_positions, prefill=prefill,
                           prefill_chunk=prefill_chunk))
-  if strategy == "global":   # BatchLLM: more decode per prefill token first (stable)
-    batches.sort(key=lambda b: -b.decode_tokens / max(b.prefill_tokens, 1))
+  if strategy == "global":
+    link = sharing_options.get("min_shared_tokens", DEFAULT_MIN_SHARED_TOKENS)
+    batches = _order(batches, sequences, max(1, int(link)))
   return Schedule(batches=tuple(batches), prompt_tokens=int(lengths.sum()),
                   tree_tokens=tree_tokens,
                   prefill_tokens=sum(b.prefill_tokens for b in batches),
                   reprefill_tokens=sum(b.tree_tokens for b in batches) - tree_tokens,
                   seconds=time.perf_counter() - t0, budget=int(memory_budget))
+
+
+def _order(batches: list, sequences, link: int) -> list:
+  """BatchLLM's order over chains: consecutive batches (tree order) of one key whose requests
+  share at least `link` prompt tokens across their cut form a chain and stay together, in
+  tree order, so that the node they share can pass from one to the next (`engine.KeptNodes`)
+  instead of being prefilled again; chains with more decode tokens per prefill token run
+  first (stable)."""
+  chains = []
+  for b in batches:
+    prev = chains[-1][-1] if chains else None
+    if prev is not None and prev.key == b.key and lcp_with_previous(
+        sequences, np.array([prev.rows[-1], b.rows[0]]))[1] >= link:
+      chains[-1].append(b)
+    else:
+      chains.append([b])
+  chains.sort(key=lambda c: -sum(b.decode_tokens for b in c) /
+              max(sum(b.prefill_tokens for b in c), 1))
+  return [b for c in chains for b in c]
 
 
 def _pad_prompts(k: int) -> list:

@@ -168,6 +168,24 @@ def test_stop_strings_trim_text_and_tokens():
 
 
 @pytest.mark.slow
+def test_a_document_over_several_batches_is_prefilled_once(tmp_path):
+  # 20 questions on one 120-token document, 8 a batch: 3 batches, run back to back; the
+  # second and third take the document's keys and values from the one before.
+  rng = np.random.default_rng(3)
+  doc = rng.integers(3, 256, 120).tolist()
+  reqs = [dict(id=f"q{i}", tokens=doc + rng.integers(3, 256, 1 + i % 7).tolist(),
+               max_new_tokens=4) for i in range(20)]
+  path = _write(tmp_path / "doc.jsonl", reqs)
+  kept = G.run(path, str(tmp_path / "kept.jsonl"), max_batch=8, **RUN)
+  own = G.run(path, str(tmp_path / "own.jsonl"), max_batch=8, keep_nodes=False, **RUN)
+  assert kept.batches_run == own.batches_run == 3
+  assert kept.schedule.reprefill_tokens == 2 * len(doc)
+  assert kept.reused_tokens == 2 * len(doc) and own.reused_tokens == 0
+  by_id = lambda name: sorted(_read(tmp_path / name), key=lambda r: r["id"])
+  assert by_id("kept.jsonl") == by_id("own.jsonl")
+
+
+@pytest.mark.slow
 def test_compilations_bounded_as_the_dataset_grows(tmp_path):
   # The engine compiles once per signature, not per tree (tests/test_engine.py), so batches of
   # one signature share their executables.

@@ -54,8 +54,17 @@ def test_every_request_once_and_batches_well_formed():
     assert b.max_new_tokens >= max(max_new[r] for r in b.rows)
     assert b.decode_tokens == sum(max_new[r] for r in b.rows)
     assert np.array_equal(np.sort(b.plan.order), np.arange(b.size))
-  ratios = [b.decode_tokens / b.prefill_tokens for b in sched.batches]
-  assert ratios == sorted(ratios, reverse=True)       # BatchLLM: decode-heavy first
+  # BatchLLM: decode-heavy first, by chains of batches that share a prefix across their cut
+  # (kept back to back so that the shared node passes from one to the next)
+  chains = []
+  for b in sched.batches:
+    if chains and chains[-1][-1].key == b.key and S.lcp_with_previous(
+        seqs, np.array([chains[-1][-1].rows[-1], b.rows[0]]))[1] >= 1:
+      chains[-1].append(b)
+    else:
+      chains.append([b])
+  ratios = [sum(b.decode_tokens for b in c) / sum(b.prefill_tokens for b in c) for c in chains]
+  assert ratios == sorted(ratios, reverse=True) and len(chains) >= 2
 
 
 def test_sharers_stay_together_and_arrival_order_does_not():
@@ -75,6 +84,9 @@ def test_one_document_many_questions_reprefills_once_per_extra_batch():
   sched = _schedule(seqs, max_batch=16)
   doc = 101                             # the group id token + 100 tokens
   assert len(sched.batches) == 3
+  # one chain: each batch can take the document from the one before
+  assert all(S.lcp_with_previous(seqs, np.array([a.rows[-1], b.rows[0]]))[1] >= doc
+             for a, b in zip(sched.batches, sched.batches[1:]))
   own = sum(s.size - doc for s in seqs)
   # questions may share a first token or two by chance (256-token vocabulary)
   assert own - 10 <= sched.tree_tokens - doc <= own
