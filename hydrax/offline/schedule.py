@@ -29,7 +29,8 @@ Axis letters: B requests (of the dataset, or of one batch), L layers, K KV heads
    (bisection), at the cheapest point of their last quarter (a single request over budget
    runs alone, logged).
 4. Fixed shapes: batches are padded to a batch size from a geometric grid (two steps an
-   octave, at most max_batch) with distinct one-token prompts (outputs dropped), and
+   octave, at most max_batch) with distinct prompts of the real rows' common prefix + one
+   token (outputs dropped; one-token prompts where the rows share nothing), and
    max_new_tokens is rounded up on the same grid (floor 16, never past the model's positions);
    each row is cut to its own max_new_tokens afterwards. The batches' plans use the coarse
    `BUCKETS` (unless sharing_options name others): node counts and capacities are powers of
@@ -259,10 +260,21 @@ def _order(batches: list, sequences, link: int) -> list:
   return [b for c in chains for b in c]
 
 
-def _pad_prompts(k: int) -> list:
-  """k distinct one-token prompts that fill a batch up to its padded size (outputs dropped):
-  they add one cached token each and share nothing with each other."""
-  return [np.array([i], np.int32) for i in range(k)]
+def _pad_prompts(k: int, real: list, vocab_size: int) -> list:
+  """k distinct prompts that fill a batch up to its padded size (outputs dropped): the prefix
+  that all real prompts share, then one token of their own, so they add one cached token each
+  and, sitting under the real rows' common nodes, no node of their own (an empty node would
+  change a level's node count, and with it its shape: `engine.KeptNodes` then cannot pass
+  that level on). Without such a prefix, or too few free tokens, one-token prompts."""
+  order = sorted(range(len(real)), key=lambda i: real[i].tolist())
+  common = int(min(lcp_with_previous(real, np.asarray(order))[1:], default=real[0].size))
+  common = min(common, min(s.size for s in real) - 1)
+  taken = {int(s[common]) for s in real if s.size > common}
+  free = [t for t in range(vocab_size) if t not in taken][:k] if common > 0 else []
+  if len(free) < k:
+    return [np.array([i], np.int32) for i in range(k)]
+  head = real[0][:common]
+  return [np.append(head, t).astype(np.int32) for t in free]
 
 
 def make_batch(sequences, rows, key, max_new, *, config, dtype, max_batch: int,
@@ -275,7 +287,7 @@ def make_batch(sequences, rows, key, max_new, *, config, dtype, max_batch: int,
   own = int(max(max_new[r] for r in rows))
   longest = max(s.size for s in real)
   bucket = max(own, min(round_up(own, steps=2, minimum=16), max_positions - longest))
-  plan = sharing.plan(real + _pad_prompts(size - len(rows)),
+  plan = sharing.plan(real + _pad_prompts(size - len(rows), real, config.vocab_size),
                       **{"buckets": BUCKETS, **sharing_options})
   kv, engine_signature = engine.footprint(config, plan, max_new_tokens=bucket,
                                          attention=attention, dtype=dtype,

@@ -50,7 +50,10 @@ def test_every_request_once_and_batches_well_formed():
     assert b.size in grid and len(b.rows) <= b.size <= 8
     assert b.plan.num_sequences == b.size
     assert all(np.array_equal(b.plan.sequences[j], seqs[r]) for j, r in enumerate(b.rows))
-    assert all(s.size == 1 for s in b.plan.sequences[len(b.rows):])   # padding prompts
+    # padding prompts: the real rows' common prefix + one token of their own, all distinct
+    pads = [np.asarray(p) for p in b.plan.sequences[len(b.rows):]]
+    assert len({p.tobytes() for p in pads} | {seqs[r].tobytes() for r in b.rows}) == b.size
+    assert all(np.array_equal(p[:-1], seqs[r][:p.size - 1]) for p in pads for r in b.rows)
     assert b.max_new_tokens >= max(max_new[r] for r in b.rows)
     assert b.decode_tokens == sum(max_new[r] for r in b.rows)
     assert np.array_equal(np.sort(b.plan.order), np.arange(b.size))
@@ -91,6 +94,22 @@ def test_one_document_many_questions_reprefills_once_per_extra_batch():
   # questions may share a first token or two by chance (256-token vocabulary)
   assert own - 10 <= sched.tree_tokens - doc <= own
   assert 2 * doc <= sched.reprefill_tokens <= 2 * doc + 10
+
+
+def test_padding_rows_sit_under_the_common_prefix():
+  # 5 questions on one document padded to 6 rows: the padding row shares the document, so
+  # the level holds one node, as in an unpadded batch of the same document
+  seqs, _ = _groups([5], prefix=(100, 101))
+  batch = S.make_batch(seqs, range(5), (), [8] * 5, config=CONFIG, dtype=jnp.float32,
+                       max_batch=8, attention="hydragen", sharing_options=SHARE_ALL, pad=True,
+                       max_positions=CONFIG.max_position_embeddings)
+  assert batch.size == 6 and batch.plan.sequences[5].size == 102
+  full = S.make_batch(seqs[:4], range(4), (), [8] * 4, config=CONFIG, dtype=jnp.float32,
+                      max_batch=8, attention="hydragen", sharing_options=SHARE_ALL, pad=True,
+                      max_positions=CONFIG.max_position_embeddings)
+  assert full.size == 4
+  assert [np.count_nonzero(np.asarray(l.lengths)) for l in batch.plan.levels][:1] == [1]
+  assert batch.signature[1].levels[0][0] == full.signature[1].levels[0][0]
 
 
 def test_budget_is_respected_by_splitting():
