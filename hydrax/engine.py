@@ -2,14 +2,14 @@
 mesh, with the sharing tree as runtime data.
 
   generate(model, params, prompts, *, max_new_tokens, attention="hydragen", backend="auto",
-           mesh=None, prefill="auto", ...) -> Generation
+           mesh=None, prefill="auto", keep=False, reuse=None, ...) -> Generation
   Runtime(backend, mesh, checks, unroll)
   Runtime.build(backend="auto", mesh=None, checks="static", unroll=1)
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
   footprint(config, prompts, ...) -> (kv_bytes, Signature)
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
   clear_compiled_cache(); compiled_cache_info() -> (entries, compilations so far)
-  OutOfMemoryError, Generation
+  OutOfMemoryError, Generation, KeptNodes
 
 Attention modes (all three prefill each shared node of the plan once, attending to its
 ancestors through `hydragen_attention`, then each sequence's unique suffix; they differ in the
@@ -33,6 +33,13 @@ capacity (bucketed), the prefill chunks, max_new_tokens, sampling, the `Runtime`
 backend with its kernel configuration, mesh, checks mode) and the model's structure. Executables
 are cached by that key only, so nearby trees (prompts of 21, 23 or 22 tokens; other trees with
 the same bucketed shapes) reuse them and report `compile_seconds == 0`.
+
+Shared levels can outlive a call (`keep=True` -> `Generation.kept`, a `KeptNodes`) and be
+handed to the next (`reuse=`): that call's plan is laid out so that its nodes found in a kept
+level of the same bucketed shape (same path of tokens, same level, same data shard) keep their
+place there, the kept arrays are donated to its prefill, and only the new nodes are prefilled
+and written in beside them. This is how a long document shared by more requests than one batch
+holds is prefilled once (`hydrax.generate.run` hands each batch's levels to the next).
 
 Prefill of the unique suffixes (the per-sequence pass), `prefill=`: "padded" runs each
 sequence as a row as wide as the longest suffix (bucketed), B x max(lengths) token slots;

@@ -332,3 +332,20 @@ def test_packed_prefill_on_a_mesh_equals_padded(net, plan, shape):
   assert got.prefill_slots == lay.main.slots < lay.padded_slots
   auto = engine.generate(net, None, plan, mesh=shape, max_new_tokens=3)
   assert auto.prefill == "packed" and auto.compile_seconds == 0.0     # the same signature
+
+
+@pytest.mark.slow
+def test_kept_levels_on_a_mesh_are_reused_per_shard(net, reference):
+  # The hand prompts on a (2, 4) mesh: node B spans both data shards, so each shard keeps its
+  # own copy; a second call of the same prompts takes every node from its own shard.
+  mesh = parallel.make_mesh((2, 4))
+  options = dict(min_shared_tokens=0, merge_cost=0)
+  first = parallel.generate(net, None, _prompts(), mesh=mesh, max_new_tokens=4, keep=True,
+                            sharing_options=options)
+  again = parallel.generate(net, None, _prompts(), mesh=mesh, max_new_tokens=4,
+                            reuse=first.kept, sharing_options=options)
+  assert first.kept.data == 2 and again.reused_tokens > 0
+  assert all(spec[0] == 0 for spec in again.signature.levels)   # nothing prefilled again
+  for got in (first, again):
+    np.testing.assert_array_equal(got.tokens, reference.tokens)
+    np.testing.assert_array_equal(got.lengths, reference.lengths)
