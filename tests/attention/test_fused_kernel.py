@@ -41,8 +41,8 @@ def test_fused_kernel_compiles_for_hopper_without_spills():
   assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (
       res.stdout[-3000:] + res.stderr[-3000:])
   for line in res.stdout.splitlines():
-    # The timed configurations at their default launch settings: (nearly) no register spills
-    # (Triton 3.6: 32 B for the shared tiles, none for the per-sequence items).
+    # The timed configurations at their default launch settings: no register spills (Triton
+    # 3.6; the shared tiles spilled 32 B with 64-bit offsets within a node).
     if "decode_bf16" in line:
       spill = int(line.split("'spill_bytes': ")[1].split(",")[0])
-      assert spill <= 256, line
+      assert spill == 0, line

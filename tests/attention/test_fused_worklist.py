@@ -288,6 +288,19 @@ def test_launch_settings_by_dtype_and_explicit_values_win():
   assert grid == {jnp.bfloat16: 20, jnp.float32: 10}
 
 
+def test_offsets_within_a_node_are_64_bit_only_where_needed():
+  from hydrax.attention.kernels import fused_triton as ft
+
+  def off64(capacity, dtype, kh=8, d=128):
+    shapes = [wl.LevelShape(1, capacity, True, np.zeros(4, np.int32)), wl.LevelShape(4, 16, False)]
+    plan = ft._plan_for((4, 1, 4 * kh, d), kh, dtype, shapes, ft.Config())
+    return ft.kernel_params(plan, shapes, (4, 1, 4 * kh, d), dtype, 1.0, ft.Config())[1]["OFF64"]
+  assert not off64(32768, jnp.bfloat16)
+  assert off64((2 ** 31) // (8 * 128), jnp.bfloat16)       # S*K*D reaches 2^31
+  assert not off64((2 ** 31) // (8 * 128) - 128, jnp.bfloat16)
+  assert off64(1024, jnp.float32)
+
+
 def test_config_rejects_bad_values():
   with pytest.raises(ValueError, match="mode must be"):
     backends.get("fused", mode="fastest")

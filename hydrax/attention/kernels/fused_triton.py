@@ -247,6 +247,8 @@ def kernel_params(plan: wl.Plan, shapes, q_shape, dtype, scale: float, cfg: Conf
                 DP=wl.pow2_at_least(d, 16), TGP=plan.tgp, BN=plan.block_n,
                 SCALE_LOG2=float(scale) * LOG2E, EXACT=jnp.dtype(dtype) == jnp.float32,
                 DOT_UPCAST=bool(cfg.interpret) and jnp.dtype(dtype) != jnp.float32,
+                OFF64=max(caps) * plan.kv_heads * d >= 2 ** 31 or
+                jnp.dtype(dtype) == jnp.float32,
                 **{f"M{i}": x.block_m for i, x in enumerate(lv)})
   return [int(x) for x in scalars], consts
 

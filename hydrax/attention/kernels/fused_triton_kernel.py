@@ -43,7 +43,7 @@ def _attend_item(node, start, count, kh, split, key_end, lvl_row0, S, CHUNK, PBA
                  T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
                  D: tl.constexpr, DP: tl.constexpr, TGP: tl.constexpr, BN: tl.constexpr,
                  SCALE_LOG2: tl.constexpr, EXACT: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                 M: tl.constexpr):
+                 OFF64: tl.constexpr, M: tl.constexpr):
   C: tl.constexpr = M // TGP
   rows = tl.arange(0, M)
   slot = rows // TGP
@@ -63,16 +63,29 @@ def _attend_item(node, start, count, kh, split, key_end, lvl_row0, S, CHUNK, PBA
               other=0.0)
   # Key s of (node, kh) sits at ((node * S + s) * K + kh) * D; 64-bit: stacked caches are large.
   kv_base = (node.to(tl.int64) * S * K + kh) * D
+  if OFF64:
+    k_node = k_ptr
+    v_node = v_ptr
+  else:
+    k_node = k_ptr + kv_base
+    v_node = v_ptr + kv_base
   m_i = tl.full([M], float("-inf"), tl.float32)
   l_i = tl.zeros([M], tl.float32)
   acc = tl.zeros([M, DP], tl.float32)
   for s0 in range(k_begin, k_end, BN):
     keys = s0 + tl.arange(0, BN)
     k_ok = keys < k_end
-    kv_off = kv_base + keys.to(tl.int64)[:, None] * (K * D) + dofs[None, :]
+    # Offsets within a node in 32 bits unless OFF64 (S*K*D >= 2^31, or float32): half the
+    # address registers and integer work of 64-bit ones (sm_90 compile of the bf16 shared
+    # tiles: spills 32 B -> 0; float32's 3-level tiles spill more with them, 516 B vs 128 B).
+    # The node's base (kv_base) is 64-bit either way.
+    if OFF64:
+      kv_off = kv_base + keys.to(tl.int64)[:, None] * (K * D) + dofs[None, :]
+    else:
+      kv_off = keys[:, None] * (K * D) + dofs[None, :]
     kv_mask = k_ok[:, None] & d_ok[None, :]
-    kb = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-    vb = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+    kb = tl.load(k_node + kv_off, mask=kv_mask, other=0.0)
+    vb = tl.load(v_node + kv_off, mask=kv_mask, other=0.0)
     if EXACT:
       s = tl.dot(q, tl.trans(kb), input_precision="ieee")
     elif DOT_UPCAST:
@@ -164,8 +177,9 @@ def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
                         NUM_LEVELS: tl.constexpr, T: tl.constexpr, H: tl.constexpr,
                         K: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                         TGP: tl.constexpr, BN: tl.constexpr, SCALE_LOG2: tl.constexpr,
-                        EXACT: tl.constexpr, DOT_UPCAST: tl.constexpr, M0: tl.constexpr,
-                        M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr):
+                        EXACT: tl.constexpr, DOT_UPCAST: tl.constexpr, OFF64: tl.constexpr,
+                        M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+                        M3: tl.constexpr):
   """items [W, 7] int32 (level, node, start, count, kv head, split, key end); order [Lv*B];
   limits [Lv*B*T] int32; q [B,T,H,D]; k*, v* [N*,S*,K,D] (stacked caches flattened: the
   items' nodes carry the layer offset); out [B,T,H,D]; lse [B,T,H] f32; part_o [B*K*NP*TGP,
@@ -190,22 +204,22 @@ def fused_decode_kernel(items_ptr, order_ptr, limits_ptr, q_ptr,
         _attend_item(node, start, count, kh, split, key_end, 0, S0, CHUNK0, PBASE0, NP,
                      order_ptr, limits_ptr, q_ptr, k0, v0, out_ptr, lse_ptr, part_o_ptr,
                      part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
-                     DOT_UPCAST, M0)
+                     DOT_UPCAST, OFF64, M0)
       if NUM_LEVELS > 1:
         if lvl == 1:
           _attend_item(node, start, count, kh, split, key_end, B, S1, CHUNK1, PBASE1, NP,
                        order_ptr, limits_ptr, q_ptr, k1, v1, out_ptr, lse_ptr, part_o_ptr,
                        part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
-                       DOT_UPCAST, M1)
+                       DOT_UPCAST, OFF64, M1)
       if NUM_LEVELS > 2:
         if lvl == 2:
           _attend_item(node, start, count, kh, split, key_end, 2 * B, S2, CHUNK2, PBASE2, NP,
                        order_ptr, limits_ptr, q_ptr, k2, v2, out_ptr, lse_ptr, part_o_ptr,
                        part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
-                       DOT_UPCAST, M2)
+                       DOT_UPCAST, OFF64, M2)
       if NUM_LEVELS > 3:
         if lvl == 3:
           _attend_item(node, start, count, kh, split, key_end, 3 * B, S3, CHUNK3, PBASE3, NP,
                        order_ptr, limits_ptr, q_ptr, k3, v3, out_ptr, lse_ptr, part_o_ptr,
                        part_lse_ptr, ticket_ptr, T, H, K, G, D, DP, TGP, BN, SCALE_LOG2, EXACT,
-                       DOT_UPCAST, M3)
+                       DOT_UPCAST, OFF64, M3)
