@@ -35,8 +35,10 @@ Axis letters: B requests (of the dataset, or of one batch), L layers, K KV heads
    each row is cut to its own max_new_tokens afterwards. The batches' plans use the coarse
    `BUCKETS` (unless sharing_options name others): node counts and capacities are powers of
    two, at least 4 nodes and 64 tokens; a batch that this padding puts over budget takes the
-   finer default buckets before it is split. So a dataset of any size falls on few compiled
-   signatures (`Batch.signature`).
+   finer default buckets before it is split. Consecutive batches whose rows all lie under
+   one shared prefix (a document's questions), cut unevenly by the budget, are cut again into
+   equal parts where every part fits (`_balance`): one signature for the run, not one per
+   part. So a dataset of any size falls on few compiled signatures (`Batch.signature`).
 5. Order (BatchLLM): batches with more decode tokens per prefill token run first; batches
    that share a node across their cut (at least min_shared_tokens, or 1 token) are a chain,
    ordered as one by their sums and kept consecutive, so the node passes along the chain and
@@ -232,13 +234,47 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
                           max_positions=max_positions, prefill=prefill,
                           prefill_chunk=prefill_chunk))
   if strategy == "global":
-    link = sharing_options.get("min_shared_tokens", DEFAULT_MIN_SHARED_TOKENS)
-    batches = _order(batches, sequences, max(1, int(link)))
+    link = max(1, int(sharing_options.get("min_shared_tokens", DEFAULT_MIN_SHARED_TOKENS)))
+    batches = _balance(batches, sequences, link, max_new, config=config, dtype=dtype,
+                       budget=memory_budget, max_batch=max_batch, attention=attention,
+                       sharing_options=sharing_options, pad=pad, max_positions=max_positions,
+                       prefill=prefill, prefill_chunk=prefill_chunk)
+    batches = _order(batches, sequences, link)
   return Schedule(batches=tuple(batches), prompt_tokens=int(lengths.sum()),
                   tree_tokens=tree_tokens,
                   prefill_tokens=sum(b.prefill_tokens for b in batches),
                   reprefill_tokens=sum(b.tree_tokens for b in batches) - tree_tokens,
                   seconds=time.perf_counter() - t0, budget=int(memory_budget))
+
+
+def _balance(batches: list, sequences, link: int, max_new, *, budget, sharing_options,
+             **kw) -> list:
+  """Consecutive batches (tree order, one key) whose rows all lie under one shared prefix of
+  at least `link` tokens (a document's questions, one problem's samples), cut by the budget
+  into uneven parts, are cut again into parts of equal size when every part fits: equal
+  padded sizes fall on one signature, so the run compiles once, not once per part."""
+  def common(a, b):
+    return lcp_with_previous(sequences, np.array([a, b]))[1]
+
+  out, i = [], 0
+  while i < len(batches):
+    j = i + 1
+    while j < len(batches) and batches[j].key == batches[i].key and common(
+        batches[i].rows[0], batches[j].rows[-1]) >= link:
+      j += 1
+    run = batches[i:j]
+    if len({b.signature for b in run}) > 1:
+      rows = [r for b in run for r in b.rows]
+      bounds = np.linspace(0, len(rows), len(run) + 1).round().astype(int)
+      parts = [_fitting(sequences, rows[a:b], run[0].key, max_new, budget=budget,
+                        sharing_options=sharing_options, **kw)
+               for a, b in zip(bounds[:-1], bounds[1:])]
+      if all(p is not None for p in parts) and \
+          len({p.signature for p in parts}) < len({b.signature for b in run}):
+        run = parts
+    out.extend(run)
+    i = j
+  return out
 
 
 def _order(batches: list, sequences, link: int) -> list:
@@ -318,6 +354,25 @@ def _best_cut(lcp: np.ndarray, decode: np.ndarray, lo: int, hi: int) -> int:
   return int(cands[::-1][np.argmin(cost[::-1])])
 
 
+def _tries(sharing_options: dict) -> list:
+  """The sharing options a batch is planned with, in order: the coarse buckets, then the
+  finer default ones; buckets named in sharing_options are the only ones tried."""
+  if "buckets" in sharing_options:
+    return [sharing_options]
+  return [dict(sharing_options, buckets=BUCKETS),
+          dict(sharing_options, buckets=sharing.DEFAULT_BUCKETS)]
+
+
+def _fitting(sequences, rows, key, max_new, *, budget, sharing_options, **kw):
+  """The Batch of `rows` under the budget, planned with the first of `_tries` that fits, or
+  None."""
+  for options in _tries(sharing_options):
+    batch = make_batch(sequences, rows, key, max_new, sharing_options=options, **kw)
+    if batch.kv_bytes <= budget:
+      return batch
+  return None
+
+
 def _fit(sequences, rows, lcp, decode, key, max_new, *, budget, sharing_options,
          **kw) -> list:
   """[Batch] for rows (tree order) under the budget (exact KV of the padded plan). A batch is
@@ -325,16 +380,11 @@ def _fit(sequences, rows, lcp, decode, key, max_new, *, budget, sharing_options,
   of a power-of-two capacity can take several times its KV); buckets named in
   sharing_options are the only ones tried. When the rows do not fit, the most leading rows
   that fit are found by bisection and cut in their last quarter where `_best_cut` says."""
-  tries = ([sharing_options] if "buckets" in sharing_options else
-           [dict(sharing_options, buckets=BUCKETS),
-            dict(sharing_options, buckets=sharing.DEFAULT_BUCKETS)])
+  tries = _tries(sharing_options)
 
   def fit(lo, hi):
-    for options in tries:
-      batch = make_batch(sequences, rows[lo:hi], key, max_new, sharing_options=options, **kw)
-      if batch.kv_bytes <= budget:
-        return batch
-    return None
+    return _fitting(sequences, rows[lo:hi], key, max_new, budget=budget,
+                    sharing_options=sharing_options, **kw)
 
   out, start, n = [], 0, len(rows)
   while start < n:

@@ -96,6 +96,20 @@ def test_one_document_many_questions_reprefills_once_per_extra_batch():
   assert 2 * doc <= sched.reprefill_tokens <= 2 * doc + 10
 
 
+def test_a_prefix_cut_unevenly_is_cut_again_into_equal_parts():
+  # 40 questions on one document, 16 a batch: 16 + 16 + 8 rows (batch sizes 16 and 8, two
+  # signatures), cut again into 13 + 14 + 13 (all padded to 16: one signature). Nodes of at
+  # least 8 tokens only, so that chance matches between questions add no level.
+  seqs, _ = _groups([40], prefix=(100, 101))
+  options = dict(min_shared_tokens=8, merge_cost=0, max_levels=2)
+  sched = _schedule(seqs, max_batch=16, sharing_options=options)
+  assert sorted(len(b.rows) for b in sched.batches) == [13, 13, 14]
+  assert {b.size for b in sched.batches} == {16} and sched.signatures == 1
+  arrival = _schedule(seqs, max_batch=16, sharing_options=options, strategy="arrival")
+  assert sorted(len(b.rows) for b in arrival.batches) == [8, 16, 16]
+  assert arrival.signatures == 2
+
+
 def test_padding_rows_sit_under_the_common_prefix():
   # 5 questions on one document padded to 6 rows: the padding row shares the document, so
   # the level holds one node, as in an unpadded batch of the same document
