@@ -64,7 +64,7 @@ MODES = {"global": dict(strategy="global", attention="hydragen"),
          "replicated": dict(strategy="global", attention="replicated"),
          "global_padded": dict(strategy="global", attention="hydragen", prefill="padded")}
 FIELDS = ["workload", "mode", "requests", "prompt_tokens", "generated_tokens", "wall_s",
-          "wall_minus_compile_s", "planning_s", "compile_s", "prefill_s", "decode_s",
+          "wall_minus_compile_s", "planning_s", "compile_s", "ahead_compile_s", "prefill_s", "decode_s",
           "tokens_per_s", "batches", "signatures", "compiles", "prefill_tokens",
           "reprefill_tokens", "reused_tokens", "shared_fraction", "memory_budget", "speedup_vs_arrival",
           "speedup_minus_compile", "planning_pct", "prefill_slots", "padded_slots",
@@ -78,13 +78,15 @@ def _run_one(path, out, model, mode, args):
   t0 = time.perf_counter()
   s = generate_lib.run(path, out, model=model, max_batch=args.max_batch,
                        memory_budget=args.memory_budget, min_shared_tokens=args.min_shared_tokens,
-                       backend=args.backend, progress=False, **MODES[mode])
+                       backend=args.backend, progress=False,
+                       compile_ahead=args.compile_ahead, **MODES[mode])
   wall = time.perf_counter() - t0
   d = s.as_dict()
   return dict(requests=s.requests, prompt_tokens=d["prompt_tokens"],
               generated_tokens=s.generated_tokens, wall_s=round(wall, 2),
               wall_minus_compile_s=round(wall - s.compile_seconds, 2),
               planning_s=round(s.planning_seconds, 3), compile_s=round(s.compile_seconds, 2),
+              ahead_compile_s=round(s.ahead_compile_seconds, 2),
               prefill_s=round(s.prefill_seconds, 2), decode_s=round(s.decode_seconds, 2),
               tokens_per_s=round(s.generated_tokens / wall, 1), batches=d["batches"],
               signatures=s.signatures, compiles=s.compiles, prefill_tokens=d["prefill_tokens"],
@@ -232,6 +234,8 @@ def main(argv=None) -> int:
                  "(default: 80%% of free device memory after the weights)")
   p.add_argument("--min_shared_tokens", type=float, default=256)
   p.add_argument("--backend", default="auto")
+  p.add_argument("--compile_ahead", action="store_true",
+                 help="every mode compiles later batches' programs while a batch runs")
   p.add_argument("--time_budget", type=float, default=480, help="seconds; no new run after")
   p.add_argument("--prepack", default="32,16,2048,1024",
                  help="batch,lo,hi,prefix of the attention-level Prepacking point ('' to skip)")

@@ -8,6 +8,7 @@ mesh, with the sharing tree as runtime data.
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
   footprint(config, prompts, ...) -> (kv_bytes, Signature)
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
+  precompile(model, params, prompts, *, max_new_tokens, ...) -> (seconds, kept shapes or None)
   clear_compiled_cache(); compiled_cache_info() -> (entries, compilations so far)
   OutOfMemoryError, Generation, KeptNodes
 
@@ -75,6 +76,7 @@ import collections
 import dataclasses
 import hashlib
 import math
+import threading
 import time
 from typing import Any, NamedTuple, Optional
 
@@ -1199,38 +1201,61 @@ class _Compiled:
   """A small least-recently-used cache of compiled (prefill, decode) executables, keyed by the
   signature, the runtime and the model's structure; counts compilations. Decode loops are
   also found by their own key (`_decode_signature`): plans that differ only in how they
-  prefill (a level laid into a kept one, packed or padded suffixes) share one."""
+  prefill (a level laid into a kept one, packed or padded suffixes) share one. Thread-safe:
+  `precompile` may fill it from another thread while `generate` runs; a program that one
+  thread is compiling is waited for by the others (`lock`), never compiled twice."""
 
   def __init__(self, size: int):
     self.size = size
-    self.items: "collections.OrderedDict" = collections.OrderedDict()
+    self.items: "collections.OrderedDict" = collections.OrderedDict()   # completed calls
+    self.prefills: "collections.OrderedDict" = collections.OrderedDict()
     self.decodes: "collections.OrderedDict" = collections.OrderedDict()
     self.compilations = 0
+    self._guard = threading.Lock()
+    self._locks: dict = {}
+
+  def lock(self, key) -> threading.Lock:
+    """The lock held while `key`'s program is looked up and, if missing, compiled."""
+    with self._guard:
+      return self._locks.setdefault(key, threading.Lock())
 
   def get(self, key, decode_key=None):
-    if key in self.items:
-      self.items.move_to_end(key)
-      return list(self.items[key])
-    return [None, self.decodes.get(decode_key)]
+    with self._guard:
+      if key in self.items:
+        self.items.move_to_end(key)
+        return list(self.items[key])
+      return [self.prefills.get(key), self.decodes.get(decode_key)]
+
+  def _bounded(self, table, key, value):
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > self.size:
+      table.popitem(last=False)
 
   def put(self, key, value, decode_key=None):
-    self.items[key] = value
-    self.items.move_to_end(key)
-    while len(self.items) > self.size:
-      self.items.popitem(last=False)
-    if decode_key is not None and value[1] is not None:
-      self.decodes[decode_key] = value[1]
-      self.decodes.move_to_end(decode_key)
-      while len(self.decodes) > self.size:
-        self.decodes.popitem(last=False)
+    with self._guard:
+      self._bounded(self.items, key, value)
+      if value[0] is not None:
+        self._bounded(self.prefills, key, value[0])
+      if decode_key is not None and value[1] is not None:
+        self._bounded(self.decodes, decode_key, value[1])
+
+  def put_program(self, table: str, key, program):
+    """Records one program ("prefills" by key, "decodes" by decode key) as soon as it exists."""
+    with self._guard:
+      self._bounded(getattr(self, table), key, program)
 
   def compile(self, fn, *args, options: Optional[dict] = None):
-    self.compilations += 1
+    with self._guard:
+      self.compilations += 1
     return fn.lower(*args).compile(compiler_options=options)
 
   def clear(self):
-    self.items.clear()
-    self.decodes.clear()
+    with self._guard:
+      self.items.clear()
+      self.prefills.clear()
+      self.decodes.clear()
+      self._locks.clear()
 
 
 _EXECUTABLES = _Compiled(8)
@@ -1250,6 +1275,94 @@ def _executable_key(graphdef, params, sig: Signature, runtime: Runtime, sampling
   leaves, treedef = jax.tree_util.tree_flatten(params)
   return (sig, runtime, graphdef, treedef, tuple((x.shape, str(x.dtype)) for x in leaves),
           tuple(sorted((k, str(v)) for k, v in sampling.items())))
+
+
+def _prefill_program(graphdef, sig: Signature, runtime: Runtime, sampling: dict, key, params,
+                     inputs, key_first, eos, kept):
+  """The compiled prefill of `key`: cached, or compiled here from these arguments (arrays or
+  their shapes) by one thread while any other that wants it waits."""
+  with _EXECUTABLES.lock(("prefill",) + key):
+    program = _EXECUTABLES.get(key)[0]
+    if program is None:
+      rows_spec, one, level_spec, held_spec, _ = _specs(sig)
+      kept_spec = tuple((level_spec, rows_spec) for _ in kept)
+      lasts_spec = tuple(rows_spec for _ in held_spec)
+      fn = runtime.wrap(_make_prefill(graphdef, sig, runtime, sampling),
+                        in_specs=(one, jax.tree_util.tree_map(lambda _: rows_spec, inputs),
+                                  one, one, kept_spec),
+                        out_specs=(held_spec, level_spec, rows_spec, rows_spec, lasts_spec))
+      program = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn), donate_argnums=(4,)),
+                                     params, inputs, key_first, eos, kept,
+                                     options=runtime.compiler_options())
+      _EXECUTABLES.put_program("prefills", key, program)
+  return program
+
+
+def _decode_program(graphdef, sig: Signature, runtime: Runtime, sampling: dict, decode_key,
+                    params, *args):
+  """The compiled decode loop of `decode_key` (as `_prefill_program`); args: the decode's
+  arguments after params (arrays or their shapes)."""
+  with _EXECUTABLES.lock(decode_key):
+    program = _EXECUTABLES.get(None, decode_key)[1]
+    if program is None:
+      rows_spec, one, level_spec, held_spec, owner_spec = _specs(sig)
+      fn = runtime.wrap(_make_decode(graphdef, sig, runtime, sampling),
+                        in_specs=(one, held_spec, level_spec, owner_spec, rows_spec,
+                                  rows_spec, one, rows_spec, one, one),
+                        out_specs=(rows_spec, rows_spec, one, level_spec))
+      program = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn), donate_argnums=(2,)),
+                                     params, *args, options=runtime.compiler_options())
+      _EXECUTABLES.put_program("decodes", decode_key, program)
+  return program
+
+
+def precompile(model, params, prompts=None, *, max_new_tokens: int,
+               attention: str = "hydragen", temperature: float = 0.0,
+               top_k: Optional[int] = None, top_p: Optional[float] = None,
+               max_len: Optional[int] = None, prefill_chunk: int = 2048, backend="auto",
+               sharing_options: Optional[dict] = None, prefill: str = "auto",
+               keep: bool = False, reuse: Optional[KeptNodes] = None) -> tuple:
+  """Compiles the prefill and decode programs that `generate` with the same arguments would
+  run, without running them, into the cache that `generate` reads (one device, static
+  checks). Safe to call from another thread while `generate` runs: `hydrax.generate.run`
+  compiles later batches' programs while earlier ones run. With keep=True it also returns
+  the shapes of the levels `generate` would keep, as a `KeptNodes` of abstract arrays, to
+  pass as the next call's reuse= (a chain of batches that hand their levels on).
+
+  Returns (seconds spent compiling here, 0 when everything was cached; that KeptNodes or
+  None)."""
+  runtime = Runtime.build(backend)
+  graphdef, params, config = resolve_model(model, params)
+  if runtime.data != 1:
+    raise ValueError("precompile runs on one device (generate compiles on a mesh itself)")
+  seqs, lay = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
+                       max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=None,
+                       sharing_options=sharing_options, prefill=prefill, keep=keep,
+                       reuse=reuse)
+  kept_in = reuse.take(lay.reused) if reuse is not None else ()
+  sig = lay.signature()
+  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+  key = _executable_key(graphdef, params, sig, runtime, sampling)
+  decode_key = ("decode", _decode_signature(sig)) + key[1:]
+  inputs = lay.inputs()
+  key_data = np.asarray(jax.random.key_data(jax.random.key(0)))
+  scalar = np.int32(0)
+  t0 = time.perf_counter()
+  compiled = _EXECUTABLES.get(key, decode_key)
+  program = compiled[0] or _prefill_program(graphdef, sig, runtime, sampling, key, params,
+                                            inputs, key_data, scalar, kept_in)
+  held, suffix, first, done, lasts = program.out_info
+  if sig.max_new_tokens > 1 and compiled[1] is None:
+    owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
+    _decode_program(graphdef, sig, runtime, sampling, decode_key, params, held, suffix,
+                    owners, first, done, key_data, lay.prompt_lengths, scalar, scalar)
+  seconds = time.perf_counter() - t0 if compiled[0] is None or compiled[1] is None else 0.0
+  kept = None
+  if keep:
+    kept = KeptNodes(levels=list(held), lasts=list(lasts), index=lay.index,
+                     shapes=tuple((p.storage or (p.rows, p.capacity))[:2] for p in lay.levels),
+                     data=1)
+  return seconds, kept
 
 
 def _decode_signature(sig: Signature) -> tuple:
@@ -1438,7 +1551,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   compiled = _EXECUTABLES.get(key, decode_key)
-  rows_spec, one, level_spec, held_spec, owner_spec = _specs(sig)
+  rows_spec, one = _specs(sig)[:2]
   # Keys travel as raw data and scalars as host values placed replicated: global arrays on
   # several hosts too.
   key_first, key_loop = (np.asarray(jax.random.key_data(k))
@@ -1458,15 +1571,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     if prefill is None:
       guard.stage = "prefill compilation"
       t0 = time.perf_counter()
-      kept_spec = tuple((level_spec, rows_spec) for _ in kept_in)
-      lasts_spec = tuple(rows_spec for _ in held_spec)
-      fn = runtime.wrap(_make_prefill(graphdef, sig, runtime, sampling),
-                        in_specs=(one, jax.tree_util.tree_map(lambda _: rows_spec, host_inputs),
-                                  one, one, kept_spec),
-                        out_specs=(held_spec, level_spec, rows_spec, rows_spec, lasts_spec))
-      prefill = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn), donate_argnums=(4,)),
-                                     params, inputs, key_first, eos, kept_in,
-                                     options=runtime.compiler_options())
+      prefill = _prefill_program(graphdef, sig, runtime, sampling, key, params, inputs,
+                                 key_first, eos, kept_in)
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"
     t0 = time.perf_counter()
@@ -1479,13 +1585,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       if decode is None:
         guard.stage = "decode compilation"
         t0 = time.perf_counter()
-        fn = runtime.wrap(_make_decode(graphdef, sig, runtime, sampling),
-                          in_specs=(one, held_spec, level_spec, owner_spec, rows_spec,
-                                    rows_spec, one, rows_spec, one, one),
-                          out_specs=(rows_spec, rows_spec, one, level_spec))
-        decode = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn), donate_argnums=(2,)),
-                                      params, shared, suffix, owners, first, done, key_loop,
-                                      plen, eos, pad, options=runtime.compiler_options())
+        decode = _decode_program(graphdef, sig, runtime, sampling, decode_key, params, shared,
+                                 suffix, owners, first, done, key_loop, plen, eos, pad)
         compile_s += time.perf_counter() - t0
       guard.stage = "decode"
       t0 = time.perf_counter()

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
@@ -74,6 +75,8 @@ class RunSummary:
   batches' unique-suffix prefill ran (packed or padded), padded_slots: what padding every
   batch would have run, packed_batches: batches prefilled packed; reused_tokens: shared-node
   tokens a batch took from the previous one instead of prefilling them (keep_nodes);
+  ahead_compile_seconds: compile time spent in the background (compile_ahead), beside
+  compile_seconds, the time batches waited for their programs;
   schedule: the Schedule."""
   requests: int = 0
   skipped: int = 0
@@ -93,6 +96,7 @@ class RunSummary:
   padded_slots: int = 0
   packed_batches: int = 0
   reused_tokens: int = 0
+  ahead_compile_seconds: float = 0.0
   schedule: object = None
 
   @property
@@ -282,7 +286,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
         memory_fraction: float = 0.8, max_batch: int = 64, strategy: str = "global",
         attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
         merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
-        prefill: str = "auto", keep_nodes: bool = True, on_bad_line: str = "error",
+        prefill: str = "auto", keep_nodes: bool = True, compile_ahead: bool = False,
+        on_bad_line: str = "error",
         progress: bool = True, on_batch: Optional[Callable] = None, model=None) -> RunSummary:
   """Runs every request of `prompts` not yet in `out` and appends its completion to `out`.
 
@@ -300,6 +305,9 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   nodes it shares with it from there instead of prefilling them again (`engine.KeptNodes`;
   the schedule runs such batches back to back). The levels are handed over in place, so no
   batch holds more memory than it would alone.
+  compile_ahead: compile the next batches' programs in a background thread while the current
+  batch runs (`engine.precompile`, at most two batches ahead), instead of stalling on each new
+  signature; the seconds it compiled are `RunSummary.ahead_compile_seconds`.
   on_bad_line: "error" (raise BadInput naming every bad line) or "skip" (report and go on).
   on_batch(index, records): called after each batch is written (tests use it to interrupt).
   Returns a RunSummary; raises ValueError for bad arguments.
@@ -429,12 +437,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
                           prompt_tokens=int(seqs[row].size), timings=dict(timings)))
     return records
 
-  for index, batch in enumerate(plan.batches):
-    rows = tuple(r for r in batch.rows if reqs[r].id not in writer.done_ids)
-    if not rows:
-      continue
-    if len(rows) < len(batch.rows):   # partly written before (an interrupted write): re-plan
-      batch = schedule_lib.make_batch(seqs, rows, batch.key, own_new, **batch_options)
+  def run_and_write(index, batch):
+    nonlocal done_here
     records = run_batch(index, batch)
     now = round(time.perf_counter() - t_start, 3)
     for rec in records:
@@ -447,8 +451,80 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     bar.update(done_here, summary.generated_tokens)
     if on_batch is not None:
       on_batch(index, records)
+
+  todo = []
+  for index, batch in enumerate(plan.batches):
+    rows = tuple(r for r in batch.rows if reqs[r].id not in writer.done_ids)
+    if not rows:
+      continue
+    if len(rows) < len(batch.rows):   # partly written before (an interrupted write): re-plan
+      batch = schedule_lib.make_batch(seqs, rows, batch.key, own_new, **batch_options)
+    todo.append((index, batch))
+  ahead = _CompileAhead(todo, config, params, keep=keep, attention=attention,
+                        prefill_chunk=prefill_chunk, backend=backend, prefill=prefill) \
+      if compile_ahead else None
+  try:
+    for position, (index, batch) in enumerate(todo):
+      if ahead is not None:
+        ahead.reached(position)
+      run_and_write(index, batch)
+  finally:
+    if ahead is not None:
+      summary.ahead_compile_seconds = ahead.stop()
   summary.wall_seconds = time.perf_counter() - t_start
   return summary
+
+
+class _CompileAhead:
+  """Compiles the programs of the batches to come in a background thread while the current
+  one runs (`engine.precompile`; the host is idle while the device runs a batch, and each new
+  signature would otherwise stall the run for its compile), at most LOOKAHEAD batches ahead
+  (the engine's cache holds 8 programs of a kind). With keep, it follows the chain of kept
+  levels as the batches will hand them on. A failure is logged once and ends it: the batches
+  then compile their own programs, as without it."""
+  LOOKAHEAD = 2
+
+  def __init__(self, todo, config, params, *, keep: bool, **options):
+    self._todo, self._config, self._params = todo, config, params
+    self._keep, self._options = keep, options
+    self._cond = threading.Condition()
+    self._position, self._stopped = 0, False
+    self.seconds = 0.0
+    self._thread = threading.Thread(target=self._work, name="hydrax-compile-ahead",
+                                    daemon=True)
+    self._thread.start()
+
+  def reached(self, position: int) -> None:
+    """The main loop starts the batch at `position` of todo."""
+    with self._cond:
+      self._position = position
+      self._cond.notify_all()
+
+  def stop(self) -> float:
+    """Ends the thread (after the compile in progress); returns the seconds it compiled."""
+    with self._cond:
+      self._stopped = True
+      self._cond.notify_all()
+    self._thread.join()
+    return self.seconds
+
+  def _work(self) -> None:
+    reuse = None
+    for i, (_, batch) in enumerate(self._todo):
+      with self._cond:
+        self._cond.wait_for(lambda: self._stopped or i <= self._position + self.LOOKAHEAD)
+        if self._stopped:
+          return
+      try:
+        seconds, kept = engine.precompile(
+            self._config, self._params, batch.plan, max_new_tokens=batch.max_new_tokens,
+            keep=self._keep, reuse=reuse, **self._options, **dict(batch.key))
+      except Exception as e:    # noqa: BLE001 (any failure: the batches compile themselves)
+        log_once("offline-compile-ahead", "hydrax.generate: compiling ahead stopped at batch "
+                 "%d (%s: %s); each batch compiles its own programs", i, type(e).__name__, e)
+        return
+      self.seconds += seconds
+      reuse = kept
 
 
 # ----------------------------------------------------------------------------- command line
@@ -502,6 +578,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--no_keep_nodes", action="store_true",
                  help="prefill every batch's shared nodes itself, even those the previous "
                  "batch holds (an ablation)")
+  p.add_argument("--compile_ahead", action="store_true",
+                 help="compile the next batches' programs in the background while a batch "
+                 "runs")
   p.add_argument("--on_bad_line", choices=requests_lib.ON_BAD_LINE, default="error")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   a = p.parse_args(argv)
@@ -515,7 +594,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         memory_fraction=a.memory_fraction, max_batch=a.max_batch, strategy=a.strategy,
         attention=a.attention, backend=a.backend, min_shared_tokens=a.min_shared_tokens,
         merge_cost=a.merge_cost, max_levels=a.max_levels, prefill_chunk=a.prefill_chunk,
-        prefill=a.prefill, keep_nodes=not a.no_keep_nodes,
+        prefill=a.prefill, keep_nodes=not a.no_keep_nodes, compile_ahead=a.compile_ahead,
         on_bad_line=a.on_bad_line, progress=not a.quiet)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -186,6 +186,30 @@ def test_a_document_over_several_batches_is_prefilled_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_compiling_ahead_gives_the_same_file(tmp_path, monkeypatch, caplog):
+  reqs = _dataset(12, seed=5)
+  path = _write(tmp_path / "p.jsonl", reqs)
+  engine.clear_compiled_cache()
+  plain = G.run(path, str(tmp_path / "plain.jsonl"), max_batch=4, **RUN)
+  engine.clear_compiled_cache()
+  ahead = G.run(path, str(tmp_path / "ahead.jsonl"), max_batch=4, compile_ahead=True, **RUN)
+  assert plain.ahead_compile_seconds == 0 < ahead.ahead_compile_seconds
+  by_id = lambda name: sorted(_read(tmp_path / name), key=lambda r: r["id"])
+  assert by_id("ahead.jsonl") == by_id("plain.jsonl")
+  # A failing background compile is logged once; the batches compile their own programs.
+  def broken(*args, **kwargs):
+    raise RuntimeError("planted")
+  monkeypatch.setattr(engine, "precompile", broken)
+  engine.clear_compiled_cache()
+  with caplog.at_level("WARNING", logger="hydrax"):
+    failed = G.run(path, str(tmp_path / "failed.jsonl"), max_batch=4, compile_ahead=True,
+                   **RUN)
+  assert failed.ok and failed.ahead_compile_seconds == 0 and failed.compiles > 0
+  assert "compiling ahead stopped at batch 0 (RuntimeError: planted)" in caplog.text
+  assert by_id("failed.jsonl") == by_id("plain.jsonl")
+
+
+@pytest.mark.slow
 def test_compilations_bounded_as_the_dataset_grows(tmp_path):
   # The engine compiles once per signature, not per tree (tests/test_engine.py), so batches of
   # one signature share their executables.
