@@ -38,7 +38,9 @@ Axis letters: B requests (of the dataset, or of one batch), L layers, K KV heads
    finer default buckets before it is split. Consecutive batches whose rows all lie under
    one shared prefix (a document's questions), cut unevenly by the budget, are cut again into
    equal parts where every part fits (`_balance`): one signature for the run, not one per
-   part. So a dataset of any size falls on few compiled signatures (`Batch.signature`).
+   part. A batch whose signature no other batch has is padded up to another's size where that
+   lands it on that signature within the budget (`_share_signatures`). So a dataset of any
+   size falls on few compiled signatures (`Batch.signature`).
 5. Order (BatchLLM): batches with more decode tokens per prefill token run first; batches
    that share a node across their cut (at least min_shared_tokens, or 1 token) are a chain,
    ordered as one by their sums and kept consecutive, so the node passes along the chain and
@@ -51,6 +53,7 @@ budget, no tree grouping, no reordering.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Optional, Sequence
@@ -239,6 +242,11 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
                        budget=memory_budget, max_batch=max_batch, attention=attention,
                        sharing_options=sharing_options, pad=pad, max_positions=max_positions,
                        prefill=prefill, prefill_chunk=prefill_chunk)
+    batches = _share_signatures(batches, sequences, max_new, config=config, dtype=dtype,
+                                budget=memory_budget, max_batch=max_batch,
+                                attention=attention, sharing_options=sharing_options, pad=pad,
+                                max_positions=max_positions, prefill=prefill,
+                                prefill_chunk=prefill_chunk)
     batches = _order(batches, sequences, link)
   return Schedule(batches=tuple(batches), prompt_tokens=int(lengths.sum()),
                   tree_tokens=tree_tokens,
@@ -275,6 +283,40 @@ def _balance(batches: list, sequences, link: int, max_new, *, budget, sharing_op
     out.extend(run)
     i = j
   return out
+
+
+def _share_signatures(batches: list, sequences, max_new, *, budget, sharing_options,
+                      **kw) -> list:
+  """The batches of a signature, rarest first, padded up to a larger batch size that other
+  batches' signature has, where that lands all of them on it within the budget: padding rows
+  cost their KV and decode slots that are nearly free while decode reads the weights (below
+  ~256 rows on an H200), and a signature costs a prefill and a decode compile."""
+  if not kw.get("pad", True):
+    return batches
+  batches = list(batches)
+  counts = collections.Counter(b.signature for b in batches)
+  sizes = sorted({b.size for b in batches})
+  for sig in sorted(counts, key=lambda x: counts[x]):
+    mine = [i for i, b in enumerate(batches) if b.signature == sig]
+    size = batches[mine[0]].size
+    for target in (x for x in sizes if x > size):
+      moved = {}
+      for i in mine:
+        moved[i] = next((new for options in _tries(sharing_options)
+                         for new in [make_batch(sequences, batches[i].rows, batches[i].key,
+                                                max_new, sharing_options=options,
+                                                size=target, **kw)]
+                         if new.kv_bytes <= budget and new.signature != sig
+                         and counts[new.signature] > 0), None)
+        if moved[i] is None or moved[i].signature != moved[mine[0]].signature:
+          break
+      else:
+        for i, new in moved.items():
+          batches[i] = new
+        counts[moved[mine[0]].signature] += len(mine)
+        counts[sig] = 0
+        break
+  return batches
 
 
 def _order(batches: list, sequences, link: int) -> list:
@@ -315,10 +357,13 @@ def _pad_prompts(k: int, real: list, vocab_size: int) -> list:
 
 def make_batch(sequences, rows, key, max_new, *, config, dtype, max_batch: int,
                attention: str, sharing_options: dict, pad: bool, max_positions: int,
-               prefill: str = "auto", prefill_chunk: int = 2048) -> Batch:
-  """A Batch of `rows` (indices into sequences): padded, planned, its KV measured."""
+               prefill: str = "auto", prefill_chunk: int = 2048,
+               size: Optional[int] = None) -> Batch:
+  """A Batch of `rows` (indices into sequences): padded (to `size` if given), planned, its KV
+  measured."""
   rows = tuple(int(r) for r in rows)
-  size = _padded_size(len(rows), max_batch) if pad else len(rows)
+  if size is None:
+    size = _padded_size(len(rows), max_batch) if pad else len(rows)
   real = [sequences[r] for r in rows]
   own = int(max(max_new[r] for r in rows))
   longest = max(s.size for s in real)

@@ -126,6 +126,30 @@ def test_padding_rows_sit_under_the_common_prefix():
   assert batch.signature[1].levels[0][0] == full.signature[1].levels[0][0]
 
 
+def test_a_lone_signature_is_padded_onto_another_within_the_budget():
+  # 20 unrelated prompts of 30-40 tokens, 8 a batch: 8 + 8 + 4 rows. The 4-row batch's
+  # signature is its own; padded to 8 rows it lands on the others' (padded prefill: the rows
+  # are what differs), so the run compiles once. With a budget that only 4 rows fit, it stays.
+  rng = np.random.default_rng(4)
+  seqs = [np.concatenate([[3 + i], rng.integers(3, 256, rng.integers(30, 40))]).astype(
+      np.int32) for i in range(20)]
+  kw = dict(max_batch=8, prefill="padded", sharing_options=dict(SHARE_ALL, max_levels=1))
+  sched = _schedule(seqs, **kw)
+  assert sorted(len(b.rows) for b in sched.batches) == [4, 8, 8]
+  assert {b.size for b in sched.batches} == {8} and sched.signatures == 1
+  four = next(b for b in sched.batches if len(b.rows) == 4)
+  make = dict(config=CONFIG, dtype=jnp.float32, max_batch=8, attention="hydragen", pad=True,
+              max_positions=CONFIG.max_position_embeddings, prefill="padded")
+  alone = S.make_batch(seqs, four.rows, (), [8] * 20, sharing_options=kw["sharing_options"],
+                       **make)
+  assert alone.size == 4 and alone.kv_bytes < four.kv_bytes
+  others = [b for b in sched.batches if b is not four]
+  for budget, size in ((four.kv_bytes, 8), (four.kv_bytes - 1, 4)):
+    got = S._share_signatures(others + [alone], seqs, [8] * 20, budget=budget,
+                              sharing_options=kw["sharing_options"], **make)
+    assert got[-1].size == size and got[-1].rows == four.rows
+
+
 def test_budget_is_respected_by_splitting():
   seqs, _ = _groups([30, 30], prefix=(200, 201), own=(5, 30))
   big = _schedule(seqs, max_batch=64)
