@@ -38,8 +38,8 @@ Axis letters: B requests (of the dataset, or of one batch), L layers, K KV heads
    finer default buckets before it is split. Consecutive batches whose rows all lie under
    one shared prefix (a document's questions), cut unevenly by the budget, are cut again into
    equal parts where every part fits (`_balance`): one signature for the run, not one per
-   part. A batch whose signature no other batch has is padded up to another's size where that
-   lands it on that signature within the budget (`_share_signatures`). So a dataset of any
+   part. The batches of a rare signature are padded up to another signature's batch size where
+   that lands them all on it within the budget (`_share_signatures`). So a dataset of any
    size falls on few compiled signatures (`Batch.signature`).
 5. Order (BatchLLM): batches with more decode tokens per prefill token run first; batches
    that share a node across their cut (at least min_shared_tokens, or 1 token) are a chain,
@@ -143,6 +143,11 @@ def lcp_with_previous(sequences: Sequence[np.ndarray], order: np.ndarray) -> np.
   return out
 
 
+def _shared(sequences, a: int, b: int) -> int:
+  """Leading tokens that sequences[a] and sequences[b] share."""
+  return int(lcp_with_previous(sequences, np.array([a, b]))[1])
+
+
 def batch_sizes(max_batch: int) -> list:
   """The batch sizes batches are padded to: the geometric grid (two steps an octave) up to
   max_batch, and max_batch itself."""
@@ -223,6 +228,10 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
   for k in keys:
     key_index.setdefault(k, len(key_index))
   key_of = np.array([key_index[k] for k in keys], np.int64)
+  # what every Batch of this schedule is made and checked with
+  batch_kw = dict(config=config, dtype=dtype, budget=memory_budget, max_batch=max_batch,
+                  attention=attention, sharing_options=sharing_options, pad=pad,
+                  max_positions=max_positions, prefill=prefill, prefill_chunk=prefill_chunk)
   batches = []
   for k, kid in key_index.items():
     rows = order[key_of[order] == kid]
@@ -231,22 +240,11 @@ def schedule(sequences: Sequence[np.ndarray], max_new_tokens: Sequence[int],
     costs = lengths[rows] - share + max_new[rows]
     for lo, hi in _cut(costs, share, max_new[rows], cap, max_batch, strategy == "global"):
       batches.extend(_fit(sequences, rows[lo:hi], lcp[lo:hi], max_new[rows[lo:hi]], k, max_new,
-                          config=config,
-                          dtype=dtype, budget=memory_budget, max_batch=max_batch,
-                          attention=attention, sharing_options=sharing_options, pad=pad,
-                          max_positions=max_positions, prefill=prefill,
-                          prefill_chunk=prefill_chunk))
+                          **batch_kw))
   if strategy == "global":
     link = max(1, int(sharing_options.get("min_shared_tokens", DEFAULT_MIN_SHARED_TOKENS)))
-    batches = _balance(batches, sequences, link, max_new, config=config, dtype=dtype,
-                       budget=memory_budget, max_batch=max_batch, attention=attention,
-                       sharing_options=sharing_options, pad=pad, max_positions=max_positions,
-                       prefill=prefill, prefill_chunk=prefill_chunk)
-    batches = _share_signatures(batches, sequences, max_new, config=config, dtype=dtype,
-                                budget=memory_budget, max_batch=max_batch,
-                                attention=attention, sharing_options=sharing_options, pad=pad,
-                                max_positions=max_positions, prefill=prefill,
-                                prefill_chunk=prefill_chunk)
+    batches = _balance(batches, sequences, link, max_new, **batch_kw)
+    batches = _share_signatures(batches, sequences, max_new, **batch_kw)
     batches = _order(batches, sequences, link)
   return Schedule(batches=tuple(batches), prompt_tokens=int(lengths.sum()),
                   tree_tokens=tree_tokens,
@@ -261,14 +259,11 @@ def _balance(batches: list, sequences, link: int, max_new, *, budget, sharing_op
   at least `link` tokens (a document's questions, one problem's samples), cut by the budget
   into uneven parts, are cut again into parts of equal size when every part fits: equal
   padded sizes fall on one signature, so the run compiles once, not once per part."""
-  def common(a, b):
-    return lcp_with_previous(sequences, np.array([a, b]))[1]
-
   out, i = [], 0
   while i < len(batches):
     j = i + 1
-    while j < len(batches) and batches[j].key == batches[i].key and common(
-        batches[i].rows[0], batches[j].rows[-1]) >= link:
+    while j < len(batches) and batches[j].key == batches[i].key and _shared(
+        sequences, batches[i].rows[0], batches[j].rows[-1]) >= link:
       j += 1
     run = batches[i:j]
     if len({b.signature for b in run}) > 1:
@@ -328,8 +323,8 @@ def _order(batches: list, sequences, link: int) -> list:
   chains = []
   for b in batches:
     prev = chains[-1][-1] if chains else None
-    if prev is not None and prev.key == b.key and lcp_with_previous(
-        sequences, np.array([prev.rows[-1], b.rows[0]]))[1] >= link:
+    if prev is not None and prev.key == b.key and \
+        _shared(sequences, prev.rows[-1], b.rows[0]) >= link:
       chains[-1].append(b)
     else:
       chains.append([b])
