@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import time
 from typing import Optional, Sequence
 
@@ -136,11 +137,26 @@ def lcp_with_previous(sequences: Sequence[np.ndarray], order: np.ndarray) -> np.
   (0 for i = 0)."""
   out = np.zeros((len(order),), np.int64)
   for i in range(1, len(order)):
-    a, b = sequences[order[i - 1]], sequences[order[i]]
-    n = min(a.size, b.size)
-    diff = np.flatnonzero(a[:n] != b[:n])
-    out[i] = diff[0] if diff.size else n
+    out[i] = _prefix_length(sequences[order[i - 1]], sequences[order[i]])
   return out
+
+
+def _common_prefix(sequences: Sequence[np.ndarray]) -> int:
+  """Leading tokens that all sequences share (the whole sequence if there is one): each
+  one's prefix shared with the first, at its least (no sort of the sequences needed)."""
+  head = sequences[0]
+  common = head.size
+  for s in sequences[1:]:
+    common = _prefix_length(head[:common], s)
+  return common
+
+
+def _prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+  """Leading tokens that arrays a and b share."""
+  n = min(a.size, b.size)
+  differs = a[:n] != b[:n]
+  first = int(differs.argmax()) if n else 0
+  return first if n and differs[first] else n
 
 
 def _shared(sequences, a: int, b: int) -> int:
@@ -339,11 +355,10 @@ def _pad_prompts(k: int, real: list, vocab_size: int) -> list:
   and, sitting under the real rows' common nodes, no node of their own (an empty node would
   change a level's node count, and with it its shape: `engine.KeptNodes` then cannot pass
   that level on). Without such a prefix, or too few free tokens, one-token prompts."""
-  order = sorted(range(len(real)), key=lambda i: real[i].tolist())
-  common = int(min(lcp_with_previous(real, np.asarray(order))[1:], default=real[0].size))
-  common = min(common, min(s.size for s in real) - 1)
+  common = min(_common_prefix(real), min(s.size for s in real) - 1)
   taken = {int(s[common]) for s in real if s.size > common}
-  free = [t for t in range(vocab_size) if t not in taken][:k] if common > 0 else []
+  free = list(itertools.islice((t for t in range(vocab_size) if t not in taken), k)) \
+      if common > 0 else []
   if len(free) < k:
     return [np.array([i], np.int32) for i in range(k)]
   head = real[0][:common]

@@ -4,6 +4,7 @@ few signatures as the dataset grows."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 from hydrax import sharing
 from hydrax.models import configs
@@ -189,6 +190,33 @@ def test_signatures_stay_few_as_the_dataset_grows():
   (_, (_, few)), (_, (_, mid)), (n, (batches, many)) = sorted(counts.items())
   assert n >= 1000 and batches >= 60
   assert few <= mid <= many <= 6, counts      # 1, 2, 5 (13, 220, 1205 requests)
+
+
+def _reference_lcp(a, b) -> int:
+  """Leading tokens two sequences share, token by token (the definition)."""
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  return n
+
+
+# Few distinct tokens and a shared head make long common prefixes and duplicates likely.
+_prompts = st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1,
+                    max_size=8).flatmap(lambda tails: st.tuples(
+                        st.lists(st.integers(0, 2), max_size=6), st.just(tails)))
+
+
+@given(_prompts)
+def test_common_prefix_is_that_of_the_sorted_neighbours(prompts):
+  head, tails = prompts
+  seqs = [np.asarray(head + t, np.int32) for t in tails]
+  # the old `_pad_prompts` sorted the prompts and took the least lcp of neighbours
+  ranked = sorted(seqs, key=lambda s: s.tolist())
+  want = min((_reference_lcp(a, b) for a, b in zip(ranked, ranked[1:])), default=seqs[0].size)
+  assert S._common_prefix(seqs) == want
+  order = np.arange(len(seqs))
+  assert S.lcp_with_previous(seqs, order).tolist() == [0] + [
+      _reference_lcp(a, b) for a, b in zip(seqs, seqs[1:])]
 
 
 def test_bad_arguments():
