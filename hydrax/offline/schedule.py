@@ -436,10 +436,13 @@ def _fit(sequences, rows, lcp, decode, key, max_new, *, budget, sharing_options,
   sharing_options are the only ones tried. When the rows do not fit, the most leading rows
   that fit are found by bisection and cut in their last quarter where `_best_cut` says."""
   tries = _tries(sharing_options)
+  fits = {}      # (lo, hi) -> fit(lo, hi): the cut often lands on a probe of the bisection
 
   def fit(lo, hi):
-    return _fitting(sequences, rows[lo:hi], key, max_new, budget=budget,
-                    sharing_options=sharing_options, **kw)
+    if (lo, hi) not in fits:
+      fits[lo, hi] = _fitting(sequences, rows[lo:hi], key, max_new, budget=budget,
+                              sharing_options=sharing_options, **kw)
+    return fits[lo, hi]
 
   out, start, n = [], 0, len(rows)
   while start < n:
