@@ -46,6 +46,25 @@ def test_pack_tokens_and_unpack_round_trip():
   assert np.array_equal(back, np.where(np.arange(6) < lengths[:, None], tokens, 0))
 
 
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.integers(0, 3),
+       st.integers(0, 2**31 - 1))
+def test_pack_tokens_equals_two_dimensional_indexing(lengths, extra_width, seed):
+  """pack_tokens' flat indices place exactly what 2-D fancy indexing does (its first form)."""
+  rng = np.random.default_rng(seed)
+  lengths = np.asarray(lengths)
+  tokens = rng.integers(0, 100, (lengths.size, lengths.max() + 2)).astype(np.int32)
+  starts = rng.integers(0, 50, lengths.size)
+  pk = P.pack(lengths, width=max(int(lengths.max()), 1) + extra_width)
+  seq, index, row, col = P._slots(pk, lengths)
+  want = (np.zeros((pk.rows, pk.width), np.int32), np.full((pk.rows, pk.width), -1, np.int32),
+          np.zeros((pk.rows, pk.width), np.int32))
+  want[0][row, col] = tokens[seq, index]
+  want[1][row, col] = seq
+  want[2][row, col] = starts[seq] + index
+  for got, ref in zip(P.pack_tokens(tokens, lengths, starts, pk), want):
+    assert got.dtype == ref.dtype and np.array_equal(got, ref)
+
+
 @st.composite
 def batches(draw):
   """Shared levels (random owners, ragged, empty nodes) + ragged suffixes (zero-length too)."""
