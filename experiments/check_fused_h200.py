@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from experiments import bench_attention as ba  # noqa: E402
 from hydrax.attention import KVLevel, backends, hydragen_attention  # noqa: E402
 from hydrax.attention.kernels import fused_triton as ft  # noqa: E402
+from hydrax.attention.kernels import pallas_gpu as pg  # noqa: E402
 from hydrax.attention.kernels import fused_worklist as wl  # noqa: E402
 
 T0 = time.time()               # reset by main()
@@ -82,9 +83,20 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
     ("tree3_bf16_B1024_per_seq", 1024, 1, 8, 4, "bfloat16", [(1, 1024), (16, 256)], 128, 2,
      {"mode": "per_sequence"}),
     ("tree2_f32_gqa4_T3", 9, 3, 2, 4, "float32", [(3, 333)], 45, 2, {"mode": "shared"}),
+    # The pallas backend's small-shape path (kernels/path_gpu.py), forced on.
+    ("path_tree3_bf16_gqa4", 67, 1, 8, 4, "bfloat16", [(1, 1500), (7, 300)], 130, 3,
+     {"backend": "pallas", "path": "always"}),
+    ("path_tree3_f32_gqa1_splits3", 33, 1, 8, 1, "float32", [(1, 700), (5, 200)], 64, 2,
+     {"backend": "pallas", "path": "always", "splits": 3}),
+    ("path_tree2_f32_gqa4_T3", 9, 3, 2, 4, "float32", [(3, 333)], 45, 2,
+     {"backend": "pallas", "path": "always"}),
+    ("path_tree3_bf16_gqa8_B16", 16, 1, 4, 8, "bfloat16", [(1, 1024), (4, 100)], 128, 2,
+     {"backend": "pallas", "path": "always"}),
 ]
 SMOKE_CHECKS = [("smoke_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
-                 {"mode": "shared", "splits": 2})]
+                 {"mode": "shared", "splits": 2}),
+                ("smoke_path_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
+                 {"backend": "pallas", "path": "always", "splits": 2})]
 TOL = {"bfloat16": 2e-2, "float32": 1e-4}
 
 
@@ -107,6 +119,8 @@ def run_checks(cases, d=128):
   rows, fails = [], 0
   rng = np.random.default_rng(int(time.time()) % 100000)
   for name, b, t, kh, g, dtype, shared, u, layers, cfg in cases:
+    if ARGS.checks and not any(name.startswith(x) for x in ARGS.checks.split(",")):
+      continue
     if left() < ARGS.timing_reserve:
       log("budget: skipping check", name)
       rows.append(dict(case=name, ok=None, error="skipped (budget)"))
@@ -115,7 +129,9 @@ def run_checks(cases, d=128):
       levels_np, stacks, layer = _tree(rng, b, kh, d, shared, u, layers, np.dtype(dtype)
                                        if dtype == "float32" else jnp.bfloat16)
       q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
-      backend = backends.get("fused", **cfg, **ARGS.fused_extra)
+      cfg = dict(cfg)
+      kind = cfg.pop("backend", "fused")
+      backend = backends.get(kind, **cfg, **(ARGS.fused_extra if kind == "fused" else {}))
 
       def fused_fn(q, stacks, owners, lengths, layer):
         lv = [KVLevel(sk, sv, n, o, layer) for (sk, sv), o, n in zip(stacks, owners, lengths)]
@@ -168,6 +184,14 @@ def _levels(b, p, u, kp, vp, ks, vs, layer):
 def _hydrax_fn(b, p, u, backend):
   return jax.jit(lambda q, kp, vp, ks, vs, layer: hydragen_attention(
       q, _levels(b, p, u, kp, vp, ks, vs, layer), backend=backend)[0])
+
+
+def _path_error(b, p, u, case):
+  """Relative error of the forced path kernel against the XLA backend (layer 0 of the case)."""
+  got = _hydrax_fn(b, p, u, backends.get("pallas", path="always"))(*case, jnp.int32(0))
+  with jax.default_matmul_precision("highest"):
+    want = _hydrax_fn(b, p, u, "xla")(*case, jnp.int32(0))
+  return ba._rel(np.asarray(got, np.float64), np.asarray(want, np.float64))
 
 
 def _time_jax(fn, case, rot):
@@ -318,10 +342,18 @@ def time_shapes(shapes, h, kh, d, u, impls):
           mode = {"fused_shared": "shared", "fused_per_seq": "per_sequence"}[impl]
           fn = _hydrax_fn(b, p, u, backends.get("fused", mode=mode, **ARGS.fused_extra))
           us, dev = _time_jax(fn, case, rot)
-        elif impl in ("pallas", "xla"):
-          if impl == "pallas" and not on_gpu:
+        elif impl in ("pallas", "xla", "pallas_path", "pallas_grouped"):
+          if impl != "xla" and not on_gpu:
             raise RuntimeError("needs a GPU (interpret mode is not timed)")
-          us, dev = _time_jax(_hydrax_fn(b, p, u, impl), case, rot)
+          # pallas: the backend's default (the cost rule picks the small-shape path or the
+          # grouped levels); pallas_path / pallas_grouped: one of the two forced.
+          bk = {"pallas_path": backends.get("pallas", path="always"),
+                "pallas_grouped": backends.get("pallas", path="off")}.get(impl, impl)
+          us, dev = _time_jax(_hydrax_fn(b, p, u, bk), case, rot)
+          if impl == "pallas_path":
+            extra["rel_err"] = _path_error(b, p, u, case)
+            extra["path_rule"] = pg.path_mode((b, 1, h, d), jnp.bfloat16, _levels(
+                b, p, u, *case[1:], jnp.int32(0)), pg.Config())[0]
         elif impl == "cudnn":
           if not on_gpu:
             raise RuntimeError("needs a GPU")
@@ -394,18 +426,38 @@ def crossover(rows):
   return res
 
 
+def path_crossover(rows):
+  """The pallas backend's cost rule against measurement: per shape the bytes sharing saves,
+  the forced path and grouped device times, and a suggested `path_crossover_bytes` (between
+  the largest saving where the path won and the smallest where the grouped levels won)."""
+  by = {}
+  for r in rows:
+    if "device_us" in r and r["impl"] in ("pallas_path", "pallas_grouped"):
+      by.setdefault(r["shape"], {})[r["impl"]] = r
+  points = sorted((d["pallas_path"]["saved_bytes"], d["pallas_path"]["device_us"],
+                   d["pallas_grouped"]["device_us"]) for d in by.values() if len(d) == 2)
+  path_wins = [sv for sv, tp, tg in points if tp < tg]
+  grouped_wins = [sv for sv, tp, tg in points if tp >= tg]
+  res = {"points_saved_path_grouped_us": points, "current_bytes": pg.PATH_CROSSOVER_BYTES}
+  if path_wins and grouped_wins:
+    hi, lo = max(path_wins), min(grouped_wins)
+    res["consistent"] = hi < lo
+    res["suggested_bytes"] = int(math.sqrt(hi * lo)) if hi < lo else None
+  return res
+
+
 def table(rows, checks_failed):
   nan = float("nan")
   by = {}
   for r in rows:
     if r["impl"] != "fused_variant":
       by.setdefault(r["shape"], {})[r["impl"]] = r
-  impls = ["fused", "fused_shared", "fused_per_seq", "pallas", "xla", "cudnn", "torch_sdpa",
-           "flashinfer", "tokamax"]
+  impls = ["fused", "fused_shared", "fused_per_seq", "pallas", "pallas_path", "pallas_grouped",
+           "xla", "cudnn", "torch_sdpa", "flashinfer", "tokamax"]
   present = [i for i in impls if any("device_us" in d.get(i, {}) for d in by.values())]
   print("\nshape | rule | floor us | fused b2b us | " + " | ".join(
       f"{i} dev us" for i in present) + " | fused % floor | best copied / fused | "
-      "pallas / fused | flashinfer / fused")
+      "pallas / fused | flashinfer / fused | pallas speed-up over best copied")
   for shape, d in by.items():
     dev = lambda k: d.get(k, {}).get("device_us", nan)
     row0 = next(iter(d.values()))
@@ -415,7 +467,7 @@ def table(rows, checks_failed):
           + " | ".join(f"{dev(i):.1f}" for i in present)
           + f" | {100 * row0.get('floor_us', nan) / dev('fused'):.0f}% | "
           f"{best_copied / dev('fused'):.2f}x | {dev('pallas') / dev('fused'):.2f}x | "
-          f"{dev('flashinfer') / dev('fused'):.2f}x")
+          f"{dev('flashinfer') / dev('fused'):.2f}x | {best_copied / dev('pallas'):.2f}x")
   for r in rows:
     if r["impl"] == "fused_variant" and "device_us" in r:
       base = by.get(r["shape"], {}).get("fused", {}).get("device_us", nan)
@@ -446,6 +498,8 @@ def main(argv=None):
   ap.add_argument("--shapes", default="", help="PxB list (default: the issue's table)")
   ap.add_argument("--impls", default="fused_shared,fused_per_seq,pallas,cudnn,torch_sdpa,"
                   "flashinfer,tokamax,xla")
+  ap.add_argument("--checks", default="", help="comma-separated name prefixes of the "
+                  "exactness checks to run (default: all)")
   ap.add_argument("--xla-max-keys", type=int, default=64 * 4096,
                   help="time the XLA backend only where B*P <= this (it is slow)")
   ap.add_argument("--fused", default="{}", help="JSON of extra fused Config fields")
@@ -462,8 +516,9 @@ def main(argv=None):
       ft.unavailable_reason(ft.Config(**ARGS.fused_extra)) or "available")
   if ARGS.smoke:
     ARGS.timing_reserve = min(ARGS.timing_reserve, ARGS.budget / 2)
-    check_rows, fails = run_checks(SMOKE_CHECKS, d=16) if ft.available(
-        ft.Config(**ARGS.fused_extra)) else ([], 0)
+    fused_ok = ft.available(ft.Config(**ARGS.fused_extra))
+    check_rows, fails = run_checks([c for c in SMOKE_CHECKS
+                                    if fused_ok or c[-1].get("backend") == "pallas"], d=16)
     shapes, h, kh, d, u = [(64, 4)], 4, 2, 16, 8
   else:
     check_rows, fails = run_checks(CHECKS)
@@ -502,15 +557,18 @@ def main(argv=None):
         log(f"{name:>12} variant {json.dumps(cfg)} FAILED {err_line(e)}")
   write_csv(os.path.join(ARGS.out, "fused_timing.csv"), rows)
   cross = crossover(rows)
+  path_cross = path_crossover(rows)
   skipped = [r["case"] for r in check_rows if r.get("ok") is None]
   if skipped:
     log("checks skipped for the budget (not failures):", skipped)
   summary = dict(check_failures=fails, checks_skipped=skipped, crossover=cross,
+                 path_crossover=path_cross,
                  broken=BROKEN, device=str(jax.devices()[0]),
                  jax=jax.__version__, seconds=time.time() - T0)
   with open(os.path.join(ARGS.out, "fused_summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print("\ncrossover:", json.dumps(cross))
+  print("path crossover:", json.dumps(path_cross))
   table(rows, fails)
   return rows, check_rows, fails
 

@@ -1,6 +1,6 @@
 r"""Mutation check: plants known bugs one at a time and shows the exactness tests catch each.
 
-  python -m tests.mutation_check [--only NAME ...] [--backends xla,pallas,mosaic] [--out F.md]
+  python -m tests.mutation_check [--only NAME ...] [--backends xla,pallas,mosaic,pallas_path] [--out F.md]
 
 For every mutation and every backend it applies to, a subprocess runs pytest on the core's
 exactness tests for that backend (tests/attention/test_core.py) with this module loaded as a
@@ -42,7 +42,8 @@ class Mutation:
   backends: tuple             # backends whose tests must catch it
 
 
-ALL = ("xla", "pallas", "mosaic")
+ALL = ("xla", "pallas", "mosaic", "pallas_path")
+LEVEL_BY_LEVEL = ALL[:3]    # the backends that run the core's level loop and merge
 MUTATIONS = [
     Mutation("none", "nothing planted (every backend must pass)", "", "", "", "", ALL),
     Mutation("causal_off_by_one", "causal limit one key short (query misses its own key)",
@@ -51,10 +52,10 @@ MUTATIONS = [
     Mutation("swapped_owner", "owners of a shared level reversed before the backend",
              "hydrax.attention.hydragen", "_run_level",
              "None if level.owner is None else level.owner,",
-             "None if level.owner is None else level.owner[::-1],", ALL),
+             "None if level.owner is None else level.owner[::-1],", LEVEL_BY_LEVEL),
     Mutation("merge_weights", "merge weights exp((lse - m) / 2) instead of exp(lse - m)",
              "hydrax.attention.merge", "merge",
-             "w = jnp.exp(lses - m)", "w = jnp.exp(0.5 * (lses - m))", ALL),
+             "w = jnp.exp(lses - m)", "w = jnp.exp(0.5 * (lses - m))", LEVEL_BY_LEVEL),
     Mutation("xla_lse_log2", "XLA backend: lse = m + log2(l) (base 2 for the sum)",
              "hydrax.attention.xla", "_attend",
              "m[..., 0] + jnp.log(l_safe)", "m[..., 0] + jnp.log2(l_safe)", ("xla",)),
@@ -77,6 +78,23 @@ MUTATIONS = [
              "capacity S instead of the tile's largest limit",
              "hydrax.attention.kernels.pallas_gpu", "_tile_body",
              "kv_ok = (keys < hi)[:, None]", "kv_ok = (keys < s_cap)[:, None]", ("pallas",)),
+    Mutation("path_lse_log2", "path kernel: lse left in base 2 (no * ln 2)",
+             "hydrax.attention.kernels.path_gpu", "_kernel",
+             "(m + jnp.log2(l_safe)) * LN2", "(m + jnp.log2(l_safe))", ("pallas_path",)),
+    Mutation("path_last_block_dropped", "path kernel: key-block bound rounds down (the last "
+             "partial key block of each level is dropped)",
+             "hydrax.attention.kernels.path_gpu", "_kernel",
+             "lax.div(hi + bn - 1, bn)", "lax.div(hi, bn)", ("pallas_path",)),
+    Mutation("path_row_limit_ignored", "path kernel: scores masked at the program's largest "
+             "limit, not each row's own",
+             "hydrax.attention.kernels.path_gpu", "_kernel",
+             "s = jnp.where(keys[None, :] < lim[:, None], s, -jnp.inf)",
+             "s = jnp.where(keys[None, :] < hi, s, -jnp.inf)", ("pallas_path",)),
+    Mutation("path_wrong_node", "path kernel: a shared level read at the sequence's index, "
+             "not its owner's node",
+             "hydrax.attention.kernels.path_gpu", "_kernel",
+             "node = refs[pos][b]", "node = jnp.minimum(b, spec.nodes - 1) + 0 * refs[pos][b]",
+             ("pallas_path",)),
     Mutation("mosaic_lse_log2", "Mosaic GPU kernel: lse left in base 2 (no * ln 2)",
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",
              "(m_i + jnp.log2(l_safe)) * LN2", "(m_i + jnp.log2(l_safe))", ("mosaic",)),

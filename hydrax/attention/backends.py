@@ -54,7 +54,8 @@ class Backend:
   # Optional: every level of a call at once, all_levels(q, levels, limits, *, scale[,
   # config]) -> (out [B,T,H,D] in q's dtype, lse [B,T,H] f32); levels are KVLevels (stacked
   # caches read at their layer), limits per level [B,T] int32. hydragen_attention calls it
-  # instead of its level loop (a fused kernel: one launch, the merge inside).
+  # instead of its level loop (a fused kernel: one launch, the merge inside). It may return
+  # None: the backend's own choice to run this call level by level (not logged).
   all_levels: Optional[Callable] = None
 
   def configured(self, **changes) -> "Backend":

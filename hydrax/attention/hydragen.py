@@ -195,8 +195,10 @@ def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True
     offset = offset + seq_len
   if impl.all_levels is not None:
     try:
-      out, lse = impl.attend_all(q, list(levels), all_limits, scale=scale)
-      return out.astype(q.dtype), lse
+      result = impl.attend_all(q, list(levels), all_limits, scale=scale)
+      if result is not None:       # None: the backend chose its level-by-level path
+        out, lse = result
+        return out.astype(q.dtype), lse
     except backends_lib.Unsupported as e:
       if e.fallback is not None:
         fallback = backends_lib.get(e.fallback)

@@ -29,13 +29,21 @@ class BackendCase:
   make: Callable[[], backends.Backend]
   examples: float = 1.0          # share of the hypothesis profile's max_examples
   skip: Optional[Callable[[], Optional[str]]] = None   # why it cannot run here, or None
+  # For a backend whose all_levels may decline (return None): whether it must take a call
+  # (q, levels); a call it should take but declined fails the test.
+  takes_all: Optional[Callable] = None
 
 
 BACKENDS = [
     BackendCase("xla", "xla", lambda: backends.get("xla")),
     # The Triton-lowered kernels in Pallas interpret mode (off GPU; the real kernels on one).
-    BackendCase("pallas", "pallas", lambda: backends.get("pallas", lowering="triton"),
-                examples=0.2),
+    # The grouped kernel level by level (path="off": the small-shape path is its own case).
+    BackendCase("pallas", "pallas", lambda: backends.get("pallas", lowering="triton",
+                                                         path="off"), examples=0.2),
+    # The pallas backend's small-shape path: every level of a call in one launch of the path
+    # kernel (kernels/path_gpu.py), spied through all_levels.
+    BackendCase("pallas_path", "pallas", lambda: backends.get("pallas", path="always"),
+                examples=0.2, takes_all=lambda q, levels: _path_takes(q, levels)),
     # TPU entry point: the Pallas TPU kernels in TPU interpret mode, once "pallas_tpu" is
     # registered (skipped until then).
     BackendCase("pallas_tpu", "pallas_tpu",
@@ -46,6 +54,13 @@ BACKENDS = [
     BackendCase("fused", "fused", lambda: backends.get("fused", interpret=True), examples=0.2,
                 skip=lambda: _fused_skip()),
 ]
+
+
+def _path_takes(q, levels) -> bool:
+  from hydrax.attention.kernels import path_gpu
+  b, t = q.shape[:2]
+  return (b > 0 and t > 0 and any(lv.k.shape[-3] > 0 for lv in levels)
+          and path_gpu.unsupported_reason(q.shape, q.dtype, levels[0].k.shape[-2]) is None)
 
 
 def _fused_skip() -> Optional[str]:
@@ -67,6 +82,7 @@ class Spied:
   def __init__(self, case: BackendCase):
     self.case = case
     self.calls: list = []
+    self.declined: list = []       # calls all_levels should have taken but declined
     real = case.make()
 
     def spy(q, k, v, lengths, owner, limits, **kwargs):
@@ -87,7 +103,10 @@ class Spied:
         except backends.Unsupported as e:
           self.calls.extend((shape, f"Unsupported: {e}") for shape in shapes)
           raise
-        self.calls.extend((shape, None) for shape in shapes)
+        if result is not None:     # None: the levels run one by one (recorded there)
+          self.calls.extend((shape, None) for shape in shapes)
+        elif case.takes_all is not None and case.takes_all(q, levels):
+          self.declined.append(shapes)
         return result
 
       changes["all_levels"] = spy_all
@@ -109,7 +128,9 @@ class Spied:
     levels' k shapes ([N,S,K,D]; [L,N,S,K,D] levels are sliced for backends that do not take
     a layer), none refused (a refusal would silently run XLA instead)."""
     self.calls.clear()
+    self.declined.clear()
     result = fn(self.backend)
+    assert not self.declined, f"{self.name}: all_levels declined calls {self.declined}"
     shapes = [shape for shape, _ in self.calls]
     refused = [why for _, why in self.calls if why]
     assert not refused, f"{self.name}: fell back to XLA: {refused}"

@@ -282,7 +282,7 @@ def test_new_tree_of_same_shapes_does_not_recompile():
   q, _, _, _, _, limits = _case(40, b, t, kh, g, d, n, s, jnp.float32, False, False)
   ks, vs = _stacked(41, 2, n, s, kh, d, jnp.float32)
   traces = []
-  backend = pg.configure()
+  backend = pg.configure(path="off")      # the grouped kernel (the path kernel: test_path_gpu)
 
   def fn(q, ks, vs, lengths, own, layer):
     traces.append(1)

@@ -37,6 +37,12 @@ kernel reached 390-500). Elsewhere (CPU) the kernels run in interpret mode (slow
 Gradients go through the XLA backend (recomputed in the backward pass). Measurements:
 experiments/results/attention_microbench/NOTES.md.
 
+Small shapes (`all_levels`, `Config.path`): when sharing would save fewer key/value bytes
+than `Config.path_crossover_bytes` (short prefixes, few sequences), the grouped levels' fixed
+costs (a launch per level, packing, tile bounds, merges: ~45 us at 1K/16 on the H200) lose to
+reading the prefix once per sequence, and the whole call runs as one launch of the path
+kernel (`path_gpu.py`). Otherwise `all_levels` returns None and the levels run one by one.
+
 `hydragen_attention_fused` runs all levels in one launch and merges in the packed row layout:
 faster for small batches (fewer launches), slower for large ones (measured; see NOTES.md).
 """
@@ -59,11 +65,18 @@ from hydrax._log import log_once
 from hydrax.attention import backends, checks, xla
 from hydrax.attention.merge import merge as merge_parts
 from hydrax.attention.checks import concrete
-from hydrax.attention.kernels import grouping, mosaic_gpu
+from hydrax.attention.kernels import fused_worklist, grouping, mosaic_gpu, path_gpu
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# Cost rule of the small-shape path (`all_levels`): the bytes sharing saves under which the
+# path kernel runs. Measured on the H200 (experiments/results/fused_h200/run6, decode T=1,
+# 32/8 heads, D=128, bf16, suffix 128; the path kernel's first version against the grouped
+# levels): the path won at 63 and 65 MB saved (1K/16: 35.6 vs 50.8 us; 512/32: 42.0 vs
+# 55.3 us), the grouped levels from 252 MB (4K/16: 58.4 vs 76.6 us) up; 128 MiB lies between
+# (the script's suggestion, their geometric mean: 127.9 MB).
+PATH_CROSSOVER_BYTES = 128 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +110,12 @@ class Config:
   # Stacked caches (`layer=`): read layer `layer` of k, v [L,N,S,K,D] in place (True) or slice
   # it out first (False: one copy of the layer; for measuring what the in-place read saves).
   layer_in_place: bool = True
+  # The small-shape path (`path_gpu`: each sequence's whole tree path in one launch, no
+  # sharing): "auto" takes it when sharing would save fewer key/value bytes than
+  # path_crossover_bytes (see `all_levels`), "always" whenever the kernel takes the call,
+  # "off" never (the levels run one by one through the grouped kernel).
+  path: str = "auto"
+  path_crossover_bytes: int = PATH_CROSSOVER_BYTES
 
   def __post_init__(self):
     # JSON-friendly forms (benchmark flags) become the hashable ones.
@@ -108,6 +127,10 @@ class Config:
       raise ValueError(f"lowering must be 'auto', 'triton' or 'mosaic', got {self.lowering!r}")
     if self.tile_bounds not in ("xla", "kernel"):
       raise ValueError(f"tile_bounds must be 'xla' or 'kernel', got {self.tile_bounds!r}")
+    if self.path not in ("auto", "always", "off"):
+      raise ValueError(f"path must be 'auto', 'always' or 'off', got {self.path!r}")
+    if self.path_crossover_bytes < 0:
+      raise ValueError(f"path_crossover_bytes must be >= 0, got {self.path_crossover_bytes}")
 
 
 def configure(**changes) -> backends.Backend:
@@ -900,9 +923,63 @@ def hydragen_attention_fused(q, levels, *, causal_last: bool = True,
   return f(q, kvl, [lv.owner if tr else None for lv, tr in zip(levels, traced)])
 
 
+def path_mode(q_shape, dtype, levels, cfg: Config) -> tuple:
+  """(takes the path kernel, why not): the cost rule of the small-shape path. Sharing a level
+  saves (B - min(N, B)) node reads of its keys and values; below `cfg.path_crossover_bytes`
+  saved (all KV heads) the grouped levels' fixed costs (a launch per level, row packing, tile
+  bounds, the merges) outweigh it and one launch over every sequence's path wins."""
+  if cfg.path == "off":
+    return False, "path='off'"
+  if cfg.path == "auto" and cfg.lowering == "mosaic":
+    return False, "lowering='mosaic' asks for the grouped Mosaic GPU kernel"
+  kv_heads = levels[0].k.shape[-2]
+  reason = path_gpu.unsupported_reason(q_shape, dtype, kv_heads)
+  if reason is not None:
+    return False, reason
+  if cfg.path == "always":
+    return True, None
+  shapes = [fused_worklist.LevelShape(lv.k.shape[-4], lv.k.shape[-3], lv.owner is not None)
+            for lv in levels]
+  saved = fused_worklist.sharing_saved_bytes(q_shape, shapes, jnp.dtype(dtype).itemsize)
+  saved *= kv_heads
+  if saved >= cfg.path_crossover_bytes:
+    return False, f"sharing saves {saved} bytes >= path_crossover_bytes"
+  return True, None
+
+
+def all_levels(q, levels, limits, *, scale, config: Optional[Config] = None):
+  """Every level of a call at once when the cost rule (`path_mode`) picks the small-shape
+  path (`path_gpu`); None otherwise (the caller runs the levels one by one through the
+  grouped kernel: a decision, not a fallback). Returns out [B,T,H,D] in q's dtype and lse
+  [B,T,H] f32. With path='always', inputs the path kernel cannot take are logged once."""
+  cfg = Config() if config is None else config
+  b, t, h, d = q.shape
+  live = [(lv, lim) for lv, lim in zip(levels, limits) if lv.k.shape[-3] > 0]
+  if b == 0 or t == 0 or not live:
+    return None
+  take, why = path_mode(q.shape, q.dtype, [lv for lv, _ in live], cfg)
+  if not take:
+    if cfg.path == "always":
+      log_once(("pallas-path", why), "hydrax pallas backend: path='always' but the path kernel "
+               "cannot take this call (%s); the levels run one by one", why)
+    return None
+  interpret = _interpret(cfg)
+  caps = [lv.k.shape[-3] for lv, _ in live]
+  block_n, warps, stages = cfg.narrow
+  block_n = cfg.block_n or min(block_n, _pow2_at_least(max(caps)))
+  plan = path_gpu.make_plan(q.shape, levels[0].k.shape[-2], caps, num_sms=_num_sms(),
+                            block_n=block_n, num_warps=cfg.num_warps or warps,
+                            num_stages=cfg.num_stages or stages,
+                            splits=cfg.splits or (1 if interpret else None))
+  out, lse = path_gpu.path_attention(q, [lv for lv, _ in live], [lim for _, lim in live],
+                                     scale=scale, plan=plan, interpret=interpret)
+  return out.astype(q.dtype), lse
+
+
 def _available() -> bool:
   return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
 backends.register(backends.Backend("pallas", level_attention, platforms=("gpu",),
-                                   is_available=_available, config=Config(), takes_layer=True))
+                                   is_available=_available, config=Config(), takes_layer=True,
+                                   all_levels=all_levels))
