@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from hydrax import engine
+from hydrax.attention import backends
 from hydrax.models import LlamaConfig, llama
 
 
@@ -132,6 +133,18 @@ def test_three_level_tree_hydragen_equals_replicated_and_reference(tiny, tree_ru
   for g in (hydragen, replicated):
     assert engine.estimate_kv_bytes(config, plan, max_new_tokens=6, attention=g.attention,
                                     dtype=jnp.float32) == g.kv_bytes
+
+
+@TREE_RUNS
+def test_pallas_small_shape_path_in_the_engine_equals_xla(tiny, tree_runs):
+  """The pallas backend with its path kernel forced (decode steps: all three levels and the
+  suffixes in one launch, stacked caches at a traced layer, runtime owners; Pallas interpret
+  mode here) generates the XLA backend's tokens."""
+  _, model, _, _ = tiny
+  plan, hydragen, _ = tree_runs
+  path = engine.generate(model, None, plan, max_new_tokens=6, attention="hydragen",
+                         backend=backends.get("pallas", path="always"))
+  np.testing.assert_array_equal(path.tokens, hydragen.tokens)
 
 
 @TREE_RUNS
