@@ -48,6 +48,9 @@ H200 (one invocation, about 6 minutes; the table of the decode shapes prints las
 mosaic_ragged_nodes,mosaic_splits_T5,tree_traced_layer,tree_traced_layer_fp16_T3,\
 tree_traced_wide_B256,tree_traced_layer_f32_D80,tree_layer_copy --ceilings --decode --trees \
 --engine --impls pallas,xla,cudnn --out $OUT --budget 540
+The peers (experiments/peers.py: torch SDPA and tokamax with the prefix copied, FlashInfer's
+cascade; carried as in WORKSPACE.md) join any table by name: --impls
+pallas,cudnn,torch_sdpa,flashinfer,tokamax (each row has rel_err against the XLA backend).
 Writes DIR/results.csv (one row per timed shape and implementation, engine steps included),
 DIR/check.csv, DIR/sweep.csv, DIR/ceilings.json, DIR/summary.json; prints a table last.
   python experiments/bench_attention.py --plot DIR/results.csv   (no GPU: PNG + markdown table)
@@ -77,6 +80,7 @@ from jax import lax  # noqa: E402
 from hydrax.attention import KVLevel, hydragen_attention  # noqa: E402
 from hydrax.attention import xla as xla_backend  # noqa: E402
 from hydrax.attention.kernels import pallas_gpu as pg  # noqa: E402
+from experiments import peers  # noqa: E402
 
 T0 = time.time()               # reset by main(): --budget counts from the run's start
 ARGS = None
@@ -280,6 +284,25 @@ def time_shape(name, b, p, u, h, kh, d, ceil, impls, rows, backend, seed=0):
       log("budget: skipping", name, impl)
       continue
     try:
+      if impl in peers.PEERS:
+        why = peers.unavailable(impl)
+        if why:
+          raise RuntimeError(f"not importable: {why}")
+        if jax.default_backend() != "gpu":
+          raise RuntimeError("needs a GPU")
+        if impl != "flashinfer" and 2 * b * (p + u) * kh * d * 2 > ARGS.max_replicated_gb * 1e9:
+          raise MemoryError(f"copied caches would take {2*b*(p+u)*kh*d*2/1e9:.0f} GB")
+        us, dev, out = peers.run(impl, b, p, u, h, kh, d, case, loop=ARGS.loop, outer=ARGS.outer)
+        ref = fns["xla"](*case, jnp.int32(0))
+        row = dict(shape=name, impl=impl, B=b, P=p, U=u, H=h, K=kh, D=d, us=us,
+                   device_us=dev, rel_err=_rel(out, np.asarray(ref[:, 0], np.float32)), **fl)
+        for src in ("torch", "jnp"):
+          if f"floor_{src}_us" in fl:
+            row[f"pct_floor_{src}"] = 100 * fl[f"floor_{src}_us"] / dev
+        rows.append(row)
+        res[impl] = row
+        log(f"{name:>22} {impl:>13} {us:10.1f} us back to back, {dev:10.1f} us device")
+        continue
       if impl == "cudnn":
         if 2 * b * (p + u) * kh * d * 2 > ARGS.max_replicated_gb * 1e9:
           raise MemoryError(f"replicated caches would take {2*b*(p+u)*kh*d*2/1e9:.0f} GB")

@@ -46,6 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import bench_attention as ba  # noqa: E402
+from experiments import peers as pe  # noqa: E402
 from hydrax.attention import KVLevel, backends, hydragen_attention  # noqa: E402
 from hydrax.attention.kernels import fused_triton as ft  # noqa: E402
 from hydrax.attention.kernels import pallas_gpu as pg  # noqa: E402
@@ -202,87 +203,6 @@ def _time_jax(fn, case, rot):
   return t * 1e6, td / ARGS.loop * 1e6
 
 
-def _torch_sdpa(b, p, u, h, kh, d, case):
-  """torch SDPA over caches holding a copy of the prefix (GQA through enable_gqa)."""
-  import torch
-  q, kp, vp, ks, vs = (torch.from_dlpack(x[0] if x.ndim == 5 else x) for x in case)
-  k = torch.cat([kp.expand(b, -1, -1, -1), ks], dim=1).transpose(1, 2).contiguous()
-  v = torch.cat([vp.expand(b, -1, -1, -1), vs], dim=1).transpose(1, 2).contiguous()
-  qt = q.transpose(1, 2).contiguous()                     # [B,H,1,D]
-  f = lambda: torch.nn.functional.scaled_dot_product_attention(qt, k, v, enable_gqa=True)
-  return _torch_times(f)
-
-
-def _torch_times(f):
-  import torch
-  for _ in range(3):
-    f()
-  torch.cuda.synchronize()
-  n = ARGS.loop
-  b2b, dev = [], []
-  for _ in range(ARGS.outer):
-    t = time.perf_counter()
-    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-      f()
-    e.record()
-    torch.cuda.synchronize()
-    b2b.append((time.perf_counter() - t) / n * 1e6)
-    dev.append(a.elapsed_time(e) / n * 1e3)
-  return float(np.median(b2b)), float(np.median(dev))
-
-
-def _flashinfer(b, p, u, h, kh, d, case):
-  """FlashInfer's 2-level cascade: level 0 the prefix pages (one query group of all B),
-  level 1 each sequence's suffix pages; page size 16; NHD paged cache [pages,2,16,K,D]."""
-  import flashinfer
-  import torch
-  page = 16
-  q, kp, vp, ks, vs = (torch.from_dlpack(x[0] if x.ndim == 5 else x) for x in case)
-  pre_pages, suf_pages = -(-p // page), -(-u // page)
-  total = pre_pages + b * suf_pages
-  cache = torch.zeros((total, 2, page, kh, d), dtype=q.dtype, device=q.device)
-  pre = torch.zeros((pre_pages * page, kh, d), dtype=q.dtype, device=q.device)
-  pre[:p] = kp[0]
-  cache[:pre_pages, 0] = pre.view(pre_pages, page, kh, d)
-  pre[:p] = vp[0]
-  cache[:pre_pages, 1] = pre.view(pre_pages, page, kh, d)
-  suf = torch.zeros((b, suf_pages * page, kh, d), dtype=q.dtype, device=q.device)
-  suf[:, :u] = ks
-  cache[pre_pages:, 0] = suf.view(b * suf_pages, page, kh, d)
-  suf[:, :u] = vs
-  cache[pre_pages:, 1] = suf.view(b * suf_pages, page, kh, d)
-  i32 = dict(dtype=torch.int32, device=q.device)
-  ws = torch.empty(256 << 20, dtype=torch.uint8, device=q.device)
-  wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(2, ws, "NHD")
-  last = lambda n: (n - 1) % page + 1
-  wrapper.plan([torch.tensor([0, b], **i32), torch.arange(b + 1, **i32)],
-               [torch.tensor([0, pre_pages], **i32), torch.arange(b + 1, **i32) * suf_pages],
-               [torch.arange(pre_pages, **i32), torch.arange(pre_pages, total, **i32)],
-               [torch.tensor([last(p)], **i32), torch.full((b,), last(u), **i32)],
-               h, kh, d, page, q_data_type=q.dtype, kv_data_type=q.dtype)
-  qf = q[:, 0].contiguous()                               # [B,H,D]
-  out = wrapper.run(qf, cache)
-  ref = hydragen_attention(jnp.asarray(case[0]), _levels(
-      b, p, u, *[x[:1] for x in case[1:]], jnp.int32(0)), backend="xla")[0]
-  rel = ba._rel(out.float().cpu().numpy(), np.asarray(ref[:, 0], np.float32))
-  us, dev = _torch_times(lambda: wrapper.run(qf, cache))
-  return us, dev, rel
-
-
-def _tokamax(b, p, u, h, kh, d, case):
-  import tokamax
-  q, kp, vp, ks, vs = case
-  k, v = ba.replicated(kp[0], vp[0], ks[0], vs[0])
-  f = jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v))
-  t, _, _ = ba.bench(f, [(q, k, v)])
-  steps = jax.jit(lambda q, k, v: jax.lax.fori_loop(0, ARGS.loop, lambda i, q: q + (
-      jnp.asarray(1e-30, q.dtype) * f(q, k, v)[:1, :1, :1, :1]).astype(q.dtype), q))
-  td, _, _ = ba.bench(steps, [(q, k, v)], min_batch_s=0, outer=ARGS.outer)
-  return t * 1e6, td / ARGS.loop * 1e6
-
-
 def _case(seed, b, p, u, h, kh, d, copies):
   """`bench_attention.make_case` (q, stacked prefix and suffix caches); in smoke mode from
   NumPy (a jax.random compile per shape costs seconds on a CPU, nothing on the GPU)."""
@@ -294,21 +214,12 @@ def _case(seed, b, p, u, h, kh, d, copies):
   return tuple(jnp.asarray(rng.standard_normal(x), jnp.bfloat16) for x in shapes)
 
 
-def _peer_import(name):
-  try:
-    __import__(name)
-    return None
-  except Exception as e:
-    return err_line(e)
-
-
 BROKEN = {}   # impl -> the error of its first failure: not retried (each retry recompiles)
 
 
 def time_shapes(shapes, h, kh, d, u, impls):
   rows = []
-  peers = {"flashinfer": _peer_import("flashinfer"), "tokamax": _peer_import("tokamax"),
-           "torch_sdpa": _peer_import("torch")}
+  peers = {impl: pe.unavailable(impl) for impl in pe.PEERS}
   for name, why in peers.items():
     if why and name in impls:
       log(f"{name}: not importable here ({why}); its rows are skipped")
@@ -374,12 +285,11 @@ def time_shapes(shapes, h, kh, d, u, impls):
           if impl != "flashinfer" and 2 * b * (p + u) * kh * d * 2 > \
               ARGS.max_replicated_gb * 1e9:
             raise MemoryError(f"copied caches: {2 * b * (p + u) * kh * d * 2 / 1e9:.0f} GB")
-          if impl == "torch_sdpa":
-            us, dev = _torch_sdpa(b, p, u, h, kh, d, case)
-          elif impl == "flashinfer":
-            us, dev, extra["rel_err"] = _flashinfer(b, p, u, h, kh, d, case)
-          else:
-            us, dev = _tokamax(b, p, u, h, kh, d, case)
+          us, dev, out = pe.run(impl, b, p, u, h, kh, d, case, loop=ARGS.loop,
+                                outer=ARGS.outer)
+          if out is not None:
+            ref = _hydrax_fn(b, p, u, "xla")(*case, jnp.int32(0))
+            extra["rel_err"] = ba._rel(out, np.asarray(ref[:, 0], np.float32))
         else:
           raise ValueError(f"unknown impl {impl!r}")
         row = dict(base, us=us, device_us=dev, pct_floor=100 * floor / dev, **extra)

@@ -40,3 +40,17 @@ def test_smoke_mode_runs_every_section(tmp_path, capsys, monkeypatch):
   assert summary["check_failures"] == 0 and "64x4" in summary["engine_us_per_layer"]
   printed = capsys.readouterr().out
   assert "decode_P64_B4 |" in printed and "check: 0 failures" in printed
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_peers_join_the_decode_table_or_say_why_not(tmp_path, monkeypatch):
+  """torch SDPA, FlashInfer and tokamax by name in --impls: on this CPU-only machine each row
+  records why it did not run (not importable, or no GPU); the hydrax rows still run."""
+  monkeypatch.setattr(bench_attention, "T0", time.time() - 10 * 3600)
+  results, _, fails = bench_attention.main([
+      "--smoke", "--decode", "--impls", "xla,torch_sdpa,flashinfer,tokamax", "--loop", "2",
+      "--outer", "1", "--out", str(tmp_path)])
+  by = {r["impl"]: r for r in results if r["shape"] == "decode_P64_B4"}
+  assert not fails and "error" not in by["xla"] and by["xla"]["device_us"] > 0
+  for impl in ("torch_sdpa", "flashinfer", "tokamax"):
+    assert "not importable" in by[impl]["error"] or "needs a GPU" in by[impl]["error"]
