@@ -190,3 +190,40 @@ def test_new_tree_of_same_shapes_does_not_recompile():
 def test_bad_configuration_names_the_field(change, match):
   with pytest.raises(ValueError, match=match):
     backends.get("pallas", **change)
+
+
+def _cuda_ops(backend, b=16, p=1024, u=128, kh=8, g=4, d=128):
+  """The StableHLO ops of a decode call (T = 1, stacked caches at a traced layer, traced
+  owners) lowered for CUDA from this CPU (`jax.export`): the GPU program's ops, no GPU."""
+  import re
+  from jax import export
+
+  def f(q, kp, vp, ks, vs, own, lengths, layer):
+    lv = [KVLevel(kp, vp, jnp.full((1,), p, jnp.int32), own, layer),
+          KVLevel(ks, vs, lengths, None, layer)]
+    return hydragen_attention(q, lv, backend=backend)
+
+  sds = jax.ShapeDtypeStruct
+  args = (sds((b, 1, kh * g, d), jnp.bfloat16), *[sds((2, 1, p, kh, d), jnp.bfloat16)] * 2,
+          *[sds((2, b, u, kh, d), jnp.bfloat16)] * 2, sds((b,), jnp.int32),
+          sds((b,), jnp.int32), sds((), jnp.int32))
+  try:
+    exported = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  except Exception as e:      # a jaxlib that cannot lower Pallas for Triton here
+    pytest.skip(f"cannot lower for CUDA here: {type(e).__name__}: {str(e)[:200]}")
+  text = exported.mlir_module()
+  body = text[text.index("func.func public @main"):]
+  return re.findall(r"= (stablehlo\.[a-z_]+)", body), body.count("__gpu$xla.gpu.triton")
+
+
+def test_a_decode_call_is_one_triton_kernel_on_the_gpu():
+  """On a GPU the small-shape path of a decode call (one key split) is the kernel launch and
+  the limit arithmetic on [B] vectors: no reduction, transpose, exponent or second kernel,
+  where the grouped levels lower to two kernels and the XLA work around them."""
+  ops, kernels = _cuda_ops(backends.get("pallas", path="always", interpret=False))
+  assert kernels == 1
+  assert not {"stablehlo.reduce", "stablehlo.transpose", "stablehlo.exponential",
+              "stablehlo.dot_general", "stablehlo.gather"} & set(ops), sorted(set(ops))
+  grouped, grouped_kernels = _cuda_ops(backends.get("pallas", path="off", interpret=False))
+  assert grouped_kernels == 2 and "stablehlo.reduce" in grouped and len(grouped) > 3 * len(ops)
