@@ -18,6 +18,7 @@ lists that platform and reports itself available; otherwise "xla".
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -116,14 +117,47 @@ def _load(name: str) -> Backend | None:
   return _REGISTRY.get(name)
 
 
+def parse_spec(spec: str) -> tuple:
+  """(name, {field: value}) of a backend spec string "name" or "name:field=value,..." (what a
+  gin grid or a command line can carry: "pallas:path=off,block_n=32"). Values are Python
+  literals where they parse as one (32, 1e6, None, (64, 3)), else strings (off)."""
+  name, _, rest = spec.partition(":")
+  fields = {}
+  for item in filter(None, (x.strip() for x in _split_top_level(rest))):
+    field, eq, value = item.partition("=")
+    if not eq or not field.strip():
+      raise ValueError(f"backend spec {spec!r}: expected field=value, got {item!r}")
+    try:
+      fields[field.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      fields[field.strip()] = value.strip()
+  return name.strip(), fields
+
+
+def _split_top_level(text: str) -> list:
+  """Splits at commas outside brackets (a tuple value keeps its commas)."""
+  parts, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  return parts + [text[start:]]
+
+
 def get(name="auto", **config) -> Backend:
   """The backend called `name` ("auto" resolves per platform, see module docstring), with the
-  given configuration fields replaced. A `Backend` value is returned as it is (configured)."""
+  given configuration fields replaced. A `Backend` value is returned as it is (configured).
+  `name` may carry configuration as a spec string, "pallas:path=off" (`parse_spec`)."""
   if isinstance(name, Backend):
     return name.configured(**config)
   if not isinstance(name, str):
     raise ValueError(f"backend must be a Backend or a string, one of {['auto'] + names()}, "
                      f"got {name!r}")
+  if ":" in name:
+    name, fields = parse_spec(name)
+    return get(name, **{**fields, **config})
   if name != "auto":
     backend = _load(name)
     if backend is None:

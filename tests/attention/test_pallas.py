@@ -321,3 +321,17 @@ def test_configuration_is_a_hashable_value():
     pg.Config(tile_bounds="nowhere")
   with pytest.raises(ValueError, match="no configuration field"):
     pg.configure(blockn=32)
+
+
+def test_backend_spec_strings():
+  """"name:field=value,..." (what a gin grid or a command line carries) is the configured
+  backend; values are literals where they parse, else strings; malformed specs name
+  themselves."""
+  assert backends.get("pallas:path=off,wide=(64, 4)") == pg.configure(path="off", wide=(64, 4))
+  assert backends.parse_spec("pallas: block_n=32 , splits=None") == (
+      "pallas", {"block_n": 32, "splits": None})
+  assert backends.get("pallas:path=off", path="always").config.path == "always"
+  with pytest.raises(ValueError, match=r"backend spec 'pallas:path': expected field=value"):
+    backends.get("pallas:path")
+  with pytest.raises(ValueError, match=r"path must be 'auto', 'always' or 'off', got 'of'"):
+    backends.get("pallas:path=of")

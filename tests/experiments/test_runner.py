@@ -155,6 +155,19 @@ def test_attention_microbench_config(tmp_path):
   _check_columns(directory, "attention_point")
 
 
+def test_backend_spec_strings_flow_from_gin_to_the_kernel(tmp_path):
+  """ablation_small_shape.gin at toy size: "pallas:path=always" / "pallas:path=off" (spec
+  strings) reach the pallas backend (interpret mode here) and every point runs."""
+  directory = run.run(["ablation_small_shape.gin"], [
+      "grid.batch_prefix=[(3, 40)]", "grid.suffix=[5]",
+      "grid.backend=['pallas:path=always', 'pallas:path=off']",
+      "experiment.fixed={'heads': 4, 'kv_heads': 2, 'head_dim': 16, 'dtype': 'float32'}",
+      "attention_point.repeats=1"], str(tmp_path), [])
+  rows = _rows(directory)
+  assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+  assert {r["backend"] for r in rows} == {"pallas:path=always", "pallas:path=off"}
+
+
 @pytest.mark.parametrize("config", sorted(
     f for f in os.listdir(run.CONFIGS) if f.endswith(".gin")))
 def test_every_config_parses_to_an_experiment(config):
