@@ -106,7 +106,7 @@ def make_plan(q_shape, kv_heads: int, capacities: Sequence[int], *, num_sms: int
 def _kernel(*refs, plan: PathPlan, specs: tuple, queries: int, scale_log2: float,
             exact: bool):
   """Program (b, kh, p). Refs: q [B,K,R,D]; per level its owner [B] int32 (has_owner), its
-  layer [1] int32 (stacked), its limits ([B,T] when T = 1, else [B,R] per row) int32, k, v
+  layer [1] int32 (stacked), its lengths [N] (T = 1) or limits [B,R] per row int32, k, v
   [N',S,K,D]; then out and lse: [B,K,R,D] in q's dtype and [B,K,R] f32 when P = 1 (for
   T = 1 these are out [B,1,H,D] and lse [B,1,H] as they are), else [P,B,K,Rp,D] and
   [P,B,K,Rp] f32 partials. Rows R..Rp-1 are padding: masked loads and stores."""
@@ -129,17 +129,18 @@ def _kernel(*refs, plan: PathPlan, specs: tuple, queries: int, scale_log2: float
 
   pos = 0
   for lvl, spec in enumerate(specs):
-    node = b
+    local = b
     if spec.has_owner:
-      node = refs[pos][b]
+      local = refs[pos][b]
       pos += 1
+    node = local
     if spec.stacked:
-      node = node + refs[pos][0] * spec.nodes
+      node = local + refs[pos][0] * spec.nodes
       pos += 1
     lim_ref, k_ref, v_ref = refs[pos:pos + 3]
     pos += 3
     if queries == 1:
-      hi = lim_ref[b, 0]                           # every row of a decode query: one limit
+      hi = lim_ref[local]                          # lengths [N]: see `_level_args`
       lim = jnp.where(row_ok, hi, 0)
     else:
       lim = plt.load(lim_ref.at[b, pl.ds(0, rp)], mask=row_ok, other=0)
@@ -230,11 +231,18 @@ def _forward(q, level_args, *, plan: PathPlan, specs: tuple, scale: float, inter
   return o.reshape(b, t, h, d), lse.reshape(b, t, h)
 
 
-def _level_args(levels, limits, b: int):
+def _level_args(levels, limits, b: int, t: int):
   """Per level the kernel's inputs (owner [B] or None, layer [1] or None, limits, k, v) with
-  a stacked [L,N,S,K,D] cache seen as [L*N,S,K,D] (a reshape, no copy), and its LevelSpec."""
+  a stacked [L,N,S,K,D] cache seen as [L*N,S,K,D] (a reshape, no copy), and its LevelSpec.
+
+  For T = 1 the level's lengths [N] stand in for its limits: `hydragen_attention`'s limit of
+  a single query is its node's length (bottom-right causal: min(length, keys from this level
+  on) = length), so the kernel reads lengths[node] and the limits' arithmetic is dead code
+  that XLA drops: the call is the kernel launch alone."""
   args, specs = [], []
   for lv, lim in zip(levels, limits):
+    if t == 1:
+      lim = jnp.asarray(lv.lengths, jnp.int32)
     k, v = lv.k, lv.v
     n = k.shape[-4]
     owner = None if lv.owner is None else jnp.asarray(lv.owner, jnp.int32).reshape(b)
@@ -266,7 +274,7 @@ def path_attention(q, levels, limits, *, scale: float, plan: PathPlan, interpret
   b = q.shape[0]
 
   def impl(q, levels, limits):
-    args, specs = _level_args(levels, limits, b)
+    args, specs = _level_args(levels, limits, b, q.shape[1])
     return _forward(q, args, plan=plan, specs=specs, scale=float(scale), interpret=interpret)
 
   f = jax.custom_vjp(impl)
