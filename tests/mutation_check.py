@@ -93,7 +93,8 @@ MUTATIONS = [
     Mutation("path_wrong_node", "path kernel: a shared level read at the sequence's index, "
              "not its owner's node",
              "hydrax.attention.kernels.path_gpu", "_kernel",
-             "node = refs[pos][b]", "node = jnp.minimum(b, spec.nodes - 1) + 0 * refs[pos][b]",
+             "local = refs[pos][b]",
+             "local = jnp.minimum(b, spec.nodes - 1) + 0 * refs[pos][b]",
              ("pallas_path",)),
     Mutation("mosaic_lse_log2", "Mosaic GPU kernel: lse left in base 2 (no * ln 2)",
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",
