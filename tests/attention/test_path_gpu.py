@@ -126,6 +126,11 @@ def test_the_path_kernel_is_what_runs_and_the_cost_rule_picks_it():
   # ... and with a crossover of 0 bytes the grouped levels do.
   assert "hydrax_path_attention" not in _program_kernels(
       q, levels, backends.get("pallas", path_crossover_bytes=0))
+  # Without a shared level (dense attention, replicated caches) "auto" keeps the grouped kernel.
+  dense = [(k, v, n, None) for k, v, n, _ in levels[2:]]
+  assert "hydrax_path_attention" not in _program_kernels(q, dense, backends.get("pallas"))
+  assert _program_kernels(q, dense, backends.get("pallas", path="always")) == [
+      "hydrax_path_attention"]
   # lowering="mosaic" asks for the grouped Mosaic GPU kernel: "auto" leaves the path alone.
   lv = [KVLevel(jnp.asarray(k), jnp.asarray(v), jnp.asarray(n), o) for k, v, n, o in levels]
   assert not pg.path_mode(q.shape, jnp.float32, lv, pg.Config(lowering="mosaic"))[0]

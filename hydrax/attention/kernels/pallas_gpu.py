@@ -924,7 +924,8 @@ def hydragen_attention_fused(q, levels, *, causal_last: bool = True,
 
 
 def path_mode(q_shape, dtype, levels, cfg: Config) -> tuple:
-  """(takes the path kernel, why not): the cost rule of the small-shape path. Sharing a level
+  """(takes the path kernel, why not): the cost rule of the small-shape path, for calls with a
+  shared level (per-sequence attention alone keeps the grouped kernel). Sharing a level
   saves (B - min(N, B)) node reads of its keys and values; below `cfg.path_crossover_bytes`
   saved (all KV heads) the grouped levels' fixed costs (a launch per level, row packing, tile
   bounds, the merges) outweigh it and one launch over every sequence's path wins."""
@@ -938,6 +939,10 @@ def path_mode(q_shape, dtype, levels, cfg: Config) -> tuple:
     return False, reason
   if cfg.path == "always":
     return True, None
+  if all(lv.owner is None for lv in levels):
+    # Per-sequence attention only (dense attention, replicated caches): nothing to share, and
+    # the measured crossover is about trees; these calls keep the grouped kernel.
+    return False, "no shared level"
   shapes = [fused_worklist.LevelShape(lv.k.shape[-4], lv.k.shape[-3], lv.owner is not None)
             for lv in levels]
   saved = fused_worklist.sharing_saved_bytes(q_shape, shapes, jnp.dtype(dtype).itemsize)
