@@ -63,9 +63,9 @@ MUTATIONS = [
              "hydrax.attention.xla", "level_attention",
              "k = jnp.where(seen, k, jnp.zeros((), k.dtype))\n  v = jnp.where(seen, v, "
              "jnp.zeros((), v.dtype))", "pass", ("xla",)),
-    Mutation("pallas_lse_log2", "Triton kernel: lse left in base 2 (no * ln 2)",
-             "hydrax.attention.kernels.pallas_gpu", "_tile_body",
-             "(m + jnp.log2(l_safe)) * LN2", "(m + jnp.log2(l_safe))", ("pallas",)),
+    Mutation("flash_lse_log2", "Pallas kernels' shared finish: lse left in base 2 (no * ln 2)",
+             "hydrax.attention.kernels.flash", "finish",
+             "(m + jnp.log2(l_safe)) * LN2", "(m + jnp.log2(l_safe))", ("pallas", "pallas_path")),
     Mutation("pallas_last_block_dropped", "Triton kernel: key-block bound rounds down (the "
              "last partial key block is dropped)",
              "hydrax.attention.kernels.pallas_gpu", "_tile_body",
@@ -78,9 +78,6 @@ MUTATIONS = [
              "capacity S instead of the tile's largest limit",
              "hydrax.attention.kernels.pallas_gpu", "_tile_body",
              "kv_ok = (keys < hi)[:, None]", "kv_ok = (keys < s_cap)[:, None]", ("pallas",)),
-    Mutation("path_lse_log2", "path kernel: lse left in base 2 (no * ln 2)",
-             "hydrax.attention.kernels.path_gpu", "_kernel",
-             "(m + jnp.log2(l_safe)) * LN2", "(m + jnp.log2(l_safe))", ("pallas_path",)),
     Mutation("path_last_block_dropped", "path kernel: key-block bound rounds down (the last "
              "partial key block of each level is dropped)",
              "hydrax.attention.kernels.path_gpu", "_kernel",
@@ -88,8 +85,8 @@ MUTATIONS = [
     Mutation("path_row_limit_ignored", "path kernel: scores masked at the program's largest "
              "limit, not each row's own",
              "hydrax.attention.kernels.path_gpu", "_kernel",
-             "s = jnp.where(keys[None, :] < lim[:, None], s, -jnp.inf)",
-             "s = jnp.where(keys[None, :] < hi, s, -jnp.inf)", ("pallas_path",)),
+             "visible=keys[None, :] < lim[:, None])", "visible=keys[None, :] < hi)",
+             ("pallas_path",)),
     Mutation("path_wrong_node", "path kernel: a shared level read at the sequence's index, "
              "not its owner's node",
              "hydrax.attention.kernels.path_gpu", "_kernel",

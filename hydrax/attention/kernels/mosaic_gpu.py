@@ -27,7 +27,7 @@ A stacked cache [L,N,S,K,D] is passed as [L*N,S,K,D] (a bitcast) with the layer'
 layer*N in the table's nodes: TMA then reads the layer in place.
 
 Outputs: out [P,K,R,D] in q's dtype (normalised per split), lse [P,K,R] float32, natural log.
-The caller merges the P splits through their LSEs (`pallas_gpu._combine`).
+The caller merges the P splits through their LSEs (`flash.combine_splits`).
 
 Runs on Hopper (sm_90) GPUs with bf16 or fp16; off GPU it runs in Mosaic GPU interpret mode
 (slow; for tests). Callers pick it through `pallas_gpu` (the `pallas` backend) for stacked

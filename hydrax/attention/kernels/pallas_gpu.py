@@ -65,10 +65,8 @@ from hydrax._log import log_once
 from hydrax.attention import backends, checks, xla
 from hydrax.attention.merge import merge as merge_parts
 from hydrax.attention.checks import concrete
-from hydrax.attention.kernels import fused_worklist, grouping, mosaic_gpu, path_gpu
+from hydrax.attention.kernels import flash, fused_worklist, grouping, mosaic_gpu, path_gpu
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # Cost rule of the small-shape path (`all_levels`): the bytes sharing saves under which the
 # path kernel runs. Measured on the H200 (experiments/results/fused_h200/run6, decode T=1,
@@ -140,10 +138,6 @@ def configure(**changes) -> backends.Backend:
   return backends.get("pallas", **changes)
 
 
-def _pow2_at_least(x: int, low: int = 16) -> int:
-  return max(low, 1 << max(0, int(x) - 1).bit_length())
-
-
 def _interpret(cfg: Config) -> bool:
   if cfg.interpret is not None:
     return cfg.interpret
@@ -213,13 +207,13 @@ def _plan(cfg: Config, rows_per_node: float, num_tiles: int, kv_heads: int, s: i
   key block, shrink until the program fits the shared-memory budget (float32 tiles are twice
   the bytes of bf16 ones)."""
   bm = cfg.block_m or min(_max_block_m(cfg, dp, itemsize),
-                          _pow2_at_least(math.ceil(rows_per_node)))
+                          flash.pow2_at_least(math.ceil(rows_per_node)))
   wide = bm * dp >= 64 * 128
   if wide:
     (tbn, tstages), twarps = cfg.wide, min(8, max(4, bm // 32))
   else:
     tbn, twarps, tstages = cfg.narrow
-  bn = cfg.block_n or min(tbn, _pow2_at_least(s))
+  bn = cfg.block_n or min(tbn, flash.pow2_at_least(s))
   warps = cfg.num_warps or twarps
   stages = cfg.num_stages or tstages
   if not interpret:
@@ -326,43 +320,29 @@ def _tile_body(refs, i, j, kh, spec: _Spec):
   precision = lax.Precision.HIGHEST if spec.exact else lax.Precision.DEFAULT
 
   def step(blk, carry, masked):
-    m, l, acc = carry
     s0 = blk * block_n
     ksl = pl.ds(s0, block_n)
+    visible = None
     if masked:
       keys = s0 + jnp.arange(block_n, dtype=jnp.int32)
       kv_ok = (keys < hi)[:, None]          # hi <= length <= S: also guards loads past S
       kb = plt.load(k_ref.at[node, ksl, kh, :], mask=kv_ok, other=0)
       vb = plt.load(v_ref.at[node, ksl, kh, :], mask=kv_ok, other=0)
+      visible = keys[None, :] < lim[:, None]
     else:
       kb = plt.load(k_ref.at[node, ksl, kh, :])
       vb = plt.load(v_ref.at[node, ksl, kh, :])
-    s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32) * spec.scale_log2
-    if masked:
-      s = jnp.where(keys[None, :] < lim[:, None], s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_use = jnp.where(m_new > -jnp.inf, m_new, 0.0) if masked else m_new
-    alpha = jnp.exp2(m - m_use)
-    p = jnp.exp2(s - m_use[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
-    pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())),
-                         precision=precision, preferred_element_type=jnp.float32)
-    return m_new, l, acc * alpha[:, None] + pv
+    return flash.softmax_step(carry, q, kb, vb, scale_log2=spec.scale_log2,
+                              precision=precision, visible=visible)
 
   b_first = j * spec.blocks_per_split
   b_end = jnp.minimum(b_first + spec.blocks_per_split, lax.div(hi + block_n - 1, block_n))
   b_full = jnp.clip(lax.div(jnp.minimum(lo, s_cap), block_n), b_first,
                     jnp.maximum(b_end, b_first))
-  carry = (jnp.full((block_m,), -jnp.inf, jnp.float32), jnp.zeros((block_m,), jnp.float32),
-           jnp.zeros((block_m, dp), jnp.float32))
+  carry = flash.initial_carry(block_m, dp)
   carry = lax.fori_loop(b_first, b_full, functools.partial(step, masked=False), carry)
-  m, l, acc = lax.fori_loop(b_full, b_end, functools.partial(step, masked=True), carry)
-
-  has = l > 0
-  l_safe = jnp.where(has, l, 1.0)
-  out = acc / l_safe[:, None]
-  lse = jnp.where(has, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+  carry = lax.fori_loop(b_full, b_end, functools.partial(step, masked=True), carry)
+  out, lse = flash.finish(carry)
   plt.store(o_ref.at[j, kh, rsl, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
   plt.store(lse_ref.at[j, kh, rsl], lse, mask=row_ok)
 
@@ -392,20 +372,6 @@ def _kernel(*refs, specs):
     else:
       pl.when(jnp.logical_and(pid >= base, pid < base + count))(run)
     base += count
-
-
-def _combine(out, lse):
-  """Merges P key splits: out [P,...,Dp] f32, lse [P,...] -> ([..., Dp], [...])."""
-  if out.shape[0] == 1:
-    return out[0], lse[0]
-  m = jnp.max(lse, axis=0)
-  m_safe = jnp.where(m > -jnp.inf, m, 0.0)
-  w = jnp.exp(lse - m_safe)
-  total = jnp.sum(w, axis=0)
-  has = total > 0
-  total_safe = jnp.where(has, total, 1.0)
-  o = jnp.sum(w[..., None] * out, axis=0) / total_safe[..., None]
-  return o, jnp.where(has, m_safe + jnp.log(total_safe), -jnp.inf)
 
 
 class LevelInput(NamedTuple):
@@ -448,7 +414,7 @@ def grouped_attention(levels, *, scale: float, interpret: bool, poison: bool = F
       raise ValueError(f"tile_bounds must be 'xla' or 'kernel', got {tile_bounds!r}")
     in_kernel = tile_bounds == "kernel"
     specs.append(_Spec(lv.plan.block_m, lv.plan.block_n, lv.plan.blocks_per_split,
-                       lv.plan.splits, lv.layout.num_tiles, kh, float(scale) * LOG2E,
+                       lv.plan.splits, lv.layout.num_tiles, kh, float(scale) * flash.LOG2E,
                        lv.qp.dtype == jnp.float32, in_kernel,
                        not isinstance(lv.layout.count, np.ndarray)))
     tiles = [jnp.asarray(x, jnp.int32) for x in (lv.layout.node, lv.layout.start,
@@ -474,7 +440,7 @@ def grouped_attention(levels, *, scale: float, interpret: bool, poison: bool = F
       input_output_aliases=aliases,
       name="hydrax_grouped_attention",
   )(*args)
-  return [_combine(outs[2 * i], outs[2 * i + 1]) for i in range(len(levels))]
+  return [flash.combine_splits(outs[2 * i], outs[2 * i + 1]) for i in range(len(levels))]
 
 
 def _pack(q, order, kh, dp):
@@ -560,7 +526,7 @@ def _prepare(q_shape, k, v, owner, limits, cfg: Config, layer=None) -> _Prepared
   n, s, kh, _ = k.shape[-4:]
   g = h // kh
   interpret = _interpret(cfg)
-  dp = _pow2_at_least(d)
+  dp = flash.pow2_at_least(d)
   k, v, offset = _layer_view(k, v, layer, cfg, in_place_ok=dp == d)
   if dp != d:
     pad = ((0, 0), (0, 0), (0, 0), (0, dp - d))
@@ -569,7 +535,7 @@ def _prepare(q_shape, k, v, owner, limits, cfg: Config, layer=None) -> _Prepared
   rows_per_node = _rows_per_node(q_shape, n, kh, owner)
   itemsize = jnp.dtype(k.dtype).itemsize
   bm = cfg.block_m or min(_max_block_m(cfg, dp, itemsize),
-                          _pow2_at_least(math.ceil(rows_per_node)))
+                          flash.pow2_at_least(math.ceil(rows_per_node)))
   layout = grouping.make_layout(owner, n, b, rows_per_seq, bm)
   plan = _plan(dataclasses.replace(cfg, block_m=bm), rows_per_node,
                _busy_tiles(layout, b * rows_per_seq), kh, s, dp, interpret, itemsize)
@@ -672,7 +638,7 @@ def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config, layer=None):
   out, lse = mosaic_gpu.tile_attention(
       qt, k, v, tab, limt, scale=scale, block_kv=bk, stages=mc.stages, splits=splits,
       blocks_per_split=bps, interpret=interpret)
-  out, lse = _combine(out.astype(jnp.float32), lse)                # [K, Tn*TILE, D], [K, ...]
+  out, lse = flash.combine_splits(out.astype(jnp.float32), lse)                # [K, Tn*TILE, D], [K, ...]
   if not in_place:
     slots = num_tiles * tile
     if static:
@@ -971,7 +937,7 @@ def all_levels(q, levels, limits, *, scale, config: Optional[Config] = None):
   interpret = _interpret(cfg)
   caps = [lv.k.shape[-3] for lv, _ in live]
   block_n, warps, stages = cfg.narrow
-  block_n = cfg.block_n or min(block_n, _pow2_at_least(max(caps)))
+  block_n = cfg.block_n or min(block_n, flash.pow2_at_least(max(caps)))
   plan = path_gpu.make_plan(q.shape, levels[0].k.shape[-2], caps, num_sms=_num_sms(),
                             block_n=block_n, num_warps=cfg.num_warps or warps,
                             num_stages=cfg.num_stages or stages,

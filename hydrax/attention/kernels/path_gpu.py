@@ -40,10 +40,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from hydrax.attention import xla
+from hydrax.attention.kernels import flash
 from hydrax.attention.merge import merge
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_ROWS = 64        # R = T*G per program: decode (T = 1) and short query chunks
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -64,10 +63,6 @@ class LevelSpec(NamedTuple):
   has_owner: bool        # node = owner[b] (else b: a per-sequence level)
   stacked: bool          # k, v [L*N,S,K,D]: node + layer * N
   nodes: int             # N
-
-
-def _pow2_at_least(x: int, low: int = 16) -> int:
-  return max(low, 1 << max(0, int(x) - 1).bit_length())
 
 
 def unsupported_reason(q_shape, dtype, kv_heads: int) -> Optional[str]:
@@ -99,7 +94,7 @@ def make_plan(q_shape, kv_heads: int, capacities: Sequence[int], *, num_sms: int
     if programs < min_programs_per_sm * num_sms:
       splits = max(1, min(-(-num_sms // programs), max(blocks) // min_blocks_per_split))
   splits = max(1, min(int(splits), max(blocks)))
-  return PathPlan(rows, _pow2_at_least(rows), block_n, splits,
+  return PathPlan(rows, flash.pow2_at_least(rows), block_n, splits,
                   tuple(-(-nb // splits) for nb in blocks), num_warps, num_stages)
 
 
@@ -123,9 +118,7 @@ def _kernel(*refs, plan: PathPlan, specs: tuple, queries: int, scale_log2: float
   row_ok = rows < r
   precision = lax.Precision.HIGHEST if exact else lax.Precision.DEFAULT
   q = plt.load(q_ref.at[b, kh, pl.ds(0, rp), :], mask=row_ok[:, None], other=0)
-  d = q.shape[-1]
-  carry = (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32),
-           jnp.zeros((rp, d), jnp.float32))
+  carry = flash.initial_carry(rp, q.shape[-1])
 
   pos = 0
   for lvl, spec in enumerate(specs):
@@ -147,45 +140,27 @@ def _kernel(*refs, plan: PathPlan, specs: tuple, queries: int, scale_log2: float
       hi = jnp.max(lim)
 
     def step(blk, carry, k_ref=k_ref, v_ref=v_ref, node=node, lim=lim, hi=hi):
-      m, l, acc = carry
       s0 = blk * bn
       keys = s0 + jnp.arange(bn, dtype=jnp.int32)
       kv_ok = (keys < hi)[:, None]                 # hi <= length <= S: no load past S
       ksl = pl.ds(s0, bn)
       kb = plt.load(k_ref.at[node, ksl, kh, :], mask=kv_ok, other=0)
       vb = plt.load(v_ref.at[node, ksl, kh, :], mask=kv_ok, other=0)
-      s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=precision,
-                          preferred_element_type=jnp.float32) * scale_log2
-      s = jnp.where(keys[None, :] < lim[:, None], s, -jnp.inf)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      m_use = jnp.where(m_new > -jnp.inf, m_new, 0.0)
-      alpha = jnp.exp2(m - m_use)
-      p = jnp.exp2(s - m_use[:, None])
-      pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())),
-                           precision=precision, preferred_element_type=jnp.float32)
-      return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+      return flash.softmax_step(carry, q, kb, vb, scale_log2=scale_log2, precision=precision,
+                                visible=keys[None, :] < lim[:, None])
 
     bps = plan.blocks_per_split[lvl]
     first = split * bps
     end = jnp.minimum(first + bps, lax.div(hi + bn - 1, bn))
     carry = lax.fori_loop(first, jnp.maximum(end, first), step, carry)
 
-  m, l, acc = carry
-  has = l > 0
-  l_safe = jnp.where(has, l, 1.0)
-  out = acc / l_safe[:, None]
-  lse = jnp.where(has, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+  out, lse = flash.finish(carry)
   if plan.splits == 1:
     plt.store(o_ref.at[b, kh, pl.ds(0, rp), :], out.astype(o_ref.dtype), mask=row_ok[:, None])
     plt.store(lse_ref.at[b, kh, pl.ds(0, rp)], lse, mask=row_ok)
   else:
     o_ref[split, b, kh, :, :] = out
     lse_ref[split, b, kh, :] = lse
-
-
-def _merge_splits(out, lse):
-  """out [P,...,D], lse [P,...] -> the LSE merge over P."""
-  return merge([(out[i], lse[i]) for i in range(out.shape[0])])
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "specs", "scale", "interpret"))
@@ -212,8 +187,8 @@ def _forward(q, level_args, *, plan: PathPlan, specs: tuple, scale: float, inter
     out_shape = [jax.ShapeDtypeStruct((plan.splits, b, kh, rp, d), jnp.float32),
                  jax.ShapeDtypeStruct((plan.splits, b, kh, rp), jnp.float32)]
   o, lse = pl.pallas_call(
-      functools.partial(_kernel, plan=plan, specs=specs, queries=t, scale_log2=scale * LOG2E,
-                        exact=q.dtype == jnp.float32),
+      functools.partial(_kernel, plan=plan, specs=specs, queries=t,
+                        scale_log2=scale * flash.LOG2E, exact=q.dtype == jnp.float32),
       grid=(b * kh * plan.splits,),
       out_shape=out_shape,
       compiler_params=None if interpret else plt.CompilerParams(
@@ -222,7 +197,7 @@ def _forward(q, level_args, *, plan: PathPlan, specs: tuple, scale: float, inter
       name="hydrax_path_attention",
   )(*args)
   if plan.splits > 1:
-    o, lse = _merge_splits(o, lse)
+    o, lse = flash.combine_splits(o, lse)
     o, lse = o[:, :, :r], lse[:, :, :r]
   o = o.reshape(b, kh, t, g, d)
   lse = lse.reshape(b, kh, t, g)
