@@ -78,7 +78,6 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from hydrax.attention import KVLevel, hydragen_attention  # noqa: E402
-from hydrax.attention import xla as xla_backend  # noqa: E402
 from hydrax.attention.kernels import pallas_gpu as pg  # noqa: E402
 from experiments import peers  # noqa: E402
 
@@ -269,6 +268,21 @@ def _cudnn_step(q, k, v, layer):
   return CUDNN(q, k[0], v[0])
 
 
+def time_peer(impl, b, p, u, h, kh, d, case, xla_fn) -> dict:
+  """A peer of experiments/peers.py on this case: back-to-back and device us (CUDA events or
+  an in-jit loop, as the peer is timed) and its output's error against hydrax's XLA backend."""
+  why = peers.unavailable(impl)
+  if why:
+    raise RuntimeError(f"not importable: {why}")
+  if jax.default_backend() != "gpu":
+    raise RuntimeError("needs a GPU")
+  if impl != "flashinfer" and 2 * b * (p + u) * kh * d * 2 > ARGS.max_replicated_gb * 1e9:
+    raise MemoryError(f"copied caches would take {2*b*(p+u)*kh*d*2/1e9:.0f} GB")
+  us, dev, out = peers.run(impl, b, p, u, h, kh, d, case, loop=ARGS.loop, outer=ARGS.outer)
+  ref = xla_fn(*case, jnp.int32(0))
+  return dict(us=us, device_us=dev, rel_err=_rel(out, np.asarray(ref[:, 0], np.float32)))
+
+
 def time_shape(name, b, p, u, h, kh, d, ceil, impls, rows, backend, seed=0):
   """Times the implementations on one shape: back to back (`us`, host dispatch overlapping
   the device) and in a dependent in-jit loop (`device_us`); appends rows; returns
@@ -285,47 +299,31 @@ def time_shape(name, b, p, u, h, kh, d, ceil, impls, rows, backend, seed=0):
       continue
     try:
       if impl in peers.PEERS:
-        why = peers.unavailable(impl)
-        if why:
-          raise RuntimeError(f"not importable: {why}")
-        if jax.default_backend() != "gpu":
-          raise RuntimeError("needs a GPU")
-        if impl != "flashinfer" and 2 * b * (p + u) * kh * d * 2 > ARGS.max_replicated_gb * 1e9:
-          raise MemoryError(f"copied caches would take {2*b*(p+u)*kh*d*2/1e9:.0f} GB")
-        us, dev, out = peers.run(impl, b, p, u, h, kh, d, case, loop=ARGS.loop, outer=ARGS.outer)
-        ref = fns["xla"](*case, jnp.int32(0))
-        row = dict(shape=name, impl=impl, B=b, P=p, U=u, H=h, K=kh, D=d, us=us,
-                   device_us=dev, rel_err=_rel(out, np.asarray(ref[:, 0], np.float32)), **fl)
-        for src in ("torch", "jnp"):
-          if f"floor_{src}_us" in fl:
-            row[f"pct_floor_{src}"] = 100 * fl[f"floor_{src}_us"] / dev
-        rows.append(row)
-        res[impl] = row
-        log(f"{name:>22} {impl:>13} {us:10.1f} us back to back, {dev:10.1f} us device")
-        continue
-      if impl == "cudnn":
-        if 2 * b * (p + u) * kh * d * 2 > ARGS.max_replicated_gb * 1e9:
-          raise MemoryError(f"replicated caches would take {2*b*(p+u)*kh*d*2/1e9:.0f} GB")
-        q, kp, vp, ks, vs = case
-        k, v = replicated(kp[0], vp[0], ks[0], vs[0])
-        fn, args, copies = _cudnn_step, (q, k[None], v[None]), 1
-        t, tmin, inner = bench(CUDNN, [(q, k, v)])
+        measured = time_peer(impl, b, p, u, h, kh, d, case, fns["xla"])
       else:
-        fn, args, copies = fns[impl], case, rot
-        t, tmin, inner = bench(fn, [case + (jnp.int32(i),) for i in range(rot)])
-      loop = dependent_loop(lambda q, *r: fn(q, *r), ARGS.loop)
-      td, _, _ = bench(loop, [args], min_batch_s=0, outer=ARGS.outer)
-      row = dict(shape=name, impl=impl, B=b, P=p, U=u, H=h, K=kh, D=d, us=t * 1e6,
-                 us_min=tmin * 1e6, device_us=td / ARGS.loop * 1e6, inner=inner,
-                 rotations=copies, **fl)
-      del args
+        if impl == "cudnn":
+          if 2 * b * (p + u) * kh * d * 2 > ARGS.max_replicated_gb * 1e9:
+            raise MemoryError(f"replicated caches would take {2*b*(p+u)*kh*d*2/1e9:.0f} GB")
+          q, kp, vp, ks, vs = case
+          k, v = replicated(kp[0], vp[0], ks[0], vs[0])
+          fn, args, copies = _cudnn_step, (q, k[None], v[None]), 1
+          t, tmin, inner = bench(CUDNN, [(q, k, v)])
+        else:
+          fn, args, copies = fns[impl], case, rot
+          t, tmin, inner = bench(fn, [case + (jnp.int32(i),) for i in range(rot)])
+        loop = dependent_loop(lambda q, *r: fn(q, *r), ARGS.loop)
+        td, _, _ = bench(loop, [args], min_batch_s=0, outer=ARGS.outer)
+        measured = dict(us=t * 1e6, us_min=tmin * 1e6, device_us=td / ARGS.loop * 1e6,
+                        inner=inner, rotations=copies)
+        del args
+      row = dict(shape=name, impl=impl, B=b, P=p, U=u, H=h, K=kh, D=d, **measured, **fl)
       for src in ("torch", "jnp"):
         if f"floor_{src}_us" in fl:
           row[f"pct_floor_{src}"] = 100 * fl[f"floor_{src}_us"] / row["device_us"]
       rows.append(row)
       res[impl] = row
-      log(f"{name:>22} {impl:>13} {t*1e6:10.1f} us back to back, {row['device_us']:10.1f} us "
-          f"device (floor {fl.get('floor_torch_us', 0):.1f})")
+      log(f"{name:>22} {impl:>13} {row['us']:10.1f} us back to back, {row['device_us']:10.1f} "
+          f"us device (floor {fl.get('floor_torch_us', 0):.1f})")
     except Exception as e:
       msg = repr(e).splitlines()[0][:200]
       rows.append(dict(shape=name, impl=impl, B=b, P=p, U=u, H=h, K=kh, D=d, error=msg, **fl))

@@ -278,18 +278,8 @@ def time_shapes(shapes, h, kh, d, u, impls):
           us, dev = t * 1e6, td / ARGS.loop * 1e6
           del k, v
         elif impl in peers:
-          if peers[impl]:
-            raise RuntimeError(f"not importable: {peers[impl]}")
-          if not on_gpu:
-            raise RuntimeError("needs a GPU")
-          if impl != "flashinfer" and 2 * b * (p + u) * kh * d * 2 > \
-              ARGS.max_replicated_gb * 1e9:
-            raise MemoryError(f"copied caches: {2 * b * (p + u) * kh * d * 2 / 1e9:.0f} GB")
-          us, dev, out = pe.run(impl, b, p, u, h, kh, d, case, loop=ARGS.loop,
-                                outer=ARGS.outer)
-          if out is not None:
-            ref = _hydrax_fn(b, p, u, "xla")(*case, jnp.int32(0))
-            extra["rel_err"] = ba._rel(out, np.asarray(ref[:, 0], np.float32))
+          timed = ba.time_peer(impl, b, p, u, h, kh, d, case, _hydrax_fn(b, p, u, "xla"))
+          us, dev, extra["rel_err"] = timed["us"], timed["device_us"], timed["rel_err"]
         else:
           raise ValueError(f"unknown impl {impl!r}")
         row = dict(base, us=us, device_us=dev, pct_floor=100 * floor / dev, **extra)

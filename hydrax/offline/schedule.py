@@ -161,7 +161,7 @@ def _prefix_length(a: np.ndarray, b: np.ndarray) -> int:
 
 def _shared(sequences, a: int, b: int) -> int:
   """Leading tokens that sequences[a] and sequences[b] share."""
-  return int(lcp_with_previous(sequences, np.array([a, b]))[1])
+  return _prefix_length(sequences[a], sequences[b])
 
 
 def batch_sizes(max_batch: int) -> list:
