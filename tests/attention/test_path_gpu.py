@@ -150,11 +150,14 @@ def test_cost_rule_is_the_bytes_sharing_saves():
   assert not take and str(saved) in why
 
 
-def test_plan_splits_only_when_the_gpu_would_idle():
-  # B*K = 128 programs on 132 SMs: one split (no merge launch).
+def test_plan_splits_for_two_programs_an_sm():
+  # B*K = 128 programs on 132 SMs: 3 splits make 384 >= 2 an SM.
   plan = path_gpu.make_plan((16, 1, 32, 128), 8, [1024, 128], num_sms=132)
+  assert plan.splits == 3 and plan.blocks_per_split == (6, 1)
+  # B*K = 512: enough programs, one split (no merge).
+  plan = path_gpu.make_plan((64, 1, 32, 128), 8, [1024, 128], num_sms=132)
   assert plan.splits == 1 and plan.blocks_per_split == (16, 2)
-  # B*K = 8: splits for one program per SM, each >= 4 key blocks of the longest level.
+  # B*K = 8: 33 wanted, capped so that each split has >= 4 key blocks of the longest level.
   plan = path_gpu.make_plan((2, 1, 16, 128), 4, [4096, 128], num_sms=132)
   assert plan.splits == 16 and plan.blocks_per_split == (4, 1)
   assert path_gpu.make_plan((2, 1, 16, 128), 4, [4096], num_sms=132, splits=5).splits == 5
@@ -223,12 +226,17 @@ def _cuda_ops(backend, b=16, p=1024, u=128, kh=8, g=4, d=128):
 
 
 def test_a_decode_call_is_one_triton_kernel_on_the_gpu():
-  """On a GPU the small-shape path of a decode call (one key split) is the kernel launch and
-  the limit arithmetic on [B] vectors: no reduction, transpose, exponent or second kernel,
-  where the grouped levels lower to two kernels and the XLA work around them."""
-  ops, kernels = _cuda_ops(backends.get("pallas", path="always", interpret=False))
+  """On a GPU the small-shape path of a decode call with one key split (B*K = 512 programs)
+  is the kernel launch and the limit arithmetic on [B] vectors: no reduction, transpose,
+  exponent or second kernel, where the grouped levels lower to two kernels and the XLA work
+  around them. With fewer sequences (B = 16) it splits the keys: still one kernel, and the
+  splits' merge."""
+  ops, kernels = _cuda_ops(backends.get("pallas", path="always", interpret=False), b=64)
   assert kernels == 1
   assert not {"stablehlo.reduce", "stablehlo.transpose", "stablehlo.exponential",
               "stablehlo.dot_general", "stablehlo.gather"} & set(ops), sorted(set(ops))
-  grouped, grouped_kernels = _cuda_ops(backends.get("pallas", path="off", interpret=False))
+  split_ops, split_kernels = _cuda_ops(backends.get("pallas", path="always", interpret=False))
+  assert split_kernels == 1 and "stablehlo.exponential" in split_ops
+  grouped, grouped_kernels = _cuda_ops(backends.get("pallas", path="off", interpret=False),
+                                       b=64)
   assert grouped_kernels == 2 and "stablehlo.reduce" in grouped and len(grouped) > 3 * len(ops)
