@@ -203,6 +203,37 @@ def _time_jax(fn, case, rot):
   return t * 1e6, td / ARGS.loop * 1e6
 
 
+def time_path_variants(shapes, h, kh, d, u, variants):
+  """Rows of the path kernel (forced) with each pallas Config change in `variants` at every
+  shape, exactness (rel_err against XLA) included; GPU only, cut by the budget."""
+  rows = []
+  for cfg in variants:
+    for p, b in shapes:
+      name = f"P{p}_B{b}"
+      base = dict(shape=name, impl="pallas_path_variant", variant=json.dumps(cfg), B=b, P=p,
+                  U=u)
+      if left() < 20:
+        rows.append(dict(base, error="skipped (budget)"))
+        continue
+      try:
+        if jax.default_backend() != "gpu":
+          raise RuntimeError("needs a GPU (interpret mode is not timed)")
+        bk = backends.get("pallas", **{**cfg, "path": "always"})
+        case = _case(p + b, b, p, u, h, kh, d, 1)
+        us, dev = _time_jax(_hydrax_fn(b, p, u, bk), case, 1)
+        got = _hydrax_fn(b, p, u, bk)(*case, jnp.int32(0))
+        with jax.default_matmul_precision("highest"):
+          want = _hydrax_fn(b, p, u, "xla")(*case, jnp.int32(0))
+        err = ba._rel(np.asarray(got, np.float64), np.asarray(want, np.float64))
+        rows.append(dict(base, us=us, device_us=dev, rel_err=err))
+        log(f"{name:>12} path {json.dumps(cfg)}: {us:.1f} us b2b {dev:.1f} us device "
+            f"(rel err {err:.1e})")
+      except Exception as e:
+        rows.append(dict(base, error=err_line(e)))
+        log(f"{name:>12} path {json.dumps(cfg)} FAILED {err_line(e)}")
+  return rows
+
+
 def _case(seed, b, p, u, h, kh, d, copies):
   """`bench_attention.make_case` (q, stacked prefix and suffix caches); in smoke mode from
   NumPy (a jax.random compile per shape costs seconds on a CPU, nothing on the GPU)."""
@@ -406,6 +437,10 @@ def main(argv=None):
   ap.add_argument("--variants", default='[{"max_block_m": 128}, {"num_warps": 4, '
                   '"programs_per_sm": 2}, {"block_n": 128}]',
                   help="JSON list of fused Config changes timed at the first two shapes last")
+  ap.add_argument("--path-variants", default="[]",
+                  help="JSON list of pallas Config changes for the path kernel (forced), each "
+                  "timed at every shape after the table, if time is left; e.g. "
+                  "'[{\"path_programs_per_sm\": 4}, {\"num_stages\": 3}]'")
   ARGS = ap.parse_args(argv)
   ARGS.fused_extra = json.loads(ARGS.fused)
   ba.ARGS = argparse.Namespace(outer=ARGS.outer, budget=ARGS.budget, loop=ARGS.loop,
@@ -455,6 +490,7 @@ def main(argv=None):
         rows.append(dict(shape=name, impl="fused_variant", variant=json.dumps(cfg),
                          error=err_line(e)))
         log(f"{name:>12} variant {json.dumps(cfg)} FAILED {err_line(e)}")
+  rows += time_path_variants(shapes, h, kh, d, u, json.loads(ARGS.path_variants))
   write_csv(os.path.join(ARGS.out, "fused_timing.csv"), rows)
   cross = crossover(rows)
   path_cross = path_crossover(rows)

@@ -160,6 +160,9 @@ def test_plan_splits_for_two_programs_an_sm():
   # B*K = 8: 33 wanted, capped so that each split has >= 4 key blocks of the longest level.
   plan = path_gpu.make_plan((2, 1, 16, 128), 4, [4096, 128], num_sms=132)
   assert plan.splits == 16 and plan.blocks_per_split == (4, 1)
+  # More programs an SM asked for: 5 wanted at B*K = 128, capped at 16 blocks / 4.
+  plan = path_gpu.make_plan((16, 1, 32, 128), 8, [1024, 128], num_sms=132, programs_per_sm=4)
+  assert plan.splits == 4 and plan.blocks_per_split == (4, 1)
   assert path_gpu.make_plan((2, 1, 16, 128), 4, [4096], num_sms=132, splits=5).splits == 5
   assert path_gpu.make_plan((2, 1, 16, 128), 4, [64], num_sms=132, splits=5).splits == 1
 
@@ -191,9 +194,20 @@ def test_new_tree_of_same_shapes_does_not_recompile():
   assert path_gpu._forward._cache_size() == sizes
 
 
+def test_the_backend_passes_its_programs_an_sm_to_the_plan(monkeypatch):
+  seen = []
+  make_plan = path_gpu.make_plan
+  monkeypatch.setattr(path_gpu, "make_plan",
+                      lambda *a, **kw: seen.append(kw["programs_per_sm"]) or make_plan(*a, **kw))
+  q, levels = _tree(3, 4, 1, 2, 2, 16, np.float32)
+  _run(q, levels, jnp.float32, backends.get("pallas", path="always", path_programs_per_sm=6))
+  assert seen and set(seen) == {6}
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(path="sometimes"), "path must be 'auto', 'always' or 'off', got 'sometimes'"),
     (dict(path_crossover_bytes=-1), "path_crossover_bytes must be >= 0, got -1"),
+    (dict(path_programs_per_sm=0), "path_programs_per_sm must be >= 1, got 0"),
 ])
 def test_bad_configuration_names_the_field(change, match):
   with pytest.raises(ValueError, match=match):

@@ -114,6 +114,9 @@ class Config:
   # "off" never (the levels run one by one through the grouped kernel).
   path: str = "auto"
   path_crossover_bytes: int = PATH_CROSSOVER_BYTES
+  # The path kernel splits keys until it runs this many programs an SM (`path_gpu.make_plan`;
+  # `splits` overrides it).
+  path_programs_per_sm: int = 2
 
   def __post_init__(self):
     # JSON-friendly forms (benchmark flags) become the hashable ones.
@@ -129,6 +132,8 @@ class Config:
       raise ValueError(f"path must be 'auto', 'always' or 'off', got {self.path!r}")
     if self.path_crossover_bytes < 0:
       raise ValueError(f"path_crossover_bytes must be >= 0, got {self.path_crossover_bytes}")
+    if self.path_programs_per_sm < 1:
+      raise ValueError(f"path_programs_per_sm must be >= 1, got {self.path_programs_per_sm}")
 
 
 def configure(**changes) -> backends.Backend:
@@ -941,7 +946,8 @@ def all_levels(q, levels, limits, *, scale, config: Optional[Config] = None):
   plan = path_gpu.make_plan(q.shape, levels[0].k.shape[-2], caps, num_sms=_num_sms(),
                             block_n=block_n, num_warps=cfg.num_warps or warps,
                             num_stages=cfg.num_stages or stages,
-                            splits=cfg.splits or (1 if interpret else None))
+                            splits=cfg.splits or (1 if interpret else None),
+                            programs_per_sm=cfg.path_programs_per_sm)
   out, lse = path_gpu.path_attention(q, [lv for lv, _ in live], [lim for _, lim in live],
                                      scale=scale, plan=plan, interpret=interpret)
   return out.astype(q.dtype), lse
