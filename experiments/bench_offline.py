@@ -235,7 +235,8 @@ def main(argv=None) -> int:
   p.add_argument("--min_shared_tokens", type=float, default=256)
   p.add_argument("--backend", default="auto")
   p.add_argument("--compile_ahead", action="store_true",
-                 help="every mode compiles later batches' programs while a batch runs")
+                 help="every mode compiles later batches' programs while a batch runs "
+                 "(hydrax.generate's default; off here unless given, as in runs 1-4)")
   p.add_argument("--time_budget", type=float, default=480, help="seconds; no new run after")
   p.add_argument("--prepack", default="32,16,2048,1024",
                  help="batch,lo,hi,prefix of the attention-level Prepacking point ('' to skip)")

@@ -9,8 +9,9 @@ mesh, with the sharing tree as runtime data.
   footprint(config, prompts, ...) -> (kv_bytes, Signature)
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
   precompile(model, params, prompts, *, max_new_tokens, ...) -> (seconds, kept shapes or None)
+  compile_jobs(model, params, prompts, *, max_new_tokens, ...) -> CompileJobs
   clear_compiled_cache(); compiled_cache_info() -> (entries, compilations so far)
-  OutOfMemoryError, Generation, KeptNodes
+  OutOfMemoryError, Generation, KeptNodes, CompileJobs
 
 Attention modes (all three prefill each shared node of the plan once, attending to its
 ancestors through `hydragen_attention`, then each sequence's unique suffix; they differ in the
@@ -74,11 +75,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import math
 import threading
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -1199,11 +1201,12 @@ class _OOMGuard:
 
 class _Compiled:
   """A small least-recently-used cache of compiled (prefill, decode) executables, keyed by the
-  signature, the runtime and the model's structure; counts compilations. Decode loops are
-  also found by their own key (`_decode_signature`): plans that differ only in how they
-  prefill (a level laid into a kept one, packed or padded suffixes) share one. Thread-safe:
-  `precompile` may fill it from another thread while `generate` runs; a program that one
-  thread is compiling is waited for by the others (`lock`), never compiled twice."""
+  signature, the runtime and the model's structure; counts compilations. Each program is also
+  found on its own (`program`): prefills by that key, decode loops by their own key
+  (`_decode_signature`), so plans that differ only in how they prefill (a level laid into a
+  kept one, packed or padded suffixes) share one. Thread-safe: compile jobs
+  (`compile_jobs`) may fill it from other threads while `generate` runs; a program is
+  compiled by one thread at a time (`lock`, see `_program`), never twice."""
 
   def __init__(self, size: int):
     self.size = size
@@ -1214,10 +1217,20 @@ class _Compiled:
     self._guard = threading.Lock()
     self._locks: dict = {}
 
-  def lock(self, key) -> threading.Lock:
-    """The lock held while `key`'s program is looked up and, if missing, compiled."""
+  def lock(self, table: str, key) -> threading.Lock:
+    """The lock held while the program of `key` in `table` is looked up and, if missing,
+    compiled."""
     with self._guard:
-      return self._locks.setdefault(key, threading.Lock())
+      return self._locks.setdefault((table, key), threading.Lock())
+
+  def program(self, table: str, key):
+    """The program of `key` in `table` ("prefills" by key, completed calls' included;
+    "decodes" by decode key), or None."""
+    with self._guard:
+      if table == "prefills" and key in self.items:
+        self.items.move_to_end(key)
+        return self.items[key][0]
+      return getattr(self, table).get(key)
 
   def get(self, key, decode_key=None):
     with self._guard:
@@ -1245,10 +1258,12 @@ class _Compiled:
     with self._guard:
       self._bounded(getattr(self, table), key, program)
 
-  def compile(self, fn, *args, options: Optional[dict] = None):
+  def compile(self, stage, *args, options: Optional[dict] = None):
+    """stage.lower(*args) compiled: a jitted function with its arguments (arrays or their
+    shapes), or a traced one (`jax.stages.Traced`) without."""
     with self._guard:
       self.compilations += 1
-    return fn.lower(*args).compile(compiler_options=options)
+    return stage.lower(*args).compile(compiler_options=options)
 
   def clear(self):
     with self._guard:
@@ -1277,64 +1292,87 @@ def _executable_key(graphdef, params, sig: Signature, runtime: Runtime, sampling
           tuple(sorted((k, str(v)) for k, v in sampling.items())))
 
 
-def _prefill_program(graphdef, sig: Signature, runtime: Runtime, sampling: dict, key, params,
-                     inputs, key_first, eos, kept):
-  """The compiled prefill of `key`: cached, or compiled here from these arguments (arrays or
-  their shapes) by one thread while any other that wants it waits."""
-  with _EXECUTABLES.lock(("prefill",) + key):
-    program = _EXECUTABLES.get(key)[0]
-    if program is None:
-      rows_spec, one, level_spec, held_spec, _ = _specs(sig)
-      kept_spec = tuple((level_spec, rows_spec) for _ in kept)
-      lasts_spec = tuple(rows_spec for _ in held_spec)
-      fn = runtime.wrap(_make_prefill(graphdef, sig, runtime, sampling),
-                        in_specs=(one, jax.tree_util.tree_map(lambda _: rows_spec, inputs),
-                                  one, one, kept_spec),
-                        out_specs=(held_spec, level_spec, rows_spec, rows_spec, lasts_spec))
-      program = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn), donate_argnums=(4,)),
-                                     params, inputs, key_first, eos, kept,
-                                     options=runtime.compiler_options())
-      _EXECUTABLES.put_program("prefills", key, program)
-  return program
+def _prefill_jit(graphdef, sig: Signature, runtime: Runtime, sampling: dict, inputs, kept):
+  """The prefill of `sig`, jitted (its kept levels donated); inputs and kept: its arguments
+  (arrays or their shapes), for their specs."""
+  rows_spec, one, level_spec, held_spec, _ = _specs(sig)
+  kept_spec = tuple((level_spec, rows_spec) for _ in kept)
+  lasts_spec = tuple(rows_spec for _ in held_spec)
+  fn = runtime.wrap(_make_prefill(graphdef, sig, runtime, sampling),
+                    in_specs=(one, jax.tree_util.tree_map(lambda _: rows_spec, inputs),
+                              one, one, kept_spec),
+                    out_specs=(held_spec, level_spec, rows_spec, rows_spec, lasts_spec))
+  return jax.jit(_checked(runtime, fn), donate_argnums=(4,))
 
 
-def _decode_program(graphdef, sig: Signature, runtime: Runtime, sampling: dict, decode_key,
-                    params, *args):
-  """The compiled decode loop of `decode_key` (as `_prefill_program`); args: the decode's
-  arguments after params (arrays or their shapes)."""
-  with _EXECUTABLES.lock(decode_key):
-    program = _EXECUTABLES.get(None, decode_key)[1]
-    if program is None:
-      rows_spec, one, level_spec, held_spec, owner_spec = _specs(sig)
-      fn = runtime.wrap(_make_decode(graphdef, sig, runtime, sampling),
-                        in_specs=(one, held_spec, level_spec, owner_spec, rows_spec,
-                                  rows_spec, one, rows_spec, one, one),
-                        out_specs=(rows_spec, rows_spec, one, level_spec))
-      program = _EXECUTABLES.compile(jax.jit(_checked(runtime, fn), donate_argnums=(2,)),
-                                     params, *args, options=runtime.compiler_options())
-      _EXECUTABLES.put_program("decodes", decode_key, program)
-  return program
+def _decode_jit(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
+  """The decode loop of `sig`, jitted (its suffix cache donated)."""
+  rows_spec, one, level_spec, held_spec, owner_spec = _specs(sig)
+  fn = runtime.wrap(_make_decode(graphdef, sig, runtime, sampling),
+                    in_specs=(one, held_spec, level_spec, owner_spec, rows_spec,
+                              rows_spec, one, rows_spec, one, one),
+                    out_specs=(rows_spec, rows_spec, one, level_spec))
+  return jax.jit(_checked(runtime, fn), donate_argnums=(2,))
 
 
-def precompile(model, params, prompts=None, *, max_new_tokens: int,
-               attention: str = "hydragen", temperature: float = 0.0,
-               top_k: Optional[int] = None, top_p: Optional[float] = None,
-               max_len: Optional[int] = None, prefill_chunk: int = 2048, backend="auto",
-               sharing_options: Optional[dict] = None, prefill: str = "auto",
-               keep: bool = False, reuse: Optional[KeptNodes] = None) -> tuple:
-  """Compiles the prefill and decode programs that `generate` with the same arguments would
-  run, without running them, into the cache that `generate` reads (one device, static
-  checks). Safe to call from another thread while `generate` runs: `hydrax.generate.run`
-  compiles later batches' programs while earlier ones run. With keep=True it also returns
-  the shapes of the levels `generate` would keep, as a `KeptNodes` of abstract arrays, to
-  pass as the next call's reuse= (a chain of batches that hand their levels on).
+def _program(table: str, key, stage, args: tuple, runtime: Runtime, *,
+             wait: bool = True) -> tuple:
+  """(The compiled program of `key` in `table`, seconds spent compiling it here): cached, or
+  compiled here from `stage.lower(*args)` (`_Compiled.compile`) while this thread holds its
+  lock. A thread that finds another compiling it waits for that program (wait=True, what a
+  call that is about to run it needs) or gets (None, 0.0) at once (wait=False: a compile job
+  (`compile_jobs`), which has other work to get on with)."""
+  lock = _EXECUTABLES.lock(table, key)
+  if not lock.acquire(blocking=wait):
+    return None, 0.0
+  try:
+    program = _EXECUTABLES.program(table, key)
+    if program is not None:
+      return program, 0.0
+    t0 = time.perf_counter()
+    program = _EXECUTABLES.compile(stage, *args, options=runtime.compiler_options())
+    _EXECUTABLES.put_program(table, key, program)
+    return program, time.perf_counter() - t0
+  finally:
+    lock.release()
 
-  Returns (seconds spent compiling here, 0 when everything was cached; that KeptNodes or
-  None)."""
+
+def _job(table: str, key, stage, args: tuple, runtime: Runtime) -> float:
+  """A `CompileJobs` job: the seconds this thread compiled the program of `key` in `table`."""
+  return _program(table, key, stage, args, runtime, wait=False)[1]
+
+
+class CompileJobs(NamedTuple):
+  """What `compile_jobs` returns. prefill / decode: a job that compiles that program into the
+  cache `generate` reads, a callable without arguments returning the seconds it compiled
+  (0.0 when the program is there by then, or when another thread is compiling it right then:
+  that is left to that thread, not waited for); None when the program is cached already or
+  not needed (no decode for max_new_tokens=1). kept: with keep=True the shapes of the levels
+  `generate` would keep, a `KeptNodes` of abstract arrays to pass as the next call's reuse=;
+  else None."""
+  prefill: Optional[Callable[[], float]]
+  decode: Optional[Callable[[], float]]
+  kept: Optional[KeptNodes]
+
+
+def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
+                 attention: str = "hydragen", temperature: float = 0.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 max_len: Optional[int] = None, prefill_chunk: int = 2048, backend="auto",
+                 sharing_options: Optional[dict] = None, prefill: str = "auto",
+                 keep: bool = False, reuse: Optional[KeptNodes] = None) -> CompileJobs:
+  """The prefill and decode programs that `generate` with the same arguments would run (one
+  device, static checks), as jobs that compile one program each, on any thread and in any
+  order; nothing is compiled or run here. The shapes the decode is compiled for and those of
+  the kept levels are traced from the prefill (`jax.jit(...).trace`), not read from its
+  compiled program, so the decode can compile beside the prefill, and a chain of calls that
+  hand their levels on (reuse= this call's kept) can be followed before any of its programs
+  exists. `hydrax.generate.run(compile_ahead=True)` runs later batches' jobs on compiling
+  threads while earlier batches run; `precompile` runs them in turn."""
   runtime = Runtime.build(backend)
   graphdef, params, config = resolve_model(model, params)
   if runtime.data != 1:
-    raise ValueError("precompile runs on one device (generate compiles on a mesh itself)")
+    raise ValueError("compiling ahead runs on one device (generate compiles on a mesh itself)")
   seqs, lay = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
                        max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=None,
                        sharing_options=sharing_options, prefill=prefill, keep=keep,
@@ -1347,22 +1385,41 @@ def precompile(model, params, prompts=None, *, max_new_tokens: int,
   inputs = lay.inputs()
   key_data = np.asarray(jax.random.key_data(jax.random.key(0)))
   scalar = np.int32(0)
-  t0 = time.perf_counter()
   compiled = _EXECUTABLES.get(key, decode_key)
-  program = compiled[0] or _prefill_program(graphdef, sig, runtime, sampling, key, params,
-                                            inputs, key_data, scalar, kept_in)
-  held, suffix, first, done, lasts = program.out_info
+  prefill_job = decode_job = None
+  if compiled[0] is None:
+    traced = _prefill_jit(graphdef, sig, runtime, sampling, inputs, kept_in).trace(
+        params, inputs, key_data, scalar, kept_in)
+    prefill_job = functools.partial(_job, "prefills", key, traced, (), runtime)
+    held, suffix, first, done, lasts = traced.out_info
+  else:
+    held, suffix, first, done, lasts = compiled[0].out_info
   if sig.max_new_tokens > 1 and compiled[1] is None:
     owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
-    _decode_program(graphdef, sig, runtime, sampling, decode_key, params, held, suffix,
-                    owners, first, done, key_data, lay.prompt_lengths, scalar, scalar)
-  seconds = time.perf_counter() - t0 if compiled[0] is None or compiled[1] is None else 0.0
+    decode_job = functools.partial(
+        _job, "decodes", decode_key, _decode_jit(graphdef, sig, runtime, sampling),
+        (params, held, suffix, owners, first, done, key_data, lay.prompt_lengths, scalar,
+         scalar), runtime)
   kept = None
   if keep:
     kept = KeptNodes(levels=list(held), lasts=list(lasts), index=lay.index,
                      shapes=tuple((p.storage or (p.rows, p.capacity))[:2] for p in lay.levels),
                      data=1)
-  return seconds, kept
+  return CompileJobs(prefill_job, decode_job, kept)
+
+
+def precompile(model, params, prompts=None, **options) -> tuple:
+  """Compiles the prefill and decode programs that `generate` with the same arguments
+  (`options`: `compile_jobs`' keywords) would run, without running them, into the cache that
+  `generate` reads: the jobs of `compile_jobs`, run here in turn (a program another thread is
+  compiling right then is left to it, not waited for). With keep=True it also returns the
+  shapes of the levels `generate` would keep, as a `KeptNodes` of abstract arrays, to pass as
+  the next call's reuse= (a chain of batches that hand their levels on).
+
+  Returns (seconds spent compiling here, 0 when everything was cached; that KeptNodes or
+  None)."""
+  jobs = compile_jobs(model, params, prompts, **options)
+  return sum(job() for job in (jobs.prefill, jobs.decode) if job is not None), jobs.kept
 
 
 def _decode_signature(sig: Signature) -> tuple:
@@ -1571,8 +1628,9 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     if prefill is None:
       guard.stage = "prefill compilation"
       t0 = time.perf_counter()
-      prefill = _prefill_program(graphdef, sig, runtime, sampling, key, params, inputs,
-                                 key_first, eos, kept_in)
+      prefill = _program("prefills", key,
+                         _prefill_jit(graphdef, sig, runtime, sampling, inputs, kept_in),
+                         (params, inputs, key_first, eos, kept_in), runtime)[0]
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"
     t0 = time.perf_counter()
@@ -1585,8 +1643,9 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       if decode is None:
         guard.stage = "decode compilation"
         t0 = time.perf_counter()
-        decode = _decode_program(graphdef, sig, runtime, sampling, decode_key, params, shared,
-                                 suffix, owners, first, done, key_loop, plen, eos, pad)
+        decode = _program("decodes", decode_key, _decode_jit(graphdef, sig, runtime, sampling),
+                          (params, shared, suffix, owners, first, done, key_loop, plen, eos,
+                           pad), runtime)[0]
         compile_s += time.perf_counter() - t0
       guard.stage = "decode"
       t0 = time.perf_counter()

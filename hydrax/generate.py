@@ -42,6 +42,7 @@ resized to it.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -286,7 +287,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
         memory_fraction: float = 0.8, max_batch: int = 256, strategy: str = "global",
         attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
         merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
-        prefill: str = "auto", keep_nodes: bool = True, compile_ahead: bool = False,
+        prefill: str = "auto", keep_nodes: bool = True, compile_ahead: bool = True,
         on_bad_line: str = "error",
         progress: bool = True, on_batch: Optional[Callable] = None, model=None) -> RunSummary:
   """Runs every request of `prompts` not yet in `out` and appends its completion to `out`.
@@ -309,9 +310,12 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   nodes it shares with it from there instead of prefilling them again (`engine.KeptNodes`;
   the schedule runs such batches back to back). The levels are handed over in place, so no
   batch holds more memory than it would alone.
-  compile_ahead: compile the next batches' programs in a background thread while the current
-  batch runs (`engine.precompile`, at most two batches ahead), instead of stalling on each new
-  signature; the seconds it compiled are `RunSummary.ahead_compile_seconds`.
+  compile_ahead: compile the programs of the batch running and the next ones in background
+  threads (`engine.compile_jobs`, at most two batches ahead), side by side and beside the
+  first batch's prefill, which the run compiles itself, instead of stalling on each new
+  program; the seconds they compiled are `RunSummary.ahead_compile_seconds`. On by default:
+  on an H200 it shortened every full-size run it was measured in
+  (experiments/results/offline_h200/run5).
   on_bad_line: "error" (raise BadInput naming every bad line) or "skip" (report and go on).
   on_batch(index, records): called after each batch is written (tests use it to interrupt).
   Returns a RunSummary; raises ValueError for bad arguments.
@@ -480,13 +484,19 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
 
 
 class _CompileAhead:
-  """Compiles the programs of the batches to come in a background thread while the current
-  one runs (`engine.precompile`; the host is idle while the device runs a batch, and each new
-  signature would otherwise stall the run for its compile), at most LOOKAHEAD batches ahead
-  (the engine's cache holds 8 programs of a kind). With keep, it follows the chain of kept
-  levels as the batches will hand them on. A failure is logged once and ends it: the batches
-  then compile their own programs, as without it."""
+  """Compiles the programs of the batches to come while the current one runs
+  (`engine.compile_jobs`; the host is idle while the device runs a batch, and each new
+  program would otherwise stall the run for its compile), at most LOOKAHEAD batches ahead (the
+  engine's cache holds 8 programs of a kind). A planner thread walks the batches in order,
+  with keep following the chain of kept levels as the batches will hand them on (their shapes
+  are traced, so it waits for no compile), and hands each program to one of WORKERS compiling
+  threads (XLA compiles without the GIL): a batch's decode compiles beside its prefill, the
+  next batch's programs beside both. The prefill of a batch the main loop has reached is left
+  to it (it compiles that right then; a worker would only make it wait), and so is any
+  program another thread is compiling. A failure is logged once and ends it: the batches then
+  compile their own programs, as without it."""
   LOOKAHEAD = 2
+  WORKERS = 2     # the decode of the batch running and the next batch's prefill at once
 
   def __init__(self, todo, config, params, *, keep: bool, **options):
     self._todo, self._config, self._params = todo, config, params
@@ -494,7 +504,9 @@ class _CompileAhead:
     self._cond = threading.Condition()
     self._position, self._stopped = 0, False
     self.seconds = 0.0
-    self._thread = threading.Thread(target=self._work, name="hydrax-compile-ahead",
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        self.WORKERS, thread_name_prefix="hydrax-compile-ahead")
+    self._thread = threading.Thread(target=self._plan, name="hydrax-compile-ahead",
                                     daemon=True)
     self._thread.start()
 
@@ -505,30 +517,52 @@ class _CompileAhead:
       self._cond.notify_all()
 
   def stop(self) -> float:
-    """Ends the thread (after the compile in progress); returns the seconds it compiled."""
+    """Ends the threads (after the compiles in progress); returns the seconds they compiled."""
     with self._cond:
       self._stopped = True
       self._cond.notify_all()
     self._thread.join()
+    self._pool.shutdown(wait=True, cancel_futures=True)
     return self.seconds
 
-  def _work(self) -> None:
+  def _plan(self) -> None:
     reuse = None
     for i, (_, batch) in enumerate(self._todo):
       with self._cond:
         self._cond.wait_for(lambda: self._stopped or i <= self._position + self.LOOKAHEAD)
         if self._stopped:
           return
+        reached = i <= self._position
       try:
-        seconds, kept = engine.precompile(
+        jobs = engine.compile_jobs(
             self._config, self._params, batch.plan, max_new_tokens=batch.max_new_tokens,
             keep=self._keep, reuse=reuse, **self._options, **dict(batch.key))
       except Exception as e:    # noqa: BLE001 (any failure: the batches compile themselves)
-        log_once("offline-compile-ahead", "hydrax.generate: compiling ahead stopped at batch "
-                 "%d (%s: %s); each batch compiles its own programs", i, type(e).__name__, e)
+        self._fail(i, e)
         return
+      for job in (jobs.decode,) if reached else (jobs.prefill, jobs.decode):
+        if job is not None:
+          self._pool.submit(self._compile, i, job)
+      reuse = jobs.kept
+
+  def _compile(self, i: int, job) -> None:
+    with self._cond:
+      if self._stopped:
+        return
+    try:
+      seconds = job()
+    except Exception as e:    # noqa: BLE001 (as in _plan)
+      self._fail(i, e)
+      return
+    with self._cond:
       self.seconds += seconds
-      reuse = kept
+
+  def _fail(self, i: int, error: Exception) -> None:
+    log_once("offline-compile-ahead", "hydrax.generate: compiling ahead stopped at batch %d "
+             "(%s: %s); each batch compiles its own programs", i, type(error).__name__, error)
+    with self._cond:
+      self._stopped = True
+      self._cond.notify_all()
 
 
 # ----------------------------------------------------------------------------- command line
@@ -583,9 +617,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--no_keep_nodes", action="store_true",
                  help="prefill every batch's shared nodes itself, even those the previous "
                  "batch holds (an ablation)")
-  p.add_argument("--compile_ahead", action="store_true",
-                 help="compile the next batches' programs in the background while a batch "
-                 "runs")
+  p.add_argument("--no_compile_ahead", action="store_true",
+                 help="compile each batch's programs when it starts instead of in background "
+                 "threads while earlier batches run (the default; an ablation)")
   p.add_argument("--on_bad_line", choices=requests_lib.ON_BAD_LINE, default="error")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   a = p.parse_args(argv)
@@ -599,7 +633,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         memory_fraction=a.memory_fraction, max_batch=a.max_batch, strategy=a.strategy,
         attention=a.attention, backend=a.backend, min_shared_tokens=a.min_shared_tokens,
         merge_cost=a.merge_cost, max_levels=a.max_levels, prefill_chunk=a.prefill_chunk,
-        prefill=a.prefill, keep_nodes=not a.no_keep_nodes, compile_ahead=a.compile_ahead,
+        prefill=a.prefill, keep_nodes=not a.no_keep_nodes, compile_ahead=not a.no_compile_ahead,
         on_bad_line=a.on_bad_line, progress=not a.quiet)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ inside a kept node, a level of another shape (prefilled as usual), and one decod
 both. A KeptNodes is taken once.
 """
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -92,6 +93,25 @@ def test_a_level_of_another_shape_is_prefilled_and_unused_levels_are_released():
   assert all(len(s) == 5 for s in got.signature.levels)
   _same(got, engine.generate(CONFIG, PARAMS, sharing.plan(prompts, min_shared_tokens=0,
                                                           merge_cost=0), max_new_tokens=6))
+
+
+@pytest.mark.slow
+def test_precompile_follows_a_chain_before_any_program_exists():
+  # The second call's prefill (laid into the first's kept levels) is compiled from the kept
+  # levels' traced shapes; then both calls run without compiling.
+  firsts, seconds = _group(3, "doc") + _group(3, "x"), _group(4, "doc") + _group(3, "y")
+  engine.clear_compiled_cache()
+  spent, kept = engine.precompile(CONFIG, PARAMS, _plan(firsts), max_new_tokens=6, keep=True)
+  assert spent > 0 and all(isinstance(level.k, jax.ShapeDtypeStruct) for level in kept.levels)
+  spent, _ = engine.precompile(CONFIG, PARAMS, _plan(seconds), max_new_tokens=6, keep=True,
+                               reuse=kept)
+  assert spent > 0 and kept.taken
+  before = engine.compiled_cache_info()[1]
+  first = _gen(firsts, keep=True)
+  second = _gen(seconds, reuse=first.kept)
+  assert engine.compiled_cache_info()[1] == before
+  assert first.compile_seconds == second.compile_seconds == 0
+  assert second.reused_tokens == HEADS["doc"].size
 
 
 def test_bad_reuse_is_rejected():

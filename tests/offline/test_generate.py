@@ -10,12 +10,13 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from hydrax import engine
+from hydrax import _log, engine
 from hydrax import generate as G
 from hydrax.models import configs, llama
 from hydrax.offline import requests as R
@@ -190,23 +191,85 @@ def test_compiling_ahead_gives_the_same_file(tmp_path, monkeypatch, caplog):
   reqs = _dataset(12, seed=5)
   path = _write(tmp_path / "p.jsonl", reqs)
   engine.clear_compiled_cache()
-  plain = G.run(path, str(tmp_path / "plain.jsonl"), max_batch=4, **RUN)
+  plain = G.run(path, str(tmp_path / "plain.jsonl"), max_batch=4, compile_ahead=False,
+                 **RUN)
   engine.clear_compiled_cache()
   ahead = G.run(path, str(tmp_path / "ahead.jsonl"), max_batch=4, compile_ahead=True, **RUN)
   assert plain.ahead_compile_seconds == 0 < ahead.ahead_compile_seconds
   by_id = lambda name: sorted(_read(tmp_path / name), key=lambda r: r["id"])
   assert by_id("ahead.jsonl") == by_id("plain.jsonl")
-  # A failing background compile is logged once; the batches compile their own programs.
-  def broken(*args, **kwargs):
+  # A failure, planning a batch or in a compile job, is logged once; the batches compile
+  # their own programs.
+  def planted(*args, **kwargs):
     raise RuntimeError("planted")
-  monkeypatch.setattr(engine, "precompile", broken)
+  jobs = engine.compile_jobs
+  for name, broken in (("plan", planted), ("job", lambda *a, **k: jobs(*a, **k)._replace(
+      prefill=planted, decode=planted))):
+    monkeypatch.setattr(engine, "compile_jobs", broken)
+    monkeypatch.setattr(_log, "_seen", set())
+    engine.clear_compiled_cache()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hydrax"):
+      failed = G.run(path, str(tmp_path / f"failed_{name}.jsonl"), max_batch=4,
+                     compile_ahead=True, **RUN)
+    assert failed.ok and failed.ahead_compile_seconds == 0 and failed.compiles > 0, name
+    assert re.search(r"compiling ahead stopped at batch \d \(RuntimeError: planted\)",
+                     caplog.text), name
+    assert by_id(f"failed_{name}.jsonl") == by_id("plain.jsonl")
+
+
+@pytest.mark.slow
+def test_compiling_ahead_compiles_beside_the_first_prefill(tmp_path, monkeypatch):
+  # 24 questions on one document, 8 a batch: a chain of 3 batches that hand the document's
+  # levels on, so batch 1's prefill (laid into kept levels) and decode are programs of their
+  # own. While batch 0's prefill compiles, compiling ahead compiles batch 0's decode and batch
+  # 1's prefill beside it: the first three compiles run at once (each waits, at most 60 s,
+  # until three have started). The main thread compiles batch 0's prefill and nothing else;
+  # every program compiles once; the file is the one without compiling ahead.
+  rng = np.random.default_rng(3)
+  doc = rng.integers(3, 256, 120).tolist()
+  reqs = [dict(id=f"q{i}", tokens=doc + rng.integers(3, 256, 1 + i % 7).tolist(),
+               max_new_tokens=4) for i in range(24)]
+  path = _write(tmp_path / "doc.jsonl", reqs)
+  main = threading.current_thread()
+  three = threading.Barrier(3, timeout=60)
+  guard, started, overlapped, programs = threading.Lock(), [], [], []
+  compile, put_program = engine._EXECUTABLES.compile, engine._EXECUTABLES.put_program
+
+  def spy_compile(*args, **kwargs):
+    with guard:
+      started.append(threading.current_thread().name)
+      first_three = len(started) <= 3
+    if first_three:
+      try:
+        three.wait()
+        overlapped.append(True)
+      except threading.BrokenBarrierError:
+        overlapped.append(False)
+    return compile(*args, **kwargs)
+
+  def spy_put_program(table, key, program):
+    with guard:
+      programs.append((threading.current_thread() is main, table, key))
+    return put_program(table, key, program)
+
+  monkeypatch.setattr(engine._EXECUTABLES, "put_program", spy_put_program)
   engine.clear_compiled_cache()
-  with caplog.at_level("WARNING", logger="hydrax"):
-    failed = G.run(path, str(tmp_path / "failed.jsonl"), max_batch=4, compile_ahead=True,
-                   **RUN)
-  assert failed.ok and failed.ahead_compile_seconds == 0 and failed.compiles > 0
-  assert "compiling ahead stopped at batch 0 (RuntimeError: planted)" in caplog.text
-  assert by_id("failed.jsonl") == by_id("plain.jsonl")
+  plain = G.run(path, str(tmp_path / "plain.jsonl"), max_batch=8, compile_ahead=False,
+                 **RUN)
+  assert plain.batches_run == 3 and plain.reused_tokens == 2 * len(doc)
+  first_prefill = programs[0]
+  assert first_prefill[1] == "prefills" and len(programs) == 4, programs
+  programs.clear()
+  monkeypatch.setattr(engine._EXECUTABLES, "compile", spy_compile)
+  engine.clear_compiled_cache()
+  ahead = G.run(path, str(tmp_path / "ahead.jsonl"), max_batch=8, compile_ahead=True, **RUN)
+  assert ahead.batches_run == 3 and ahead.reused_tokens == 2 * len(doc)
+  assert overlapped == [True] * 3, started
+  assert [p for p in programs if p[0]] == [first_prefill], programs
+  assert len(programs) == len({(table, key) for _, table, key in programs}) == 4, programs
+  by_id = lambda name: sorted(_read(tmp_path / name), key=lambda r: r["id"])
+  assert by_id("ahead.jsonl") == by_id("plain.jsonl")
 
 
 @pytest.mark.slow
