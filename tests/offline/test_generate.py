@@ -286,6 +286,19 @@ def test_compilations_bounded_as_the_dataset_grows(tmp_path):
   assert compiles[200][1] >= 13 and compiles[200][0] <= compiles[10][0] + 4, compiles
 
 
+def test_the_command_compiles_ahead_unless_told_not_to(tmp_path, monkeypatch):
+  seen = []
+
+  def fake_run(*args, **kwargs):
+    seen.append(kwargs["compile_ahead"])
+    raise ValueError("stop here")
+  monkeypatch.setattr(G, "run", fake_run)
+  args = ["--preset", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--out",
+          str(tmp_path / "o.jsonl")]
+  assert G.main(args) == 2 and G.main(args + ["--no_compile_ahead"]) == 2
+  assert seen == [True, False]
+
+
 @pytest.mark.slow
 def test_readme_example_runs(tmp_path):
   readme = open(os.path.join(ROOT, "README.md")).read()
@@ -306,6 +319,8 @@ def test_readme_example_runs(tmp_path):
     assert r["finish_reason"] in ("stop", "length") and isinstance(r["text"], str)
     assert {"batch", "prefill_s", "decode_s", "compile_s", "at_s"} <= set(r["timings"])
   assert "requests" in proc.stderr and "tokens/s" in proc.stderr
+  summary = json.loads(proc.stderr.strip().splitlines()[-1])
+  assert summary["ahead_compile_seconds"] > 0        # compiling ahead is the default
 
 
 @pytest.mark.slow
