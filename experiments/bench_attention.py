@@ -223,11 +223,14 @@ def decode_fns(b, p, u, backend):
   }
 
 
-def dependent_loop(fn, n: int):
+def dependent_loop(fn, n: int, unroll: bool = False):
   """jit of n dependent calls of fn(q, *rest, layer) in a `lax.fori_loop`: call i reads cache
   copy i % R (R = the leading axis of rest[0]) and its q carries 1e-30 * out[0,0,0,0] of the
   previous call (numerically nothing, but a real data dependency: calls cannot overlap or be
-  hoisted). Time / n is the op's device time without host dispatch."""
+  hoisted). Time / n is the op's device time without host dispatch. unroll: the n calls as
+  straight-line code instead of a while loop, whose per-iteration condition (on a GPU a
+  device-to-host copy unless XLA puts the loop in a CUDA graph) is then not timed: at ops of
+  tens of microseconds the two differ (compare them before trusting either)."""
   def run(q, *rest):
     copies = rest[0].shape[0]
 
@@ -235,7 +238,7 @@ def dependent_loop(fn, n: int):
       out = fn(q, *rest, lax.rem(i, copies))
       return q + (jnp.asarray(1e-30, q.dtype) * out[:1, :1, :1, :1]).astype(q.dtype)
 
-    return lax.fori_loop(0, n, body, q)
+    return lax.fori_loop(0, n, body, q, unroll=bool(unroll))
 
   return jax.jit(run)
 
@@ -311,7 +314,7 @@ def time_shape(name, b, p, u, h, kh, d, ceil, impls, rows, backend, seed=0):
         else:
           fn, args, copies = fns[impl], case, rot
           t, tmin, inner = bench(fn, [case + (jnp.int32(i),) for i in range(rot)])
-        loop = dependent_loop(lambda q, *r: fn(q, *r), ARGS.loop)
+        loop = dependent_loop(lambda q, *r: fn(q, *r), ARGS.loop, ARGS.loop_unroll)
         td, _, _ = bench(loop, [args], min_batch_s=0, outer=ARGS.outer)
         measured = dict(us=t * 1e6, us_min=tmin * 1e6, device_us=td / ARGS.loop * 1e6,
                         inner=inner, rotations=copies)
@@ -915,6 +918,8 @@ def main(argv=None):
   ap.add_argument("--check-cases", default="", help="comma list of check case names")
   ap.add_argument("--micro-suffixes", default="0,64,128,192,256,320,384,448,512")
   ap.add_argument("--loop", type=int, default=20, help="dependent calls per device-time loop")
+  ap.add_argument("--loop_unroll", action="store_true",
+                  help="the device-time loop's calls unrolled (no while loop around them)")
   ap.add_argument("--outer", type=int, default=7, help="timed repetitions (median)")
   ap.add_argument("--engine-layers", type=int, default=4,
                   help="layers of the llama3-8b-shaped model of the engine steps")

@@ -198,7 +198,7 @@ def _path_error(b, p, u, case):
 def _time_jax(fn, case, rot):
   """(back-to-back us, device us) of fn(q, kp, vp, ks, vs, layer) over rotating copies."""
   t, _, _ = ba.bench(fn, [case + (jnp.int32(i),) for i in range(rot)])
-  loop = ba.dependent_loop(lambda q, *r: fn(q, *r), ARGS.loop)
+  loop = ba.dependent_loop(lambda q, *r: fn(q, *r), ARGS.loop, ARGS.loop_unroll)
   td, _, _ = ba.bench(loop, [case], min_batch_s=0, outer=ARGS.outer)
   return t * 1e6, td / ARGS.loop * 1e6
 
@@ -304,7 +304,7 @@ def time_shapes(shapes, h, kh, d, u, impls):
           q, kp, vp, ks, vs = case
           k, v = ba.replicated(kp[0], vp[0], ks[0], vs[0])
           t, _, _ = ba.bench(ba.CUDNN, [(q, k, v)])
-          loop = ba.dependent_loop(ba._cudnn_step, ARGS.loop)
+          loop = ba.dependent_loop(ba._cudnn_step, ARGS.loop, ARGS.loop_unroll)
           td, _, _ = ba.bench(loop, [(q, k[None], v[None])], min_batch_s=0, outer=ARGS.outer)
           us, dev = t * 1e6, td / ARGS.loop * 1e6
           del k, v
@@ -424,6 +424,8 @@ def main(argv=None):
   ap.add_argument("--timing-reserve", type=float, default=130.0,
                   help="seconds kept for timing: checks stop when less is left")
   ap.add_argument("--loop", type=int, default=10, help="dependent calls per device time")
+  ap.add_argument("--loop-unroll", action="store_true",
+                  help="the device-time loop's calls unrolled (no while loop around them)")
   ap.add_argument("--outer", type=int, default=5, help="timed repetitions (median)")
   ap.add_argument("--max-replicated-gb", type=float, default=40.0)
   ap.add_argument("--shapes", default="", help="PxB list (default: the issue's table)")
@@ -444,6 +446,7 @@ def main(argv=None):
   ARGS = ap.parse_args(argv)
   ARGS.fused_extra = json.loads(ARGS.fused)
   ba.ARGS = argparse.Namespace(outer=ARGS.outer, budget=ARGS.budget, loop=ARGS.loop,
+                               loop_unroll=ARGS.loop_unroll,
                                max_replicated_gb=ARGS.max_replicated_gb)
   ba.T0 = T0                 # the bench_attention timing helpers read their budget from it
   os.makedirs(ARGS.out, exist_ok=True)

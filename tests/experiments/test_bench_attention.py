@@ -54,3 +54,19 @@ def test_peers_join_the_decode_table_or_say_why_not(tmp_path, monkeypatch):
   assert not fails and "error" not in by["xla"] and by["xla"]["device_us"] > 0
   for impl in ("torch_sdpa", "flashinfer", "tokamax"):
     assert "not importable" in by[impl]["error"] or "needs a GPU" in by[impl]["error"]
+
+
+def test_dependent_loop_unrolled_is_the_same_calls_without_a_while_loop():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  def op(q, k, layer):
+    return q * k[layer]
+  q = jnp.ones((2, 1, 1, 1), jnp.float32)
+  k = jnp.asarray(np.arange(1.0, 4.0).reshape(3, 1, 1, 1, 1), jnp.float32)
+  rolled = bench_attention.dependent_loop(op, 5)
+  unrolled = bench_attention.dependent_loop(op, 5, unroll=True)
+  np.testing.assert_array_equal(np.asarray(rolled(q, k)), np.asarray(unrolled(q, k)))
+  assert "while" in rolled.lower(q, k).as_text()
+  assert "while" not in unrolled.lower(q, k).as_text()
