@@ -124,8 +124,9 @@ class Generation:
   lengths: [B] int32 generated tokens per sequence (including eos).
   prefill_seconds, decode_seconds: wall time of the compiled prefill and decode loop (device
            work waited for; compile time excluded).
-  compile_seconds: time spent compiling them; 0 when executables compiled by an earlier call
-           with the same signature (not the same tree) were reused.
+  compile_seconds: time this call waited for them to compile (on one device the decode loop
+           compiles on a thread of its own beside the prefill); 0 when executables compiled
+           by an earlier call with the same signature (not the same tree) were reused.
   decode_tokens_per_second: tokens produced by the decode loop / decode_seconds, i.e.
            sum(lengths - 1) / decode_seconds: each sequence's first token comes from prefill
            (it is sampled from the last prompt token's logits) and is not counted. NaN when
@@ -1342,6 +1343,21 @@ def _job(table: str, key, stage, args: tuple, runtime: Runtime) -> float:
   return _program(table, key, stage, args, runtime, wait=False)[1]
 
 
+def _compile_beside(job_args: tuple) -> None:
+  """Compiles `_job(*job_args)` on a thread of its own while the caller goes on (`generate`
+  compiles its prefill meanwhile, then waits for this program under its lock, or compiles it
+  itself if this thread has not begun). A failure here is logged once; the caller then
+  compiles the program itself and meets the error where it is handled."""
+  def work():
+    try:
+      _job(*job_args)
+    except Exception as e:      # noqa: BLE001 (the caller compiles it again and raises)
+      log_once(("compile-beside", type(e).__name__), "hydrax.engine: compiling the decode "
+               "beside the prefill failed (%s: %s); generate compiles it itself",
+               type(e).__name__, str(e)[:200])
+  threading.Thread(target=work, name="hydrax-compile-decode", daemon=True).start()
+
+
 class CompileJobs(NamedTuple):
   """What `compile_jobs` returns. prefill / decode: a job that compiles that program into the
   cache `generate` reads, a callable without arguments returning the seconds it compiled
@@ -1625,12 +1641,21 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
         (key_first, key_loop, np.int32(-1 if eos_id is None else int(eos_id)),
          np.int32(pad_id)), one)
     prefill, decode = compiled
+    owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
     if prefill is None:
       guard.stage = "prefill compilation"
       t0 = time.perf_counter()
-      prefill = _program("prefills", key,
-                         _prefill_jit(graphdef, sig, runtime, sampling, inputs, kept_in),
-                         (params, inputs, key_first, eos, kept_in), runtime)[0]
+      traced = _prefill_jit(graphdef, sig, runtime, sampling, inputs, kept_in).trace(
+          params, inputs, key_first, eos, kept_in)
+      if decode is None and sig.max_new_tokens > 1 and runtime.mesh is None:
+        # The decode loop compiles beside the prefill, from the prefill's traced output
+        # shapes (on one device; a mesh's placed outputs are known only once it runs).
+        outs = traced.out_info[1] if runtime.checks == "runtime" else traced.out_info
+        held, suffix_info, first_info, done_info, _ = outs
+        _compile_beside(("decodes", decode_key, _decode_jit(graphdef, sig, runtime, sampling),
+                         (params, held, suffix_info, owners, first_info, done_info, key_loop,
+                          plen, eos, pad), runtime))
+      prefill = _program("prefills", key, traced, (), runtime)[0]
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"
     t0 = time.perf_counter()
@@ -1638,7 +1663,6 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
         _run_checked(runtime, prefill, params, inputs, key_first, eos, kept_in))
     del kept_in
     prefill_s = time.perf_counter() - t0
-    owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
     if sig.max_new_tokens > 1:
       if decode is None:
         guard.stage = "decode compilation"

@@ -324,6 +324,42 @@ def test_new_trees_of_one_signature_reuse_the_executables(tiny):
   np.testing.assert_array_equal(second.tokens, want.tokens)
 
 
+@pytest.mark.slow
+def test_the_decode_compiles_beside_the_prefill(tiny, monkeypatch, caplog):
+  """A call that compiles both programs compiles its decode loop on a thread of its own
+  while it compiles the prefill; if that thread fails, it is logged once and the call
+  compiles the decode itself, with the same tokens."""
+  import threading
+  _, model, _, _ = tiny
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(1, 256, n) for n in (9, 14, 11)]
+  where, put_program = [], engine._EXECUTABLES.put_program
+
+  def spy(table, key, program):
+    where.append((table, threading.current_thread().name))
+    return put_program(table, key, program)
+  monkeypatch.setattr(engine._EXECUTABLES, "put_program", spy)
+  engine.clear_compiled_cache()
+  beside = engine.generate(model, prompts, max_new_tokens=5)
+  assert sorted(where) == [("decodes", "hydrax-compile-decode"),
+                           ("prefills", threading.current_thread().name)]
+  job = engine._job
+
+  def broken(table, *args):
+    if table == "decodes" and threading.current_thread().name == "hydrax-compile-decode":
+      raise RuntimeError("planted")
+    return job(table, *args)
+  monkeypatch.setattr(engine, "_job", broken)
+  engine.clear_compiled_cache()
+  where.clear()
+  with caplog.at_level("WARNING", logger="hydrax"):
+    itself = engine.generate(model, prompts, max_new_tokens=5)
+  assert "compiling the decode beside the prefill failed (RuntimeError: planted)" in caplog.text
+  assert sorted(where) == [("decodes", threading.current_thread().name),
+                           ("prefills", threading.current_thread().name)]
+  np.testing.assert_array_equal(itself.tokens, beside.tokens)
+
+
 def test_runtime_is_a_hashable_value_in_the_key(tiny):
   from hydrax.attention import backends
   _, model, _, _ = tiny
