@@ -271,6 +271,14 @@ def _cudnn_step(q, k, v, layer):
   return CUDNN(q, k[0], v[0])
 
 
+def check_copied_fits(b, p, u, kh, d) -> None:
+  """Raises MemoryError when bf16 caches with the prefix copied into every sequence would
+  exceed --max-replicated-gb (the copied-prefix baselines build them)."""
+  gb = 2 * b * (p + u) * kh * d * 2 / 1e9
+  if gb > ARGS.max_replicated_gb:
+    raise MemoryError(f"copied caches would take {gb:.0f} GB")
+
+
 def time_peer(impl, b, p, u, h, kh, d, case, xla_fn) -> dict:
   """A peer of experiments/peers.py on this case: back-to-back and device us (CUDA events or
   an in-jit loop, as the peer is timed) and its output's error against hydrax's XLA backend."""
@@ -279,8 +287,8 @@ def time_peer(impl, b, p, u, h, kh, d, case, xla_fn) -> dict:
     raise RuntimeError(f"not importable: {why}")
   if jax.default_backend() != "gpu":
     raise RuntimeError("needs a GPU")
-  if impl != "flashinfer" and 2 * b * (p + u) * kh * d * 2 > ARGS.max_replicated_gb * 1e9:
-    raise MemoryError(f"copied caches would take {2*b*(p+u)*kh*d*2/1e9:.0f} GB")
+  if impl != "flashinfer":
+    check_copied_fits(b, p, u, kh, d)
   us, dev, out = peers.run(impl, b, p, u, h, kh, d, case, loop=ARGS.loop, outer=ARGS.outer)
   ref = xla_fn(*case, jnp.int32(0))
   return dict(us=us, device_us=dev, rel_err=_rel(out, np.asarray(ref[:, 0], np.float32)))
@@ -305,8 +313,7 @@ def time_shape(name, b, p, u, h, kh, d, ceil, impls, rows, backend, seed=0):
         measured = time_peer(impl, b, p, u, h, kh, d, case, fns["xla"])
       else:
         if impl == "cudnn":
-          if 2 * b * (p + u) * kh * d * 2 > ARGS.max_replicated_gb * 1e9:
-            raise MemoryError(f"replicated caches would take {2*b*(p+u)*kh*d*2/1e9:.0f} GB")
+          check_copied_fits(b, p, u, kh, d)
           q, kp, vp, ks, vs = case
           k, v = replicated(kp[0], vp[0], ks[0], vs[0])
           fn, args, copies = _cudnn_step, (q, k[None], v[None]), 1

@@ -187,9 +187,11 @@ def _hydrax_fn(b, p, u, backend):
       q, _levels(b, p, u, kp, vp, ks, vs, layer), backend=backend)[0])
 
 
-def _path_error(b, p, u, case):
-  """Relative error of the forced path kernel against the XLA backend (layer 0 of the case)."""
-  got = _hydrax_fn(b, p, u, backends.get("pallas", path="always"))(*case, jnp.int32(0))
+def _path_error(b, p, u, case, backend=None):
+  """Relative error of the forced path kernel (or `backend`) against the XLA backend (layer 0
+  of the case)."""
+  backend = backend or backends.get("pallas", path="always")
+  got = _hydrax_fn(b, p, u, backend)(*case, jnp.int32(0))
   with jax.default_matmul_precision("highest"):
     want = _hydrax_fn(b, p, u, "xla")(*case, jnp.int32(0))
   return ba._rel(np.asarray(got, np.float64), np.asarray(want, np.float64))
@@ -221,10 +223,7 @@ def time_path_variants(shapes, h, kh, d, u, variants):
         bk = backends.get("pallas", **{**cfg, "path": "always"})
         case = _case(p + b, b, p, u, h, kh, d, 1)
         us, dev = _time_jax(_hydrax_fn(b, p, u, bk), case, 1)
-        got = _hydrax_fn(b, p, u, bk)(*case, jnp.int32(0))
-        with jax.default_matmul_precision("highest"):
-          want = _hydrax_fn(b, p, u, "xla")(*case, jnp.int32(0))
-        err = ba._rel(np.asarray(got, np.float64), np.asarray(want, np.float64))
+        err = _path_error(b, p, u, case, bk)
         rows.append(dict(base, us=us, device_us=dev, rel_err=err))
         log(f"{name:>12} path {json.dumps(cfg)}: {us:.1f} us b2b {dev:.1f} us device "
             f"(rel err {err:.1e})")
@@ -299,8 +298,7 @@ def time_shapes(shapes, h, kh, d, u, impls):
         elif impl == "cudnn":
           if not on_gpu:
             raise RuntimeError("needs a GPU")
-          if 2 * b * (p + u) * kh * d * 2 > ARGS.max_replicated_gb * 1e9:
-            raise MemoryError(f"copied caches: {2 * b * (p + u) * kh * d * 2 / 1e9:.0f} GB")
+          ba.check_copied_fits(b, p, u, kh, d)
           q, kp, vp, ks, vs = case
           k, v = ba.replicated(kp[0], vp[0], ks[0], vs[0])
           t, _, _ = ba.bench(ba.CUDNN, [(q, k, v)])

@@ -1343,14 +1343,28 @@ def _job(table: str, key, stage, args: tuple, runtime: Runtime) -> float:
   return _program(table, key, stage, args, runtime, wait=False)[1]
 
 
-def _compile_beside(job_args: tuple) -> None:
-  """Compiles `_job(*job_args)` on a thread of its own while the caller goes on (`generate`
-  compiles its prefill meanwhile, then waits for this program under its lock, or compiles it
-  itself if this thread has not begun). A failure here is logged once; the caller then
-  compiles the program itself and meets the error where it is handled."""
+def _decode_job(graphdef, sig: Signature, runtime: Runtime, sampling: dict, decode_key,
+                prefill_out, params, owners, key, prompt_lengths, eos, pad):
+  """A `_job` that compiles the decode loop of `decode_key` from the prefill's output shapes
+  (`out_info` of the traced or compiled prefill) and the decode's other arguments (arrays or
+  their shapes), without running the prefill."""
+  if runtime.checks == "runtime":
+    prefill_out = prefill_out[1]      # checkify's (error, outputs)
+  held, suffix, first, done, _ = prefill_out
+  return functools.partial(_job, "decodes", decode_key,
+                           _decode_jit(graphdef, sig, runtime, sampling),
+                           (params, held, suffix, owners, first, done, key, prompt_lengths,
+                            eos, pad), runtime)
+
+
+def _compile_beside(job: Callable[[], float]) -> None:
+  """Runs the decode's compile `job` on a thread of its own while the caller goes on
+  (`generate` compiles its prefill meanwhile, then waits for this program under its lock, or
+  compiles it itself if this thread has not begun). A failure here is logged once; the
+  caller then compiles the program itself and meets the error where it is handled."""
   def work():
     try:
-      _job(*job_args)
+      job()
     except Exception as e:      # noqa: BLE001 (the caller compiles it again and raises)
       log_once(("compile-beside", type(e).__name__), "hydrax.engine: compiling the decode "
                "beside the prefill failed (%s: %s); generate compiles it itself",
@@ -1407,15 +1421,14 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
     traced = _prefill_jit(graphdef, sig, runtime, sampling, inputs, kept_in).trace(
         params, inputs, key_data, scalar, kept_in)
     prefill_job = functools.partial(_job, "prefills", key, traced, (), runtime)
-    held, suffix, first, done, lasts = traced.out_info
+    prefill_out = traced.out_info
   else:
-    held, suffix, first, done, lasts = compiled[0].out_info
+    prefill_out = compiled[0].out_info
   if sig.max_new_tokens > 1 and compiled[1] is None:
     owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
-    decode_job = functools.partial(
-        _job, "decodes", decode_key, _decode_jit(graphdef, sig, runtime, sampling),
-        (params, held, suffix, owners, first, done, key_data, lay.prompt_lengths, scalar,
-         scalar), runtime)
+    decode_job = _decode_job(graphdef, sig, runtime, sampling, decode_key, prefill_out,
+                             params, owners, key_data, lay.prompt_lengths, scalar, scalar)
+  held, _, _, _, lasts = prefill_out
   kept = None
   if keep:
     kept = KeptNodes(levels=list(held), lasts=list(lasts), index=lay.index,
@@ -1650,11 +1663,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       if decode is None and sig.max_new_tokens > 1 and runtime.mesh is None:
         # The decode loop compiles beside the prefill, from the prefill's traced output
         # shapes (on one device; a mesh's placed outputs are known only once it runs).
-        outs = traced.out_info[1] if runtime.checks == "runtime" else traced.out_info
-        held, suffix_info, first_info, done_info, _ = outs
-        _compile_beside(("decodes", decode_key, _decode_jit(graphdef, sig, runtime, sampling),
-                         (params, held, suffix_info, owners, first_info, done_info, key_loop,
-                          plen, eos, pad), runtime))
+        _compile_beside(_decode_job(graphdef, sig, runtime, sampling, decode_key,
+                                    traced.out_info, params, owners, key_loop, plen, eos, pad))
       prefill = _program("prefills", key, traced, (), runtime)[0]
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"

@@ -303,8 +303,9 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   larger batches still pay where the budget holds them (full-size samples workload: 133 s at
   256, 110 s at 1024; experiments/results/offline_h200/run4). strategy: "global" (tree
   grouping, BatchLLM order) or "arrival" (input order; the baseline).
-  attention / backend / prefill_chunk / prefill: the engine's (prefill "auto" packs a batch's unique suffixes into rows where that runs fewer
-  token slots than padding each to the longest; "packed" / "padded" force one way).
+  attention / backend / prefill_chunk / prefill: the engine's (prefill "auto" packs a batch's
+  unique suffixes into rows where that runs fewer token slots than padding each to the
+  longest; "packed" / "padded" force one way).
   min_shared_tokens / merge_cost / max_levels: the per-batch sharing plan's cost model.
   keep_nodes (hydragen): pass each batch's shared levels to the next batch, which takes the
   nodes it shares with it from there instead of prefilling them again (`engine.KeptNodes`;

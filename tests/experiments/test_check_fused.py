@@ -20,7 +20,8 @@ def test_smoke_mode_runs_and_records_every_failure(tmp_path, capsys, monkeypatch
       "--path-variants", '[{"path_programs_per_sm": 4}]'])
   assert fails == 0
   variant = [r for r in rows if r["impl"] == "pallas_path_variant"]
-  assert [(r["shape"], r["variant"]) for r in variant] == [("P64_B4", '{"path_programs_per_sm": 4}')]
+  assert [(r["shape"], r["variant"]) for r in variant] == [
+      ("P64_B4", '{"path_programs_per_sm": 4}')]
   assert "needs a GPU" in variant[0]["error"]
   by = {r["impl"]: r for r in rows if r["shape"] == "P64_B4"}
   assert by["xla"]["device_us"] > 0 and by["xla"]["us"] > 0 and "error" not in by["xla"]

@@ -643,7 +643,8 @@ def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config, layer=None):
   out, lse = mosaic_gpu.tile_attention(
       qt, k, v, tab, limt, scale=scale, block_kv=bk, stages=mc.stages, splits=splits,
       blocks_per_split=bps, interpret=interpret)
-  out, lse = flash.combine_splits(out.astype(jnp.float32), lse)                # [K, Tn*TILE, D], [K, ...]
+  # [K, Tn*TILE, D], [K, ...]
+  out, lse = flash.combine_splits(out.astype(jnp.float32), lse)
   if not in_place:
     slots = num_tiles * tile
     if static:
