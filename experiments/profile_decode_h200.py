@@ -1,0 +1,157 @@
+"""Where a decode attention call's device time goes, kernel by kernel (H200, under ncu).
+
+Axis letters: B sequences, P shared-prefix length, U per-sequence suffix length, H query heads,
+K KV heads, D head dim.
+
+The call is the one `experiments/bench_attention.py` times (`decode_fns`: one prefix shared by
+all B sequences, per-sequence suffixes, caches stacked and read at a traced layer, as the
+engine passes them). Each shape is compiled and warmed up outside the profiled region; then,
+inside it (cudaProfilerStart/Stop through torch), `--calls` calls run one at a time, each
+preceded by a marker kernel (a jitted sine: its kernel name holds "sine") so that the kernels
+of one call can be told apart. Run under Nsight Compute with one metric and the clocks left
+alone, then parse its CSV:
+
+    ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum \
+      --csv --log-file $OUT/ncu.csv python3 experiments/profile_decode_h200.py \
+      --shapes 16384x256,4096x256 --out $OUT
+    python3 experiments/profile_decode_h200.py --parse $OUT/ncu.csv --shapes 16384x256,4096x256
+
+ncu serialises kernels, so the per-kernel times add up to more than a step where kernels could
+overlap; what it gives is each launch's own duration: the attention kernels against the XLA
+work around them. `--out` also gets each shape's optimised HLO (fusions and custom calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import os
+import re
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares the GPU
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+          "second": 1e6, "s": 1e6}
+MARKER = "sine"
+
+
+def parse_shapes(text: str):
+  try:
+    return [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s]
+  except ValueError:
+    raise SystemExit(f"--shapes must be a list of PxB like 16384x256, got {text!r}") from None
+
+
+def read_kernels(path: str):
+  """[(kernel name, microseconds)] in launch order from ncu's CSV (one metric)."""
+  with open(path, newline="") as f:
+    lines = [line for line in f if line.startswith('"')]   # drop ==PROF== and program lines
+  out = []
+  for row in csv.DictReader(lines):
+    if row.get("Metric Name") != "gpu__time_duration.sum":
+      continue
+    unit = row.get("Metric Unit", "nsecond")
+    if unit not in _UNITS:
+      raise SystemExit(f"{path}: unknown time unit {unit!r}")
+    value = float(row["Metric Value"].replace(",", ""))
+    out.append((row["Kernel Name"], value * _UNITS[unit]))
+  return out
+
+
+def split_calls(kernels):
+  """Calls in launch order: the kernels after each marker kernel, up to the next marker."""
+  calls = []
+  for name, us in kernels:
+    if MARKER in name:
+      calls.append([])
+    elif calls:
+      calls[-1].append((name, us))
+  return calls
+
+
+def short(name: str, width: int = 60) -> str:
+  name = re.sub(r"\s+", " ", name)
+  return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def report(path: str, shapes, calls_per_shape: int) -> str:
+  """Per shape: each kernel of one call (median over the calls), its share, the total."""
+  calls = split_calls(read_kernels(path))
+  want = len(shapes) * calls_per_shape
+  if len(calls) != want:
+    raise SystemExit(f"{path}: found {len(calls)} marked calls, expected {want} "
+                     f"({len(shapes)} shapes x {calls_per_shape} calls)")
+  lines = []
+  for i, (p, b) in enumerate(shapes):
+    group = calls[i * calls_per_shape:(i + 1) * calls_per_shape]
+    counts = {len(c) for c in group}
+    if len(counts) != 1:
+      raise SystemExit(f"P{p}_B{b}: calls launched different kernel counts {sorted(counts)}")
+    per_kernel = collections.defaultdict(list)
+    for c in group:
+      for j, (name, us) in enumerate(c):
+        per_kernel[(j, name)].append(us)
+    rows = [(j, name, sorted(v)[len(v) // 2]) for (j, name), v in sorted(per_kernel.items())]
+    total = sum(us for _, _, us in rows)
+    lines.append(f"\nP{p}_B{b}: {len(rows)} kernels, {total:.1f} us serialised "
+                 f"(median of {calls_per_shape} calls)")
+    for j, name, us in rows:
+      lines.append(f"  {j:2d} {us:8.1f} us {100 * us / total:5.1f}%  {short(name)}")
+  return "\n".join(lines)
+
+
+def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int) -> None:
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  from experiments import bench_attention as ba
+  from hydrax.attention import backends
+
+  torch.cuda.init()
+  marker = jax.jit(lambda x: jnp.sin(x) * 3.0)
+  x = jnp.ones((1024,), jnp.float32)
+  jax.block_until_ready(marker(x))
+  os.makedirs(out, exist_ok=True)
+  prepared = []
+  for p, b in shapes:
+    case = ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d)
+    fn = ba.decode_fns(b, p, u, backends.get("pallas"))["pallas"]
+    args = case + (jnp.int32(0),)
+    with open(os.path.join(out, f"hlo_P{p}_B{b}.txt"), "w") as f:
+      f.write(fn.lower(*args).compile().as_text())
+    for _ in range(3):
+      jax.block_until_ready(fn(*args))
+    prepared.append((fn, args))
+  torch.cuda.synchronize()
+  torch.cuda.profiler.start()
+  for fn, args in prepared:
+    for _ in range(calls):
+      jax.block_until_ready(marker(x))
+      jax.block_until_ready(fn(*args))
+  torch.cuda.profiler.stop()
+  print(f"profiled {len(shapes)} shapes x {calls} calls")
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--shapes", default="16384x256,4096x256", help="PxB list")
+  ap.add_argument("--calls", type=int, default=3, help="profiled calls per shape")
+  ap.add_argument("--out", default="profile_decode")
+  ap.add_argument("--parse", default="", help="ncu CSV to report instead of profiling")
+  ap.add_argument("--suffix", type=int, default=128, help="U, keys per sequence's suffix")
+  args = ap.parse_args(argv)
+  if args.calls < 1:
+    raise SystemExit(f"--calls must be >= 1, got {args.calls}")
+  shapes = parse_shapes(args.shapes)
+  if args.parse:
+    print(report(args.parse, shapes, args.calls))
+    return
+  profile(shapes, args.calls, args.out, args.suffix, 32, 8, 128)
+
+
+if __name__ == "__main__":
+  main()
