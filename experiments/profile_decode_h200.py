@@ -7,8 +7,9 @@ The call is the one `experiments/bench_attention.py` times (`decode_fns`: one pr
 all B sequences, per-sequence suffixes, caches stacked and read at a traced layer, as the
 engine passes them). Each shape is compiled and warmed up outside the profiled region; then,
 inside it (cudaProfilerStart/Stop through torch), `--calls` calls run one at a time, each
-preceded by a marker kernel (a jitted sine: its kernel name holds "sine") so that the kernels
-of one call can be told apart. Run under Nsight Compute with one metric and the clocks left
+preceded by a marker kernel (a jitted elementwise op on 12,345 floats: the region's first
+kernel, told apart by its name, grid and block together) so that the kernels of one call can
+be told apart. Run under Nsight Compute with one metric and the clocks left
 alone, then parse its CSV:
 
     ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum \
@@ -35,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
           "second": 1e6, "s": 1e6}
-MARKER = "sine"
+MARKER_ELEMENTS = 12345
 
 
 def parse_shapes(text: str):
@@ -46,7 +47,7 @@ def parse_shapes(text: str):
 
 
 def read_kernels(path: str):
-  """[(kernel name, microseconds)] in launch order from ncu's CSV (one metric)."""
+  """[(kernel name, grid, block, microseconds)] in launch order from ncu's CSV (one metric)."""
   with open(path, newline="") as f:
     lines = [line for line in f if line.startswith('"')]   # drop ==PROF== and program lines
   out = []
@@ -57,18 +58,23 @@ def read_kernels(path: str):
     if unit not in _UNITS:
       raise SystemExit(f"{path}: unknown time unit {unit!r}")
     value = float(row["Metric Value"].replace(",", ""))
-    out.append((row["Kernel Name"], value * _UNITS[unit]))
+    out.append((row["Kernel Name"], row.get("Grid Size", ""), row.get("Block Size", ""),
+                value * _UNITS[unit]))
   return out
 
 
 def split_calls(kernels):
-  """Calls in launch order: the kernels after each marker kernel, up to the next marker."""
+  """Calls in launch order: the region's first kernel is the marker; each call is the
+  kernels after a marker (same name, grid and block) up to the next one."""
+  if not kernels:
+    return []
+  marker = kernels[0][:3]
   calls = []
-  for name, us in kernels:
-    if MARKER in name:
+  for name, grid, block, us in kernels:
+    if (name, grid, block) == marker:
       calls.append([])
-    elif calls:
-      calls[-1].append((name, us))
+    else:
+      calls[-1].append((f"{name} {grid}", us))
   return calls
 
 
@@ -113,7 +119,7 @@ def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int) -> No
 
   torch.cuda.init()
   marker = jax.jit(lambda x: jnp.sin(x) * 3.0)
-  x = jnp.ones((1024,), jnp.float32)
+  x = jnp.ones((MARKER_ELEMENTS,), jnp.float32)
   jax.block_until_ready(marker(x))
   os.makedirs(out, exist_ok=True)
   prepared = []

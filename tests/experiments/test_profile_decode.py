@@ -10,7 +10,9 @@ HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context",
 
 
 def _row(i, name, value, unit="nsecond"):
-  return (f'"{i}","1","python3","h","{name}","1","7","(128, 1, 1)","(8, 1, 1)","0","9.0",'
+  name, _, grid = name.partition("@")          # "name@grid": another kernel of the same name
+  grid = grid or ("(97, 1, 1)" if name == "loop_multiply_fusion" else "(8, 1, 1)")
+  return (f'"{i}","1","python3","h","{name}","1","7","(128, 1, 1)","{grid}","0","9.0",'
           f'"Command line profiler metrics","gpu__time_duration.sum","{unit}","{value}"\n')
 
 
@@ -23,26 +25,27 @@ def _write(tmp_path, kernels):
 
 
 def test_report_splits_calls_at_markers_and_takes_medians(tmp_path):
-  call = lambda a: [("loop_sine_fusion", "2,000", "nsecond"), ("mosaic_gpu_kernel", a, "usecond"),
-                    ("input_transpose_fusion", "3000", "nsecond")]
+  call = lambda a: [("loop_multiply_fusion", "2,000", "nsecond"), ("mosaic_gpu_kernel", a, "usecond"),
+                    ("loop_multiply_fusion@(4, 1, 1)", "3000", "nsecond")]
   path = _write(tmp_path, call("120") + call("130") + call("500") +
                 call("40") + call("41") + call("42"))
   text = pd.report(path, [(16384, 256), (4096, 256)], 3)
   assert "P16384_B256: 2 kernels, 133.0 us" in text
   assert "   0    130.0 us" in text       # the median of 120, 130 and 500
   assert "P4096_B256: 2 kernels, 44.0 us" in text
-  assert "sine" not in text
+  assert "(97, 1, 1)" not in text                  # the markers are not reported
+  assert "loop_multiply_fusion (4, 1, 1)" in text  # the same name on another grid is a kernel
 
 
 def test_report_rejects_wrong_call_counts_and_units(tmp_path):
-  path = _write(tmp_path, [("loop_sine_fusion", "1", "nsecond"), ("k", "1", "nsecond")])
+  path = _write(tmp_path, [("loop_multiply_fusion", "1", "nsecond"), ("k", "1", "nsecond")])
   with pytest.raises(SystemExit, match="found 1 marked calls, expected 2"):
     pd.report(path, [(1024, 16)], 2)
-  path = _write(tmp_path, [("loop_sine_fusion", "1", "nsecond"), ("k", "1", "parsec")])
+  path = _write(tmp_path, [("loop_multiply_fusion", "1", "nsecond"), ("k", "1", "parsec")])
   with pytest.raises(SystemExit, match="unknown time unit 'parsec'"):
     pd.report(path, [(1024, 16)], 1)
-  path = _write(tmp_path, [("loop_sine_fusion", "1", "nsecond"), ("k", "1", "nsecond"),
-                           ("loop_sine_fusion", "1", "nsecond")])
+  path = _write(tmp_path, [("loop_multiply_fusion", "1", "nsecond"), ("k", "1", "nsecond"),
+                           ("loop_multiply_fusion", "1", "nsecond")])
   with pytest.raises(SystemExit, match="different kernel counts"):
     pd.report(path, [(1024, 16)], 2)
 
