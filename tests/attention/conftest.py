@@ -38,8 +38,14 @@ BACKENDS = [
     BackendCase("xla", "xla", lambda: backends.get("xla")),
     # The Triton-lowered kernels in Pallas interpret mode (off GPU; the real kernels on one).
     # The grouped kernel level by level (path="off": the small-shape path is its own case).
+    # Calls of two or more levels with keys run through all_levels (`grouped_levels`: one
+    # merge in packed rows) unless several levels each fix a row order.
     BackendCase("pallas", "pallas", lambda: backends.get("pallas", lowering="triton",
-                                                         path="off"), examples=0.2),
+                                                         path="off"), examples=0.2,
+                takes_all=lambda q, levels: _grouped_takes(q, levels)),
+    # The same kernels with each level merged and unpacked on its own (Config.finish).
+    BackendCase("pallas_per_level", "pallas", lambda: backends.get(
+        "pallas", lowering="triton", path="off", finish="per_level"), examples=0.1),
     # The pallas backend's small-shape path: every level of a call in one launch of the path
     # kernel (kernels/path_gpu.py), spied through all_levels.
     BackendCase("pallas_path", "pallas", lambda: backends.get("pallas", path="always"),
@@ -61,6 +67,13 @@ def _path_takes(q, levels) -> bool:
   b, t = q.shape[:2]
   return (b > 0 and t > 0 and any(lv.k.shape[-3] > 0 for lv in levels)
           and path_gpu.unsupported_reason(q.shape, q.dtype, levels[0].k.shape[-2]) is None)
+
+
+def _grouped_takes(q, levels) -> bool:
+  b, t = q.shape[:2]
+  live = [lv for lv in levels if lv.k.shape[-3] > 0]
+  fixing = [lv for lv in live if lv.owner is not None and lv.k.shape[-4] != 1]
+  return b > 0 and t > 0 and len(live) > 1 and len(fixing) <= 1
 
 
 def _fused_skip() -> Optional[str]:

@@ -472,13 +472,13 @@ def _mosaic_run(backend, monkeypatch, levels, q, calls_expected, dtype):
   real = pallas_gpu.mosaic_gpu.tile_attention
   monkeypatch.setattr(pallas_gpu.mosaic_gpu, "tile_attention",
                       lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-  pallas_gpu._forward_jit.clear_cache()
+  pallas_gpu.clear_jit_caches()
   try:
     # Not under an outer jit: several interpreted Mosaic kernels in one program deadlocked
     # the interpreter on a 2-core machine.
     out, lse = _run(backend, q, levels, True, dtype, jit=False)
   finally:
-    pallas_gpu._forward_jit.clear_cache()
+    pallas_gpu.clear_jit_caches()
   assert len(calls) == calls_expected, calls        # every level ran on the Mosaic kernel
   assert all(c["interpret"] for c in calls)
   _check(out, lse, *_expect(q, levels, True, dtype), dtype)

@@ -241,14 +241,14 @@ def test_kernel_static_checks_and_budget():
 def emulated():
   """The kernel replaced by the emulator, with no stale traces of `_forward_jit` either way
   (its cache is keyed by shapes and config, not by the kernel function)."""
-  pg._forward_jit.clear_cache()
+  pg.clear_jit_caches()
   CALLS.clear()
   try:
     with pytest.MonkeyPatch.context() as mp:
       mp.setattr(pg.mosaic_gpu, "tile_attention", emulate_tile_attention)
       yield CALLS
   finally:
-    pg._forward_jit.clear_cache()
+    pg.clear_jit_caches()
 
 
 def _expect(q, levels, causal, dtype):
@@ -384,7 +384,7 @@ def test_stacked_layer_through_interpreted_kernel(monkeypatch):
     calls.append((args[1].shape, args[3].shape))
     return real(*args, **kwargs)
 
-  pg._forward_jit.clear_cache()
+  pg.clear_jit_caches()
   monkeypatch.setattr(pg.mosaic_gpu, "tile_attention", spy)
   rng = np.random.default_rng(15)
   b, t, kh, g, d, n, s = 2, 1, 1, 2, 64, 3, 64
@@ -399,7 +399,7 @@ def test_stacked_layer_through_interpreted_kernel(monkeypatch):
     out, lse = pg.level_attention(q, ks, vs, jnp.asarray(lengths), owner, limits,
                                   scale=d ** -0.5, config=cfg, layer=jnp.int32(1))
   finally:
-    pg._forward_jit.clear_cache()
+    pg.clear_jit_caches()
   assert calls == [((2 * n, s, kh, d), (2, 4))]        # the stack in place; a tile per node
   keys, values = oracle.concat_levels([(_f64(ks[1]), _f64(vs[1]), lengths, owner)])
   ref = oracle.dense(_f64(q), keys, values, causal=False)
@@ -474,7 +474,7 @@ def test_fallback_to_triton_runs_and_never_calls_the_kernel(monkeypatch, caplog)
   def boom(*args, **kwargs):
     raise AssertionError("the Mosaic kernel must not be called for float32")
 
-  pg._forward_jit.clear_cache()
+  pg.clear_jit_caches()
   monkeypatch.setattr(pg.mosaic_gpu, "tile_attention", boom)
   monkeypatch.setattr(_log, "_seen", set())
   rng = np.random.default_rng(13)
@@ -485,7 +485,7 @@ def test_fallback_to_triton_runs_and_never_calls_the_kernel(monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="hydrax"):
       out, lse = _run(q, levels, False, jnp.float32, pg.configure(lowering="mosaic"))
   finally:
-    pg._forward_jit.clear_cache()
+    pg.clear_jit_caches()
   ref_out, ref_lse = _expect(q, levels, False, jnp.float32)
   np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-5, atol=1e-5)

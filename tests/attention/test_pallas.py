@@ -335,3 +335,120 @@ def test_backend_spec_strings():
     backends.get("pallas:path")
   with pytest.raises(ValueError, match=r"path must be 'auto', 'always' or 'off', got 'of'"):
     backends.get("pallas:path=of")
+
+
+def _two_level_case(seed, b, t, kh, g, d, n, sp, su, layers):
+  """A shared level of n nodes (stacked [L,...]) and a per-sequence level, ragged lengths
+  with an empty node and an empty suffix, NaN stored past every length."""
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((b, t, kh * g, d)), jnp.float32)
+  own = rng.integers(0, n, size=b).astype(np.int32)
+  own[0] = n - 1
+  lp = rng.integers(1, sp + 1, size=n).astype(np.int32)
+  lp[0] = 0
+  lu = rng.integers(0, su + 1, size=b).astype(np.int32)
+  lu[-1] = 0
+
+  def stack(nodes, s, lengths):
+    x = rng.standard_normal((layers, nodes, s, kh, d)).astype(np.float32)
+    x[:, np.arange(s)[None, :] >= lengths[:, None]] = np.nan
+    return jnp.asarray(x)
+
+  shared = (stack(n, sp, lp), stack(n, sp, lp), lp, own)
+  suffix = (stack(b, su, lu), stack(b, su, lu), lu, None)
+  return q, shared, suffix
+
+
+def _oracle_of(q, levels, layer, causal):
+  clean = [(np.nan_to_num(np.asarray(k[layer])), np.nan_to_num(np.asarray(v[layer])), n, o)
+           for k, v, n, o in levels]
+  keys, values = oracle.concat_levels(clean)
+  return oracle.dense(np.asarray(q), keys, values, causal=causal)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("t", [1, 3])
+def test_levels_merged_once_in_packed_rows(traced, t):
+  """finish="once": a shared level with owners (concrete or traced) and a per-sequence level
+  run through `grouped_levels` (all_levels takes the call: spied), the per-sequence rows in
+  the shared level's order, one merge; exact against the dense oracle and equal to
+  finish="per_level" (which all_levels declines), stacked caches at a traced layer."""
+  b, kh, g, d, n = 7, 2, 3, 16, 3
+  q, shared, suffix = _two_level_case(50 + t, b, t, kh, g, d, n, 21, 6, 2)
+  taken = []
+  real = pg.grouped_levels
+
+  def spy(*args, **kwargs):
+    out = real(*args, **kwargs)
+    taken.append(out is not None)
+    return out
+
+  def run(finish, layer):
+    backend = pg.configure(path="off", finish=finish)
+    own = jnp.asarray(shared[3]) if traced else shared[3]
+
+    def fn(q, ks, vs, layer, own):
+      lv = [KVLevel(ks[0], vs[0], jnp.asarray(shared[2]), own, layer),
+            KVLevel(ks[1], vs[1], jnp.asarray(suffix[2]), None, layer)]
+      return hydragen_attention(q, lv, backend=backend)
+
+    if traced:
+      return jax.jit(fn)(q, (shared[0], suffix[0]), (shared[1], suffix[1]), layer, own)
+    return jax.jit(lambda q, ks, vs, layer: fn(q, ks, vs, layer, own))(
+        q, (shared[0], suffix[0]), (shared[1], suffix[1]), layer)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(pg, "grouped_levels", spy)
+    once = run("once", jnp.int32(1))
+    assert taken == [True]
+    per_level = run("per_level", jnp.int32(1))
+    assert taken == [True]                       # per_level never asks for it
+  ref = _oracle_of(q, [shared, suffix], 1, causal=True)
+  _assert_close(*once, *ref, 1e-5)
+  _assert_close(*per_level, *ref, 1e-5)
+
+
+def test_grouped_levels_declines_two_orders_and_layout_rules():
+  """Two levels with owners over several nodes each fix a row order: `grouped_levels`
+  returns None (the levels run one by one, still exact); `_layout_in` refuses to reorder
+  such a level."""
+  b, t, kh, g, d = 5, 1, 1, 2, 16
+  q, shared, suffix = _two_level_case(60, b, t, kh, g, d, 2, 9, 4, 1)
+  _, other, _ = _two_level_case(61, b, t, kh, g, d, 3, 7, 4, 1)
+  levels = [KVLevel(x[0][0], x[1][0], jnp.asarray(x[2]), x[3]) for x in (shared, other)]
+  limits = [jnp.asarray(lv.lengths)[lv.owner][:, None] for lv in levels]
+  assert pg.grouped_levels(q, levels, limits, scale=0.25, cfg=pg.Config()) is None
+  out = hydragen_attention(q, levels + [KVLevel(suffix[0][0], suffix[1][0],
+                                                jnp.asarray(suffix[2]), None)],
+                           backend=pg.configure(path="off"))
+  ref = _oracle_of(q, [(x[0], x[1], x[2], x[3]) for x in (shared, other, suffix)], 0, True)
+  _assert_close(*out, *ref, 1e-5)
+  with pytest.raises(ValueError, match="keeps its own row order"):
+    pg._layout_in(np.arange(b, dtype=np.int32), shared[3], 2, b, 2, 16)
+  layout = pg._layout_in(np.array([4, 3, 2, 1, 0], np.int32), None, b, b, 2, 16)
+  np.testing.assert_array_equal(layout.node, [4, 3, 2, 1, 0])
+
+
+def test_level_stream_annotates_the_per_sequence_level():
+  """Config.level_stream puts the per-sequence level's kernel on a GPU stream through
+  compute_on (an annotation XLA ignores on CPU): the lowered program carries it, results are
+  unchanged; the field is validated."""
+  b, t, kh, g, d = 4, 1, 2, 2, 16
+  q, shared, suffix = _two_level_case(70, b, t, kh, g, d, 2, 12, 5, 1)
+
+  def fn(backend):
+    def run(q, own):
+      lv = [KVLevel(shared[0][0], shared[1][0], jnp.asarray(shared[2]), own),
+            KVLevel(suffix[0][0], suffix[1][0], jnp.asarray(suffix[2]), None)]
+      return hydragen_attention(q, lv, backend=backend)
+    return jax.jit(run)
+
+  own = jnp.asarray(shared[3])
+  on = fn(pg.configure(path="off", level_stream=1))
+  assert "_xla_stream_annotation" in on.lower(q, own).as_text()
+  assert "_xla_stream_annotation" not in fn(pg.configure(path="off")).lower(q, own).as_text()
+  _assert_close(*on(q, own), *_oracle_of(q, [shared, suffix], 0, True), 1e-5)
+  with pytest.raises(ValueError, match="level_stream must be >= 0, got -1"):
+    pg.Config(level_stream=-1)
+  with pytest.raises(ValueError, match="finish must be 'once' or 'per_level', got 'twice'"):
+    pg.Config(finish="twice")

@@ -43,6 +43,15 @@ costs (a launch per level, packing, tile bounds, merges: ~45 us at 1K/16 on the 
 reading the prefix once per sequence, and the whole call runs as one launch of the path
 kernel (`path_gpu.py`). Otherwise `all_levels` returns None and the levels run one by one.
 
+Merging the levels (`grouped_levels`, `Config.finish`): a call's levels run on their own
+kernels (Mosaic GPU for the stacked root, Triton for the rest), but their rows are packed in
+one order, that of the one level whose owners spread over several nodes (a one-node level
+and the per-sequence level can take any order), so every level's partial results, key splits
+included, merge in one XLA pass and are unpacked once (on the H200 at B = 256 the launches
+around the two kernels were 12 small fusions, ~30 us of a ~170 us call: run8's profile).
+Calls with two such levels run level by level. `Config.level_stream` puts the per-sequence
+level on its own GPU stream so that XLA may overlap it with the shared levels.
+
 `hydragen_attention_fused` runs all levels in one launch and merges in the packed row layout:
 faster for small batches (fewer launches), slower for large ones (measured; see NOTES.md).
 """
@@ -117,6 +126,15 @@ class Config:
   # The path kernel splits keys until it runs this many programs an SM (`path_gpu.make_plan`;
   # `splits` overrides it).
   path_programs_per_sm: int = 2
+  # How the grouped levels' results are merged: "once" (levels that can share a row order
+  # are packed in it and one XLA pass merges every key split of every level and unpacks:
+  # `grouped_levels`), "per_level" (each level merged and unpacked on its own, then the
+  # levels merged: more launches; kept to measure what "once" saves).
+  finish: str = "once"
+  # With finish "once": 0, or the GPU stream (>= 1) that per-sequence levels run on
+  # (`jax.experimental.compute_on("gpu_stream:n")`), so that XLA may run them beside the
+  # shared levels (memory-bound beside matrix-bound work) instead of after them.
+  level_stream: int = 0
 
   def __post_init__(self):
     # JSON-friendly forms (benchmark flags) become the hashable ones.
@@ -132,6 +150,10 @@ class Config:
       raise ValueError(f"path must be 'auto', 'always' or 'off', got {self.path!r}")
     if self.path_crossover_bytes < 0:
       raise ValueError(f"path_crossover_bytes must be >= 0, got {self.path_crossover_bytes}")
+    if self.finish not in ("once", "per_level"):
+      raise ValueError(f"finish must be 'once' or 'per_level', got {self.finish!r}")
+    if self.level_stream < 0:
+      raise ValueError(f"level_stream must be >= 0, got {self.level_stream}")
     if self.path_programs_per_sm < 1:
       raise ValueError(f"path_programs_per_sm must be >= 1, got {self.path_programs_per_sm}")
 
@@ -403,12 +425,13 @@ def _tile_bounds(layout: grouping.Layout, row_limits):
 
 
 def grouped_attention(levels, *, scale: float, interpret: bool, poison: bool = False,
-                      tile_bounds: str = "xla"):
+                      tile_bounds: str = "xla", combine: bool = True):
   """Runs the kernel for one or more levels in one launch (levels run concurrently).
 
   levels: LevelInput list. poison: outputs start as NaN (aliased inputs), so that rows the
   kernel never writes show. tile_bounds: "xla" or "kernel" (see Config).
-  Returns per level (out [K,R,Dp] f32, lse [K,R] f32 natural log).
+  Returns per level (out [K,R,Dp] f32, lse [K,R] f32 natural log); with combine=False the key
+  splits unmerged: (out [P,K,R,Dp], lse [P,K,R]).
   """
   specs, args, out_shape = [], [], []
   for lv in levels:
@@ -445,7 +468,8 @@ def grouped_attention(levels, *, scale: float, interpret: bool, poison: bool = F
       input_output_aliases=aliases,
       name="hydrax_grouped_attention",
   )(*args)
-  return [flash.combine_splits(outs[2 * i], outs[2 * i + 1]) for i in range(len(levels))]
+  parts = [(outs[2 * i], outs[2 * i + 1]) for i in range(len(levels))]
+  return [flash.combine_splits(*p) for p in parts] if combine else parts
 
 
 def _pack(q, order, kh, dp):
@@ -523,10 +547,36 @@ def _offset_nodes(node, offset):
   return node if offset is None else jnp.asarray(node, jnp.int32) + offset
 
 
-def _prepare(q_shape, k, v, owner, limits, cfg: Config, layer=None) -> _Prepared:
-  """Layout and plan of one level (static, or a runtime tile table for traced owners), k/v
-  padded to Dp (and seen as L*N nodes for a stacked cache read in place), the rows' key
-  limits [R]."""
+_OWN = "own"    # a level's rows in its own order: sequences sorted (stably) by node
+
+
+def _layout_in(order, owner, n: int, b: int, rows_per_seq: int, block_m: int):
+  """The row layout (`grouping.make_layout`) of a level with its rows in `order`.
+
+  order: `_OWN` (the level's own order), or [B] int32 (NumPy or traced; None for the
+  identity), the sequences in row order, which only a level whose nodes stay contiguous in
+  any order can take: one node (N == 1), or one node per sequence (owner None), where tile
+  j's node becomes the sequence at its rows, order[node]. Levels that take the same order
+  have the same packed rows, so their parts merge without unpacking (`_grouped_levels`)."""
+  layout = grouping.make_layout(owner, n, b, rows_per_seq, block_m)
+  if isinstance(order, str):
+    return layout
+  if owner is not None and n != 1:
+    raise ValueError(f"a level of N={n} nodes with owners keeps its own row order")
+  if layout.order is not None:
+    raise ValueError("a level that takes another order must start from the identity")
+  if order is None or owner is not None:
+    return layout._replace(order=order)
+  if isinstance(order, np.ndarray):
+    return layout._replace(order=order, node=order[layout.node].astype(np.int32))
+  return layout._replace(order=order, node=jnp.take(order, jnp.asarray(layout.node)))
+
+
+def _prepare(q_shape, k, v, owner, limits, cfg: Config, layer=None,
+             order=_OWN) -> _Prepared:
+  """Layout and plan of one level (static, or a runtime tile table for traced owners) with
+  its rows in `order` (`_layout_in`), k/v padded to Dp (and seen as L*N nodes for a stacked
+  cache read in place), the rows' key limits [R]."""
   b, t, h, d = q_shape
   n, s, kh, _ = k.shape[-4:]
   g = h // kh
@@ -541,7 +591,7 @@ def _prepare(q_shape, k, v, owner, limits, cfg: Config, layer=None) -> _Prepared
   itemsize = jnp.dtype(k.dtype).itemsize
   bm = cfg.block_m or min(_max_block_m(cfg, dp, itemsize),
                           flash.pow2_at_least(math.ceil(rows_per_node)))
-  layout = grouping.make_layout(owner, n, b, rows_per_seq, bm)
+  layout = _layout_in(order, owner, n, b, rows_per_seq, bm)
   plan = _plan(dataclasses.replace(cfg, block_m=bm), rows_per_node,
                _busy_tiles(layout, b * rows_per_seq), kh, s, dp, interpret, itemsize)
   layout = layout._replace(node=_offset_nodes(layout.node, offset))
@@ -579,8 +629,33 @@ def _use_mosaic(q_shape, k, owner, dtype, cfg: Config) -> bool:
   return True
 
 
+class _Part(NamedTuple):
+  """One level's kernel results in packed rows (the level's `order`), key splits not merged:
+  out [P,K,X,Dx] (q's dtype or f32; Dx = D, or Dp for the Triton kernel), lse [P,K,X] f32;
+  slot None when packed row r is at X-index r (X = R), else [R] int32, the X-index of row r."""
+  out: jax.Array
+  lse: jax.Array
+  slot: Optional[object]
+  order: Optional[object]
+
+
+def _finish(part: _Part, shape, dtype=jnp.float32):
+  """A level's (out [B,T,H,D] dtype, lse [B,T,H]) from its `_Part`: splits merged, rows
+  unpacked."""
+  out, lse = flash.combine_splits(part.out.astype(jnp.float32), part.lse)
+  if part.slot is not None:
+    out = jnp.take(out, jnp.asarray(part.slot), axis=1)
+    lse = jnp.take(lse, jnp.asarray(part.slot), axis=1)
+  return _unpack(out, lse, part.order, shape, dtype)
+
+
 def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config, layer=None):
-  """One level through `mosaic_gpu.tile_attention` (see `_use_mosaic`).
+  """One level through `mosaic_gpu.tile_attention` (see `_use_mosaic`)."""
+  return _finish(_mosaic_part(q, k, v, owner, limits, scale, cfg, layer), q.shape)
+
+
+def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN):
+  """One level through `mosaic_gpu.tile_attention` (see `_use_mosaic`), as a `_Part`.
 
   Rows are packed as for Triton (sorted by node), then cut in tiles of TILE rows of one node
   each; a tile's unused rows are padding (limit 0, results dropped). With concrete owners the
@@ -595,7 +670,7 @@ def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config, layer=None):
   bk = mc.block_kv
   nblk = -(-s // bk)
   k, v, offset = _layer_view(k, v, layer, cfg, in_place_ok=s % bk == 0)
-  layout = grouping.make_layout(owner, n, b, t * g, tile)
+  layout = _layout_in(order, owner, n, b, t * g, tile)
   qp = _pack(q, layout.order, kh, d)                               # [K, R, D]
   lim = limits.astype(jnp.int32)
   if layout.order is not None:
@@ -643,8 +718,8 @@ def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config, layer=None):
   out, lse = mosaic_gpu.tile_attention(
       qt, k, v, tab, limt, scale=scale, block_kv=bk, stages=mc.stages, splits=splits,
       blocks_per_split=bps, interpret=interpret)
-  # [K, Tn*TILE, D], [K, ...]
-  out, lse = flash.combine_splits(out.astype(jnp.float32), lse)
+  # [P, K, Tn*TILE, D], [P, K, Tn*TILE]
+  pos = None
   if not in_place:
     slots = num_tiles * tile
     if static:
@@ -653,20 +728,152 @@ def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config, layer=None):
     else:
       pos = jnp.zeros((r,), jnp.int32).at[jnp.where(valid.reshape(-1), src, r)].set(
           jnp.arange(slots, dtype=jnp.int32), mode="drop")
-    out = jnp.take(out, jnp.asarray(pos), axis=1)
-    lse = jnp.take(lse, jnp.asarray(pos), axis=1)
-  return _unpack(out, lse, layout.order, q.shape)
+  return _Part(out, lse, pos, layout.order)
 
 
 def _forward(q, k, v, owner, limits, scale, cfg: Config, layer=None):
   if _use_mosaic(q.shape, k, owner, q.dtype, cfg):
     return _forward_mosaic(q, k, v, owner, limits, scale, cfg, layer)
-  prep = _prepare(q.shape, k, v, owner, limits, cfg, layer)
+  return _finish(_triton_part(q, k, v, owner, limits, scale, cfg, layer), q.shape)
+
+
+def _triton_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN) -> _Part:
+  """One level through the Triton kernel (`grouped_attention`), as a `_Part`."""
+  prep = _prepare(q.shape, k, v, owner, limits, cfg, layer, order)
   qp = _pack(q, prep.layout.order, k.shape[-2], prep.dp)
   [(out, lse)] = grouped_attention(
       [LevelInput(qp, prep.k, prep.v, prep.row_limits, prep.layout, prep.plan)],
-      scale=scale, interpret=prep.interpret, poison=cfg.poison, tile_bounds=cfg.tile_bounds)
-  return _unpack(out, lse, prep.layout.order, q.shape)
+      scale=scale, interpret=prep.interpret, poison=cfg.poison, tile_bounds=cfg.tile_bounds,
+      combine=False)
+  return _Part(out, lse, None, prep.layout.order)
+
+
+def _level_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN) -> _Part:
+  """One level on the kernel `_use_mosaic` picks, as a `_Part` with its rows in `order`."""
+  run = _mosaic_part if _use_mosaic(q.shape, k, owner, q.dtype, cfg) else _triton_part
+  return run(q, k, v, owner, limits, scale, cfg, layer, order)
+
+
+def _part_on_stream(stream: int, q, k, v, limits, scale, cfg: Config, layer, order) -> _Part:
+  """A per-sequence level's `_Part` computed on GPU stream `stream` (see Config.level_stream)."""
+  from jax.experimental.compute_on import compute_on
+
+  def run(q, k, v, limits, layer, order):
+    part = _level_part(q, k, v, None, limits, scale, cfg, layer,
+                       _OWN if isinstance(order, str) else order)
+    return part.out, part.lse
+
+  traced_order = None if isinstance(order, str) else order
+  static = isinstance(order, str) or order is None or isinstance(order, np.ndarray)
+  with compute_on(f"gpu_stream:{stream}"):
+    if static:
+      out, lse = jax.jit(lambda q, k, v, limits, layer: run(q, k, v, limits, layer, order))(
+          q, k, v, limits, layer)
+    else:
+      out, lse = jax.jit(run)(q, k, v, limits, layer, traced_order)
+  return _Part(out, lse, None, None if isinstance(order, str) else order)
+
+
+def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
+  """Every level (kvl: [(k, v, lengths, layer)], owners: NumPy, traced or None, limits [B,T]
+  each) on its grouped kernel, the parts merged in packed rows: the one level whose nodes
+  (N > 1, with owners) fix the row order packs its rows sorted by node, the others (one
+  node, or one per sequence) take that order too, so every part's row r is the same query
+  row, and one XLA pass merges all key splits of all levels and unpacks (instead of a merge
+  and an unpack per level and a merge of the levels: launches that cost more than the bytes
+  they move at decode). Returns out [B,T,H,D] in q's dtype and lse [B,T,H] f32."""
+  b, t, h, d = q.shape
+  bound = [i for i, ((k, _, _, _), o) in enumerate(zip(kvl, owners))
+           if o is not None and k.shape[-4] != 1]
+  if len(bound) > 1:
+    raise ValueError(f"levels {bound} each fix a row order; at most one may")
+  first = bound + [i for i in range(len(kvl)) if i not in bound]
+  parts, order = {}, _OWN
+  for i in first:
+    k, v, _, layer = kvl[i]
+    if owners[i] is None and cfg.level_stream:
+      parts[i] = _part_on_stream(cfg.level_stream, q, k, v, limits[i], scale, cfg, layer,
+                                 order)
+    else:
+      parts[i] = _level_part(q, k, v, owners[i], limits[i], scale, cfg, layer, order)
+    order = parts[i].order
+  outs, lses = [], []
+  for i in range(len(kvl)):
+    o, lse = parts[i].out, parts[i].lse
+    if parts[i].slot is not None:
+      slot = jnp.asarray(parts[i].slot)
+      o, lse = jnp.take(o, slot, axis=2), jnp.take(lse, slot, axis=2)
+    outs.append(o[..., :d].astype(jnp.float32))
+    lses.append(lse)
+  out, lse = flash.combine_splits(jnp.concatenate(outs), jnp.concatenate(lses))
+  return _unpack(out, lse, order, q.shape, q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("owner_keys", "scale", "cfg"))
+def _grouped_jit(q, kvl, owners_dyn, limits, *, owner_keys, scale, cfg):
+  owners = [od if od is not None else _owner_of(key) for od, key in zip(owners_dyn, owner_keys)]
+  return _grouped_forward(q, kvl, owners, limits, scale, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("owner_keys", "scale"))
+def _xla_levels_vjp(q, kvl, owners_dyn, limits, cts, *, owner_keys, scale):
+  """Cotangents of q and every level's (k, v), recomputed level by level with the XLA
+  backend and merged (stacked k, v: zero outside the level's layer)."""
+  owners = [od if od is not None else _owner_of(key) for od, key in zip(owners_dyn, owner_keys)]
+
+  def ref(q, kv):
+    parts = []
+    for (k, v), (_, _, lengths, layer), owner, lim in zip(kv, kvl, owners, limits):
+      if layer is not None:
+        k = lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)
+        v = lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
+      parts.append(xla.level_attention(q, k, v, lengths, owner, lim, scale=scale))
+    return merge_parts(parts)
+
+  _, vjp = jax.vjp(ref, q, [(k, v) for k, v, _, _ in kvl])
+  return vjp((cts[0].astype(jnp.float32), cts[1]))
+
+
+def grouped_levels(q, levels, limits, *, scale: float, cfg: Config):
+  """`_grouped_forward` over KVLevels (stacked caches read in place at their layer), or None
+  when more than one level fixes a row order (the caller runs the levels one by one).
+  Differentiable: the backward pass recomputes the levels with the XLA backend."""
+  b = q.shape[0]
+  statics, traced = zip(*[_static_owner(lv.owner, lv.k.shape[-4], b) for lv in levels])
+  fixing = [lv.owner is not None and lv.k.shape[-4] != 1 for lv in levels]
+  if sum(fixing) > 1:
+    return None
+  keys = tuple(_owner_key(st) for st in statics)
+  kvl = [(lv.k, lv.v,
+          jnp.full((lv.k.shape[-4],), lv.k.shape[-3], jnp.int32) if lv.lengths is None
+          else jnp.asarray(lv.lengths, jnp.int32),
+          None if lv.layer is None else jnp.asarray(lv.layer, jnp.int32)) for lv in levels]
+  owners_dyn = [lv.owner if tr else None for lv, tr in zip(levels, traced)]
+  limits = [jnp.asarray(x, jnp.int32) for x in limits]
+
+  def impl(q, kvl, owners_dyn, limits):
+    if cfg.lowering == "mosaic" and _interpret(cfg):
+      # Op by op, not one program: several interpreted Mosaic GPU kernels in one program
+      # have deadlocked jax's Mosaic GPU interpreter on a 2-core machine (see Config).
+      owners = [od if od is not None else _owner_of(key) for od, key in zip(owners_dyn, keys)]
+      return _grouped_forward(q, kvl, owners, limits, float(scale), cfg)
+    return _grouped_jit(q, kvl, owners_dyn, limits, owner_keys=keys, scale=float(scale),
+                        cfg=cfg)
+
+  f = jax.custom_vjp(impl)
+
+  def fwd(*args):
+    return impl(*args), args
+
+  def bwd(res, cts):
+    q, kvl, owners_dyn, limits = res
+    dq, dkv = _xla_levels_vjp(q, kvl, owners_dyn, limits, cts, owner_keys=keys,
+                              scale=float(scale))
+    return (dq, [(dk, dv, None, None) for dk, dv in dkv], [None] * len(owners_dyn),
+            [None] * len(limits))
+
+  f.defvjp(fwd, bwd)
+  return f(q, kvl, owners_dyn, limits)
 
 
 def _static_owner(owner, n: int, b: int):
@@ -925,10 +1132,13 @@ def path_mode(q_shape, dtype, levels, cfg: Config) -> tuple:
 
 
 def all_levels(q, levels, limits, *, scale, config: Optional[Config] = None):
-  """Every level of a call at once when the cost rule (`path_mode`) picks the small-shape
-  path (`path_gpu`); None otherwise (the caller runs the levels one by one through the
-  grouped kernel: a decision, not a fallback). Returns out [B,T,H,D] in q's dtype and lse
-  [B,T,H] f32. With path='always', inputs the path kernel cannot take are logged once."""
+  """Every level of a call at once: through the small-shape path (`path_gpu`) when the cost
+  rule (`path_mode`) picks it, else, for two or more levels with keys and `Config.finish`
+  "once", through the grouped kernels with one merge in packed rows (`grouped_levels`);
+  None otherwise, also when several levels each fix a row order (the caller runs the levels
+  one by one through the grouped kernels: a decision, not a fallback). Returns out [B,T,H,D]
+  in q's dtype and lse [B,T,H] f32. With path='always', inputs the path kernel cannot take
+  are logged once."""
   cfg = Config() if config is None else config
   b, t, h, d = q.shape
   live = [(lv, lim) for lv, lim in zip(levels, limits) if lv.k.shape[-3] > 0]
@@ -939,6 +1149,9 @@ def all_levels(q, levels, limits, *, scale, config: Optional[Config] = None):
     if cfg.path == "always":
       log_once(("pallas-path", why), "hydrax pallas backend: path='always' but the path kernel "
                "cannot take this call (%s); the levels run one by one", why)
+    if cfg.finish == "once" and len(live) > 1 and q.dtype in _DTYPES:
+      return grouped_levels(q, [lv for lv, _ in live], [lim for _, lim in live], scale=scale,
+                            cfg=cfg)
     return None
   interpret = _interpret(cfg)
   caps = [lv.k.shape[-3] for lv, _ in live]
@@ -952,6 +1165,14 @@ def all_levels(q, levels, limits, *, scale, config: Optional[Config] = None):
   out, lse = path_gpu.path_attention(q, [lv for lv, _ in live], [lim for _, lim in live],
                                      scale=scale, plan=plan, interpret=interpret)
   return out.astype(q.dtype), lse
+
+
+def clear_jit_caches() -> None:
+  """Drops the traces of this module's jitted entry points. They are keyed by shapes and
+  configuration, not by the kernel functions, so a test that swaps a kernel function (an
+  emulator) clears them before and after."""
+  for fn in (_forward_jit, _grouped_jit, _concurrent_jit):
+    fn.clear_cache()
 
 
 def _available() -> bool:
