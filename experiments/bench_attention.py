@@ -229,8 +229,9 @@ def dependent_loop(fn, n: int, unroll: bool = False):
   previous call (numerically nothing, but a real data dependency: calls cannot overlap or be
   hoisted). Time / n is the op's device time without host dispatch. unroll: the n calls as
   straight-line code instead of a while loop, whose per-iteration condition (on a GPU a
-  device-to-host copy unless XLA puts the loop in a CUDA graph) is then not timed: at ops of
-  tens of microseconds the two differ (compare them before trusting either)."""
+  device-to-host copy unless XLA puts the loop in a CUDA graph) is then not timed: on the H200
+  the rolled loop added 8-14 us a call at ops of 25-60 us (experiments/results/fused_h200/
+  run8), so the scripts unroll by default."""
   def run(q, *rest):
     copies = rest[0].shape[0]
 
@@ -925,8 +926,10 @@ def main(argv=None):
   ap.add_argument("--check-cases", default="", help="comma list of check case names")
   ap.add_argument("--micro-suffixes", default="0,64,128,192,256,320,384,448,512")
   ap.add_argument("--loop", type=int, default=20, help="dependent calls per device-time loop")
-  ap.add_argument("--loop_unroll", action="store_true",
-                  help="the device-time loop's calls unrolled (no while loop around them)")
+  ap.add_argument("--loop_unroll", action=argparse.BooleanOptionalAction, default=True,
+                  help="the device-time loop's calls unrolled (no while loop around them; "
+                  "the H200 timed a rolled loop 8-14 us a call slower at 25-60 us ops: "
+                  "experiments/results/fused_h200/run8)")
   ap.add_argument("--outer", type=int, default=7, help="timed repetitions (median)")
   ap.add_argument("--engine-layers", type=int, default=4,
                   help="layers of the llama3-8b-shaped model of the engine steps")

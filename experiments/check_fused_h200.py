@@ -93,11 +93,25 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
      {"backend": "pallas", "path": "always"}),
     ("path_tree3_bf16_gqa8_B16", 16, 1, 4, 8, "bfloat16", [(1, 1024), (4, 100)], 128, 2,
      {"backend": "pallas", "path": "always"}),
+    # The pallas backend's grouped levels merged once in packed rows (finish "once": the
+    # root's Mosaic GPU kernel on Hopper, the other levels' Triton kernel, every level in the
+    # order of the one with owners over several nodes), and the per-sequence level on its own
+    # GPU stream.
+    ("grouped_tree3_bf16_gqa4", 67, 1, 8, 4, "bfloat16", [(1, 1500), (7, 300)], 130, 3,
+     {"backend": "pallas", "path": "off"}),
+    ("grouped_tree2_bf16_gqa4_B256_4K_stream", 256, 1, 8, 4, "bfloat16", [(1, 4096)], 128, 2,
+     {"backend": "pallas", "path": "off", "level_stream": 1}),
+    ("grouped_tree3_f32_gqa1_T3", 33, 3, 8, 1, "float32", [(1, 700), (5, 200)], 64, 2,
+     {"backend": "pallas", "path": "off"}),
+    ("grouped_tree3_bf16_gqa8_stream", 40, 1, 4, 8, "bfloat16", [(1, 900), (5, 200)], 64, 2,
+     {"backend": "pallas", "path": "off", "level_stream": 1}),
 ]
 SMOKE_CHECKS = [("smoke_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
                  {"mode": "shared", "splits": 2}),
                 ("smoke_path_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
-                 {"backend": "pallas", "path": "always", "splits": 2})]
+                 {"backend": "pallas", "path": "always", "splits": 2}),
+                ("smoke_grouped_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
+                 {"backend": "pallas", "path": "off", "level_stream": 1})]
 TOL = {"bfloat16": 2e-2, "float32": 1e-4}
 
 
@@ -205,31 +219,32 @@ def _time_jax(fn, case, rot):
   return t * 1e6, td / ARGS.loop * 1e6
 
 
-def time_path_variants(shapes, h, kh, d, u, variants):
-  """Rows of the path kernel (forced) with each pallas Config change in `variants` at every
-  shape, exactness (rel_err against XLA) included; GPU only, cut by the budget."""
+def time_path_variants(shapes, h, kh, d, u, variants, force_path=True):
+  """Rows of the pallas backend with each Config change in `variants` at every shape, the
+  path kernel forced (`force_path`) or the backend's cost rule choosing, exactness (rel_err
+  against XLA) included; GPU only, cut by the budget."""
   rows = []
+  impl, label = ("pallas_path_variant", "path") if force_path else ("pallas_variant", "pallas")
   for cfg in variants:
     for p, b in shapes:
       name = f"P{p}_B{b}"
-      base = dict(shape=name, impl="pallas_path_variant", variant=json.dumps(cfg), B=b, P=p,
-                  U=u)
+      base = dict(shape=name, impl=impl, variant=json.dumps(cfg), B=b, P=p, U=u)
       if left() < 20:
         rows.append(dict(base, error="skipped (budget)"))
         continue
       try:
         if jax.default_backend() != "gpu":
           raise RuntimeError("needs a GPU (interpret mode is not timed)")
-        bk = backends.get("pallas", **{**cfg, "path": "always"})
+        bk = backends.get("pallas", **({**cfg, "path": "always"} if force_path else cfg))
         case = _case(p + b, b, p, u, h, kh, d, 1)
         us, dev = _time_jax(_hydrax_fn(b, p, u, bk), case, 1)
         err = _path_error(b, p, u, case, bk)
         rows.append(dict(base, us=us, device_us=dev, rel_err=err))
-        log(f"{name:>12} path {json.dumps(cfg)}: {us:.1f} us b2b {dev:.1f} us device "
+        log(f"{name:>12} {label} {json.dumps(cfg)}: {us:.1f} us b2b {dev:.1f} us device "
             f"(rel err {err:.1e})")
       except Exception as e:
         rows.append(dict(base, error=err_line(e)))
-        log(f"{name:>12} path {json.dumps(cfg)} FAILED {err_line(e)}")
+        log(f"{name:>12} {label} {json.dumps(cfg)} FAILED {err_line(e)}")
   return rows
 
 
@@ -422,8 +437,10 @@ def main(argv=None):
   ap.add_argument("--timing-reserve", type=float, default=130.0,
                   help="seconds kept for timing: checks stop when less is left")
   ap.add_argument("--loop", type=int, default=10, help="dependent calls per device time")
-  ap.add_argument("--loop-unroll", action="store_true",
-                  help="the device-time loop's calls unrolled (no while loop around them)")
+  ap.add_argument("--loop-unroll", action=argparse.BooleanOptionalAction, default=True,
+                  help="the device-time loop's calls unrolled (no while loop around them; "
+                  "the H200 timed a rolled loop 8-14 us a call slower at 25-60 us ops: "
+                  "experiments/results/fused_h200/run8)")
   ap.add_argument("--outer", type=int, default=5, help="timed repetitions (median)")
   ap.add_argument("--max-replicated-gb", type=float, default=40.0)
   ap.add_argument("--shapes", default="", help="PxB list (default: the issue's table)")
@@ -441,6 +458,10 @@ def main(argv=None):
                   help="JSON list of pallas Config changes for the path kernel (forced), each "
                   "timed at every shape after the table, if time is left; e.g. "
                   "'[{\"path_programs_per_sm\": 4}, {\"num_stages\": 3}]'")
+  ap.add_argument("--pallas-variants", default="[]",
+                  help="JSON list of pallas Config changes, each timed at every shape (the "
+                  "cost rule choosing the path) after the table, before the path variants; "
+                  "e.g. '[{\"finish\": \"per_level\"}, {\"level_stream\": 1}]'")
   ARGS = ap.parse_args(argv)
   ARGS.fused_extra = json.loads(ARGS.fused)
   ba.ARGS = argparse.Namespace(outer=ARGS.outer, budget=ARGS.budget, loop=ARGS.loop,
@@ -491,6 +512,8 @@ def main(argv=None):
         rows.append(dict(shape=name, impl="fused_variant", variant=json.dumps(cfg),
                          error=err_line(e)))
         log(f"{name:>12} variant {json.dumps(cfg)} FAILED {err_line(e)}")
+  rows += time_path_variants(shapes, h, kh, d, u, json.loads(ARGS.pallas_variants),
+                             force_path=False)
   rows += time_path_variants(shapes, h, kh, d, u, json.loads(ARGS.path_variants))
   write_csv(os.path.join(ARGS.out, "fused_timing.csv"), rows)
   cross = crossover(rows)

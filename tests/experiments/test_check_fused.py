@@ -17,12 +17,15 @@ def test_smoke_mode_runs_and_records_every_failure(tmp_path, capsys, monkeypatch
   monkeypatch.setattr(check_fused_h200.ba, "T0", check_fused_h200.ba.T0 - 10_000)
   rows, checks, fails = check_fused_h200.main([
       "--smoke", "--out", str(tmp_path), "--loop", "2", "--outer", "1", "--budget", "120",
-      "--path-variants", '[{"path_programs_per_sm": 4}]'])
+      "--path-variants", '[{"path_programs_per_sm": 4}]',
+      "--pallas-variants", '[{"finish": "per_level"}]'])
   assert fails == 0
-  variant = [r for r in rows if r["impl"] == "pallas_path_variant"]
-  assert [(r["shape"], r["variant"]) for r in variant] == [
-      ("P64_B4", '{"path_programs_per_sm": 4}')]
-  assert "needs a GPU" in variant[0]["error"]
+  assert {c["case"] for c in checks} >= {"smoke_path_tree3_f32", "smoke_grouped_tree3_f32"}
+  for impl, cfg in (("pallas_path_variant", '{"path_programs_per_sm": 4}'),
+                    ("pallas_variant", '{"finish": "per_level"}')):
+    variant = [r for r in rows if r["impl"] == impl]
+    assert [(r["shape"], r["variant"]) for r in variant] == [("P64_B4", cfg)]
+    assert "needs a GPU" in variant[0]["error"]
   by = {r["impl"]: r for r in rows if r["shape"] == "P64_B4"}
   assert by["xla"]["device_us"] > 0 and by["xla"]["us"] > 0 and "error" not in by["xla"]
   for impl in ("pallas", "cudnn", "torch_sdpa"):
