@@ -754,23 +754,31 @@ def _level_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_O
   return run(q, k, v, owner, limits, scale, cfg, layer, order)
 
 
+def _on_gpu_stream(stream: int, fn):
+  """fn as a call XLA runs on GPU stream `stream` (`jax.experimental.compute_on`: the
+  function form, `compute_on2` in jax 0.10, `compute_on` from 0.11), its outputs in device
+  memory. Off GPU the annotation is ignored."""
+  from jax.experimental import compute_on as co
+  import inspect
+  wrap = co.compute_on
+  if "out_memory_spaces" not in inspect.signature(wrap).parameters:
+    wrap = co.compute_on2
+  space = getattr(getattr(jax, "memory", None), "Space", None)
+  if space is None:
+    from jax._src.core import MemorySpace as space        # jax 0.10: not public yet
+  return wrap(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=space.Device)
+
+
 def _part_on_stream(stream: int, q, k, v, limits, scale, cfg: Config, layer, order) -> _Part:
   """A per-sequence level's `_Part` computed on GPU stream `stream` (see Config.level_stream)."""
-  from jax.experimental.compute_on import compute_on
+  static = isinstance(order, str) or order is None or isinstance(order, np.ndarray)
 
-  def run(q, k, v, limits, layer, order):
+  def run(q, k, v, limits, layer, traced_order):
     part = _level_part(q, k, v, None, limits, scale, cfg, layer,
-                       _OWN if isinstance(order, str) else order)
+                       order if static else traced_order)
     return part.out, part.lse
 
-  traced_order = None if isinstance(order, str) else order
-  static = isinstance(order, str) or order is None or isinstance(order, np.ndarray)
-  with compute_on(f"gpu_stream:{stream}"):
-    if static:
-      out, lse = jax.jit(lambda q, k, v, limits, layer: run(q, k, v, limits, layer, order))(
-          q, k, v, limits, layer)
-    else:
-      out, lse = jax.jit(run)(q, k, v, limits, layer, traced_order)
+  out, lse = _on_gpu_stream(stream, run)(q, k, v, limits, layer, None if static else order)
   return _Part(out, lse, None, None if isinstance(order, str) else order)
 
 
