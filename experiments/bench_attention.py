@@ -152,6 +152,23 @@ print(json.dumps({"torch_tflops": 2 * n**3 / t_mm / 1e12,
 """
 
 
+def warm_device(seconds: float) -> int:
+  """Runs dependent bf16 matrix products for `seconds` (GPU clocks ramp up under load: on
+  the H200 the same small-shape call timed first in a process ran up to 1.8x slower than
+  later in it; experiments/results/fused_h200/run8). Returns the products run."""
+  if seconds <= 0:
+    return 0
+  x = jnp.ones((4096, 4096), jnp.bfloat16)
+  step = jax.jit(lambda x: (x @ x) * jnp.asarray(1e-3, x.dtype))
+  end, n = time.perf_counter() + seconds, 0
+  while time.perf_counter() < end:
+    for _ in range(8):
+      x = step(x)
+    jax.block_until_ready(x)
+    n += 8
+  return n
+
+
 def ceilings():
   res = {}
   try:

@@ -442,6 +442,8 @@ def main(argv=None):
                   "the H200 timed a rolled loop 8-14 us a call slower at 25-60 us ops: "
                   "experiments/results/fused_h200/run8)")
   ap.add_argument("--outer", type=int, default=5, help="timed repetitions (median)")
+  ap.add_argument("--warmup", type=float, default=3.0,
+                  help="seconds of matrix products before the timing (GPU clocks ramp up)")
   ap.add_argument("--max-replicated-gb", type=float, default=40.0)
   ap.add_argument("--shapes", default="", help="PxB list (default: the issue's table)")
   ap.add_argument("--impls", default="fused_shared,fused_per_seq,pallas,cudnn,torch_sdpa,"
@@ -485,6 +487,8 @@ def main(argv=None):
     h, kh, d, u = 32, 8, 128, 128
   if ARGS.shapes:
     shapes = [tuple(int(x) for x in s.split("x")) for s in ARGS.shapes.split(",")]
+  if jax.default_backend() == "gpu" and ARGS.warmup > 0:
+    log(f"warm-up: {ba.warm_device(ARGS.warmup)} matrix products in {ARGS.warmup:.0f} s")
   write_csv(os.path.join(ARGS.out, "fused_check.csv"), check_rows)
   impls = [i for i in ARGS.impls.split(",") if i]
   rows = []

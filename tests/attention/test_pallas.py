@@ -367,24 +367,31 @@ def _oracle_of(q, levels, layer, causal):
 
 
 @pytest.mark.parametrize("traced", [False, True])
-@pytest.mark.parametrize("t", [1, 3])
-def test_levels_merged_once_in_packed_rows(traced, t):
+@pytest.mark.parametrize("t,regular", [(1, True), (1, False), (3, True)])
+def test_levels_merged_once_in_packed_rows(traced, t, regular):
   """finish="once": a shared level with owners (concrete or traced) and a per-sequence level
   run through `grouped_levels` (all_levels takes the call: spied), the per-sequence rows in
   the shared level's order, one merge; exact against the dense oracle and equal to
-  finish="per_level" (which all_levels declines), stacked caches at a traced layer."""
+  finish="per_level" (which all_levels declines), stacked caches at a traced layer. At T = 1
+  the per-sequence level finds its tiles in-kernel (`Regular`, spied) unless regular_tiles
+  is off; at T = 3 it never does."""
   b, kh, g, d, n = 7, 2, 3, 16, 3
   q, shared, suffix = _two_level_case(50 + t, b, t, kh, g, d, n, 21, 6, 2)
-  taken = []
-  real = pg.grouped_levels
+  taken, regulars = [], []
+  real, real_regular = pg.grouped_levels, pg._regular
 
   def spy(*args, **kwargs):
     out = real(*args, **kwargs)
     taken.append(out is not None)
     return out
 
+  def spy_regular(*args, **kwargs):
+    out = real_regular(*args, **kwargs)
+    regulars.append(None if out is None else out[0])
+    return out
+
   def run(finish, layer):
-    backend = pg.configure(path="off", finish=finish)
+    backend = pg.configure(path="off", finish=finish, regular_tiles=regular)
     own = jnp.asarray(shared[3]) if traced else shared[3]
 
     def fn(q, ks, vs, layer, own):
@@ -399,8 +406,17 @@ def test_levels_merged_once_in_packed_rows(traced, t):
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(pg, "grouped_levels", spy)
+    mp.setattr(pg, "_regular", spy_regular)
+    pg.clear_jit_caches()
     once = run("once", jnp.int32(1))
     assert taken == [True]
+    if t == 1 and regular:
+      assert [r.per_sequence for r in regulars if r is not None] == [True], regulars
+      assert regulars[-1].has_order == (traced or not np.array_equal(
+          np.argsort(shared[3], kind="stable"), np.arange(b)))
+      assert regulars[-1].stacked and regulars[-1].rows_per_node == g
+    else:
+      assert regulars and all(r is None for r in regulars), regulars
     per_level = run("per_level", jnp.int32(1))
     assert taken == [True]                       # per_level never asks for it
   ref = _oracle_of(q, [shared, suffix], 1, causal=True)
@@ -452,3 +468,19 @@ def test_level_stream_annotates_the_per_sequence_level():
     pg.Config(level_stream=-1)
   with pytest.raises(ValueError, match="finish must be 'once' or 'per_level', got 'twice'"):
     pg.Config(finish="twice")
+
+
+def test_regular_tiles_leave_one_merge_around_the_kernels():
+  """Lowered for CUDA from this CPU (`jax.export`): a decode call of a one-node level and a
+  per-sequence level through `grouped_levels` is the two kernels and one merge (its
+  reductions over the parts), without the tile tables, row limits and tile bounds that the
+  regular_tiles=False and finish="per_level" programs compute before the launches."""
+  from tests.attention.test_path_gpu import _cuda_ops
+  counts = {}
+  for regular, finish in ((True, "once"), (False, "once"), (True, "per_level")):
+    ops, kernels = _cuda_ops(pg.configure(path="off", interpret=False, regular_tiles=regular,
+                                          finish=finish), b=64)
+    assert kernels == 2
+    counts[regular, finish] = (len(ops), ops.count("stablehlo.reduce"))
+  assert counts[True, "once"][1] <= 3, counts
+  assert counts[True, "once"][0] * 2 < counts[False, "once"][0] < counts[True, "per_level"][0]

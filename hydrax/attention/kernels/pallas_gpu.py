@@ -49,8 +49,11 @@ one order, that of the one level whose owners spread over several nodes (a one-n
 and the per-sequence level can take any order), so every level's partial results, key splits
 included, merge in one XLA pass and are unpacked once (on the H200 at B = 256 the launches
 around the two kernels were 12 small fusions, ~30 us of a ~170 us call: run8's profile).
-Calls with two such levels run level by level. `Config.level_stream` puts the per-sequence
-level on its own GPU stream so that XLA may overlap it with the shared levels.
+Calls with two such levels run level by level. At decode (T = 1) a one-node level and the
+per-sequence level need no tables at all (`Regular`): a program finds its rows, node and key
+limit (its node's length) from its id, the order, the layer and the lengths, so nothing runs
+before their launch but the packing of q. `Config.level_stream` puts the per-sequence level
+on its own GPU stream so that XLA may overlap it with the shared levels.
 
 `hydragen_attention_fused` runs all levels in one launch and merges in the packed row layout:
 faster for small batches (fewer launches), slower for large ones (measured; see NOTES.md).
@@ -135,6 +138,10 @@ class Config:
   # (`jax.experimental.compute_on("gpu_stream:n")`), so that XLA may run them beside the
   # shared levels (memory-bound beside matrix-bound work) instead of after them.
   level_stream: int = 0
+  # With finish "once": decode levels (T = 1) of one node or one node per sequence find their
+  # tiles, nodes and key limits in-kernel (`Regular`) instead of from tables built by XLA
+  # before the launch (off: the tables, as for every other level; for measuring).
+  regular_tiles: bool = True
 
   def __post_init__(self):
     # JSON-friendly forms (benchmark flags) become the hashable ones.
@@ -305,9 +312,34 @@ class _Spec(NamedTuple):
   exact: bool              # float32 inputs: IEEE products (no TF32)
   bounds_in_kernel: bool   # tile key-limit bounds reduced in-kernel (else loaded)
   skip_empty: bool         # the tile table is a runtime one (traced owners): tiles may be empty
+  # None, or the level's tiles found in-kernel (`Regular`): no tile table, row limits or tile
+  # bounds are computed before the launch.
+  regular: Optional["Regular"] = None
+
+  @property
+  def num_inputs(self) -> int:
+    if self.regular is None:
+      return _INS
+    return 4 + self.regular.has_order + self.regular.stacked
+
+
+class Regular(NamedTuple):
+  """A decode level (T = 1) whose tiles follow from the program id: its rows are `nodes`
+  runs of `rows_per_node` rows (one node: all R rows; one node per sequence: T*G rows each),
+  `tiles_per_node` tiles a run. The run at row position p is node order[p] (has_order: the
+  rows follow another level's order), else p (per-sequence) or 0 (one node); plus layer * N
+  for a stacked cache read in place. Every row of a single query sees all of its node's
+  keys, so each row's key limit, and the tile's bounds, are the node's length."""
+  rows_per_node: int
+  tiles_per_node: int
+  per_sequence: bool
+  has_order: bool
+  stacked: bool
+  nodes: int               # N, for the layer offset
 
 
 _INS = 9     # per level: node, start, count, lo, hi (tiles), row limits, q, k, v
+             # (regular levels: [order], [layer], lengths, q, k, v)
 
 
 def _tile_program(refs, i, j, kh, spec: _Spec):
@@ -326,23 +358,49 @@ def _tile_program(refs, i, j, kh, spec: _Spec):
     _tile_body(refs, i, j, kh, spec)
 
 
-def _tile_body(refs, i, j, kh, spec: _Spec):
-  (node_ref, start_ref, count_ref, lo_ref, hi_ref, rowlim_ref, q_ref, k_ref, v_ref, o_ref,
-   lse_ref) = refs
-  block_m, block_n = spec.block_m, spec.block_n
-  node, start, count = node_ref[i], start_ref[i], count_ref[i]
-  s_cap = k_ref.shape[1]
+def _regular_tile(refs, i, spec: _Spec):
+  """(node, start, count, limit) of tile i of a `Regular` level, from its refs ([order],
+  [layer], lengths)."""
+  reg, block_m = spec.regular, spec.block_m
+  pos = 0
+  run = lax.div(i, reg.tiles_per_node)
+  j = lax.rem(i, reg.tiles_per_node)
+  local = run if reg.per_sequence else jnp.int32(0)
+  if reg.has_order:
+    local = refs[pos][run]
+    pos += 1
+  node = local
+  if reg.stacked:
+    node = local + refs[pos][0] * reg.nodes
+    pos += 1
+  length = refs[pos][local]
+  start = run * reg.rows_per_node + j * block_m
+  count = jnp.minimum(block_m, reg.rows_per_node - j * block_m)
+  return node, start, count, length
 
+
+def _tile_body(refs, i, j, kh, spec: _Spec):
+  *ins, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  block_m, block_n = spec.block_m, spec.block_n
+  s_cap = k_ref.shape[1]
   rows = jnp.arange(block_m, dtype=jnp.int32)
-  row_ok = rows < count
+  if spec.regular is not None:
+    node, start, count, lo = _regular_tile(ins, i, spec)
+    hi = lo
+    row_ok = rows < count
+    lim = jnp.where(row_ok, lo, 0)
+  else:
+    node_ref, start_ref, count_ref, lo_ref, hi_ref, rowlim_ref = ins
+    node, start, count = node_ref[i], start_ref[i], count_ref[i]
+    row_ok = rows < count
+    lim = plt.load(rowlim_ref.at[pl.ds(start, block_m)], mask=row_ok, other=0)
+    if spec.bounds_in_kernel:
+      lo = jnp.min(jnp.where(row_ok, lim, jnp.iinfo(jnp.int32).max))  # blocks below: no mask
+      hi = jnp.max(jnp.where(row_ok, lim, 0))                           # from here: none
+    else:
+      lo, hi = lo_ref[i], hi_ref[i]
   rsl = pl.ds(start, block_m)
   q = plt.load(q_ref.at[kh, rsl, :], mask=row_ok[:, None], other=0)
-  lim = plt.load(rowlim_ref.at[rsl], mask=row_ok, other=0)
-  if spec.bounds_in_kernel:
-    lo = jnp.min(jnp.where(row_ok, lim, jnp.iinfo(jnp.int32).max))   # blocks below: no mask
-    hi = jnp.max(jnp.where(row_ok, lim, 0))                            # blocks from here: none
-  else:
-    lo, hi = lo_ref[i], hi_ref[i]
   dp = q.shape[-1]
   precision = lax.Precision.HIGHEST if spec.exact else lax.Precision.DEFAULT
 
@@ -377,15 +435,16 @@ def _tile_body(refs, i, j, kh, spec: _Spec):
 def _kernel(*refs, specs):
   """All levels' programs in one 1-D grid, level after level; program -> (level, tile, split,
   KV head), tiles fastest (programs that share a node's key block run close in time).
-  Refs: _INS inputs per level, then any poisoned inputs aliased to the outputs, then the
-  outputs (o, lse) per level."""
+  Refs: each level's inputs (`_Spec.num_inputs`), then any poisoned inputs aliased to the
+  outputs, then the outputs (o, lse) per level."""
   n = len(specs)
-  ins, outs = refs[:_INS * n], refs[len(refs) - 2 * n:]
+  outs = refs[len(refs) - 2 * n:]
   pid = pl.program_id(0)
-  base = 0
+  base = first = 0
   for lvl, spec in enumerate(specs):
     count = spec.num_tiles * spec.splits * spec.kv_heads
-    level_refs = ins[_INS * lvl:_INS * (lvl + 1)] + outs[2 * lvl:2 * lvl + 2]
+    level_refs = refs[first:first + spec.num_inputs] + outs[2 * lvl:2 * lvl + 2]
+    first += spec.num_inputs
 
     def run(level_refs=level_refs, spec=spec, base=base):
       idx = pid - base
@@ -403,13 +462,16 @@ def _kernel(*refs, specs):
 
 class LevelInput(NamedTuple):
   """One level for `grouped_attention`: qp [K,R,Dp] packed rows (q dtype), k, v [N,S,K,Dp],
-  row_limits [R] int32 (keys of its node visible to each row), the row layout and the plan."""
+  row_limits [R] int32 (keys of its node visible to each row), the row layout and the plan;
+  regular: None, or (`Regular`, order [B] or None, layer [1] or None, lengths [N]) for a level
+  whose tiles the kernel finds itself (row_limits and the layout's tables then unused)."""
   qp: jax.Array
   k: jax.Array
   v: jax.Array
   row_limits: jax.Array
   layout: grouping.Layout
   plan: "_Plan"
+  regular: Optional[tuple] = None
 
 
 def _tile_bounds(layout: grouping.Layout, row_limits):
@@ -441,10 +503,17 @@ def grouped_attention(levels, *, scale: float, interpret: bool, poison: bool = F
     if tile_bounds not in ("xla", "kernel"):
       raise ValueError(f"tile_bounds must be 'xla' or 'kernel', got {tile_bounds!r}")
     in_kernel = tile_bounds == "kernel"
+    reg = None if lv.regular is None else lv.regular[0]
     specs.append(_Spec(lv.plan.block_m, lv.plan.block_n, lv.plan.blocks_per_split,
                        lv.plan.splits, lv.layout.num_tiles, kh, float(scale) * flash.LOG2E,
                        lv.qp.dtype == jnp.float32, in_kernel,
-                       not isinstance(lv.layout.count, np.ndarray)))
+                       reg is None and not isinstance(lv.layout.count, np.ndarray), reg))
+    if reg is not None:
+      _, order, layer, lengths = lv.regular
+      args += [x for x in (order, layer) if x is not None] + [lengths, lv.qp, lv.k, lv.v]
+      out_shape += [jax.ShapeDtypeStruct((lv.plan.splits, kh, r, dp), jnp.float32),
+                    jax.ShapeDtypeStruct((lv.plan.splits, kh, r), jnp.float32)]
+      continue
     tiles = [jnp.asarray(x, jnp.int32) for x in (lv.layout.node, lv.layout.start,
                                                  lv.layout.count)]
     bounds = tiles[1:3] if in_kernel else list(_tile_bounds(lv.layout, lv.row_limits))
@@ -737,21 +806,52 @@ def _forward(q, k, v, owner, limits, scale, cfg: Config, layer=None):
   return _finish(_triton_part(q, k, v, owner, limits, scale, cfg, layer), q.shape)
 
 
-def _triton_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN) -> _Part:
-  """One level through the Triton kernel (`grouped_attention`), as a `_Part`."""
+def _regular(q_shape, k, owner, cfg: Config, layer, layout: grouping.Layout, lengths,
+             block_m: int):
+  """LevelInput.regular for a level whose tiles the kernel can find itself (`Regular`: a
+  single query, one node or one node per sequence, a static layout, its lengths given), else
+  None."""
+  b, t, h, d = q_shape
+  n, _, kh, _ = k.shape[-4:]
+  if (not cfg.regular_tiles or lengths is None or t != 1 or (owner is not None and n != 1)
+      or not isinstance(layout.count, np.ndarray)):
+    return None
+  per_sequence = owner is None
+  rows = h // kh if per_sequence else b * (h // kh)
+  tiles = -(-rows // block_m)
+  if tiles * (b if per_sequence else 1) != layout.num_tiles:
+    raise ValueError(f"regular tiles: {tiles} a node does not match the layout's "
+                     f"{layout.num_tiles} tiles")
+  stacked = layer is not None and cfg.layer_in_place and flash.pow2_at_least(d) == d
+  # (a one-node level's rows are all its node's: their order matters to the packing only)
+  order = (None if layout.order is None or not per_sequence
+           else jnp.asarray(layout.order, jnp.int32))
+  reg = Regular(rows, tiles, per_sequence, order is not None, stacked, n)
+  return (reg, order, jnp.asarray(layer, jnp.int32).reshape(1) if stacked else None,
+          jnp.asarray(lengths, jnp.int32))
+
+
+def _triton_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN,
+                 lengths=None) -> _Part:
+  """One level through the Triton kernel (`grouped_attention`), as a `_Part`. With `lengths`
+  a decode level of one node or one node per sequence finds its tiles in-kernel (`_regular`)."""
   prep = _prepare(q.shape, k, v, owner, limits, cfg, layer, order)
   qp = _pack(q, prep.layout.order, k.shape[-2], prep.dp)
+  reg = _regular(q.shape, k, owner, cfg, layer, prep.layout, lengths, prep.plan.block_m)
   [(out, lse)] = grouped_attention(
-      [LevelInput(qp, prep.k, prep.v, prep.row_limits, prep.layout, prep.plan)],
+      [LevelInput(qp, prep.k, prep.v, prep.row_limits, prep.layout, prep.plan, reg)],
       scale=scale, interpret=prep.interpret, poison=cfg.poison, tile_bounds=cfg.tile_bounds,
       combine=False)
   return _Part(out, lse, None, prep.layout.order)
 
 
-def _level_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN) -> _Part:
-  """One level on the kernel `_use_mosaic` picks, as a `_Part` with its rows in `order`."""
-  run = _mosaic_part if _use_mosaic(q.shape, k, owner, q.dtype, cfg) else _triton_part
-  return run(q, k, v, owner, limits, scale, cfg, layer, order)
+def _level_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN,
+                lengths=None) -> _Part:
+  """One level on the kernel `_use_mosaic` picks, as a `_Part` with its rows in `order`
+  (`lengths`: see `_triton_part`)."""
+  if _use_mosaic(q.shape, k, owner, q.dtype, cfg):
+    return _mosaic_part(q, k, v, owner, limits, scale, cfg, layer, order)
+  return _triton_part(q, k, v, owner, limits, scale, cfg, layer, order, lengths)
 
 
 def _on_gpu_stream(stream: int, fn):
@@ -769,16 +869,18 @@ def _on_gpu_stream(stream: int, fn):
   return wrap(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=space.Device)
 
 
-def _part_on_stream(stream: int, q, k, v, limits, scale, cfg: Config, layer, order) -> _Part:
+def _part_on_stream(stream: int, q, k, v, limits, scale, cfg: Config, layer, order,
+                    lengths) -> _Part:
   """A per-sequence level's `_Part` computed on GPU stream `stream` (see Config.level_stream)."""
   static = isinstance(order, str) or order is None or isinstance(order, np.ndarray)
 
-  def run(q, k, v, limits, layer, traced_order):
+  def run(q, k, v, limits, layer, traced_order, lengths):
     part = _level_part(q, k, v, None, limits, scale, cfg, layer,
-                       order if static else traced_order)
+                       order if static else traced_order, lengths)
     return part.out, part.lse
 
-  out, lse = _on_gpu_stream(stream, run)(q, k, v, limits, layer, None if static else order)
+  out, lse = _on_gpu_stream(stream, run)(q, k, v, limits, layer, None if static else order,
+                                         lengths)
   return _Part(out, lse, None, None if isinstance(order, str) else order)
 
 
@@ -798,12 +900,12 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
   first = bound + [i for i in range(len(kvl)) if i not in bound]
   parts, order = {}, _OWN
   for i in first:
-    k, v, _, layer = kvl[i]
+    k, v, lengths, layer = kvl[i]
     if owners[i] is None and cfg.level_stream:
       parts[i] = _part_on_stream(cfg.level_stream, q, k, v, limits[i], scale, cfg, layer,
-                                 order)
+                                 order, lengths)
     else:
-      parts[i] = _level_part(q, k, v, owners[i], limits[i], scale, cfg, layer, order)
+      parts[i] = _level_part(q, k, v, owners[i], limits[i], scale, cfg, layer, order, lengths)
     order = parts[i].order
   outs, lses = [], []
   for i in range(len(kvl)):
