@@ -87,12 +87,16 @@ MUTATIONS = [
              "hydrax.attention.kernels.path_gpu", "_kernel",
              "visible=keys[None, :] < lim[:, None])", "visible=keys[None, :] < hi)",
              ("pallas_path",)),
-    Mutation("path_wrong_node", "path kernel: a shared level read at the sequence's index, "
-             "not its owner's node",
+    Mutation("path_wrong_node", "path kernel: every sequence reads a shared level at the "
+             "first sequence's node, not its own owner's",
              "hydrax.attention.kernels.path_gpu", "_kernel",
-             "local = refs[pos][b]",
-             "local = jnp.minimum(b, spec.nodes - 1) + 0 * refs[pos][b]",
+             "flash.level_node(refs, pos, b, b,", "flash.level_node(refs, pos, 0, b,",
              ("pallas_path",)),
+    Mutation("pallas_regular_wrong_row", "Triton kernel, regular tiles: a tile's first row "
+             "ignores its run (every sequence reads the first's queries)",
+             "hydrax.attention.kernels.pallas_gpu", "_regular_tile",
+             "start = run * reg.rows_per_node + j * block_m", "start = j * block_m",
+             ("pallas",)),
     Mutation("mosaic_lse_log2", "Mosaic GPU kernel: lse left in base 2 (no * ln 2)",
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",
              "(m_i + jnp.log2(l_safe)) * LN2", "(m_i + jnp.log2(l_safe))", ("mosaic",)),

@@ -71,3 +71,18 @@ def combine_splits(out, lse) -> tuple:
   total_safe = jnp.where(has, total, 1.0)
   o = jnp.sum(w[..., None] * out, axis=0) / total_safe[..., None]
   return o, jnp.where(has, m_safe + jnp.log(total_safe), -jnp.inf)
+
+
+def level_node(refs, pos: int, index, local, *, mapped: bool, stacked: bool, nodes: int):
+  """A program's node from a level's optional refs at `pos`: [map] (the local node is
+  map[index]; else `local`), then [layer] (a stacked cache [L*N,...] read in place: the node
+  moves by layer * N). Returns (local node, node in the cache, the next ref position)."""
+  if mapped:
+    local = refs[pos][index]
+    pos += 1
+  node = local
+  if stacked:
+    node = local + refs[pos][0] * nodes
+    pos += 1
+  return local, node, pos
+

@@ -362,17 +362,11 @@ def _regular_tile(refs, i, spec: _Spec):
   """(node, start, count, limit) of tile i of a `Regular` level, from its refs ([order],
   [layer], lengths)."""
   reg, block_m = spec.regular, spec.block_m
-  pos = 0
   run = lax.div(i, reg.tiles_per_node)
   j = lax.rem(i, reg.tiles_per_node)
-  local = run if reg.per_sequence else jnp.int32(0)
-  if reg.has_order:
-    local = refs[pos][run]
-    pos += 1
-  node = local
-  if reg.stacked:
-    node = local + refs[pos][0] * reg.nodes
-    pos += 1
+  local, node, pos = flash.level_node(refs, 0, run, run if reg.per_sequence else jnp.int32(0),
+                                      mapped=reg.has_order, stacked=reg.stacked,
+                                      nodes=reg.nodes)
   length = refs[pos][local]
   start = run * reg.rows_per_node + j * block_m
   count = jnp.minimum(block_m, reg.rows_per_node - j * block_m)

@@ -124,14 +124,8 @@ def _kernel(*refs, plan: PathPlan, specs: tuple, queries: int, scale_log2: float
 
   pos = 0
   for lvl, spec in enumerate(specs):
-    local = b
-    if spec.has_owner:
-      local = refs[pos][b]
-      pos += 1
-    node = local
-    if spec.stacked:
-      node = local + refs[pos][0] * spec.nodes
-      pos += 1
+    local, node, pos = flash.level_node(refs, pos, b, b, mapped=spec.has_owner,
+                                        stacked=spec.stacked, nodes=spec.nodes)
     lim_ref, k_ref, v_ref = refs[pos:pos + 3]
     pos += 3
     if queries == 1:
