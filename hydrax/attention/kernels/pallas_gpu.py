@@ -47,13 +47,15 @@ Merging the levels (`grouped_levels`, `Config.finish`): a call's levels run on t
 kernels (Mosaic GPU for the stacked root, Triton for the rest), but their rows are packed in
 one order, that of the one level whose owners spread over several nodes (a one-node level
 and the per-sequence level can take any order), so every level's partial results, key splits
-included, merge in one XLA pass and are unpacked once (on the H200 at B = 256 the launches
-around the two kernels were 12 small fusions, ~30 us of a ~170 us call: run8's profile).
+included, merge in one XLA pass and are unpacked once.
 Calls with two such levels run level by level. At decode (T = 1) a one-node level and the
 per-sequence level need no tables at all (`Regular`): a program finds its rows, node and key
 limit (its node's length) from its id, the order, the layer and the lengths, so nothing runs
-before their launch but the packing of q. `Config.level_stream` puts the per-sequence level
-on its own GPU stream so that XLA may overlap it with the shared levels.
+before their launch but the packing of q. On the H200 at B = 256 the launches around the
+two kernels went from 12 small fusions (~29 us serialised of a 182 us call at 16K/256) to 6
+(~16 us of 167 us; experiments/results/fused_h200, run 8's profiles). `Config.level_stream`
+puts the per-sequence level on its own GPU stream so that XLA may overlap it with the shared
+levels (no gain measured beyond the run-to-run spread: the Mosaic root holds 128 of 132 SMs).
 
 `hydragen_attention_fused` runs all levels in one launch and merges in the packed row layout:
 faster for small batches (fewer launches), slower for large ones (measured; see NOTES.md).
