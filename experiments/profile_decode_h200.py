@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import json
 import os
 import re
 import sys
@@ -109,7 +110,8 @@ def report(path: str, shapes, calls_per_shape: int) -> str:
   return "\n".join(lines)
 
 
-def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int) -> None:
+def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
+            config: dict) -> None:
   import jax
   import jax.numpy as jnp
   import torch
@@ -125,7 +127,7 @@ def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int) -> No
   prepared = []
   for p, b in shapes:
     case = ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d)
-    fn = ba.decode_fns(b, p, u, backends.get("pallas"))["pallas"]
+    fn = ba.decode_fns(b, p, u, backends.get("pallas", **config))["pallas"]
     args = case + (jnp.int32(0),)
     with open(os.path.join(out, f"hlo_P{p}_B{b}.txt"), "w") as f:
       f.write(fn.lower(*args).compile().as_text())
@@ -149,6 +151,7 @@ def main(argv=None):
   ap.add_argument("--out", default="profile_decode")
   ap.add_argument("--parse", default="", help="ncu CSV to report instead of profiling")
   ap.add_argument("--suffix", type=int, default=128, help="U, keys per sequence's suffix")
+  ap.add_argument("--config", default="{}", help="JSON of pallas_gpu.Config changes")
   args = ap.parse_args(argv)
   if args.calls < 1:
     raise SystemExit(f"--calls must be >= 1, got {args.calls}")
@@ -156,7 +159,7 @@ def main(argv=None):
   if args.parse:
     print(report(args.parse, shapes, args.calls))
     return
-  profile(shapes, args.calls, args.out, args.suffix, 32, 8, 128)
+  profile(shapes, args.calls, args.out, args.suffix, 32, 8, 128, json.loads(args.config))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 r"""Mutation check: plants known bugs one at a time and shows the exactness tests catch each.
 
-  python -m tests.mutation_check [--only NAME ...] [--backends xla,pallas,mosaic,pallas_path] [--out F.md]
+  python -m tests.mutation_check [--only NAME ...] [--backends xla,pallas,...] [--out F.md]
 
 For every mutation and every backend it applies to, a subprocess runs pytest on the core's
 exactness tests for that backend (tests/attention/test_core.py) with this module loaded as a
@@ -42,7 +42,7 @@ class Mutation:
   backends: tuple             # backends whose tests must catch it
 
 
-ALL = ("xla", "pallas", "mosaic", "pallas_path")
+ALL = ("xla", "pallas", "mosaic", "pallas_path", "pallas_merge_in_kernel")
 LEVEL_BY_LEVEL = ALL[:3]    # the backends that run the core's level loop and merge
 MUTATIONS = [
     Mutation("none", "nothing planted (every backend must pass)", "", "", "", "", ALL),
@@ -92,6 +92,11 @@ MUTATIONS = [
              "hydrax.attention.kernels.path_gpu", "_kernel",
              "flash.level_node(refs, pos, b, b,", "flash.level_node(refs, pos, 0, b,",
              ("pallas_path",)),
+    Mutation("pallas_merge_split_dropped", "Triton kernel, the levels' merge in the kernel: "
+             "the last key split of every earlier level is left out",
+             "hydrax.attention.kernels.pallas_gpu", "_merge_and_store",
+             "for s in range(o_prior.shape[0]):", "for s in range(o_prior.shape[0] - 1):",
+             ("pallas_merge_in_kernel",)),
     Mutation("pallas_regular_wrong_row", "Triton kernel, regular tiles: a tile's first row "
              "ignores its run (every sequence reads the first's queries)",
              "hydrax.attention.kernels.pallas_gpu", "_regular_tile",

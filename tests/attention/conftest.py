@@ -43,6 +43,11 @@ BACKENDS = [
     BackendCase("pallas", "pallas", lambda: backends.get("pallas", lowering="triton",
                                                          path="off"), examples=0.2,
                 takes_all=lambda q, levels: _grouped_takes(q, levels)),
+    # The per-sequence level merging the other levels' results in its kernel at decode
+    # (Config.merge_in_kernel; other calls take the one XLA merge).
+    BackendCase("pallas_merge_in_kernel", "pallas", lambda: backends.get(
+        "pallas", lowering="triton", path="off", merge_in_kernel=True), examples=0.2,
+                takes_all=lambda q, levels: _grouped_takes(q, levels)),
     # The same kernels with each level merged and unpacked on its own (Config.finish).
     BackendCase("pallas_per_level", "pallas", lambda: backends.get(
         "pallas", lowering="triton", path="off", finish="per_level"), examples=0.1),

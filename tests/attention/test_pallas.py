@@ -484,3 +484,53 @@ def test_regular_tiles_leave_one_merge_around_the_kernels():
     counts[regular, finish] = (len(ops), ops.count("stablehlo.reduce"))
   assert counts[True, "once"][1] <= 3, counts
   assert counts[True, "once"][0] * 2 < counts[False, "once"][0] < counts[True, "per_level"][0]
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_levels_merged_in_the_per_sequence_kernel(traced):
+  """merge_in_kernel: at decode the per-sequence level (run last, one key split) merges the
+  earlier levels' results, the root's two key splits included, into its own and writes the
+  final out and lse (spied: its part is final), exact against the dense oracle with an empty
+  node, empty suffixes and NaN past every length; at T = 3 the one XLA merge runs instead."""
+  b, kh, g, d = 7, 2, 3, 16
+  for t in (1, 3):
+    q, shared, suffix = _two_level_case(80 + t, b, t, kh, g, d, 3, 21, 6, 2)
+    rng = np.random.default_rng(90 + t)
+    root_len = np.array([37], np.int32)
+    root = rng.standard_normal((2, 1, 40, kh, d)).astype(np.float32)
+    root[:, :, 37:] = np.nan
+    root = (jnp.asarray(root), jnp.asarray(root[::-1].copy()), root_len,
+            np.zeros(b, np.int32))
+    finals, prior_splits = [], []
+    real, real_grouped = pg._triton_part, pg.grouped_attention
+
+    def spy(*args, **kwargs):
+      part = real(*args, **kwargs)
+      finals.append(part.final)
+      return part
+
+    def spy_grouped(levels, **kwargs):
+      prior_splits.extend(o.shape[0] for lv in levels for o, _ in lv.priors)
+      return real_grouped(levels, **kwargs)
+
+    # 16-key blocks: the root's 40 keys run in two key splits, the suffixes' 6 in one.
+    backend = pg.configure(path="off", merge_in_kernel=True, splits=2, block_n=16)
+    own = jnp.asarray(shared[3]) if traced else shared[3]
+
+    def fn(q, layer, own):
+      lv = [KVLevel(root[0], root[1], jnp.asarray(root_len), root[3], layer),
+            KVLevel(shared[0], shared[1], jnp.asarray(shared[2]), own, layer),
+            KVLevel(suffix[0], suffix[1], jnp.asarray(suffix[2]), None, layer)]
+      return hydragen_attention(q, lv, backend=backend)
+
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(pg, "_triton_part", spy)
+      mp.setattr(pg, "grouped_attention", spy_grouped)
+      pg.clear_jit_caches()
+      if traced:
+        out = jax.jit(fn)(q, jnp.int32(1), own)
+      else:
+        out = jax.jit(lambda q, layer: fn(q, layer, own))(q, jnp.int32(1))
+    assert finals[-1] == (t == 1) and not any(finals[:-1]), finals
+    assert prior_splits == ([2, 2] if t == 1 else []), prior_splits   # root, shared level
+    _assert_close(*out, *_oracle_of(q, [root, shared, suffix], 1, causal=True), 1e-5)

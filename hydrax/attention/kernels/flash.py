@@ -63,6 +63,8 @@ def combine_splits(out, lse) -> tuple:
   """Merges P key splits: out [P,...,D] f32, lse [P,...] -> ([..., D], [...])."""
   if out.shape[0] == 1:
     return out[0], lse[0]
+  # Reductions over the split axis (XLA fuses them into one pass over the splits; the
+  # elementwise form of `merge_list` is for kernels, which cannot reduce over refs).
   m = jnp.max(lse, axis=0)
   m_safe = jnp.where(m > -jnp.inf, m, 0.0)
   w = jnp.exp(lse - m_safe)
@@ -71,6 +73,26 @@ def combine_splits(out, lse) -> tuple:
   total_safe = jnp.where(has, total, 1.0)
   o = jnp.sum(w[..., None] * out, axis=0) / total_safe[..., None]
   return o, jnp.where(has, m_safe + jnp.log(total_safe), -jnp.inf)
+
+
+def merge_list(outs, lses) -> tuple:
+  """Merges partial attentions over disjoint keys: outs [..., D] f32 (normalised), lses [...]
+  (natural log, -inf: no key) -> (out, lse); written elementwise so that a kernel can run it
+  on its tiles (rows with no key anywhere: out 0, lse -inf)."""
+  m = lses[0]
+  for lse in lses[1:]:
+    m = jnp.maximum(m, lse)
+  m_safe = jnp.where(m > -jnp.inf, m, 0.0)
+  weights = [jnp.exp(lse - m_safe) for lse in lses]
+  total = weights[0]
+  for w in weights[1:]:
+    total = total + w
+  has = total > 0
+  total_safe = jnp.where(has, total, 1.0)
+  o = weights[0][..., None] * outs[0]
+  for w, out in zip(weights[1:], outs[1:]):
+    o = o + w[..., None] * out
+  return o / total_safe[..., None], jnp.where(has, m_safe + jnp.log(total_safe), -jnp.inf)
 
 
 def level_node(refs, pos: int, index, local, *, mapped: bool, stacked: bool, nodes: int):

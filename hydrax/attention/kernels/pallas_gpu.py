@@ -53,7 +53,10 @@ per-sequence level need no tables at all (`Regular`): a program finds its rows, 
 limit (its node's length) from its id, the order, the layer and the lengths, so nothing runs
 before their launch but the packing of q. On the H200 at B = 256 the launches around the
 two kernels went from 12 small fusions (~29 us serialised of a 182 us call at 16K/256) to 6
-(~16 us of 167 us; experiments/results/fused_h200, run 8's profiles). `Config.level_stream`
+(~16 us of 167 us; experiments/results/fused_h200, run 8's profiles); with
+`Config.merge_in_kernel` the per-sequence level, run last, merges the others' results in its
+kernel and writes the final out and lse, so the merge's two fusions go too (opt-in: not yet
+measured on a GPU). `Config.level_stream`
 puts the per-sequence level on its own GPU stream so that XLA may overlap it with the shared
 levels (no gain measured beyond the run-to-run spread: the Mosaic root holds 128 of 132 SMs).
 
@@ -144,6 +147,11 @@ class Config:
   # tiles, nodes and key limits in-kernel (`Regular`) instead of from tables built by XLA
   # before the launch (off: the tables, as for every other level; for measuring).
   regular_tiles: bool = True
+  # With regular tiles: the per-sequence level (run last) merges the other levels' results
+  # into its own in the kernel and writes the final out and lse (no XLA merge after it), when
+  # it runs one key split and the others' rows need no gather. Off by default until measured
+  # on a GPU against the one XLA merge.
+  merge_in_kernel: bool = False
 
   def __post_init__(self):
     # JSON-friendly forms (benchmark flags) become the hashable ones.
@@ -317,12 +325,16 @@ class _Spec(NamedTuple):
   # None, or the level's tiles found in-kernel (`Regular`): no tile table, row limits or tile
   # bounds are computed before the launch.
   regular: Optional["Regular"] = None
+  # Key splits of each earlier level's partial results that this (regular, per-sequence,
+  # one split) level merges into its own before it writes the final out and lse: the
+  # levels' merge inside the kernel (`Config.merge_in_kernel`). Empty: none.
+  priors: tuple = ()
 
   @property
   def num_inputs(self) -> int:
     if self.regular is None:
       return _INS
-    return 4 + self.regular.has_order + self.regular.stacked
+    return 4 + self.regular.has_order + self.regular.stacked + 2 * len(self.priors)
 
 
 class Regular(NamedTuple):
@@ -361,8 +373,8 @@ def _tile_program(refs, i, j, kh, spec: _Spec):
 
 
 def _regular_tile(refs, i, spec: _Spec):
-  """(node, start, count, limit) of tile i of a `Regular` level, from its refs ([order],
-  [layer], lengths)."""
+  """(local node, node in the cache, start, count, limit) of tile i of a `Regular` level,
+  from its refs ([order], [layer], lengths)."""
   reg, block_m = spec.regular, spec.block_m
   run = lax.div(i, reg.tiles_per_node)
   j = lax.rem(i, reg.tiles_per_node)
@@ -372,16 +384,18 @@ def _regular_tile(refs, i, spec: _Spec):
   length = refs[pos][local]
   start = run * reg.rows_per_node + j * block_m
   count = jnp.minimum(block_m, reg.rows_per_node - j * block_m)
-  return node, start, count, length
+  return local, node, start, count, length
 
 
 def _tile_body(refs, i, j, kh, spec: _Spec):
+  priors = refs[len(refs) - 2 - 2 * len(spec.priors):len(refs) - 2]
+  refs = refs[:len(refs) - 2 - 2 * len(spec.priors)] + refs[len(refs) - 2:]
   *ins, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   block_m, block_n = spec.block_m, spec.block_n
   s_cap = k_ref.shape[1]
   rows = jnp.arange(block_m, dtype=jnp.int32)
   if spec.regular is not None:
-    node, start, count, lo = _regular_tile(ins, i, spec)
+    _, node, start, count, lo = _regular_tile(ins, i, spec)
     hi = lo
     row_ok = rows < count
     lim = jnp.where(row_ok, lo, 0)
@@ -424,8 +438,30 @@ def _tile_body(refs, i, j, kh, spec: _Spec):
   carry = lax.fori_loop(b_first, b_full, functools.partial(step, masked=False), carry)
   carry = lax.fori_loop(b_full, b_end, functools.partial(step, masked=True), carry)
   out, lse = flash.finish(carry)
+  if spec.priors:
+    _merge_and_store(priors, spec, ins, i, kh, rsl, row_ok, out, lse, o_ref, lse_ref)
+    return
   plt.store(o_ref.at[j, kh, rsl, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
   plt.store(lse_ref.at[j, kh, rsl], lse, mask=row_ok)
+
+
+def _merge_and_store(priors, spec: _Spec, ins, i, kh, rsl, row_ok, out, lse, o_ref, lse_ref):
+  """The levels' merge in the kernel (`_Spec.priors`): this tile's rows of every earlier
+  level's key splits (priors: (out [P,K,R,D], lse [P,K,R]) pairs, packed in this level's row
+  order) merged with its own result, written as the final out [B,K,G,D] (q's dtype) and lse
+  [B,K,G] at the tile's sequence (one tile a sequence: T = 1, G <= M)."""
+  outs, lses = [out], [lse]
+  for o_prior, lse_prior in zip(priors[0::2], priors[1::2]):
+    for s in range(o_prior.shape[0]):
+      split = jnp.int32(s)
+      outs.append(plt.load(o_prior.at[split, kh, rsl, :], mask=row_ok[:, None],
+                           other=0).astype(jnp.float32))
+      lses.append(plt.load(lse_prior.at[split, kh, rsl], mask=row_ok, other=-jnp.inf))
+  out, lse = flash.merge_list(outs, lses)
+  seq = _regular_tile(ins, i, spec)[0]          # a per-sequence level's node: its sequence
+  rows = pl.ds(0, spec.block_m)
+  plt.store(o_ref.at[seq, kh, rows, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+  plt.store(lse_ref.at[seq, kh, rows], lse, mask=row_ok)
 
 
 def _kernel(*refs, specs):
@@ -468,6 +504,10 @@ class LevelInput(NamedTuple):
   layout: grouping.Layout
   plan: "_Plan"
   regular: Optional[tuple] = None
+  # With `regular` (per-sequence, one key split, T = 1): earlier levels' (out [P,K,R,Dp],
+  # lse [P,K,R]) in this level's row order, merged in the kernel (`_merge_and_store`); the
+  # level's results are then the final out [B,K,G,Dp] (qp's dtype) and lse [B,K,G].
+  priors: tuple = ()
 
 
 def _tile_bounds(layout: grouping.Layout, row_limits):
@@ -500,15 +540,26 @@ def grouped_attention(levels, *, scale: float, interpret: bool, poison: bool = F
       raise ValueError(f"tile_bounds must be 'xla' or 'kernel', got {tile_bounds!r}")
     in_kernel = tile_bounds == "kernel"
     reg = None if lv.regular is None else lv.regular[0]
+    if lv.priors and (reg is None or not reg.per_sequence or reg.tiles_per_node != 1
+                      or lv.plan.splits != 1):
+      raise ValueError("priors need a regular per-sequence level of one tile a sequence and "
+                       f"one key split, got {reg} with {lv.plan.splits} splits")
     specs.append(_Spec(lv.plan.block_m, lv.plan.block_n, lv.plan.blocks_per_split,
                        lv.plan.splits, lv.layout.num_tiles, kh, float(scale) * flash.LOG2E,
                        lv.qp.dtype == jnp.float32, in_kernel,
-                       reg is None and not isinstance(lv.layout.count, np.ndarray), reg))
+                       reg is None and not isinstance(lv.layout.count, np.ndarray), reg,
+                       tuple(o.shape[0] for o, _ in lv.priors)))
     if reg is not None:
       _, order, layer, lengths = lv.regular
       args += [x for x in (order, layer) if x is not None] + [lengths, lv.qp, lv.k, lv.v]
-      out_shape += [jax.ShapeDtypeStruct((lv.plan.splits, kh, r, dp), jnp.float32),
-                    jax.ShapeDtypeStruct((lv.plan.splits, kh, r), jnp.float32)]
+      args += [x for pair in lv.priors for x in pair]
+      if lv.priors:
+        g = reg.rows_per_node
+        out_shape += [jax.ShapeDtypeStruct((r // g, kh, g, dp), lv.qp.dtype),
+                      jax.ShapeDtypeStruct((r // g, kh, g), jnp.float32)]
+      else:
+        out_shape += [jax.ShapeDtypeStruct((lv.plan.splits, kh, r, dp), jnp.float32),
+                      jax.ShapeDtypeStruct((lv.plan.splits, kh, r), jnp.float32)]
       continue
     tiles = [jnp.asarray(x, jnp.int32) for x in (lv.layout.node, lv.layout.start,
                                                  lv.layout.count)]
@@ -534,7 +585,9 @@ def grouped_attention(levels, *, scale: float, interpret: bool, poison: bool = F
       name="hydrax_grouped_attention",
   )(*args)
   parts = [(outs[2 * i], outs[2 * i + 1]) for i in range(len(levels))]
-  return [flash.combine_splits(*p) for p in parts] if combine else parts
+  if not combine:
+    return parts
+  return [p if lv.priors else flash.combine_splits(*p) for p, lv in zip(parts, levels)]
 
 
 def _pack(q, order, kh, dp):
@@ -702,6 +755,7 @@ class _Part(NamedTuple):
   lse: jax.Array
   slot: Optional[object]
   order: Optional[object]
+  final: bool = False      # out [B,K,G,D] (q's dtype), lse [B,K,G]: every level merged in
 
 
 def _finish(part: _Part, shape, dtype=jnp.float32):
@@ -828,17 +882,22 @@ def _regular(q_shape, k, owner, cfg: Config, layer, layout: grouping.Layout, len
 
 
 def _triton_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN,
-                 lengths=None) -> _Part:
+                 lengths=None, priors=()) -> _Part:
   """One level through the Triton kernel (`grouped_attention`), as a `_Part`. With `lengths`
-  a decode level of one node or one node per sequence finds its tiles in-kernel (`_regular`)."""
+  a decode level of one node or one node per sequence finds its tiles in-kernel (`_regular`);
+  a regular per-sequence level of one key split also merges `priors` (earlier levels' (out,
+  lse) in its row order) in the kernel and returns the final part (`_Part.final`)."""
   prep = _prepare(q.shape, k, v, owner, limits, cfg, layer, order)
   qp = _pack(q, prep.layout.order, k.shape[-2], prep.dp)
   reg = _regular(q.shape, k, owner, cfg, layer, prep.layout, lengths, prep.plan.block_m)
+  merge = (bool(priors) and reg is not None and reg[0].per_sequence
+           and reg[0].tiles_per_node == 1 and prep.plan.splits == 1)
   [(out, lse)] = grouped_attention(
-      [LevelInput(qp, prep.k, prep.v, prep.row_limits, prep.layout, prep.plan, reg)],
+      [LevelInput(qp, prep.k, prep.v, prep.row_limits, prep.layout, prep.plan, reg,
+                  tuple(priors) if merge else ())],
       scale=scale, interpret=prep.interpret, poison=cfg.poison, tile_bounds=cfg.tile_bounds,
       combine=False)
-  return _Part(out, lse, None, prep.layout.order)
+  return _Part(out, lse, None, prep.layout.order, final=merge)
 
 
 def _level_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN,
@@ -893,10 +952,20 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
            if o is not None and k.shape[-4] != 1]
   if len(bound) > 1:
     raise ValueError(f"levels {bound} each fix a row order; at most one may")
-  first = bound + [i for i in range(len(kvl)) if i not in bound]
+  per_seq = [i for i in range(len(kvl)) if owners[i] is None]
+  last = per_seq if (cfg.merge_in_kernel and len(per_seq) == 1 and t == 1
+                     and not cfg.level_stream) else []
+  first = bound + [i for i in range(len(kvl)) if i not in bound and i not in last] + last
   parts, order = {}, _OWN
   for i in first:
     k, v, lengths, layer = kvl[i]
+    earlier = [(parts[j].out, parts[j].lse) for j in parts]
+    if i in last and all(parts[j].slot is None for j in parts):
+      part = _triton_part(q, k, v, None, limits[i], scale, cfg, layer, order, lengths, earlier)
+      if part.final:     # every level merged in the kernel: [B,K,G,Dp] -> [B,1,H,D]
+        return part.out[..., :d].reshape(b, 1, h, d), part.lse.reshape(b, 1, h)
+      parts[i] = part
+      continue
     if owners[i] is None and cfg.level_stream:
       parts[i] = _part_on_stream(cfg.level_stream, q, k, v, limits[i], scale, cfg, layer,
                                  order, lengths)
