@@ -946,7 +946,10 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
   node, or one per sequence) take that order too, so every part's row r is the same query
   row, and one XLA pass merges all key splits of all levels and unpacks (instead of a merge
   and an unpack per level and a merge of the levels: launches that cost more than the bytes
-  they move at decode). Returns out [B,T,H,D] in q's dtype and lse [B,T,H] f32."""
+  they move at decode). With `Config.merge_in_kernel` at decode the per-sequence level runs
+  last and merges the others' parts in its kernel (`_merge_and_store`) when it can (one key
+  split, the others' rows in place), and nothing runs after it. Returns out [B,T,H,D] in q's
+  dtype and lse [B,T,H] f32."""
   b, t, h, d = q.shape
   bound = [i for i, ((k, _, _, _), o) in enumerate(zip(kvl, owners))
            if o is not None and k.shape[-4] != 1]
@@ -959,8 +962,8 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
   parts, order = {}, _OWN
   for i in first:
     k, v, lengths, layer = kvl[i]
-    earlier = [(parts[j].out, parts[j].lse) for j in parts]
     if i in last and all(parts[j].slot is None for j in parts):
+      earlier = [(parts[j].out, parts[j].lse) for j in parts]
       part = _triton_part(q, k, v, None, limits[i], scale, cfg, layer, order, lengths, earlier)
       if part.final:     # every level merged in the kernel: [B,K,G,Dp] -> [B,1,H,D]
         return part.out[..., :d].reshape(b, 1, h, d), part.lse.reshape(b, 1, h)
