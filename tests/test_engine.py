@@ -11,6 +11,7 @@ from flax import nnx
 
 from hydrax import engine
 from hydrax.attention import backends
+from hydrax.attention.kernels import pallas_gpu
 from hydrax.models import LlamaConfig, llama
 
 
@@ -53,22 +54,26 @@ def _hand_plan():
   t2[0, :2], t2[2] = seg["C1"], seg["C2"]
   l2 = PlanLevel(t2, np.array([2, 0, 3, 0], np.int32), np.array([0, 0, 1, 2, 1, 1], np.int32),
                  np.array([0, -1, 1, -1], np.int32), np.array([9, 0, 8, 0], np.int32))
-  levels = (l0, l1, l2)
-  suffixes = [rng.integers(1, 256, n).astype(np.int32) for n in (3, 0, 0, 2, 1, 4)]
+  return _plan_from((l0, l1, l2), (3, 0, 0, 2, 1, 4), np.array([3, 0, 5, 1, 4, 2]), rng)
+
+
+def _plan_from(levels, suffix_lengths, order, rng):
+  """A Plan of these levels, random suffixes of these lengths, rows in input order `order`."""
+  suffixes = [rng.integers(1, 256, n).astype(np.int32) for n in suffix_lengths]
   rows = []
   for i, suffix in enumerate(suffixes):
     parts = [lv.tokens[lv.owner[i], :lv.lengths[lv.owner[i]]] for lv in levels]
     rows.append(np.concatenate(parts + [suffix]))
-  order = np.array([3, 0, 5, 1, 4, 2])
-  inputs = [None] * 6
+  b = len(suffixes)
+  inputs = [None] * b
   for i, o in enumerate(order):
     inputs[o] = rows[i]
-  suffix_tokens = np.zeros((6, 4), np.int32)
+  suffix_tokens = np.zeros((b, max(suffix_lengths)), np.int32)
   for i, s in enumerate(suffixes):
     suffix_tokens[i, :len(s)] = s
   lengths = np.array([len(s) for s in suffixes], np.int32)
-  start = np.array([len(rows[i]) - lengths[i] for i in range(6)], np.int32)
-  return Plan(order, levels, suffix_tokens, lengths, start, 6, inputs)
+  start = np.array([len(rows[i]) - lengths[i] for i in range(b)], np.int32)
+  return Plan(order, levels, suffix_tokens, lengths, start, b, inputs)
 
 
 def _greedy_reference(graphdef, params, prompts, steps):
@@ -477,3 +482,38 @@ def test_kv_cache_owners_are_runtime_data():
     KVCache(suffix, [shared], [np.zeros(4)])
   with pytest.raises(ValueError, match="1 shared levels but 0 owner arrays"):
     KVCache(suffix, [shared], [])
+
+
+@pytest.mark.slow
+def test_pallas_grouped_levels_in_the_engine_equal_xla(tiny):
+  """A root shared by all, three nodes under it (one empty; owners interleaved), the
+  suffixes (one empty): the pallas backend's grouped levels (`grouped_levels`: the rows in
+  the middle level's runtime order, the root and the suffixes taking it, one merge; at
+  decode the root's and the suffixes' tiles found in-kernel, and with merge_in_kernel the
+  merge in the suffix kernel; Pallas interpret mode here) generate the XLA backend's
+  tokens. (The suffix tiles ignoring the order fail it.)"""
+  _, model, _, _ = tiny
+  rng = np.random.default_rng(11)
+  root = PlanLevel(rng.integers(1, 256, (1, 8)).astype(np.int32), np.array([7], np.int32),
+                   np.zeros(5, np.int32), np.array([-1], np.int32), np.array([0], np.int32))
+  # Owners interleaved (the rows' order by node is not the identity), an empty node.
+  mid = PlanLevel(rng.integers(1, 256, (3, 6)).astype(np.int32), np.array([6, 4, 0], np.int32),
+                  np.array([1, 0, 1, 2, 0], np.int32), np.zeros(3, np.int32),
+                  np.array([7, 7, 7], np.int32))
+  plan = _plan_from((root, mid), (2, 0, 3, 1, 4), np.array([2, 0, 4, 1, 3]), rng)
+  want = engine.generate(model, None, plan, max_new_tokens=4, backend="xla")
+  taken = []
+  real = pallas_gpu.grouped_levels
+
+  def spy(*args, **kwargs):
+    out = real(*args, **kwargs)
+    taken.append(out is not None)
+    return out
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(pallas_gpu, "grouped_levels", spy)
+    for merge in (False, True):
+      got = engine.generate(model, None, plan, max_new_tokens=4, backend=backends.get(
+          "pallas", path="off", merge_in_kernel=merge))
+      np.testing.assert_array_equal(got.tokens, want.tokens)
+  assert taken and all(taken)
