@@ -393,6 +393,28 @@ def path_crossover(rows):
   return res
 
 
+def variant_spread(rows):
+  """Per shape and variant of the pallas backend (the table's `pallas` row as "default",
+  each `--pallas-variants` entry by its JSON; an entry listed twice is timed twice, in list
+  order, so A B A B interleaves them): the device times, their median and their spread
+  (max / min), and each variant's median against the default's. Differences smaller than a
+  variant's own spread are noise."""
+  out = {}
+  for r in rows:
+    if "device_us" not in r or r["impl"] not in ("pallas", "pallas_variant"):
+      continue
+    name = "default" if r["impl"] == "pallas" else r["variant"]
+    out.setdefault(r["shape"], {}).setdefault(name, []).append(float(r["device_us"]))
+  res = {}
+  for shape, by in out.items():
+    base = float(np.median(by["default"])) if "default" in by else None
+    res[shape] = {name: dict(us=us, median=float(np.median(us)),
+                             spread=max(us) / min(us),
+                             vs_default=None if base is None else float(np.median(us)) / base)
+                  for name, us in by.items()}
+  return res
+
+
 def table(rows, checks_failed):
   nan = float("nan")
   by = {}
@@ -529,13 +551,18 @@ def main(argv=None):
   if skipped:
     log("checks skipped for the budget (not failures):", skipped)
   summary = dict(check_failures=fails, checks_skipped=skipped, crossover=cross,
-                 path_crossover=path_cross,
+                 path_crossover=path_cross, variant_spread=variant_spread(rows),
                  broken=BROKEN, device=str(jax.devices()[0]),
                  jax=jax.__version__, seconds=time.time() - T0)
   with open(os.path.join(ARGS.out, "fused_summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print("\ncrossover:", json.dumps(cross))
   print("path crossover:", json.dumps(path_cross))
+  for shape, by in summary["variant_spread"].items():
+    for name, v in by.items():
+      rel = "" if v["vs_default"] is None else f", {v['vs_default']:.3f}x the default's"
+      print(f"variant {shape} {name}: median {v['median']:.1f} us over {len(v['us'])}, "
+            f"spread {v['spread']:.2f}{rel}")
   table(rows, fails)
   return rows, check_rows, fails
 

@@ -39,3 +39,18 @@ def test_smoke_mode_runs_and_records_every_failure(tmp_path, capsys, monkeypatch
   assert summary["check_failures"] == 0 and "current_bytes" in summary["crossover"]
   printed = capsys.readouterr().out
   assert "P64_B4 |" in printed and "exactness: 0 failure(s)" in printed
+
+
+def test_variant_spread_medians_and_ratio_to_the_default():
+  rows = [dict(shape="P4096_B256", impl="pallas", device_us=100.0),
+          dict(shape="P4096_B256", impl="pallas_variant", variant='{"a": 1}', device_us=90.0),
+          dict(shape="P4096_B256", impl="pallas_variant", variant='{"a": 1}', device_us=99.0),
+          dict(shape="P4096_B256", impl="pallas_variant", variant='{"a": 1}', error="x"),
+          dict(shape="P4096_B256", impl="pallas_path_variant", variant="{}", device_us=1.0),
+          dict(shape="P1024_B16", impl="pallas_variant", variant='{"a": 1}', device_us=30.0)]
+  res = check_fused_h200.variant_spread(rows)
+  a = res["P4096_B256"]['{"a": 1}']
+  assert a["us"] == [90.0, 99.0] and a["median"] == pytest.approx(94.5)
+  assert a["spread"] == pytest.approx(1.1) and a["vs_default"] == pytest.approx(0.945)
+  assert res["P4096_B256"]["default"]["spread"] == 1.0
+  assert res["P1024_B16"]['{"a": 1}']["vs_default"] is None and len(res) == 2
