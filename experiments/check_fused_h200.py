@@ -238,7 +238,7 @@ def time_path_variants(shapes, h, kh, d, u, variants, force_path=True):
         bk = backends.get("pallas", **({**cfg, "path": "always"} if force_path else cfg))
         # As many cache copies as the table's rows rotate (one copy stays in L2 at small
         # shapes: runs 6-8 timed the variants that way, faster than the table's rows).
-        rot = ba.rotations(2 * (2 * p * kh * d + 2 * b * u * kh * d + 2 * b * h * d))
+        rot = _rotations(b, p, u, h, kh, d)
         case = _case(p + b, b, p, u, h, kh, d, rot)
         us, dev = _time_jax(_hydrax_fn(b, p, u, bk), case, rot)
         err = _path_error(b, p, u, case, bk)
@@ -249,6 +249,12 @@ def time_path_variants(shapes, h, kh, d, u, variants, force_path=True):
         rows.append(dict(base, error=err_line(e)))
         log(f"{name:>12} {label} {json.dumps(cfg)} FAILED {err_line(e)}")
   return rows
+
+
+def _rotations(b, p, u, h, kh, d) -> int:
+  """Cache copies a decode call's timing rotates (`bench_attention.rotations` of the bytes
+  one call reads and writes: bf16 keys and values of both levels, q and out)."""
+  return ba.rotations(2 * (2 * p * kh * d + 2 * b * u * kh * d + 2 * b * h * d))
 
 
 def _case(seed, b, p, u, h, kh, d, copies):
@@ -281,8 +287,7 @@ def time_shapes(shapes, h, kh, d, u, impls):
     shapes_ = [wl.LevelShape(1, p, True, np.zeros(b, np.int32)), wl.LevelShape(b, u, False)]
     saved = wl.sharing_saved_bytes((b, 1, h, d), shapes_, 2) * kh
     rule = wl.choose_mode((b, 1, h, d), shapes_, kh, 2)
-    per_call = 2 * (2 * p * kh * d + 2 * b * u * kh * d + 2 * b * h * d)
-    rot = ba.rotations(per_call)
+    rot = _rotations(b, p, u, h, kh, d)
     case = _case(p + b, b, p, u, h, kh, d, rot)
     for impl in impls:
       base = dict(shape=name, impl=impl, B=b, P=p, U=u, H=h, K=kh, D=d, floor_us=floor,

@@ -50,6 +50,7 @@ import numpy as np
 from jax import lax
 
 from hydrax.attention.checks import concrete
+from hydrax.attention.merge import merge
 
 
 def _precision(dtype):
@@ -275,3 +276,18 @@ def level_attention(q, k, v, lengths, owner, limits, *, scale):
   if owner is None:
     return _per_sequence(q, k, v, limits, scale)
   return _shared(q, k, v, lengths, owner, limits, scale)
+
+
+def levels_attention(q, kvs, lengths, owners, limits, layers, *, scale):
+  """Every level through `level_attention`, merged: the XLA reference that the kernels'
+  backward passes recompute. kvs: (k, v) per level, [N,S,K,D], or stacked [L,N,S,K,D] read
+  at the level's layer (an int32 scalar; None for unstacked). Returns out [B,T,H,D] f32 and
+  lse [B,T,H]."""
+  parts = []
+  for (k, v), n, owner, lim, layer in zip(kvs, lengths, owners, limits, layers):
+    if layer is not None:
+      k = lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)
+      v = lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
+    parts.append(level_attention(q, k, v, n, owner, lim, scale=scale))
+  return merge(parts)
+

@@ -44,9 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydrax._log import log_once
-from hydrax.attention import backends
+from hydrax.attention import backends, xla
 from hydrax.attention.kernels import fused_worklist as wl
-from hydrax.attention.merge import merge
 
 LOG2E = 1.4426950408889634
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -293,14 +292,6 @@ def _forward_jit(q, kvs, limits, owners_dyn, layers, *, shapes_key, scale, cfg, 
                   out_dtype=out_dtype)
 
 
-def _xla_reference(q, kvs, lengths, owners, limits, layers, scale):
-  """out, lse of the levels through the XLA backend (the backward pass recomputes this)."""
-  xla = backends.get("xla")
-  parts = [xla.attend(q, k, v, n, o, lim, scale=scale, layer=layer)
-           for (k, v), n, o, lim, layer in zip(kvs, lengths, owners, limits, layers)]
-  return merge(parts)
-
-
 def _unsupported_reason(q, kvs) -> Optional[str]:
   if q.dtype not in _DTYPES:
     return f"dtype {q.dtype} (the fused kernel takes bfloat16, float16, float32)"
@@ -334,7 +325,7 @@ def _run(q, kvs, lengths, owners, limits, layers, *, scale, cfg: Config, out_dty
     own = [d if d is not None else o for d, o in zip(dyn_, owners)]
 
     def ref(q, kvs):
-      out, lse = _xla_reference(q, kvs, lengths, own, limits, layers_, scale)
+      out, lse = xla.levels_attention(q, kvs, lengths, own, limits, layers_, scale=scale)
       return out.astype(out_dtype), lse
 
     _, vjp = jax.vjp(ref, q, kvs)

@@ -939,6 +939,12 @@ def _part_on_stream(stream: int, q, k, v, limits, scale, cfg: Config, layer, ord
   return _Part(out, lse, None, None if isinstance(order, str) else order)
 
 
+def _fixes_order(k, owner) -> bool:
+  """Whether a level's rows must come in its own order: owners over several nodes (a
+  one-node level and the per-sequence level can take any order; `_layout_in`)."""
+  return owner is not None and k.shape[-4] != 1
+
+
 def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
   """Every level (kvl: [(k, v, lengths, layer)], owners: NumPy, traced or None, limits [B,T]
   each) on its grouped kernel, the parts merged in packed rows: the one level whose nodes
@@ -951,10 +957,7 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
   split, the others' rows in place), and nothing runs after it. Returns out [B,T,H,D] in q's
   dtype and lse [B,T,H] f32."""
   b, t, h, d = q.shape
-  bound = [i for i, ((k, _, _, _), o) in enumerate(zip(kvl, owners))
-           if o is not None and k.shape[-4] != 1]
-  if len(bound) > 1:
-    raise ValueError(f"levels {bound} each fix a row order; at most one may")
+  bound = [i for i, ((k, _, _, _), o) in enumerate(zip(kvl, owners)) if _fixes_order(k, o)]
   per_seq = [i for i in range(len(kvl)) if owners[i] is None]
   last = per_seq if (cfg.merge_in_kernel and len(per_seq) == 1 and t == 1
                      and not cfg.level_stream) else []
@@ -989,26 +992,16 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
 
 @functools.partial(jax.jit, static_argnames=("owner_keys", "scale", "cfg"))
 def _grouped_jit(q, kvl, owners_dyn, limits, *, owner_keys, scale, cfg):
-  owners = [od if od is not None else _owner_of(key) for od, key in zip(owners_dyn, owner_keys)]
-  return _grouped_forward(q, kvl, owners, limits, scale, cfg)
+  return _grouped_forward(q, kvl, _owners(owners_dyn, owner_keys), limits, scale, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("owner_keys", "scale"))
 def _xla_levels_vjp(q, kvl, owners_dyn, limits, cts, *, owner_keys, scale):
-  """Cotangents of q and every level's (k, v), recomputed level by level with the XLA
-  backend and merged (stacked k, v: zero outside the level's layer)."""
-  owners = [od if od is not None else _owner_of(key) for od, key in zip(owners_dyn, owner_keys)]
-
-  def ref(q, kv):
-    parts = []
-    for (k, v), (_, _, lengths, layer), owner, lim in zip(kv, kvl, owners, limits):
-      if layer is not None:
-        k = lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)
-        v = lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
-      parts.append(xla.level_attention(q, k, v, lengths, owner, lim, scale=scale))
-    return merge_parts(parts)
-
-  _, vjp = jax.vjp(ref, q, [(k, v) for k, v, _, _ in kvl])
+  """Cotangents of q and every level's (k, v), recomputed with the XLA backend
+  (`xla.levels_attention`; stacked k, v: zero outside the level's layer)."""
+  _, vjp = jax.vjp(lambda q, kv: xla.levels_attention(
+      q, kv, [n for _, _, n, _ in kvl], _owners(owners_dyn, owner_keys), limits,
+      [layer for *_, layer in kvl], scale=scale), q, [(k, v) for k, v, _, _ in kvl])
   return vjp((cts[0].astype(jnp.float32), cts[1]))
 
 
@@ -1018,8 +1011,7 @@ def grouped_levels(q, levels, limits, *, scale: float, cfg: Config):
   Differentiable: the backward pass recomputes the levels with the XLA backend."""
   b = q.shape[0]
   statics, traced = zip(*[_static_owner(lv.owner, lv.k.shape[-4], b) for lv in levels])
-  fixing = [lv.owner is not None and lv.k.shape[-4] != 1 for lv in levels]
-  if sum(fixing) > 1:
+  if sum(_fixes_order(lv.k, lv.owner) for lv in levels) > 1:
     return None
   keys = tuple(_owner_key(st) for st in statics)
   kvl = [(lv.k, lv.v,
@@ -1033,8 +1025,7 @@ def grouped_levels(q, levels, limits, *, scale: float, cfg: Config):
     if cfg.lowering == "mosaic" and _interpret(cfg):
       # Op by op, not one program: several interpreted Mosaic GPU kernels in one program
       # have deadlocked jax's Mosaic GPU interpreter on a 2-core machine (see Config).
-      owners = [od if od is not None else _owner_of(key) for od, key in zip(owners_dyn, keys)]
-      return _grouped_forward(q, kvl, owners, limits, float(scale), cfg)
+      return _grouped_forward(q, kvl, _owners(owners_dyn, keys), limits, float(scale), cfg)
     return _grouped_jit(q, kvl, owners_dyn, limits, owner_keys=keys, scale=float(scale),
                         cfg=cfg)
 
@@ -1067,6 +1058,11 @@ def _static_owner(owner, n: int, b: int):
 def _owner_key(static_owner):
   """Hashable form of a concrete owner array (None stays None: per-sequence level)."""
   return None if static_owner is None else tuple(int(x) for x in static_owner)
+
+
+def _owners(owners_dyn, keys):
+  """Each level's owner: its traced array, else the static one its key holds (or None)."""
+  return [od if od is not None else _owner_of(key) for od, key in zip(owners_dyn, keys)]
 
 
 def _owner_of(key):
@@ -1207,7 +1203,7 @@ def _concurrent_jit(q, kvl, *, owner_keys, causal_last, scale, cfg):
 def _xla_fused_vjp(q, kvl, owners_dyn, cts, *, owner_keys, causal_last, scale):
   """Cotangents of q and every level's (k, v), recomputed with the XLA backend."""
   from hydrax.attention import hydragen
-  owners = [od if od is not None else _owner_of(key) for od, key in zip(owners_dyn, owner_keys)]
+  owners = _owners(owners_dyn, owner_keys)
 
   def ref(q, kv):
     lv = _levels_of([(k, v, n, layer) for (k, v), (_, _, n, layer) in zip(kv, kvl)], owners)

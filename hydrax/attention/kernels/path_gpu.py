@@ -41,7 +41,6 @@ from jax.experimental.pallas import triton as plt
 
 from hydrax.attention import xla
 from hydrax.attention.kernels import flash
-from hydrax.attention.merge import merge
 
 MAX_ROWS = 64        # R = T*G per program: decode (T = 1) and short query chunks
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -227,15 +226,6 @@ def _level_args(levels, limits, b: int, t: int):
   return args, tuple(specs)
 
 
-def _xla_reference(q, levels, limits, scale):
-  """(out, lse) of the levels through the XLA backend: the backward pass recomputes this."""
-  parts = []
-  for lv, lim in zip(levels, limits):
-    lv = lv.layer_view()
-    parts.append(xla.level_attention(q, lv.k, lv.v, lv.lengths, lv.owner, lim, scale=scale))
-  return merge(parts)
-
-
 def path_attention(q, levels, limits, *, scale: float, plan: PathPlan, interpret: bool):
   """Every level of a call through the path kernel: levels are KVLevels (stacked caches read
   at their layer, in place), limits per level [B,T] int32. Returns out [B,T,H,D] (q's dtype
@@ -256,9 +246,9 @@ def path_attention(q, levels, limits, *, scale: float, plan: PathPlan, interpret
   def bwd(res, cts):
     q, levels, limits = res
     cts = (cts[0].astype(jnp.float32), cts[1])
-    _, vjp = jax.vjp(lambda q, kv: _xla_reference(
-        q, [lv._replace(k=k, v=v) for lv, (k, v) in zip(levels, kv)], limits, scale),
-        q, [(lv.k, lv.v) for lv in levels])
+    _, vjp = jax.vjp(lambda q, kv: xla.levels_attention(
+        q, kv, [lv.lengths for lv in levels], [lv.owner for lv in levels], limits,
+        [lv.layer for lv in levels], scale=scale), q, [(lv.k, lv.v) for lv in levels])
     dq, dkv = vjp(cts)
     # None: a zero cotangent (lengths, owners, layers and limits are integers).
     dlevels = [lv._replace(k=dk, v=dv, lengths=None, owner=None, layer=None)
