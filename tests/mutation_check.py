@@ -82,15 +82,20 @@ MUTATIONS = [
              "partial key block of each level is dropped)",
              "hydrax.attention.kernels.path_gpu", "_kernel",
              "lax.div(hi + bn - 1, bn)", "lax.div(hi, bn)", ("pallas_path",)),
-    Mutation("path_row_limit_ignored", "path kernel: scores masked at the program's largest "
-             "limit, not each row's own",
+    Mutation("path_row_limit_ignored", "path kernel: scores masked at the largest limit of "
+             "the node's rows, not each row's own (and rows of other nodes not masked)",
              "hydrax.attention.kernels.path_gpu", "_kernel",
-             "visible=keys[None, :] < lim[:, None])", "visible=keys[None, :] < hi)",
+             "visible=keys[None, :] < lim_j[:, None])", "visible=keys[None, :] < hi)",
              ("pallas_path",)),
-    Mutation("path_wrong_node", "path kernel: every sequence reads a shared level at the "
-             "first sequence's node, not its own owner's",
+    Mutation("path_wrong_node", "path kernel: every sequence of a program's group reads a "
+             "shared level at the group's first sequence's node, not its own owner's",
              "hydrax.attention.kernels.path_gpu", "_kernel",
-             "flash.level_node(refs, pos, b, b,", "flash.level_node(refs, pos, 0, b,",
+             "nodes = [owner_ref[s] for s in seqs]", "nodes = [owner_ref[seqs[0]] for s in seqs]",
+             ("pallas_path",)),
+    Mutation("path_shared_node_read_twice", "path kernel: two sequences of a group on one "
+             "node both walk its keys (their rows count them twice)",
+             "hydrax.attention.kernels.path_gpu", "_kernel",
+             "active = active & (nodes[i] != nodes[j])", "active = active",
              ("pallas_path",)),
     Mutation("pallas_merge_split_dropped", "Triton kernel, the levels' merge in the kernel: "
              "the last key split of every earlier level is left out",

@@ -99,18 +99,37 @@ def _eqns(jaxpr):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("splits", [None, 3])
-def test_tree_matches_oracle_with_stacked_cache_and_traced_owners(dtype, splits):
+@pytest.mark.parametrize("splits, group", [(None, None), (3, None), (None, 1), (3, 2)])
+def test_tree_matches_oracle_with_stacked_cache_and_traced_owners(dtype, splits, group):
+  """B = 7, G = 4: groups of 4 sequences (the default; the last group has a padding
+  sequence), of 2 and of 1; the middle level's owners put some sequences of a group on
+  one node and others on another."""
   q, levels = _tree(0, 7, 1, 2, 4, 32, dtype)
-  backend = backends.get("pallas", path="always", splits=splits)
+  backend = backends.get("pallas", path="always", splits=splits, path_group=group)
   out, lse = _run(q, levels, dtype, backend, layers=3)
   _check(out, lse, *_reference(q, levels, dtype, True), TOL[dtype])
 
 
+@pytest.mark.parametrize("b, g, group", [(7, 1, None), (16, 1, 8), (5, 2, None)])
+def test_groups_of_many_sequences_and_every_node_shared_or_not(b, g, group):
+  """G = 1 (R = 1): up to 16 sequences a program (capped at B's power of two: 8 for B = 7);
+  owners all equal, all distinct and mixed."""
+  q, levels = _tree(4, b, 1, 2, g, 16, jnp.float32)
+  rng = np.random.default_rng(b)
+  for owner in (np.zeros(b, np.int32), np.arange(b, dtype=np.int32) % 3,
+                rng.integers(0, 3, b).astype(np.int32)):
+    levels[1] = levels[1][:3] + (owner,)
+    out, lse = _run(q, levels, jnp.float32, backends.get("pallas", path="always",
+                                                         path_group=group))
+    _check(out, lse, *_reference(q, levels, jnp.float32, True), TOL[jnp.float32])
+
+
 @pytest.mark.parametrize("traced", [True, False])
-def test_multi_query_causal_calls(traced):
-  """T = 3, G = 3 (R = 9 rows padded to 16): per-row limits of a causal chunk."""
-  q, levels = _tree(1, 5, 3, 2, 3, 16, jnp.float32)
+@pytest.mark.parametrize("t, g", [(3, 3), (2, 2)])
+def test_multi_query_causal_calls(traced, t, g):
+  """T = 3, G = 3 (R = 9 rows padded to 16, one sequence a program) and T = 2, G = 2 (R = 4:
+  four sequences a program): per-row limits of a causal chunk."""
+  q, levels = _tree(1, 5, t, 2, g, 16, jnp.float32)
   out, lse = _run(q, levels, jnp.float32, backends.get("pallas", path="always"), traced=traced)
   _check(out, lse, *_reference(q, levels, jnp.float32, True), TOL[jnp.float32])
 
@@ -151,20 +170,42 @@ def test_cost_rule_is_the_bytes_sharing_saves():
 
 
 def test_plan_splits_for_two_programs_an_sm():
+  one = dict(group=1)
   # B*K = 128 programs on 132 SMs: 3 splits make 384 >= 2 an SM.
-  plan = path_gpu.make_plan((16, 1, 32, 128), 8, [1024, 128], num_sms=132)
+  plan = path_gpu.make_plan((16, 1, 32, 128), 8, [1024, 128], num_sms=132, **one)
   assert plan.splits == 3 and plan.blocks_per_split == (6, 1)
   # B*K = 512: enough programs, one split (no merge).
-  plan = path_gpu.make_plan((64, 1, 32, 128), 8, [1024, 128], num_sms=132)
+  plan = path_gpu.make_plan((64, 1, 32, 128), 8, [1024, 128], num_sms=132, **one)
   assert plan.splits == 1 and plan.blocks_per_split == (16, 2)
   # B*K = 8: 33 wanted, capped so that each split has >= 4 key blocks of the longest level.
-  plan = path_gpu.make_plan((2, 1, 16, 128), 4, [4096, 128], num_sms=132)
+  plan = path_gpu.make_plan((2, 1, 16, 128), 4, [4096, 128], num_sms=132, **one)
   assert plan.splits == 16 and plan.blocks_per_split == (4, 1)
   # More programs an SM asked for: 5 wanted at B*K = 128, capped at 16 blocks / 4.
-  plan = path_gpu.make_plan((16, 1, 32, 128), 8, [1024, 128], num_sms=132, programs_per_sm=4)
+  plan = path_gpu.make_plan((16, 1, 32, 128), 8, [1024, 128], num_sms=132, programs_per_sm=4,
+                            **one)
   assert plan.splits == 4 and plan.blocks_per_split == (4, 1)
   assert path_gpu.make_plan((2, 1, 16, 128), 4, [4096], num_sms=132, splits=5).splits == 5
   assert path_gpu.make_plan((2, 1, 16, 128), 4, [64], num_sms=132, splits=5).splits == 1
+
+
+def test_plan_groups_fill_sixteen_rows():
+  # G = 4: 4 sequences of 4 rows; ceil(16 / 4) * 8 = 32 programs: 9 splits wanted, capped
+  # at 16 blocks / 4.
+  plan = path_gpu.make_plan((16, 1, 32, 128), 8, [1024, 128], num_sms=132)
+  assert (plan.group, plan.seq_rows, plan.rows_padded, plan.splits) == (4, 4, 16, 4)
+  # G = 1: 16 sequences of one row, capped at B's power of two (B = 5: 8, two rows each).
+  plan = path_gpu.make_plan((5, 1, 8, 64), 8, [256], num_sms=132)
+  assert (plan.group, plan.seq_rows, plan.rows_padded) == (8, 2, 16)
+  # R = 9 (T = 3, G = 3): one sequence of 16 rows; a forced group of 2 pads 9 to 16 each.
+  assert path_gpu.make_plan((4, 3, 6, 64), 2, [64], num_sms=132).group == 1
+  plan = path_gpu.make_plan((4, 3, 6, 64), 2, [64], num_sms=132, group=2)
+  assert (plan.seq_rows, plan.rows_padded) == (16, 32)
+  # R = 64: one sequence; R = 4 with group 2: rows padded to 8 each (M = 16).
+  assert path_gpu.make_plan((4, 1, 64, 64), 1, [64], num_sms=132).rows_padded == 64
+  plan = path_gpu.make_plan((4, 1, 8, 64), 2, [64], num_sms=132, group=2)
+  assert (plan.seq_rows, plan.rows_padded) == (8, 16)
+  with pytest.raises(ValueError, match="group must be a power of two >= 1.*got 3"):
+    path_gpu.make_plan((4, 1, 8, 64), 2, [64], num_sms=132, group=3)
 
 
 def test_unsupported_calls_run_level_by_level_logged_once(caplog, monkeypatch):
@@ -208,6 +249,8 @@ def test_the_backend_passes_its_programs_an_sm_to_the_plan(monkeypatch):
     (dict(path="sometimes"), "path must be 'auto', 'always' or 'off', got 'sometimes'"),
     (dict(path_crossover_bytes=-1), "path_crossover_bytes must be >= 0, got -1"),
     (dict(path_programs_per_sm=0), "path_programs_per_sm must be >= 1, got 0"),
+    (dict(path_group=3), "path_group must be None or a power of two >= 1, got 3"),
+    (dict(path_group=0), "path_group must be None or a power of two >= 1, got 0"),
 ])
 def test_bad_configuration_names_the_field(change, match):
   with pytest.raises(ValueError, match=match):
@@ -240,12 +283,12 @@ def _cuda_ops(backend, b=16, p=1024, u=128, kh=8, g=4, d=128):
 
 
 def test_a_decode_call_is_one_triton_kernel_on_the_gpu():
-  """On a GPU the small-shape path of a decode call with one key split (B*K = 512 programs)
-  is the kernel launch and the limit arithmetic on [B] vectors: no reduction, transpose,
+  """On a GPU the small-shape path of a decode call with one key split (B = 256 in groups
+  of 4, K = 8: 512 programs) is the kernel launch and the limit arithmetic on [B] vectors: no reduction, transpose,
   exponent or second kernel, where the grouped levels lower to two kernels and the XLA work
   around them. With fewer sequences (B = 16) it splits the keys: still one kernel, and the
   splits' merge."""
-  ops, kernels = _cuda_ops(backends.get("pallas", path="always", interpret=False), b=64)
+  ops, kernels = _cuda_ops(backends.get("pallas", path="always", interpret=False), b=256)
   assert kernels == 1
   assert not {"stablehlo.reduce", "stablehlo.transpose", "stablehlo.exponential",
               "stablehlo.dot_general", "stablehlo.gather"} & set(ops), sorted(set(ops))

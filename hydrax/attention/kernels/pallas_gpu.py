@@ -134,6 +134,10 @@ class Config:
   # The path kernel splits keys until it runs this many programs an SM (`path_gpu.make_plan`;
   # `splits` overrides it).
   path_programs_per_sm: int = 2
+  # Consecutive sequences one path program takes (`path_gpu.make_plan`): None fills the
+  # 16-row minimum of a Triton product (4 sequences at G = 4), and sequences of the group
+  # that share a node read its keys once; 1: one sequence a program.
+  path_group: Optional[int] = None
   # How the grouped levels' results are merged: "once" (levels that can share a row order
   # are packed in it and one XLA pass merges every key split of every level and unpacks:
   # `grouped_levels`), "per_level" (each level merged and unpacked on its own, then the
@@ -173,6 +177,9 @@ class Config:
       raise ValueError(f"level_stream must be >= 0, got {self.level_stream}")
     if self.path_programs_per_sm < 1:
       raise ValueError(f"path_programs_per_sm must be >= 1, got {self.path_programs_per_sm}")
+    if self.path_group is not None and (self.path_group < 1
+                                        or self.path_group & (self.path_group - 1)):
+      raise ValueError(f"path_group must be None or a power of two >= 1, got {self.path_group}")
 
 
 def configure(**changes) -> backends.Backend:
@@ -1335,7 +1342,8 @@ def all_levels(q, levels, limits, *, scale, config: Optional[Config] = None):
                             block_n=block_n, num_warps=cfg.num_warps or warps,
                             num_stages=cfg.num_stages or stages,
                             splits=cfg.splits or (1 if interpret else None),
-                            programs_per_sm=cfg.path_programs_per_sm)
+                            programs_per_sm=cfg.path_programs_per_sm,
+                            group=cfg.path_group)
   out, lse = path_gpu.path_attention(q, [lv for lv, _ in live], [lim for _, lim in live],
                                      scale=scale, plan=plan, interpret=interpret)
   return out.astype(q.dtype), lse

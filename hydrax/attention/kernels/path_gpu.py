@@ -43,18 +43,21 @@ from hydrax.attention import xla
 from hydrax.attention.kernels import flash
 
 MAX_ROWS = 64        # R = T*G per program: decode (T = 1) and short query chunks
+MIN_TILE_ROWS = 16   # the smallest row count of a Triton matrix product
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 class PathPlan(NamedTuple):
   """Static facts of one call (part of the compile key)."""
   rows: int              # R = T*G
-  rows_padded: int       # Rp
+  rows_padded: int       # M = group * seq_rows: a program's query rows
   block_n: int           # keys per block
   splits: int            # P
   blocks_per_split: tuple  # per level: key blocks of a split
   num_warps: int
   num_stages: int
+  group: int = 1         # C, consecutive sequences a program takes
+  seq_rows: int = 16     # Rs, rows of one sequence in the tile (R padded to a power of two)
 
 
 class LevelSpec(NamedTuple):
@@ -79,83 +82,134 @@ def unsupported_reason(q_shape, dtype, kv_heads: int) -> Optional[str]:
 def make_plan(q_shape, kv_heads: int, capacities: Sequence[int], *, num_sms: int,
               block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
               splits: Optional[int] = None, programs_per_sm: int = 2,
-              min_blocks_per_split: int = 4) -> PathPlan:
-  """Block size, key splits and launch settings. Splits: while B*K programs are fewer than
-  `programs_per_sm` on every SM, enough splits for that many, each >= `min_blocks_per_split`
-  key blocks of the longest level. A program walks its keys one block after another, so one
-  program an SM leaves HBM idle (H200, B 16, K 8: this kernel without splits took 60.7 us at
-  a 1K prefix and 138.5 us at 4K, run 6's version with three splits 35.6 and 76.6 us;
-  experiments/results/fused_h200 runs 6 and 7); a split costs an XLA merge of the partial
-  results, a few microseconds at these sizes. `splits` forces P."""
+              min_blocks_per_split: int = 4, group: Optional[int] = None) -> PathPlan:
+  """Sequences a program takes, block size, key splits and launch settings.
+
+  Group C: a Triton product takes at least 16 query rows, and a decode sequence has R = G
+  of them (4 for Llama's 32/8 heads), so one sequence a program leaves 3/4 of every product
+  idle and reads each shared block once per sequence. C = 16 // Rs consecutive sequences
+  fill the rows; where they share a node they read its keys once (from L2, at small shapes
+  the path's bound: 75 MB at 1K/16 for 12.6 MB of distinct keys). `group` forces C (1: one
+  sequence a program).
+
+  Splits: while programs (ceil(B / C) * K) are fewer than `programs_per_sm` on every SM,
+  enough splits for that many, each >= `min_blocks_per_split` key blocks of the longest
+  level. A program walks its keys one block after another, so one program an SM leaves HBM
+  idle (H200, B 16, K 8: one sequence a program without splits took 60.7 us at a 1K prefix
+  and 138.5 us at 4K, with three splits 35.6 and 76.6 us; experiments/results/fused_h200
+  runs 6 and 7); a split costs an XLA merge of the partial results, a few microseconds at
+  these sizes. `splits` forces P."""
   b, t, h, _ = q_shape
   rows = t * (h // kv_heads)
+  natural = flash.pow2_at_least(rows, low=1)
+  if group is None:
+    group = max(1, MIN_TILE_ROWS // natural)
+  if group < 1 or group & (group - 1):
+    raise ValueError(f"group must be a power of two >= 1 (Triton tiles), got {group}")
+  group = min(int(group), flash.pow2_at_least(b, low=1))   # M stays a power of two
+  seq_rows = max(natural, -(-MIN_TILE_ROWS // group))
+  seq_rows = flash.pow2_at_least(seq_rows, low=1)
   blocks = [max(1, -(-s // block_n)) for s in capacities]
   if splits is None:
-    programs = max(1, b * kv_heads)
+    programs = max(1, -(-b // group) * kv_heads)
     want = -(-programs_per_sm * num_sms // programs)
     splits = max(1, min(want, max(blocks) // min_blocks_per_split))
   splits = max(1, min(int(splits), max(blocks)))
-  return PathPlan(rows, flash.pow2_at_least(rows), block_n, splits,
-                  tuple(-(-nb // splits) for nb in blocks), num_warps, num_stages)
+  return PathPlan(rows, group * seq_rows, block_n, splits,
+                  tuple(-(-nb // splits) for nb in blocks), num_warps, num_stages, group,
+                  seq_rows)
 
 
 def _kernel(*refs, plan: PathPlan, specs: tuple, queries: int, scale_log2: float,
-            exact: bool):
-  """Program (b, kh, p). Refs: q [B,K,R,D]; per level its owner [B] int32 (has_owner), its
-  layer [1] int32 (stacked), its lengths [N] (T = 1) or limits [B,R] per row int32, k, v
-  [N',S,K,D]; then out and lse: [B,K,R,D] in q's dtype and [B,K,R] f32 when P = 1 (for
-  T = 1 these are out [B,1,H,D] and lse [B,1,H] as they are), else [P,B,K,Rp,D] and
-  [P,B,K,Rp] f32 partials. Rows R..Rp-1 are padding: masked loads and stores."""
+            exact: bool, batch: int, kv_heads: int):
+  """Program (g, kh, p): sequences g*C .. g*C+C-1, KV head kh, key split p. Refs: q
+  [B*K*R, D] (row (b, kh, r) at (b*K + kh)*R + r); per level its owner [B] int32
+  (has_owner), its layer [1] int32 (stacked), its lengths [N] (T = 1) or limits [B*R] per
+  row int32, k, v [N',S,K,D]; then out and lse: [B*K*R, D] in q's dtype and [B*K*R] f32
+  when P = 1 (for T = 1 these are out [B,1,H,D] and lse [B,1,H] as they are), else
+  [P*B*K*R, D] and [P*B*K*R] f32 partials.
+
+  The tile's M = C*Rs rows are row row % Rs of sequence g*C + row // Rs, both clamped
+  (past R to R-1, past B to B-1): a padding row repeats a real row of the program, with its
+  query, node and limit, so it computes the same values and stores them to the same place
+  (no masks, and no two stores of one address with different values: Pallas' interpret
+  mode writes such duplicates in no defined order). Per level, the program walks the key
+  blocks of each distinct node among its sequences once (a sequence whose node an earlier
+  one of the group has is skipped), the rows of other nodes masked out of those blocks."""
   q_ref, refs = refs[0], list(refs[1:])
   o_ref, lse_ref = refs[-2:]
-  nb, kv_heads = q_ref.shape[0], q_ref.shape[1]
+  c, rs, r, bn = plan.group, plan.seq_rows, plan.rows, plan.block_n
+  groups = -(-batch // c)
   pid = pl.program_id(0)
-  b = lax.rem(pid, nb)                      # sequences fastest: neighbours read one prefix
-  rest = lax.div(pid, nb)
+  grp = lax.rem(pid, groups)                # groups fastest: neighbours read one prefix
+  rest = lax.div(pid, groups)
   kh = lax.rem(rest, kv_heads)
   split = lax.div(rest, kv_heads)
-  rp, bn, r = plan.rows_padded, plan.block_n, plan.rows
-  rows = jnp.arange(rp, dtype=jnp.int32)
-  row_ok = rows < r
+  row = jnp.arange(plan.rows_padded, dtype=jnp.int32)
+  first_b = grp * c
+  b_row = jnp.minimum(first_b + lax.div(row, rs), batch - 1)
+  r_row = jnp.minimum(lax.rem(row, rs), r - 1)
+  flat = (b_row * kv_heads + kh) * r + r_row             # row of q, out and lse
   precision = lax.Precision.HIGHEST if exact else lax.Precision.DEFAULT
-  q = plt.load(q_ref.at[b, kh, pl.ds(0, rp), :], mask=row_ok[:, None], other=0)
-  carry = flash.initial_carry(rp, q.shape[-1])
+  # Rows gathered by index (a [M, 1] and a [1, D] index array: interpret mode takes arrays
+  # or slices, not both).
+  cols = jnp.arange(q_ref.shape[1], dtype=jnp.int32)[None, :]
+  q = plt.load(q_ref.at[flat[:, None], cols])
+  carry = flash.initial_carry(plan.rows_padded, q.shape[-1])
+  seqs = [jnp.minimum(first_b + j, batch - 1) for j in range(c)]
+  live = [first_b + j < batch for j in range(c)]
 
   pos = 0
   for lvl, spec in enumerate(specs):
-    local, node, pos = flash.level_node(refs, pos, b, b, mapped=spec.has_owner,
-                                        stacked=spec.stacked, nodes=spec.nodes)
+    if spec.has_owner:
+      owner_ref = refs[pos]
+      pos += 1
+      nodes = [owner_ref[s] for s in seqs]
+      row_node = plt.load(owner_ref.at[b_row])
+    else:
+      nodes, row_node = seqs, b_row
+    offset = 0
+    if spec.stacked:
+      offset = refs[pos][0] * spec.nodes
+      pos += 1
     lim_ref, k_ref, v_ref = refs[pos:pos + 3]
     pos += 3
-    if queries == 1:
-      hi = lim_ref[local]                          # lengths [N]: see `_level_args`
-      lim = jnp.where(row_ok, hi, 0)
+    if queries == 1:                               # lengths [N]: see `_level_args`
+      lim = plt.load(lim_ref.at[row_node])
     else:
-      lim = plt.load(lim_ref.at[b, pl.ds(0, rp)], mask=row_ok, other=0)
-      hi = jnp.max(lim)
-
-    def step(blk, carry, k_ref=k_ref, v_ref=v_ref, node=node, lim=lim, hi=hi):
-      s0 = blk * bn
-      keys = s0 + jnp.arange(bn, dtype=jnp.int32)
-      kv_ok = (keys < hi)[:, None]                 # hi <= length <= S: no load past S
-      ksl = pl.ds(s0, bn)
-      kb = plt.load(k_ref.at[node, ksl, kh, :], mask=kv_ok, other=0)
-      vb = plt.load(v_ref.at[node, ksl, kh, :], mask=kv_ok, other=0)
-      return flash.softmax_step(carry, q, kb, vb, scale_log2=scale_log2, precision=precision,
-                                visible=keys[None, :] < lim[:, None])
-
+      lim = plt.load(lim_ref.at[b_row * r + r_row])
     bps = plan.blocks_per_split[lvl]
     first = split * bps
-    end = jnp.minimum(first + bps, lax.div(hi + bn - 1, bn))
-    carry = lax.fori_loop(first, jnp.maximum(end, first), step, carry)
+
+    for j in range(c):
+      mine = row_node == nodes[j]
+      active = live[j]
+      if spec.has_owner:                           # an earlier sequence walked this node
+        for i in range(j):
+          active = active & (nodes[i] != nodes[j])
+      lim_j = jnp.where(mine, lim, 0)
+      hi = jnp.where(active, jnp.max(lim_j), 0)
+      node = nodes[j] + offset
+
+      def step(blk, carry, k_ref=k_ref, v_ref=v_ref, node=node, lim_j=lim_j, hi=hi):
+        s0 = blk * bn
+        keys = s0 + jnp.arange(bn, dtype=jnp.int32)
+        kv_ok = (keys < hi)[:, None]               # hi <= length <= S: no load past S
+        ksl = pl.ds(s0, bn)
+        kb = plt.load(k_ref.at[node, ksl, kh, :], mask=kv_ok, other=0)
+        vb = plt.load(v_ref.at[node, ksl, kh, :], mask=kv_ok, other=0)
+        return flash.softmax_step(carry, q, kb, vb, scale_log2=scale_log2,
+                                  precision=precision,
+                                  visible=keys[None, :] < lim_j[:, None])
+
+      end = jnp.minimum(first + bps, lax.div(hi + bn - 1, bn))
+      carry = lax.fori_loop(first, jnp.maximum(end, first), step, carry)
 
   out, lse = flash.finish(carry)
-  if plan.splits == 1:
-    plt.store(o_ref.at[b, kh, pl.ds(0, rp), :], out.astype(o_ref.dtype), mask=row_ok[:, None])
-    plt.store(lse_ref.at[b, kh, pl.ds(0, rp)], lse, mask=row_ok)
-  else:
-    o_ref[split, b, kh, :, :] = out
-    lse_ref[split, b, kh, :] = lse
+  if plan.splits > 1:
+    flat = flat + split * (batch * kv_heads * r)
+  plt.store(o_ref.at[flat[:, None], cols], out.astype(o_ref.dtype))
+  plt.store(lse_ref.at[flat], lse)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "specs", "scale", "interpret"))
@@ -166,25 +220,23 @@ def _forward(q, level_args, *, plan: PathPlan, specs: tuple, scale: float, inter
   b, t, h, d = q.shape
   kh = level_args[0][3].shape[-2]
   g = h // kh
-  r, rp = plan.rows, plan.rows_padded
+  r = plan.rows
   qp = q.reshape(b, t, kh, g, d)
   if t > 1:
     qp = qp.transpose(0, 2, 1, 3, 4)
-  args = [qp.reshape(b, kh, r, d)]
+  args = [qp.reshape(b * kh * r, d)]
   for owner, layer, lim, k, v in level_args:
     if t > 1:     # limits per row (t, g): a small XLA op, only for multi-query calls
-      lim = jnp.repeat(lim, g, axis=1)
+      lim = jnp.repeat(lim, g, axis=1).reshape(b * r)
     args += [x for x in (owner, layer) if x is not None] + [lim, k, v]
-  if plan.splits == 1:
-    out_shape = [jax.ShapeDtypeStruct((b, kh, r, d), q.dtype),
-                 jax.ShapeDtypeStruct((b, kh, r), jnp.float32)]
-  else:
-    out_shape = [jax.ShapeDtypeStruct((plan.splits, b, kh, rp, d), jnp.float32),
-                 jax.ShapeDtypeStruct((plan.splits, b, kh, rp), jnp.float32)]
+  rows = plan.splits * b * kh * r
+  out_shape = [jax.ShapeDtypeStruct((rows, d), q.dtype if plan.splits == 1 else jnp.float32),
+               jax.ShapeDtypeStruct((rows,), jnp.float32)]
   o, lse = pl.pallas_call(
       functools.partial(_kernel, plan=plan, specs=specs, queries=t,
-                        scale_log2=scale * flash.LOG2E, exact=q.dtype == jnp.float32),
-      grid=(b * kh * plan.splits,),
+                        scale_log2=scale * flash.LOG2E, exact=q.dtype == jnp.float32,
+                        batch=b, kv_heads=kh),
+      grid=(-(-b // plan.group) * kh * plan.splits,),
       out_shape=out_shape,
       compiler_params=None if interpret else plt.CompilerParams(
           num_warps=plan.num_warps, num_stages=plan.num_stages),
@@ -192,8 +244,8 @@ def _forward(q, level_args, *, plan: PathPlan, specs: tuple, scale: float, inter
       name="hydrax_path_attention",
   )(*args)
   if plan.splits > 1:
-    o, lse = flash.combine_splits(o, lse)
-    o, lse = o[:, :, :r], lse[:, :, :r]
+    o, lse = flash.combine_splits(o.reshape(plan.splits, b * kh * r, d),
+                                  lse.reshape(plan.splits, b * kh * r))
   o = o.reshape(b, kh, t, g, d)
   lse = lse.reshape(b, kh, t, g)
   if t > 1:
