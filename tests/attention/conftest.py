@@ -55,6 +55,11 @@ BACKENDS = [
     # kernel (kernels/path_gpu.py), spied through all_levels.
     BackendCase("pallas_path", "pallas", lambda: backends.get("pallas", path="always"),
                 examples=0.2, takes_all=lambda q, levels: _path_takes(q, levels)),
+    # The same with groups of sequences a program (Config.path_group None: up to 4 sequences
+    # fill 16 rows; a node shared in a group is read once).
+    BackendCase("pallas_path_grouped", "pallas", lambda: backends.get(
+        "pallas", path="always", path_group=None), examples=0.2,
+                takes_all=lambda q, levels: _path_takes(q, levels)),
     # TPU entry point: the Pallas TPU kernels in TPU interpret mode, once "pallas_tpu" is
     # registered (skipped until then).
     BackendCase("pallas_tpu", "pallas_tpu",

@@ -101,19 +101,19 @@ def _eqns(jaxpr):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("splits, group", [(None, None), (3, None), (None, 1), (3, 2)])
 def test_tree_matches_oracle_with_stacked_cache_and_traced_owners(dtype, splits, group):
-  """B = 7, G = 4: groups of 4 sequences (the default; the last group has a padding
-  sequence), of 2 and of 1; the middle level's owners put some sequences of a group on
-  one node and others on another."""
+  """B = 7, G = 4: groups of 4 sequences (automatic; the last group has a padding
+  sequence), of 2 and of 1 (the backend's default); the middle level's owners put some
+  sequences of a group on one node and others on another."""
   q, levels = _tree(0, 7, 1, 2, 4, 32, dtype)
   backend = backends.get("pallas", path="always", splits=splits, path_group=group)
   out, lse = _run(q, levels, dtype, backend, layers=3)
   _check(out, lse, *_reference(q, levels, dtype, True), TOL[dtype])
 
 
-@pytest.mark.parametrize("b, g, group", [(7, 1, None), (16, 1, 8), (5, 2, None)])
+@pytest.mark.parametrize("b, g, group", [(7, 1, None), (7, 1, 16), (5, 2, None)])
 def test_groups_of_many_sequences_and_every_node_shared_or_not(b, g, group):
-  """G = 1 (R = 1): up to 16 sequences a program (capped at B's power of two: 8 for B = 7);
-  owners all equal, all distinct and mixed."""
+  """G = 1 (R = 1): 4 sequences a program (automatic), or 8 (16 asked, capped at B's power
+  of two); owners all equal, all distinct and mixed."""
   q, levels = _tree(4, b, 1, 2, g, 16, jnp.float32)
   rng = np.random.default_rng(b)
   for owner in (np.zeros(b, np.int32), np.arange(b, dtype=np.int32) % 3,
@@ -128,9 +128,10 @@ def test_groups_of_many_sequences_and_every_node_shared_or_not(b, g, group):
 @pytest.mark.parametrize("t, g", [(3, 3), (2, 2)])
 def test_multi_query_causal_calls(traced, t, g):
   """T = 3, G = 3 (R = 9 rows padded to 16, one sequence a program) and T = 2, G = 2 (R = 4:
-  four sequences a program): per-row limits of a causal chunk."""
+  four sequences a program, automatic groups): per-row limits of a causal chunk."""
   q, levels = _tree(1, 5, t, 2, g, 16, jnp.float32)
-  out, lse = _run(q, levels, jnp.float32, backends.get("pallas", path="always"), traced=traced)
+  backend = backends.get("pallas", path="always", path_group=None)
+  out, lse = _run(q, levels, jnp.float32, backend, traced=traced)
   _check(out, lse, *_reference(q, levels, jnp.float32, True), TOL[jnp.float32])
 
 
@@ -193,8 +194,11 @@ def test_plan_groups_fill_sixteen_rows():
   # at 16 blocks / 4.
   plan = path_gpu.make_plan((16, 1, 32, 128), 8, [1024, 128], num_sms=132)
   assert (plan.group, plan.seq_rows, plan.rows_padded, plan.splits) == (4, 4, 16, 4)
-  # G = 1: 16 sequences of one row, capped at B's power of two (B = 5: 8, two rows each).
+  # G = 1: 4 sequences of one row padded to 4 (automatic groups stop at 4); a forced 16
+  # is capped at B's power of two (B = 5: 8 sequences, two rows each).
   plan = path_gpu.make_plan((5, 1, 8, 64), 8, [256], num_sms=132)
+  assert (plan.group, plan.seq_rows, plan.rows_padded) == (4, 4, 16)
+  plan = path_gpu.make_plan((5, 1, 8, 64), 8, [256], num_sms=132, group=16)
   assert (plan.group, plan.seq_rows, plan.rows_padded) == (8, 2, 16)
   # R = 9 (T = 3, G = 3): one sequence of 16 rows; a forced group of 2 pads 9 to 16 each.
   assert path_gpu.make_plan((4, 3, 6, 64), 2, [64], num_sms=132).group == 1

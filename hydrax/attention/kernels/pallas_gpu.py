@@ -134,10 +134,13 @@ class Config:
   # The path kernel splits keys until it runs this many programs an SM (`path_gpu.make_plan`;
   # `splits` overrides it).
   path_programs_per_sm: int = 2
-  # Consecutive sequences one path program takes (`path_gpu.make_plan`): None fills the
-  # 16-row minimum of a Triton product (4 sequences at G = 4), and sequences of the group
-  # that share a node read its keys once; 1: one sequence a program.
-  path_group: Optional[int] = None
+  # Consecutive sequences one path program takes (`path_gpu.make_plan`; a power of two):
+  # sequences of a group that share a node read its keys once; None fills the 16-row
+  # minimum of a Triton product (4 sequences at G = 4). 1 (one sequence a program) is the
+  # default: groups of 4 read 3x fewer bytes from L2 at 1K/16 but ran no faster on the H200
+  # (18.0 / 18.8 us against 17.3 / 17.9 us at 1K/16 and 512/32: the kernel is bound by the
+  # latency of its short dependent loops, not by L2; experiments/results/fused_h200 run 9).
+  path_group: Optional[int] = 1
   # How the grouped levels' results are merged: "once" (levels that can share a row order
   # are packed in it and one XLA pass merges every key split of every level and unpacks:
   # `grouped_levels`), "per_level" (each level merged and unpacked on its own, then the

@@ -44,6 +44,10 @@ from hydrax.attention.kernels import flash
 
 MAX_ROWS = 64        # R = T*G per program: decode (T = 1) and short query chunks
 MIN_TILE_ROWS = 16   # the smallest row count of a Triton matrix product
+# A program walks each level once per sequence of its group (a loop each, unrolled), so the
+# compile time grows with the group: 16 sequences of 3 levels took XLA over 3 minutes on the
+# H200 (run 9); groups chosen automatically stop at 4.
+MAX_AUTO_GROUP = 4
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -87,10 +91,12 @@ def make_plan(q_shape, kv_heads: int, capacities: Sequence[int], *, num_sms: int
 
   Group C: a Triton product takes at least 16 query rows, and a decode sequence has R = G
   of them (4 for Llama's 32/8 heads), so one sequence a program leaves 3/4 of every product
-  idle and reads each shared block once per sequence. C = 16 // Rs consecutive sequences
-  fill the rows; where they share a node they read its keys once (from L2, at small shapes
-  the path's bound: 75 MB at 1K/16 for 12.6 MB of distinct keys). `group` forces C (1: one
-  sequence a program).
+  idle and reads each shared block once per sequence (from L2: 75 MB at 1K/16 for 12.6 MB
+  of distinct keys). C = 16 // Rs consecutive sequences (at most MAX_AUTO_GROUP) fill the
+  rows and read a node they share once. On the H200 that did not make the kernel faster
+  (run 9: 18.0 us at 1K/16 against 17.3 us with one sequence a program; the kernel is bound
+  by its loops' latency, not by L2), so the pallas backend passes C = 1
+  (`Config.path_group`); `group` None picks C as above.
 
   Splits: while programs (ceil(B / C) * K) are fewer than `programs_per_sm` on every SM,
   enough splits for that many, each >= `min_blocks_per_split` key blocks of the longest
@@ -103,7 +109,7 @@ def make_plan(q_shape, kv_heads: int, capacities: Sequence[int], *, num_sms: int
   rows = t * (h // kv_heads)
   natural = flash.pow2_at_least(rows, low=1)
   if group is None:
-    group = max(1, MIN_TILE_ROWS // natural)
+    group = max(1, min(MAX_AUTO_GROUP, MIN_TILE_ROWS // natural))
   if group < 1 or group & (group - 1):
     raise ValueError(f"group must be a power of two >= 1 (Triton tiles), got {group}")
   group = min(int(group), flash.pow2_at_least(b, low=1))   # M stays a power of two
