@@ -190,32 +190,56 @@ def run_checks(cases, d=128):
 
 # --- (b) timing ------------------------------------------------------------------------------
 
-def _levels(b, p, u, kp, vp, ks, vs, layer):
-  owner = np.zeros((b,), np.int32)
-  return [KVLevel(kp, vp, jnp.full((1,), p, jnp.int32), owner, layer),
-          KVLevel(ks, vs, jnp.full((b,), u, jnp.int32), None, layer)]
+def _levels(b, p, u, kp, vp, ks, vs, layer, lp=None, ls=None, owner=None):
+  """The decode call's levels: one prefix of P keys shared by all B sequences, suffixes of
+  U. The lengths and the owners are the call's inputs when given (`plan_inputs`), as the
+  engine passes them: built here as constants, XLA writes each with a kernel every call
+  (1.6-1.7 us on the H200, run 9's profiles)."""
+  owner = np.zeros((b,), np.int32) if owner is None else owner
+  lp = jnp.full((1,), p, jnp.int32) if lp is None else lp
+  ls = jnp.full((b,), u, jnp.int32) if ls is None else ls
+  return [KVLevel(kp, vp, lp, owner, layer), KVLevel(ks, vs, ls, None, layer)]
 
 
-def _hydrax_fn(b, p, u, backend):
-  return jax.jit(lambda q, kp, vp, ks, vs, layer: hydragen_attention(
-      q, _levels(b, p, u, kp, vp, ks, vs, layer), backend=backend)[0])
+def plan_inputs(case) -> tuple:
+  """(prefix length [1], suffix lengths [B], owners [B]) of a case, as device arrays."""
+  q, kp, _, ks, _ = case
+  b, p, u = q.shape[0], kp.shape[2], ks.shape[2]
+  return (jnp.full((1,), p, jnp.int32), jnp.full((b,), u, jnp.int32),
+          jnp.zeros((b,), jnp.int32))
+
+
+def hydrax_fn(b, p, u, backend):
+  """jit of fn(q, kp, vp, ks, vs, lp, ls, owner, layer) -> out (`plan_inputs` gives the
+  three plan arrays)."""
+  return jax.jit(lambda q, kp, vp, ks, vs, lp, ls, owner, layer: hydragen_attention(
+      q, _levels(b, p, u, kp, vp, ks, vs, layer, lp, ls, owner), backend=backend)[0])
+
+
+def _on_case(fn, case):
+  """fn with the case's plan inputs bound: g(q, kp, vp, ks, vs, layer), for direct calls."""
+  plan = plan_inputs(case)
+  return lambda q, kp, vp, ks, vs, layer: fn(q, kp, vp, ks, vs, *plan, layer)
 
 
 def _path_error(b, p, u, case, backend=None):
   """Relative error of the forced path kernel (or `backend`) against the XLA backend (layer 0
   of the case)."""
   backend = backend or backends.get("pallas", path="always")
-  got = _hydrax_fn(b, p, u, backend)(*case, jnp.int32(0))
+  got = _on_case(hydrax_fn(b, p, u, backend), case)(*case, jnp.int32(0))
   with jax.default_matmul_precision("highest"):
-    want = _hydrax_fn(b, p, u, "xla")(*case, jnp.int32(0))
+    want = _on_case(hydrax_fn(b, p, u, "xla"), case)(*case, jnp.int32(0))
   return ba._rel(np.asarray(got, np.float64), np.asarray(want, np.float64))
 
 
 def _time_jax(fn, case, rot):
-  """(back-to-back us, device us) of fn(q, kp, vp, ks, vs, layer) over rotating copies."""
-  t, _, _ = ba.bench(fn, [case + (jnp.int32(i),) for i in range(rot)])
+  """(back-to-back us, device us) of fn(q, kp, vp, ks, vs, lp, ls, owner, layer) over
+  rotating copies, the plan arrays passed as inputs (in the dependent loop too: closed
+  over, they would be constants written by a kernel each call)."""
+  args = case + plan_inputs(case)
+  t, _, _ = ba.bench(fn, [args + (jnp.int32(i),) for i in range(rot)])
   loop = ba.dependent_loop(lambda q, *r: fn(q, *r), ARGS.loop, ARGS.loop_unroll)
-  td, _, _ = ba.bench(loop, [case], min_batch_s=0, outer=ARGS.outer)
+  td, _, _ = ba.bench(loop, [args], min_batch_s=0, outer=ARGS.outer)
   return t * 1e6, td / ARGS.loop * 1e6
 
 
@@ -240,7 +264,7 @@ def time_path_variants(shapes, h, kh, d, u, variants, force_path=True):
         # shapes: runs 6-8 timed the variants that way, faster than the table's rows).
         rot = _rotations(b, p, u, h, kh, d)
         case = _case(p + b, b, p, u, h, kh, d, rot)
-        us, dev = _time_jax(_hydrax_fn(b, p, u, bk), case, rot)
+        us, dev = _time_jax(hydrax_fn(b, p, u, bk), case, rot)
         err = _path_error(b, p, u, case, bk)
         rows.append(dict(base, us=us, device_us=dev, rel_err=err))
         log(f"{name:>12} {label} {json.dumps(cfg)}: {us:.1f} us b2b {dev:.1f} us device "
@@ -304,7 +328,7 @@ def time_shapes(shapes, h, kh, d, u, impls):
           if fused_why:
             raise RuntimeError(f"unavailable: {fused_why}")
           mode = {"fused_shared": "shared", "fused_per_seq": "per_sequence"}[impl]
-          fn = _hydrax_fn(b, p, u, backends.get("fused", mode=mode, **ARGS.fused_extra))
+          fn = hydrax_fn(b, p, u, backends.get("fused", mode=mode, **ARGS.fused_extra))
           us, dev = _time_jax(fn, case, rot)
         elif impl in ("pallas", "xla", "pallas_path", "pallas_grouped"):
           if impl != "xla" and not on_gpu:
@@ -313,7 +337,7 @@ def time_shapes(shapes, h, kh, d, u, impls):
           # grouped levels); pallas_path / pallas_grouped: one of the two forced.
           bk = {"pallas_path": backends.get("pallas", path="always"),
                 "pallas_grouped": backends.get("pallas", path="off")}.get(impl, impl)
-          us, dev = _time_jax(_hydrax_fn(b, p, u, bk), case, rot)
+          us, dev = _time_jax(hydrax_fn(b, p, u, bk), case, rot)
           if impl == "pallas_path":
             extra["rel_err"] = _path_error(b, p, u, case)
             extra["path_rule"] = pg.path_mode((b, 1, h, d), jnp.bfloat16, _levels(
@@ -330,7 +354,8 @@ def time_shapes(shapes, h, kh, d, u, impls):
           us, dev = t * 1e6, td / ARGS.loop * 1e6
           del k, v
         elif impl in peers:
-          timed = ba.time_peer(impl, b, p, u, h, kh, d, case, _hydrax_fn(b, p, u, "xla"))
+          timed = ba.time_peer(impl, b, p, u, h, kh, d, case,
+                               _on_case(hydrax_fn(b, p, u, "xla"), case))
           us, dev, extra["rel_err"] = timed["us"], timed["device_us"], timed["rel_err"]
         else:
           raise ValueError(f"unknown impl {impl!r}")
@@ -536,7 +561,7 @@ def main(argv=None):
         break
       name = f"P{p}_B{b}"
       try:
-        fn = _hydrax_fn(b, p, u, backends.get("fused", **{**ARGS.fused_extra, **cfg}))
+        fn = hydrax_fn(b, p, u, backends.get("fused", **{**ARGS.fused_extra, **cfg}))
         case = _case(1, b, p, u, h, kh, d, 1)
         us, dev = _time_jax(fn, case, 1)
         rows.append(dict(shape=name, impl="fused_variant", variant=json.dumps(cfg), B=b, P=p,

@@ -3,9 +3,10 @@
 Axis letters: B sequences, P shared-prefix length, U per-sequence suffix length, H query heads,
 K KV heads, D head dim.
 
-The call is the one `experiments/bench_attention.py` times (`decode_fns`: one prefix shared by
-all B sequences, per-sequence suffixes, caches stacked and read at a traced layer, as the
-engine passes them). Each shape is compiled and warmed up outside the profiled region; then,
+The call is the one `experiments/check_fused_h200.py` times (`hydrax_fn`: one prefix shared by
+all B sequences, per-sequence suffixes, caches stacked and read at a traced layer, lengths and
+owners as inputs, as the engine passes them; until run 9 they were constants here, written by
+a kernel each call). Each shape is compiled and warmed up outside the profiled region; then,
 inside it (cudaProfilerStart/Stop through torch), `--calls` calls run one at a time, each
 preceded by a marker kernel (a jitted elementwise op on 12,345 floats: the region's first
 kernel, told apart by its name, grid and block together) so that the kernels of one call can
@@ -117,6 +118,7 @@ def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
   import torch
 
   from experiments import bench_attention as ba
+  from experiments import check_fused_h200 as cf
   from hydrax.attention import backends
 
   torch.cuda.init()
@@ -127,8 +129,8 @@ def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
   prepared = []
   for p, b in shapes:
     case = ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d)
-    fn = ba.decode_fns(b, p, u, backends.get("pallas", **config))["pallas"]
-    args = case + (jnp.int32(0),)
+    fn = cf.hydrax_fn(b, p, u, backends.get("pallas", **config))
+    args = case + cf.plan_inputs(case) + (jnp.int32(0),)     # lengths, owners: inputs
     with open(os.path.join(out, f"hlo_P{p}_B{b}.txt"), "w") as f:
       f.write(fn.lower(*args).compile().as_text())
     for _ in range(3):

@@ -54,3 +54,36 @@ def test_variant_spread_medians_and_ratio_to_the_default():
   assert a["spread"] == pytest.approx(1.1) and a["vs_default"] == pytest.approx(0.945)
   assert res["P4096_B256"]["default"]["spread"] == 1.0
   assert res["P1024_B16"]['{"a": 1}']["vs_default"] is None and len(res) == 2
+
+
+def test_timed_calls_take_the_plan_arrays_as_inputs(monkeypatch):
+  """The engine passes lengths and owners as arrays; the timed calls must too (built inside
+  the jitted function they would be constants that XLA writes with a kernel every call): the
+  back-to-back calls and the dependent loop get them as arguments, and they are used."""
+  import argparse
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  monkeypatch.setattr(check_fused_h200, "ARGS",
+                      argparse.Namespace(loop=2, loop_unroll=True, outer=1))
+  keys = jax.random.split(jax.random.key(0), 5)
+  shapes = [(4, 1, 4, 16), (2, 1, 64, 2, 16), (2, 1, 64, 2, 16), (2, 4, 8, 2, 16),
+            (2, 4, 8, 2, 16)]
+  case = tuple(jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes))
+  fn = check_fused_h200.hydrax_fn(4, 64, 8, "xla")
+  seen = []
+  monkeypatch.setattr(check_fused_h200.ba, "bench",
+                      lambda f, arg_sets, **kw: seen.append((f, arg_sets)) or (1e-6, 0, 0))
+  check_fused_h200._time_jax(fn, case, 2)
+  (_, direct), (loop, looped) = seen
+  lp, ls, owner = check_fused_h200.plan_inputs(case)
+  assert [np.asarray(x).tolist() for x in (lp, ls, owner)] == [[64], [8] * 4, [0] * 4]
+  assert [len(a) for a in direct] == [9, 9] and [len(a) for a in looped] == [8]
+  for a in direct + looped:
+    assert [np.asarray(x).tolist() for x in a[5:8]] == [[64], [8] * 4, [0] * 4]
+  full = fn(*case, lp, ls, owner, jnp.int32(0))
+  short = fn(*case, lp, ls.at[0].set(3), owner, jnp.int32(0))
+  assert not np.allclose(full[0], short[0]) and np.allclose(full[1:], short[1:])
+  jax.block_until_ready(loop(*looped[0]))
