@@ -5,8 +5,8 @@ K KV heads, D head dim.
 
 The call is the one `experiments/check_fused_h200.py` times (`hydrax_fn`: one prefix shared by
 all B sequences, per-sequence suffixes, caches stacked and read at a traced layer, lengths and
-owners as inputs, as the engine passes them; until run 9 they were constants here, written by
-a kernel each call). Each shape is compiled and warmed up outside the profiled region; then,
+owners as inputs, as the engine passes them: as constants, XLA would write them with a kernel
+each call). Each shape is compiled and warmed up outside the profiled region; then,
 inside it (cudaProfilerStart/Stop through torch), `--calls` calls run one at a time, each
 preceded by a marker kernel (a jitted elementwise op on 12,345 floats: the region's first
 kernel, told apart by its name, grid and block together) so that the kernels of one call can
