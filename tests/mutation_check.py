@@ -93,7 +93,7 @@ MUTATIONS = [
     Mutation("path_wrong_node", "path kernel: every sequence of a program's group reads a "
              "shared level at the group's first sequence's node, not its own owner's",
              "hydrax.attention.kernels.path_gpu", "_kernel",
-             "nodes = [owner_ref[s] for s in seqs]", "nodes = [owner_ref[seqs[0]] for s in seqs]",
+             "flash.level_node(refs, pos, s, s,", "flash.level_node(refs, pos, seqs[0], s,",
              ("pallas_path_grouped",)),
     Mutation("path_shared_node_read_twice", "path kernel: two sequences of a group on one "
              "node both walk its keys (their rows count them twice)",

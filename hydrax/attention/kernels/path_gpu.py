@@ -167,17 +167,12 @@ def _kernel(*refs, plan: PathPlan, specs: tuple, queries: int, scale_log2: float
 
   pos = 0
   for lvl, spec in enumerate(specs):
-    if spec.has_owner:
-      owner_ref = refs[pos]
-      pos += 1
-      nodes = [owner_ref[s] for s in seqs]
-      row_node = plt.load(owner_ref.at[b_row])
-    else:
-      nodes, row_node = seqs, b_row
-    offset = 0
-    if spec.stacked:
-      offset = refs[pos][0] * spec.nodes
-      pos += 1
+    # Each sequence's node (local, and in the cache: moved by the layer when stacked).
+    found = [flash.level_node(refs, pos, s, s, mapped=spec.has_owner, stacked=spec.stacked,
+                              nodes=spec.nodes) for s in seqs]
+    nodes = [f[0] for f in found]
+    row_node = plt.load(refs[pos].at[b_row]) if spec.has_owner else b_row
+    pos = found[0][2]
     lim_ref, k_ref, v_ref = refs[pos:pos + 3]
     pos += 3
     if queries == 1:                               # lengths [N]: see `_level_args`
@@ -195,7 +190,7 @@ def _kernel(*refs, plan: PathPlan, specs: tuple, queries: int, scale_log2: float
           active = active & (nodes[i] != nodes[j])
       lim_j = jnp.where(mine, lim, 0)
       hi = jnp.where(active, jnp.max(lim_j), 0)
-      node = nodes[j] + offset
+      node = found[j][1]
 
       def step(blk, carry, k_ref=k_ref, v_ref=v_ref, node=node, lim_j=lim_j, hi=hi):
         s0 = blk * bn
