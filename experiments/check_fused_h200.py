@@ -105,6 +105,15 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
      {"backend": "pallas", "path": "off"}),
     ("grouped_tree3_bf16_gqa8_stream", 40, 1, 4, 8, "bfloat16", [(1, 900), (5, 200)], 64, 2,
      {"backend": "pallas", "path": "off", "level_stream": 1}),
+    # The per-sequence level folded into the shared level's Mosaic GPU launch
+    # (`MosaicConfig.fold_suffix`): a one-node root; five nodes with traced owners and an odd
+    # batch (tiles with padding rows, a suffix of three half blocks); two queries a sequence.
+    ("grouped_fold_tree2_bf16_gqa4_B256_4K", 256, 1, 8, 4, "bfloat16", [(1, 4096)], 128, 2,
+     {"backend": "pallas", "path": "off", "mosaic": {"fold_suffix": True}}),
+    ("grouped_fold_tree2_bf16_gqa4_N5", 67, 1, 8, 4, "bfloat16", [(5, 700)], 192, 3,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {"fold_suffix": True}}),
+    ("grouped_fold_tree2_bf16_gqa2_T2", 33, 2, 8, 2, "bfloat16", [(3, 333)], 64, 2,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {"fold_suffix": True}}),
 ]
 SMOKE_CHECKS = [("smoke_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
                  {"mode": "shared", "splits": 2}),
@@ -155,8 +164,22 @@ def run_checks(cases, d=128):
       owners = [None if o is None else jnp.asarray(o) for *_, o in levels_np]
       lengths = [jnp.asarray(n) for _, _, n, _ in levels_np]
       qd = jnp.asarray(q).astype(dtype)
-      out, lse = jax.jit(fused_fn)(qd, [(jnp.asarray(a), jnp.asarray(c)) for a, c in stacks],
-                                   owners, lengths, jnp.int32(layer))
+      folds = []                 # Mosaic GPU launches traced: whether each folds a suffix
+      real_tile = pg.mosaic_gpu.tile_attention
+
+      def spy_tile(*a, **kw):
+        folds.append(kw.get("suffix") is not None)
+        return real_tile(*a, **kw)
+
+      pg.mosaic_gpu.tile_attention = spy_tile
+      pg.clear_jit_caches()       # (so that the launches are traced again, and seen)
+      try:
+        out, lse = jax.jit(fused_fn)(qd, [(jnp.asarray(a), jnp.asarray(c)) for a, c in stacks],
+                                     owners, lengths, jnp.int32(layer))
+      finally:
+        pg.mosaic_gpu.tile_attention = real_tile
+      # A fold case must have run as one launch with the suffix folded in.
+      fold_ok = folds == [True] if cfg.get("mosaic", {}).get("fold_suffix") else True
       # Reference: the XLA backend on float32 copies of the same (rounded) inputs, the NaN
       # past lengths zeroed.
       ref_levels = [KVLevel(jnp.asarray(np.nan_to_num(np.asarray(sk[layer], np.float32))),
@@ -173,13 +196,15 @@ def run_checks(cases, d=128):
       rel = ba._rel(out, ref_out)
       lse_err = float(np.abs(np.where(empty, 0, lse - np.where(empty, 0, ref_lse))).max())
       empty_ok = bool((np.isneginf(lse) == empty).all() and (out[empty] == 0).all())
-      ok = (not nan) and rel <= TOL[dtype] and lse_err <= 10 * TOL[dtype] and empty_ok
+      ok = (not nan) and rel <= TOL[dtype] and lse_err <= 10 * TOL[dtype] and empty_ok and fold_ok
       rows.append(dict(case=name, B=b, T=t, K=kh, G=g, dtype=dtype, levels=len(shared) + 1,
                        layers=layers, config=json.dumps(cfg), rel_err=rel, lse_abs_err=lse_err,
-                       nan=nan, empty_rows=int(empty.sum()), empty_ok=empty_ok, ok=ok))
+                       nan=nan, empty_rows=int(empty.sum()), empty_ok=empty_ok,
+                       mosaic_launches=folds, ok=ok))
       fails += not ok
       log(f"check {name:28s} rel err {rel:.2e} lse err {lse_err:.2e} nan={nan} "
-          f"empty rows {int(empty.sum())} ok={empty_ok} -> {'ok' if ok else 'FAIL'}")
+          f"empty rows {int(empty.sum())} ok={empty_ok} mosaic {folds} "
+          f"-> {'ok' if ok else 'FAIL'}")
     except Exception as e:
       fails += 1
       rows.append(dict(case=name, ok=False, error=err_line(e)))

@@ -42,7 +42,8 @@ class Mutation:
   backends: tuple             # backends whose tests must catch it
 
 
-ALL = ("xla", "pallas", "mosaic", "pallas_path", "pallas_path_grouped", "pallas_merge_in_kernel")
+ALL = ("xla", "pallas", "mosaic", "mosaic_folded", "pallas_path", "pallas_path_grouped",
+       "pallas_merge_in_kernel")
 # The backends whose tests run the core's level loop and merge. The Mosaic case's test
 # (two levels, one of them fixing the row order) runs through `grouped_levels`, one merge in
 # packed rows, since that became the default (Config.finish "once"): not the loop.
@@ -112,7 +113,28 @@ MUTATIONS = [
              ("pallas",)),
     Mutation("mosaic_lse_log2", "Mosaic GPU kernel: lse left in base 2 (no * ln 2)",
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",
-             "(m_i + jnp.log2(l_safe)) * LN2", "(m_i + jnp.log2(l_safe))", ("mosaic",)),
+             "(m_i + jnp.log2(l_safe)) * LN2", "(m_i + jnp.log2(l_safe))",
+             ("mosaic", "mosaic_folded")),
+    Mutation("mosaic_fold_group_mask", "Mosaic GPU kernel, folded suffix: rows of later "
+             "groups also see a sequence's suffix keys",
+             "hydrax.attention.kernels.mosaic_gpu", "_kernel",
+             "mine = (rows >= j * seq_rows) & (rows < (j + 1) * seq_rows)",
+             "mine = rows >= j * seq_rows", ("mosaic_folded",)),
+    Mutation("mosaic_fold_values_not_zeroed", "Mosaic GPU kernel, folded suffix: value rows "
+             "past a sequence's suffix are not zeroed (0 * NaN reaches the output)",
+             "hydrax.attention.kernels.mosaic_gpu", "_kernel",
+             "@pl.when(seq_hi < HALF)", "@pl.when(seq_hi < 0)", ("mosaic_folded",)),
+    Mutation("mosaic_fold_split_group_dropped", "Mosaic GPU kernel, folded suffix: each key "
+             "split leaves out the last row group of its share",
+             "hydrax.attention.kernels.mosaic_gpu", "_kernel",
+             "nsj = jnp.clip(groups - j0, 0, per_split)",
+             "nsj = jnp.clip(groups - j0, 0, per_split - 1)", ("mosaic_folded",)),
+    Mutation("mosaic_fold_order_ignored", "pallas backend, folded suffix: a tile row's "
+             "sequence taken as its position in the packed order (rows sorted by node), not "
+             "the sequence at that position",
+             "hydrax.attention.kernels.pallas_gpu", "_suffix_tables",
+             "seq = jnp.take(jnp.asarray(layout.order, jnp.int32), seq)", "seq = seq",
+             ("mosaic_folded",)),
 ]
 
 # The exactness tests run for each backend (pytest node ids of tests/attention/test_core.py).
@@ -126,6 +148,8 @@ def node_ids(backend: str) -> list[str]:
   path = "tests/attention/test_core.py::"
   if backend == "mosaic":
     return [path + "test_mosaic_kernel_exact"]
+  if backend == "mosaic_folded":
+    return [path + "test_mosaic_folded_exact"]
   return [path + t.format(b=backend) for t in _CORE]
 
 

@@ -97,6 +97,11 @@ def _fused_skip() -> Optional[str]:
 # two-stage pipeline, and capacities past one block are padded (a logged copy).
 MOSAIC = BackendCase("mosaic", "pallas", lambda: backends.get(
     "pallas", lowering="mosaic", mosaic={"block_kv": 64, "stages": 2}))
+# The same with the per-sequence level folded into the shared level's launch (128-key
+# blocks, which the fold takes; two key splits).
+MOSAIC_FOLDED = BackendCase("mosaic_folded", "pallas", lambda: backends.get(
+    "pallas", lowering="mosaic", mosaic={"block_kv": 128, "stages": 2, "splits": 2,
+                                         "fold_suffix": True}))
 
 
 class Spied:
@@ -180,4 +185,9 @@ def backend(request) -> Spied:
 @pytest.fixture
 def mosaic_backend() -> Spied:
   return _make(MOSAIC)
+
+
+@pytest.fixture
+def mosaic_folded_backend() -> Spied:
+  return _make(MOSAIC_FOLDED)
 

@@ -482,6 +482,7 @@ def _mosaic_run(backend, monkeypatch, levels, q, calls_expected, dtype):
   assert len(calls) == calls_expected, calls        # every level ran on the Mosaic kernel
   assert all(c["interpret"] for c in calls)
   _check(out, lse, *_expect(q, levels, True, dtype), dtype)
+  return calls
 
 
 @pytest.mark.slow
@@ -503,6 +504,29 @@ def test_mosaic_kernel_exact(mosaic_backend, monkeypatch, caplog):
   with caplog.at_level(logging.WARNING, logger="hydrax"):
     _mosaic_run(mosaic_backend, monkeypatch, levels, q, 2, jnp.float16)
   assert any("S=100" in r.getMessage() for r in caplog.records)     # the padding is logged
+
+
+@pytest.mark.slow
+def test_mosaic_folded_exact(mosaic_folded_backend, monkeypatch):
+  """The per-sequence level folded into the shared level's Mosaic GPU launch
+  (`MosaicConfig.fold_suffix`; interpret mode, 4 programs): two nodes with owners out of
+  order (two tiles, each with padding rows), T = 2 causal queries of G = 4 heads (8 rows a
+  sequence: 8 row groups a warpgroup, 4 a key split), a root of 3 key blocks in 2 splits,
+  suffixes of 3 half blocks with ragged lengths (0, partial, full), NaN past every length,
+  float16. The mutation check's case for the folded kernel."""
+  rng = np.random.default_rng(16)
+  b, t, kh, g, d = 9, 2, 1, 4, 64
+  owner = np.array([1, 0, 1, 1, 0, 1, 1, 0, 1], np.int32)
+  root = rng.standard_normal((2, 2, 384, kh, d))
+  suffix = rng.standard_normal((2, b, 192, kh, d))
+  root_len = np.array([300, 131], np.int32)
+  suffix_len = np.array([0, 70, 192, 5, 128, 64, 191, 100, 33], np.int32)
+  _poison(rng, *root, root_len, np.nan)
+  _poison(rng, *suffix, suffix_len, np.nan)
+  levels = [(*root, root_len, owner), (*suffix, suffix_len, None)]
+  q = 3 * rng.standard_normal((b, t, kh * g, d))
+  [call] = _mosaic_run(mosaic_folded_backend, monkeypatch, levels, q, 1, jnp.float16)
+  assert call["suffix"] is not None and call["splits"] == 2        # one launch, folded
 
 
 def test_mosaic_keys_past_lengths_never_reach_output(mosaic_backend, monkeypatch):

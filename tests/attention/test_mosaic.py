@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import event, given, strategies as st
 
 from hydrax import _log
 from hydrax.attention import KVLevel, hydragen_attention
@@ -43,9 +43,20 @@ def _f64(x):
   return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
 
 
-def split_reference(q, k, v, tab, row_limits, *, scale, block_kv, splits, blocks_per_split):
+def _suffix_group(row, seq_rows, splits):
+  """(warpgroup, row group, key split that attends its suffix) of tile row `row`."""
+  groups = 64 // seq_rows
+  h, grp = (row % TILE) // 64, (row % 64) // seq_rows
+  return h, grp, grp // -(-groups // splits)
+
+
+def split_reference(q, k, v, tab, row_limits, *, scale, block_kv, splits, blocks_per_split,
+                    suffix=None):
   """NumPy float64: row r (tile r // TILE, node tab[tile, 0]) over the keys of its node below
-  row_limits[r] in split j's key range [j * bps * block_kv, (j + 1) * bps * block_kv).
+  row_limits[r] in split j's key range [j * bps * block_kv, (j + 1) * bps * block_kv), and,
+  with `suffix` (a mosaic_gpu.Suffix), in the split that takes its row group (groups of
+  seq_rows rows in each 64-row half of a tile, ceil(J / P) groups a split), the keys of its
+  group's node in the suffix cache below its suffix limit.
   Returns out [P,K,R,D], lse [P,K,R] (0 and -inf where a row sees no key of the split)."""
   q, k, v = _f64(q), _f64(k), _f64(v)
   tab, row_limits = np.asarray(tab), np.asarray(row_limits)
@@ -57,12 +68,21 @@ def split_reference(q, k, v, tab, row_limits, *, scale, block_kv, splits, blocks
     for row in range(r):
       node = int(tab[row // TILE, 0])
       k0, k1 = j * span, min((j + 1) * span, int(row_limits[row]), k.shape[1])
-      if k1 <= k0:
+      keys, values = [k[node, k0:max(k0, k1)]], [v[node, k0:max(k0, k1)]]
+      if suffix is not None:
+        h, grp, owner_split = _suffix_group(row, suffix.seq_rows, splits)
+        if owner_split == j:
+          seq = int(np.asarray(suffix.table)[row // TILE, h, grp, 0])
+          n = int(np.asarray(suffix.row_limits)[row])
+          keys.append(_f64(suffix.k)[seq, :n])
+          values.append(_f64(suffix.v)[seq, :n])
+      keys, values = np.concatenate(keys), np.concatenate(values)
+      if not len(keys):
         continue
-      s = np.einsum("hd,shd->hs", q[:, row], k[node, k0:k1]) * scale     # [K, keys]
+      s = np.einsum("hd,shd->hs", q[:, row], keys) * scale               # [K, keys]
       m = s.max(axis=1, keepdims=True)
       p = np.exp(s - m)
-      out[j, :, row] = np.einsum("hs,shd->hd", p, v[node, k0:k1]) / p.sum(1, keepdims=True)
+      out[j, :, row] = np.einsum("hs,shd->hd", p, values) / p.sum(1, keepdims=True)
       lse[j, :, row] = m[:, 0] + np.log(p.sum(1))
   return out, lse
 
@@ -73,14 +93,19 @@ CALLS = []          # one dict per (traced) call of the emulator
 
 
 def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
-                           blocks_per_split, interpret=False):
+                           blocks_per_split, interpret=False, suffix=None):
   """`mosaic_gpu.tile_attention`'s contract: out [P,K,R,D] in q's dtype (normalised per split),
   lse [P,K,R] float32 (natural log; -inf and out 0 for a row that sees no key of the split).
 
   Static arguments are asserted. Values: a tile whose (node, lo, hi) is not (a node, <= the
   smallest positive limit of its rows, the largest limit of its rows) is poisoned with NaN, and
   so are rows of limit 0 in tiles with lo > 0 (they must be padding: the kernel runs blocks
-  below lo unmasked, so their results are garbage the wrapper has to drop)."""
+  below lo unmasked, so their results are garbage the wrapper has to drop).
+
+  With `suffix` (a mosaic_gpu.Suffix): row r also sees, in the split that takes its row group
+  (`_suffix_group`), the keys of its group's node in the suffix cache below its suffix limit;
+  a tile whose 4th column is not the largest suffix limit of its rows, and a group whose
+  table entry is not (a node, the largest suffix limit of its rows), are poisoned."""
   kh, r, d = q.shape
   n, s, kh2, d2 = k.shape
   assert q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == v.dtype == q.dtype
@@ -93,7 +118,7 @@ def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages,
   assert splits * blocks_per_split >= nblk, "some key blocks belong to no split"
   assert (splits - 1) * blocks_per_split < nblk, "an empty split"
   CALLS.append(dict(shape=(kh, r, d, n, s), block_kv=block_kv, splits=splits,
-                    bps=blocks_per_split, interpret=interpret))
+                    bps=blocks_per_split, interpret=interpret, suffix=suffix is not None))
   tn = r // TILE
   node, lo, hi = tab[:, 0], tab[:, 1], tab[:, 2]
   lim = row_limits.reshape(tn, TILE)
@@ -111,12 +136,39 @@ def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages,
          & (split_of_key[None, None, None, :] == jnp.arange(splits)[:, None, None, None]))
   vis = vis[:, None]                                                       # [P,1,Tn,TILE,S]
   sc = jnp.where(vis, sc[None], -jnp.inf)
+  if suffix is not None:
+    # Each row's suffix keys appended to its node's: [P,K,Tn,TILE,S+Ss], values per row.
+    ns, ss = suffix.k.shape[:2]
+    rows = suffix.seq_rows
+    assert suffix.k.shape == suffix.v.shape == (ns, ss, kh, d) and ss % 64 == 0
+    assert block_kv == 128 and 64 % rows == 0
+    groups = 64 // rows
+    assert suffix.table.shape == (tn, 2, groups, 2) and suffix.row_limits.shape == (r,)
+    slim = suffix.row_limits.reshape(tn, 2, groups, rows)
+    snode = suffix.table[..., 0]
+    ok_s = ((tab[:, 3] == slim.reshape(tn, -1).max(axis=1))[:, None, None]
+            & (suffix.table[..., 1] == slim.max(axis=-1)) & (snode >= 0) & (snode < ns))
+    bad_row = bad_row | jnp.repeat(~ok_s, rows, axis=-1).reshape(tn, TILE)
+    row_node = jnp.repeat(jnp.clip(snode, 0, ns - 1), rows, axis=-1).reshape(tn, TILE)
+    ks = jnp.take(suffix.k, row_node, axis=0).astype(jnp.float32)         # [Tn,TILE,Ss,K,D]
+    vs = jnp.take(suffix.v, row_node, axis=0).astype(jnp.float32)
+    sc_s = jnp.einsum("htrd,trshd->htrs", qt, ks) * scale                  # [K,Tn,TILE,Ss]
+    split_of_row = (jnp.arange(TILE) % 64) // rows // -(-groups // splits)  # [TILE]
+    vis_s = ((jnp.arange(ss)[None, None, None, :]
+              < suffix.row_limits.reshape(tn, TILE)[None, :, :, None])
+             & (split_of_row[None, None, :, None] == jnp.arange(splits)[:, None, None, None]))
+    sc = jnp.concatenate([sc, jnp.where(vis_s[:, None], sc_s[None], -jnp.inf)], axis=-1)
+    vis = jnp.concatenate([jnp.broadcast_to(vis, sc.shape[:-1] + (s,)),
+                           jnp.broadcast_to(vis_s[:, None], sc.shape[:-1] + (ss,))], axis=-1)
   m = jnp.max(sc, axis=-1)
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.where(vis, jnp.exp(sc - m_safe[..., None]), 0.0)
   l = p.sum(-1)
   has = l > 0
-  o = jnp.einsum("phtrs,tshd->phtrd", p, vt) / jnp.where(has, l, 1.0)[..., None]
+  o = jnp.einsum("phtrs,tshd->phtrd", p[..., :s], vt)
+  if suffix is not None:
+    o = o + jnp.einsum("phtrs,trshd->phtrd", p[..., s:], vs)
+  o = o / jnp.where(has, l, 1.0)[..., None]
   lse = jnp.where(has, m_safe + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
   o = jnp.where(bad_row[None, None, :, :, None], jnp.nan, o)
   lse = jnp.where(bad_row[None, None], jnp.nan, lse)
@@ -216,6 +268,105 @@ def test_kernel_interpret_matches_split_reference(name):
   _check_splits(out, lse, *ref, _rows_to_check(tab, real), q.dtype)
 
 
+def _folded_case():
+  """q, k, v, tab, row_limits, suffix, real rows, kwargs of a direct call with a folded
+  suffix: tile 0 (node 1) full, 16 sequences of 8 rows, root limits 200..384 (the first key
+  block unmasked); tile 1 (node 0) 5 sequences and 88 padding rows; a root of 3 key blocks
+  in 2 splits; suffix nodes out of order in a cache of 25, capacity 192 (three half blocks),
+  lengths with 0, 192, 70, each sequence's rows limited causally below its length, NaN past
+  every suffix length and past each node's largest limit."""
+  rng = np.random.default_rng(21)
+  kh, d, n, s, ss, ns, rows = 1, 64, 2, 384, 192, 25, 8
+  dtype = jnp.bfloat16
+  counts, nodes = (128, 40), (1, 0)
+  q = jnp.asarray(rng.standard_normal((kh, 2 * TILE, d)), dtype)
+  k = rng.standard_normal((n, s, kh, d)).astype(np.float32)
+  v = rng.standard_normal((n, s, kh, d)).astype(np.float32)
+  ks = rng.standard_normal((ns, ss, kh, d)).astype(np.float32)
+  vs = rng.standard_normal((ns, ss, kh, d)).astype(np.float32)
+  lim, slim = np.zeros(2 * TILE, np.int32), np.zeros(2 * TILE, np.int32)
+  real = np.zeros(2 * TILE, bool)
+  seq_node = rng.permutation(ns).astype(np.int32)
+  lengths = rng.integers(0, ss + 1, size=ns).astype(np.int32)
+  lengths[seq_node[:3]] = (0, ss, 70)
+  tab = np.zeros((2, 4), np.int32)
+  table = np.zeros((2, 2, 64 // rows, 2), np.int32)
+  seq = 0
+  for x, (count, node) in enumerate(zip(counts, nodes)):
+    span = slice(x * TILE, x * TILE + count)
+    lim[span] = rng.integers(200 if x == 0 else 1, s + 1, size=count)
+    real[span] = True
+    for row0 in range(x * TILE, x * TILE + count, rows):
+      length = lengths[seq_node[seq]]
+      slim[row0:row0 + rows] = np.maximum(length - np.arange(rows)[::-1] // 4, 0)
+      h, grp = (row0 % TILE) // 64, (row0 % 64) // rows
+      table[x, h, grp] = (seq_node[seq], slim[row0:row0 + rows].max())
+      seq += 1
+    tab[x] = (node, lim[span].min(), lim[span].max(), slim[x * TILE:(x + 1) * TILE].max())
+    k[node, tab[x, 2]:] = np.nan
+    v[node, tab[x, 2]:] = np.nan
+  for node in range(ns):
+    ks[node, lengths[node]:] = np.nan
+    vs[node, lengths[node]:] = np.nan
+  suffix = mosaic_gpu.Suffix(jnp.asarray(ks, dtype), jnp.asarray(vs, dtype), jnp.asarray(slim),
+                             jnp.asarray(table), rows)
+  kw = dict(scale=d ** -0.5, block_kv=128, stages=2, splits=2, blocks_per_split=2)
+  return (q, jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(tab), jnp.asarray(lim),
+          suffix, real, kw)
+
+
+def _folded_reference(q, k, v, tab, lim, suffix, kw):
+  # (keys past limits are NaN here: the reference slices below them, never reads them)
+  return split_reference(q, k, v, tab, lim, suffix=suffix,
+                         **{x: kw[x] for x in ("scale", "block_kv", "splits",
+                                               "blocks_per_split")})
+
+
+def test_emulator_folded_matches_split_reference():
+  q, k, v, tab, lim, suffix, real, kw = _folded_case()
+  fn = jax.jit(lambda tab, table: emulate_tile_attention(
+      q, jnp.nan_to_num(k), jnp.nan_to_num(v), tab, lim, **kw,
+      suffix=suffix._replace(k=jnp.nan_to_num(suffix.k), v=jnp.nan_to_num(suffix.v),
+                             table=table)))
+  out, lse = fn(tab, suffix.table)
+  _check_splits(out, lse, *_folded_reference(q, k, v, tab, lim, suffix, kw),
+                _rows_to_check(tab, real), q.dtype, out_tol=1e-2, lse_tol=1e-4)
+  # A wrong suffix hi of a tile, or of a group, poisons the tile / the group's rows.
+  assert np.isnan(np.asarray(fn(tab.at[1, 3].add(1), suffix.table)[1][:, :, TILE:])).all()
+  bad = np.asarray(fn(tab, suffix.table.at[0, 1, 2, 1].add(-1))[1])
+  assert np.isnan(bad[:, :, 64 + 16:64 + 24]).all() and not np.isnan(bad[:, :, :64]).any()
+
+
+@pytest.mark.slow
+def test_folded_kernel_interpret_matches_split_reference():
+  """The kernel with a folded suffix (interpret mode, 4 programs): each split's rows over
+  their node's keys of the split and the suffixes of the split's row groups."""
+  q, k, v, tab, lim, suffix, real, kw = _folded_case()
+  out, lse = mosaic_gpu.tile_attention(q, k, v, tab, lim, interpret=True, suffix=suffix, **kw)
+  assert not np.isnan(np.asarray(out.astype(jnp.float32))).any()
+  assert not np.isnan(np.asarray(lse)).any()
+  _check_splits(out, lse, *_folded_reference(q, k, v, tab, lim, suffix, kw),
+                _rows_to_check(tab, real), q.dtype)
+
+
+def test_folded_static_checks():
+  assert mosaic_gpu.suffix_unsupported_reason(128, 4, 192) is None
+  assert "block_kv 64" in mosaic_gpu.suffix_unsupported_reason(64, 4, 192)
+  assert "3 query rows" in mosaic_gpu.suffix_unsupported_reason(128, 3, 192)
+  assert "128 query rows" in mosaic_gpu.suffix_unsupported_reason(128, 128, 192)
+  assert "capacity 100" in mosaic_gpu.suffix_unsupported_reason(128, 4, 100)
+  assert "capacity 0" in mosaic_gpu.suffix_unsupported_reason(128, 4, 0)
+  q, k, v, tab, lim, suffix, _, kw = _folded_case()
+  with pytest.raises(ValueError, match="suffix.table shape"):
+    mosaic_gpu.tile_attention(q, k, v, tab, lim, suffix=suffix._replace(table=suffix.table[:1]),
+                              **kw)
+  with pytest.raises(ValueError, match="suffix.row_limits shape"):
+    mosaic_gpu.tile_attention(q, k, v, tab, lim,
+                              suffix=suffix._replace(row_limits=suffix.row_limits[:5]), **kw)
+  with pytest.raises(ValueError, match="suffix: block_kv 64"):
+    mosaic_gpu.tile_attention(q, k, v, tab, lim, suffix=suffix, **dict(kw, block_kv=64))
+
+
 def test_kernel_static_checks_and_budget():
   q = jnp.zeros((1, TILE, 64), jnp.bfloat16)
   k = jnp.zeros((1, 100, 1, 64), jnp.bfloat16)
@@ -298,21 +449,30 @@ def _check(out, lse, ref_out, ref_lse, dtype):
 def mosaic_trees(draw):
   """q and 1..3 levels: shared levels with random (non-contiguous) owners and empty nodes,
   capacities 0..320 (mostly not multiples of 64), ragged and zero lengths; the last level
-  per sequence or not; bf16/fp16, D 64/128, GQA 1..8, forced splits 1..3; owners static, or
-  traced (jit arguments) with every level in a stacked cache read at a traced layer."""
+  per sequence or not; bf16/fp16, D 64/128, GQA 1..8, forced splits 1..3, the per-sequence
+  level folded or not; owners static, or traced (jit arguments) with every level in a
+  stacked cache read at a traced layer."""
+  # Half the cases are shaped for the fold (one shared level, then the per-sequence level of
+  # whole 64-key halves, T*G dividing 64, 128-key blocks); the rest are any tree, with the
+  # fold asked for or not (taken where the kernel can).
+  shaped = draw(st.booleans())
   b = draw(st.integers(1, 9))
-  t = draw(st.integers(1, 3))
+  t = draw(st.integers(1, 2) if shaped else st.integers(1, 3))
   kh = draw(st.sampled_from([1, 2]))
-  g = draw(st.integers(1, 8))
+  g = draw(st.sampled_from([1, 2, 4, 8]) if shaped else st.integers(1, 8))
   d = draw(st.sampled_from([64, 128]))
   dtype = draw(st.sampled_from([jnp.bfloat16, jnp.float16]))
-  n_levels = draw(st.integers(1, 3))
+  n_levels = 2 if shaped else draw(st.integers(1, 3))
   rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
   levels = []
   for i in range(n_levels):
-    per_seq = i == n_levels - 1 and draw(st.booleans())
+    per_seq = i == n_levels - 1 and (shaped or draw(st.booleans()))
     n = b if per_seq else draw(st.integers(1, 4))
-    s = draw(st.one_of(st.integers(1, 320), st.sampled_from([0, 1, 63, 64, 65, 128, 129])))
+    if shaped and per_seq:
+      s = draw(st.sampled_from([64, 128, 192]))
+    else:
+      s = draw(st.one_of(st.integers(1, 320),
+                         st.sampled_from([0, 1, 63, 64, 65, 128, 129])))
     lengths = rng.integers(0, s + 1, size=n).astype(np.int32)
     if draw(st.booleans()):
       lengths[rng.integers(0, n)] = s                       # a full node
@@ -324,7 +484,9 @@ def mosaic_trees(draw):
     levels.append((k, v, lengths, owner))
   q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
   mosaic = dict(splits=draw(st.sampled_from([3, 2, 1])),
-                block_kv=draw(st.sampled_from([64, 128])), stages=draw(st.sampled_from([2, 3])))
+                block_kv=128 if shaped else draw(st.sampled_from([64, 128])),
+                stages=draw(st.sampled_from([2, 3])),
+                fold_suffix=shaped or draw(st.booleans()))
   return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans())
 
 
@@ -339,15 +501,27 @@ def test_wrapper_with_emulated_kernel_matches_oracle(case):
   # Every level with keys ran on the (emulated) Mosaic kernel, its keys padded to whole
   # blocks and cut in at most the forced number of splits; a stacked cache (traced case) of
   # whole key blocks is read in place (3 * N nodes), else its layer is sliced and padded.
-  assert len(calls) == sum(k.shape[1] > 0 for k, *_ in levels)
-  for call, (k, *_) in zip(calls, [lv for lv in levels if lv[0].shape[1] > 0]):
+  # A per-sequence level beside one shared level is folded into its launch when asked and
+  # the kernel takes it (128-key blocks, T*G dividing 64, a capacity of whole 64-key halves).
+  live = [lv for lv in levels if lv[0].shape[1] > 0]
+  t, g = q.shape[1], q.shape[2] // live[0][0].shape[2] if live else 1
+  folded = bool(mosaic["fold_suffix"] and mosaic["block_kv"] == 128 and len(live) == 2
+                and live[0][3] is not None and live[1][3] is None and 64 % (t * g) == 0
+                and live[1][0].shape[1] % 64 == 0)
+  assert len(calls) == len(live) - folded
+  assert sum(c["suffix"] for c in calls) == folded
+  event(f"per-sequence level folded: {folded}")
+  # (the level whose nodes fix the row order runs first: calls and levels are matched as sets)
+  expect = []
+  for k, *_ in live[:len(live) - folded]:
     s = k.shape[1]
-    nblk = -(-s // mosaic["block_kv"])
-    assert call["block_kv"] == mosaic["block_kv"]
-    assert call["shape"][4] == nblk * mosaic["block_kv"]
-    assert call["splits"] <= min(mosaic["splits"], nblk)
     in_place = traced and s % mosaic["block_kv"] == 0
-    assert call["shape"][3] == (3 * k.shape[0] if in_place else k.shape[0])
+    expect.append((-(-s // mosaic["block_kv"]) * mosaic["block_kv"],
+                   3 * k.shape[0] if in_place else k.shape[0]))
+  assert sorted((c["shape"][4], c["shape"][3]) for c in calls) == sorted(expect)
+  for call in calls:
+    assert call["block_kv"] == mosaic["block_kv"]
+    assert call["splits"] <= min(mosaic["splits"], call["shape"][4] // mosaic["block_kv"])
 
 
 def test_wrapper_full_tiles_in_place_and_combine():
@@ -499,3 +673,34 @@ def test_bad_lowering_is_a_value_error():
   q = rng.standard_normal((2, 1, 1, 64))
   with pytest.raises(ValueError, match="lowering must be"):
     _run(q, levels, True, jnp.bfloat16, pg.configure(lowering="bogus"))
+
+
+def test_fold_decisions_and_logged_reason(monkeypatch, caplog):
+  """When the per-sequence level is folded into the shared level's launch (`_fold_reason`),
+  and the one reason logged when the kernel cannot take it."""
+  monkeypatch.setattr(_log, "_seen", set())
+  owner = np.array([1, 0, 1], np.int32)
+  q = (3, 1, 8, 64)                          # G = 4 with 2 KV heads: 4 rows a sequence
+
+  def reason(q_shape=q, caps=(256, 128), owners=(owner, None), **cfg):
+    kvl = [(jax.ShapeDtypeStruct((3 if o is None else 2, s, 2, 64), jnp.bfloat16),)
+           for s, o in zip(caps, owners)]
+    cfg = {"lowering": "mosaic", **cfg}
+    cfg["mosaic"] = mosaic_gpu.MosaicConfig(**{"block_kv": 128, **cfg.get("mosaic", {})})
+    return pg._fold_reason(q_shape, jnp.bfloat16, kvl, list(owners), pg.Config(**cfg))
+
+  assert reason() is None
+  assert reason(owners=(None, owner)) is None                 # the order of levels is free
+  assert reason(q_shape=(3, 16, 8, 64)) is None               # 64 rows a sequence
+  assert reason(mosaic={"fold_suffix": False}) == "fold_suffix is off"
+  assert "not one shared" in reason(caps=(256, 64, 128), owners=(owner, owner, None))
+  assert "not one shared" in reason(owners=(owner, owner))
+  assert "level_stream" in reason(level_stream=1)
+  assert "not run on the Mosaic" in reason(lowering="triton")
+  with caplog.at_level(logging.WARNING, logger="hydrax"):
+    assert "block_kv 64" in reason(mosaic={"block_kv": 64})
+    assert "block_kv 64" in reason(mosaic={"block_kv": 64})
+    assert "capacity 100" in reason(caps=(256, 100))
+    assert "12 query rows" in reason(q_shape=(3, 3, 8, 64))
+  logged = [r.getMessage() for r in caplog.records]
+  assert len(logged) == 3 and sum("block_kv 64" in m for m in logged) == 1   # once each

@@ -29,6 +29,20 @@ layer*N in the table's nodes: TMA then reads the layer in place.
 Outputs: out [P,K,R,D] in q's dtype (normalised per split), lse [P,K,R] float32, natural log.
 The caller merges the P splits through their LSEs (`flash.combine_splits`).
 
+A folded suffix (`Suffix`: the per-sequence level of the same call) runs in the same CTAs:
+a tile's 128 rows are whole sequences of seq_rows = T*G rows (J = 64 / seq_rows row groups a
+compute warpgroup), and split p also attends the suffixes of row groups [p*ceil(J/P),
+(p+1)*ceil(J/P)) in the same online softmax, so the splits' merge gives both levels merged
+(no suffix kernel, no level merge). A suffix step fills a slot with two blocks of HALF = 64
+keys, one per compute warpgroup (each reads only its half: its group's sequence), and masks
+every row outside the group and every key at or past the row's suffix limit; its value rows
+past the group's largest limit are zeroed first (0 * NaN). Rows of one group share the tile's
+wgmma M of 64 (G = 4: 16 sequences), so a suffix key costs 64 / seq_rows times its useful
+FLOPs, which a decode step has to spare (its suffixes are memory-bound). The suffix steps are
+spread evenly among the node's (`root_before`) so that their HBM reads overlap its matrix
+products. Needs block_kv = 128 and a suffix capacity of whole HALF blocks
+(`suffix_unsupported_reason`).
+
 Runs on Hopper (sm_90) GPUs with bf16 or fp16; off GPU it runs in Mosaic GPU interpret mode
 (slow; for tests). Callers pick it through `pallas_gpu` (the `pallas` backend) for stacked
 shared levels; the Triton kernel there serves everything else and every other GPU.
@@ -38,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +65,7 @@ LN2 = 0.6931471805599453
 BLOCK_Q = 64          # rows per compute warpgroup (the wgmma M)
 COMPUTE_WGS = 2
 TILE = BLOCK_Q * COMPUTE_WGS
+HALF = 64             # keys of a folded suffix block (half a slot: one compute warpgroup's)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -62,6 +77,10 @@ class MosaicConfig:
   stages: int = 2           # key/value blocks in flight (shared memory: see `smem_bytes`)
   splits: Optional[int] = None   # P; None: enough CTAs to fill the GPU
   min_rows_per_node: int = 96    # shared levels with fewer rows per node go to Triton
+  # A call of one shared level (on this kernel) and the per-sequence level runs both in one
+  # launch: each CTA attends its tile's suffixes among its node's keys (`Suffix`). On the
+  # H200 0.80-0.94x the device time of the two kernels at B = 256 (run 10).
+  fold_suffix: bool = True
 
 
 def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
@@ -80,15 +99,21 @@ def unsupported_reason(dtype, d: int, block_kv: int) -> Optional[str]:
   return None
 
 
-def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, block_kv: int,
-            stages: int, blocks_per_split: int, scale_log2: float, interpret: bool):
+def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref, scoped, *,
+            block_kv: int, stages: int, blocks_per_split: int, scale_log2: float,
+            interpret: bool, seq_rows: int, splits: int):
   """One CTA: tile `tile`, KV head `kvh`, key split `split`; warpgroup `wg` (2 = memory).
 
-  tab [Tn, 4] int32 (node, lo, hi, unused); lim [R] int32; q [K,R,D]; k, v [N,S,K,D];
-  o [P,K,R,D]; lse [P,K,R] float32.
+  tab [Tn, 4] int32 (node, lo, hi, suffix hi); lim [R] int32; q [K,R,D]; k, v [N,S,K,D];
+  o [P,K,R,D]; lse [P,K,R] float32. suffix_refs: () or (slim [R] int32, stab [Tn,2,J,2]
+  int32, ks, vs [Ns,Ss,K,D]): see `tile_attention`.
   """
-  (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2), bars, free_bars, sched = scoped
+  (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2, *slim_smem2), bars, free_bars, sched = scoped
   q_bar, lim_bar, k_bar, v_bar = bars
+  fused = bool(suffix_refs)
+  if fused:
+    slim_ref, stab_ref, ks_ref, vs_ref = suffix_refs
+    (slim_smem2,) = slim_smem2
   k_free, v_free = free_bars
   kvh, tile, split = lax.axis_index("kvh"), lax.axis_index("tile"), lax.axis_index("split")
   wg = lax.axis_index("wg")
@@ -102,6 +127,27 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, bl
   b1 = jnp.minimum(b0 + blocks_per_split, lax.div(hi + bk - 1, bk))
   nsteps = jnp.maximum(b1 - b0, 0)
   nfull = jnp.clip(lax.div(lo, bk) - b0, 0, nsteps)     # leading steps that need no mask
+  nroot = nsteps
+  if fused:
+    # Suffix steps: split `split` takes row groups [j0, j0 + nsj) of each compute warpgroup
+    # (J = BLOCK_Q // seq_rows groups, one sequence each), each in nsb blocks of HALF keys
+    # (the tile's suffix hi, column 3, bounds them). They are spread evenly among the node's
+    # steps (suffix step u after `root_before(u)` node steps), so that their reads from
+    # HBM overlap the node's matrix products instead of all CTAs streaming suffixes at the end.
+    groups = BLOCK_Q // seq_rows
+    per_split = -(-groups // splits)
+    j0 = split * per_split
+    nsj = jnp.clip(groups - j0, 0, per_split)
+    nsb = lax.div(tab_ref[tile, 3] + (HALF - 1), jnp.int32(HALF))
+    nsuf = nsj * nsb
+    nsteps = nroot + nsuf
+
+    def suffix_block(u):
+      """(row group, block) of suffix step u."""
+      return j0 + lax.div(u, nsb), lax.rem(u, nsb)
+
+    def root_before(u):
+      return lax.div(u * nroot, nsuf + 1)
 
   def block_start(step):
     return (b0 + step) * bk
@@ -117,11 +163,14 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, bl
     row0 = tile * TILE + wg * BLOCK_Q
     plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(row0, BLOCK_Q)], qo_smem, q_bar.at[wg])
     plgpu.copy_gmem_to_smem(lim_ref.at[pl.ds(row0, BLOCK_Q)], lim_smem, lim_bar.at[wg])
+    if fused:
+      plgpu.copy_gmem_to_smem(slim_ref.at[pl.ds(row0, BLOCK_Q)], slim_smem2.at[wg], lim_bar.at[wg])
     plgpu.barrier_wait(q_bar.at[wg])
     plgpu.barrier_wait(lim_bar.at[wg])
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     # (a layout_cast right after the read makes the lowering load straight into the row layout)
     lim = cast(lim_smem[...], row_layout)
+    slim = cast(slim_smem2.at[wg][...], row_layout) if fused else None
     m_i = cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), row_layout)
     l_i = cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), row_layout)
     acc = cast(jnp.full((BLOCK_Q, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -132,26 +181,45 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, bl
 
     pl.when(wg == 1)(sched_barrier)
 
-    def step(i, carry, masked: bool):
-      acc, m_i, l_i = carry
+    def step(k, carry, masked: bool, suffix: bool = False):
+      """Node step k (key block b0 + k), or suffix step k; carry[3] is the global step."""
+      acc, m_i, l_i, i = carry
       slot = lax.rem(i, jnp.int32(stages))
+      if suffix:
+        # This warpgroup's half of the slot: HALF keys of the sequence of row group j.
+        j, c = suffix_block(k)
+        # (read here, a step's work ahead of its use: a scalar from global memory)
+        seq_hi = stab_ref[tile, wg, j, 1] - c * HALF
+        width = HALF
+        k_blk = k_smem.at[slot, pl.ds(wg * HALF, HALF)]
+        v_blk = v_smem.at[slot, pl.ds(wg * HALF, HALF)]
+      else:
+        width = block_kv
+        k_blk, v_blk = k_smem.at[slot], v_smem.at[slot]
 
       def qk_product(acc_ref):
-        plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_blk, (1, 0)))
         sched_barrier()
         return acc_ref[...]
 
       if interpret:
         # (the GPU interpreter's wgmma cannot read a transposed ref: q k^T in registers)
-        s = lax.dot_general(qo_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
+        s = lax.dot_general(qo_smem[...], k_blk[...], (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
         sched_barrier()
       else:
-        s = pl.run_scoped(qk_product, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+        s = pl.run_scoped(qk_product, plgpu.ACC((BLOCK_Q, width), jnp.float32))
       plgpu.barrier_arrive(k_free.at[slot])
-      if masked:
+      if suffix:
+        # Row r sees key c*HALF + x of its group's sequence when it is in group j and the key
+        # is below its suffix limit; rows of the other groups see none of this block.
+        keys = cast(lax.broadcasted_iota(jnp.int32, s.shape, 1), plgpu.Layout.WGMMA) + c * HALF
+        rows = cast(lax.broadcasted_iota(jnp.int32, s.shape, 0), plgpu.Layout.WGMMA)
+        mine = (rows >= j * seq_rows) & (rows < (j + 1) * seq_rows)
+        s = jnp.where(mine & (keys < lax.broadcast_in_dim(slim, s.shape, [0])), s, -jnp.inf)
+      elif masked:
         keys = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1),
-                    plgpu.Layout.WGMMA) + block_start(i)
+                    plgpu.Layout.WGMMA) + block_start(k)
         s = jnp.where(keys < lax.broadcast_in_dim(lim, s.shape, [0]), s, -jnp.inf)
       m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
       m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -164,17 +232,26 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, bl
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(v_bar.at[slot])
       plgpu.barrier_wait(sched)
-      if masked:
+      if suffix:
+        # As below, for this warpgroup's half alone (no other warpgroup reads it): value
+        # rows at or past the largest suffix limit of the sequence's rows become 0.
+        @pl.when(seq_hi < HALF)
+        def _():
+          keys = cast(lax.broadcasted_iota(jnp.int32, (HALF, d), 0), plgpu.Layout.WGMMA)
+          vals = cast(v_blk[...], plgpu.Layout.WGMMA)
+          v_blk[...] = jnp.where(keys < seq_hi, vals, jnp.zeros_like(vals))
+          plgpu.commit_smem()
+      elif masked:
         # p is exactly 0 for keys >= hi, but 0 * NaN is NaN in p v: a block that runs past hi
         # (the node's valid keys end inside it) has its value rows >= hi zeroed in shared
         # memory first. Both compute warpgroups do it before their own product; they write
         # the same bits, so neither can read a value that is not finite or not the real one.
-        @pl.when(block_start(i) + bk > hi)
+        @pl.when(block_start(k) + bk > hi)
         def _():
           for c in range(block_kv // BLOCK_Q):
             part = v_smem.at[slot, pl.ds(c * BLOCK_Q, BLOCK_Q)]
             keys = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, d), 0),
-                        plgpu.Layout.WGMMA) + (block_start(i) + c * BLOCK_Q)
+                        plgpu.Layout.WGMMA) + (block_start(k) + c * BLOCK_Q)
             vals = cast(part[...], plgpu.Layout.WGMMA)
             part[...] = jnp.where(keys < hi, vals, jnp.zeros_like(vals))
           plgpu.commit_smem()
@@ -187,21 +264,37 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, bl
           plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
 
       def pv_product(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        plgpu.wgmma(acc_ref, p16, v_blk)
         wait_next_keys()
 
       if interpret:
         # (the GPU interpreter has no run_state and its wgmma takes no register operand:
         # p v in registers)
-        acc = acc + jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
+        acc = acc + jnp.dot(p16, v_blk[...], preferred_element_type=jnp.float32)
         wait_next_keys()
       else:
         acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_free.at[slot])
-      return acc, m_new, l_i
+      return acc, m_new, l_i, i + 1
 
-    carry = lax.fori_loop(0, nfull, functools.partial(step, masked=False), (acc, m_i, l_i))
-    acc, m_i, l_i = lax.fori_loop(nfull, nsteps, functools.partial(step, masked=True), carry)
+    def node_steps(a, b, carry):
+      """Node steps [a, b): those below nfull unmasked, the rest masked."""
+      carry = lax.fori_loop(a, jnp.minimum(b, nfull), functools.partial(step, masked=False),
+                            carry)
+      return lax.fori_loop(jnp.maximum(a, nfull), b, functools.partial(step, masked=True),
+                           carry)
+
+    carry = (acc, m_i, l_i, jnp.int32(0))
+    if fused:
+      def chunk(u, carry):
+        carry = node_steps(root_before(u), root_before(u + 1), carry)
+        return step(u, carry, masked=True, suffix=True)
+
+      carry = lax.fori_loop(0, nsuf, chunk, carry)
+      carry = node_steps(root_before(nsuf), nroot, carry)
+    else:
+      carry = node_steps(jnp.int32(0), nroot, carry)
+    acc, m_i, l_i, _ = carry
     pl.when(wg == 0)(sched_barrier)
 
     has = l_i > 0.0
@@ -218,22 +311,52 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, bl
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
 
-    def load(i, slot):
-      sl = (node, pl.ds(block_start(i), block_kv), kvh)
+    def load_node(k, slot):
+      sl = (node, pl.ds(block_start(k), block_kv), kvh)
       plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bar.at[slot])
 
-    for i in range(stages):
-      pl.when(i < nsteps)(functools.partial(load, jnp.int32(i), i))
+    if not fused:
+      for i in range(stages):
+        pl.when(i < nsteps)(functools.partial(load_node, jnp.int32(i), i))
 
-    @pl.loop(0, jnp.maximum(nsteps - stages, 0))
-    def _(i):
-      slot = lax.rem(i, jnp.int32(stages))
-      sl = (node, pl.ds(block_start(i + stages), block_kv), kvh)
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bar.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bar.at[slot])
+      @pl.loop(0, jnp.maximum(nsteps - stages, 0))
+      def _(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        sl = (node, pl.ds(block_start(i + stages), block_kv), kvh)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bar.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bar.at[slot])
+    else:
+      # The compute warpgroups' order of steps; every slot takes two copies of HALF keys
+      # (its barriers count two arrivals): a node block in halves, or one block of each
+      # compute warpgroup's suffix sequence.
+      def load(i, sources):
+        """Global step i into its slot, once the step `stages` earlier has freed it."""
+        slot = lax.rem(i, jnp.int32(stages))
+        for x, (smem, bar, free) in enumerate(((k_smem, k_bar, k_free),
+                                               (v_smem, v_bar, v_free))):
+          pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+          for h, (ref, row, start) in enumerate(sources):
+            plgpu.copy_gmem_to_smem(ref[x].at[row, pl.ds(start, HALF), kvh],
+                                    smem.at[slot, pl.ds(h * HALF, HALF)], bar.at[slot])
+        return i + 1
+
+      def node_loads(a, b, i):
+        return lax.fori_loop(a, b, lambda k, i: load(i, [
+            ((k_ref, v_ref), node, block_start(k) + h * HALF) for h in range(COMPUTE_WGS)]), i)
+
+      def suffix_load(u, i):
+        j, c = suffix_block(u)
+        return load(i, [((ks_ref, vs_ref), stab_ref[tile, h, j, 0], c * HALF)
+                        for h in range(COMPUTE_WGS)])
+
+      def chunk_loads(u, i):
+        return suffix_load(u, node_loads(root_before(u), root_before(u + 1), i))
+
+      i = lax.fori_loop(0, nsuf, chunk_loads, jnp.int32(0))
+      node_loads(root_before(nsuf), nroot, i)
 
     if interpret:
       # (the interpreter checks, when it frees a barrier, that a thread that waited on it saw
@@ -245,11 +368,42 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, bl
           plgpu.barrier_wait(v_free.at[slot])
 
 
+class Suffix(NamedTuple):
+  """The per-sequence level folded into `tile_attention` (one launch for both levels).
+
+  k, v [Ns,Ss,K,D] (Ss a multiple of HALF); row_limits [Tn*TILE] int32, each tile row's
+  key limit in its sequence's suffix (0 for padding rows); table [Tn, 2, J, 2] int32: for
+  tile t, compute warpgroup h and row group j (rows t*TILE + h*BLOCK_Q + j*seq_rows onward,
+  J = BLOCK_Q // seq_rows), the group's node in k, v and the largest limit of its rows;
+  seq_rows: rows of one sequence (T*G, a power of two <= BLOCK_Q). A tile's 4th table
+  column (`tab[:, 3]`) is the largest suffix limit of its rows."""
+  k: jax.Array
+  v: jax.Array
+  row_limits: jax.Array
+  table: jax.Array
+  seq_rows: int
+
+
+def suffix_unsupported_reason(block_kv: int, seq_rows: int, capacity: int) -> Optional[str]:
+  """Why `tile_attention` cannot fold a per-sequence level in (None when it can)."""
+  if block_kv != COMPUTE_WGS * HALF:
+    return f"block_kv {block_kv} (a folded suffix takes {COMPUTE_WGS * HALF}: a half a warpgroup)"
+  if seq_rows > BLOCK_Q or BLOCK_Q % seq_rows:
+    return f"{seq_rows} query rows a sequence (a folded suffix takes a divisor of {BLOCK_Q})"
+  if capacity % HALF or capacity == 0:
+    return f"suffix capacity {capacity} (a folded suffix takes a positive multiple of {HALF})"
+  return None
+
+
 def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, stages: int,
-                   splits: int, blocks_per_split: int, interpret: bool = False):
+                   splits: int, blocks_per_split: int, interpret: bool = False,
+                   suffix: Optional[Suffix] = None):
   """Runs the kernel. q [K, Tn*TILE, D] (rows of one node per tile), k, v [N,S,K,D] with
-  S a multiple of block_kv, tab [Tn, 4] int32 (node, lo, hi, 0) with lo/hi the min/max key limit of the
-  tile's real rows, row_limits [Tn*TILE] int32 (0 for padding rows).
+  S a multiple of block_kv, tab [Tn, 4] int32 (node, lo, hi, suffix hi) with lo/hi the min/max
+  key limit of the tile's real rows, row_limits [Tn*TILE] int32 (0 for padding rows).
+  With `suffix` (a `Suffix`), split p also attends row group j's sequence in the suffix
+  cache for the groups p*ceil(J/P) <= j < (p+1)*ceil(J/P), in the same softmax: the
+  splits' merge then gives both levels merged.
   Returns out [P,K,Tn*TILE,D] in q's dtype and lse [P,K,Tn*TILE] float32 (natural log)."""
   kh, r, d = q.shape
   n, s, _, _ = k.shape
@@ -258,11 +412,25 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   if s % block_kv or s == 0:
     raise ValueError(f"k/v capacity S={s} must be a positive multiple of block_kv={block_kv}")
   num_tiles = r // TILE
+  seq_rows = 1
+  if suffix is not None:
+    seq_rows = suffix.seq_rows
+    reason = suffix_unsupported_reason(block_kv, seq_rows, suffix.k.shape[1])
+    if reason is not None:
+      raise ValueError(f"suffix: {reason}")
+    groups = BLOCK_Q // seq_rows
+    if suffix.table.shape != (num_tiles, COMPUTE_WGS, groups, 2):
+      raise ValueError(f"suffix.table shape {suffix.table.shape} != "
+                       f"{(num_tiles, COMPUTE_WGS, groups, 2)}")
+    if suffix.row_limits.shape != (r,):
+      raise ValueError(f"suffix.row_limits shape {suffix.row_limits.shape} != {(r,)}")
   dtype = q.dtype
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
+  arrivals = 1 if suffix is None else COMPUTE_WGS
 
-  def entry(tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+  def entry(tab_ref, lim_ref, q_ref, k_ref, v_ref, *rest):
+    suffix_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
     buffers = [
         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, d), dtype, transforms=(tiling, swizzle)),
         plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
@@ -270,15 +438,21 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32),
         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
     ]
-    body = functools.partial(_kernel, tab_ref, lim_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+    if suffix_refs:
+      buffers.append(plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32))
+    body = functools.partial(_kernel, tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs,
+                             o_ref, lse_ref,
                              block_kv=block_kv, stages=stages,
                              blocks_per_split=blocks_per_split,
-                             scale_log2=float(scale) * LOG2E, interpret=interpret)
+                             scale_log2=float(scale) * LOG2E, interpret=interpret,
+                             seq_rows=seq_rows, splits=splits)
     pl.run_scoped(
         lambda *scoped: body(scoped),
         buffers,
-        (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS),
-         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
+        (plgpu.Barrier(num_barriers=COMPUTE_WGS),
+         plgpu.Barrier(num_arrivals=1 + (suffix is not None), num_barriers=COMPUTE_WGS),
+         plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
+         plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages)),
         (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
         collective_axes="wg",
@@ -288,6 +462,7 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   if interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     kwargs["interpret"] = InterpretGPUParams()
+  extra = () if suffix is None else (suffix.row_limits, suffix.table, suffix.k, suffix.v)
   out, lse = plgpu.kernel(
       entry,
       out_type=(jax.ShapeDtypeStruct((splits, kh, r, d), dtype),
@@ -298,5 +473,5 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **kwargs,
-  )(tab, row_limits, q, k, v)
+  )(tab, row_limits, q, k, v, *extra)
   return out, lse

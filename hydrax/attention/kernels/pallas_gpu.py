@@ -60,6 +60,17 @@ by as much (opt-in; run 9's profile: 165.6 against 165.5 us at 16K/256). `Config
 puts the per-sequence level on its own GPU stream so that XLA may overlap it with the shared
 levels (no gain measured beyond the run-to-run spread: the Mosaic root holds 128 of 132 SMs).
 
+Folding (`MosaicConfig.fold_suffix`, on by default): a call of one shared level on the Mosaic
+GPU kernel and the per-sequence level (system prompt + suffixes, one problem sampled many
+times) runs both in that kernel's one launch: each CTA attends its rows' suffixes in the
+same online softmax as its node's keys (`mosaic_gpu.Suffix`, `_fold_reason`), so the suffix
+kernel, its packing and the levels' merge go (one merge of key splits is left). A Mosaic CTA
+fills an SM's registers and shared memory, so no other kernel can run beside it: the root's
+matrix products and the suffixes' HBM reads overlap only inside one kernel. H200, B = 256,
+decode: the launch 58.4 us at 4K against 31.3 + 37.4 us for the two kernels, 140.4 against
+111.4 + 37.9 at 16K; device time 0.80-0.94x the unfolded levels' (experiments/results/
+fused_h200 run 10).
+
 `hydragen_attention_fused` runs all levels in one launch and merges in the packed row layout:
 faster for small batches (fewer launches), slower for large ones (measured; see NOTES.md).
 """
@@ -783,14 +794,19 @@ def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config, layer=None):
   return _finish(_mosaic_part(q, k, v, owner, limits, scale, cfg, layer), q.shape)
 
 
-def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN):
+def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN,
+                 suffix=None):
   """One level through `mosaic_gpu.tile_attention` (see `_use_mosaic`), as a `_Part`.
 
   Rows are packed as for Triton (sorted by node), then cut in tiles of TILE rows of one node
   each; a tile's unused rows are padding (limit 0, results dropped). With concrete owners the
   tile table and both index maps are NumPy constants (skipped when every tile is full and in
   place); with traced owners they are computed at run time (`grouping.make_layout`) for a
-  static upper bound of tiles, and the unused tiles (no rows: hi = 0) run no key block."""
+  static upper bound of tiles, and the unused tiles (no rows: hi = 0) run no key block.
+
+  suffix: None, or the per-sequence level (k, v, limits [B,T], layer) to fold into the same
+  launch (`mosaic_gpu.Suffix`; `_fold_reason` says when it can): the part then holds both
+  levels, merged by the splits' merge."""
   b, t, h, d = q.shape
   n, s, kh, _ = k.shape[-4:]
   g = h // kh
@@ -825,7 +841,10 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   lo = jnp.min(jnp.where(valid_j, lim2, jnp.iinfo(jnp.int32).max), axis=1)
   lo = jnp.where(hi > 0, lo, 0)
   node = _offset_nodes(jnp.asarray(layout.node, jnp.int32), offset)
-  tab = jnp.stack([node, lo, hi, jnp.zeros((num_tiles,), jnp.int32)], axis=1)
+  sfx, suffix_hi = None, jnp.zeros((num_tiles,), jnp.int32)
+  if suffix is not None:
+    sfx, suffix_hi = _suffix_tables(suffix, q.shape, layout, src, valid, num_tiles, cfg)
+  tab = jnp.stack([node, lo, hi, suffix_hi], axis=1)
   if s % bk:                      # pad the capacity to whole key blocks (masked inside)
     if s > bk:
       log_once(("mosaic-pad", s, bk),
@@ -846,7 +865,7 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   splits = -(-nblk // bps)
   out, lse = mosaic_gpu.tile_attention(
       qt, k, v, tab, limt, scale=scale, block_kv=bk, stages=mc.stages, splits=splits,
-      blocks_per_split=bps, interpret=interpret)
+      blocks_per_split=bps, interpret=interpret, suffix=sfx)
   # [P, K, Tn*TILE, D], [P, K, Tn*TILE]
   pos = None
   if not in_place:
@@ -858,6 +877,61 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
       pos = jnp.zeros((r,), jnp.int32).at[jnp.where(valid.reshape(-1), src, r)].set(
           jnp.arange(slots, dtype=jnp.int32), mode="drop")
   return _Part(out, lse, pos, layout.order)
+
+
+def _suffix_tables(suffix, q_shape, layout: grouping.Layout, src, valid, num_tiles: int,
+                   cfg: Config):
+  """(`mosaic_gpu.Suffix`, the largest suffix limit of each tile [Tn]) for the per-sequence
+  level `suffix` = (k, v, limits [B,T], layer) folded into a Mosaic level whose tile row x
+  holds packed row src[x] (when valid[x]) of `layout`: a packed row's sequence is
+  order[row // (T*G)], its node in the per-sequence level's cache."""
+  b, t, h, _ = q_shape
+  ks, vs, limits, layer = suffix
+  kh = ks.shape[-2]
+  rows = t * (h // kh)
+  ks, vs, offset = _layer_view(ks, vs, layer, cfg)
+  lim = limits.astype(jnp.int32)
+  if layout.order is not None:
+    lim = jnp.take(lim, jnp.asarray(layout.order), axis=0)
+  row_lim = jnp.repeat(lim.reshape(b * t), h // kh)                  # [R] packed rows
+  src = jnp.asarray(src, jnp.int32)
+  valid = jnp.asarray(valid).reshape(-1)
+  slim = jnp.where(valid, jnp.take(row_lim, src), 0)                # [Tn*TILE] tile rows
+  seq = src // rows
+  if layout.order is not None:
+    seq = jnp.take(jnp.asarray(layout.order, jnp.int32), seq)
+  seq = jnp.where(valid, seq, 0)
+  groups = mosaic_gpu.BLOCK_Q // rows
+  shape = (num_tiles, mosaic_gpu.COMPUTE_WGS, groups, rows)
+  node = _offset_nodes(seq.reshape(shape)[..., 0], offset)
+  table = jnp.stack([node, slim.reshape(shape).max(axis=-1)], axis=-1)
+  return (mosaic_gpu.Suffix(ks, vs, slim, table, rows),
+          slim.reshape(num_tiles, mosaic_gpu.TILE).max(axis=1))
+
+
+def _fold_reason(q_shape, dtype, kvl, owners, cfg: Config) -> Optional[str]:
+  """Why the per-sequence level of this call is not folded into the Mosaic GPU launch of its
+  shared level (`MosaicConfig.fold_suffix`), or None when it is: two levels, one shared level
+  on the Mosaic kernel and one per-sequence level the kernel can take
+  (`mosaic_gpu.suffix_unsupported_reason`), no `level_stream`."""
+  if not cfg.mosaic.fold_suffix:
+    return "fold_suffix is off"
+  if len(kvl) != 2 or sorted(o is None for o in owners) != [False, True]:
+    return "not one shared level and one per-sequence level"
+  if cfg.level_stream:
+    return "level_stream puts the per-sequence level on its own stream"
+  i = [o is None for o in owners].index(False)
+  if not _use_mosaic(q_shape, kvl[i][0], owners[i], dtype, cfg):
+    return "the shared level does not run on the Mosaic GPU kernel"
+  ks = kvl[1 - i][0]
+  _, t, h, _ = q_shape
+  reason = mosaic_gpu.suffix_unsupported_reason(cfg.mosaic.block_kv, t * (h // ks.shape[-2]),
+                                                ks.shape[-3])
+  if reason is not None:
+    log_once(("fold-suffix", reason),
+             "hydrax pallas backend: the per-sequence level is not folded into the Mosaic GPU "
+             "launch (%s); it runs as a launch of its own", reason)
+  return reason
 
 
 def _forward(q, k, v, owner, limits, scale, cfg: Config, layer=None):
@@ -964,8 +1038,9 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
   and an unpack per level and a merge of the levels: launches that cost more than the bytes
   they move at decode). With `Config.merge_in_kernel` at decode the per-sequence level runs
   last and merges the others' parts in its kernel (`_merge_and_store`) when it can (one key
-  split, the others' rows in place), and nothing runs after it. Returns out [B,T,H,D] in q's
-  dtype and lse [B,T,H] f32."""
+  split, the others' rows in place), and nothing runs after it. A shared level on the Mosaic
+  GPU kernel and the per-sequence level run as one launch when `_fold_reason` allows
+  (`MosaicConfig.fold_suffix`). Returns out [B,T,H,D] in q's dtype and lse [B,T,H] f32."""
   b, t, h, d = q.shape
   bound = [i for i, ((k, _, _, _), o) in enumerate(zip(kvl, owners)) if _fixes_order(k, o)]
   per_seq = [i for i in range(len(kvl)) if owners[i] is None]
@@ -973,6 +1048,13 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
                      and not cfg.level_stream) else []
   first = bound + [i for i in range(len(kvl)) if i not in bound and i not in last] + last
   parts, order = {}, _OWN
+  if _fold_reason(q.shape, q.dtype, kvl, owners, cfg) is None:
+    i, j = (0, 1) if owners[1] is None else (1, 0)
+    k, v, _, layer = kvl[i]
+    ks, vs, _, slayer = kvl[j]
+    parts[i] = _mosaic_part(q, k, v, owners[i], limits[i], scale, cfg, layer,
+                            suffix=(ks, vs, limits[j], slayer))
+    order, first = parts[i].order, []
   for i in first:
     k, v, lengths, layer = kvl[i]
     if i in last and all(parts[j].slot is None for j in parts):
@@ -989,7 +1071,7 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
       parts[i] = _level_part(q, k, v, owners[i], limits[i], scale, cfg, layer, order, lengths)
     order = parts[i].order
   outs, lses = [], []
-  for i in range(len(kvl)):
+  for i in sorted(parts):
     o, lse = parts[i].out, parts[i].lse
     if parts[i].slot is not None:
       slot = jnp.asarray(parts[i].slot)
