@@ -35,7 +35,8 @@ compute warpgroup), and split p also attends the suffixes of row groups [p*ceil(
 (p+1)*ceil(J/P)) in the same online softmax, so the splits' merge gives both levels merged
 (no suffix kernel, no level merge). A suffix step fills a slot with two blocks of HALF = 64
 keys, one per compute warpgroup (each reads only its half: its group's sequence), and masks
-every row outside the group and every key at or past the row's suffix limit; its value rows
+every row outside the group and every key at or past the row's suffix limit (two compares
+an element: each row's suffix sits in a virtual key space of the split); its value rows
 past the group's largest limit are zeroed first (0 * NaN). Rows of one group share the tile's
 wgmma M of 64 (G = 4: 16 sequences), so a suffix key costs 64 / seq_rows times its useful
 FLOPs, which a decode step has to spare (its suffixes are memory-bound). The suffix steps are
@@ -170,7 +171,16 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref, 
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     # (a layout_cast right after the read makes the lowering load straight into the row layout)
     lim = cast(lim_smem[...], row_layout)
-    slim = cast(slim_smem2.at[wg][...], row_layout) if fused else None
+    if fused:
+      # Each row's suffix keys in the split's "virtual" key space, where row group j's
+      # sequence takes nsb * HALF keys from (j - j0) * nsb * HALF: [start, end) a row.
+      # Suffix step u covers virtual keys [u * HALF, (u + 1) * HALF), so one compare against
+      # each bound masks both the rows outside the step's group and the keys past a limit.
+      # (row indices in the row layout, reduced from a 2-D iota as the scores' maxima are)
+      rows = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, HALF), 0),
+                  plgpu.Layout.WGMMA).max(axis=1)
+      suffix_start = (lax.div(rows, jnp.int32(seq_rows)) - j0) * (nsb * HALF)
+      suffix_end = suffix_start + cast(slim_smem2.at[wg][...], row_layout)
     m_i = cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), row_layout)
     l_i = cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), row_layout)
     acc = cast(jnp.full((BLOCK_Q, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -211,12 +221,12 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref, 
         s = pl.run_scoped(qk_product, plgpu.ACC((BLOCK_Q, width), jnp.float32))
       plgpu.barrier_arrive(k_free.at[slot])
       if suffix:
-        # Row r sees key c*HALF + x of its group's sequence when it is in group j and the key
-        # is below its suffix limit; rows of the other groups see none of this block.
-        keys = cast(lax.broadcasted_iota(jnp.int32, s.shape, 1), plgpu.Layout.WGMMA) + c * HALF
-        rows = cast(lax.broadcasted_iota(jnp.int32, s.shape, 0), plgpu.Layout.WGMMA)
-        mine = (rows >= j * seq_rows) & (rows < (j + 1) * seq_rows)
-        s = jnp.where(mine & (keys < lax.broadcast_in_dim(slim, s.shape, [0])), s, -jnp.inf)
+        # Row r sees key x of this block when u*HALF + x lies in its [start, end): only rows
+        # of group j can, below their suffix limit.
+        keys = cast(lax.broadcasted_iota(jnp.int32, s.shape, 1), plgpu.Layout.WGMMA)
+        lo = lax.broadcast_in_dim(suffix_start - k * HALF, s.shape, [0])
+        hi_ = lax.broadcast_in_dim(suffix_end - k * HALF, s.shape, [0])
+        s = jnp.where((keys >= lo) & (keys < hi_), s, -jnp.inf)
       elif masked:
         keys = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1),
                     plgpu.Layout.WGMMA) + block_start(k)

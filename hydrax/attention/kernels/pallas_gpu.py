@@ -67,7 +67,7 @@ same online softmax as its node's keys (`mosaic_gpu.Suffix`, `_fold_reason`), so
 kernel, its packing and the levels' merge go (one merge of key splits is left). A Mosaic CTA
 fills an SM's registers and shared memory, so no other kernel can run beside it: the root's
 matrix products and the suffixes' HBM reads overlap only inside one kernel. H200, B = 256,
-decode: the launch 58.4 us at 4K against 31.3 + 37.4 us for the two kernels, 140.4 against
+decode: the launch 57.0 us at 4K against 31.3 + 37.4 us for the two kernels, 139.0 against
 111.4 + 37.9 at 16K; device time 0.80-0.94x the unfolded levels' (experiments/results/
 fused_h200 run 10).
 
