@@ -114,6 +114,10 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
      {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {"fold_suffix": True}}),
     ("grouped_fold_tree2_bf16_gqa2_T2", 33, 2, 8, 2, "bfloat16", [(3, 333)], 64, 2,
      {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {"fold_suffix": True}}),
+    # A three-level tree: the suffixes folded into the one-node root's launch, the 7 nodes of
+    # the middle level (traced owners, which fix the row order) on the Triton kernel.
+    ("grouped_fold_tree3_bf16_gqa4", 67, 1, 8, 4, "bfloat16", [(1, 1500), (7, 300)], 128, 3,
+     {"backend": "pallas", "path": "off", "mosaic": {"fold_suffix": True}}),
 ]
 SMOKE_CHECKS = [("smoke_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
                  {"mode": "shared", "splits": 2}),

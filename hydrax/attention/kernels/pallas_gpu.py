@@ -60,10 +60,10 @@ by as much (opt-in; run 9's profile: 165.6 against 165.5 us at 16K/256). `Config
 puts the per-sequence level on its own GPU stream so that XLA may overlap it with the shared
 levels (no gain measured beyond the run-to-run spread: the Mosaic root holds 128 of 132 SMs).
 
-Folding (`MosaicConfig.fold_suffix`, on by default): a call of one shared level on the Mosaic
-GPU kernel and the per-sequence level (system prompt + suffixes, one problem sampled many
-times) runs both in that kernel's one launch: each CTA attends its rows' suffixes in the
-same online softmax as its node's keys (`mosaic_gpu.Suffix`, `_fold_reason`), so the suffix
+Folding (`MosaicConfig.fold_suffix`, on by default): the per-sequence level of a call whose
+root runs on the Mosaic GPU kernel (system prompt + suffixes, one problem sampled many times,
+and deeper trees whose middle levels run on Triton) runs inside the root's one launch: each CTA attends its rows' suffixes in the
+same online softmax as its node's keys (`mosaic_gpu.Suffix`, `_fold_levels`), so the suffix
 kernel, its packing and the levels' merge go (one merge of key splits is left). A Mosaic CTA
 fills an SM's registers and shared memory, so no other kernel can run beside it: the root's
 matrix products and the suffixes' HBM reads overlap only inside one kernel. H200, B = 256,
@@ -805,7 +805,7 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   static upper bound of tiles, and the unused tiles (no rows: hi = 0) run no key block.
 
   suffix: None, or the per-sequence level (k, v, limits [B,T], layer) to fold into the same
-  launch (`mosaic_gpu.Suffix`; `_fold_reason` says when it can): the part then holds both
+  launch (`mosaic_gpu.Suffix`; `_fold_levels` says when it can): the part then holds both
   levels, merged by the splits' merge."""
   b, t, h, d = q.shape
   n, s, kh, _ = k.shape[-4:]
@@ -909,21 +909,24 @@ def _suffix_tables(suffix, q_shape, layout: grouping.Layout, src, valid, num_til
           slim.reshape(num_tiles, mosaic_gpu.TILE).max(axis=1))
 
 
-def _fold_reason(q_shape, dtype, kvl, owners, cfg: Config) -> Optional[str]:
-  """Why the per-sequence level of this call is not folded into the Mosaic GPU launch of its
-  shared level (`MosaicConfig.fold_suffix`), or None when it is: two levels, one shared level
-  on the Mosaic kernel and one per-sequence level the kernel can take
-  (`mosaic_gpu.suffix_unsupported_reason`), no `level_stream`."""
+def _fold_levels(q_shape, dtype, kvl, owners, cfg: Config) -> tuple:
+  """((shared, per-sequence) level indices, None) when the call's per-sequence level is folded
+  into the Mosaic GPU launch of a shared level (`MosaicConfig.fold_suffix`), else (None, why
+  not): one per-sequence level the kernel can take (`mosaic_gpu.suffix_unsupported_reason`;
+  the reason logged once), beside shared levels of which one runs on the Mosaic kernel (the
+  first such takes it), and no `level_stream`. Other levels run on their own kernels."""
   if not cfg.mosaic.fold_suffix:
-    return "fold_suffix is off"
-  if len(kvl) != 2 or sorted(o is None for o in owners) != [False, True]:
-    return "not one shared level and one per-sequence level"
+    return None, "fold_suffix is off"
+  per_seq = [i for i, o in enumerate(owners) if o is None]
+  if len(per_seq) != 1 or len(kvl) < 2:
+    return None, "not one per-sequence level beside shared levels"
   if cfg.level_stream:
-    return "level_stream puts the per-sequence level on its own stream"
-  i = [o is None for o in owners].index(False)
-  if not _use_mosaic(q_shape, kvl[i][0], owners[i], dtype, cfg):
-    return "the shared level does not run on the Mosaic GPU kernel"
-  ks = kvl[1 - i][0]
+    return None, "level_stream puts the per-sequence level on its own stream"
+  mosaic = [i for i, o in enumerate(owners)
+            if o is not None and _use_mosaic(q_shape, kvl[i][0], o, dtype, cfg)]
+  if not mosaic:
+    return None, "no shared level runs on the Mosaic GPU kernel"
+  ks = kvl[per_seq[0]][0]
   _, t, h, _ = q_shape
   reason = mosaic_gpu.suffix_unsupported_reason(cfg.mosaic.block_kv, t * (h // ks.shape[-2]),
                                                 ks.shape[-3])
@@ -931,7 +934,8 @@ def _fold_reason(q_shape, dtype, kvl, owners, cfg: Config) -> Optional[str]:
     log_once(("fold-suffix", reason),
              "hydrax pallas backend: the per-sequence level is not folded into the Mosaic GPU "
              "launch (%s); it runs as a launch of its own", reason)
-  return reason
+    return None, reason
+  return (mosaic[0], per_seq[0]), None
 
 
 def _forward(q, k, v, owner, limits, scale, cfg: Config, layer=None):
@@ -1039,24 +1043,26 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
   they move at decode). With `Config.merge_in_kernel` at decode the per-sequence level runs
   last and merges the others' parts in its kernel (`_merge_and_store`) when it can (one key
   split, the others' rows in place), and nothing runs after it. A shared level on the Mosaic
-  GPU kernel and the per-sequence level run as one launch when `_fold_reason` allows
+  GPU kernel and the per-sequence level run as one launch when `_fold_levels` allows
   (`MosaicConfig.fold_suffix`). Returns out [B,T,H,D] in q's dtype and lse [B,T,H] f32."""
   b, t, h, d = q.shape
   bound = [i for i, ((k, _, _, _), o) in enumerate(zip(kvl, owners)) if _fixes_order(k, o)]
   per_seq = [i for i in range(len(kvl)) if owners[i] is None]
-  last = per_seq if (cfg.merge_in_kernel and len(per_seq) == 1 and t == 1
+  fold, _ = _fold_levels(q.shape, q.dtype, kvl, owners, cfg)
+  last = per_seq if (fold is None and cfg.merge_in_kernel and len(per_seq) == 1 and t == 1
                      and not cfg.level_stream) else []
   first = bound + [i for i in range(len(kvl)) if i not in bound and i not in last] + last
+  if fold is not None:
+    first.remove(fold[1])       # (run inside the launch of level fold[0])
   parts, order = {}, _OWN
-  if _fold_reason(q.shape, q.dtype, kvl, owners, cfg) is None:
-    i, j = (0, 1) if owners[1] is None else (1, 0)
-    k, v, _, layer = kvl[i]
-    ks, vs, _, slayer = kvl[j]
-    parts[i] = _mosaic_part(q, k, v, owners[i], limits[i], scale, cfg, layer,
-                            suffix=(ks, vs, limits[j], slayer))
-    order, first = parts[i].order, []
   for i in first:
     k, v, lengths, layer = kvl[i]
+    if fold is not None and i == fold[0]:
+      ks, vs, _, slayer = kvl[fold[1]]
+      parts[i] = _mosaic_part(q, k, v, owners[i], limits[i], scale, cfg, layer, order,
+                              suffix=(ks, vs, limits[fold[1]], slayer))
+      order = parts[i].order
+      continue
     if i in last and all(parts[j].slot is None for j in parts):
       earlier = [(parts[j].out, parts[j].lse) for j in parts]
       part = _triton_part(q, k, v, None, limits[i], scale, cfg, layer, order, lengths, earlier)
