@@ -363,6 +363,9 @@ def test_folded_static_checks():
   with pytest.raises(ValueError, match="suffix.row_limits shape"):
     mosaic_gpu.tile_attention(q, k, v, tab, lim,
                               suffix=suffix._replace(row_limits=suffix.row_limits[:5]), **kw)
+  with pytest.raises(ValueError, match="suffix.v float32"):
+    mosaic_gpu.tile_attention(q, k, v, tab, lim,
+                              suffix=suffix._replace(v=suffix.v.astype(jnp.float32)), **kw)
   with pytest.raises(ValueError, match="suffix: block_kv 64"):
     mosaic_gpu.tile_attention(q, k, v, tab, lim, suffix=suffix, **dict(kw, block_kv=64))
 
@@ -687,8 +690,10 @@ def test_fold_decisions_and_logged_reason(monkeypatch, caplog):
   owner = np.array([1, 0, 1], np.int32)
   q = (3, 1, 8, 64)                          # G = 4 with 2 KV heads: 4 rows a sequence
 
-  def fold(q_shape=q, caps=(256, 128), owners=(owner, None), **cfg):
-    kvl = [(jax.ShapeDtypeStruct((3 if o is None else 2, s, 2, 64), jnp.bfloat16),)
+  def fold(q_shape=q, caps=(256, 128), owners=(owner, None), suffix_dtype=jnp.bfloat16,
+           **cfg):
+    kvl = [(jax.ShapeDtypeStruct((3 if o is None else 2, s, 2, 64),
+                                 suffix_dtype if o is None else jnp.bfloat16),)
            for s, o in zip(caps, owners)]
     cfg = {"lowering": "mosaic", **cfg}
     cfg["mosaic"] = mosaic_gpu.MosaicConfig(**{"block_kv": 128, **cfg.get("mosaic", {})})
@@ -708,5 +713,6 @@ def test_fold_decisions_and_logged_reason(monkeypatch, caplog):
     assert "block_kv 64" in fold(mosaic={"block_kv": 64})[1]
     assert "capacity 100" in fold(caps=(256, 100))[1]
     assert "12 query rows" in fold(q_shape=(3, 3, 8, 64))[1]
+    assert "float32, the queries bfloat16" in fold(suffix_dtype=jnp.float32)[1]
   logged = [r.getMessage() for r in caplog.records]
-  assert len(logged) == 3 and sum("block_kv 64" in m for m in logged) == 1   # once each
+  assert len(logged) == 4 and sum("block_kv 64" in m for m in logged) == 1   # once each

@@ -434,6 +434,10 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
                        f"{(num_tiles, COMPUTE_WGS, groups, 2)}")
     if suffix.row_limits.shape != (r,):
       raise ValueError(f"suffix.row_limits shape {suffix.row_limits.shape} != {(r,)}")
+    for name, x in (("suffix.k", suffix.k), ("suffix.v", suffix.v)):
+      if x.dtype != q.dtype or x.shape[2:] != (kh, d) or x.shape != suffix.k.shape:
+        raise ValueError(f"{name} {x.dtype.name}{list(x.shape)} does not match q "
+                         f"({q.dtype.name}, K={kh}, D={d}) or suffix.k")
   dtype = q.dtype
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)

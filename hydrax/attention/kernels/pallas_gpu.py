@@ -930,6 +930,8 @@ def _fold_levels(q_shape, dtype, kvl, owners, cfg: Config) -> tuple:
   _, t, h, _ = q_shape
   reason = mosaic_gpu.suffix_unsupported_reason(cfg.mosaic.block_kv, t * (h // ks.shape[-2]),
                                                 ks.shape[-3])
+  if reason is None and jnp.dtype(ks.dtype) != jnp.dtype(dtype):
+    reason = f"its keys are {jnp.dtype(ks.dtype).name}, the queries {jnp.dtype(dtype).name}"
   if reason is not None:
     log_once(("fold-suffix", reason),
              "hydrax pallas backend: the per-sequence level is not folded into the Mosaic GPU "
