@@ -214,28 +214,38 @@ def make_case(key, b, p, u, h, kh, d, dtype=jnp.bfloat16, copies=1):
   return q, kp, vp, ksf, vsf
 
 
-def decode_fns(b, p, u, backend):
-  """{impl: jitted fn(q, kp, vp, ks, vs, layer) -> out} for one prefix shared by all (one
-  node) and per-sequence suffixes, caches stacked [R,...] and read at `layer`."""
-  owner = np.zeros((b,), np.int32)
-  lp = jnp.full((1,), p, jnp.int32)
-  ls = jnp.full((b,), u, jnp.int32)
+def plan_inputs(case) -> tuple:
+  """(prefix length [1], suffix lengths [B], owners [B]) of a case (`make_case`), as device
+  arrays: the timed calls take them as inputs, as the engine passes them (built inside the
+  jitted function they are constants that XLA writes with a kernel every call: 1.6-1.7 us
+  each on the H200, experiments/results/fused_h200 run 9)."""
+  q, kp, _, ks, _ = case
+  b, p, u = q.shape[0], kp.shape[2], ks.shape[2]
+  return (jnp.full((1,), p, jnp.int32), jnp.full((b,), u, jnp.int32),
+          jnp.zeros((b,), jnp.int32))
 
-  def levels(kp, vp, ks, vs, layer):
+
+def decode_fns(b, p, u, backend):
+  """{impl: jitted fn(q, kp, vp, ks, vs, lp, ls, owner, layer) -> out} for one prefix shared
+  by all (one node) and per-sequence suffixes, caches stacked [R,...] and read at `layer`;
+  lp, ls, owner from `plan_inputs`."""
+
+  def levels(kp, vp, ks, vs, lp, ls, owner, layer):
     lv = [KVLevel(kp, vp, lp, owner, layer)]
     if u:
       lv.append(KVLevel(ks, vs, ls, None, layer))
     return lv
 
   def with_backend(bk):
-    return jax.jit(lambda q, kp, vp, ks, vs, layer: hydragen_attention(
-        q, levels(kp, vp, ks, vs, layer), backend=bk)[0])
+    return jax.jit(lambda q, kp, vp, ks, vs, lp, ls, owner, layer: hydragen_attention(
+        q, levels(kp, vp, ks, vs, lp, ls, owner, layer), backend=bk)[0])
 
   return {
       "pallas": with_backend(backend),
       "pallas_triton": with_backend(backend.configured(lowering="triton")),
-      "pallas_fused": jax.jit(lambda q, kp, vp, ks, vs, layer: pg.hydragen_attention_fused(
-          q, levels(kp, vp, ks, vs, layer), backend=backend)[0]),
+      "pallas_fused": jax.jit(
+          lambda q, kp, vp, ks, vs, lp, ls, owner, layer: pg.hydragen_attention_fused(
+              q, levels(kp, vp, ks, vs, lp, ls, owner, layer), backend=backend)[0]),
       "xla": with_backend("xla"),
   }
 
@@ -308,7 +318,7 @@ def time_peer(impl, b, p, u, h, kh, d, case, xla_fn) -> dict:
   if impl != "flashinfer":
     check_copied_fits(b, p, u, kh, d)
   us, dev, out = peers.run(impl, b, p, u, h, kh, d, case, loop=ARGS.loop, outer=ARGS.outer)
-  ref = xla_fn(*case, jnp.int32(0))
+  ref = xla_fn(*case, *plan_inputs(case), jnp.int32(0))
   return dict(us=us, device_us=dev, rel_err=_rel(out, np.asarray(ref[:, 0], np.float32)))
 
 
@@ -337,8 +347,8 @@ def time_shape(name, b, p, u, h, kh, d, ceil, impls, rows, backend, seed=0):
           fn, args, copies = _cudnn_step, (q, k[None], v[None]), 1
           t, tmin, inner = bench(CUDNN, [(q, k, v)])
         else:
-          fn, args, copies = fns[impl], case, rot
-          t, tmin, inner = bench(fn, [case + (jnp.int32(i),) for i in range(rot)])
+          fn, args, copies = fns[impl], case + plan_inputs(case), rot
+          t, tmin, inner = bench(fn, [args + (jnp.int32(i),) for i in range(rot)])
         loop = dependent_loop(lambda q, *r: fn(q, *r), ARGS.loop, ARGS.loop_unroll)
         td, _, _ = bench(loop, [args], min_batch_s=0, outer=ARGS.outer)
         measured = dict(us=t * 1e6, us_min=tmin * 1e6, device_us=td / ARGS.loop * 1e6,
@@ -607,8 +617,10 @@ def run_checks(rows):
     return failures
   # The cuDNN baseline computes the same function (sanity of the comparison).
   try:
-    q, kp, vp, ks, vs = make_case(jax.random.key(7), 8, 1024, 128, 32, 8, 128)
-    ours = decode_fns(8, 1024, 128, pg.configure())["xla"](q, kp, vp, ks, vs, jnp.int32(0))
+    case = make_case(jax.random.key(7), 8, 1024, 128, 32, 8, 128)
+    q, kp, vp, ks, vs = case
+    ours = decode_fns(8, 1024, 128, pg.configure())["xla"](*case, *plan_inputs(case),
+                                                           jnp.int32(0))
     cud = CUDNN(q, *replicated(kp[0], vp[0], ks[0], vs[0]))
     e = _rel(cud.astype(jnp.float32), ours.astype(jnp.float32))
     rows.append(dict(case="cudnn_replicated_vs_xla", variant="cudnn", rel_err_out=e, ok=e < 2e-2))

@@ -230,12 +230,7 @@ def _levels(b, p, u, kp, vp, ks, vs, layer, lp=None, ls=None, owner=None):
   return [KVLevel(kp, vp, lp, owner, layer), KVLevel(ks, vs, ls, None, layer)]
 
 
-def plan_inputs(case) -> tuple:
-  """(prefix length [1], suffix lengths [B], owners [B]) of a case, as device arrays."""
-  q, kp, _, ks, _ = case
-  b, p, u = q.shape[0], kp.shape[2], ks.shape[2]
-  return (jnp.full((1,), p, jnp.int32), jnp.full((b,), u, jnp.int32),
-          jnp.zeros((b,), jnp.int32))
+plan_inputs = ba.plan_inputs
 
 
 def hydrax_fn(b, p, u, backend):

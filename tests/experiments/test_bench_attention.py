@@ -70,3 +70,34 @@ def test_dependent_loop_unrolled_is_the_same_calls_without_a_while_loop():
   np.testing.assert_array_equal(np.asarray(rolled(q, k)), np.asarray(unrolled(q, k)))
   assert "while" in rolled.lower(q, k).as_text()
   assert "while" not in unrolled.lower(q, k).as_text()
+
+
+def test_timed_decode_calls_take_the_plan_arrays_as_inputs(monkeypatch):
+  """As in check_fused_h200: the engine passes lengths and owners as arrays, so the timed
+  decode calls take them as arguments (back to back and in the dependent loop), and use them."""
+  import argparse
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  monkeypatch.setattr(bench_attention, "ARGS", argparse.Namespace(
+      loop=2, loop_unroll=True, outer=1, budget=1e9))
+  seen = []
+  monkeypatch.setattr(bench_attention, "bench",
+                      lambda f, arg_sets, **kw: seen.append((f, arg_sets)) or (1e-6, 1e-6, 1))
+  rows = []
+  bench_attention.time_shape("t", 4, 64, 8, 4, 2, 16, {}, ["xla"], rows,
+                             bench_attention.pg.configure())
+  (_, direct), (loop, looped) = seen
+  want = [[64], [8] * 4, [0] * 4]
+  assert len(looped) == 1 and len(looped[0]) == 8
+  for a in direct + looped:
+    assert [np.asarray(x).tolist() for x in a[5:8]] == want
+  fn = bench_attention.decode_fns(4, 64, 8, bench_attention.pg.configure())["xla"]
+  args = direct[0]
+  short = fn(*args[:6], args[6].at[0].set(3), *args[7:])
+  full = fn(*args)
+  assert not np.allclose(full[0], short[0]) and np.allclose(full[1:], short[1:])
+  jax.block_until_ready(loop(*looped[0]))
+  assert rows and "device_us" in rows[0]
