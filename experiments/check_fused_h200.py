@@ -105,19 +105,19 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
      {"backend": "pallas", "path": "off"}),
     ("grouped_tree3_bf16_gqa8_stream", 40, 1, 4, 8, "bfloat16", [(1, 900), (5, 200)], 64, 2,
      {"backend": "pallas", "path": "off", "level_stream": 1}),
-    # The per-sequence level folded into the shared level's Mosaic GPU launch
-    # (`MosaicConfig.fold_suffix`): a one-node root; five nodes with traced owners and an odd
-    # batch (tiles with padding rows, a suffix of three half blocks); two queries a sequence.
+    # The per-sequence level folded into a shared level's Mosaic GPU launch
+    # (`MosaicConfig.fold_suffix`): a three-level tree (into the one-node root, the 7 nodes
+    # of the middle level, whose traced owners fix the row order, on the Triton kernel); a
+    # one-node root; five nodes with traced owners and an odd batch (tiles with padding
+    # rows, a suffix of three half blocks); two queries a sequence.
+    ("grouped_fold_tree3_bf16_gqa4", 67, 1, 8, 4, "bfloat16", [(1, 1500), (7, 300)], 128, 3,
+     {"backend": "pallas", "path": "off", "mosaic": {"fold_suffix": True}}),
     ("grouped_fold_tree2_bf16_gqa4_B256_4K", 256, 1, 8, 4, "bfloat16", [(1, 4096)], 128, 2,
      {"backend": "pallas", "path": "off", "mosaic": {"fold_suffix": True}}),
     ("grouped_fold_tree2_bf16_gqa4_N5", 67, 1, 8, 4, "bfloat16", [(5, 700)], 192, 3,
      {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {"fold_suffix": True}}),
     ("grouped_fold_tree2_bf16_gqa2_T2", 33, 2, 8, 2, "bfloat16", [(3, 333)], 64, 2,
      {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {"fold_suffix": True}}),
-    # A three-level tree: the suffixes folded into the one-node root's launch, the 7 nodes of
-    # the middle level (traced owners, which fix the row order) on the Triton kernel.
-    ("grouped_fold_tree3_bf16_gqa4", 67, 1, 8, 4, "bfloat16", [(1, 1500), (7, 300)], 128, 3,
-     {"backend": "pallas", "path": "off", "mosaic": {"fold_suffix": True}}),
 ]
 SMOKE_CHECKS = [("smoke_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
                  {"mode": "shared", "splits": 2}),
