@@ -221,7 +221,7 @@ def run_checks(cases, d=128):
 
 def _levels(b, p, u, kp, vp, ks, vs, layer, lp=None, ls=None, owner=None):
   """The decode call's levels: one prefix of P keys shared by all B sequences, suffixes of
-  U. The lengths and the owners are the call's inputs when given (`plan_inputs`), as the
+  U. The lengths and the owners are the call's inputs when given (`ba.plan_inputs`), as the
   engine passes them: built here as constants, XLA writes each with a kernel every call
   (1.6-1.7 us on the H200, run 9's profiles)."""
   owner = np.zeros((b,), np.int32) if owner is None else owner
@@ -230,11 +230,8 @@ def _levels(b, p, u, kp, vp, ks, vs, layer, lp=None, ls=None, owner=None):
   return [KVLevel(kp, vp, lp, owner, layer), KVLevel(ks, vs, ls, None, layer)]
 
 
-plan_inputs = ba.plan_inputs
-
-
 def hydrax_fn(b, p, u, backend):
-  """jit of fn(q, kp, vp, ks, vs, lp, ls, owner, layer) -> out (`plan_inputs` gives the
+  """jit of fn(q, kp, vp, ks, vs, lp, ls, owner, layer) -> out (`ba.plan_inputs` gives the
   three plan arrays)."""
   return jax.jit(lambda q, kp, vp, ks, vs, lp, ls, owner, layer: hydragen_attention(
       q, _levels(b, p, u, kp, vp, ks, vs, layer, lp, ls, owner), backend=backend)[0])
@@ -242,7 +239,7 @@ def hydrax_fn(b, p, u, backend):
 
 def _on_case(fn, case):
   """fn with the case's plan inputs bound: g(q, kp, vp, ks, vs, layer), for direct calls."""
-  plan = plan_inputs(case)
+  plan = ba.plan_inputs(case)
   return lambda q, kp, vp, ks, vs, layer: fn(q, kp, vp, ks, vs, *plan, layer)
 
 
@@ -260,7 +257,7 @@ def _time_jax(fn, case, rot):
   """(back-to-back us, device us) of fn(q, kp, vp, ks, vs, lp, ls, owner, layer) over
   rotating copies, the plan arrays passed as inputs (in the dependent loop too: closed
   over, they would be constants written by a kernel each call)."""
-  args = case + plan_inputs(case)
+  args = case + ba.plan_inputs(case)
   t, _, _ = ba.bench(fn, [args + (jnp.int32(i),) for i in range(rot)])
   loop = ba.dependent_loop(lambda q, *r: fn(q, *r), ARGS.loop, ARGS.loop_unroll)
   td, _, _ = ba.bench(loop, [args], min_batch_s=0, outer=ARGS.outer)

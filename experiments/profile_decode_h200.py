@@ -130,7 +130,7 @@ def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
   for p, b in shapes:
     case = ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d)
     fn = cf.hydrax_fn(b, p, u, backends.get("pallas", **config))
-    args = case + cf.plan_inputs(case) + (jnp.int32(0),)     # lengths, owners: inputs
+    args = case + ba.plan_inputs(case) + (jnp.int32(0),)     # lengths, owners: inputs
     with open(os.path.join(out, f"hlo_P{p}_B{b}.txt"), "w") as f:
       f.write(fn.lower(*args).compile().as_text())
     for _ in range(3):

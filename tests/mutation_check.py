@@ -133,7 +133,7 @@ MUTATIONS = [
              "sequence taken as its position in the packed order (rows sorted by node), not "
              "the sequence at that position",
              "hydrax.attention.kernels.pallas_gpu", "_suffix_tables",
-             "seq = jnp.take(jnp.asarray(layout.order, jnp.int32), seq)", "seq = seq",
+             "seq = jnp.take(jnp.asarray(order, jnp.int32), seq)", "seq = seq",
              ("mosaic_folded",)),
 ]
 

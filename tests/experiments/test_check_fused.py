@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments import check_fused_h200
+from experiments import bench_attention, check_fused_h200
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -78,7 +78,7 @@ def test_timed_calls_take_the_plan_arrays_as_inputs(monkeypatch):
                       lambda f, arg_sets, **kw: seen.append((f, arg_sets)) or (1e-6, 0, 0))
   check_fused_h200._time_jax(fn, case, 2)
   (_, direct), (loop, looped) = seen
-  lp, ls, owner = check_fused_h200.plan_inputs(case)
+  lp, ls, owner = bench_attention.plan_inputs(case)
   assert [np.asarray(x).tolist() for x in (lp, ls, owner)] == [[64], [8] * 4, [0] * 4]
   assert [len(a) for a in direct] == [9, 9] and [len(a) for a in looped] == [8]
   for a in direct + looped:

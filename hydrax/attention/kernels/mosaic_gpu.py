@@ -441,7 +441,10 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   dtype = q.dtype
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
-  arrivals = 1 if suffix is None else COMPUTE_WGS
+  # Copies a barrier waits for: the limits (and the suffix limits); a key or value block
+  # (in two halves when a suffix is folded).
+  lim_copies = 1 if suffix is None else 2
+  block_copies = 1 if suffix is None else COMPUTE_WGS
 
   def entry(tab_ref, lim_ref, q_ref, k_ref, v_ref, *rest):
     suffix_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
@@ -464,9 +467,9 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
         lambda *scoped: body(scoped),
         buffers,
         (plgpu.Barrier(num_barriers=COMPUTE_WGS),
-         plgpu.Barrier(num_arrivals=1 + (suffix is not None), num_barriers=COMPUTE_WGS),
-         plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
-         plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages)),
+         plgpu.Barrier(num_arrivals=lim_copies, num_barriers=COMPUTE_WGS),
+         plgpu.Barrier(num_arrivals=block_copies, num_barriers=stages),
+         plgpu.Barrier(num_arrivals=block_copies, num_barriers=stages)),
         (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
         collective_axes="wg",

@@ -711,6 +711,15 @@ def _layout_in(order, owner, n: int, b: int, rows_per_seq: int, block_m: int):
   return layout._replace(order=order, node=jnp.take(order, jnp.asarray(layout.node)))
 
 
+def _packed_row_limits(limits, order, g: int):
+  """Each packed row's key limit [B*T*G] (int32): limits [B,T] with the sequences in `order`
+  (None: as given), repeated over the G query heads of a KV head (`_pack`'s row order)."""
+  lim = limits.astype(jnp.int32)
+  if order is not None:
+    lim = jnp.take(lim, jnp.asarray(order), axis=0)
+  return jnp.repeat(lim.reshape(-1), g)
+
+
 def _prepare(q_shape, k, v, owner, limits, cfg: Config, layer=None,
              order=_OWN) -> _Prepared:
   """Layout and plan of one level (static, or a runtime tile table for traced owners) with
@@ -734,10 +743,7 @@ def _prepare(q_shape, k, v, owner, limits, cfg: Config, layer=None,
   plan = _plan(dataclasses.replace(cfg, block_m=bm), rows_per_node,
                _busy_tiles(layout, b * rows_per_seq), kh, s, dp, interpret, itemsize)
   layout = layout._replace(node=_offset_nodes(layout.node, offset))
-  lim = limits.astype(jnp.int32)
-  if layout.order is not None:
-    lim = jnp.take(lim, jnp.asarray(layout.order), axis=0)
-  row_limits = jnp.repeat(lim.reshape(b * t), g)
+  row_limits = _packed_row_limits(limits, layout.order, g)
   return _Prepared(layout, plan, k, v, row_limits, dp, interpret)
 
 
@@ -817,10 +823,7 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   k, v, offset = _layer_view(k, v, layer, cfg, in_place_ok=s % bk == 0)
   layout = _layout_in(order, owner, n, b, t * g, tile)
   qp = _pack(q, layout.order, kh, d)                               # [K, R, D]
-  lim = limits.astype(jnp.int32)
-  if layout.order is not None:
-    lim = jnp.take(lim, jnp.asarray(layout.order), axis=0)
-  row_limits = jnp.repeat(lim.reshape(b * t), g)                   # [R]
+  row_limits = _packed_row_limits(limits, layout.order, g)         # [R]
   r = b * t * g
   static = isinstance(layout.count, np.ndarray)
   xp = np if static else jnp
@@ -829,12 +832,15 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   valid = local < xp.asarray(layout.count)[:, None]                # [Tn, TILE]
   src = xp.where(valid, xp.asarray(layout.start)[:, None] + local, 0).reshape(-1)
   in_place = static and bool(valid.all()) and np.array_equal(src, np.arange(r))
-  if in_place:
-    qt, limt = qp, row_limits
-  else:
-    qt = jnp.take(qp, jnp.asarray(src, jnp.int32), axis=1)
-    limt = jnp.where(jnp.asarray(valid.reshape(-1)),
-                     jnp.take(row_limits, jnp.asarray(src, jnp.int32)), 0)
+
+  def tile_rows(x):
+    """A packed-row array [R] in tile rows [Tn*TILE] (0 in padding rows)."""
+    if in_place:
+      return x
+    return jnp.where(jnp.asarray(valid.reshape(-1)), jnp.take(x, jnp.asarray(src, jnp.int32)), 0)
+
+  qt = qp if in_place else jnp.take(qp, jnp.asarray(src, jnp.int32), axis=1)
+  limt = tile_rows(row_limits)
   lim2 = limt.reshape(num_tiles, tile)
   valid_j = jnp.asarray(valid)
   hi = jnp.max(lim2, axis=1)
@@ -843,7 +849,7 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   node = _offset_nodes(jnp.asarray(layout.node, jnp.int32), offset)
   sfx, suffix_hi = None, jnp.zeros((num_tiles,), jnp.int32)
   if suffix is not None:
-    sfx, suffix_hi = _suffix_tables(suffix, q.shape, layout, src, valid, num_tiles, cfg)
+    sfx, suffix_hi = _suffix_tables(suffix, q.shape, layout.order, tile_rows, num_tiles, cfg)
   tab = jnp.stack([node, lo, hi, suffix_hi], axis=1)
   if s % bk:                      # pad the capacity to whole key blocks (masked inside)
     if s > bk:
@@ -879,28 +885,21 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   return _Part(out, lse, pos, layout.order)
 
 
-def _suffix_tables(suffix, q_shape, layout: grouping.Layout, src, valid, num_tiles: int,
-                   cfg: Config):
+def _suffix_tables(suffix, q_shape, order, tile_rows, num_tiles: int, cfg: Config):
   """(`mosaic_gpu.Suffix`, the largest suffix limit of each tile [Tn]) for the per-sequence
-  level `suffix` = (k, v, limits [B,T], layer) folded into a Mosaic level whose tile row x
-  holds packed row src[x] (when valid[x]) of `layout`: a packed row's sequence is
+  level `suffix` = (k, v, limits [B,T], layer) folded into a Mosaic level whose packed rows
+  (sequences in `order`) `tile_rows` places in its tiles: a packed row's sequence is
   order[row // (T*G)], its node in the per-sequence level's cache."""
   b, t, h, _ = q_shape
   ks, vs, limits, layer = suffix
-  kh = ks.shape[-2]
-  rows = t * (h // kh)
+  g = h // ks.shape[-2]
+  rows = t * g
   ks, vs, offset = _layer_view(ks, vs, layer, cfg)
-  lim = limits.astype(jnp.int32)
-  if layout.order is not None:
-    lim = jnp.take(lim, jnp.asarray(layout.order), axis=0)
-  row_lim = jnp.repeat(lim.reshape(b * t), h // kh)                  # [R] packed rows
-  src = jnp.asarray(src, jnp.int32)
-  valid = jnp.asarray(valid).reshape(-1)
-  slim = jnp.where(valid, jnp.take(row_lim, src), 0)                # [Tn*TILE] tile rows
-  seq = src // rows
-  if layout.order is not None:
-    seq = jnp.take(jnp.asarray(layout.order, jnp.int32), seq)
-  seq = jnp.where(valid, seq, 0)
+  slim = tile_rows(_packed_row_limits(limits, order, g))           # [Tn*TILE]
+  seq = jnp.arange(b * rows, dtype=jnp.int32) // rows
+  if order is not None:
+    seq = jnp.take(jnp.asarray(order, jnp.int32), seq)
+  seq = tile_rows(seq)                                              # (padding rows: 0)
   groups = mosaic_gpu.BLOCK_Q // rows
   shape = (num_tiles, mosaic_gpu.COMPUTE_WGS, groups, rows)
   node = _offset_nodes(seq.reshape(shape)[..., 0], offset)
