@@ -23,6 +23,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 from hypothesis import event, given, strategies as st
@@ -93,7 +94,8 @@ CALLS = []          # one dict per (traced) call of the emulator
 
 
 def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
-                           blocks_per_split, interpret=False, suffix=None):
+                           blocks_per_split, interpret=False, suffix=None, stagger=False,
+                           layer=None):
   """`mosaic_gpu.tile_attention`'s contract: out [P,K,R,D] in q's dtype (normalised per split),
   lse [P,K,R] float32 (natural log; -inf and out 0 for a row that sees no key of the split).
 
@@ -105,7 +107,18 @@ def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages,
   With `suffix` (a mosaic_gpu.Suffix): row r also sees, in the split that takes its row group
   (`_suffix_group`), the keys of its group's node in the suffix cache below its suffix limit;
   a tile whose 4th column is not the largest suffix limit of its rows, and a group whose
-  table entry is not (a node, the largest suffix limit of its rows), are poisoned."""
+  table entry is not (a node, the largest suffix limit of its rows), are poisoned.
+  Stacked caches ([L,N,S,K,D]) are read at `layer` (suffix.layer), nodes within the layer."""
+  assert (k.ndim == 5) == (layer is not None), "a stacked cache and its layer go together"
+  stacked = (layer is not None, suffix is not None and suffix.layer is not None)
+  if layer is not None:
+    k, v = (lax.dynamic_index_in_dim(x, layer, 0, keepdims=False) for x in (k, v))
+  if suffix is not None:
+    assert (suffix.k.ndim == 5) == (suffix.layer is not None)
+    if suffix.layer is not None:
+      suffix = suffix._replace(layer=None, **{
+          f: lax.dynamic_index_in_dim(getattr(suffix, f), suffix.layer, 0, keepdims=False)
+          for f in ("k", "v")})
   kh, r, d = q.shape
   n, s, kh2, d2 = k.shape
   assert q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == v.dtype == q.dtype
@@ -114,11 +127,12 @@ def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages,
   assert tab.shape == (r // TILE, 4) and row_limits.shape == (r,)
   assert tab.dtype == jnp.int32 and row_limits.dtype == jnp.int32
   nblk = s // block_kv
-  assert stages >= 1 and splits >= 1 and blocks_per_split >= 1
+  assert stages >= 1 and splits >= 1 and blocks_per_split >= 1 and isinstance(stagger, bool)
   assert splits * blocks_per_split >= nblk, "some key blocks belong to no split"
   assert (splits - 1) * blocks_per_split < nblk, "an empty split"
   CALLS.append(dict(shape=(kh, r, d, n, s), block_kv=block_kv, splits=splits,
-                    bps=blocks_per_split, interpret=interpret, suffix=suffix is not None))
+                    bps=blocks_per_split, interpret=interpret, suffix=suffix is not None,
+                    stacked=stacked, stagger=stagger))
   tn = r // TILE
   node, lo, hi = tab[:, 0], tab[:, 1], tab[:, 2]
   lim = row_limits.reshape(tn, TILE)
@@ -268,17 +282,24 @@ def test_kernel_interpret_matches_split_reference(name):
   _check_splits(out, lse, *ref, _rows_to_check(tab, real), q.dtype)
 
 
-def _folded_case():
+def _folded_case(long_root: bool = False):
   """q, k, v, tab, row_limits, suffix, real rows, kwargs of a direct call with a folded
   suffix: tile 0 (node 1) full, 16 sequences of 8 rows, root limits 200..384 (the first key
   block unmasked); tile 1 (node 0) 5 sequences and 88 padding rows; a root of 3 key blocks
   in 2 splits; suffix nodes out of order in a cache of 25, capacity 192 (three half blocks),
   lengths with 0, 192, 70, each sequence's rows limited causally below its length, NaN past
-  every suffix length and past each node's largest limit."""
+  every suffix length and past each node's largest limit.
+
+  long_root: a root of 6 key blocks (limits 641..768: 3 blocks each split), 32 rows a
+  sequence (one row group a split), suffixes of one half block (capacity 64): a split runs
+  one suffix step among three node steps, so a staggered CTA (tile 1, split 1: phase 12 of
+  16) runs a node step before its first suffix step."""
   rng = np.random.default_rng(21)
   kh, d, n, s, ss, ns, rows = 1, 64, 2, 384, 192, 25, 8
+  counts, nodes, low = (128, 40), (1, 0), (200, 1)
+  if long_root:
+    s, ss, rows, counts, low = 768, 64, 32, (128, 64), (641, 641)
   dtype = jnp.bfloat16
-  counts, nodes = (128, 40), (1, 0)
   q = jnp.asarray(rng.standard_normal((kh, 2 * TILE, d)), dtype)
   k = rng.standard_normal((n, s, kh, d)).astype(np.float32)
   v = rng.standard_normal((n, s, kh, d)).astype(np.float32)
@@ -288,13 +309,13 @@ def _folded_case():
   real = np.zeros(2 * TILE, bool)
   seq_node = rng.permutation(ns).astype(np.int32)
   lengths = rng.integers(0, ss + 1, size=ns).astype(np.int32)
-  lengths[seq_node[:3]] = (0, ss, 70)
+  lengths[seq_node[:3]] = (0, ss, min(70, ss - 3))
   tab = np.zeros((2, 4), np.int32)
   table = np.zeros((2, 2, 64 // rows, 2), np.int32)
   seq = 0
   for x, (count, node) in enumerate(zip(counts, nodes)):
     span = slice(x * TILE, x * TILE + count)
-    lim[span] = rng.integers(200 if x == 0 else 1, s + 1, size=count)
+    lim[span] = rng.integers(low[x], s + 1, size=count)
     real[span] = True
     for row0 in range(x * TILE, x * TILE + count, rows):
       length = lengths[seq_node[seq]]
@@ -310,7 +331,8 @@ def _folded_case():
     vs[node, lengths[node]:] = np.nan
   suffix = mosaic_gpu.Suffix(jnp.asarray(ks, dtype), jnp.asarray(vs, dtype), jnp.asarray(slim),
                              jnp.asarray(table), rows)
-  kw = dict(scale=d ** -0.5, block_kv=128, stages=2, splits=2, blocks_per_split=2)
+  kw = dict(scale=d ** -0.5, block_kv=128, stages=2, splits=2,
+            blocks_per_split=3 if long_root else 2)
   return (q, jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(tab), jnp.asarray(lim),
           suffix, real, kw)
 
@@ -338,11 +360,23 @@ def test_emulator_folded_matches_split_reference():
 
 
 @pytest.mark.slow
-def test_folded_kernel_interpret_matches_split_reference():
+@pytest.mark.parametrize("stages,stagger,stacked,long_root", [
+    (2, False, False, False), (3, True, True, False), (2, True, False, True)])
+def test_folded_kernel_interpret_matches_split_reference(stages, stagger, stacked, long_root):
   """The kernel with a folded suffix (interpret mode, 4 programs): each split's rows over
-  their node's keys of the split and the suffixes of the split's row groups."""
-  q, k, v, tab, lim, suffix, real, kw = _folded_case()
-  out, lse = mosaic_gpu.tile_attention(q, k, v, tab, lim, interpret=True, suffix=suffix, **kw)
+  their node's keys of the split and the suffixes of the split's row groups; with 3 stages,
+  the suffix steps staggered between CTAs, and both caches stacked [2,...] read at layer 1
+  (layer 0 all NaN) too; a staggered long root (node steps before the first suffix step)."""
+  q, k, v, tab, lim, suffix, real, kw = _folded_case(long_root)
+  kw = dict(kw, stages=stages)
+  run = dict(k=k, v=v, suffix=suffix, layer=None)
+  if stacked:
+    layer = jnp.int32(1)
+    on_nan = lambda x: jnp.stack([jnp.full_like(x, jnp.nan), x])
+    run = dict(k=on_nan(k), v=on_nan(v), layer=layer,
+               suffix=suffix._replace(k=on_nan(suffix.k), v=on_nan(suffix.v), layer=layer))
+  out, lse = mosaic_gpu.tile_attention(q, tab=tab, row_limits=lim, interpret=True,
+                                       stagger=stagger, **run, **kw)
   assert not np.isnan(np.asarray(out.astype(jnp.float32))).any()
   assert not np.isnan(np.asarray(lse)).any()
   _check_splits(out, lse, *_folded_reference(q, k, v, tab, lim, suffix, kw),
@@ -379,6 +413,11 @@ def test_kernel_static_checks_and_budget():
     mosaic_gpu.tile_attention(q, k, k, tab, lim, **kw)
   with pytest.raises(ValueError, match="multiple of 128"):
     mosaic_gpu.tile_attention(q[:, :100], k[:, :64], k[:, :64], tab, lim[:100], **kw)
+  k64 = k[:, :64]
+  with pytest.raises(ValueError, match=r"k \[2, 1, 64, 1, 64\] is stacked .*: pass its layer"):
+    mosaic_gpu.tile_attention(q, jnp.stack([k64] * 2), jnp.stack([k64] * 2), tab, lim, **kw)
+  with pytest.raises(ValueError, match=r"k \[1, 64, 1, 64\] is not stacked: layer must be None"):
+    mosaic_gpu.tile_attention(q, k64, k64, tab, lim, layer=jnp.int32(0), **kw)
   assert mosaic_gpu.unsupported_reason(jnp.bfloat16, 128, 128) is None
   assert mosaic_gpu.unsupported_reason(jnp.float16, 64, 64) is None
   assert "float32" in mosaic_gpu.unsupported_reason(jnp.float32, 128, 128)
@@ -489,7 +528,8 @@ def mosaic_trees(draw):
   mosaic = dict(splits=draw(st.sampled_from([3, 2, 1])),
                 block_kv=128 if shaped else draw(st.sampled_from([64, 128])),
                 stages=draw(st.sampled_from([2, 3])),
-                fold_suffix=shaped or draw(st.booleans()))
+                fold_suffix=shaped or draw(st.booleans()),
+                suffix_stagger=draw(st.booleans()))
   return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans())
 
 
@@ -503,7 +543,8 @@ def test_wrapper_with_emulated_kernel_matches_oracle(case):
   _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
   # Every level with keys ran on the (emulated) Mosaic kernel, its keys padded to whole
   # blocks and cut in at most the forced number of splits; a stacked cache (traced case) of
-  # whole key blocks is read in place (3 * N nodes), else its layer is sliced and padded.
+  # whole key blocks goes to the kernel whole with its layer, else its layer is sliced and
+  # padded (a folded suffix's stack, of whole 64-key halves, always goes whole).
   # A per-sequence level beside one shared level is folded into its launch when asked and
   # the kernel takes it (128-key blocks, T*G dividing 64, a capacity of whole 64-key halves).
   # Calls with two levels whose owners spread over several nodes run level by level, unfolded.
@@ -523,30 +564,44 @@ def test_wrapper_with_emulated_kernel_matches_oracle(case):
   for k, *_ in live[:len(live) - folded]:
     s = k.shape[1]
     in_place = traced and s % mosaic["block_kv"] == 0
-    expect.append((-(-s // mosaic["block_kv"]) * mosaic["block_kv"],
-                   3 * k.shape[0] if in_place else k.shape[0]))
-  assert {(c["shape"][4], c["shape"][3]) for c in calls} == set(expect)
+    expect.append((-(-s // mosaic["block_kv"]) * mosaic["block_kv"], k.shape[0], in_place))
+  assert {(c["shape"][4], c["shape"][3], c["stacked"][0]) for c in calls} == set(expect)
   for call in calls:
+    assert call["stacked"][1] == (call["suffix"] and traced)
+    assert call["stagger"] == (call["suffix"] and mosaic["suffix_stagger"])
     assert call["block_kv"] == mosaic["block_kv"]
     assert call["splits"] <= min(mosaic["splits"], call["shape"][4] // mosaic["block_kv"])
 
 
-def test_wrapper_full_tiles_in_place_and_combine():
-  """Tiles exactly full (the in-place path: no gather), several tiles per node, 3 splits."""
+@pytest.mark.parametrize("fold", [False, True])
+def test_wrapper_full_tiles_in_place_and_combine(fold):
+  """Tiles exactly full (the in-place path: no gather; the tiles' and row groups' bounds taken
+  from the sequences' limits), several tiles per node, 3 splits; the suffix folded in or
+  not (the emulator poisons a tile or group whose bound is wrong)."""
   rng = np.random.default_rng(11)
   b, t, kh, g, d = 8, 4, 2, 8, 64            # 32 rows per sequence: 4 sequences per tile
+  cap = 128 if fold else 70
   owner = np.array([0, 0, 0, 0, 1, 1, 1, 1], np.int32)
   levels = [(rng.standard_normal((2, 300, kh, d)), rng.standard_normal((2, 300, kh, d)),
              np.array([300, 177], np.int32), owner),
-            (rng.standard_normal((b, 70, kh, d)), rng.standard_normal((b, 70, kh, d)),
-             rng.integers(0, 71, size=b).astype(np.int32), None)]
+            (rng.standard_normal((b, cap, kh, d)), rng.standard_normal((b, cap, kh, d)),
+             rng.integers(0, cap + 1, size=b).astype(np.int32), None)]
   q = rng.standard_normal((b, t, kh * g, d))
+  mosaic = {"splits": 3, "block_kv": 128 if fold else 64, "fold_suffix": fold}
   for causal in (True, False):
     with emulated() as calls:
       out, lse = _run(q, levels, causal, jnp.bfloat16,
-                      pg.configure(lowering="mosaic", mosaic={"splits": 3, "block_kv": 64}))
+                      pg.configure(lowering="mosaic", mosaic=mosaic))
     _check(out, lse, *_expect(q, levels, causal, jnp.bfloat16), jnp.bfloat16)
-    assert [c["splits"] for c in calls] == [3, 2]      # the suffix has only 2 blocks
+    # (the suffix has only 2 blocks; a folded one runs in the root's 3 splits)
+    assert [(c["splits"], c["suffix"]) for c in calls] == ([(3, True)] if fold
+                                                           else [(3, False), (2, False)])
+  # The shared level alone, causal: its rows' limits differ within a tile (T = 4).
+  with emulated() as calls:
+    out, lse = _run(q, levels[:1], True, jnp.bfloat16,
+                    pg.configure(lowering="mosaic", mosaic=mosaic))
+  _check(out, lse, *_expect(q, levels[:1], True, jnp.bfloat16), jnp.bfloat16)
+  assert len(calls) == 1
 
 
 # --- end to end in interpret mode (the real kernel) ----------------------------------------
@@ -562,7 +617,7 @@ def test_stacked_layer_through_interpreted_kernel(monkeypatch):
   real = mosaic_gpu.tile_attention
 
   def spy(*args, **kwargs):
-    calls.append((args[1].shape, args[3].shape))
+    calls.append((args[1].shape, args[3].shape, kwargs["layer"] is not None))
     return real(*args, **kwargs)
 
   pg.clear_jit_caches()
@@ -581,7 +636,7 @@ def test_stacked_layer_through_interpreted_kernel(monkeypatch):
                                   scale=d ** -0.5, config=cfg, layer=jnp.int32(1))
   finally:
     pg.clear_jit_caches()
-  assert calls == [((2 * n, s, kh, d), (2, 4))]        # the stack in place; a tile per node
+  assert calls == [((2, n, s, kh, d), (2, 4), True)]   # the stack in place; a tile per node
   keys, values = oracle.concat_levels([(_f64(ks[1]), _f64(vs[1]), lengths, owner)])
   ref = oracle.dense(_f64(q), keys, values, causal=False)
   _check(out.astype(jnp.bfloat16), lse, *ref, jnp.bfloat16)

@@ -23,8 +23,9 @@ does, and logs it once).
 The tile table `tab` is an input array (compile-time constant or computed at run time: the
 caller's choice), so traced owners need no recompilation; a tile with hi = 0 (an unused tile
 of a runtime table with a static bound) runs no key block and only writes out = 0, lse = -inf.
-A stacked cache [L,N,S,K,D] is passed as [L*N,S,K,D] (a bitcast) with the layer's offset
-layer*N in the table's nodes: TMA then reads the layer in place.
+A stacked cache [L,N,S,K,D] is passed whole with its layer (a traced scalar): the kernel sees
+it as [L*N,S,K,D] (a bitcast) and adds layer*N to the table's nodes, so TMA reads the layer
+in place and the tables do not depend on the layer.
 
 Outputs: out [P,K,R,D] in q's dtype (normalised per split), lse [P,K,R] float32, natural log.
 The caller merges the P splits through their LSEs (`flash.combine_splits`).
@@ -67,6 +68,7 @@ BLOCK_Q = 64          # rows per compute warpgroup (the wgmma M)
 COMPUTE_WGS = 2
 TILE = BLOCK_Q * COMPUTE_WGS
 HALF = 64             # keys of a folded suffix block (half a slot: one compute warpgroup's)
+STAGGER_PHASES = 16   # phases of the folded suffix steps (`MosaicConfig.suffix_stagger`)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -75,13 +77,20 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 class MosaicConfig:
   """Tuning knobs of the Mosaic GPU kernel (defaults: the best of the H200 sweep)."""
   block_kv: int = 128       # keys per block (a multiple of 64)
-  stages: int = 2           # key/value blocks in flight (shared memory: see `smem_bytes`)
+  # Key/value blocks in flight (shared memory: see `smem_bytes`). With D = 128 and a folded
+  # suffix, 3 stages exceed the H200's 227 KiB a CTA (234,632 bytes; run 11).
+  stages: int = 2
   splits: Optional[int] = None   # P; None: enough CTAs to fill the GPU
   min_rows_per_node: int = 96    # shared levels with fewer rows per node go to Triton
   # A call of one shared level (on this kernel) and the per-sequence level runs both in one
   # launch: each CTA attends its tile's suffixes among its node's keys (`Suffix`). On the
   # H200 0.80-0.94x the device time of the two kernels at B = 256 (run 10).
   fold_suffix: bool = True
+  # Folded suffix steps placed at a different fraction of a node step in each CTA
+  # (`tile_attention(stagger=)`), so that CTAs running in step do not all read their
+  # suffixes from HBM at the same moment. No faster on the H200 (run 11: 0.97-1.02x the
+  # device time at B = 256, within the spread of repeats), so off.
+  suffix_stagger: bool = False
 
 
 def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
@@ -100,20 +109,22 @@ def unsupported_reason(dtype, d: int, block_kv: int) -> Optional[str]:
   return None
 
 
-def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref, scoped, *,
-            block_kv: int, stages: int, blocks_per_split: int, scale_log2: float,
-            interpret: bool, seq_rows: int, splits: int):
+def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref,
+            scoped, *, block_kv: int, stages: int, blocks_per_split: int, scale_log2: float,
+            interpret: bool, seq_rows: int, splits: int, stagger: bool, layer_nodes: tuple):
   """One CTA: tile `tile`, KV head `kvh`, key split `split`; warpgroup `wg` (2 = memory).
 
-  tab [Tn, 4] int32 (node, lo, hi, suffix hi); lim [R] int32; q [K,R,D]; k, v [N,S,K,D];
-  o [P,K,R,D]; lse [P,K,R] float32. suffix_refs: () or (slim [R] int32, stab [Tn,2,J,2]
-  int32, ks, vs [Ns,Ss,K,D]): see `tile_attention`.
+  tab [Tn, 4] int32 (node, lo, hi, suffix hi); lim [R] int32; layer [1] int32; q [K,R,D];
+  k, v [L*N,S,K,D]; o [P,K,R,D]; lse [P,K,R] float32. suffix_refs: () or (slim [R] int32,
+  stab [Tn,2,J,2] int32, suffix layer [1] int32, ks, vs [Ls*Ns,Ss,K,D]): see
+  `tile_attention`. layer_nodes: (N, Ns) of stacked caches (0: not stacked): the tables'
+  nodes move by layer * N.
   """
   (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2, *slim_smem2), bars, free_bars, sched = scoped
   q_bar, lim_bar, k_bar, v_bar = bars
   fused = bool(suffix_refs)
   if fused:
-    slim_ref, stab_ref, ks_ref, vs_ref = suffix_refs
+    slim_ref, stab_ref, slayer_ref, ks_ref, vs_ref = suffix_refs
     (slim_smem2,) = slim_smem2
   k_free, v_free = free_bars
   kvh, tile, split = lax.axis_index("kvh"), lax.axis_index("tile"), lax.axis_index("split")
@@ -123,6 +134,8 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref, 
   # Layout hints are for the lowering; the GPU interpreter has no rule for them.
   cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
   node, lo, hi = tab_ref[tile, 0], tab_ref[tile, 1], tab_ref[tile, 2]
+  if layer_nodes[0]:
+    node = node + layer_ref[0] * layer_nodes[0]
   bk = jnp.int32(block_kv)
   b0 = split * blocks_per_split
   b1 = jnp.minimum(b0 + blocks_per_split, lax.div(hi + bk - 1, bk))
@@ -147,8 +160,19 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref, 
       """(row group, block) of suffix step u."""
       return j0 + lax.div(u, nsb), lax.rem(u, nsb)
 
+    # Suffix step u comes after root_before(u) = floor((u + f) * nroot / (nsuf + 1)) node
+    # steps, f in [0, 1): 0, or with `stagger` a fraction of STAGGER_PHASES that differs
+    # between neighbouring CTAs (monotone in u, and root_before(nsuf) <= nroot for any f).
+    # The chunk before suffix step 0 starts at node step 0 whatever f: chunk u runs node
+    # steps [start(u), root_before(u + 1)) with start(0) = 0, start(u) = root_before(u).
+    phase = (lax.rem(tile * 5 + kvh * 3 + split * 7, jnp.int32(STAGGER_PHASES)) if stagger
+             else jnp.int32(0))
+
     def root_before(u):
-      return lax.div(u * nroot, nsuf + 1)
+      return lax.div((u * STAGGER_PHASES + phase) * nroot, (nsuf + 1) * STAGGER_PHASES)
+
+    def chunk_start(u):
+      return jnp.where(u == 0, 0, root_before(u))
 
   def block_start(step):
     return (b0 + step) * bk
@@ -297,7 +321,7 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref, 
     carry = (acc, m_i, l_i, jnp.int32(0))
     if fused:
       def chunk(u, carry):
-        carry = node_steps(root_before(u), root_before(u + 1), carry)
+        carry = node_steps(chunk_start(u), root_before(u + 1), carry)
         return step(u, carry, masked=True, suffix=True)
 
       carry = lax.fori_loop(0, nsuf, chunk, carry)
@@ -357,13 +381,15 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref, 
         return lax.fori_loop(a, b, lambda k, i: load(i, [
             ((k_ref, v_ref), node, block_start(k) + h * HALF) for h in range(COMPUTE_WGS)]), i)
 
+      snode0 = slayer_ref[0] * layer_nodes[1] if layer_nodes[1] else 0
+
       def suffix_load(u, i):
         j, c = suffix_block(u)
-        return load(i, [((ks_ref, vs_ref), stab_ref[tile, h, j, 0], c * HALF)
+        return load(i, [((ks_ref, vs_ref), stab_ref[tile, h, j, 0] + snode0, c * HALF)
                         for h in range(COMPUTE_WGS)])
 
       def chunk_loads(u, i):
-        return suffix_load(u, node_loads(root_before(u), root_before(u + 1), i))
+        return suffix_load(u, node_loads(chunk_start(u), root_before(u + 1), i))
 
       i = lax.fori_loop(0, nsuf, chunk_loads, jnp.int32(0))
       node_loads(root_before(nsuf), nroot, i)
@@ -381,8 +407,9 @@ def _kernel(tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref, 
 class Suffix(NamedTuple):
   """The per-sequence level folded into `tile_attention` (one launch for both levels).
 
-  k, v [Ns,Ss,K,D] (Ss a multiple of HALF); row_limits [Tn*TILE] int32, each tile row's
-  key limit in its sequence's suffix (0 for padding rows); table [Tn, 2, J, 2] int32: for
+  k, v [Ns,Ss,K,D] (Ss a multiple of HALF), or stacked [Ls,Ns,Ss,K,D] read at `layer`
+  (int32 scalar, may be traced; the table's nodes counted within the layer); row_limits
+  [Tn*TILE] int32, each tile row's key limit in its sequence's suffix (0 for padding rows); table [Tn, 2, J, 2] int32: for
   tile t, compute warpgroup h and row group j (rows t*TILE + h*BLOCK_Q + j*seq_rows onward,
   J = BLOCK_Q // seq_rows), the group's node in k, v and the largest limit of its rows;
   seq_rows: rows of one sequence (T*G, a power of two <= BLOCK_Q). A tile's 4th table
@@ -392,6 +419,24 @@ class Suffix(NamedTuple):
   row_limits: jax.Array
   table: jax.Array
   seq_rows: int
+  layer: Optional[object] = None
+
+
+def _stacked(name: str, k, v, layer):
+  """(k, v as [L*N,S,K,D], layer as int32 [1], N) of stacked caches [L,N,S,K,D] read at
+  `layer` (merging the leading axes of a row-major array is a bitcast, not a copy); for
+  [N,S,K,D] (k, v, int32 [1] zero, 0)."""
+  if k.ndim == 5:
+    if layer is None:
+      raise ValueError(f"{name} {list(k.shape)} is stacked [L,N,S,K,D]: pass its layer")
+    l, n = k.shape[:2]
+    return (k.reshape((l * n,) + k.shape[2:]), v.reshape((l * n,) + v.shape[2:]),
+            jnp.asarray(layer, jnp.int32).reshape(1), n)
+  if k.ndim != 4:
+    raise ValueError(f"{name} {list(k.shape)}: expected [N,S,K,D] or stacked [L,N,S,K,D]")
+  if layer is not None:
+    raise ValueError(f"{name} {list(k.shape)} is not stacked: layer must be None")
+  return k, v, jnp.zeros((1,), jnp.int32), 0
 
 
 def suffix_unsupported_reason(block_kv: int, seq_rows: int, capacity: int) -> Optional[str]:
@@ -407,15 +452,21 @@ def suffix_unsupported_reason(block_kv: int, seq_rows: int, capacity: int) -> Op
 
 def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, stages: int,
                    splits: int, blocks_per_split: int, interpret: bool = False,
-                   suffix: Optional[Suffix] = None):
+                   suffix: Optional[Suffix] = None, stagger: bool = False, layer=None):
   """Runs the kernel. q [K, Tn*TILE, D] (rows of one node per tile), k, v [N,S,K,D] with
   S a multiple of block_kv, tab [Tn, 4] int32 (node, lo, hi, suffix hi) with lo/hi the min/max
   key limit of the tile's real rows, row_limits [Tn*TILE] int32 (0 for padding rows).
+  Stacked caches: k, v [L,N,S,K,D] and `layer` (int32 scalar, may be traced) read layer
+  `layer` in place, the table's nodes counted within the layer: the tables of all layers
+  of a decode step are the same arrays (XLA does not hoist them out of a `lax.scan` over
+  the layers by itself: H200 run 11).
   With `suffix` (a `Suffix`), split p also attends row group j's sequence in the suffix
   cache for the groups p*ceil(J/P) <= j < (p+1)*ceil(J/P), in the same softmax: the
-  splits' merge then gives both levels merged.
+  splits' merge then gives both levels merged; `stagger` shifts where its suffix steps fall
+  among the node's by a fraction of a step that differs between CTAs.
   Returns out [P,K,Tn*TILE,D] in q's dtype and lse [P,K,Tn*TILE] float32 (natural log)."""
   kh, r, d = q.shape
+  k, v, layer, n_stacked = _stacked("k", k, v, layer)
   n, s, _, _ = k.shape
   if r % TILE:
     raise ValueError(f"q rows ({r}) must be a multiple of {TILE} (tiles of one node)")
@@ -423,7 +474,10 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
     raise ValueError(f"k/v capacity S={s} must be a positive multiple of block_kv={block_kv}")
   num_tiles = r // TILE
   seq_rows = 1
+  ns_stacked = 0
   if suffix is not None:
+    ks, vs, slayer, ns_stacked = _stacked("suffix.k", suffix.k, suffix.v, suffix.layer)
+    suffix = suffix._replace(k=ks, v=vs, layer=slayer)
     seq_rows = suffix.seq_rows
     reason = suffix_unsupported_reason(block_kv, seq_rows, suffix.k.shape[1])
     if reason is not None:
@@ -446,7 +500,7 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   lim_copies = 1 if suffix is None else 2
   block_copies = 1 if suffix is None else COMPUTE_WGS
 
-  def entry(tab_ref, lim_ref, q_ref, k_ref, v_ref, *rest):
+  def entry(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, *rest):
     suffix_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
     buffers = [
         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, d), dtype, transforms=(tiling, swizzle)),
@@ -457,12 +511,12 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
     ]
     if suffix_refs:
       buffers.append(plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32))
-    body = functools.partial(_kernel, tab_ref, lim_ref, q_ref, k_ref, v_ref, suffix_refs,
-                             o_ref, lse_ref,
+    body = functools.partial(_kernel, tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref,
+                             suffix_refs, o_ref, lse_ref, layer_nodes=(n_stacked, ns_stacked),
                              block_kv=block_kv, stages=stages,
                              blocks_per_split=blocks_per_split,
                              scale_log2=float(scale) * LOG2E, interpret=interpret,
-                             seq_rows=seq_rows, splits=splits)
+                             seq_rows=seq_rows, splits=splits, stagger=stagger)
     pl.run_scoped(
         lambda *scoped: body(scoped),
         buffers,
@@ -479,7 +533,8 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   if interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     kwargs["interpret"] = InterpretGPUParams()
-  extra = () if suffix is None else (suffix.row_limits, suffix.table, suffix.k, suffix.v)
+  extra = () if suffix is None else (suffix.row_limits, suffix.table, suffix.layer, suffix.k,
+                                     suffix.v)
   out, lse = plgpu.kernel(
       entry,
       out_type=(jax.ShapeDtypeStruct((splits, kh, r, d), dtype),
@@ -490,5 +545,5 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **kwargs,
-  )(tab, row_limits, q, k, v, *extra)
+  )(tab, row_limits, layer, q, k, v, *extra)
   return out, lse

@@ -820,7 +820,11 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   tile = mosaic_gpu.TILE
   bk = mc.block_kv
   nblk = -(-s // bk)
-  k, v, offset = _layer_view(k, v, layer, cfg, in_place_ok=s % bk == 0)
+  # A stacked cache read in place goes to the kernel whole, with its layer: the tables then
+  # do not depend on the layer (see `mosaic_gpu.tile_attention`).
+  layer_in_place = layer is not None and cfg.layer_in_place and s % bk == 0
+  if not layer_in_place:
+    k, v, _ = _layer_view(k, v, layer, cfg, in_place_ok=False)
   layout = _layout_in(order, owner, n, b, t * g, tile)
   qp = _pack(q, layout.order, kh, d)                               # [K, R, D]
   row_limits = _packed_row_limits(limits, layout.order, g)         # [R]
@@ -846,7 +850,7 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   hi = jnp.max(lim2, axis=1)
   lo = jnp.min(jnp.where(valid_j, lim2, jnp.iinfo(jnp.int32).max), axis=1)
   lo = jnp.where(hi > 0, lo, 0)
-  node = _offset_nodes(jnp.asarray(layout.node, jnp.int32), offset)
+  node = jnp.asarray(layout.node, jnp.int32)
   sfx, suffix_hi = None, jnp.zeros((num_tiles,), jnp.int32)
   if suffix is not None:
     sfx, suffix_hi = _suffix_tables(suffix, q.shape, layout.order, tile_rows, num_tiles, cfg)
@@ -871,7 +875,8 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   splits = -(-nblk // bps)
   out, lse = mosaic_gpu.tile_attention(
       qt, k, v, tab, limt, scale=scale, block_kv=bk, stages=mc.stages, splits=splits,
-      blocks_per_split=bps, interpret=interpret, suffix=sfx)
+      blocks_per_split=bps, interpret=interpret, suffix=sfx,
+      stagger=mc.suffix_stagger and sfx is not None, layer=layer if layer_in_place else None)
   # [P, K, Tn*TILE, D], [P, K, Tn*TILE]
   pos = None
   if not in_place:
@@ -894,7 +899,9 @@ def _suffix_tables(suffix, q_shape, order, tile_rows, num_tiles: int, cfg: Confi
   ks, vs, limits, layer = suffix
   g = h // ks.shape[-2]
   rows = t * g
-  ks, vs, offset = _layer_view(ks, vs, layer, cfg)
+  if layer is not None and not cfg.layer_in_place:
+    ks, vs, _ = _layer_view(ks, vs, layer, cfg)
+    layer = None
   slim = tile_rows(_packed_row_limits(limits, order, g))           # [Tn*TILE]
   seq = jnp.arange(b * rows, dtype=jnp.int32) // rows
   if order is not None:
@@ -902,9 +909,8 @@ def _suffix_tables(suffix, q_shape, order, tile_rows, num_tiles: int, cfg: Confi
   seq = tile_rows(seq)                                              # (padding rows: 0)
   groups = mosaic_gpu.BLOCK_Q // rows
   shape = (num_tiles, mosaic_gpu.COMPUTE_WGS, groups, rows)
-  node = _offset_nodes(seq.reshape(shape)[..., 0], offset)
-  table = jnp.stack([node, slim.reshape(shape).max(axis=-1)], axis=-1)
-  return (mosaic_gpu.Suffix(ks, vs, slim, table, rows),
+  table = jnp.stack([seq.reshape(shape)[..., 0], slim.reshape(shape).max(axis=-1)], axis=-1)
+  return (mosaic_gpu.Suffix(ks, vs, slim, table, rows, layer),
           slim.reshape(num_tiles, mosaic_gpu.TILE).max(axis=1))
 
 
