@@ -118,6 +118,14 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
      {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {"fold_suffix": True}}),
     ("grouped_fold_tree2_bf16_gqa2_T2", 33, 2, 8, 2, "bfloat16", [(3, 333)], 64, 2,
      {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {"fold_suffix": True}}),
+    # The same with the suffix steps staggered between CTAs (`MosaicConfig.suffix_stagger`),
+    # and a one-node root of 16K (node steps before a staggered CTA's first suffix step).
+    ("grouped_fold_tree2_bf16_gqa4_N5_stagger", 67, 1, 8, 4, "bfloat16", [(5, 700)], 192, 3,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic",
+      "mosaic": {"fold_suffix": True, "suffix_stagger": True}}),
+    ("grouped_fold_tree2_bf16_gqa4_B256_16K_stagger", 256, 1, 8, 4, "bfloat16", [(1, 16384)],
+     128, 2, {"backend": "pallas", "path": "off",
+              "mosaic": {"fold_suffix": True, "suffix_stagger": True}}),
 ]
 SMOKE_CHECKS = [("smoke_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
                  {"mode": "shared", "splits": 2}),
@@ -375,8 +383,7 @@ def time_shapes(shapes, h, kh, d, u, impls):
           us, dev = t * 1e6, td / ARGS.loop * 1e6
           del k, v
         elif impl in peers:
-          timed = ba.time_peer(impl, b, p, u, h, kh, d, case,
-                               _on_case(hydrax_fn(b, p, u, "xla"), case))
+          timed = ba.time_peer(impl, b, p, u, h, kh, d, case, hydrax_fn(b, p, u, "xla"))
           us, dev, extra["rel_err"] = timed["us"], timed["device_us"], timed["rel_err"]
         else:
           raise ValueError(f"unknown impl {impl!r}")

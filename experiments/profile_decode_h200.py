@@ -18,6 +18,12 @@ alone, then parse its CSV:
       --shapes 16384x256,4096x256 --out $OUT
     python3 experiments/profile_decode_h200.py --parse $OUT/ncu.csv --shapes 16384x256,4096x256
 
+With `--layers L` (> 1) a call is the engine's form of a decode step's attention: a
+`lax.scan` over L layers of stacked caches, each layer's q the previous layer's output, the
+lengths and owners shared: work that does not depend on the layer (the kernels' tables) can
+then run once a step instead of once a layer, and the report gives the serialised time per
+layer.
+
 ncu serialises kernels, so the per-kernel times add up to more than a step where kernels could
 overlap; what it gives is each launch's own duration: the attention kernels against the XLA
 work around them. `--out` also gets each shape's optimised HLO (fusions and custom calls).
@@ -85,8 +91,9 @@ def short(name: str, width: int = 60) -> str:
   return name if len(name) <= width else name[:width - 3] + "..."
 
 
-def report(path: str, shapes, calls_per_shape: int) -> str:
-  """Per shape: each kernel of one call (median over the calls), its share, the total."""
+def report(path: str, shapes, calls_per_shape: int, layers: int = 1) -> str:
+  """Per shape: each kernel of one call (median over the calls), its share, the total (and
+  per layer, for calls of `layers` layers)."""
   calls = split_calls(read_kernels(path))
   want = len(shapes) * calls_per_shape
   if len(calls) != want:
@@ -104,15 +111,32 @@ def report(path: str, shapes, calls_per_shape: int) -> str:
         per_kernel[(j, name)].append(us)
     rows = [(j, name, sorted(v)[len(v) // 2]) for (j, name), v in sorted(per_kernel.items())]
     total = sum(us for _, _, us in rows)
+    per_layer = f", {total / layers:.1f} us a layer of {layers}" if layers > 1 else ""
     lines.append(f"\nP{p}_B{b}: {len(rows)} kernels, {total:.1f} us serialised "
-                 f"(median of {calls_per_shape} calls)")
+                 f"(median of {calls_per_shape} calls){per_layer}")
     for j, name, us in rows:
       lines.append(f"  {j:2d} {us:8.1f} us {100 * us / total:5.1f}%  {short(name)}")
   return "\n".join(lines)
 
 
+def layer_scan(fn, layers: int):
+  """fn(q, kp, vp, ks, vs, lp, ls, owner, layer) -> out as the engine runs it in a decode
+  step: jit of a `lax.scan` over layers 0..layers-1 of the stacked caches, each layer's q the
+  previous layer's output (the plan arrays the same for all layers)."""
+  import jax
+  from jax import lax
+  import jax.numpy as jnp
+
+  def step(q, kp, vp, ks, vs, lp, ls, owner):
+    def body(x, layer):
+      return fn(x, kp, vp, ks, vs, lp, ls, owner, layer).astype(x.dtype), None
+    return lax.scan(body, q, jnp.arange(layers, dtype=jnp.int32))[0]
+
+  return jax.jit(step)
+
+
 def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
-            config: dict) -> None:
+            config: dict, layers: int = 1) -> None:
   import jax
   import jax.numpy as jnp
   import torch
@@ -128,9 +152,13 @@ def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
   os.makedirs(out, exist_ok=True)
   prepared = []
   for p, b in shapes:
-    case = ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d)
+    case = ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d, copies=layers)
     fn = cf.hydrax_fn(b, p, u, backends.get("pallas", **config))
-    args = case + ba.plan_inputs(case) + (jnp.int32(0),)     # lengths, owners: inputs
+    args = case + ba.plan_inputs(case)                        # lengths, owners: inputs
+    if layers > 1:
+      fn = layer_scan(fn, layers)
+    else:
+      args = args + (jnp.int32(0),)
     with open(os.path.join(out, f"hlo_P{p}_B{b}.txt"), "w") as f:
       f.write(fn.lower(*args).compile().as_text())
     for _ in range(3):
@@ -154,14 +182,19 @@ def main(argv=None):
   ap.add_argument("--parse", default="", help="ncu CSV to report instead of profiling")
   ap.add_argument("--suffix", type=int, default=128, help="U, keys per sequence's suffix")
   ap.add_argument("--config", default="{}", help="JSON of pallas_gpu.Config changes")
+  ap.add_argument("--layers", type=int, default=1,
+                  help="L > 1: a call is a lax.scan over L layers (the engine's form)")
   args = ap.parse_args(argv)
   if args.calls < 1:
     raise SystemExit(f"--calls must be >= 1, got {args.calls}")
+  if args.layers < 1:
+    raise SystemExit(f"--layers must be >= 1, got {args.layers}")
   shapes = parse_shapes(args.shapes)
   if args.parse:
-    print(report(args.parse, shapes, args.calls))
+    print(report(args.parse, shapes, args.calls, args.layers))
     return
-  profile(shapes, args.calls, args.out, args.suffix, 32, 8, 128, json.loads(args.config))
+  profile(shapes, args.calls, args.out, args.suffix, 32, 8, 128, json.loads(args.config),
+          args.layers)
 
 
 if __name__ == "__main__":

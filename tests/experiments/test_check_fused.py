@@ -87,3 +87,30 @@ def test_timed_calls_take_the_plan_arrays_as_inputs(monkeypatch):
   short = fn(*case, lp, ls.at[0].set(3), owner, jnp.int32(0))
   assert not np.allclose(full[0], short[0]) and np.allclose(full[1:], short[1:])
   jax.block_until_ready(loop(*looped[0]))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_peer_row_is_timed_and_checked_against_xla(tmp_path, monkeypatch):
+  """A peer (faked: installed, on a "GPU", returning the XLA backend's own output) goes
+  through `time_shapes` to a row with its times and an error of 0 (run 11 found the
+  reference called with the wrong arguments on the H200, every peer row an error)."""
+  import jax
+  import numpy as np
+  from hydrax.attention import backends
+
+  check_fused_h200.main(["--smoke", "--out", str(tmp_path), "--checks", "none", "--impls", "",
+                         "--budget", "60"])          # (sets the script's ARGS)
+  def fake_run(impl, b, p, u, h, kh, d, case, loop, outer):
+    fn = check_fused_h200.hydrax_fn(b, p, u, backends.get("xla"))
+    out = fn(*case, *bench_attention.plan_inputs(case), jax.numpy.int32(0))
+    return 12.0, 11.0, np.asarray(out[:, 0], np.float32)
+
+  monkeypatch.setattr(bench_attention.peers, "unavailable", lambda impl: None)
+  monkeypatch.setattr(check_fused_h200.pe, "unavailable", lambda impl: None)
+  monkeypatch.setattr(bench_attention.peers, "run", fake_run)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(bench_attention, "check_copied_fits", lambda *a: None)
+  rows = check_fused_h200.time_shapes([(64, 4)], 4, 2, 16, 8, ["torch_sdpa"])
+  [row] = [r for r in rows if r["impl"] == "torch_sdpa"]
+  assert "error" not in row, row
+  assert row["us"] == 12.0 and row["device_us"] == 11.0 and row["rel_err"] < 1e-6
