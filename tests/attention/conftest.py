@@ -13,7 +13,9 @@ Hypothesis budgets: a backend's `examples` is the share of the profile's max_exa
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import math
+import os
 from typing import Callable, Optional
 
 import pytest
@@ -191,3 +193,20 @@ def mosaic_backend() -> Spied:
 def mosaic_folded_backend() -> Spied:
   return _make(MOSAIC_FOLDED)
 
+
+
+# An interpreted Mosaic GPU kernel whose warpgroups disagree on their steps waits on a barrier
+# forever (run 11's staggered suffix steps did, on the H200 and in interpret mode): tests
+# that run it take `hang_guard`, which ends the test process after this many seconds with
+# every thread's traceback on stderr and exit status 1 (a failure, also for
+# tests/mutation_check.py), instead of letting it run into CI's time limit.
+HANG_SECONDS = float(os.environ.get("HYDRAX_TEST_HANG_SECONDS", "300"))
+
+
+@pytest.fixture
+def hang_guard():
+  faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+  try:
+    yield
+  finally:
+    faulthandler.cancel_dump_traceback_later()

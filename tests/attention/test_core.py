@@ -486,7 +486,7 @@ def _mosaic_run(backend, monkeypatch, levels, q, calls_expected, dtype):
 
 
 @pytest.mark.slow
-def test_mosaic_kernel_exact(mosaic_backend, monkeypatch, caplog):
+def test_mosaic_kernel_exact(mosaic_backend, monkeypatch, caplog, hang_guard):
   """The Mosaic GPU kernel (interpret mode off GPU, ~4 s per program on CPU) on its own small
   case: float16 (its tolerance catches one key more or less), D 64, a shared level of two
   nodes of S=100 (padded to whole key blocks, which is logged) with owners out of order, and a
@@ -507,7 +507,7 @@ def test_mosaic_kernel_exact(mosaic_backend, monkeypatch, caplog):
 
 
 @pytest.mark.slow
-def test_mosaic_folded_exact(mosaic_folded_backend, monkeypatch):
+def test_mosaic_folded_exact(mosaic_folded_backend, monkeypatch, hang_guard):
   """The per-sequence level folded into the shared level's Mosaic GPU launch
   (`MosaicConfig.fold_suffix`; interpret mode, 4 programs): two nodes with owners out of
   order (two tiles, each with padding rows), T = 2 causal queries of G = 4 heads (8 rows a

@@ -270,7 +270,7 @@ def test_emulator_matches_split_reference(name):
 
 
 @pytest.mark.parametrize("name", list(DIRECT))
-def test_kernel_interpret_matches_split_reference(name):
+def test_kernel_interpret_matches_split_reference(name, hang_guard):
   q, k, v, tab, lim, real, kw = _direct_case(name)
   out, lse = mosaic_gpu.tile_attention(q, k, v, tab, lim, interpret=True, **kw)
   # No NaN anywhere, not even in padding rows whose results are unspecified.
@@ -362,7 +362,8 @@ def test_emulator_folded_matches_split_reference():
 @pytest.mark.slow
 @pytest.mark.parametrize("stages,stagger,stacked,long_root", [
     (2, False, False, False), (3, True, True, False), (2, True, False, True)])
-def test_folded_kernel_interpret_matches_split_reference(stages, stagger, stacked, long_root):
+def test_folded_kernel_interpret_matches_split_reference(stages, stagger, stacked, long_root,
+                                                         hang_guard):
   """The kernel with a folded suffix (interpret mode, 4 programs): each split's rows over
   their node's keys of the split and the suffixes of the split's row groups; with 3 stages,
   the suffix steps staggered between CTAs, and both caches stacked [2,...] read at layer 1
@@ -606,7 +607,7 @@ def test_wrapper_full_tiles_in_place_and_combine(fold):
 
 # --- end to end in interpret mode (the real kernel) ----------------------------------------
 
-def test_stacked_layer_through_interpreted_kernel(monkeypatch):
+def test_stacked_layer_through_interpreted_kernel(monkeypatch, hang_guard):
   """The real kernel (interpret mode): a shared level of 3 nodes (one empty of sequences) in a
   stacked [2,...] cache read in place at layer 1, vs the oracle. Called eagerly with NumPy
   owners: traced owners around the interpreted kernel (under jit, or as a runtime argument of
