@@ -159,7 +159,9 @@ class Config:
   finish: str = "once"
   # With finish "once": 0, or the GPU stream (>= 1) that per-sequence levels run on
   # (`jax.experimental.compute_on("gpu_stream:n")`), so that XLA may run them beside the
-  # shared levels (memory-bound beside matrix-bound work) instead of after them.
+  # shared levels (memory-bound beside matrix-bound work) instead of after them. Never
+  # faster on the H200 (run 9), and on jax 0.11.2 a three-level tree with G = 8 failed in
+  # XLA's stream assignment ("No ExecutionStreamId found for call-start"; run 11).
   level_stream: int = 0
   # With finish "once": decode levels (T = 1) of one node or one node per sequence find their
   # tiles, nodes and key limits in-kernel (`Regular`) instead of from tables built by XLA
