@@ -59,7 +59,8 @@ def test_report_per_layer_of_a_layer_scan(tmp_path):
   call = [("loop_multiply_fusion", "2000", "nsecond"), ("table_fusion", "2", "usecond")]
   call += [("mosaic_gpu_kernel", "30", "usecond")] * 4
   text = pd.report(_write(tmp_path, call), [(4096, 256)], 1, layers=4)
-  assert "P4096_B256: 5 kernels, 122.0 us serialised (median of 1 calls), 30.5 us a layer of 4" in text
+  assert ("P4096_B256: 5 kernels, 122.0 us serialised (median of 1 calls), "
+          "30.5 us a layer of 4") in text
 
 
 def test_layer_scan_runs_the_layers_in_order_from_one_q():

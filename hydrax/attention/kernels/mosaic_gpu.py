@@ -409,9 +409,10 @@ class Suffix(NamedTuple):
 
   k, v [Ns,Ss,K,D] (Ss a multiple of HALF), or stacked [Ls,Ns,Ss,K,D] read at `layer`
   (int32 scalar, may be traced; the table's nodes counted within the layer); row_limits
-  [Tn*TILE] int32, each tile row's key limit in its sequence's suffix (0 for padding rows); table [Tn, 2, J, 2] int32: for
-  tile t, compute warpgroup h and row group j (rows t*TILE + h*BLOCK_Q + j*seq_rows onward,
-  J = BLOCK_Q // seq_rows), the group's node in k, v and the largest limit of its rows;
+  [Tn*TILE] int32, each tile row's key limit in its sequence's suffix (0 for padding rows);
+  table [Tn, 2, J, 2] int32: for tile t, compute warpgroup h and row group j (rows
+  t*TILE + h*BLOCK_Q + j*seq_rows onward, J = BLOCK_Q // seq_rows), the group's node in k,
+  v and the largest limit of its rows;
   seq_rows: rows of one sequence (T*G, a power of two <= BLOCK_Q). A tile's 4th table
   column (`tab[:, 3]`) is the largest suffix limit of its rows."""
   k: jax.Array
