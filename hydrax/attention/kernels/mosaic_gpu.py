@@ -95,7 +95,8 @@ class MosaicConfig:
 
 def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
   """Shared memory of one CTA: q/out tiles, `stages` key and value blocks, limits and lse."""
-  return (COMPUTE_WGS * BLOCK_Q * d + 2 * stages * block_kv * d) * itemsize + COMPUTE_WGS * BLOCK_Q * 8
+  return ((COMPUTE_WGS * BLOCK_Q * d + 2 * stages * block_kv * d) * itemsize
+          + COMPUTE_WGS * BLOCK_Q * 8)
 
 
 def unsupported_reason(dtype, d: int, block_kv: int) -> Optional[str]:

@@ -62,14 +62,14 @@ levels (no gain measured beyond the run-to-run spread: the Mosaic root holds 128
 
 Folding (`MosaicConfig.fold_suffix`, on by default): the per-sequence level of a call whose
 root runs on the Mosaic GPU kernel (system prompt + suffixes, one problem sampled many times,
-and deeper trees whose middle levels run on Triton) runs inside the root's one launch: each CTA attends its rows' suffixes in the
-same online softmax as its node's keys (`mosaic_gpu.Suffix`, `_fold_levels`), so the suffix
-kernel, its packing and the levels' merge go (one merge of key splits is left). A Mosaic CTA
-fills an SM's registers and shared memory, so no other kernel can run beside it: the root's
-matrix products and the suffixes' HBM reads overlap only inside one kernel. H200, B = 256,
-decode: the launch 57.0 us at 4K against 31.3 + 37.4 us for the two kernels, 139.0 against
-111.4 + 37.9 at 16K; device time 0.80-0.94x the unfolded levels' (experiments/results/
-fused_h200 run 10).
+and deeper trees whose middle levels run on Triton) runs inside the root's one launch: each
+CTA attends its rows' suffixes in the same online softmax as its node's keys
+(`mosaic_gpu.Suffix`, `_fold_levels`), so the suffix kernel, its packing and the levels'
+merge go (one merge of key splits is left). A Mosaic CTA fills an SM's registers and shared
+memory, so no other kernel can run beside it: the root's matrix products and the suffixes'
+HBM reads overlap only inside one kernel. H200, B = 256, decode: the launch 57.0 us at 4K
+against 31.3 + 37.4 us for the two kernels, 139.0 against 111.4 + 37.9 at 16K; device time
+0.78-0.94x the unfolded levels' (experiments/results/fused_h200 runs 10-11).
 
 `hydragen_attention_fused` runs all levels in one launch and merges in the packed row layout:
 faster for small batches (fewer launches), slower for large ones (measured; see NOTES.md).
@@ -683,6 +683,17 @@ def _layer_view(k, v, layer, cfg: Config, in_place_ok: bool = True):
           lax.dynamic_index_in_dim(v, index, 0, keepdims=False), None)
 
 
+def _kernel_layer_view(k, v, layer, cfg: Config, in_place_ok: bool = True):
+  """(k, v, layer) for `mosaic_gpu.tile_attention`: a stacked cache read in place goes whole
+  with its layer (the kernel finds the layer's nodes, so the tables do not depend on it);
+  otherwise (`cfg.layer_in_place` off, or `in_place_ok` false) the layer is sliced out and
+  the layer returned is None (see `_layer_view`)."""
+  if layer is not None and cfg.layer_in_place and in_place_ok:
+    return k, v, layer
+  k, v, _ = _layer_view(k, v, layer, cfg, in_place_ok=False)
+  return k, v, None
+
+
 def _offset_nodes(node, offset):
   """The tile table's nodes moved by a stacked cache's layer offset (see `_layer_view`)."""
   return node if offset is None else jnp.asarray(node, jnp.int32) + offset
@@ -822,11 +833,7 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   tile = mosaic_gpu.TILE
   bk = mc.block_kv
   nblk = -(-s // bk)
-  # A stacked cache read in place goes to the kernel whole, with its layer: the tables then
-  # do not depend on the layer (see `mosaic_gpu.tile_attention`).
-  layer_in_place = layer is not None and cfg.layer_in_place and s % bk == 0
-  if not layer_in_place:
-    k, v, _ = _layer_view(k, v, layer, cfg, in_place_ok=False)
+  k, v, layer = _kernel_layer_view(k, v, layer, cfg, in_place_ok=s % bk == 0)
   layout = _layout_in(order, owner, n, b, t * g, tile)
   qp = _pack(q, layout.order, kh, d)                               # [K, R, D]
   row_limits = _packed_row_limits(limits, layout.order, g)         # [R]
@@ -878,7 +885,7 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   out, lse = mosaic_gpu.tile_attention(
       qt, k, v, tab, limt, scale=scale, block_kv=bk, stages=mc.stages, splits=splits,
       blocks_per_split=bps, interpret=interpret, suffix=sfx,
-      stagger=mc.suffix_stagger and sfx is not None, layer=layer if layer_in_place else None)
+      stagger=mc.suffix_stagger and sfx is not None, layer=layer)
   # [P, K, Tn*TILE, D], [P, K, Tn*TILE]
   pos = None
   if not in_place:
@@ -901,9 +908,7 @@ def _suffix_tables(suffix, q_shape, order, tile_rows, num_tiles: int, cfg: Confi
   ks, vs, limits, layer = suffix
   g = h // ks.shape[-2]
   rows = t * g
-  if layer is not None and not cfg.layer_in_place:
-    ks, vs, _ = _layer_view(ks, vs, layer, cfg)
-    layer = None
+  ks, vs, layer = _kernel_layer_view(ks, vs, layer, cfg)
   slim = tile_rows(_packed_row_limits(limits, order, g))           # [Tn*TILE]
   seq = jnp.arange(b * rows, dtype=jnp.int32) // rows
   if order is not None:
