@@ -48,11 +48,14 @@ ALL = ("xla", "pallas", "mosaic", "mosaic_folded", "pallas_path", "pallas_path_g
 # (two levels, one of them fixing the row order) runs through `grouped_levels`, one merge in
 # packed rows, since that became the default (Config.finish "once"): not the loop.
 LEVEL_BY_LEVEL = ("xla", "pallas")
+# Every column of the table: the backends, and "prepared" (calls through
+# `hydrax.attention.prepare`, and the model's use of it).
+COLUMNS = ALL + ("prepared",)
 MUTATIONS = [
-    Mutation("none", "nothing planted (every backend must pass)", "", "", "", "", ALL),
+    Mutation("none", "nothing planted (every backend must pass)", "", "", "", "", COLUMNS),
     Mutation("causal_off_by_one", "causal limit one key short (query misses its own key)",
-             "hydrax.attention.hydragen", "hydragen_attention",
-             "[:, None] + tt + 1, 0,", "[:, None] + tt, 0,", ALL),
+             "hydrax.attention.hydragen", "_limits",
+             "[:, None] + tt + 1, 0,", "[:, None] + tt, 0,", COLUMNS),
     Mutation("swapped_owner", "owners of a shared level reversed before the backend",
              "hydrax.attention.hydragen", "_run_level",
              "None if level.owner is None else level.owner,",
@@ -144,6 +147,16 @@ MUTATIONS = [
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",
              "snode0 = slayer_ref[0] * layer_nodes[1] if layer_nodes[1] else 0", "snode0 = 0",
              ("mosaic_folded",)),
+    Mutation("prepared_limits_swapped", "a call with `prepared=` takes its levels' key limits "
+             "in reverse level order", "hydrax.attention.hydragen", "hydragen_attention",
+             "all_limits, tables = list(prepared.limits), prepared.tables",
+             "all_limits, tables = list(prepared.limits)[::-1], prepared.tables",
+             ("prepared",)),
+    Mutation("prepared_suffix_lengths_stale", "llama.forward prepares the per-sequence "
+             "level with the lengths before this call's T new keys",
+             "hydrax.models.llama", "_prepare_attention",
+             "suffix.lengths.astype(jnp.int32) + t,", "suffix.lengths.astype(jnp.int32),",
+             ("prepared",)),
     Mutation("mosaic_fold_stagger_first_chunk", "Mosaic GPU kernel, staggered suffix steps: "
              "the node steps before the first suffix step skipped (the warpgroups then wait "
              "for keys never loaded: a deadlock, ended by the tests' hang guard)",
@@ -163,6 +176,11 @@ def node_ids(backend: str) -> list[str]:
   path = "tests/attention/test_core.py::"
   if backend == "mosaic":
     return [path + "test_mosaic_kernel_exact"]
+  if backend == "prepared":          # calls through `prepare` (and the model's use of it)
+    return ["tests/attention/test_prepared.py::test_prepared_layers_match_dense[xla]",
+            "tests/attention/test_prepared.py::test_prepared_layers_match_dense[pallas]",
+            "tests/models/test_llama.py::test_prefill_then_decode_equals_full_forward",
+            "tests/models/test_llama.py::test_shared_prefix_cache_equals_full_forward"]
   if backend == "mosaic_folded":     # (and the kernel's own cases: stacked, staggered)
     return [path + "test_mosaic_folded_exact",
             "tests/attention/test_mosaic.py::test_folded_kernel_interpret_matches_split_reference"]
@@ -263,7 +281,7 @@ def failed(results: Mapping[tuple, str]) -> list:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m tests.mutation_check")
   parser.add_argument("--only", nargs="*", default=None, help="mutation names")
-  parser.add_argument("--backends", default=",".join(ALL))
+  parser.add_argument("--backends", default=",".join(COLUMNS))
   parser.add_argument("--timeout", type=float, default=1200)
   parser.add_argument("--out", default=None, help="also write the table (markdown) here")
   args = parser.parse_args(argv)

@@ -58,6 +58,11 @@ class Backend:
   # instead of its level loop (a fused kernel: one launch, the merge inside). It may return
   # None: the backend's own choice to run this call level by level (not logged).
   all_levels: Optional[Callable] = None
+  # Optional, with all_levels: prepare_levels(q_shape, dtype, levels, limits, *, scale[,
+  # config]) -> tables (a pytree; None: nothing to prepare) that depend on the levels' lengths
+  # and owners alone, computed once for the layers of a step (`hydrax.attention.prepare`) and
+  # passed back to all_levels as tables=. levels' k and v may be `jax.ShapeDtypeStruct`s.
+  prepare_levels: Optional[Callable] = None
 
   def configured(self, **changes) -> "Backend":
     """This backend with the given fields of its configuration replaced."""
@@ -86,10 +91,18 @@ class Backend:
         v = lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
     return self.level_attention(q, k, v, lengths, owner, limits, scale=scale, **kwargs)
 
-  def attend_all(self, q, levels, limits, *, scale):
-    """Every level at once through `all_levels` (which this backend must have)."""
+  def attend_all(self, q, levels, limits, *, scale, tables=None):
+    """Every level at once through `all_levels` (which this backend must have); tables: None
+    or what `prepare_all` returned for these levels' lengths and owners."""
     kwargs = {} if self.config is None else {"config": self.config}
+    if tables is not None:
+      kwargs["tables"] = tables
     return self.all_levels(q, levels, limits, scale=scale, **kwargs)
+
+  def prepare_all(self, q_shape, dtype, levels, limits, *, scale):
+    """`prepare_levels` (which this backend must have) with this backend's configuration."""
+    kwargs = {} if self.config is None else {"config": self.config}
+    return self.prepare_levels(q_shape, dtype, levels, limits, scale=scale, **kwargs)
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -10,10 +10,12 @@ from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from hydrax._log import log_once
 from hydrax.attention import backends as backends_lib
 from hydrax.attention import checks
+from hydrax.attention import prepared as prepared_lib
 from hydrax.attention.merge import merge
 
 
@@ -136,8 +138,86 @@ def _default_scale(scale, d):
   return float(d) ** -0.5 if scale is None else scale
 
 
+def _limits(levels: Sequence[KVLevel], b: int, t: int, causal_last: bool) -> list:
+  """Per level, limits [B,T] int32: the keys of its node that each query sees."""
+  per_seq = [lvl.lengths.astype(jnp.int32) if lvl.owner is None
+             else lvl.lengths.astype(jnp.int32)[lvl.owner] for lvl in levels]
+  total = sum(per_seq)
+  offset = jnp.zeros((b,), jnp.int32)
+  out = []
+  for seq_len in per_seq:
+    if causal_last:
+      # Keys of this level visible to query t: positions up to total - T + t, shifted.
+      tt = jnp.arange(t, dtype=jnp.int32)[None, :]
+      out.append(jnp.clip((total - t - offset)[:, None] + tt + 1, 0, seq_len[:, None]))
+    else:
+      out.append(jnp.broadcast_to(seq_len[:, None], (b, t)))
+    offset = offset + seq_len
+  return out
+
+
+def _check_levels(q, levels, runtime: bool) -> None:
+  if isinstance(levels, KVLevel) or not isinstance(levels, (list, tuple)) or not levels:
+    raise ValueError("levels must be a non-empty list of KVLevel, got "
+                     f"{type(levels).__name__}" + (" (wrap a single level in a list)"
+                                                   if isinstance(levels, KVLevel) else ""))
+  for i, level in enumerate(levels):
+    _check_level(i, level, q, q.shape[0], runtime)
+
+
+def _signature(impl, q, levels, causal_last: bool, scale: float) -> prepared_lib.Signature:
+  return prepared_lib.Signature(
+      impl, (tuple(q.shape), jnp.dtype(q.dtype).name),
+      tuple((tuple(lv.k.shape), jnp.dtype(lv.k.dtype).name, lv.owner is not None,
+             lv.layer is not None) for lv in levels),
+      bool(causal_last), float(scale))
+
+
+def prepare(q, levels: Sequence[KVLevel], *, causal_last: bool = True,
+            scale: Optional[float] = None, backend="auto",
+            checks: str = "static") -> prepared_lib.Prepared:
+  """The part of `hydragen_attention(q, levels, ...)` that depends on the levels' lengths and
+  owners alone (see `hydrax.attention.prepared`): computed once, passed to every call that
+  shares them (the layers of one decode step) as `prepared=`.
+
+  q: an array or a `jax.ShapeDtypeStruct` [B,T,H,D] (only its shape and dtype are read).
+  levels: as for `hydragen_attention`; their k and v may be `jax.ShapeDtypeStruct`s (only
+  shapes and dtypes are read), their lengths and owners are the call's, their layer any
+  value (None or not, as in the calls: a stacked cache's layer may differ from call to call).
+  The other arguments as for `hydragen_attention`; a call that takes the result must have the
+  same shapes, dtypes, backend, causal_last and scale (else ValueError), and the same lengths
+  and owners (checked under checks="runtime" only: traced values cannot be compared here).
+  """
+  runtime = _check_call(q, checks)
+  _check_levels(q, levels, runtime)
+  impl = backends_lib.get(backend)
+  b, t, h, d = q.shape
+  scale = _default_scale(scale, d)
+  limits = _limits(levels, b, t, causal_last)
+  tables = None
+  if impl.prepare_levels is not None:
+    tables = impl.prepare_all(tuple(q.shape), q.dtype, list(levels), limits, scale=scale)
+  return prepared_lib.Prepared(limits, tables, _signature(impl, q, levels, causal_last, scale))
+
+
+def _check_prepared(prepared, impl, q, levels, causal_last, scale, runtime: bool) -> None:
+  if not isinstance(prepared, prepared_lib.Prepared):
+    raise ValueError("prepared must be a hydrax.attention.Prepared (from "
+                     f"hydrax.attention.prepare), got {type(prepared).__name__}")
+  why = prepared.signature.mismatch(_signature(impl, q, levels, causal_last, scale))
+  if why is not None:
+    raise ValueError(f"prepared does not fit this call: {why}")
+  if runtime:
+    b, t = q.shape[:2]
+    for i, (mine, theirs) in enumerate(zip(_limits(levels, b, t, causal_last),
+                                           prepared.limits)):
+      checkify.check(jnp.all(mine == theirs), f"prepared.limits[{i}] differ from the limits "
+                     f"of levels[{i}]'s lengths and owners: prepared for other levels")
+
+
 def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True,
-                       scale: Optional[float] = None, backend="auto", checks: str = "static"):
+                       scale: Optional[float] = None, backend="auto", checks: str = "static",
+                       prepared: Optional[prepared_lib.Prepared] = None):
   """Exact attention of q over each sequence's keys, split into sharing levels.
 
   q: [B,T,H,D], the last T tokens of B sequences. The keys of sequence b are the
@@ -166,36 +246,27 @@ def hydragen_attention(q, levels: Sequence[KVLevel], *, causal_last: bool = True
   `checkify.checkify` fails to compile with jax's ValueError "Cannot abstractly evaluate a
   checkify.check which was not functionalized".
 
+  prepared: None, or `prepare(q, levels, ...)` of the same shapes, lengths and owners
+  (computed once for the layers of a decode step): its key limits and backend tables are used
+  instead of being computed again here.
+
   Returns out [B,T,H,D] in q's dtype (float32 accumulation) and lse [B,T,H] float32
   (natural log; -inf for a query that sees no key, whose out is 0).
   """
   runtime = _check_call(q, checks)
-  if isinstance(levels, KVLevel) or not isinstance(levels, (list, tuple)) or not levels:
-    raise ValueError("levels must be a non-empty list of KVLevel, got "
-                     f"{type(levels).__name__}" + (" (wrap a single level in a list)"
-                                                   if isinstance(levels, KVLevel) else ""))
+  _check_levels(q, levels, runtime)
   b, t, h, d = q.shape
-  for i, level in enumerate(levels):
-    _check_level(i, level, q, b, runtime)
   impl = backends_lib.get(backend)
   scale = _default_scale(scale, d)
-
-  per_seq = [lvl.lengths.astype(jnp.int32) if lvl.owner is None
-             else lvl.lengths.astype(jnp.int32)[lvl.owner] for lvl in levels]
-  total = sum(per_seq)
-  offset = jnp.zeros((b,), jnp.int32)
-  all_limits = []
-  for seq_len in per_seq:
-    if causal_last:
-      # Keys of this level visible to query t: positions up to total - T + t, shifted.
-      tt = jnp.arange(t, dtype=jnp.int32)[None, :]
-      all_limits.append(jnp.clip((total - t - offset)[:, None] + tt + 1, 0, seq_len[:, None]))
-    else:
-      all_limits.append(jnp.broadcast_to(seq_len[:, None], (b, t)))
-    offset = offset + seq_len
+  tables = None
+  if prepared is None:
+    all_limits = _limits(levels, b, t, causal_last)
+  else:
+    _check_prepared(prepared, impl, q, levels, causal_last, scale, runtime)
+    all_limits, tables = list(prepared.limits), prepared.tables
   if impl.all_levels is not None:
     try:
-      result = impl.attend_all(q, list(levels), all_limits, scale=scale)
+      result = impl.attend_all(q, list(levels), all_limits, scale=scale, tables=tables)
       if result is not None:       # None: the backend chose its level-by-level path
         out, lse = result
         return out.astype(q.dtype), lse

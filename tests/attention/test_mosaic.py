@@ -29,7 +29,7 @@ import pytest
 from hypothesis import event, given, strategies as st
 
 from hydrax import _log
-from hydrax.attention import KVLevel, hydragen_attention
+from hydrax.attention import KVLevel, hydragen_attention, prepare
 from hydrax.attention.kernels import mosaic_gpu
 from hydrax.attention.kernels import pallas_gpu as pg
 from tests import oracle
@@ -452,16 +452,22 @@ def _expect(q, levels, causal, dtype):
   return oracle.dense(rnd(q), keys, values, causal=causal)
 
 
-def _run(q, levels, causal, dtype, backend="pallas", traced=False, layers=None):
+def _run(q, levels, causal, dtype, backend="pallas", traced=False, layers=None,
+         prepared=False):
   """hydragen_attention(backend=...) under jit. Owners closed over (static) or, with `traced`,
   jit arguments; with `layers` (int L), each level's k, v are stored as layer L-1 of a stacked
-  [L,...] cache (other layers random) and read at a traced layer index."""
+  [L,...] cache (other layers random) and read at a traced layer index; with `prepared`,
+  through `hydrax.attention.prepare` of the levels at layer 0 (the engine's form)."""
   owners = [owner for *_, owner in levels]
 
   def fn(q, arrays, owners_dyn, layer):
     lv = [KVLevel(k, v, n, od if traced else o, None if layers is None else layer)
           for (k, v, n), o, od in zip(arrays, owners, owners_dyn)]
-    return hydragen_attention(q, lv, causal_last=causal, backend=backend)
+    prep = None
+    if prepared:
+      at0 = [x if x.layer is None else x._replace(layer=0) for x in lv]
+      prep = prepare(q, at0, causal_last=causal, backend=backend)
+    return hydragen_attention(q, lv, causal_last=causal, backend=backend, prepared=prep)
 
   def stack(x):
     x = jnp.asarray(x, dtype)
@@ -494,7 +500,7 @@ def mosaic_trees(draw):
   capacities 0..320 (mostly not multiples of 64), ragged and zero lengths; the last level
   per sequence or not; bf16/fp16, D 64/128, GQA 1..8, forced splits 1..3, the per-sequence
   level folded or not; owners static, or traced (jit arguments) with every level in a
-  stacked cache read at a traced layer."""
+  stacked cache read at a traced layer; through `prepare` (prepared=) or not."""
   # Half the cases are shaped for the fold (one or two shared levels, then the per-sequence
   # level of whole 64-key halves, T*G dividing 64, 128-key blocks); the rest are any tree,
   # with the fold asked for or not (taken where the kernel can).
@@ -531,16 +537,16 @@ def mosaic_trees(draw):
                 stages=draw(st.sampled_from([2, 3])),
                 fold_suffix=shaped or draw(st.booleans()),
                 suffix_stagger=draw(st.booleans()))
-  return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans())
+  return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans()), draw(st.booleans())
 
 
 @pytest.mark.slow
 @given(mosaic_trees())
 def test_wrapper_with_emulated_kernel_matches_oracle(case):
-  q, levels, causal, dtype, mosaic, traced = case
+  q, levels, causal, dtype, mosaic, traced, prepared = case
   with emulated() as calls:
     out, lse = _run(q, levels, causal, dtype, pg.configure(lowering="mosaic", mosaic=mosaic),
-                    traced=traced, layers=3 if traced else None)
+                    traced=traced, layers=3 if traced else None, prepared=prepared)
   _check(out, lse, *_expect(q, levels, causal, dtype), dtype)
   # Every level with keys ran on the (emulated) Mosaic kernel, its keys padded to whole
   # blocks and cut in at most the forced number of splits; a stacked cache (traced case) of
@@ -646,8 +652,7 @@ def test_stacked_layer_through_interpreted_kernel(monkeypatch, hang_guard):
 # --- static decisions -----------------------------------------------------------------------
 
 def _uses(q_shape, k_shape, owner, dtype, **cfg):
-  return pg._use_mosaic(q_shape, jax.ShapeDtypeStruct(k_shape, dtype), owner, dtype,
-                        pg.Config(**cfg))
+  return pg._use_mosaic(q_shape, k_shape, owner, dtype, pg.Config(**cfg))
 
 
 def test_use_mosaic_decisions_and_logged_fallbacks(monkeypatch, caplog):

@@ -17,7 +17,7 @@ row's own limit. Rows that see no key give out = 0 and lse = -inf, never NaN. Pa
 a tile carry limit 0; in a tile whose smallest real limit lets blocks run unmasked they see
 those blocks (finite, unspecified values), so callers drop them. S must be a multiple of
 block_kv: jax 0.11.2's Mosaic GPU layout inference failed (an internal assertion) on key-block
-slices of a capacity that is not, so callers pad such caches (`pallas_gpu._forward_mosaic`
+slices of a capacity that is not, so callers pad such caches (`pallas_gpu._mosaic_part`
 does, and logs it once).
 
 The tile table `tab` is an input array (compile-time constant or computed at run time: the

@@ -90,7 +90,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from hydrax._log import log_once
-from hydrax.attention import backends, checks, xla
+from hydrax.attention import backends, checks, prepared, xla
 from hydrax.attention.merge import merge as merge_parts
 from hydrax.attention.checks import concrete
 from hydrax.attention.kernels import flash, fused_worklist, grouping, mosaic_gpu, path_gpu
@@ -172,6 +172,11 @@ class Config:
   # it runs one key split and the others' rows need no gather. Off by default: on the H200 the
   # kernel grew by the 7 us the XLA merge took (run 9).
   merge_in_kernel: bool = False
+  # The grouped levels' tables (layouts, tile tables and bounds, row orders, slots) built by
+  # `prepare_levels` once for all the calls that share them (the layers of a decode step:
+  # `hydrax.attention.prepare`) instead of in every call (off: `prepare_levels` returns None;
+  # for measuring what it saves).
+  prepare_tables: bool = True
 
   def __post_init__(self):
     # JSON-friendly forms (benchmark flags) become the hashable ones.
@@ -531,6 +536,9 @@ class LevelInput(NamedTuple):
   # lse [P,K,R]) in this level's row order, merged in the kernel (`_merge_and_store`); the
   # level's results are then the final out [B,K,G,Dp] (qp's dtype) and lse [B,K,G].
   priors: tuple = ()
+  # The tiles' (lo, hi) key bounds when computed beforehand (`_TritonTables.bounds`); None:
+  # computed here (tile_bounds "xla") or in the kernel ("kernel").
+  bounds: Optional[tuple] = None
 
 
 def _tile_bounds(layout: grouping.Layout, row_limits):
@@ -586,7 +594,10 @@ def grouped_attention(levels, *, scale: float, interpret: bool, poison: bool = F
       continue
     tiles = [jnp.asarray(x, jnp.int32) for x in (lv.layout.node, lv.layout.start,
                                                  lv.layout.count)]
-    bounds = tiles[1:3] if in_kernel else list(_tile_bounds(lv.layout, lv.row_limits))
+    if in_kernel:
+      bounds = tiles[1:3]
+    else:
+      bounds = list(_tile_bounds(lv.layout, lv.row_limits) if lv.bounds is None else lv.bounds)
     args += tiles + bounds
     args += [lv.row_limits.astype(jnp.int32), lv.qp, lv.k, lv.v]
     out_shape += [jax.ShapeDtypeStruct((lv.plan.splits, kh, r, dp), jnp.float32),
@@ -632,14 +643,15 @@ def _inverse(order):
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
-def _unpack(out, lse, order, shape, dtype=jnp.float32):
-  """Inverse of `_pack`: out [K,R,Dp], lse [K,R] -> [B,T,H,D] (dtype), [B,T,H]."""
+def _unpack(out, lse, order, shape, dtype=jnp.float32, inverse=None):
+  """Inverse of `_pack`: out [K,R,Dp], lse [K,R] -> [B,T,H,D] (dtype), [B,T,H]; inverse:
+  `_inverse(order)` when already computed."""
   b, t, h, d = shape
   kh = out.shape[0]
   o = out.reshape(kh, b, t, h // kh, out.shape[-1])
   l = lse.reshape(kh, b, t, h // kh)
   if order is not None:
-    inv = jnp.asarray(_inverse(order))
+    inv = jnp.asarray(_inverse(order) if inverse is None else inverse)
     o, l = jnp.take(o, inv, axis=1), jnp.take(l, inv, axis=1)
   o = jnp.transpose(o, (1, 2, 0, 3, 4)).reshape(b, t, h, -1)[..., :d].astype(dtype)
   return o, jnp.transpose(l, (1, 2, 0, 3)).reshape(b, t, h)
@@ -652,14 +664,39 @@ def _same_order(a, b) -> bool:
           and a.shape == b.shape and bool(np.array_equal(a, b)))
 
 
-class _Prepared(NamedTuple):
+class _TritonTables(NamedTuple):
+  """What a level on the Triton kernel needs besides q, k, v and the layer; none of it
+  depends on them, so the layers of a decode step share it (`prepare_levels`).
+
+  layout: the row layout (nodes not yet moved by a stacked cache's layer); plan; dp: the
+  padded head dim; row_limits [R] int32; bounds: the tiles' (lo, hi) key bounds [Tn] when XLA
+  computes them (`Config.tile_bounds`), else None; regular: None, or (`Regular`, order [B] or
+  None, lengths [N]) for a decode level whose tiles the kernel finds itself (`_regular`);
+  stacked: a stacked cache is read in place (else its layer is sliced out)."""
   layout: grouping.Layout
   plan: _Plan
-  k: jax.Array
-  v: jax.Array
-  row_limits: jax.Array
   dp: int
-  interpret: bool
+  row_limits: jax.Array
+  bounds: Optional[tuple]
+  regular: Optional[tuple]
+  stacked: bool
+
+
+class _MosaicTables(NamedTuple):
+  """What a level on the Mosaic GPU kernel needs besides q, k, v and the layer (as
+  `_TritonTables`): order [B] or None, the sequences in row order; src [Tn*TILE] int32, the
+  packed row of each tile row, or None when the rows are in place; tab [Tn,4] int32 (node,
+  lo, hi, the folded suffix's hi); limt [Tn*TILE] int32, each tile row's key limit; pos None
+  (rows in place) or [R] int32, the tile row of each packed row; suffix None, or the folded
+  per-sequence level's (table, limits) (`mosaic_gpu.Suffix`); the key splits."""
+  order: Optional[object]
+  src: Optional[jax.Array]
+  tab: jax.Array
+  limt: jax.Array
+  pos: Optional[object]
+  suffix: Optional[tuple]
+  splits: int
+  blocks_per_split: int
 
 
 def _layer_view(k, v, layer, cfg: Config, in_place_ok: bool = True):
@@ -733,34 +770,46 @@ def _packed_row_limits(limits, order, g: int):
   return jnp.repeat(lim.reshape(-1), g)
 
 
-def _prepare(q_shape, k, v, owner, limits, cfg: Config, layer=None,
-             order=_OWN) -> _Prepared:
-  """Layout and plan of one level (static, or a runtime tile table for traced owners) with
-  its rows in `order` (`_layout_in`), k/v padded to Dp (and seen as L*N nodes for a stacked
-  cache read in place), the rows' key limits [R]."""
+def _triton_tables(q_shape, k_shape, k_dtype, owner, limits, cfg: Config, stacked: bool,
+                   order=_OWN, lengths=None) -> _TritonTables:
+  """`_TritonTables` of one level (static, or a runtime tile table for traced owners) with its
+  rows in `order` (`_layout_in`). k_shape: [N,S,K,D] or a stacked [L,N,S,K,D]; stacked: the
+  call gives the level a layer; lengths: see `_regular`."""
   b, t, h, d = q_shape
-  n, s, kh, _ = k.shape[-4:]
+  n, s, kh, _ = k_shape[-4:]
   g = h // kh
   interpret = _interpret(cfg)
   dp = flash.pow2_at_least(d)
-  k, v, offset = _layer_view(k, v, layer, cfg, in_place_ok=dp == d)
-  if dp != d:
-    pad = ((0, 0), (0, 0), (0, 0), (0, dp - d))
-    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+  in_place = stacked and cfg.layer_in_place and dp == d       # (as `_layer_view` decides)
   rows_per_seq = t * g
   rows_per_node = _rows_per_node(q_shape, n, kh, owner)
-  itemsize = jnp.dtype(k.dtype).itemsize
+  itemsize = jnp.dtype(k_dtype).itemsize
   bm = cfg.block_m or min(_max_block_m(cfg, dp, itemsize),
                           flash.pow2_at_least(math.ceil(rows_per_node)))
   layout = _layout_in(order, owner, n, b, rows_per_seq, bm)
   plan = _plan(dataclasses.replace(cfg, block_m=bm), rows_per_node,
                _busy_tiles(layout, b * rows_per_seq), kh, s, dp, interpret, itemsize)
-  layout = layout._replace(node=_offset_nodes(layout.node, offset))
   row_limits = _packed_row_limits(limits, layout.order, g)
-  return _Prepared(layout, plan, k, v, row_limits, dp, interpret)
+  regular = _regular(q_shape, k_shape, owner, cfg, in_place, layout, lengths, plan.block_m)
+  bounds = None
+  if regular is None and cfg.tile_bounds == "xla":
+    bounds = _tile_bounds(layout, row_limits)
+  return _TritonTables(layout, plan, dp, row_limits, bounds, regular, in_place)
 
 
-def _use_mosaic(q_shape, k, owner, dtype, cfg: Config) -> bool:
+def _triton_kv(k, v, layer, tabs: _TritonTables, cfg: Config):
+  """(k, v, layout) of a level for the Triton kernel: k, v padded to Dp (a stacked cache read
+  in place seen as L*N nodes, the layout's nodes moved by layer*N; see `_layer_view`)."""
+  d = k.shape[-1]
+  k, v, offset = _layer_view(k, v, layer, cfg, in_place_ok=tabs.dp == d)
+  if tabs.dp != d:
+    pad = ((0, 0), (0, 0), (0, 0), (0, tabs.dp - d))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+  layout = tabs.layout._replace(node=_offset_nodes(tabs.layout.node, offset))
+  return k, v, layout
+
+
+def _use_mosaic(q_shape, k_shape, owner, dtype, cfg: Config) -> bool:
   """Whether this level runs on the Mosaic GPU kernel (static decision; see Config.lowering).
 
   "auto": on Hopper, for shared levels whose nodes hold on average >= min_rows_per_node rows
@@ -768,11 +817,11 @@ def _use_mosaic(q_shape, k, owner, dtype, cfg: Config) -> bool:
   decide alike): the stacked, matrix-bound products. Per-sequence levels and narrow shared
   levels stay on the Triton kernel, which is faster there. A level that would qualify but the
   Mosaic kernel cannot take (dtype, head dim) falls back to Triton, logged once.
-  k: [N,S,K,D] or a stacked [L,N,S,K,D] cache."""
+  k_shape: [N,S,K,D] or a stacked [L,N,S,K,D] cache's."""
   if cfg.lowering == "triton":
     return False
   d = q_shape[3]
-  n, _, kh, _ = k.shape[-4:]
+  n, _, kh, _ = k_shape[-4:]
   if cfg.lowering == "auto":
     if _interpret(cfg) or not _is_hopper() or owner is None:
       return False
@@ -808,14 +857,9 @@ def _finish(part: _Part, shape, dtype=jnp.float32):
   return _unpack(out, lse, part.order, shape, dtype)
 
 
-def _forward_mosaic(q, k, v, owner, limits, scale, cfg: Config, layer=None):
-  """One level through `mosaic_gpu.tile_attention` (see `_use_mosaic`)."""
-  return _finish(_mosaic_part(q, k, v, owner, limits, scale, cfg, layer), q.shape)
-
-
-def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN,
-                 suffix=None):
-  """One level through `mosaic_gpu.tile_attention` (see `_use_mosaic`), as a `_Part`.
+def _mosaic_tables(q_shape, k_shape, owner, limits, cfg: Config, order=_OWN,
+                   suffix=None) -> _MosaicTables:
+  """`_MosaicTables` of one level on `mosaic_gpu.tile_attention` (see `_use_mosaic`).
 
   Rows are packed as for Triton (sorted by node), then cut in tiles of TILE rows of one node
   each; a tile's unused rows are padding (limit 0, results dropped). With concrete owners the
@@ -823,19 +867,14 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   place); with traced owners they are computed at run time (`grouping.make_layout`) for a
   static upper bound of tiles, and the unused tiles (no rows: hi = 0) run no key block.
 
-  suffix: None, or the per-sequence level (k, v, limits [B,T], layer) to fold into the same
-  launch (`mosaic_gpu.Suffix`; `_fold_levels` says when it can): the part then holds both
-  levels, merged by the splits' merge."""
-  b, t, h, d = q.shape
-  n, s, kh, _ = k.shape[-4:]
+  suffix: None, or (limits [B,T], K) of the per-sequence level to fold into the same launch
+  (`_fold_levels` says when it can)."""
+  b, t, h, d = q_shape
+  n, s, kh, _ = k_shape[-4:]
   g = h // kh
-  mc = cfg.mosaic
   tile = mosaic_gpu.TILE
-  bk = mc.block_kv
-  nblk = -(-s // bk)
-  k, v, layer = _kernel_layer_view(k, v, layer, cfg, in_place_ok=s % bk == 0)
+  nblk = -(-s // cfg.mosaic.block_kv)
   layout = _layout_in(order, owner, n, b, t * g, tile)
-  qp = _pack(q, layout.order, kh, d)                               # [K, R, D]
   row_limits = _packed_row_limits(limits, layout.order, g)         # [R]
   r = b * t * g
   static = isinstance(layout.count, np.ndarray)
@@ -852,7 +891,6 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
       return x
     return jnp.where(jnp.asarray(valid.reshape(-1)), jnp.take(x, jnp.asarray(src, jnp.int32)), 0)
 
-  qt = qp if in_place else jnp.take(qp, jnp.asarray(src, jnp.int32), axis=1)
   limt = tile_rows(row_limits)
   lim2 = limt.reshape(num_tiles, tile)
   valid_j = jnp.asarray(valid)
@@ -862,31 +900,17 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
   node = jnp.asarray(layout.node, jnp.int32)
   sfx, suffix_hi = None, jnp.zeros((num_tiles,), jnp.int32)
   if suffix is not None:
-    sfx, suffix_hi = _suffix_tables(suffix, q.shape, layout.order, tile_rows, num_tiles, cfg)
+    sfx, suffix_hi = _suffix_tables(suffix, q_shape, layout.order, tile_rows, num_tiles)
   tab = jnp.stack([node, lo, hi, suffix_hi], axis=1)
-  if s % bk:                      # pad the capacity to whole key blocks (masked inside)
-    if s > bk:
-      log_once(("mosaic-pad", s, bk),
-               "hydrax pallas backend: a level's key capacity S=%d is not a multiple of %d; "
-               "the Mosaic GPU kernel copies it padded (allocate caches in multiples of %d "
-               "to avoid the copy)", s, bk, bk)
-    pad = ((0, 0), (0, nblk * bk - s), (0, 0), (0, 0))
-    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-  interpret = _interpret(cfg)
-  if mc.splits:
-    splits = mc.splits
-  elif interpret:
+  if cfg.mosaic.splits:
+    splits = cfg.mosaic.splits
+  elif _interpret(cfg):
     splits = 1
   else:
     splits = _choose_splits(_busy_tiles(layout, r) * kh, nblk, _num_sms())
   splits = max(1, min(splits, nblk))
   bps = -(-nblk // splits)
   splits = -(-nblk // bps)
-  out, lse = mosaic_gpu.tile_attention(
-      qt, k, v, tab, limt, scale=scale, block_kv=bk, stages=mc.stages, splits=splits,
-      blocks_per_split=bps, interpret=interpret, suffix=sfx,
-      stagger=mc.suffix_stagger and sfx is not None, layer=layer)
-  # [P, K, Tn*TILE, D], [P, K, Tn*TILE]
   pos = None
   if not in_place:
     slots = num_tiles * tile
@@ -896,19 +920,54 @@ def _mosaic_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_
     else:
       pos = jnp.zeros((r,), jnp.int32).at[jnp.where(valid.reshape(-1), src, r)].set(
           jnp.arange(slots, dtype=jnp.int32), mode="drop")
-  return _Part(out, lse, pos, layout.order)
+  return _MosaicTables(layout.order, None if in_place else jnp.asarray(src, jnp.int32), tab,
+                       limt, pos, sfx, splits, bps)
 
 
-def _suffix_tables(suffix, q_shape, order, tile_rows, num_tiles: int, cfg: Config):
-  """(`mosaic_gpu.Suffix`, the largest suffix limit of each tile [Tn]) for the per-sequence
-  level `suffix` = (k, v, limits [B,T], layer) folded into a Mosaic level whose packed rows
-  (sequences in `order`) `tile_rows` places in its tiles: a packed row's sequence is
-  order[row // (T*G)], its node in the per-sequence level's cache."""
+def _mosaic_part(q, k, v, tabs: _MosaicTables, scale, cfg: Config, layer=None,
+                 suffix=None) -> _Part:
+  """One level through `mosaic_gpu.tile_attention`, as a `_Part`, from its tables.
+
+  suffix: None, or the per-sequence level (k, v, layer) folded into the same launch (its
+  tables in `tabs.suffix`): the part then holds both levels, merged by the splits' merge."""
+  b, t, h, d = q.shape
+  n, s, kh, _ = k.shape[-4:]
+  bk = cfg.mosaic.block_kv
+  nblk = -(-s // bk)
+  k, v, layer = _kernel_layer_view(k, v, layer, cfg, in_place_ok=s % bk == 0)
+  qp = _pack(q, tabs.order, kh, d)                                 # [K, R, D]
+  qt = qp if tabs.src is None else jnp.take(qp, tabs.src, axis=1)
+  if s % bk:                      # pad the capacity to whole key blocks (masked inside)
+    if s > bk:
+      log_once(("mosaic-pad", s, bk),
+               "hydrax pallas backend: a level's key capacity S=%d is not a multiple of %d; "
+               "the Mosaic GPU kernel copies it padded (allocate caches in multiples of %d "
+               "to avoid the copy)", s, bk, bk)
+    pad = ((0, 0), (0, nblk * bk - s), (0, 0), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+  sfx = None
+  if suffix is not None:
+    ks, vs, slayer = suffix
+    ks, vs, slayer = _kernel_layer_view(ks, vs, slayer, cfg)
+    table, slim = tabs.suffix
+    sfx = mosaic_gpu.Suffix(ks, vs, slim, table, t * (h // ks.shape[-2]), slayer)
+  out, lse = mosaic_gpu.tile_attention(
+      qt, k, v, tabs.tab, tabs.limt, scale=scale, block_kv=bk, stages=cfg.mosaic.stages,
+      splits=tabs.splits, blocks_per_split=tabs.blocks_per_split, interpret=_interpret(cfg),
+      suffix=sfx, stagger=cfg.mosaic.suffix_stagger and sfx is not None, layer=layer)
+  # [P, K, Tn*TILE, D], [P, K, Tn*TILE]
+  return _Part(out, lse, tabs.pos, tabs.order)
+
+
+def _suffix_tables(suffix, q_shape, order, tile_rows, num_tiles: int):
+  """((table, limits) of `mosaic_gpu.Suffix`, the largest suffix limit of each tile [Tn]) for
+  the per-sequence level with `suffix` = (limits [B,T], K) folded into a Mosaic level whose
+  packed rows (sequences in `order`) `tile_rows` places in its tiles: a packed row's sequence
+  is order[row // (T*G)], its node in the per-sequence level's cache."""
   b, t, h, _ = q_shape
-  ks, vs, limits, layer = suffix
-  g = h // ks.shape[-2]
+  limits, kh = suffix
+  g = h // kh
   rows = t * g
-  ks, vs, layer = _kernel_layer_view(ks, vs, layer, cfg)
   slim = tile_rows(_packed_row_limits(limits, order, g))           # [Tn*TILE]
   seq = jnp.arange(b * rows, dtype=jnp.int32) // rows
   if order is not None:
@@ -917,8 +976,7 @@ def _suffix_tables(suffix, q_shape, order, tile_rows, num_tiles: int, cfg: Confi
   groups = mosaic_gpu.BLOCK_Q // rows
   shape = (num_tiles, mosaic_gpu.COMPUTE_WGS, groups, rows)
   table = jnp.stack([seq.reshape(shape)[..., 0], slim.reshape(shape).max(axis=-1)], axis=-1)
-  return (mosaic_gpu.Suffix(ks, vs, slim, table, rows, layer),
-          slim.reshape(num_tiles, mosaic_gpu.TILE).max(axis=1))
+  return (table, slim), slim.reshape(num_tiles, mosaic_gpu.TILE).max(axis=1)
 
 
 def _fold_levels(q_shape, dtype, kvl, owners, cfg: Config) -> tuple:
@@ -935,7 +993,7 @@ def _fold_levels(q_shape, dtype, kvl, owners, cfg: Config) -> tuple:
   if cfg.level_stream:
     return None, "level_stream puts the per-sequence level on its own stream"
   mosaic = [i for i, o in enumerate(owners)
-            if o is not None and _use_mosaic(q_shape, kvl[i][0], o, dtype, cfg)]
+            if o is not None and _use_mosaic(q_shape, kvl[i][0].shape, o, dtype, cfg)]
   if not mosaic:
     return None, "no shared level runs on the Mosaic GPU kernel"
   ks = kvl[per_seq[0]][0]
@@ -952,19 +1010,39 @@ def _fold_levels(q_shape, dtype, kvl, owners, cfg: Config) -> tuple:
   return (mosaic[0], per_seq[0]), None
 
 
+def _level_tables(q_shape, k_shape, k_dtype, owner, limits, cfg: Config, stacked: bool,
+                  order=_OWN, lengths=None):
+  """The tables of one level on the kernel `_use_mosaic` picks, its rows in `order`
+  (`lengths`: see `_regular`)."""
+  if _use_mosaic(q_shape, k_shape, owner, k_dtype, cfg):
+    return _mosaic_tables(q_shape, k_shape, owner, limits, cfg, order)
+  return _triton_tables(q_shape, k_shape, k_dtype, owner, limits, cfg, stacked, order, lengths)
+
+
+def _level_run(q, k, v, tabs, layer, scale, cfg: Config) -> _Part:
+  """One level as a `_Part` from its tables (`_level_tables`)."""
+  if isinstance(tabs, _MosaicTables):
+    return _mosaic_part(q, k, v, tabs, scale, cfg, layer)
+  return _triton_part(q, k, v, tabs, layer, scale, cfg)
+
+
+def _tables_order(tabs):
+  """The row order ([B] or None) of a level's tables."""
+  return tabs.order if isinstance(tabs, _MosaicTables) else tabs.layout.order
+
+
 def _forward(q, k, v, owner, limits, scale, cfg: Config, layer=None):
-  if _use_mosaic(q.shape, k, owner, q.dtype, cfg):
-    return _forward_mosaic(q, k, v, owner, limits, scale, cfg, layer)
-  return _finish(_triton_part(q, k, v, owner, limits, scale, cfg, layer), q.shape)
+  tabs = _level_tables(q.shape, k.shape, k.dtype, owner, limits, cfg, layer is not None)
+  return _finish(_level_run(q, k, v, tabs, layer, scale, cfg), q.shape)
 
 
-def _regular(q_shape, k, owner, cfg: Config, layer, layout: grouping.Layout, lengths,
-             block_m: int):
-  """LevelInput.regular for a level whose tiles the kernel can find itself (`Regular`: a
+def _regular(q_shape, k_shape, owner, cfg: Config, stacked: bool, layout: grouping.Layout,
+             lengths, block_m: int):
+  """`_TritonTables.regular` for a level whose tiles the kernel can find itself (`Regular`: a
   single query, one node or one node per sequence, a static layout, its lengths given), else
-  None."""
+  None. stacked: a stacked cache read in place (the kernel adds its layer's nodes)."""
   b, t, h, d = q_shape
-  n, _, kh, _ = k.shape[-4:]
+  n, _, kh, _ = k_shape[-4:]
   if (not cfg.regular_tiles or lengths is None or t != 1 or (owner is not None and n != 1)
       or not isinstance(layout.count, np.ndarray)):
     return None
@@ -974,41 +1052,32 @@ def _regular(q_shape, k, owner, cfg: Config, layer, layout: grouping.Layout, len
   if tiles * (b if per_sequence else 1) != layout.num_tiles:
     raise ValueError(f"regular tiles: {tiles} a node does not match the layout's "
                      f"{layout.num_tiles} tiles")
-  stacked = layer is not None and cfg.layer_in_place and flash.pow2_at_least(d) == d
   # (a one-node level's rows are all its node's: their order matters to the packing only)
   order = (None if layout.order is None or not per_sequence
            else jnp.asarray(layout.order, jnp.int32))
   reg = Regular(rows, tiles, per_sequence, order is not None, stacked, n)
-  return (reg, order, jnp.asarray(layer, jnp.int32).reshape(1) if stacked else None,
-          jnp.asarray(lengths, jnp.int32))
+  return reg, order, jnp.asarray(lengths, jnp.int32)
 
 
-def _triton_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN,
-                 lengths=None, priors=()) -> _Part:
-  """One level through the Triton kernel (`grouped_attention`), as a `_Part`. With `lengths`
-  a decode level of one node or one node per sequence finds its tiles in-kernel (`_regular`);
-  a regular per-sequence level of one key split also merges `priors` (earlier levels' (out,
+def _triton_part(q, k, v, tabs: _TritonTables, layer, scale, cfg: Config,
+                 priors=()) -> _Part:
+  """One level through the Triton kernel (`grouped_attention`), as a `_Part`, from its tables.
+  A regular per-sequence level of one key split also merges `priors` (earlier levels' (out,
   lse) in its row order) in the kernel and returns the final part (`_Part.final`)."""
-  prep = _prepare(q.shape, k, v, owner, limits, cfg, layer, order)
-  qp = _pack(q, prep.layout.order, k.shape[-2], prep.dp)
-  reg = _regular(q.shape, k, owner, cfg, layer, prep.layout, lengths, prep.plan.block_m)
+  k, v, layout = _triton_kv(k, v, layer, tabs, cfg)
+  qp = _pack(q, layout.order, k.shape[-2], tabs.dp)
+  reg = None
+  if tabs.regular is not None:
+    r, order, lengths = tabs.regular
+    reg = (r, order, jnp.asarray(layer, jnp.int32).reshape(1) if r.stacked else None, lengths)
   merge = (bool(priors) and reg is not None and reg[0].per_sequence
-           and reg[0].tiles_per_node == 1 and prep.plan.splits == 1)
+           and reg[0].tiles_per_node == 1 and tabs.plan.splits == 1)
   [(out, lse)] = grouped_attention(
-      [LevelInput(qp, prep.k, prep.v, prep.row_limits, prep.layout, prep.plan, reg,
-                  tuple(priors) if merge else ())],
-      scale=scale, interpret=prep.interpret, poison=cfg.poison, tile_bounds=cfg.tile_bounds,
+      [LevelInput(qp, k, v, tabs.row_limits, layout, tabs.plan, reg,
+                  tuple(priors) if merge else (), tabs.bounds)],
+      scale=scale, interpret=_interpret(cfg), poison=cfg.poison, tile_bounds=cfg.tile_bounds,
       combine=False)
-  return _Part(out, lse, None, prep.layout.order, final=merge)
-
-
-def _level_part(q, k, v, owner, limits, scale, cfg: Config, layer=None, order=_OWN,
-                lengths=None) -> _Part:
-  """One level on the kernel `_use_mosaic` picks, as a `_Part` with its rows in `order`
-  (`lengths`: see `_triton_part`)."""
-  if _use_mosaic(q.shape, k, owner, q.dtype, cfg):
-    return _mosaic_part(q, k, v, owner, limits, scale, cfg, layer, order)
-  return _triton_part(q, k, v, owner, limits, scale, cfg, layer, order, lengths)
+  return _Part(out, lse, None, layout.order, final=merge)
 
 
 def _on_gpu_stream(stream: int, fn):
@@ -1026,19 +1095,18 @@ def _on_gpu_stream(stream: int, fn):
   return wrap(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=space.Device)
 
 
-def _part_on_stream(stream: int, q, k, v, limits, scale, cfg: Config, layer, order,
-                    lengths) -> _Part:
-  """A per-sequence level's `_Part` computed on GPU stream `stream` (see Config.level_stream)."""
-  static = isinstance(order, str) or order is None or isinstance(order, np.ndarray)
+def _part_on_stream(stream: int, q, k, v, tabs, layer, scale, cfg: Config) -> _Part:
+  """A per-sequence level's `_Part` computed on GPU stream `stream` (see Config.level_stream);
+  its tables' arrays enter the stream's call as arguments, their static parts closed over."""
+  arrays, static = prepared.split_arrays(tabs)
 
-  def run(q, k, v, limits, layer, traced_order, lengths):
-    part = _level_part(q, k, v, None, limits, scale, cfg, layer,
-                       order if static else traced_order, lengths)
+  def run(q, k, v, layer, arrays):
+    part = _level_run(q, k, v, prepared.join_arrays(static, arrays), layer, scale, cfg)
     return part.out, part.lse
 
-  out, lse = _on_gpu_stream(stream, run)(q, k, v, limits, layer, None if static else order,
-                                         lengths)
-  return _Part(out, lse, None, None if isinstance(order, str) else order)
+  out, lse = _on_gpu_stream(stream, run)(q, k, v, layer, arrays)
+  return _Part(out, lse, tabs.pos if isinstance(tabs, _MosaicTables) else None,
+               _tables_order(tabs))
 
 
 def _fixes_order(k, owner) -> bool:
@@ -1047,7 +1115,56 @@ def _fixes_order(k, owner) -> bool:
   return owner is not None and k.shape[-4] != 1
 
 
-def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
+class _GroupedTables(NamedTuple):
+  """The tables of `_grouped_forward` (`_grouped_tables`): steps, in run order, (level, kind,
+  tables) with kind "fold" (a shared level on the Mosaic GPU kernel with the per-sequence
+  level `fold[1]` folded into its launch), "level" (a level on its kernel), "last" (the
+  per-sequence level, merging the earlier parts in its kernel when it can: `_triton_part`'s
+  priors) or "stream" (on its own GPU stream); order: the rows' final order ([B] or None) and
+  inverse its inverse, for the one unpack."""
+  steps: tuple
+  fold: Optional[tuple]
+  order: Optional[object]
+  inverse: Optional[object]
+
+
+def _grouped_tables(q_shape, kvl, owners, limits, cfg: Config) -> _GroupedTables:
+  """`_GroupedTables` of every level (kvl: [(k, v, lengths, layer)], k and v arrays or
+  `jax.ShapeDtypeStruct`s, layer None or not; owners: NumPy, traced or None; limits [B,T]
+  each): the one level whose nodes (N > 1, with owners) fix the row order packs its rows
+  sorted by node, the others (one node, or one per sequence) take that order too (see
+  `_grouped_forward`)."""
+  t = q_shape[1]
+  bound = [i for i, ((k, _, _, _), o) in enumerate(zip(kvl, owners)) if _fixes_order(k, o)]
+  per_seq = [i for i in range(len(kvl)) if owners[i] is None]
+  fold, _ = _fold_levels(q_shape, kvl[0][0].dtype, kvl, owners, cfg)
+  last = per_seq if (fold is None and cfg.merge_in_kernel and len(per_seq) == 1 and t == 1
+                     and not cfg.level_stream) else []
+  first = bound + [i for i in range(len(kvl)) if i not in bound and i not in last] + last
+  if fold is not None:
+    first.remove(fold[1])       # (run inside the launch of level fold[0])
+  steps, order, in_place = [], _OWN, True
+  for i in first:
+    k, _, lengths, layer = kvl[i]
+    stacked = layer is not None
+    if fold is not None and i == fold[0]:
+      ks = kvl[fold[1]][0]
+      kind, tabs = "fold", _mosaic_tables(q_shape, k.shape, owners[i], limits[i], cfg, order,
+                                          suffix=(limits[fold[1]], ks.shape[-2]))
+    elif i in last and in_place:
+      kind, tabs = "last", _triton_tables(q_shape, k.shape, k.dtype, None, limits[i], cfg,
+                                          stacked, order, lengths)
+    else:
+      kind = "stream" if owners[i] is None and cfg.level_stream else "level"
+      tabs = _level_tables(q_shape, k.shape, k.dtype, owners[i], limits[i], cfg, stacked,
+                           order, lengths)
+    steps.append((i, kind, tabs))
+    order = _tables_order(tabs)
+    in_place = in_place and (not isinstance(tabs, _MosaicTables) or tabs.pos is None)
+  return _GroupedTables(tuple(steps), fold, order, None if order is None else _inverse(order))
+
+
+def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config, tables=None):
   """Every level (kvl: [(k, v, lengths, layer)], owners: NumPy, traced or None, limits [B,T]
   each) on its grouped kernel, the parts merged in packed rows: the one level whose nodes
   (N > 1, with owners) fix the row order packs its rows sorted by node, the others (one
@@ -1058,38 +1175,27 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
   last and merges the others' parts in its kernel (`_merge_and_store`) when it can (one key
   split, the others' rows in place), and nothing runs after it. A shared level on the Mosaic
   GPU kernel and the per-sequence level run as one launch when `_fold_levels` allows
-  (`MosaicConfig.fold_suffix`). Returns out [B,T,H,D] in q's dtype and lse [B,T,H] f32."""
+  (`MosaicConfig.fold_suffix`). tables: `_grouped_tables` of these levels (None: computed
+  here). Returns out [B,T,H,D] in q's dtype and lse [B,T,H] f32."""
   b, t, h, d = q.shape
-  bound = [i for i, ((k, _, _, _), o) in enumerate(zip(kvl, owners)) if _fixes_order(k, o)]
-  per_seq = [i for i in range(len(kvl)) if owners[i] is None]
-  fold, _ = _fold_levels(q.shape, q.dtype, kvl, owners, cfg)
-  last = per_seq if (fold is None and cfg.merge_in_kernel and len(per_seq) == 1 and t == 1
-                     and not cfg.level_stream) else []
-  first = bound + [i for i in range(len(kvl)) if i not in bound and i not in last] + last
-  if fold is not None:
-    first.remove(fold[1])       # (run inside the launch of level fold[0])
-  parts, order = {}, _OWN
-  for i in first:
-    k, v, lengths, layer = kvl[i]
-    if fold is not None and i == fold[0]:
-      ks, vs, _, slayer = kvl[fold[1]]
-      parts[i] = _mosaic_part(q, k, v, owners[i], limits[i], scale, cfg, layer, order,
-                              suffix=(ks, vs, limits[fold[1]], slayer))
-      order = parts[i].order
-      continue
-    if i in last and all(parts[j].slot is None for j in parts):
+  if tables is None:
+    tables = _grouped_tables(q.shape, kvl, owners, limits, cfg)
+  parts = {}
+  for i, kind, tabs in tables.steps:
+    k, v, _, layer = kvl[i]
+    if kind == "fold":
+      ks, vs, _, slayer = kvl[tables.fold[1]]
+      parts[i] = _mosaic_part(q, k, v, tabs, scale, cfg, layer, suffix=(ks, vs, slayer))
+    elif kind == "last":
       earlier = [(parts[j].out, parts[j].lse) for j in parts]
-      part = _triton_part(q, k, v, None, limits[i], scale, cfg, layer, order, lengths, earlier)
+      part = _triton_part(q, k, v, tabs, layer, scale, cfg, earlier)
       if part.final:     # every level merged in the kernel: [B,K,G,Dp] -> [B,1,H,D]
         return part.out[..., :d].reshape(b, 1, h, d), part.lse.reshape(b, 1, h)
       parts[i] = part
-      continue
-    if owners[i] is None and cfg.level_stream:
-      parts[i] = _part_on_stream(cfg.level_stream, q, k, v, limits[i], scale, cfg, layer,
-                                 order, lengths)
+    elif kind == "stream":
+      parts[i] = _part_on_stream(cfg.level_stream, q, k, v, tabs, layer, scale, cfg)
     else:
-      parts[i] = _level_part(q, k, v, owners[i], limits[i], scale, cfg, layer, order, lengths)
-    order = parts[i].order
+      parts[i] = _level_run(q, k, v, tabs, layer, scale, cfg)
   outs, lses = [], []
   for i in sorted(parts):
     o, lse = parts[i].out, parts[i].lse
@@ -1099,12 +1205,15 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config):
     outs.append(o[..., :d].astype(jnp.float32))
     lses.append(lse)
   out, lse = flash.combine_splits(jnp.concatenate(outs), jnp.concatenate(lses))
-  return _unpack(out, lse, order, q.shape, q.dtype)
+  return _unpack(out, lse, tables.order, q.shape, q.dtype, inverse=tables.inverse)
 
 
-@functools.partial(jax.jit, static_argnames=("owner_keys", "scale", "cfg"))
-def _grouped_jit(q, kvl, owners_dyn, limits, *, owner_keys, scale, cfg):
-  return _grouped_forward(q, kvl, _owners(owners_dyn, owner_keys), limits, scale, cfg)
+@functools.partial(jax.jit, static_argnames=("owner_keys", "scale", "cfg", "tables_static"))
+def _grouped_jit(q, kvl, owners_dyn, limits, tables_arrays, *, owner_keys, scale, cfg,
+                 tables_static):
+  tables = (None if tables_static is None
+            else prepared.join_arrays(tables_static, tables_arrays))
+  return _grouped_forward(q, kvl, _owners(owners_dyn, owner_keys), limits, scale, cfg, tables)
 
 
 @functools.partial(jax.jit, static_argnames=("owner_keys", "scale"))
@@ -1117,11 +1226,9 @@ def _xla_levels_vjp(q, kvl, owners_dyn, limits, cts, *, owner_keys, scale):
   return vjp((cts[0].astype(jnp.float32), cts[1]))
 
 
-def grouped_levels(q, levels, limits, *, scale: float, cfg: Config):
-  """`_grouped_forward` over KVLevels (stacked caches read in place at their layer), or None
-  when more than one level fixes a row order (the caller runs the levels one by one).
-  Differentiable: the backward pass recomputes the levels with the XLA backend."""
-  b = q.shape[0]
+def _grouped_inputs(levels, b: int):
+  """(kvl [(k, v, lengths, layer)], owners_dyn: traced owners or None, owner_keys: static
+  owners' keys) of KVLevels, or None when more than one level fixes a row order."""
   statics, traced = zip(*[_static_owner(lv.owner, lv.k.shape[-4], b) for lv in levels])
   if sum(_fixes_order(lv.k, lv.owner) for lv in levels) > 1:
     return None
@@ -1131,15 +1238,33 @@ def grouped_levels(q, levels, limits, *, scale: float, cfg: Config):
           else jnp.asarray(lv.lengths, jnp.int32),
           None if lv.layer is None else jnp.asarray(lv.layer, jnp.int32)) for lv in levels]
   owners_dyn = [lv.owner if tr else None for lv, tr in zip(levels, traced)]
-  limits = [jnp.asarray(x, jnp.int32) for x in limits]
+  return kvl, owners_dyn, keys
 
-  def impl(q, kvl, owners_dyn, limits):
+
+def grouped_levels(q, levels, limits, *, scale: float, cfg: Config, tables=None):
+  """`_grouped_forward` over KVLevels (stacked caches read in place at their layer), or None
+  when more than one level fixes a row order (the caller runs the levels one by one).
+  tables: None, or `grouped_tables` of the same levels (computed once for many calls).
+  Differentiable: the backward pass recomputes the levels with the XLA backend."""
+  inputs = _grouped_inputs(levels, q.shape[0])
+  if inputs is None:
+    return None
+  kvl, owners_dyn, keys = inputs
+  limits = [jnp.asarray(x, jnp.int32) for x in limits]
+  tables_arrays, tables_static = [], None
+  if tables is not None:
+    tables_arrays, tables_static = prepared.split_arrays(tables)
+
+  def impl(q, kvl, owners_dyn, limits, tables_arrays):
     if cfg.lowering == "mosaic" and _interpret(cfg):
       # Op by op, not one program: several interpreted Mosaic GPU kernels in one program
       # have deadlocked jax's Mosaic GPU interpreter on a 2-core machine (see Config).
-      return _grouped_forward(q, kvl, _owners(owners_dyn, keys), limits, float(scale), cfg)
-    return _grouped_jit(q, kvl, owners_dyn, limits, owner_keys=keys, scale=float(scale),
-                        cfg=cfg)
+      tabs = (None if tables_static is None
+              else prepared.join_arrays(tables_static, tables_arrays))
+      return _grouped_forward(q, kvl, _owners(owners_dyn, keys), limits, float(scale), cfg,
+                              tabs)
+    return _grouped_jit(q, kvl, owners_dyn, limits, tables_arrays, owner_keys=keys,
+                        scale=float(scale), cfg=cfg, tables_static=tables_static)
 
   f = jax.custom_vjp(impl)
 
@@ -1147,14 +1272,25 @@ def grouped_levels(q, levels, limits, *, scale: float, cfg: Config):
     return impl(*args), args
 
   def bwd(res, cts):
-    q, kvl, owners_dyn, limits = res
+    q, kvl, owners_dyn, limits, tables_arrays = res
     dq, dkv = _xla_levels_vjp(q, kvl, owners_dyn, limits, cts, owner_keys=keys,
                               scale=float(scale))
     return (dq, [(dk, dv, None, None) for dk, dv in dkv], [None] * len(owners_dyn),
-            [None] * len(limits))
+            [None] * len(limits), [None] * len(tables_arrays))
 
   f.defvjp(fwd, bwd)
-  return f(q, kvl, owners_dyn, limits)
+  return f(q, kvl, owners_dyn, limits, tables_arrays)
+
+
+def grouped_tables(q_shape, levels, limits, *, cfg: Config):
+  """The tables `grouped_levels` computes for these levels (lengths, owners, limits), or None
+  when it would return None; levels' k and v may be `jax.ShapeDtypeStruct`s."""
+  inputs = _grouped_inputs(levels, q_shape[0])
+  if inputs is None:
+    return None
+  kvl, owners_dyn, keys = inputs
+  return _grouped_tables(tuple(q_shape), kvl, _owners(owners_dyn, keys),
+                         [jnp.asarray(x, jnp.int32) for x in limits], cfg)
 
 
 def _static_owner(owner, n: int, b: int):
@@ -1276,14 +1412,15 @@ def _concurrent(q, levels, causal_last: bool, scale: float, cfg: Config):
   for level, limits in zip(levels, _level_limits(levels, b, t, causal_last)):
     if level.k.shape[-3] == 0:
       continue
-    prep = _prepare(q.shape, level.k, level.v, level.owner, limits, cfg, level.layer)
-    order = prep.layout.order
+    tabs = _triton_tables(q.shape, level.k.shape, level.k.dtype, level.owner, limits, cfg,
+                          level.layer is not None)
+    k, v, layout = _triton_kv(level.k, level.v, level.layer, tabs, cfg)
+    order = layout.order
     key = (None if order is None else order.tobytes() if isinstance(order, np.ndarray)
-           else id(order), prep.dp)
+           else id(order), tabs.dp)
     if key not in packed:
-      packed[key] = _pack(q, order, level.k.shape[-2], prep.dp)
-    inputs.append(LevelInput(packed[key], prep.k, prep.v, prep.row_limits, prep.layout,
-                             prep.plan))
+      packed[key] = _pack(q, order, level.k.shape[-2], tabs.dp)
+    inputs.append(LevelInput(packed[key], k, v, tabs.row_limits, layout, tabs.plan))
     orders.append(order)
   if not inputs:
     return jnp.zeros(q.shape, q.dtype), jnp.full((b, t, h), -jnp.inf, jnp.float32)
@@ -1417,30 +1554,41 @@ def path_mode(q_shape, dtype, levels, cfg: Config) -> tuple:
   return True, None
 
 
-def all_levels(q, levels, limits, *, scale, config: Optional[Config] = None):
+def _all_levels_route(q_shape, dtype, levels, limits, cfg: Config):
+  """(route, live levels, their limits) of `all_levels`: route "path" (the small-shape path),
+  "grouped" (`grouped_levels`) or None (level by level); static (shapes and configuration)."""
+  b, t = q_shape[:2]
+  live = [(lv, lim) for lv, lim in zip(levels, limits) if lv.k.shape[-3] > 0]
+  lv_live, lim_live = [lv for lv, _ in live], [lim for _, lim in live]
+  if b == 0 or t == 0 or not live:
+    return None, lv_live, lim_live
+  take, why = path_mode(q_shape, dtype, lv_live, cfg)
+  if take:
+    return "path", lv_live, lim_live
+  if cfg.path == "always":
+    log_once(("pallas-path", why), "hydrax pallas backend: path='always' but the path kernel "
+             "cannot take this call (%s); the levels run one by one", why)
+  if cfg.finish == "once" and len(live) > 1 and dtype in _DTYPES:
+    return "grouped", lv_live, lim_live
+  return None, lv_live, lim_live
+
+
+def all_levels(q, levels, limits, *, scale, config: Optional[Config] = None, tables=None):
   """Every level of a call at once: through the small-shape path (`path_gpu`) when the cost
   rule (`path_mode`) picks it, else, for two or more levels with keys and `Config.finish`
   "once", through the grouped kernels with one merge in packed rows (`grouped_levels`);
   None otherwise, also when several levels each fix a row order (the caller runs the levels
-  one by one through the grouped kernels: a decision, not a fallback). Returns out [B,T,H,D]
-  in q's dtype and lse [B,T,H] f32. With path='always', inputs the path kernel cannot take
-  are logged once."""
+  one by one through the grouped kernels: a decision, not a fallback). tables: None, or
+  `prepare_levels` of the same levels and limits. Returns out [B,T,H,D] in q's dtype and lse
+  [B,T,H] f32. With path='always', inputs the path kernel cannot take are logged once."""
   cfg = Config() if config is None else config
-  b, t, h, d = q.shape
-  live = [(lv, lim) for lv, lim in zip(levels, limits) if lv.k.shape[-3] > 0]
-  if b == 0 or t == 0 or not live:
-    return None
-  take, why = path_mode(q.shape, q.dtype, [lv for lv, _ in live], cfg)
-  if not take:
-    if cfg.path == "always":
-      log_once(("pallas-path", why), "hydrax pallas backend: path='always' but the path kernel "
-               "cannot take this call (%s); the levels run one by one", why)
-    if cfg.finish == "once" and len(live) > 1 and q.dtype in _DTYPES:
-      return grouped_levels(q, [lv for lv, _ in live], [lim for _, lim in live], scale=scale,
-                            cfg=cfg)
+  route, live, live_limits = _all_levels_route(q.shape, q.dtype, levels, limits, cfg)
+  if route == "grouped":
+    return grouped_levels(q, live, live_limits, scale=scale, cfg=cfg, tables=tables)
+  if route is None:
     return None
   interpret = _interpret(cfg)
-  caps = [lv.k.shape[-3] for lv, _ in live]
+  caps = [lv.k.shape[-3] for lv in live]
   block_n, warps, stages = cfg.narrow
   block_n = cfg.block_n or min(block_n, flash.pow2_at_least(max(caps)))
   plan = path_gpu.make_plan(q.shape, levels[0].k.shape[-2], caps, num_sms=_num_sms(),
@@ -1449,9 +1597,25 @@ def all_levels(q, levels, limits, *, scale, config: Optional[Config] = None):
                             splits=cfg.splits or (1 if interpret else None),
                             programs_per_sm=cfg.path_programs_per_sm,
                             group=cfg.path_group)
-  out, lse = path_gpu.path_attention(q, [lv for lv, _ in live], [lim for _, lim in live],
-                                     scale=scale, plan=plan, interpret=interpret)
+  out, lse = path_gpu.path_attention(q, live, live_limits, scale=scale, plan=plan,
+                                     interpret=interpret)
   return out.astype(q.dtype), lse
+
+
+def prepare_levels(q_shape, dtype, levels, limits, *, scale,
+                   config: Optional[Config] = None):
+  """The tables `all_levels` would compute for these levels' lengths, owners and limits (the
+  grouped kernels' layouts, tile tables, bounds and row orders), or None when its route has
+  none (the small-shape path, level by level). `Backend.prepare_levels`."""
+  del scale          # (the tables do not depend on it)
+  cfg = Config() if config is None else config
+  if not cfg.prepare_tables:
+    return None
+  route, live, live_limits = _all_levels_route(tuple(q_shape), jnp.dtype(dtype), levels,
+                                               limits, cfg)
+  if route != "grouped":
+    return None
+  return grouped_tables(q_shape, live, live_limits, cfg=cfg)
 
 
 def clear_jit_caches() -> None:
@@ -1468,4 +1632,4 @@ def _available() -> bool:
 
 backends.register(backends.Backend("pallas", level_attention, platforms=("gpu",),
                                    is_available=_available, config=Config(), takes_layer=True,
-                                   all_levels=all_levels))
+                                   all_levels=all_levels, prepare_levels=prepare_levels))
