@@ -19,6 +19,7 @@ the parameters' dtype; attention accumulates in float32 (in `hydrax.attention`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, NamedTuple, Optional
@@ -393,18 +394,53 @@ def _all_reduce(x, reduce: Optional[str]):
   return x if reduce is None else lax.psum(x, reduce)
 
 
-def _default_attend(q, levels, *, backend, checks="static"):
-  return attn_lib.hydragen_attention(q, levels, causal_last=True, backend=backend,
-                                     checks=checks)
+@dataclasses.dataclass(frozen=True)
+class HydragenAttend:
+  """The default `attend=` hook of `forward`: `hydragen_attention(..., causal_last=True)`.
+  Its `prepare` computes what the layers of one forward pass share (the levels' key limits
+  and the backend's tile tables: `hydrax.attention.prepare`) once, before the layer scan;
+  each layer's call takes it as `prepared=`. checks: "static" or "runtime"."""
+  checks: str = "static"
+
+  def __call__(self, q, levels, *, backend, prepared=None):
+    return attn_lib.hydragen_attention(q, levels, causal_last=True, backend=backend,
+                                       checks=self.checks, prepared=prepared)
+
+  def prepare(self, q, levels, *, backend):
+    return attn_lib.prepare(q, levels, causal_last=True, backend=backend, checks=self.checks)
+
+
+def _prepare_attention(model, attend, backend, shared, suffix, b: int, t: int):
+  """`attend.prepare` of the levels every layer attends to (`_attention_layer`'s, at layer 0;
+  their layer, a traced index in the scan, is not part of what is prepared), or None when
+  `attend` has no `prepare`."""
+  prepare = getattr(attend, "prepare", None)
+  if prepare is None:
+    return None
+  config = model.config
+  d = config.head_dim
+  h, kh = _local_heads(model)
+  dtype = jnp.result_type(model.embed.embedding.dtype, model.layers.attn.q.kernel.dtype)
+  q = jax.ShapeDtypeStruct((b, t, h, d), dtype)
+  levels = [attn_lib.KVLevel(lvl.k, lvl.v, lvl.lengths, owner, 0) for lvl, owner in shared]
+  if suffix is None:
+    kv = jax.ShapeDtypeStruct((b, t, kh, d), dtype)
+    levels.append(attn_lib.KVLevel(kv, kv, jnp.full((b,), t, jnp.int32), None))
+  else:      # (as `own_level`: the suffix's lengths are those before this call, + T)
+    levels.append(attn_lib.KVLevel(suffix.k, suffix.v, suffix.lengths.astype(jnp.int32) + t,
+                                   None, 0))
+  return prepare(q, levels, backend=backend)
 
 
 def _attention_layer(config: LlamaConfig, layer: Attention, x, positions, inv_freq, shared,
                      suffix: Optional[LevelKV], index, *, skip_attention: bool, backend,
-                     reduce: Optional[str], attend, packed: Optional[Packed] = None):
+                     reduce: Optional[str], attend, packed: Optional[Packed] = None,
+                     prepared=None):
   """x [B,T,E] -> (out [B,T,E], suffix LevelKV or None with this layer's new keys written).
 
   shared: ((LevelKV [L,N,S,K,D], owner [B]), ...) read at layer `index` in place.
   packed: None, or x is [R,W,E] packed tokens of the sequences (`Packed`; owners per sequence).
+  prepared: None, or `attend.prepare` of these levels (`_prepare_attention`), passed on.
   """
   b, t, _ = x.shape
   d = config.head_dim
@@ -424,7 +460,10 @@ def _attention_layer(config: LlamaConfig, layer: Attention, x, positions, inv_fr
     if packed is None:
       suffix, own = own_level(suffix, index, k, v)
       levels.append(own)
-      out, _ = attend(q, levels, backend=backend)
+      if prepared is None:
+        out, _ = attend(q, levels, backend=backend)
+      else:
+        out, _ = attend(q, levels, backend=backend, prepared=prepared)
     else:
       if suffix is not None:
         suffix, held = packed_level(suffix, index, k, v, packed)
@@ -491,9 +530,13 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
     outputs are summed (`lax.psum`): their input rows are split over it, so each shard holds
     a partial sum. The model's arrays are then the shard's slices (H/M query heads, K/M KV
     heads, F/M MLP columns); head counts are read from the arrays.
-  attend: None (`hydragen_attention(q, levels, causal_last=True, backend=backend)`), or a
-    callable with that signature `attend(q, levels, *, backend) -> (out, lse)`; levels are the
-    shared levels (owners from `cache.owners`) then the per-row level, each at layer l.
+  attend: None (`HydragenAttend(checks)`: `hydragen_attention(q, levels, causal_last=True,
+    backend=backend)`), or a callable with that signature `attend(q, levels, *, backend) ->
+    (out, lse)`; levels are the shared levels (owners from `cache.owners`) then the per-row
+    level, each at layer l. An `attend` with a method `prepare(q, levels, *, backend)` (as
+    `HydragenAttend`) is asked once per call, before the layer scan, for what the layers share
+    (q a `jax.ShapeDtypeStruct`, the levels at layer 0), and each layer's call then gets
+    `prepared=` its result (not for packed tokens).
 
   Returns (hidden [B,T,E] after the final norm, in the model dtype; the cache with its suffix
   updated, or None if `cache` was None).
@@ -510,7 +553,7 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
   inv_freq = rope_frequencies(config)
   eps = config.rms_norm_eps
   if attend is None:
-    attend = functools.partial(_default_attend, checks=checks)
+    attend = HydragenAttend(checks)
   elif checks != "static":
     raise ValueError(f"checks={checks!r} applies to the default attention; a custom attend= "
                      "checks its own inputs")
@@ -519,6 +562,9 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
   shared = () if cache is None or skip_attention else tuple(zip(cache.shared, cache.owners))
   carried = None if skip_attention else suffix
   layer_def, stacked = nnx.split(model.layers)
+  prepared = None
+  if packed is None and cache is not None and not skip_attention:
+    prepared = _prepare_attention(model, attend, backend, shared, suffix, b, t)
 
   def layer(carry, xs):
     x, carried = carry
@@ -527,7 +573,8 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
     a, carried = _attention_layer(config, block.attn, rms_norm(block.attn_norm, x, eps),
                                   positions, inv_freq, shared, carried, index,
                                   skip_attention=skip_attention, backend=backend,
-                                  reduce=reduce, attend=attend, packed=packed)
+                                  reduce=reduce, attend=attend, packed=packed,
+                                  prepared=prepared)
     x = x + a
     x = x + _mlp(block.mlp, rms_norm(block.mlp_norm, x, eps), reduce)
     return (x, carried), None

@@ -216,3 +216,49 @@ def test_rope_scaling_changes_only_low_frequencies():
   assert scaled[0] == plain[0]                              # high frequency kept
   np.testing.assert_allclose(scaled[-1], plain[-1] / 8.0, rtol=1e-6)   # low frequency / factor
   assert np.all(scaled <= plain)
+
+
+def test_attention_prepared_once_per_forward(tiny, monkeypatch):
+  """The default attend prepares the levels' limits and tables once per forward pass (before
+  the layer scan) and every layer's call takes them; an attend without `prepare` (a plain
+  callable) gets no `prepared=` and gives the same result."""
+  from hydrax import attention as attn_lib
+  config, graphdef, params = tiny
+  model = nnx.merge(graphdef, params)
+  rng = np.random.default_rng(4)
+  shared = cache_lib.empty_level(config.num_layers, 2, 6, config.num_kv_heads,
+                                 config.head_dim, jnp.float32)
+  shared = shared._replace(k=jnp.asarray(rng.standard_normal(shared.k.shape), jnp.float32),
+                           v=jnp.asarray(rng.standard_normal(shared.v.shape), jnp.float32),
+                           lengths=jnp.array([6, 3], jnp.int32))
+  suffix = cache_lib.empty_level(config.num_layers, 3, 8, config.num_kv_heads,
+                                 config.head_dim, jnp.float32)
+  suffix = suffix._replace(k=jnp.asarray(rng.standard_normal(suffix.k.shape), jnp.float32),
+                           v=jnp.asarray(rng.standard_normal(suffix.v.shape), jnp.float32),
+                           lengths=jnp.array([2, 0, 5], jnp.int32))
+  kv = cache_lib.KVCache(suffix, [shared], [jnp.array([1, 0, 1], jnp.int32)])
+  tokens = jnp.asarray(rng.integers(0, 256, (3, 1)), jnp.int32)
+  positions = jnp.array([[8], [6], [8]], jnp.int32)
+  seen = {"prepare": 0, "calls": []}
+  real_prepare, real_attention = attn_lib.prepare, attn_lib.hydragen_attention
+
+  def spy_prepare(*args, **kwargs):
+    seen["prepare"] += 1
+    return real_prepare(*args, **kwargs)
+
+  def spy_attention(*args, prepared=None, **kwargs):
+    seen["calls"].append(prepared)
+    return real_attention(*args, prepared=prepared, **kwargs)
+
+  monkeypatch.setattr(attn_lib, "prepare", spy_prepare)
+  monkeypatch.setattr(attn_lib, "hydragen_attention", spy_attention)
+  hidden, _ = jax.jit(lambda kv: llama.forward(model, tokens, positions, kv))(kv)
+  assert seen["prepare"] == 1 and len(seen["calls"]) == 1       # (the scan's body: one trace)
+  assert isinstance(seen["calls"][0], attn_lib.Prepared)
+
+  def plain(q, levels, *, backend):
+    return attn_lib.hydragen_attention(q, levels, causal_last=True, backend=backend)
+
+  ref, _ = jax.jit(lambda kv: llama.forward(model, tokens, positions, kv, attend=plain))(kv)
+  assert seen["prepare"] == 1 and seen["calls"][1] is None
+  np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref), rtol=1e-5, atol=1e-5)
