@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from experiments import bench_attention as ba  # noqa: E402
 from experiments import peers as pe  # noqa: E402
-from hydrax.attention import KVLevel, backends, hydragen_attention  # noqa: E402
+from hydrax.attention import KVLevel, backends, hydragen_attention, prepare  # noqa: E402
 from hydrax.attention.kernels import fused_triton as ft  # noqa: E402
 from hydrax.attention.kernels import pallas_gpu as pg  # noqa: E402
 from hydrax.attention.kernels import fused_worklist as wl  # noqa: E402
@@ -171,7 +171,10 @@ def run_checks(cases, d=128):
 
       def fused_fn(q, stacks, owners, lengths, layer):
         lv = [KVLevel(sk, sv, n, o, layer) for (sk, sv), o, n in zip(stacks, owners, lengths)]
-        return hydragen_attention(q, lv, backend=backend)
+        prep = None
+        if ARGS.prepared:        # (the engine's form: prepared at layer 0, run at `layer`)
+          prep = prepare(q, [x._replace(layer=0) for x in lv], backend=backend)
+        return hydragen_attention(q, lv, backend=backend, prepared=prep)
 
       owners = [None if o is None else jnp.asarray(o) for *_, o in levels_np]
       lengths = [jnp.asarray(n) for _, _, n, _ in levels_np]
@@ -243,6 +246,68 @@ def hydrax_fn(b, p, u, backend):
   three plan arrays)."""
   return jax.jit(lambda q, kp, vp, ks, vs, lp, ls, owner, layer: hydragen_attention(
       q, _levels(b, p, u, kp, vp, ks, vs, layer, lp, ls, owner), backend=backend)[0])
+
+
+def hydrax_layers_fn(b, p, u, backend, layers: int, prepared: bool):
+  """jit of step(q, kp, vp, ks, vs, lp, ls, owner) -> out, the engine's form of a decode
+  step's attention: a `lax.scan` over `layers` layers of the stacked caches (layer i reads
+  copy i), each layer's q the previous layer's output; with `prepared`, the levels' key
+  limits and the backend's tables computed once before the scan (`hydrax.attention.prepare`,
+  as `llama.forward` does), else in every layer."""
+  from jax import lax
+
+  def step(q, kp, vp, ks, vs, lp, ls, owner):
+    prep = None
+    if prepared:
+      prep = prepare(q, _levels(b, p, u, kp, vp, ks, vs, 0, lp, ls, owner), backend=backend)
+
+    def body(x, layer):
+      out, _ = hydragen_attention(x, _levels(b, p, u, kp, vp, ks, vs, layer, lp, ls, owner),
+                                  backend=backend, prepared=prep)
+      return out.astype(x.dtype), None
+
+    return lax.scan(body, q, jnp.arange(layers, dtype=jnp.int32))[0]
+
+  return jax.jit(step)
+
+
+def time_layers(shapes, h, kh, d, u, layers: int, rounds: int = 2):
+  """Rows `pallas_scan` and `pallas_scan_prepared` (`hydrax_layers_fn` without and with
+  `prepared`; the XLA backend in smoke mode) at every shape, interleaved A B A B over
+  `rounds`: `us` the back-to-back time of a whole step / layers (one dispatch runs every layer,
+  so this is close to device time), rel_err of the step's output against the XLA backend's."""
+  rows = []
+  bk = backends.get("pallas") if jax.default_backend() == "gpu" else backends.get("xla")
+  for p, b in shapes:
+    name = f"P{p}_B{b}"
+    floor = wl.roofline_us((b, 1, h, d), kh, [(1, p), (b, u)], 2)
+    base = dict(shape=name, B=b, P=p, U=u, H=h, K=kh, D=d, L=layers, floor_us=floor)
+    if left() < 20:
+      rows.append(dict(base, impl="pallas_scan", error="skipped (budget)"))
+      continue
+    try:
+      case = _case(p + b, b, p, u, h, kh, d, layers)
+      args = case + ba.plan_inputs(case)
+      fns = {prep: hydrax_layers_fn(b, p, u, bk, layers, prep) for prep in (False, True)}
+      with jax.default_matmul_precision("highest"):
+        want = np.asarray(hydrax_layers_fn(b, p, u, "xla", layers, False)(*args), np.float64)
+      errs = {prep: ba._rel(np.asarray(fn(*args), np.float64), want)
+              for prep, fn in fns.items()}
+      for r in range(rounds):
+        for prep, fn in fns.items():
+          t, _, _ = ba.bench(fn, [args])
+          us = t * 1e6 / layers
+          impl = "pallas_scan_prepared" if prep else "pallas_scan"
+          rows.append(dict(base, impl=impl, round=r, us=us, pct_floor=100 * floor / us,
+                           rel_err=errs[prep]))
+          log(f"{name:>12} {impl:>20} round {r}: {us:8.1f} us a layer of {layers} "
+              f"({100 * floor / us:.0f}% of floor {floor:.1f}; rel err {errs[prep]:.1e})")
+      del case, args
+    except Exception as e:
+      rows.append(dict(base, impl="pallas_scan", error=err_line(e)))
+      log(f"{name:>12} layers FAILED {err_line(e)}")
+      traceback.print_exc(limit=4)
+  return rows
 
 
 def _on_case(fn, case):
@@ -500,6 +565,15 @@ def table(rows, checks_failed):
       base = by.get(r["shape"], {}).get("fused", {}).get("device_us", nan)
       print(f"variant {r['variant']} at {r['shape']}: {r['device_us']:.1f} us device "
             f"(default fused {base:.1f})")
+  scan = {}
+  for r in rows:
+    if r["impl"].startswith("pallas_scan") and "us" in r:
+      scan.setdefault(r["shape"], {}).setdefault(r["impl"], []).append(r["us"])
+  for shape, d in scan.items():
+    a, b = d.get("pallas_scan", [nan]), d.get("pallas_scan_prepared", [nan])
+    print(f"layer scan {shape}: {min(a):.1f} us a layer, {min(b):.1f} prepared "
+          f"({min(b) / min(a):.3f}x; rounds {', '.join(f'{x:.1f}' for x in a)} / "
+          f"{', '.join(f'{x:.1f}' for x in b)})")
   print(f"\nexactness: {checks_failed} failure(s)")
   if BROKEN:
     print("not retried after a failure:", json.dumps(BROKEN))
@@ -543,6 +617,12 @@ def main(argv=None):
                   help="JSON list of pallas Config changes for the path kernel (forced), each "
                   "timed at every shape after the table, if time is left; e.g. "
                   "'[{\"path_programs_per_sm\": 4}, {\"num_stages\": 3}]'")
+  ap.add_argument("--prepared", action="store_true",
+                  help="the exactness checks' calls take `prepared=` (`hydrax.attention."
+                  "prepare` of their levels, as the engine's layers do)")
+  ap.add_argument("--layers", type=int, default=0,
+                  help="L > 0: after the table, time the engine's form (a scan over L layers) "
+                  "with and without `prepare` at every shape (`time_layers`)")
   ap.add_argument("--pallas-variants", default="[]",
                   help="JSON list of pallas Config changes, each timed at every shape (the "
                   "cost rule choosing the path) after the table, before the path variants; "
@@ -599,6 +679,9 @@ def main(argv=None):
         rows.append(dict(shape=name, impl="fused_variant", variant=json.dumps(cfg),
                          error=err_line(e)))
         log(f"{name:>12} variant {json.dumps(cfg)} FAILED {err_line(e)}")
+  if ARGS.layers > 0:
+    rows += time_layers(shapes, h, kh, d, u, ARGS.layers)
+    write_csv(os.path.join(ARGS.out, "fused_timing.csv"), rows)
   rows += time_path_variants(shapes, h, kh, d, u, json.loads(ARGS.pallas_variants),
                              force_path=False)
   rows += time_path_variants(shapes, h, kh, d, u, json.loads(ARGS.path_variants))

@@ -20,9 +20,9 @@ alone, then parse its CSV:
 
 With `--layers L` (> 1) a call is the engine's form of a decode step's attention: a
 `lax.scan` over L layers of stacked caches, each layer's q the previous layer's output, the
-lengths and owners shared: work that does not depend on the layer (the kernels' tables) can
-then run once a step instead of once a layer, and the report gives the serialised time per
-layer.
+lengths and owners shared (`check_fused_h200.hydrax_layers_fn`), and the report gives the
+serialised time per layer; with `--prepared` the work that does not depend on the layer (the
+key limits, the kernels' tables) runs once before the scan (`hydrax.attention.prepare`).
 
 ncu serialises kernels, so the per-kernel times add up to more than a step where kernels could
 overlap; what it gives is each launch's own duration: the attention kernels against the XLA
@@ -119,24 +119,8 @@ def report(path: str, shapes, calls_per_shape: int, layers: int = 1) -> str:
   return "\n".join(lines)
 
 
-def layer_scan(fn, layers: int):
-  """fn(q, kp, vp, ks, vs, lp, ls, owner, layer) -> out as the engine runs it in a decode
-  step: jit of a `lax.scan` over layers 0..layers-1 of the stacked caches, each layer's q the
-  previous layer's output (the plan arrays the same for all layers)."""
-  import jax
-  from jax import lax
-  import jax.numpy as jnp
-
-  def step(q, kp, vp, ks, vs, lp, ls, owner):
-    def body(x, layer):
-      return fn(x, kp, vp, ks, vs, lp, ls, owner, layer).astype(x.dtype), None
-    return lax.scan(body, q, jnp.arange(layers, dtype=jnp.int32))[0]
-
-  return jax.jit(step)
-
-
 def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
-            config: dict, layers: int = 1) -> None:
+            config: dict, layers: int = 1, prepared: bool = False) -> None:
   import jax
   import jax.numpy as jnp
   import torch
@@ -150,23 +134,24 @@ def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
   x = jnp.ones((MARKER_ELEMENTS,), jnp.float32)
   jax.block_until_ready(marker(x))
   os.makedirs(out, exist_ok=True)
-  prepared = []
+  compiled = []
   for p, b in shapes:
     case = ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d, copies=layers)
-    fn = cf.hydrax_fn(b, p, u, backends.get("pallas", **config))
+    backend = backends.get("pallas", **config)
     args = case + ba.plan_inputs(case)                        # lengths, owners: inputs
     if layers > 1:
-      fn = layer_scan(fn, layers)
+      fn = cf.hydrax_layers_fn(b, p, u, backend, layers, prepared)
     else:
+      fn = cf.hydrax_fn(b, p, u, backend)
       args = args + (jnp.int32(0),)
     with open(os.path.join(out, f"hlo_P{p}_B{b}.txt"), "w") as f:
       f.write(fn.lower(*args).compile().as_text())
     for _ in range(3):
       jax.block_until_ready(fn(*args))
-    prepared.append((fn, args))
+    compiled.append((fn, args))
   torch.cuda.synchronize()
   torch.cuda.profiler.start()
-  for fn, args in prepared:
+  for fn, args in compiled:
     for _ in range(calls):
       jax.block_until_ready(marker(x))
       jax.block_until_ready(fn(*args))
@@ -184,6 +169,9 @@ def main(argv=None):
   ap.add_argument("--config", default="{}", help="JSON of pallas_gpu.Config changes")
   ap.add_argument("--layers", type=int, default=1,
                   help="L > 1: a call is a lax.scan over L layers (the engine's form)")
+  ap.add_argument("--prepared", action="store_true",
+                  help="with --layers: the levels' limits and tables prepared once before the "
+                  "scan (`hydrax.attention.prepare`, as llama.forward does)")
   args = ap.parse_args(argv)
   if args.calls < 1:
     raise SystemExit(f"--calls must be >= 1, got {args.calls}")
@@ -194,7 +182,7 @@ def main(argv=None):
     print(report(args.parse, shapes, args.calls, args.layers))
     return
   profile(shapes, args.calls, args.out, args.suffix, 32, 8, 128, json.loads(args.config),
-          args.layers)
+          args.layers, args.prepared)
 
 
 if __name__ == "__main__":

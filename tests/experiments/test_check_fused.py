@@ -18,7 +18,7 @@ def test_smoke_mode_runs_and_records_every_failure(tmp_path, capsys, monkeypatch
   rows, checks, fails = check_fused_h200.main([
       "--smoke", "--out", str(tmp_path), "--loop", "2", "--outer", "1", "--budget", "120",
       "--path-variants", '[{"path_programs_per_sm": 4}]',
-      "--pallas-variants", '[{"finish": "per_level"}]'])
+      "--pallas-variants", '[{"finish": "per_level"}]', "--layers", "2", "--prepared"])
   assert fails == 0
   assert {c["case"] for c in checks} >= {"smoke_path_tree3_f32", "smoke_grouped_tree3_f32"}
   for impl, cfg in (("pallas_path_variant", '{"path_programs_per_sm": 4}'),
@@ -33,12 +33,18 @@ def test_smoke_mode_runs_and_records_every_failure(tmp_path, capsys, monkeypatch
   for impl in ("fused_shared", "fused_per_seq"):      # no Triton toolchain in CI
     assert "device_us" in by[impl] or "unavailable" in by[impl]["error"], by[impl]
   assert by["xla"]["rule"] in ("shared", "per_sequence") and by["xla"]["floor_us"] > 0
+  scan = [r for r in rows if r["impl"].startswith("pallas_scan")]    # (XLA off GPU)
+  assert sorted((r["impl"], r["round"]) for r in scan) == [
+      ("pallas_scan", 0), ("pallas_scan", 1), ("pallas_scan_prepared", 0),
+      ("pallas_scan_prepared", 1)]
+  assert all(r["us"] > 0 and r["L"] == 2 and r["rel_err"] < 1e-2 for r in scan), scan
   with open(tmp_path / "fused_timing.csv") as f:
     assert len(list(csv.DictReader(f))) == len(rows)
   summary = json.loads((tmp_path / "fused_summary.json").read_text())
   assert summary["check_failures"] == 0 and "current_bytes" in summary["crossover"]
   printed = capsys.readouterr().out
   assert "P64_B4 |" in printed and "exactness: 0 failure(s)" in printed
+  assert "layer scan P64_B4:" in printed
 
 
 def test_variant_spread_medians_and_ratio_to_the_default():

@@ -63,23 +63,23 @@ def test_report_per_layer_of_a_layer_scan(tmp_path):
           "30.5 us a layer of 4") in text
 
 
-def test_layer_scan_runs_the_layers_in_order_from_one_q():
-  """The engine's form: layer l reads cache l; its q is layer l-1's output."""
+@pytest.mark.parametrize("prepared", [False, True])
+def test_layer_scan_runs_the_layers_in_order_from_one_q(prepared):
+  """The engine's form (`check_fused_h200.hydrax_layers_fn`, what --layers profiles): layer l
+  reads cache copy l, its q is layer l-1's output; prepared once or not, the same result."""
+  import jax
   import jax.numpy as jnp
   import numpy as np
-  seen = []
-
-  def fn(q, kp, vp, ks, vs, lp, ls, owner, layer):
-    seen.append(layer.shape)
-    return q * 2 + jnp.take(kp, layer, axis=0).sum() + lp[0] + ls[0] + owner[0]
-
-  q = jnp.ones((2, 1, 4, 8), jnp.float32)
-  kp = jnp.arange(3, dtype=jnp.float32).reshape(3, 1, 1, 1, 1)
-  one = jnp.zeros((1,), jnp.int32)
-  out = pd.layer_scan(fn, 3)(q, kp, kp, kp, kp, one, one, one)
-  # ((1 * 2 + 0) * 2 + 1) * 2 + 2 = 12
-  np.testing.assert_allclose(np.asarray(out), 12.0)
-  assert seen == [()]                              # traced once, the layer a scalar
+  from experiments import bench_attention as ba
+  from experiments import check_fused_h200 as cf
+  b, p, u, h, kh, d, layers = 3, 8, 4, 4, 2, 8, 3
+  case = ba.make_case(jax.random.key(0), b, p, u, h, kh, d, dtype=jnp.float32, copies=layers)
+  plan = ba.plan_inputs(case)
+  got = cf.hydrax_layers_fn(b, p, u, "xla", layers, prepared)(*case, *plan)
+  q = case[0]
+  for layer in range(layers):
+    q = cf.hydrax_fn(b, p, u, "xla")(q, *case[1:], *plan, jnp.int32(layer))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(q), rtol=1e-5, atol=1e-5)
 
 
 def test_layers_flag_rejects_zero():
