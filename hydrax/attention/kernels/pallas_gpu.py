@@ -1389,20 +1389,9 @@ def level_attention(q, k, v, lengths, owner, limits, *, scale, config: Optional[
 
 
 def _level_limits(levels, b: int, t: int, causal_last: bool):
-  """Per level, limits [B,T] int32 (as in `hydrax.attention.hydragen_attention`)."""
-  per_seq = [lv.lengths.astype(jnp.int32) if lv.owner is None
-             else lv.lengths.astype(jnp.int32)[jnp.asarray(lv.owner)] for lv in levels]
-  total = sum(per_seq)
-  offset = jnp.zeros((b,), jnp.int32)
-  out = []
-  for seq_len in per_seq:
-    if causal_last:
-      tt = jnp.arange(t, dtype=jnp.int32)[None, :]
-      out.append(jnp.clip((total - t - offset)[:, None] + tt + 1, 0, seq_len[:, None]))
-    else:
-      out.append(jnp.broadcast_to(seq_len[:, None], (b, t)))
-    offset = offset + seq_len
-  return out
+  """Per level, limits [B,T] int32 (`hydrax.attention.hydragen_attention`'s)."""
+  from hydrax.attention import hydragen
+  return hydragen._limits(levels, b, t, causal_last)
 
 
 def _concurrent(q, levels, causal_last: bool, scale: float, cfg: Config):
