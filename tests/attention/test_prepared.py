@@ -260,3 +260,23 @@ def test_prepared_is_a_pytree_through_jit():
   assert len(traces) == 2
   assert isinstance(jax.tree_util.tree_unflatten(*reversed(jax.tree_util.tree_flatten(prep))),
                     Prepared)
+
+
+@pytest.mark.parametrize("lowering", ["triton", "mosaic"])
+def test_prepare_from_shapes_alone(lowering):
+  """q and the caches as `jax.ShapeDtypeStruct`s (what `llama.forward` passes: only shapes
+  and dtypes are read) give the same `Prepared` as the arrays."""
+  q, stacked = _decode_case()
+  impl = pallas_gpu.configure(lowering=lowering, path="off",
+                              mosaic={"block_kv": 64, "fold_suffix": True})
+  levels = [KVLevel(jnp.asarray(k), jnp.asarray(v), jnp.asarray(n), jnp.asarray(o)
+                    if o is not None else None, 0) for k, v, n, o in stacked]
+  spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  shapes = [lv._replace(k=spec(lv.k), v=spec(lv.v)) for lv in levels]
+  a = prepare(jnp.asarray(q), levels, backend=impl)
+  b = prepare(spec(jnp.asarray(q)), shapes, backend=impl)
+  assert a.tables is not None
+  (la, ta), (lb, tb) = jax.tree_util.tree_flatten(a), jax.tree_util.tree_flatten(b)
+  assert ta == tb and len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
