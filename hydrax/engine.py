@@ -100,7 +100,6 @@ from hydrax.offline import packing
 from hydrax.sharing import buckets as buckets_lib
 
 _KEY_BLOCK = 128   # shared-level capacities above this are whole blocks of this many keys
-_SUFFIX_BLOCK = 64   # per-sequence capacities above half of it are whole blocks of it
 _BUCKETS = buckets_lib.DEFAULT   # for plans that carry no bucket policy of their own
 _DATA = "data"     # the mesh axis of rows (hydrax.parallel.mesh.DATA; not imported: no cycle)
 
@@ -653,17 +652,6 @@ def level_capacity(width: int) -> int:
   return width if width <= _KEY_BLOCK else -(-width // _KEY_BLOCK) * _KEY_BLOCK
 
 
-def suffix_capacity(slots: int) -> int:
-  """Cache slots of the per-sequence level that must hold `slots` keys: whole blocks of 64
-  above 32. The pallas backend folds the per-sequence level into the shared level's Mosaic
-  GPU launch only for capacities of whole 64-key blocks (`mosaic_gpu.Suffix`); the engine's
-  bucketed capacities (16 unique tokens + 32 new: 48; + 64 new: 96) were not, and ran the
-  suffixes as a launch of their own (H200, experiments/results/fused_h200 run 12). At most 63
-  slots more a sequence."""
-  slots = int(slots)
-  return slots if slots <= _SUFFIX_BLOCK // 2 else -(-slots // _SUFFIX_BLOCK) * _SUFFIX_BLOCK
-
-
 def _chunked(tokens: np.ndarray, width: int, step_tokens: int, rows: int):
   """tokens [R', >= their longest] cut or zero-padded to `width`, then to n chunks of c tokens
   per row: the fewest chunks of at most step_tokens // rows tokens (rows: a shard's rows), cut
@@ -911,7 +899,7 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
     held, anc = bk.tokens(int(prompt_lengths.max())), ()
   else:
     held, anc = bk.tokens(int(suf_len.max(initial=0))), seq_owner
-  capacity = suffix_capacity(max(padded.shape[1], bk.tokens(held + max_new_tokens - 1)))
+  capacity = max(padded.shape[1], bk.tokens(held + max_new_tokens - 1))
   main = _Pass(padded, suf_len[rows].astype(np.int32), suf_start[rows].astype(np.int32), anc,
                per, capacity, c)
   padded_slots = main.slots

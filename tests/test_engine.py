@@ -518,9 +518,3 @@ def test_pallas_grouped_levels_in_the_engine_equal_xla(tiny):
       np.testing.assert_array_equal(got.tokens, want.tokens)
   assert taken and all(taken)
 
-
-def test_suffix_capacity_is_whole_64_key_blocks_above_32():
-  """The per-sequence cache's capacity: whole 64-key blocks above 32 slots (what the pallas
-  backend's folded suffix takes), small capacities as they are."""
-  assert [engine.suffix_capacity(s) for s in (0, 1, 16, 32, 33, 48, 64, 65, 96, 143)] == [
-      0, 1, 16, 32, 64, 64, 64, 128, 128, 192]
