@@ -681,6 +681,16 @@ class _TritonTables(NamedTuple):
   regular: Optional[tuple]
   stacked: bool
 
+  @property
+  def order(self):
+    """The sequences in row order ([B]), or None (as `_MosaicTables.order`)."""
+    return self.layout.order
+
+  @property
+  def pos(self):
+    """None: the Triton kernel writes packed row r at row r (as `_MosaicTables.pos`)."""
+    return None
+
 
 class _MosaicTables(NamedTuple):
   """What a level on the Mosaic GPU kernel needs besides q, k, v and the layer (as
@@ -780,7 +790,7 @@ def _triton_tables(q_shape, k_shape, k_dtype, owner, limits, cfg: Config, stacke
   g = h // kh
   interpret = _interpret(cfg)
   dp = flash.pow2_at_least(d)
-  in_place = stacked and cfg.layer_in_place and dp == d       # (as `_layer_view` decides)
+  in_place = stacked and cfg.layer_in_place and dp == d     # (padding dp != d copies anyway)
   rows_per_seq = t * g
   rows_per_node = _rows_per_node(q_shape, n, kh, owner)
   itemsize = jnp.dtype(k_dtype).itemsize
@@ -801,7 +811,7 @@ def _triton_kv(k, v, layer, tabs: _TritonTables, cfg: Config):
   """(k, v, layout) of a level for the Triton kernel: k, v padded to Dp (a stacked cache read
   in place seen as L*N nodes, the layout's nodes moved by layer*N; see `_layer_view`)."""
   d = k.shape[-1]
-  k, v, offset = _layer_view(k, v, layer, cfg, in_place_ok=tabs.dp == d)
+  k, v, offset = _layer_view(k, v, layer, cfg, in_place_ok=tabs.stacked)
   if tabs.dp != d:
     pad = ((0, 0), (0, 0), (0, 0), (0, tabs.dp - d))
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
@@ -1026,11 +1036,6 @@ def _level_run(q, k, v, tabs, layer, scale, cfg: Config) -> _Part:
   return _triton_part(q, k, v, tabs, layer, scale, cfg)
 
 
-def _tables_order(tabs):
-  """The row order ([B] or None) of a level's tables."""
-  return tabs.order if isinstance(tabs, _MosaicTables) else tabs.layout.order
-
-
 def _forward(q, k, v, owner, limits, scale, cfg: Config, layer=None):
   tabs = _level_tables(q.shape, k.shape, k.dtype, owner, limits, cfg, layer is not None)
   return _finish(_level_run(q, k, v, tabs, layer, scale, cfg), q.shape)
@@ -1105,8 +1110,7 @@ def _part_on_stream(stream: int, q, k, v, tabs, layer, scale, cfg: Config) -> _P
     return part.out, part.lse
 
   out, lse = _on_gpu_stream(stream, run)(q, k, v, layer, arrays)
-  return _Part(out, lse, tabs.pos if isinstance(tabs, _MosaicTables) else None,
-               _tables_order(tabs))
+  return _Part(out, lse, tabs.pos, tabs.order)
 
 
 def _fixes_order(k, owner) -> bool:
@@ -1159,8 +1163,8 @@ def _grouped_tables(q_shape, kvl, owners, limits, cfg: Config) -> _GroupedTables
       tabs = _level_tables(q_shape, k.shape, k.dtype, owners[i], limits[i], cfg, stacked,
                            order, lengths)
     steps.append((i, kind, tabs))
-    order = _tables_order(tabs)
-    in_place = in_place and (not isinstance(tabs, _MosaicTables) or tabs.pos is None)
+    order = tabs.order
+    in_place = in_place and tabs.pos is None
   return _GroupedTables(tuple(steps), fold, order, None if order is None else _inverse(order))
 
 
