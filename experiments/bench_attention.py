@@ -308,8 +308,9 @@ def check_copied_fits(b, p, u, kh, d) -> None:
 
 
 def time_peer(impl, b, p, u, h, kh, d, case, xla_fn) -> dict:
-  """A peer of experiments/peers.py on this case: back-to-back and device us (CUDA events or
-  an in-jit loop, as the peer is timed) and its output's error against hydrax's XLA backend."""
+  """A peer of experiments/peers.py on this case: back-to-back and device us (a CUDA graph of
+  dependent calls for torch peers, an in-jit loop for tokamax: `device_timing` says which)
+  and its output's error against hydrax's XLA backend."""
   why = peers.unavailable(impl)
   if why:
     raise RuntimeError(f"not importable: {why}")
@@ -317,9 +318,11 @@ def time_peer(impl, b, p, u, h, kh, d, case, xla_fn) -> dict:
     raise RuntimeError("needs a GPU")
   if impl != "flashinfer":
     check_copied_fits(b, p, u, kh, d)
-  us, dev, out = peers.run(impl, b, p, u, h, kh, d, case, loop=ARGS.loop, outer=ARGS.outer)
+  us, dev, how, out = peers.run(impl, b, p, u, h, kh, d, case, loop=ARGS.loop,
+                                outer=ARGS.outer)
   ref = xla_fn(*case, *plan_inputs(case), jnp.int32(0))
-  return dict(us=us, device_us=dev, rel_err=_rel(out, np.asarray(ref[:, 0], np.float32)))
+  return dict(us=us, device_us=dev, device_timing=how,
+              rel_err=_rel(out, np.asarray(ref[:, 0], np.float32)))
 
 
 def time_shape(name, b, p, u, h, kh, d, ceil, impls, rows, backend, seed=0):

@@ -23,6 +23,18 @@ it is installed, else jnp; jnp reads lower) unless --ceilings gives them.
 
   python3 experiments/bench_engine.py --points 16384x1024,16384x256,1024x1024 --out $OUT
   python3 experiments/bench_engine.py --model tiny --points 64x4 --new-tokens 4 --out /tmp/x
+
+`--profile-steps N` also runs each mode's generation of N new tokens once more inside a
+profiled region (cudaProfilerStart/Stop through torch, after a marker kernel; compiled and
+warmed up first), for Nsight Compute with one metric:
+
+  ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+    --log-file $OUT/ncu.csv python3 experiments/bench_engine.py --points 4096x256 \
+    --profile-steps 4 --out $OUT
+  python3 experiments/bench_engine.py --points 4096x256 --profile-steps 4 --parse $OUT/ncu.csv
+
+`--parse` reports, per mode, every kernel (name and grid) with its launches and time, and
+the kernels the hydragen step adds to or takes from the step without attention.
 """
 
 from __future__ import annotations
@@ -121,6 +133,62 @@ def _ceilings(jax, jnp):
   return flops, bw, "jnp"
 
 
+PROFILED_MODES = ("none", "hydragen")
+
+
+def _profiled(run) -> None:
+  """run() once to compile and warm up, then again inside a profiled region that starts
+  with a marker kernel (`profile_decode_h200`'s), for ncu --profile-from-start off."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from experiments import profile_decode_h200 as pd
+  marker = jax.jit(lambda x: jnp.sin(x) * 3.0)
+  x = jnp.ones((pd.MARKER_ELEMENTS,), jnp.float32)
+  jax.block_until_ready(marker(x))
+  run()
+  torch.cuda.synchronize()
+  torch.cuda.profiler.start()
+  jax.block_until_ready(marker(x))
+  run()
+  torch.cuda.synchronize()
+  torch.cuda.profiler.stop()
+
+
+def profile_report(path: str, points) -> str:
+  """Per point and mode (`PROFILED_MODES`, the order `--profile-steps` profiles them), the
+  kernels of the profiled generation by (name, grid): launches and total us, largest
+  first; then per kernel the hydragen generation's total minus the one without attention."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from experiments import profile_decode_h200 as pd
+  regions = pd.split_calls(pd.read_kernels(path))
+  labels = [(pt, m) for pt in points for m in PROFILED_MODES]
+  if len(regions) != len(labels):
+    raise SystemExit(f"{path}: found {len(regions)} profiled generations, expected "
+                     f"{len(labels)} ({len(points)} points x {len(PROFILED_MODES)} modes)")
+  lines, totals = [], {}
+  for (point, mode), kernels in zip(labels, regions):
+    agg = {}
+    for name, us in kernels:
+      n, t = agg.get(name, (0, 0.0))
+      agg[name] = (n + 1, t + us)
+    totals[(point, mode)] = agg
+    lines.append(f"\n{point} {mode}: {len(kernels)} kernels, "
+                 f"{sum(t for _, t in agg.values()):.1f} us serialised")
+    for name, (n, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:30]:
+      lines.append(f"  {t:10.1f} us {n:6d}x  {pd.short(name, 90)}")
+  for point in points:
+    none, hyd = totals[(point, "none")], totals[(point, "hydragen")]
+    diff = {k: (hyd.get(k, (0, 0.0))[0] - none.get(k, (0, 0.0))[0],
+                hyd.get(k, (0, 0.0))[1] - none.get(k, (0, 0.0))[1]) for k in set(none) | set(hyd)}
+    lines.append(f"\n{point} hydragen minus none: "
+                 f"{sum(t for _, t in diff.values()):.1f} us serialised")
+    for name, (n, t) in sorted(diff.items(), key=lambda kv: -abs(kv[1][1]))[:30]:
+      lines.append(f"  {t:+10.1f} us {n:+6d}x  {pd.short(name, 90)}")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", default="llama3-8b")
@@ -136,8 +204,18 @@ def main(argv=None):
                   help="the engine's GPU XLA options (auto) or XLA's defaults (for comparison)")
   ap.add_argument("--ceilings", default=None, help="FLOPS,BYTES_PER_S (skip measuring)")
   ap.add_argument("--no-dump", action="store_true", help="do not dump/scan the decode HLO")
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out", default="")
+  ap.add_argument("--profile-steps", type=int, default=0,
+                  help="N > 0: each mode's generation of N tokens again in a profiled region")
+  ap.add_argument("--parse", default="", help="ncu CSV of a --profile-steps run to report")
   args = ap.parse_args(argv)
+  if args.profile_steps < 0:
+    raise SystemExit(f"--profile-steps must be >= 0, got {args.profile_steps}")
+  if args.parse:
+    print(profile_report(args.parse, args.points.split(",")))
+    return
+  if not args.out:
+    raise SystemExit("--out is required (unless --parse)")
   os.makedirs(args.out, exist_ok=True)
   dump = None if args.no_dump else _setup_dump(args.out)
 
@@ -181,7 +259,7 @@ def main(argv=None):
     floor_us = max(flops / flops_s, nbytes / bytes_s) * 1e6
     row = {"prefix": p, "batch": b, "floor_layer_us": floor_us,
            "shared_levels": len(plan.levels)}
-    for mode in ("none", "hydragen"):
+    for mode in PROFILED_MODES:
       engine.clear_compiled_cache()
       before = set(glob.glob(os.path.join(dump, "*after_optimizations.txt"))) if dump else set()
       try:
@@ -208,6 +286,9 @@ def main(argv=None):
           shutil.copy(n, os.path.join(args.out, f"hlo_P{p}_B{b}_{os.path.basename(n)}"))
       print(f"P={p} B={b} {mode}: step {step_ms:.2f} ms, compile {gen.compile_seconds:.1f} s, "
             f"prefill {gen.prefill_seconds:.2f} s", flush=True)
+      if args.profile_steps:
+        _profiled(lambda: engine.generate(model, plan, max_new_tokens=args.profile_steps,
+                                          attention=mode, runtime=runtime))
     if "none_ms" in row and "hydragen_ms" in row:
       row["attn_layer_us"] = (row["hydragen_ms"] - row["none_ms"]) / nl * 1e3
       row["ideal_ms"] = row["none_ms"] + nl * floor_us / 1e3

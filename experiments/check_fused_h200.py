@@ -19,7 +19,8 @@ P shared-prefix length, U per-sequence suffix length, L layers of a stacked cach
     backend, cuDNN with the prefix copied (jax.nn.dot_product_attention(implementation=
     "cudnn")), torch SDPA with the prefix copied, FlashInfer's MultiLevelCascadeAttentionWrapper
     and tokamax if importable (else the exact failure is printed). Each: back to back (`us`)
-    and device time (`device_us`: an in-jit loop of dependent calls; CUDA events for torch),
+    and device time (`device_us`: an in-jit loop of dependent calls; for torch and FlashInfer
+    a CUDA graph of calls with one dependent kernel each, `peers.torch_times`),
     the roofline floor (every level's keys read once / 4.22 TB/s vs flops / 805 TFLOP/s) and %
     of it. Every (shape, implementation) runs in try/except: one failure loses nothing else.
 (c) Crossover: per shape, fused shared vs fused per-sequence device time against the bytes
@@ -449,7 +450,8 @@ def time_shapes(shapes, h, kh, d, u, impls):
           del k, v
         elif impl in peers:
           timed = ba.time_peer(impl, b, p, u, h, kh, d, case, hydrax_fn(b, p, u, "xla"))
-          us, dev, extra["rel_err"] = timed["us"], timed["device_us"], timed["rel_err"]
+          us, dev = timed["us"], timed["device_us"]
+          extra.update(rel_err=timed["rel_err"], device_timing=timed["device_timing"])
         else:
           raise ValueError(f"unknown impl {impl!r}")
         row = dict(base, us=us, device_us=dev, pct_floor=100 * floor / dev, **extra)

@@ -10,9 +10,11 @@ Used by `experiments/bench_attention.py` and `experiments/check_fused_h200.py`, 
   shared by all B queries, then each sequence's suffix pages), page size 16, NHD paged cache.
 - `tokamax`: tokamax's `dot_product_attention` over caches with the prefix copied.
 
-Each returns (back-to-back us, device us, out [B,H,D] float32 NumPy or None): torch peers are
-timed with CUDA events around `loop` calls (median of `outer`), tokamax like hydrax's jitted
-calls (`bench_attention.bench` and an in-jit loop of dependent calls). None of them is
+Each returns (back-to-back us, device us, how the device time was taken, out [B,H,D] float32
+NumPy or None): torch peers back to back with CUDA events around `loop` eager calls, their
+device time from a CUDA graph of `loop` calls with one dependent kernel each (`torch_times`:
+the same form as hydrax's in-jit loop of dependent calls); tokamax like hydrax's jitted calls
+(`bench_attention.bench` and an in-jit loop of dependent calls). None of them is
 importable on a CPU-only install; `unavailable(impl)` says why.
 """
 
@@ -36,24 +38,54 @@ def unavailable(impl: str) -> Optional[str]:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def torch_times(f, *, loop: int, outer: int) -> tuple:
-  """(back-to-back us, device us) of f() by CUDA events over `loop` calls, median of `outer`."""
+def torch_times(f, *, loop: int, outer: int, depend=None) -> tuple:
+  """(back-to-back us, device us, how the device time was taken) of f(), medians of `outer`.
+
+  Back to back: CUDA events around `loop` eager calls (host dispatch included, as a user's
+  loop runs). Device: a CUDA graph of `loop` calls, each followed by `depend(out)` (one small
+  kernel that makes the next call's input depend on this call's output, as hydrax's in-jit
+  loop does: `bench_attention.dependent_loop`), replayed between CUDA events, so that neither
+  side pays host dispatch and both pay one dependent kernel a call. Where the graph cannot
+  be captured, the eager events stand in (how: "eager")."""
   import torch
   for _ in range(3):
     f()
   torch.cuda.synchronize()
-  b2b, dev = [], []
-  for _ in range(outer):
-    t = time.perf_counter()
+
+  def events(run, n):
     a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t = time.perf_counter()
     a.record()
-    for _ in range(loop):
-      f()
+    run()
     e.record()
     torch.cuda.synchronize()
-    b2b.append((time.perf_counter() - t) / loop * 1e6)
-    dev.append(a.elapsed_time(e) / loop * 1e3)
-  return float(np.median(b2b)), float(np.median(dev))
+    return (time.perf_counter() - t) / n * 1e6, a.elapsed_time(e) / n * 1e3
+
+  def eager():
+    for _ in range(loop):
+      f()
+
+  b2b, dev = zip(*[events(eager, loop) for _ in range(outer)])
+  how = "eager"
+  if depend is not None:
+    try:
+      graph = torch.cuda.CUDAGraph()
+      side = torch.cuda.Stream()
+      side.wait_stream(torch.cuda.current_stream())
+      with torch.cuda.stream(side):          # warm up on a side stream, as capture needs
+        depend(f())
+      torch.cuda.current_stream().wait_stream(side)
+      with torch.cuda.graph(graph):
+        for _ in range(loop):
+          depend(f())
+      graph.replay()
+      torch.cuda.synchronize()
+      dev = [events(graph.replay, loop)[1] for _ in range(outer)]
+      how = "graph"
+    except Exception as e:      # noqa: BLE001 (any capture failure: the eager time stands)
+      print(f"peers: CUDA graph capture failed, eager device time instead: "
+            f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+  return float(np.median(b2b)), float(np.median(dev)), how
 
 
 def _torch_case(case):
@@ -61,15 +93,23 @@ def _torch_case(case):
   return tuple(torch.from_dlpack(x[0] if x.ndim == 5 else x) for x in case)
 
 
-def torch_sdpa(b, p, u, h, kh, d, case, *, loop, outer):
+def torch_sdpa_call(b, case):
+  """(f, depend): f() -> [B,H,1,D], torch SDPA over caches with the prefix copied into every
+  sequence (built here, once; the call reads them); depend(out) adds 1e-30 * out[0,0,0,0] to
+  the query in place (numerically nothing; a dependency for `torch_times`)."""
   import torch
   q, kp, vp, ks, vs = _torch_case(case)
   k = torch.cat([kp.expand(b, -1, -1, -1), ks], dim=1).transpose(1, 2).contiguous()
   v = torch.cat([vp.expand(b, -1, -1, -1), vs], dim=1).transpose(1, 2).contiguous()
   qt = q.transpose(1, 2).contiguous()                     # [B,H,1,D]
   f = lambda: torch.nn.functional.scaled_dot_product_attention(qt, k, v, enable_gqa=True)
+  return f, lambda out: qt.add_(out[:1, :1, :1, :1], alpha=1e-30)
+
+
+def torch_sdpa(b, p, u, h, kh, d, case, *, loop, outer):
+  f, depend = torch_sdpa_call(b, case)
   out = f()[:, :, 0].float().cpu().numpy()
-  return (*torch_times(f, loop=loop, outer=outer), out)
+  return (*torch_times(f, loop=loop, outer=outer, depend=depend), out)
 
 
 def _paged(x, n, pages, kh, d):
@@ -101,7 +141,8 @@ def flashinfer(b, p, u, h, kh, d, case, *, loop, outer):
                h, kh, d, PAGE, q_data_type=q.dtype, kv_data_type=q.dtype)
   qf = q[:, 0].contiguous()                               # [B,H,D]
   out = wrapper.run(qf, cache).float().cpu().numpy()
-  return (*torch_times(lambda: wrapper.run(qf, cache), loop=loop, outer=outer), out)
+  return (*torch_times(lambda: wrapper.run(qf, cache), loop=loop, outer=outer,
+                       depend=lambda o: qf.add_(o[:1, :1, :1], alpha=1e-30)), out)
 
 
 def tokamax(b, p, u, h, kh, d, case, *, loop, outer):
@@ -117,12 +158,13 @@ def tokamax(b, p, u, h, kh, d, case, *, loop, outer):
       jnp.asarray(1e-30, q.dtype) * f(q, k, v)[:1, :1, :1, :1]).astype(q.dtype), q))
   td, _, _ = ba.bench(steps, [(q, k, v)], min_batch_s=0, outer=outer)
   out = np.asarray(f(q, k, v)[:, 0], np.float32)
-  return t * 1e6, td / loop * 1e6, out
+  return t * 1e6, td / loop * 1e6, "jit loop", out
 
 
 RUN = {"torch_sdpa": torch_sdpa, "flashinfer": flashinfer, "tokamax": tokamax}
 
 
 def run(impl, b, p, u, h, kh, d, case, *, loop: int, outer: int) -> tuple:
-  """(back-to-back us, device us, out [B,H,D] float32 or None) of the peer `impl`."""
+  """(back-to-back us, device us, how the device time was taken, out [B,H,D] float32 or
+  None) of the peer `impl`."""
   return RUN[impl](b, p, u, h, kh, d, case, loop=loop, outer=outer)

@@ -24,6 +24,11 @@ lengths and owners shared (`check_fused_h200.hydrax_layers_fn`), and the report 
 serialised time per layer; with `--prepared` the work that does not depend on the layer (the
 key limits, the kernels' tables) runs once before the scan (`hydrax.attention.prepare`).
 
+`--config` takes one pallas Config change or a list of them (each a group of every shape),
+and `--peers torch_sdpa,cudnn` profiles the copied-prefix baselines after hydrax's groups,
+so the report holds each call's kernels in one process: the op's device time alone, without
+the host's launches (a jitted loop of small calls can be bound by them: run 13).
+
 ncu serialises kernels, so the per-kernel times add up to more than a step where kernels could
 overlap; what it gives is each launch's own duration: the attention kernels against the XLA
 work around them. `--out` also gets each shape's optimised HLO (fusions and custom calls).
@@ -91,20 +96,34 @@ def short(name: str, width: int = 60) -> str:
   return name if len(name) <= width else name[:width - 3] + "..."
 
 
-def report(path: str, shapes, calls_per_shape: int, layers: int = 1) -> str:
-  """Per shape: each kernel of one call (median over the calls), its share, the total (and
-  per layer, for calls of `layers` layers)."""
+def group_labels(shapes, configs: int = 1, peers=()) -> list:
+  """The profiled groups of calls in launch order: every shape under each of `configs`
+  pallas configurations, then every shape of each peer (`experiments/peers.py`)."""
+  labels = []
+  for c in range(configs):
+    tag = f" config {c}" if configs > 1 else ""
+    labels += [f"P{p}_B{b}{tag}" for p, b in shapes]
+  for peer in peers:
+    labels += [f"P{p}_B{b} {peer}" for p, b in shapes]
+  return labels
+
+
+def report(path: str, shapes, calls_per_shape: int, layers: int = 1, configs: int = 1,
+           peers=()) -> str:
+  """Per group (`group_labels`): each kernel of one call (median over the calls), its share,
+  the total (and per layer, for calls of `layers` layers)."""
   calls = split_calls(read_kernels(path))
-  want = len(shapes) * calls_per_shape
+  labels = group_labels(shapes, configs, peers)
+  want = len(labels) * calls_per_shape
   if len(calls) != want:
     raise SystemExit(f"{path}: found {len(calls)} marked calls, expected {want} "
-                     f"({len(shapes)} shapes x {calls_per_shape} calls)")
+                     f"({len(labels)} groups x {calls_per_shape} calls)")
   lines = []
-  for i, (p, b) in enumerate(shapes):
+  for i, label in enumerate(labels):
     group = calls[i * calls_per_shape:(i + 1) * calls_per_shape]
     counts = {len(c) for c in group}
     if len(counts) != 1:
-      raise SystemExit(f"P{p}_B{b}: calls launched different kernel counts {sorted(counts)}")
+      raise SystemExit(f"{label}: calls launched different kernel counts {sorted(counts)}")
     per_kernel = collections.defaultdict(list)
     for c in group:
       for j, (name, us) in enumerate(c):
@@ -112,15 +131,38 @@ def report(path: str, shapes, calls_per_shape: int, layers: int = 1) -> str:
     rows = [(j, name, sorted(v)[len(v) // 2]) for (j, name), v in sorted(per_kernel.items())]
     total = sum(us for _, _, us in rows)
     per_layer = f", {total / layers:.1f} us a layer of {layers}" if layers > 1 else ""
-    lines.append(f"\nP{p}_B{b}: {len(rows)} kernels, {total:.1f} us serialised "
+    lines.append(f"\n{label}: {len(rows)} kernels, {total:.1f} us serialised "
                  f"(median of {calls_per_shape} calls){per_layer}")
     for j, name, us in rows:
       lines.append(f"  {j:2d} {us:8.1f} us {100 * us / total:5.1f}%  {short(name)}")
   return "\n".join(lines)
 
 
+PEERS = ("torch_sdpa", "cudnn")
+
+
+def _peer_call(peer: str, b: int, case):
+  """A peer's decode call on `case` with the prefix copied into every sequence (the copies
+  are made here): torch SDPA (`peers.torch_sdpa_call`) or cuDNN through jax."""
+  import jax
+  import torch
+
+  from experiments import bench_attention as ba
+  from experiments import peers as peer_fns
+  if peer == "torch_sdpa":
+    f, _ = peer_fns.torch_sdpa_call(b, case)
+    return lambda: (f(), torch.cuda.synchronize())
+  q, kp, vp, ks, vs = case
+  k, v = ba.replicated(kp[0], vp[0], ks[0], vs[0])
+  return lambda: jax.block_until_ready(ba.CUDNN(q, k, v))
+
+
 def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
-            config: dict, layers: int = 1, prepared: bool = False) -> None:
+            configs, layers: int = 1, prepared: bool = False, peers=()) -> None:
+  """Profiles the groups of `group_labels(shapes, len(configs), peers)` in that order:
+  hydrax's call under each pallas Config change of `configs`, then each peer's. Each group
+  is compiled and warmed up, profiled (`calls` calls, each after a marker) and freed before
+  the next: the peers' copied caches of one shape at a time stay in memory."""
   import jax
   import jax.numpy as jnp
   import torch
@@ -134,29 +176,37 @@ def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
   x = jnp.ones((MARKER_ELEMENTS,), jnp.float32)
   jax.block_until_ready(marker(x))
   os.makedirs(out, exist_ok=True)
-  compiled = []
-  for p, b in shapes:
-    case = ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d, copies=layers)
-    backend = backends.get("pallas", **config)
-    args = case + ba.plan_inputs(case)                        # lengths, owners: inputs
-    if layers > 1:
-      fn = cf.hydrax_layers_fn(b, p, u, backend, layers, prepared)
-    else:
-      fn = cf.hydrax_fn(b, p, u, backend)
-      args = args + (jnp.int32(0),)
-    with open(os.path.join(out, f"hlo_P{p}_B{b}.txt"), "w") as f:
-      f.write(fn.lower(*args).compile().as_text())
+  cases = {(p, b): ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d, copies=layers)
+           for p, b in shapes}
+
+  def run(call):
     for _ in range(3):
-      jax.block_until_ready(fn(*args))
-    compiled.append((fn, args))
-  torch.cuda.synchronize()
-  torch.cuda.profiler.start()
-  for fn, args in compiled:
+      call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
     for _ in range(calls):
       jax.block_until_ready(marker(x))
-      jax.block_until_ready(fn(*args))
-  torch.cuda.profiler.stop()
-  print(f"profiled {len(shapes)} shapes x {calls} calls")
+      call()
+    torch.cuda.profiler.stop()
+
+  for c, config in enumerate(configs):
+    for p, b in shapes:
+      case = cases[(p, b)]
+      backend = backends.get("pallas", **config)
+      args = case + ba.plan_inputs(case)                      # lengths, owners: inputs
+      if layers > 1:
+        fn = cf.hydrax_layers_fn(b, p, u, backend, layers, prepared)
+      else:
+        fn = cf.hydrax_fn(b, p, u, backend)
+        args = args + (jnp.int32(0),)
+      with open(os.path.join(out, f"hlo_P{p}_B{b}_config{c}.txt"), "w") as f:
+        f.write(fn.lower(*args).compile().as_text())
+      run(lambda fn=fn, args=args: jax.block_until_ready(fn(*args)))
+  for peer in peers:
+    for p, b in shapes:
+      run(_peer_call(peer, b, cases[(p, b)]))      # its copies freed when it returns
+      torch.cuda.empty_cache()                      # (torch's cached blocks back for jax)
+  print(f"profiled {len(group_labels(shapes, len(configs), peers))} groups x {calls} calls")
 
 
 def main(argv=None):
@@ -166,7 +216,11 @@ def main(argv=None):
   ap.add_argument("--out", default="profile_decode")
   ap.add_argument("--parse", default="", help="ncu CSV to report instead of profiling")
   ap.add_argument("--suffix", type=int, default=128, help="U, keys per sequence's suffix")
-  ap.add_argument("--config", default="{}", help="JSON of pallas_gpu.Config changes")
+  ap.add_argument("--config", default="{}",
+                  help="JSON of pallas_gpu.Config changes, or a list of them (a group each)")
+  ap.add_argument("--peers", default="",
+                  help="comma list of peers profiled after hydrax, the prefix copied: "
+                  + ", ".join(PEERS))
   ap.add_argument("--layers", type=int, default=1,
                   help="L > 1: a call is a lax.scan over L layers (the engine's form)")
   ap.add_argument("--prepared", action="store_true",
@@ -178,11 +232,17 @@ def main(argv=None):
   if args.layers < 1:
     raise SystemExit(f"--layers must be >= 1, got {args.layers}")
   shapes = parse_shapes(args.shapes)
+  configs = json.loads(args.config)
+  configs = configs if isinstance(configs, list) else [configs]
+  peers = [x for x in args.peers.split(",") if x]
+  bad = [x for x in peers if x not in PEERS]
+  if bad:
+    raise SystemExit(f"--peers: one of {', '.join(PEERS)}, got {bad[0]!r}")
   if args.parse:
-    print(report(args.parse, shapes, args.calls, args.layers))
+    print(report(args.parse, shapes, args.calls, args.layers, len(configs), peers))
     return
-  profile(shapes, args.calls, args.out, args.suffix, 32, 8, 128, json.loads(args.config),
-          args.layers, args.prepared)
+  profile(shapes, args.calls, args.out, args.suffix, 32, 8, 128, configs,
+          args.layers, args.prepared, peers)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def test_a_peer_row_is_timed_and_checked_against_xla(tmp_path, monkeypatch):
   def fake_run(impl, b, p, u, h, kh, d, case, loop, outer):
     fn = check_fused_h200.hydrax_fn(b, p, u, backends.get("xla"))
     out = fn(*case, *bench_attention.plan_inputs(case), jax.numpy.int32(0))
-    return 12.0, 11.0, np.asarray(out[:, 0], np.float32)
+    return 12.0, 11.0, "graph", np.asarray(out[:, 0], np.float32)
 
   monkeypatch.setattr(bench_attention.peers, "unavailable", lambda impl: None)
   monkeypatch.setattr(check_fused_h200.pe, "unavailable", lambda impl: None)

@@ -85,3 +85,22 @@ def test_layer_scan_runs_the_layers_in_order_from_one_q(prepared):
 def test_layers_flag_rejects_zero():
   with pytest.raises(SystemExit, match="--layers must be >= 1, got 0"):
     pd.main(["--layers", "0"])
+
+
+def test_report_groups_configs_then_peers(tmp_path):
+  """--config as a list and --peers: every shape under each config, then each peer's."""
+  mark = ("loop_multiply_fusion", "1000", "nsecond")
+  kernels = []
+  for us in ("10", "11", "20", "21", "30", "31"):
+    kernels += [mark, ("k", us, "usecond")]
+  text = pd.report(_write(tmp_path, kernels), [(1024, 16)], 2, configs=2, peers=["torch_sdpa"])
+  assert "P1024_B16 config 0: 1 kernels" in text
+  assert "P1024_B16 config 1: 1 kernels, 21.0 us" in text
+  assert "P1024_B16 torch_sdpa: 1 kernels, 31.0 us" in text
+  with pytest.raises(SystemExit, match="found 6 marked calls, expected 4"):
+    pd.report(_write(tmp_path, kernels), [(1024, 16)], 2, configs=1, peers=["torch_sdpa"])
+
+
+def test_peers_flag_rejects_unknown_peer():
+  with pytest.raises(SystemExit, match="one of torch_sdpa, cudnn, got 'flashinfer'"):
+    pd.main(["--peers", "flashinfer", "--parse", "x.csv"])
