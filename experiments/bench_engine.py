@@ -24,17 +24,14 @@ it is installed, else jnp; jnp reads lower) unless --ceilings gives them.
   python3 experiments/bench_engine.py --points 16384x1024,16384x256,1024x1024 --out $OUT
   python3 experiments/bench_engine.py --model tiny --points 64x4 --new-tokens 4 --out /tmp/x
 
-`--profile-steps N` also runs each mode's generation of N new tokens once more inside a
-profiled region (cudaProfilerStart/Stop through torch, after a marker kernel; compiled and
-warmed up first), for Nsight Compute with one metric:
-
-  ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
-    --log-file $OUT/ncu.csv python3 experiments/bench_engine.py --points 4096x256 \
-    --profile-steps 4 --out $OUT
-  python3 experiments/bench_engine.py --points 4096x256 --profile-steps 4 --parse $OUT/ncu.csv
-
-`--parse` reports, per mode, every kernel (name and grid) with its launches and time, and
-the kernels the hydragen step adds to or takes from the step without attention.
+`--profile-steps N` profiles each mode's generation of 2 and of 2 + N new tokens (compiled and
+warmed up first) under torch's profiler (CUPTI records every kernel of the process, jax's
+included; ncu died at its start in 4 of 7 tries in run 13) and takes the difference: the same
+prefill and the same decode program (the suffix capacity stays in one bucket: the report
+says where it did not), N more decode steps, so the kernels of one decode step alone. It
+prints, per mode, the kernels of a step (launches and us a step and a layer) and what the
+hydragen step adds to or takes from the step without attention (`kernel_report`; also
+`profile.json` in --out).
 """
 
 from __future__ import annotations
@@ -136,56 +133,78 @@ def _ceilings(jax, jnp):
 PROFILED_MODES = ("none", "hydragen")
 
 
-def _profiled(run) -> None:
-  """run() once to compile and warm up, then again inside a profiled region that starts
-  with a marker kernel (`profile_decode_h200`'s), for ncu --profile-from-start off."""
-  import jax
-  import jax.numpy as jnp
+def cupti_kernels(run) -> tuple:
+  """({kernel name: (launches, total us)}, run's result) of run() as CUPTI records it through
+  torch's profiler, after one run() to compile and warm up."""
   import torch
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from experiments import profile_decode_h200 as pd
-  marker = jax.jit(lambda x: jnp.sin(x) * 3.0)
-  x = jnp.ones((pd.MARKER_ELEMENTS,), jnp.float32)
-  jax.block_until_ready(marker(x))
+  from torch.profiler import ProfilerActivity, profile as torch_profile
   run()
   torch.cuda.synchronize()
-  torch.cuda.profiler.start()
-  jax.block_until_ready(marker(x))
-  run()
-  torch.cuda.synchronize()
-  torch.cuda.profiler.stop()
+  with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    result = run()
+    torch.cuda.synchronize()
+  out = {}
+  for e in prof.events():
+    if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+      n, t = out.get(e.name, (0, 0.0))
+      out[e.name] = (n + 1, t + e.device_time_total)
+  return out, result
 
 
-def profile_report(path: str, points) -> str:
-  """Per point and mode (`PROFILED_MODES`, the order `--profile-steps` profiles them), the
-  kernels of the profiled generation by (name, grid): launches and total us, largest
-  first; then per kernel the hydragen generation's total minus the one without attention."""
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from experiments import profile_decode_h200 as pd
-  regions = pd.split_calls(pd.read_kernels(path))
-  labels = [(pt, m) for pt in points for m in PROFILED_MODES]
-  if len(regions) != len(labels):
-    raise SystemExit(f"{path}: found {len(regions)} profiled generations, expected "
-                     f"{len(labels)} ({len(points)} points x {len(PROFILED_MODES)} modes)")
-  lines, totals = [], {}
-  for (point, mode), kernels in zip(labels, regions):
-    agg = {}
-    for name, us in kernels:
-      n, t = agg.get(name, (0, 0.0))
-      agg[name] = (n + 1, t + us)
-    totals[(point, mode)] = agg
-    lines.append(f"\n{point} {mode}: {len(kernels)} kernels, "
-                 f"{sum(t for _, t in agg.values()):.1f} us serialised")
-    for name, (n, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:30]:
-      lines.append(f"  {t:10.1f} us {n:6d}x  {pd.short(name, 90)}")
-  for point in points:
-    none, hyd = totals[(point, "none")], totals[(point, "hydragen")]
-    diff = {k: (hyd.get(k, (0, 0.0))[0] - none.get(k, (0, 0.0))[0],
-                hyd.get(k, (0, 0.0))[1] - none.get(k, (0, 0.0))[1]) for k in set(none) | set(hyd)}
-    lines.append(f"\n{point} hydragen minus none: "
-                 f"{sum(t for _, t in diff.values()):.1f} us serialised")
-    for name, (n, t) in sorted(diff.items(), key=lambda kv: -abs(kv[1][1]))[:30]:
-      lines.append(f"  {t:+10.1f} us {n:+6d}x  {pd.short(name, 90)}")
+def per_step(longer: dict, shorter: dict, steps: int) -> dict:
+  """{kernel: (launches, us)} of one decode step: the kernels of a generation `steps` decode
+  steps longer than another, minus the other's, over `steps` (kernels that cancel dropped)."""
+  if steps < 1:
+    raise ValueError(f"the longer generation ran {steps} more decode steps (need >= 1)")
+  zero = (0, 0.0)
+  out = {}
+  for k in set(longer) | set(shorter):
+    n = longer.get(k, zero)[0] - shorter.get(k, zero)[0]
+    t = longer.get(k, zero)[1] - shorter.get(k, zero)[1]
+    if n:
+      out[k] = (n / steps, t / steps)
+  return out
+
+
+def profile_decode_step(generate, steps: int) -> tuple:
+  """(kernels of one decode step, note): `generate(max_new_tokens)` profiled at 2 and
+  2 + steps new tokens (`per_step`); the note says when their signatures' suffix capacities
+  differ (then the two decode programs differ and the difference is approximate)."""
+  short, g_short = cupti_kernels(lambda: generate(2))
+  long, g_long = cupti_kernels(lambda: generate(2 + steps))
+  note = ""
+  a, b = getattr(g_short, "signature", None), getattr(g_long, "signature", None)
+  if a is not None and b is not None and a.main != b.main:
+    note = f"suffix passes differ ({a.main} vs {b.main}): approximate"
+  return per_step(long, short, g_long.decode_steps - g_short.decode_steps), note
+
+
+def _short(name: str, width: int = 90) -> str:
+  name = re.sub(r"\s+", " ", name)
+  return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def kernel_report(point: str, modes: dict, layers: int, top: int = 30) -> str:
+  """modes: {mode: {kernel: (launches, us)} of one decode step} of one point -> each mode's
+  kernels, largest first, then per kernel the hydragen step's launches and time minus the
+  other's; us a step and a layer."""
+  lines = []
+  for mode in PROFILED_MODES:
+    agg = modes[mode]
+    total = sum(t for _, t in agg.values())
+    lines.append(f"\n{point} {mode}, a decode step: {sum(n for n, _ in agg.values()):.0f} "
+                 f"kernels, {total:.1f} us ({total / layers:.1f} us a layer of {layers})")
+    for name, (n, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]:
+      lines.append(f"  {t:10.1f} us {n:6.1f}x  {_short(name)}")
+  none, hyd = modes["none"], modes["hydragen"]
+  zero = (0, 0.0)
+  diff = {k: (hyd.get(k, zero)[0] - none.get(k, zero)[0], hyd.get(k, zero)[1] - none.get(k, zero)[1])
+          for k in set(none) | set(hyd)}
+  total = sum(t for _, t in diff.values())
+  lines.append(f"\n{point} hydragen minus none, a decode step: {total:.1f} us "
+               f"({total / layers:.1f} us a layer)")
+  for name, (n, t) in sorted(diff.items(), key=lambda kv: -abs(kv[1][1]))[:top]:
+    lines.append(f"  {t:+10.1f} us {n:+6.1f}x  {_short(name)}")
   return "\n".join(lines)
 
 
@@ -204,18 +223,15 @@ def main(argv=None):
                   help="the engine's GPU XLA options (auto) or XLA's defaults (for comparison)")
   ap.add_argument("--ceilings", default=None, help="FLOPS,BYTES_PER_S (skip measuring)")
   ap.add_argument("--no-dump", action="store_true", help="do not dump/scan the decode HLO")
-  ap.add_argument("--out", default="")
+  ap.add_argument("--out", default="")   # required (checked after the other flags)
   ap.add_argument("--profile-steps", type=int, default=0,
-                  help="N > 0: each mode's generation of N tokens again in a profiled region")
-  ap.add_argument("--parse", default="", help="ncu CSV of a --profile-steps run to report")
+                  help="N > 0: each mode's generations of 2 and 2 + N tokens under torch's "
+                  "profiler; their difference is N decode steps")
   args = ap.parse_args(argv)
   if args.profile_steps < 0:
     raise SystemExit(f"--profile-steps must be >= 0, got {args.profile_steps}")
-  if args.parse:
-    print(profile_report(args.parse, args.points.split(",")))
-    return
   if not args.out:
-    raise SystemExit("--out is required (unless --parse)")
+    raise SystemExit("--out is required")
   os.makedirs(args.out, exist_ok=True)
   dump = None if args.no_dump else _setup_dump(args.out)
 
@@ -246,6 +262,7 @@ def main(argv=None):
   h, k, d, nl = config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers
   item = jnp.dtype(dtype).itemsize
   rows = []
+  profiled = {}      # point -> mode -> {kernel: (launches, us)} (--profile-steps)
   for point in args.points.split(","):
     p, b = (int(x) for x in point.lower().split("x"))
     rng = np.random.default_rng(0)
@@ -287,8 +304,12 @@ def main(argv=None):
       print(f"P={p} B={b} {mode}: step {step_ms:.2f} ms, compile {gen.compile_seconds:.1f} s, "
             f"prefill {gen.prefill_seconds:.2f} s", flush=True)
       if args.profile_steps:
-        _profiled(lambda: engine.generate(model, plan, max_new_tokens=args.profile_steps,
-                                          attention=mode, runtime=runtime))
+        kernels, note = profile_decode_step(
+            lambda n: engine.generate(model, plan, max_new_tokens=n, attention=mode,
+                                      runtime=runtime), args.profile_steps)
+        profiled.setdefault(point, {})[mode] = kernels
+        if note:
+          print(f"P={p} B={b} {mode} profile: {note}", flush=True)
     if "none_ms" in row and "hydragen_ms" in row:
       row["attn_layer_us"] = (row["hydragen_ms"] - row["none_ms"]) / nl * 1e3
       row["ideal_ms"] = row["none_ms"] + nl * floor_us / 1e3
@@ -297,6 +318,15 @@ def main(argv=None):
     rows.append(row)
     with open(os.path.join(args.out, "engine.json"), "w") as f:
       json.dump({"env": env, "rows": rows}, f, indent=1)
+  for point, modes in profiled.items():
+    if set(modes) == set(PROFILED_MODES):
+      print(kernel_report(point, modes, nl), flush=True)
+    else:
+      print(f"{point}: profiled {sorted(modes)} only (a mode failed): no kernel report")
+  if profiled:
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+      json.dump({pt: {m: {k: list(v) for k, v in ks.items()} for m, ks in ms.items()}
+                 for pt, ms in profiled.items()}, f, indent=1)
   print("\n| P / B | none ms | hydragen ms | attn/layer us | floor/layer us | ideal ms | "
         "% of ideal | compile s (none, hyd) | [B,S,K,D] copies/slices in decode HLO |")
   print("|---|---|---|---|---|---|---|---|---|")

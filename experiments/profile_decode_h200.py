@@ -25,7 +25,8 @@ serialised time per layer; with `--prepared` the work that does not depend on th
 key limits, the kernels' tables) runs once before the scan (`hydrax.attention.prepare`).
 
 `--config` takes one pallas Config change or a list of them (each a group of every shape),
-and `--peers torch_sdpa,cudnn` profiles the copied-prefix baselines after hydrax's groups,
+and `--peers torch_sdpa,cudnn,flashinfer` profiles the peers (the copied-prefix baselines,
+FlashInfer's cascade) after hydrax's groups,
 so the report holds each call's kernels in one process: the op's device time alone, without
 the host's launches (a jitted loop of small calls can be bound by them: run 13).
 
@@ -138,27 +139,53 @@ def report(path: str, shapes, calls_per_shape: int, layers: int = 1, configs: in
   return "\n".join(lines)
 
 
-PEERS = ("torch_sdpa", "cudnn")
+PEERS = ("torch_sdpa", "cudnn", "flashinfer")
 
 
-def _peer_call(peer: str, b: int, case):
-  """A peer's decode call on `case` with the prefix copied into every sequence (the copies
-  are made here): torch SDPA (`peers.torch_sdpa_call`) or cuDNN through jax."""
+def _peer_call(peer: str, p: int, b: int, u: int, h: int, kh: int, d: int, case):
+  """A peer's decode call on `case`: torch SDPA (`peers.torch_sdpa_call`) or cuDNN through jax
+  with the prefix copied into every sequence (the copies made here), or FlashInfer's cascade
+  (`peers.flashinfer_call`, planned here)."""
   import jax
   import torch
 
   from experiments import bench_attention as ba
   from experiments import peers as peer_fns
-  if peer == "torch_sdpa":
-    f, _ = peer_fns.torch_sdpa_call(b, case)
+  if peer in ("torch_sdpa", "flashinfer"):
+    f, _ = (peer_fns.torch_sdpa_call(b, case) if peer == "torch_sdpa"
+            else peer_fns.flashinfer_call(b, p, u, h, kh, d, case))
     return lambda: (f(), torch.cuda.synchronize())
   q, kp, vp, ks, vs = case
   k, v = ba.replicated(kp[0], vp[0], ks[0], vs[0])
   return lambda: jax.block_until_ready(ba.CUDNN(q, k, v))
 
 
+def cupti_kernels(label: str, call, calls: int) -> str:
+  """The kernels of `calls` calls of call() as CUPTI records them through torch's profiler
+  (no ncu: kernels not serialised, no replay), as a report block: per kernel its mean time a
+  call; the total is the op's device time alone, less any overlap of its kernels."""
+  import torch
+  from torch.profiler import ProfilerActivity, profile as torch_profile
+  with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(calls):
+      call()
+    torch.cuda.synchronize()
+  per = collections.defaultdict(float)
+  count = 0
+  for e in prof.events():
+    if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+      per[e.name] += e.device_time_total / calls
+      count += 1
+  total = sum(per.values())
+  lines = [f"\n{label}: {count / calls:.0f} kernels, {total:.1f} us (CUPTI, mean of {calls} calls)"]
+  for j, (name, us) in enumerate(sorted(per.items(), key=lambda kv: -kv[1])):
+    lines.append(f"  {j:2d} {us:8.1f} us {100 * us / max(total, 1e-9):5.1f}%  {short(name)}")
+  return "\n".join(lines)
+
+
 def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
-            configs, layers: int = 1, prepared: bool = False, peers=()) -> None:
+            configs, layers: int = 1, prepared: bool = False, peers=(),
+            cupti: bool = False) -> None:
   """Profiles the groups of `group_labels(shapes, len(configs), peers)` in that order:
   hydrax's call under each pallas Config change of `configs`, then each peer's. Each group
   is compiled and warmed up, profiled (`calls` calls, each after a marker) and freed before
@@ -179,10 +206,15 @@ def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
   cases = {(p, b): ba.make_case(jax.random.key(p + b), b, p, u, h, kh, d, copies=layers)
            for p, b in shapes}
 
+  labels = iter(group_labels(shapes, len(configs), peers))
+
   def run(call):
     for _ in range(3):
       call()
     torch.cuda.synchronize()
+    if cupti:
+      print(cupti_kernels(next(labels), call, calls), flush=True)
+      return
     torch.cuda.profiler.start()
     for _ in range(calls):
       jax.block_until_ready(marker(x))
@@ -204,7 +236,7 @@ def profile(shapes, calls: int, out: str, u: int, h: int, kh: int, d: int,
       run(lambda fn=fn, args=args: jax.block_until_ready(fn(*args)))
   for peer in peers:
     for p, b in shapes:
-      run(_peer_call(peer, b, cases[(p, b)]))      # its copies freed when it returns
+      run(_peer_call(peer, p, b, u, h, kh, d, cases[(p, b)]))   # copies freed on return
       torch.cuda.empty_cache()                      # (torch's cached blocks back for jax)
   print(f"profiled {len(group_labels(shapes, len(configs), peers))} groups x {calls} calls")
 
@@ -219,8 +251,11 @@ def main(argv=None):
   ap.add_argument("--config", default="{}",
                   help="JSON of pallas_gpu.Config changes, or a list of them (a group each)")
   ap.add_argument("--peers", default="",
-                  help="comma list of peers profiled after hydrax, the prefix copied: "
+                  help="comma list of peers profiled after hydrax (`_peer_call`): "
                   + ", ".join(PEERS))
+  ap.add_argument("--cupti", action="store_true",
+                  help="without ncu: each group's kernels through torch's profiler (CUPTI), "
+                  "printed as they run")
   ap.add_argument("--layers", type=int, default=1,
                   help="L > 1: a call is a lax.scan over L layers (the engine's form)")
   ap.add_argument("--prepared", action="store_true",
@@ -242,7 +277,7 @@ def main(argv=None):
     print(report(args.parse, shapes, args.calls, args.layers, len(configs), peers))
     return
   profile(shapes, args.calls, args.out, args.suffix, 32, 8, 128, configs,
-          args.layers, args.prepared, peers)
+          args.layers, args.prepared, peers, args.cupti)
 
 
 if __name__ == "__main__":

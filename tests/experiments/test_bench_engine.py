@@ -1,47 +1,54 @@
-"""`experiments/bench_engine.py --parse`: a --profile-steps ncu CSV -> kernels per mode and the
-difference the hydragen step makes (the profiling itself needs a GPU and torch)."""
+"""`experiments/bench_engine.py --profile-steps`: the kernels of one decode step from two
+generations' difference, and the report (the CUPTI profiling itself needs a GPU and torch)."""
+
+from types import SimpleNamespace
 
 import pytest
 
 from experiments import bench_engine
 
-HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
-          '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
-          '"Metric Value"\n')
+
+def test_a_decode_step_is_the_difference_over_the_extra_steps():
+  short = {"prefill_gemm": (8, 800.0), "gemm": (2, 20.0), "scatter": (2, 4.0)}
+  long = {"prefill_gemm": (8, 800.0), "gemm": (8, 83.0), "scatter": (8, 16.0), "cond": (3, 3.0)}
+  step = bench_engine.per_step(long, short, 3)
+  assert step == {"gemm": (2.0, 21.0), "scatter": (2.0, 4.0), "cond": (1.0, 1.0)}
+  with pytest.raises(ValueError, match="ran 0 more decode steps"):
+    bench_engine.per_step(long, short, 0)
 
 
-def _csv(tmp_path, kernels):
-  rows = "".join(
-      f'"{i}","1","python3","h","{name}","1","7","(128, 1, 1)","{grid}","0","9.0",'
-      f'"Command line profiler metrics","gpu__time_duration.sum","usecond","{us}"\n'
-      for i, (name, grid, us) in enumerate(kernels))
-  path = tmp_path / "ncu.csv"
-  path.write_text("==PROF== Connected\n" + HEADER + rows)
-  return str(path)
+def test_profile_decode_step_runs_2_and_2_plus_n_tokens(monkeypatch):
+  calls = []
+
+  def fake_cupti(run):
+    g = run()
+    steps = g.decode_steps
+    return {"prefill": (1, 50.0), "layer": (4 * steps, 10.0 * steps)}, g
+
+  def generate(n):
+    calls.append(n)
+    return SimpleNamespace(decode_steps=n - 1, signature=SimpleNamespace(
+        main=(256, 24 if n < 9 else 48)))
+
+  monkeypatch.setattr(bench_engine, "cupti_kernels", fake_cupti)
+  step, note = bench_engine.profile_decode_step(generate, 4)
+  assert calls == [2, 6] and note == ""
+  assert step == {"layer": (4.0, 10.0)}
+  _, note = bench_engine.profile_decode_step(generate, 8)
+  assert "suffix passes differ ((256, 24) vs (256, 48))" in note
 
 
-def test_report_per_mode_and_the_difference(tmp_path):
-  mark = ("loop_sine_fusion", "(13, 1, 1)", "1")
-  none = [mark, ("gemm", "(8, 1, 1)", "100"), ("gemm", "(8, 1, 1)", "100"),
-          ("rope", "(4, 1, 1)", "3")]
-  hyd = [mark, ("gemm", "(8, 1, 1)", "100"), ("gemm", "(8, 1, 1)", "101"),
-         ("scatter", "(2, 1, 1)", "5"), ("scatter", "(2, 1, 1)", "5"),
-         ("mosaic_gpu_kernel", "(8, 2, 8)", "60")]
-  text = bench_engine.profile_report(_csv(tmp_path, none + hyd), ["4096x256"])
-  assert "4096x256 none: 3 kernels, 203.0 us serialised" in text
-  assert "4096x256 hydragen: 5 kernels, 271.0 us serialised" in text
-  assert "     200.0 us      2x  gemm (8, 1, 1)" in text
-  assert "4096x256 hydragen minus none: 68.0 us serialised" in text
-  assert "     +60.0 us     +1x  mosaic_gpu_kernel (8, 2, 8)" in text
-  assert "     +10.0 us     +2x  scatter (2, 1, 1)" in text
-  assert "      -3.0 us     -1x  rope (4, 1, 1)" in text
-
-
-def test_report_needs_both_modes_of_every_point(tmp_path):
-  mark = ("loop_sine_fusion", "(13, 1, 1)", "1")
-  path = _csv(tmp_path, [mark, ("gemm", "(8, 1, 1)", "1")])
-  with pytest.raises(SystemExit, match="found 1 profiled generations, expected 2"):
-    bench_engine.profile_report(path, ["4096x256"])
+def test_report_per_mode_and_the_difference():
+  modes = {"none": {"gemm": (2, 200.0), "rope": (1, 3.0)},
+           "hydragen": {"gemm": (2, 201.0), "scatter": (2, 10.0), "mosaic_gpu_kernel": (1, 60.0)}}
+  text = bench_engine.kernel_report("4096x256", modes, layers=2)
+  assert "4096x256 none, a decode step: 3 kernels, 203.0 us (101.5 us a layer of 2)" in text
+  assert "4096x256 hydragen, a decode step: 5 kernels, 271.0 us" in text
+  assert "     200.0 us    2.0x  gemm" in text
+  assert "4096x256 hydragen minus none, a decode step: 68.0 us (34.0 us a layer)" in text
+  assert "     +60.0 us   +1.0x  mosaic_gpu_kernel" in text
+  assert "     +10.0 us   +2.0x  scatter" in text
+  assert "      -3.0 us   -1.0x  rope" in text
 
 
 def test_flags_reject_negative_steps_and_a_missing_out():

@@ -102,5 +102,5 @@ def test_report_groups_configs_then_peers(tmp_path):
 
 
 def test_peers_flag_rejects_unknown_peer():
-  with pytest.raises(SystemExit, match="one of torch_sdpa, cudnn, got 'flashinfer'"):
-    pd.main(["--peers", "flashinfer", "--parse", "x.csv"])
+  with pytest.raises(SystemExit, match="one of torch_sdpa, cudnn, flashinfer, got 'tokamax'"):
+    pd.main(["--peers", "tokamax", "--parse", "x.csv"])
