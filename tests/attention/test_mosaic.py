@@ -777,3 +777,44 @@ def test_fold_decisions_and_logged_reason(monkeypatch, caplog):
     assert "float32, the queries bfloat16" in fold(suffix_dtype=jnp.float32)[1]
   logged = [r.getMessage() for r in caplog.records]
   assert len(logged) == 4 and sum("block_kv 64" in m for m in logged) == 1   # once each
+
+
+def _export_for_cuda(fn, *args):
+  """`jax.export` of fn for CUDA from this CPU: Pallas lowers the kernel to Mosaic GPU's
+  module (TMA, wgmma, barriers, layouts) as it would for the H200; only the final PTX
+  compile waits for a GPU. Returns the exported StableHLO text."""
+  from jax import export
+  return export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+
+
+@pytest.mark.parametrize("fold,stacked,stagger,d", [
+    (False, False, False, 128), (False, True, False, 64), (True, False, False, 128),
+    (True, True, True, 128)])
+def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d):
+  """The kernel as the H200 runs it (not the interpreter's path: its wgmma on transposed
+  shared memory, register layouts, warpgroup roles) lowers for CUDA on this CPU: plain and
+  folded, caches stacked at a traced layer, staggered suffix steps, head dims 64 and 128
+  (the interpret-mode tests replace wgmma by dot_general and cannot see a lowering error)."""
+  kh, r, s, n, u = 2, 2 * TILE, 256, 2, 128
+  sds = jax.ShapeDtypeStruct
+  stack = (lambda shape: (2,) + shape) if stacked else (lambda shape: shape)
+  args = [sds((kh, r, d), jnp.bfloat16), sds(stack((n, s, kh, d)), jnp.bfloat16),
+          sds(stack((n, s, kh, d)), jnp.bfloat16), sds((r // TILE, 4), jnp.int32),
+          sds((r,), jnp.int32), sds((), jnp.int32)]
+  if fold:
+    groups = 64 // 4
+    args += [sds(stack((16, u, kh, d)), jnp.bfloat16), sds(stack((16, u, kh, d)), jnp.bfloat16),
+             sds((r,), jnp.int32), sds((r // TILE, 2, groups, 2), jnp.int32)]
+
+  def fn(q, k, v, tab, lim, layer, *suf):
+    suffix = None
+    if fold:
+      suffix = mosaic_gpu.Suffix(suf[0], suf[1], suf[2], suf[3], 4,
+                                 layer if stacked else None)
+    return mosaic_gpu.tile_attention(q, k, v, tab, lim, scale=d ** -0.5, block_kv=128,
+                                     stages=2, splits=2, blocks_per_split=1,
+                                     layer=layer if stacked else None, suffix=suffix,
+                                     stagger=stagger)
+
+  text = _export_for_cuda(fn, *args)
+  assert "mosaic_gpu" in text
