@@ -134,21 +134,12 @@ PROFILED_MODES = ("none", "hydragen")
 
 
 def cupti_kernels(run) -> tuple:
-  """({kernel name: (launches, total us)}, run's result) of run() as CUPTI records it through
-  torch's profiler, after one run() to compile and warm up."""
+  """({kernel name: (launches, total us)}, run's result) of run() through CUPTI
+  (`profile_decode_h200.cupti_collect`), after one run() to compile and warm up."""
   import torch
-  from torch.profiler import ProfilerActivity, profile as torch_profile
   run()
   torch.cuda.synchronize()
-  with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-    result = run()
-    torch.cuda.synchronize()
-  out = {}
-  for e in prof.events():
-    if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
-      n, t = out.get(e.name, (0, 0.0))
-      out[e.name] = (n + 1, t + e.device_time_total)
-  return out, result
+  return _profile_decode().cupti_collect(run)
 
 
 def per_step(longer: dict, shorter: dict, steps: int) -> dict:
@@ -179,15 +170,19 @@ def profile_decode_step(generate, steps: int) -> tuple:
   return per_step(long, short, g_long.decode_steps - g_short.decode_steps), note
 
 
-def _short(name: str, width: int = 90) -> str:
-  name = re.sub(r"\s+", " ", name)
-  return name if len(name) <= width else name[:width - 3] + "..."
+def _profile_decode():
+  """experiments/profile_decode_h200 (the CUPTI collector and the kernel names' shortening),
+  importable when this file runs as a script."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from experiments import profile_decode_h200 as pd
+  return pd
 
 
 def kernel_report(point: str, modes: dict, layers: int, top: int = 30) -> str:
   """modes: {mode: {kernel: (launches, us)} of one decode step} of one point -> each mode's
   kernels, largest first, then per kernel the hydragen step's launches and time minus the
   other's; us a step and a layer."""
+  short = _profile_decode().short
   lines = []
   for mode in PROFILED_MODES:
     agg = modes[mode]
@@ -195,7 +190,7 @@ def kernel_report(point: str, modes: dict, layers: int, top: int = 30) -> str:
     lines.append(f"\n{point} {mode}, a decode step: {sum(n for n, _ in agg.values()):.0f} "
                  f"kernels, {total:.1f} us ({total / layers:.1f} us a layer of {layers})")
     for name, (n, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]:
-      lines.append(f"  {t:10.1f} us {n:6.1f}x  {_short(name)}")
+      lines.append(f"  {t:10.1f} us {n:6.1f}x  {short(name, 90)}")
   none, hyd = modes["none"], modes["hydragen"]
   zero = (0, 0.0)
   diff = {k: (hyd.get(k, zero)[0] - none.get(k, zero)[0], hyd.get(k, zero)[1] - none.get(k, zero)[1])
@@ -204,7 +199,7 @@ def kernel_report(point: str, modes: dict, layers: int, top: int = 30) -> str:
   lines.append(f"\n{point} hydragen minus none, a decode step: {total:.1f} us "
                f"({total / layers:.1f} us a layer)")
   for name, (n, t) in sorted(diff.items(), key=lambda kv: -abs(kv[1][1]))[:top]:
-    lines.append(f"  {t:+10.1f} us {n:+6.1f}x  {_short(name)}")
+    lines.append(f"  {t:+10.1f} us {n:+6.1f}x  {short(name, 90)}")
   return "\n".join(lines)
 
 

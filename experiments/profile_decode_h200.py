@@ -160,22 +160,29 @@ def _peer_call(peer: str, p: int, b: int, u: int, h: int, kh: int, d: int, case)
   return lambda: jax.block_until_ready(ba.CUDNN(q, k, v))
 
 
-def cupti_kernels(label: str, call, calls: int) -> str:
-  """The kernels of `calls` calls of call() as CUPTI records them through torch's profiler
-  (no ncu: kernels not serialised, no replay), as a report block: per kernel its mean time a
-  call; the total is the op's device time alone, less any overlap of its kernels."""
+def cupti_collect(run) -> tuple:
+  """({kernel name: (launches, total us)}, run's result) of run() as CUPTI records it through
+  torch's profiler (no ncu: kernels not serialised, no replay; jax's kernels included)."""
   import torch
   from torch.profiler import ProfilerActivity, profile as torch_profile
   with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-    for _ in range(calls):
-      call()
+    result = run()
     torch.cuda.synchronize()
-  per = collections.defaultdict(float)
-  count = 0
+  out = {}
   for e in prof.events():
     if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
-      per[e.name] += e.device_time_total / calls
-      count += 1
+      n, t = out.get(e.name, (0, 0.0))
+      out[e.name] = (n + 1, t + e.device_time_total)
+  return out, result
+
+
+def cupti_kernels(label: str, call, calls: int) -> str:
+  """The kernels of `calls` calls of call() (`cupti_collect`) as a report block: per kernel
+  its mean time a call; the total is the op's device time alone, less any overlap of its
+  kernels."""
+  kernels, _ = cupti_collect(lambda: [call() for _ in range(calls)])
+  count = sum(n for n, _ in kernels.values())
+  per = {name: t / calls for name, (_, t) in kernels.items()}
   total = sum(per.values())
   lines = [f"\n{label}: {count / calls:.0f} kernels, {total:.1f} us (CUPTI, mean of {calls} calls)"]
   for j, (name, us) in enumerate(sorted(per.items(), key=lambda kv: -kv[1])):
