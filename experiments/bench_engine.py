@@ -164,7 +164,7 @@ def profile_decode_step(generate, steps: int) -> tuple:
   short, g_short = cupti_kernels(lambda: generate(2))
   long, g_long = cupti_kernels(lambda: generate(2 + steps))
   note = ""
-  a, b = getattr(g_short, "signature", None), getattr(g_long, "signature", None)
+  a, b = g_short.signature, g_long.signature
   if a is not None and b is not None and a.main != b.main:
     note = f"suffix passes differ ({a.main} vs {b.main}): approximate"
   return per_step(long, short, g_long.decode_steps - g_short.decode_steps), note

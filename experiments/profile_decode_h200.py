@@ -97,6 +97,19 @@ def short(name: str, width: int = 60) -> str:
   return name if len(name) <= width else name[:width - 3] + "..."
 
 
+def parse_configs(text: str) -> list:
+  """--config: a JSON object (one pallas Config change) or a non-empty list of them."""
+  try:
+    configs = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise SystemExit(f"--config must be JSON, got {text!r} ({e.msg})") from None
+  configs = configs if isinstance(configs, list) else [configs]
+  if not configs or not all(isinstance(c, dict) for c in configs):
+    raise SystemExit(f"--config must be a JSON object or a non-empty list of them, "
+                     f"got {text!r}")
+  return configs
+
+
 def group_labels(shapes, configs: int = 1, peers=()) -> list:
   """The profiled groups of calls in launch order: every shape under each of `configs`
   pallas configurations, then every shape of each peer (`experiments/peers.py`)."""
@@ -274,8 +287,7 @@ def main(argv=None):
   if args.layers < 1:
     raise SystemExit(f"--layers must be >= 1, got {args.layers}")
   shapes = parse_shapes(args.shapes)
-  configs = json.loads(args.config)
-  configs = configs if isinstance(configs, list) else [configs]
+  configs = parse_configs(args.config)
   peers = [x for x in args.peers.split(",") if x]
   bad = [x for x in peers if x not in PEERS]
   if bad:

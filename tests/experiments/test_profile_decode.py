@@ -104,3 +104,14 @@ def test_report_groups_configs_then_peers(tmp_path):
 def test_peers_flag_rejects_unknown_peer():
   with pytest.raises(SystemExit, match="one of torch_sdpa, cudnn, flashinfer, got 'tokamax'"):
     pd.main(["--peers", "tokamax", "--parse", "x.csv"])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{nope", "--config must be JSON, got '{nope'"),
+    ("[]", "a non-empty list of them, got '\\[\\]'"),
+    ('[{}, 3]', "a JSON object or a non-empty list of them, got '\\[\\{\\}, 3\\]'"),
+])
+def test_config_flag_rejects_bad_json(text, match):
+  with pytest.raises(SystemExit, match=match):
+    pd.main(["--config", text, "--parse", "x.csv"])
+  assert pd.parse_configs('{"path": "always"}') == [{"path": "always"}]
