@@ -119,6 +119,19 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
      {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {"fold_suffix": True}}),
     ("grouped_fold_tree2_bf16_gqa2_T2", 33, 2, 8, 2, "bfloat16", [(3, 333)], 64, 2,
      {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {"fold_suffix": True}}),
+    # The fold's suffix steps as transposed products (`MosaicConfig.suffix_transposed`), at 4
+    # rows a sequence (G = 4), 8 (G = 8) and 16 (T = 4, G = 4: the most they take). (Run 14's
+    # call 1 ran the cases above with them on, the default then, and these with 8 and 16
+    # rows, before its budget cut the last.)
+    ("grouped_fold_transposed_tree2_bf16_gqa4_N5", 67, 1, 8, 4, "bfloat16", [(5, 700)], 192,
+     3, {"backend": "pallas", "path": "off", "lowering": "mosaic",
+         "mosaic": {"fold_suffix": True, "suffix_transposed": True}}),
+    ("grouped_fold_transposed_tree2_bf16_gqa8_N5", 67, 1, 4, 8, "bfloat16", [(5, 700)], 192,
+     3, {"backend": "pallas", "path": "off", "lowering": "mosaic",
+         "mosaic": {"fold_suffix": True, "suffix_transposed": True}}),
+    ("grouped_fold_transposed_tree2_bf16_gqa4_T4", 33, 4, 8, 4, "bfloat16", [(3, 333)], 128, 2,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic",
+      "mosaic": {"fold_suffix": True, "suffix_transposed": True}}),
     # The same with the suffix steps staggered between CTAs (`MosaicConfig.suffix_stagger`),
     # and a one-node root of 16K (node steps before a staggered CTA's first suffix step).
     ("grouped_fold_tree2_bf16_gqa4_N5_stagger", 67, 1, 8, 4, "bfloat16", [(5, 700)], 192, 3,

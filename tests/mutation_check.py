@@ -127,6 +127,20 @@ MUTATIONS = [
              "past a sequence's suffix are not zeroed (0 * NaN reaches the output)",
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",
              "@pl.when(seq_hi < HALF)", "@pl.when(seq_hi < 0)", ("mosaic_folded",)),
+    Mutation("mosaic_fold_transposed_group_widened", "Mosaic GPU kernel, transposed suffix "
+             "steps: the columns of the next sequence's first rows also see a sequence's keys",
+             "hydrax.attention.kernels.mosaic_gpu", "_kernel",
+             "(x_of + base < first + seq_rows)", "(x_of + base < first + seq_rows + 4)",
+             ("mosaic_folded",)),
+    Mutation("mosaic_fold_transposed_unweighted", "Mosaic GPU kernel, transposed suffix steps: "
+             "a block's o^T merged without its weight against the row's running maximum",
+             "hydrax.attention.kernels.mosaic_gpu", "_kernel",
+             "(ot * lax.broadcast_in_dim(w, ot.shape, [1]))", "(ot)", ("mosaic_folded",)),
+    Mutation("mosaic_fold_transposed_window_unclamped", "Mosaic GPU kernel, transposed suffix "
+             "steps: the 16-row window of the warpgroup's last groups runs past its 64 rows",
+             "hydrax.attention.kernels.mosaic_gpu", "_kernel",
+             "jnp.minimum(lax.div(first, jnp.int32(8)) * 8, BLOCK_Q - cols)",
+             "lax.div(first, jnp.int32(8)) * 8", ("mosaic_folded",)),
     Mutation("mosaic_fold_split_group_dropped", "Mosaic GPU kernel, folded suffix: each key "
              "split leaves out the last row group of its share",
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",

@@ -95,7 +95,7 @@ CALLS = []          # one dict per (traced) call of the emulator
 
 def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
                            blocks_per_split, interpret=False, suffix=None, stagger=False,
-                           layer=None):
+                           layer=None, transposed=False):
   """`mosaic_gpu.tile_attention`'s contract: out [P,K,R,D] in q's dtype (normalised per split),
   lse [P,K,R] float32 (natural log; -inf and out 0 for a row that sees no key of the split).
 
@@ -128,11 +128,13 @@ def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages,
   assert tab.dtype == jnp.int32 and row_limits.dtype == jnp.int32
   nblk = s // block_kv
   assert stages >= 1 and splits >= 1 and blocks_per_split >= 1 and isinstance(stagger, bool)
+  assert isinstance(transposed, bool)
+  assert not transposed or (suffix is not None and suffix.seq_rows <= mosaic_gpu.SUFFIX_COLS)
   assert splits * blocks_per_split >= nblk, "some key blocks belong to no split"
   assert (splits - 1) * blocks_per_split < nblk, "an empty split"
   CALLS.append(dict(shape=(kh, r, d, n, s), block_kv=block_kv, splits=splits,
                     bps=blocks_per_split, interpret=interpret, suffix=suffix is not None,
-                    stacked=stacked, stagger=stagger))
+                    stacked=stacked, stagger=stagger, transposed=transposed))
   tn = r // TILE
   node, lo, hi = tab[:, 0], tab[:, 1], tab[:, 2]
   lim = row_limits.reshape(tn, TILE)
@@ -282,7 +284,7 @@ def test_kernel_interpret_matches_split_reference(name, hang_guard):
   _check_splits(out, lse, *ref, _rows_to_check(tab, real), q.dtype)
 
 
-def _folded_case(long_root: bool = False):
+def _folded_case(long_root: bool = False, rows: int = 8):
   """q, k, v, tab, row_limits, suffix, real rows, kwargs of a direct call with a folded
   suffix: tile 0 (node 1) full, 16 sequences of 8 rows, root limits 200..384 (the first key
   block unmasked); tile 1 (node 0) 5 sequences and 88 padding rows; a root of 3 key blocks
@@ -293,9 +295,12 @@ def _folded_case(long_root: bool = False):
   long_root: a root of 6 key blocks (limits 641..768: 3 blocks each split), 32 rows a
   sequence (one row group a split), suffixes of one half block (capacity 64): a split runs
   one suffix step among three node steps, so a staggered CTA (tile 1, split 1: phase 12 of
-  16) runs a node step before its first suffix step."""
+  16) runs a node step before its first suffix step.
+  rows: rows a sequence otherwise (8; 4: decode at G = 4, 32 sequences of tile 0, 10 of tile
+  1, whose row groups start at odd multiples of 4: the transposed steps' windows of 16 rows
+  start 4 rows before the group, or 12 at the warpgroup's last group)."""
   rng = np.random.default_rng(21)
-  kh, d, n, s, ss, ns, rows = 1, 64, 2, 384, 192, 25, 8
+  kh, d, n, s, ss, ns = 1, 64, 2, 384, 192, 45
   counts, nodes, low = (128, 40), (1, 0), (200, 1)
   if long_root:
     s, ss, rows, counts, low = 768, 64, 32, (128, 64), (641, 641)
@@ -360,16 +365,19 @@ def test_emulator_folded_matches_split_reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stages,stagger,stacked,long_root", [
-    (2, False, False, False), (3, True, True, False), (2, True, False, True)])
+@pytest.mark.parametrize("stages,stagger,stacked,long_root,transposed,rows", [
+    (2, False, False, False, False, 8), (3, True, True, False, False, 8),
+    (2, True, False, True, False, 8), (2, False, False, False, True, 4),
+    (3, True, True, False, True, 8)])
 def test_folded_kernel_interpret_matches_split_reference(stages, stagger, stacked, long_root,
-                                                         hang_guard):
+                                                         transposed, rows, hang_guard):
   """The kernel with a folded suffix (interpret mode, 4 programs): each split's rows over
   their node's keys of the split and the suffixes of the split's row groups; with 3 stages,
   the suffix steps staggered between CTAs, and both caches stacked [2,...] read at layer 1
-  (layer 0 all NaN) too; a staggered long root (node steps before the first suffix step)."""
-  q, k, v, tab, lim, suffix, real, kw = _folded_case(long_root)
-  kw = dict(kw, stages=stages)
+  (layer 0 all NaN) too; a staggered long root (node steps before the first suffix step);
+  the suffix steps transposed, at 4 and 8 rows a sequence."""
+  q, k, v, tab, lim, suffix, real, kw = _folded_case(long_root, rows)
+  kw = dict(kw, stages=stages, transposed=transposed)
   run = dict(k=k, v=v, suffix=suffix, layer=None)
   if stacked:
     layer = jnp.int32(1)
@@ -403,6 +411,10 @@ def test_folded_static_checks():
                               suffix=suffix._replace(v=suffix.v.astype(jnp.float32)), **kw)
   with pytest.raises(ValueError, match="suffix: block_kv 64"):
     mosaic_gpu.tile_attention(q, k, v, tab, lim, suffix=suffix, **dict(kw, block_kv=64))
+  q, k, v, tab, lim, suffix, _, kw = _folded_case(long_root=True)
+  with pytest.raises(ValueError, match="suffix: 32 query rows a sequence; transposed suffix "
+                                       "steps take at most 16"):
+    mosaic_gpu.tile_attention(q, k, v, tab, lim, suffix=suffix, transposed=True, **kw)
 
 
 def test_kernel_static_checks_and_budget():
@@ -536,7 +548,7 @@ def mosaic_trees(draw):
                 block_kv=128 if shaped else draw(st.sampled_from([64, 128])),
                 stages=draw(st.sampled_from([2, 3])),
                 fold_suffix=shaped or draw(st.booleans()),
-                suffix_stagger=draw(st.booleans()))
+                suffix_stagger=draw(st.booleans()), suffix_transposed=draw(st.booleans()))
   return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans()), draw(st.booleans())
 
 
@@ -576,6 +588,8 @@ def test_wrapper_with_emulated_kernel_matches_oracle(case):
   for call in calls:
     assert call["stacked"][1] == (call["suffix"] and traced)
     assert call["stagger"] == (call["suffix"] and mosaic["suffix_stagger"])
+    assert call["transposed"] == (call["suffix"] and mosaic["suffix_transposed"]
+                                  and t * g <= mosaic_gpu.SUFFIX_COLS)
     assert call["block_kv"] == mosaic["block_kv"]
     assert call["splits"] <= min(mosaic["splits"], call["shape"][4] // mosaic["block_kv"])
 
@@ -787,14 +801,17 @@ def _export_for_cuda(fn, *args):
   return export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
 
 
-@pytest.mark.parametrize("fold,stacked,stagger,d", [
-    (False, False, False, 128), (False, True, False, 64), (True, False, False, 128),
-    (True, True, True, 128)])
-def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d):
+@pytest.mark.parametrize("fold,stacked,stagger,d,transposed,rows", [
+    (False, False, False, 128, False, 4), (False, True, False, 64, False, 4),
+    (True, False, False, 128, False, 4), (True, True, True, 128, False, 4),
+    (True, False, False, 128, True, 4), (True, True, False, 64, True, 8),
+    (True, False, True, 128, True, 16), (True, False, False, 128, True, 1)])
+def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d, transposed, rows):
   """The kernel as the H200 runs it (not the interpreter's path: its wgmma on transposed
   shared memory, register layouts, warpgroup roles) lowers for CUDA on this CPU: plain and
-  folded, caches stacked at a traced layer, staggered suffix steps, head dims 64 and 128
-  (the interpret-mode tests replace wgmma by dot_general and cannot see a lowering error)."""
+  folded, caches stacked at a traced layer, staggered suffix steps, head dims 64 and 128,
+  transposed suffix steps at 1, 4, 8 and 16 rows a sequence (the interpret-mode tests
+  replace wgmma by dot_general and cannot see a lowering error)."""
   kh, r, s, n, u = 2, 2 * TILE, 256, 2, 128
   sds = jax.ShapeDtypeStruct
   stack = (lambda shape: (2,) + shape) if stacked else (lambda shape: shape)
@@ -802,19 +819,19 @@ def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d):
           sds(stack((n, s, kh, d)), jnp.bfloat16), sds((r // TILE, 4), jnp.int32),
           sds((r,), jnp.int32), sds((), jnp.int32)]
   if fold:
-    groups = 64 // 4
+    groups = 64 // rows
     args += [sds(stack((16, u, kh, d)), jnp.bfloat16), sds(stack((16, u, kh, d)), jnp.bfloat16),
              sds((r,), jnp.int32), sds((r // TILE, 2, groups, 2), jnp.int32)]
 
   def fn(q, k, v, tab, lim, layer, *suf):
     suffix = None
     if fold:
-      suffix = mosaic_gpu.Suffix(suf[0], suf[1], suf[2], suf[3], 4,
+      suffix = mosaic_gpu.Suffix(suf[0], suf[1], suf[2], suf[3], rows,
                                  layer if stacked else None)
     return mosaic_gpu.tile_attention(q, k, v, tab, lim, scale=d ** -0.5, block_kv=128,
                                      stages=2, splits=2, blocks_per_split=1,
                                      layer=layer if stacked else None, suffix=suffix,
-                                     stagger=stagger)
+                                     stagger=stagger, transposed=transposed)
 
   text = _export_for_cuda(fn, *args)
   assert "mosaic_gpu" in text

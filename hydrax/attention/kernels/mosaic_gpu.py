@@ -45,6 +45,17 @@ spread evenly among the node's (`root_before`) so that their HBM reads overlap i
 products. Needs block_kv = 128 and a suffix capacity of whole HALF blocks
 (`suffix_unsupported_reason`).
 
+`transposed=True` (`MosaicConfig.suffix_transposed`, off) runs each suffix step as products
+with the keys as wgmma's M and the group's rows as its N (SUFFIX_COLS = 16 rows of q from
+the warpgroup's tile, read in place): s^T = k q^T, the softmax over the keys, o^T = v^T p^T,
+and the result added to the rows' accumulator through a 0/1 selection product, 4x fewer
+tensor-core FLOPs at G = 4. It is exact (CPU interpret mode; the H200 in float32 checks),
+but slower on the H200 (run 14: the 4K/256 launch 79.3 us against 57.1): a step alone costs
+1.5 us against the untransposed 0.8 (its reductions over the keys cross the warps through
+shared memory, and it runs three dependent products), and the 32-byte swizzle it imposes on
+every tile (wgmma takes equal swizzles, and p^T's rows are 32 bytes) makes the node steps
+~12% slower in the kernel, though not in a step timed alone without loads.
+
 Runs on Hopper (sm_90) GPUs with bf16 or fp16; off GPU it runs in Mosaic GPU interpret mode
 (slow; for tests). Callers pick it through `pallas_gpu` (the `pallas` backend) for stacked
 shared levels; the Triton kernel there serves everything else and every other GPU.
@@ -68,6 +79,9 @@ BLOCK_Q = 64          # rows per compute warpgroup (the wgmma M)
 COMPUTE_WGS = 2
 TILE = BLOCK_Q * COMPUTE_WGS
 HALF = 64             # keys of a folded suffix block (half a slot: one compute warpgroup's)
+# Columns of a transposed suffix step (`MosaicConfig.suffix_transposed`): the wgmma N that
+# holds one sequence's rows. 8 would waste less but does not lower (run 13's probe).
+SUFFIX_COLS = 16
 STAGGER_PHASES = 16   # phases of the folded suffix steps (`MosaicConfig.suffix_stagger`)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -91,6 +105,13 @@ class MosaicConfig:
   # suffixes from HBM at the same moment. No faster on the H200 (run 11: 0.97-1.02x the
   # device time at B = 256, within the spread of repeats), so off.
   suffix_stagger: bool = False
+  # Folded suffix steps as transposed products (`tile_attention(transposed=)`): the keys as
+  # the wgmma M and the sequence's rows as its N (SUFFIX_COLS), 4x fewer tensor-core FLOPs
+  # than the 64-row product at G = 4, merged into the rows through a selection wgmma. Needs
+  # every shared-memory tile at a 32-byte swizzle; sequences of more than SUFFIX_COLS rows
+  # take the untransposed steps. Exact, but slower on the H200 (run 14: 1.2-1.4x the
+  # launch at B = 256), so off.
+  suffix_transposed: bool = False
 
 
 def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
@@ -112,21 +133,25 @@ def unsupported_reason(dtype, d: int, block_kv: int) -> Optional[str]:
 
 def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref,
             scoped, *, block_kv: int, stages: int, blocks_per_split: int, scale_log2: float,
-            interpret: bool, seq_rows: int, splits: int, stagger: bool, layer_nodes: tuple):
+            interpret: bool, seq_rows: int, splits: int, stagger: bool, layer_nodes: tuple,
+            transposed: bool):
   """One CTA: tile `tile`, KV head `kvh`, key split `split`; warpgroup `wg` (2 = memory).
 
   tab [Tn, 4] int32 (node, lo, hi, suffix hi); lim [R] int32; layer [1] int32; q [K,R,D];
   k, v [L*N,S,K,D]; o [P,K,R,D]; lse [P,K,R] float32. suffix_refs: () or (slim [R] int32,
   stab [Tn,2,J,2] int32, suffix layer [1] int32, ks, vs [Ls*Ns,Ss,K,D]): see
   `tile_attention`. layer_nodes: (N, Ns) of stacked caches (0: not stacked): the tables'
-  nodes move by layer * N.
+  nodes move by layer * N. transposed: suffix steps as transposed products
+  (`_compute.suffix_step`); the extra buffers pt, ot [2,HALF,SUFFIX_COLS], [2,D,SUFFIX_COLS].
   """
-  (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2, *slim_smem2), bars, free_bars, sched = scoped
+  (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2, *extra), bars, free_bars, sched = scoped
   q_bar, lim_bar, k_bar, v_bar = bars
   fused = bool(suffix_refs)
   if fused:
     slim_ref, stab_ref, slayer_ref, ks_ref, vs_ref = suffix_refs
-    (slim_smem2,) = slim_smem2
+    slim_smem2 = extra[0]
+    if transposed:
+      pt_smem2, ot_smem2 = extra[1:]
   k_free, v_free = free_bars
   kvh, tile, split = lax.axis_index("kvh"), lax.axis_index("tile"), lax.axis_index("split")
   wg = lax.axis_index("wg")
@@ -204,8 +229,9 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       # (row indices in the row layout, reduced from a 2-D iota as the scores' maxima are)
       rows = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, HALF), 0),
                   plgpu.Layout.WGMMA).max(axis=1)
+      slim = cast(slim_smem2.at[wg][...], row_layout)
       suffix_start = (lax.div(rows, jnp.int32(seq_rows)) - j0) * (nsb * HALF)
-      suffix_end = suffix_start + cast(slim_smem2.at[wg][...], row_layout)
+      suffix_end = suffix_start + slim
     m_i = cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), row_layout)
     l_i = cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), row_layout)
     acc = cast(jnp.full((BLOCK_Q, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -215,6 +241,25 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       plgpu.barrier_wait(k_bar.at[0])
 
     pl.when(wg == 1)(sched_barrier)
+
+    def zero_suffix_values(v_blk, seq_hi):
+      """A suffix block's value rows at or past seq_hi (the largest suffix limit of its
+      sequence's rows, counted from the block's start) become 0: p is 0 there, but 0 * NaN
+      is NaN. This warpgroup's half of the slot alone (no other warpgroup reads it)."""
+      @pl.when(seq_hi < HALF)
+      def _():
+        keys = cast(lax.broadcasted_iota(jnp.int32, (HALF, d), 0), plgpu.Layout.WGMMA)
+        vals = cast(v_blk[...], plgpu.Layout.WGMMA)
+        v_blk[...] = jnp.where(keys < seq_hi, vals, jnp.zeros_like(vals))
+        plgpu.commit_smem()
+
+    def wait_next_keys(i):
+      """Wait for global step i + 1's keys (while step i's last product runs)."""
+      nxt = i + 1
+
+      @pl.when(nxt < nsteps)
+      def _():
+        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
 
     def step(k, carry, masked: bool, suffix: bool = False):
       """Node step k (key block b0 + k), or suffix step k; carry[3] is the global step."""
@@ -268,14 +313,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       plgpu.barrier_wait(v_bar.at[slot])
       plgpu.barrier_wait(sched)
       if suffix:
-        # As below, for this warpgroup's half alone (no other warpgroup reads it): value
-        # rows at or past the largest suffix limit of the sequence's rows become 0.
-        @pl.when(seq_hi < HALF)
-        def _():
-          keys = cast(lax.broadcasted_iota(jnp.int32, (HALF, d), 0), plgpu.Layout.WGMMA)
-          vals = cast(v_blk[...], plgpu.Layout.WGMMA)
-          v_blk[...] = jnp.where(keys < seq_hi, vals, jnp.zeros_like(vals))
-          plgpu.commit_smem()
+        zero_suffix_values(v_blk, seq_hi)
       elif masked:
         # p is exactly 0 for keys >= hi, but 0 * NaN is NaN in p v: a block that runs past hi
         # (the node's valid keys end inside it) has its value rows >= hi zeroed in shared
@@ -291,26 +329,117 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
             part[...] = jnp.where(keys < hi, vals, jnp.zeros_like(vals))
           plgpu.commit_smem()
 
-      def wait_next_keys():
-        nxt = i + 1
-
-        @pl.when(nxt < nsteps)
-        def _():
-          plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
-
       def pv_product(acc_ref):
         plgpu.wgmma(acc_ref, p16, v_blk)
-        wait_next_keys()
+        wait_next_keys(i)
 
       if interpret:
         # (the GPU interpreter has no run_state and its wgmma takes no register operand:
         # p v in registers)
         acc = acc + jnp.dot(p16, v_blk[...], preferred_element_type=jnp.float32)
-        wait_next_keys()
+        wait_next_keys(i)
       else:
         acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l_i, i + 1
+
+    def suffix_step(u, carry):
+      """Suffix step u as transposed products, for the SUFFIX_COLS rows [base, base + C)
+      of this warpgroup that hold row group j's sequence (C = SUFFIX_COLS; base a multiple
+      of 8, the q tile's row tiling, so that the rows slice q's shared memory in place):
+
+        s^T [HALF keys, C] = k q^T     softmax over the keys (axis 0), per column
+        o^T [D, C]         = v^T p^T   (p^T through shared memory)
+        acc += E (o^T)^T               E [64, C] selects row base + x for column x
+
+      The block's maximum and sum are merged with each row's running ones first: the
+      column's running maximum comes out of the rows through E (a reduction over axis 0),
+      o^T is scaled in float32 before its rounding to q's dtype, so E is exactly 0 or 1.
+      Columns outside the group (other sequences' rows) see no key and add nothing."""
+      acc, m_i, l_i, i = carry
+      slot = lax.rem(i, jnp.int32(stages))
+      j, c = suffix_block(u)
+      seq_hi = stab_ref[tile, wg, j, 1] - c * HALF
+      k_blk = k_smem.at[slot, pl.ds(wg * HALF, HALF)]
+      v_blk = v_smem.at[slot, pl.ds(wg * HALF, HALF)]
+      pt_smem, ot_smem = pt_smem2.at[wg], ot_smem2.at[wg]
+      cols = SUFFIX_COLS
+      first = j * seq_rows
+      base = jnp.minimum(lax.div(first, jnp.int32(8)) * 8, BLOCK_Q - cols)
+      q_blk = qo_smem.at[pl.ds(base, cols)]
+
+      def qk_product(acc_ref):
+        plgpu.wgmma(acc_ref, k_blk, plgpu.transpose_ref(q_blk, (1, 0)))
+        sched_barrier()
+        return acc_ref[...]
+
+      if interpret:
+        st = lax.dot_general(k_blk[...], q_blk[...], (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        sched_barrier()
+      else:
+        st = pl.run_scoped(qk_product, plgpu.ACC((HALF, cols), jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      wgmma_layout = plgpu.Layout.WGMMA
+      # [64, C] index grids: a warpgroup row r (axis 0) against a column x (axis 1); the
+      # same shape as s^T, whose axis 0 is the keys.
+      r_of = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, cols), 0), wgmma_layout)
+      x_of = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, cols), 1), wgmma_layout)
+      sel = r_of == x_of + base
+      in_group = (x_of + base >= first) & (x_of + base < first + seq_rows)
+      # column x's suffix limit (0 outside the group), then keys past it masked
+      col_hi = jnp.where(sel & in_group, lax.broadcast_in_dim(slim, sel.shape, [0]),
+                         0).max(axis=0) - c * HALF
+      keys = r_of                 # (s^T's axis 0 is this block's keys)
+      st = jnp.where(keys < lax.broadcast_in_dim(col_hi, st.shape, [1]), st, -jnp.inf)
+      m_blk = st.max(axis=0) * scale_log2
+      m_blk_use = jnp.where(m_blk == -jnp.inf, 0.0, m_blk)
+      pt = jnp.exp2(st * scale_log2 - lax.broadcast_in_dim(m_blk_use, st.shape, [1]))
+      l_blk = pt.sum(axis=0)
+      pt_smem[...] = pt.astype(dtype)
+      plgpu.commit_smem()
+      # the column's row's running maximum, and the block's weight against the new one
+      m_col = jnp.where(sel, lax.broadcast_in_dim(m_i, sel.shape, [0]), -jnp.inf).max(axis=0)
+      m_col_new = jnp.maximum(m_col, m_blk)
+      w = jnp.exp2(m_blk - jnp.where(m_col_new == -jnp.inf, 0.0, m_col_new))
+      m_row_new = jnp.maximum(m_i, jnp.where(
+          sel, lax.broadcast_in_dim(m_col_new, sel.shape, [1]), -jnp.inf).max(axis=1))
+      alpha = jnp.exp2(m_i - jnp.where(m_row_new == -jnp.inf, 0.0, m_row_new))
+      l_i = l_i * alpha + jnp.where(
+          sel, lax.broadcast_in_dim(l_blk * w, sel.shape, [1]), 0.0).sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      acc, l_i, m_row_new, w = lax.optimization_barrier((acc, l_i, m_row_new, w))
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(v_bar.at[slot])
+      plgpu.barrier_wait(sched)
+
+      zero_suffix_values(v_blk, seq_hi)
+
+      def pv_product(acc_ref):
+        plgpu.wgmma(acc_ref, plgpu.transpose_ref(v_blk, (1, 0)), pt_smem)
+        return acc_ref[...]
+
+      if interpret:
+        ot = lax.dot_general(v_blk[...], pt_smem[...], (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+      else:
+        ot = pl.run_scoped(pv_product, plgpu.ACC((d, cols), jnp.float32))
+      plgpu.barrier_arrive(v_free.at[slot])
+      ot_smem[...] = (ot * lax.broadcast_in_dim(w, ot.shape, [1])).astype(dtype)
+      plgpu.commit_smem()
+      e = sel.astype(dtype)
+
+      def merge_product(acc_ref):
+        plgpu.wgmma(acc_ref, e, plgpu.transpose_ref(ot_smem, (1, 0)))
+        wait_next_keys(i)
+
+      if interpret:
+        acc = acc + lax.dot_general(e, ot_smem[...], (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+        wait_next_keys(i)
+      else:
+        acc = pl.run_state(merge_product)(plgpu.ACC.init(acc))
+      return acc, m_row_new, l_i, i + 1
 
     def node_steps(a, b, carry):
       """Node steps [a, b): those below nfull unmasked, the rest masked."""
@@ -323,6 +452,8 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     if fused:
       def chunk(u, carry):
         carry = node_steps(chunk_start(u), root_before(u + 1), carry)
+        if transposed:
+          return suffix_step(u, carry)
         return step(u, carry, masked=True, suffix=True)
 
       carry = lax.fori_loop(0, nsuf, chunk, carry)
@@ -454,7 +585,8 @@ def suffix_unsupported_reason(block_kv: int, seq_rows: int, capacity: int) -> Op
 
 def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, stages: int,
                    splits: int, blocks_per_split: int, interpret: bool = False,
-                   suffix: Optional[Suffix] = None, stagger: bool = False, layer=None):
+                   suffix: Optional[Suffix] = None, stagger: bool = False, layer=None,
+                   transposed: bool = False):
   """Runs the kernel. q [K, Tn*TILE, D] (rows of one node per tile), k, v [N,S,K,D] with
   S a multiple of block_kv, tab [Tn, 4] int32 (node, lo, hi, suffix hi) with lo/hi the min/max
   key limit of the tile's real rows, row_limits [Tn*TILE] int32 (0 for padding rows).
@@ -465,7 +597,8 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   With `suffix` (a `Suffix`), split p also attends row group j's sequence in the suffix
   cache for the groups p*ceil(J/P) <= j < (p+1)*ceil(J/P), in the same softmax: the
   splits' merge then gives both levels merged; `stagger` shifts where its suffix steps fall
-  among the node's by a fraction of a step that differs between CTAs.
+  among the node's by a fraction of a step that differs between CTAs; `transposed` runs them
+  as transposed products (the sequence's rows as wgmma's N: seq_rows <= SUFFIX_COLS).
   Returns out [P,K,Tn*TILE,D] in q's dtype and lse [P,K,Tn*TILE] float32 (natural log)."""
   kh, r, d = q.shape
   k, v, layer, n_stacked = _stacked("k", k, v, layer)
@@ -495,8 +628,15 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
         raise ValueError(f"{name} {x.dtype.name}{list(x.shape)} does not match q "
                          f"({q.dtype.name}, K={kh}, D={d}) or suffix.k")
   dtype = q.dtype
-  tiling = plgpu.TilingTransform((8, 64))
-  swizzle = plgpu.SwizzleTransform(128)
+  transposed = bool(transposed and suffix is not None)
+  if transposed and seq_rows > SUFFIX_COLS:
+    raise ValueError(f"suffix: {seq_rows} query rows a sequence; transposed suffix steps take "
+                     f"at most {SUFFIX_COLS} (pass transposed=False)")
+  # (wgmma takes equal swizzles for its two shared-memory operands, and p^T's rows are
+  # 2 * SUFFIX_COLS bytes: the transposed steps put every tile at a 32-byte swizzle)
+  swizzle_bytes = 2 * SUFFIX_COLS if transposed else 128
+  tiling = plgpu.TilingTransform((8, swizzle_bytes // 2))
+  swizzle = plgpu.SwizzleTransform(swizzle_bytes)
   # Copies a barrier waits for: the limits (and the suffix limits); a key or value block
   # (in two halves when a suffix is folded).
   lim_copies = 1 if suffix is None else 2
@@ -513,12 +653,17 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
     ]
     if suffix_refs:
       buffers.append(plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32))
+    if transposed:
+      buffers += [plgpu.SMEM((COMPUTE_WGS, HALF, SUFFIX_COLS), dtype,
+                             transforms=(tiling, swizzle)),
+                  plgpu.SMEM((COMPUTE_WGS, d, SUFFIX_COLS), dtype, transforms=(tiling, swizzle))]
     body = functools.partial(_kernel, tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref,
                              suffix_refs, o_ref, lse_ref, layer_nodes=(n_stacked, ns_stacked),
                              block_kv=block_kv, stages=stages,
                              blocks_per_split=blocks_per_split,
                              scale_log2=float(scale) * LOG2E, interpret=interpret,
-                             seq_rows=seq_rows, splits=splits, stagger=stagger)
+                             seq_rows=seq_rows, splits=splits, stagger=stagger,
+                             transposed=transposed)
     pl.run_scoped(
         lambda *scoped: body(scoped),
         buffers,
