@@ -17,6 +17,15 @@ operand at a swizzle of 2 N bytes or less (wgmma wants lhs and rhs swizzles equa
 rows are 2 N bytes); N = 8 does not lower.
 
     python experiments/probe_transposed_suffix.py
+
+`--time` (GPU) times one step of each form in a loop on blocks already in shared memory
+(`STEPS`, `step_kernel`): the node step at the kernel's 128-byte swizzle and at the 32 bytes
+the transposed steps impose on every tile, the untransposed suffix step, and the transposed
+one cut after each piece (its product alone, + the softmax over the keys, + p v, + the merge
+into the rows). Run 14 found the transposed fold slower than the untransposed on the H200;
+this says which piece costs what:
+
+    python experiments/probe_transposed_suffix.py --time
 """
 
 from __future__ import annotations
@@ -86,7 +95,151 @@ def lowers(n: int, swizzle: int) -> str:
     return f"{type(e).__name__}: {lines[-1][:150] if lines else ''}"
 
 
+# --- timing (GPU): what one step of each form costs, piece by piece ---------------------------
+
+# Steps timed by `step_kernel`: a node step of 128 keys (the kernel's, 64 q rows) at the
+# kernel's 128-byte swizzle and at 32; the untransposed suffix step (64 q rows, 64 keys); the
+# transposed one cut after each of its pieces.
+STEPS = ("node_swz128", "node_swz32", "suffix_rows", "t_qk", "t_softmax", "t_pv", "t_merge")
+
+
+def step_kernel(step: str, iters: int, ctas: int):
+  """`ctas` CTAs of one warpgroup, each running `step` `iters` times on blocks already in
+  shared memory (no loads in the loop, no masks that depend on the data): f(q [64,D],
+  k, v [128,D]) -> [ctas, 64, D] f32, the last step's accumulator."""
+  cols = 16
+  swz = 128 if step in ("node_swz128", "suffix_rows") else 32
+  keys = 128 if step.startswith("node") else 64
+  tiling = plgpu.TilingTransform((8, swz // 2))
+  transforms = (tiling, plgpu.SwizzleTransform(swz))
+  scale = D ** -0.5
+
+  def body(q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, pt_smem, ot_smem, o_smem, bar):
+    plgpu.copy_gmem_to_smem(q_ref, q_smem, bar.at[0])
+    plgpu.copy_gmem_to_smem(k_ref.at[pl.ds(0, keys)], k_smem, bar.at[0])
+    plgpu.copy_gmem_to_smem(v_ref.at[pl.ds(0, keys)], v_smem, bar.at[0])
+    plgpu.barrier_wait(bar.at[0])
+    wg = plgpu.Layout.WGMMA
+    row = wg.reduce(1)
+
+    def rows_step(acc, m_i, l_i):
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        return acc_ref[...]
+      s = pl.run_scoped(qk, plgpu.ACC((64, keys), jnp.float32))
+      m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
+      alpha = jnp.exp2(m_i - m_new)
+      p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+      l_i = l_i * alpha + p.sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p.astype(jnp.bfloat16), v_smem)
+      return pl.run_state(pv)(plgpu.ACC.init(acc)), m_new, l_i
+
+    def t_step(acc, m_i, l_i, j):
+      base = lax.rem(j, jnp.int32(4)) * 16
+      q_blk = q_smem.at[pl.ds(base, cols)]
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_blk, (1, 0)))
+        return acc_ref[...]
+      st = pl.run_scoped(qk, plgpu.ACC((64, cols), jnp.float32))
+      if step == "t_qk":
+        return acc + lax.broadcast_in_dim(st.max(axis=1), acc.shape, [0]), m_i, l_i
+      r_of = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (64, cols), 0), wg)
+      x_of = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (64, cols), 1), wg)
+      sel = r_of == x_of + base
+      st = jnp.where(r_of < lax.broadcast_in_dim(jnp.full((cols,), 60, jnp.int32) - x_of.max(axis=0),
+                                                   st.shape, [1]), st, -jnp.inf)
+      m_blk = st.max(axis=0) * scale
+      pt = jnp.exp2(st * scale - lax.broadcast_in_dim(m_blk, st.shape, [1]))
+      l_blk = pt.sum(axis=0)
+      pt_smem[...] = pt.astype(jnp.bfloat16)
+      plgpu.commit_smem()
+      if step == "t_softmax":
+        return acc, m_i, l_i + lax.broadcast_in_dim(l_blk, sel.shape, [1]).max(axis=1)
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, plgpu.transpose_ref(v_smem, (1, 0)), pt_smem)
+        return acc_ref[...]
+      ot = pl.run_scoped(pv, plgpu.ACC((D, cols), jnp.float32))
+      if step == "t_pv":
+        return acc, m_i, l_i + lax.broadcast_in_dim(ot.max(axis=0), sel.shape, [1]).max(axis=1)
+      m_col = jnp.where(sel, lax.broadcast_in_dim(m_i, sel.shape, [0]), -jnp.inf).max(axis=0)
+      m_col_new = jnp.maximum(m_col, m_blk)
+      w = jnp.exp2(m_blk - m_col_new)
+      m_row = jnp.maximum(m_i, jnp.where(
+          sel, lax.broadcast_in_dim(m_col_new, sel.shape, [1]), -jnp.inf).max(axis=1))
+      alpha = jnp.exp2(m_i - m_row)
+      l_i = l_i * alpha + jnp.where(sel, lax.broadcast_in_dim(l_blk * w, sel.shape, [1]),
+                                    0.0).sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      ot_smem[...] = (ot * lax.broadcast_in_dim(w, ot.shape, [1])).astype(jnp.bfloat16)
+      plgpu.commit_smem()
+      e = sel.astype(jnp.bfloat16)
+
+      def merge(acc_ref):
+        plgpu.wgmma(acc_ref, e, plgpu.transpose_ref(ot_smem, (1, 0)))
+      return pl.run_state(merge)(plgpu.ACC.init(acc)), m_row, l_i
+
+    def loop(j, carry):
+      acc, m_i, l_i = carry
+      if step.startswith("node") or step == "suffix_rows":
+        return rows_step(acc, m_i, l_i)
+      return t_step(acc, m_i, l_i, j)
+
+    carry = (plgpu.layout_cast(jnp.zeros((64, D), jnp.float32), wg),
+             plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row),
+             plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row))
+    acc, _, l_i = lax.fori_loop(0, iters, loop, carry)
+    o_smem[...] = acc + lax.broadcast_in_dim(l_i, acc.shape, [0])
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[lax.axis_index("x")])
+    plgpu.wait_smem_to_gmem(0)
+
+  def entry(q_ref, k_ref, v_ref, o_ref):
+    smem = lambda shape: plgpu.SMEM(shape, jnp.bfloat16, transforms=transforms)
+    small = plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32)
+    pl.run_scoped(lambda *s: body(q_ref, k_ref, v_ref, o_ref, *s),
+                  smem((64, D)), smem((keys, D)), smem((keys, D)),
+                  plgpu.SMEM((64, cols), jnp.bfloat16, transforms=small),
+                  plgpu.SMEM((D, cols), jnp.bfloat16, transforms=small),
+                  plgpu.SMEM((64, D), jnp.float32),
+                  plgpu.Barrier(num_arrivals=3, num_barriers=1))
+
+  return plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((ctas, 64, D), jnp.float32),
+                      grid=(ctas,), grid_names=("x",))
+
+
+def time_steps(iters: int = 2000, ctas: int = 132, repeats: int = 5) -> None:
+  """Prints each step's time (ns a step in one CTA, all SMs busy), median of `repeats`."""
+  import time
+  import numpy as np
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((64, D)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((128, D)), jnp.bfloat16)
+  v = jnp.asarray(rng.standard_normal((128, D)), jnp.bfloat16)
+  print(f"| step | ns a step ({ctas} CTAs of one warpgroup, {iters} steps each) |\n|---|---|")
+  for step in STEPS:
+    try:
+      fn = jax.jit(step_kernel(step, iters, ctas))
+      fn(q, k, v).block_until_ready()
+      times = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(q, k, v).block_until_ready()
+        times.append(time.perf_counter() - t0)
+      print(f"| {step} | {np.median(times) / iters * 1e9:.0f} |", flush=True)
+    except Exception as e:      # noqa: BLE001 (the probe reports what fails and goes on)
+      lines = [x for x in str(e).splitlines() if x.strip()]
+      print(f"| {step} | {type(e).__name__}: {lines[-1][:150] if lines else ''} |", flush=True)
+
+
 def main() -> None:
+  if "--time" in sys.argv:
+    time_steps()
+    return
   print("| N | swizzle | result |\n|---|---|---|")
   for n in (8, 16, 32, 64):
     for swizzle in (32, 64, 128):
