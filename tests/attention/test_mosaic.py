@@ -595,7 +595,7 @@ def test_wrapper_with_emulated_kernel_matches_oracle(case):
 
 
 @pytest.mark.parametrize("fold", [False, True])
-def test_wrapper_full_tiles_in_place_and_combine(fold):
+def test_wrapper_full_tiles_in_place_and_combine(fold, monkeypatch, caplog):
   """Tiles exactly full (the in-place path: no gather; the tiles' and row groups' bounds taken
   from the sequences' limits), several tiles per node, 3 splits; the suffix folded in or
   not (the emulator poisons a tile or group whose bound is wrong)."""
@@ -617,6 +617,18 @@ def test_wrapper_full_tiles_in_place_and_combine(fold):
     # (the suffix has only 2 blocks; a folded one runs in the root's 3 splits)
     assert [(c["splits"], c["suffix"]) for c in calls] == ([(3, True)] if fold
                                                            else [(3, False), (2, False)])
+  if fold:
+    # Transposed suffix steps asked for: 32 rows a sequence is more than they take, so the
+    # steps run untransposed, and the log says so once.
+    monkeypatch.setattr(_log, "_seen", set())
+    with caplog.at_level(logging.WARNING, logger="hydrax"):
+      for _ in range(2):
+        with emulated() as calls:
+          _run(q, levels, True, jnp.bfloat16, pg.configure(
+              lowering="mosaic", mosaic=dict(mosaic, suffix_transposed=True)))
+        assert [(c["suffix"], c["transposed"]) for c in calls] == [(True, False)]
+    logged = [r.getMessage() for r in caplog.records if "suffix_transposed" in r.getMessage()]
+    assert len(logged) == 1 and "32 query rows" in logged[0]
   # The shared level alone, causal: its rows' limits differ within a tile (T = 4).
   with emulated() as calls:
     out, lse = _run(q, levels[:1], True, jnp.bfloat16,

@@ -48,13 +48,14 @@ products. Needs block_kv = 128 and a suffix capacity of whole HALF blocks
 `transposed=True` (`MosaicConfig.suffix_transposed`, off) runs each suffix step as products
 with the keys as wgmma's M and the group's rows as its N (SUFFIX_COLS = 16 rows of q from
 the warpgroup's tile, read in place): s^T = k q^T, the softmax over the keys, o^T = v^T p^T,
-and the result added to the rows' accumulator through a 0/1 selection product, 4x fewer
-tensor-core FLOPs at G = 4. It is exact (CPU interpret mode; the H200 in float32 checks),
-but slower on the H200 (run 14: the 4K/256 launch 79.3 us against 57.1): a step alone costs
-1.5 us against the untransposed 0.8 (its reductions over the keys cross the warps through
-shared memory, and it runs three dependent products), and the 32-byte swizzle it imposes on
-every tile (wgmma takes equal swizzles, and p^T's rows are 32 bytes) makes the node steps
-~12% slower in the kernel, though not in a step timed alone without loads.
+and the result added to the rows' accumulator through a 0/1 selection product: three
+products of N = 16 for two of N = 64, 2.7x fewer tensor-core FLOPs. It is exact (CPU
+interpret mode; the H200 in float32 checks), but slower on the H200 (run 14: the 4K/256
+launch 79.3 us against 57.1): a step alone costs 1.5 us against the untransposed 0.8 (its
+reductions over the keys cross the warps through shared memory, and it runs three dependent
+products), and the 32-byte swizzle it imposes on every tile (wgmma takes equal swizzles, and
+p^T's rows are 32 bytes) makes the node steps ~12% slower in the kernel, though not in a
+step timed alone without loads.
 
 Runs on Hopper (sm_90) GPUs with bf16 or fp16; off GPU it runs in Mosaic GPU interpret mode
 (slow; for tests). Callers pick it through `pallas_gpu` (the `pallas` backend) for stacked
@@ -106,8 +107,8 @@ class MosaicConfig:
   # device time at B = 256, within the spread of repeats), so off.
   suffix_stagger: bool = False
   # Folded suffix steps as transposed products (`tile_attention(transposed=)`): the keys as
-  # the wgmma M and the sequence's rows as its N (SUFFIX_COLS), 4x fewer tensor-core FLOPs
-  # than the 64-row product at G = 4, merged into the rows through a selection wgmma. Needs
+  # the wgmma M and the sequence's rows as its N (SUFFIX_COLS), merged into the rows through
+  # a selection wgmma: 2.7x fewer tensor-core FLOPs than the 64-row products. Needs
   # every shared-memory tile at a 32-byte swizzle; sequences of more than SUFFIX_COLS rows
   # take the untransposed steps. Exact, but slower on the H200 (run 14: 1.2-1.4x the
   # launch at B = 256), so off.
