@@ -54,11 +54,11 @@ def _per_layer_forward(model, layers, tokens, positions):
   """The decoder with `layers` a Python list of per-layer Blocks (no attention)."""
   config = model.config
   eps = config.rms_norm_eps
-  inv_freq = llama.rope_frequencies(config)
+  del positions           # (no attention: the layers take no RoPE tables)
   x = jnp.take(model.embed.embedding[...], tokens, axis=0)
   for index, block in enumerate(layers):
     a, _ = llama._attention_layer(config, block.attn, llama.rms_norm(block.attn_norm, x, eps),
-                                  positions, inv_freq, (), None, index, skip_attention=True,
+                                  None, (), None, index, skip_attention=True,
                                   backend="xla", reduce=None, attend=None)
     x = x + a
     x = x + llama._mlp(block.mlp, llama.rms_norm(block.mlp_norm, x, eps), None)

@@ -233,14 +233,28 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x, positions, inv_freq):
-  """Rotate-half RoPE. x [B,T,N,D], positions [B,T] int, inv_freq [D/2] -> x's shape/dtype."""
+def rope_tables(positions, inv_freq):
+  """(cos, sin) float32 [B,T,1,D] of rotate-half RoPE at positions [B,T] int (inv_freq [D/2]).
+
+  The same for every layer: `forward` computes them once, before the layer scan (XLA left
+  them in the scan's body: two launches a layer; the engine's step time did not change
+  beyond its spread without them, experiments/results/fused_h200 run 14)."""
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]       # [B,T,1,D]
-  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate(x, rope):
+  """x [B,T,N,D] rotated by `rope_tables`' (cos, sin) -> x's shape and dtype."""
+  cos, sin = (r.astype(x.dtype) for r in rope)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   return x * cos + rotated * sin
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotate-half RoPE. x [B,T,N,D], positions [B,T] int, inv_freq [D/2] -> x's shape/dtype."""
+  return rotate(x, rope_tables(positions, inv_freq))
 
 
 def _local_heads(model: Llama) -> tuple[int, int]:
@@ -432,11 +446,13 @@ def _prepare_attention(model, attend, backend, shared, suffix, b: int, t: int):
   return prepare(q, levels, backend=backend)
 
 
-def _attention_layer(config: LlamaConfig, layer: Attention, x, positions, inv_freq, shared,
+def _attention_layer(config: LlamaConfig, layer: Attention, x, rope, shared,
                      suffix: Optional[LevelKV], index, *, skip_attention: bool, backend,
                      reduce: Optional[str], attend, packed: Optional[Packed] = None,
                      prepared=None):
   """x [B,T,E] -> (out [B,T,E], suffix LevelKV or None with this layer's new keys written).
+
+  rope: `rope_tables` of the tokens' positions (None with skip_attention).
 
   shared: ((LevelKV [L,N,S,K,D], owner [B]), ...) read at layer `index` in place.
   packed: None, or x is [R,W,E] packed tokens of the sequences (`Packed`; owners per sequence).
@@ -453,8 +469,7 @@ def _attention_layer(config: LlamaConfig, layer: Attention, x, positions, inv_fr
     # The paper's "no attention" upper bound: each query head takes its own token's value.
     out = jnp.repeat(v, h // kh, axis=2)
   else:
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    q, k = rotate(q, rope), rotate(k, rope)
     levels = [attn_lib.KVLevel(lvl.k, lvl.v, lvl.lengths, owner, index)
               for lvl, owner in shared]
     if packed is None:
@@ -550,7 +565,7 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
   if segments is not None:
     b = b if cache is None or cache.suffix is None else int(cache.suffix.k.shape[1])
     packed = _packed(segments, b, fresh)
-  inv_freq = rope_frequencies(config)
+  rope = None if skip_attention else rope_tables(positions, rope_frequencies(config))
   eps = config.rms_norm_eps
   if attend is None:
     attend = HydragenAttend(checks)
@@ -571,7 +586,7 @@ def forward(model: Llama, tokens, positions, cache: Optional[KVCache] = None, *,
     params, index = xs
     block = nnx.merge(layer_def, params)
     a, carried = _attention_layer(config, block.attn, rms_norm(block.attn_norm, x, eps),
-                                  positions, inv_freq, shared, carried, index,
+                                  rope, shared, carried, index,
                                   skip_attention=skip_attention, backend=backend,
                                   reduce=reduce, attend=attend, packed=packed,
                                   prepared=prepared)
