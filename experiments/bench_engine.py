@@ -31,7 +31,11 @@ prefill and the same decode program (the suffix capacity stays in one bucket: th
 says where it did not), N more decode steps, so the kernels of one decode step alone. It
 prints, per mode, the kernels of a step (launches and us a step and a layer) and what the
 hydragen step adds to or takes from the step without attention (`kernel_report`; also
-`profile.json` in --out).
+`profile.json` in --out), and each mode's step on the GPU's timeline: wall, busy (the union
+of device activity), idle, and the largest gaps between activities a step with the
+activities on either side (`timeline_report`, `timeline.json`): whether the step waits on
+its kernels or between them (run 14 found it moved by neither fewer kernels' time nor fewer
+launches).
 """
 
 from __future__ import annotations
@@ -133,13 +137,34 @@ def _ceilings(jax, jnp):
 PROFILED_MODES = ("none", "hydragen")
 
 
-def cupti_kernels(run) -> tuple:
-  """({kernel name: (launches, total us)}, run's result) of run() through CUPTI
-  (`profile_decode_h200.cupti_collect`), after one run() to compile and warm up."""
+def cupti_spans(run) -> tuple:
+  """([(start us, end us, name)] of run()'s GPU activity, run's result) through CUPTI
+  (`profile_decode_h200.cupti_timeline`), after one run() to compile and warm up."""
   import torch
   run()
   torch.cuda.synchronize()
-  return _profile_decode().cupti_collect(run)
+  return _profile_decode().cupti_timeline(run)
+
+
+def step_timeline(longer: list, shorter: list, steps: int) -> dict:
+  """One decode step on the GPU's timeline, from the spans of two generations `steps` decode
+  steps apart (`cupti_spans`): wall, busy (device activity's union) and idle us a step
+  (their differences over `steps`), and the gaps of the longer generation's last stretch
+  (past the shorter one's wall, from its first activity: its extra steps) a step, summed per
+  (before, after) pair (`profile_decode_h200.timeline_stats`)."""
+  pd = _profile_decode()
+  a, b = pd.timeline_stats(longer), pd.timeline_stats(shorter)
+  wall = (a["wall_us"] - b["wall_us"]) / steps
+  busy = (a["busy_us"] - b["busy_us"]) / steps
+  tail = []
+  if longer:
+    # (from the last activity before the cut, so that the gap into the first extra step
+    # counts: `steps` gaps of each kind a step boundary makes)
+    cut = longer[0][0] + b["wall_us"]
+    first = next((i for i, x in enumerate(longer) if x[0] >= cut), len(longer))
+    tail = longer[max(first - 1, 0):]
+  gaps = [[x, y, n / steps, t / steps] for x, y, n, t in pd.timeline_stats(tail)["gaps"]]
+  return {"wall_us": wall, "busy_us": busy, "idle_us": wall - busy, "gaps": gaps}
 
 
 def per_step(longer: dict, shorter: dict, steps: int) -> dict:
@@ -158,16 +183,34 @@ def per_step(longer: dict, shorter: dict, steps: int) -> dict:
 
 
 def profile_decode_step(generate, steps: int) -> tuple:
-  """(kernels of one decode step, note): `generate(max_new_tokens)` profiled at 2 and
-  2 + steps new tokens (`per_step`); the note says when their signatures' suffix capacities
-  differ (then the two decode programs differ and the difference is approximate)."""
-  short, g_short = cupti_kernels(lambda: generate(2))
-  long, g_long = cupti_kernels(lambda: generate(2 + steps))
+  """(kernels of one decode step, its timeline, note): `generate(max_new_tokens)` profiled at
+  2 and 2 + steps new tokens (`per_step`, `step_timeline`); the note says when their
+  signatures' suffix capacities differ (then the two decode programs differ and the
+  difference is approximate)."""
+  pd = _profile_decode()
+  short, g_short = cupti_spans(lambda: generate(2))
+  long, g_long = cupti_spans(lambda: generate(2 + steps))
   note = ""
   a, b = g_short.signature, g_long.signature
   if a is not None and b is not None and a.main != b.main:
     note = f"suffix passes differ ({a.main} vs {b.main}): approximate"
-  return per_step(long, short, g_long.decode_steps - g_short.decode_steps), note
+  n = g_long.decode_steps - g_short.decode_steps
+  return (per_step(pd.aggregate(long), pd.aggregate(short), n),
+          step_timeline(long, short, n), note)
+
+
+def timeline_report(point: str, timelines: dict, top: int = 6) -> str:
+  """{mode: `step_timeline`} of one point -> a block per mode: wall, busy and idle us a
+  decode step, and its largest gaps."""
+  short = _profile_decode().short
+  lines = []
+  for mode, tl in timelines.items():
+    lines.append(f"\n{point} {mode}, a decode step on the GPU's timeline: {tl['wall_us']:.1f} us "
+                 f"wall, {tl['busy_us']:.1f} busy, {tl['idle_us']:.1f} idle")
+    for before, after, n, t in tl["gaps"][:top]:
+      lines.append(f"  {t:10.1f} us {n:6.1f}x  gap after {short(before, 40)} "
+                   f"before {short(after, 40)}")
+  return "\n".join(lines)
 
 
 def _profile_decode():
@@ -258,6 +301,7 @@ def main(argv=None):
   item = jnp.dtype(dtype).itemsize
   rows = []
   profiled = {}      # point -> mode -> {kernel: (launches, us)} (--profile-steps)
+  timelines = {}     # point -> mode -> `step_timeline` (--profile-steps)
   for point in args.points.split(","):
     p, b = (int(x) for x in point.lower().split("x"))
     rng = np.random.default_rng(0)
@@ -299,10 +343,11 @@ def main(argv=None):
       print(f"P={p} B={b} {mode}: step {step_ms:.2f} ms, compile {gen.compile_seconds:.1f} s, "
             f"prefill {gen.prefill_seconds:.2f} s", flush=True)
       if args.profile_steps:
-        kernels, note = profile_decode_step(
+        kernels, timeline, note = profile_decode_step(
             lambda n: engine.generate(model, plan, max_new_tokens=n, attention=mode,
                                       runtime=runtime), args.profile_steps)
         profiled.setdefault(point, {})[mode] = kernels
+        timelines.setdefault(point, {})[mode] = timeline
         if note:
           print(f"P={p} B={b} {mode} profile: {note}", flush=True)
     if "none_ms" in row and "hydragen_ms" in row:
@@ -318,10 +363,13 @@ def main(argv=None):
       print(kernel_report(point, modes, nl), flush=True)
     else:
       print(f"{point}: profiled {sorted(modes)} only (a mode failed): no kernel report")
+    print(timeline_report(point, timelines[point]), flush=True)
   if profiled:
     with open(os.path.join(args.out, "profile.json"), "w") as f:
       json.dump({pt: {m: {k: list(v) for k, v in ks.items()} for m, ks in ms.items()}
                  for pt, ms in profiled.items()}, f, indent=1)
+    with open(os.path.join(args.out, "timeline.json"), "w") as f:
+      json.dump(timelines, f, indent=1)
   print("\n| P / B | none ms | hydragen ms | attn/layer us | floor/layer us | ideal ms | "
         "% of ideal | compile s (none, hyd) | [B,S,K,D] copies/slices in decode HLO |")
   print("|---|---|---|---|---|---|---|---|---|")

@@ -173,20 +173,56 @@ def _peer_call(peer: str, p: int, b: int, u: int, h: int, kh: int, d: int, case)
   return lambda: jax.block_until_ready(ba.CUDNN(q, k, v))
 
 
-def cupti_collect(run) -> tuple:
-  """({kernel name: (launches, total us)}, run's result) of run() as CUPTI records it through
-  torch's profiler (no ncu: kernels not serialised, no replay; jax's kernels included)."""
+def cupti_timeline(run) -> tuple:
+  """([(start us, end us, name)] of every GPU activity of run() (kernels, copies, memsets)
+  by start, as CUPTI records it through torch's profiler (no ncu: kernels not serialised, no
+  replay; jax's kernels included); run's result)."""
   import torch
   from torch.profiler import ProfilerActivity, profile as torch_profile
   with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
     result = run()
     torch.cuda.synchronize()
+  spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA
+                 and e.time_range.end > e.time_range.start)
+  return spans, result
+
+
+def aggregate(spans) -> dict:
+  """{name: (launches, total us)} of `cupti_timeline` spans."""
   out = {}
-  for e in prof.events():
-    if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
-      n, t = out.get(e.name, (0, 0.0))
-      out[e.name] = (n + 1, t + e.device_time_total)
-  return out, result
+  for start, end, name in spans:
+    n, t = out.get(name, (0, 0.0))
+    out[name] = (n + 1, t + (end - start))
+  return out
+
+
+def timeline_stats(spans, top: int = 8) -> dict:
+  """What a stretch of GPU activity spent: wall (first start to last end), busy (the union of
+  the spans: overlapping kernels count once), idle = wall - busy, and the gaps between
+  consecutive activities (no activity at all) summed per (before, after) pair of names,
+  largest first (`top` of them, us and count)."""
+  if not spans:
+    return {"wall_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": []}
+  busy, reach = 0.0, spans[0][0]
+  gaps, last = {}, None
+  for start, end, name in spans:
+    if start > reach and last is not None:
+      n, t = gaps.get((last, name), (0, 0.0))
+      gaps[(last, name)] = (n + 1, t + (start - reach))
+    busy += max(0.0, end - max(start, reach))
+    if end >= reach:
+      reach, last = end, name
+  wall = reach - spans[0][0]
+  ranked = sorted(gaps.items(), key=lambda kv: -kv[1][1])[:top]
+  return {"wall_us": wall, "busy_us": busy, "idle_us": wall - busy,
+          "gaps": [[a, b, n, t] for (a, b), (n, t) in ranked]}
+
+
+def cupti_collect(run) -> tuple:
+  """({kernel name: (launches, total us)}, run's result) of run() (`cupti_timeline`)."""
+  spans, result = cupti_timeline(run)
+  return aggregate(spans), result
 
 
 def cupti_kernels(label: str, call, calls: int) -> str:

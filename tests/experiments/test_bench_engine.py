@@ -17,25 +17,61 @@ def test_a_decode_step_is_the_difference_over_the_extra_steps():
     bench_engine.per_step(long, short, 0)
 
 
+def _generation_spans(steps):
+  """A generation's GPU activity: a 50 us prefill, then per decode step a 9 us gap, four
+  2.5 us layer kernels back to back and a 1 us copy of the loop's condition (a 20 us step:
+  11 busy, 9 idle)."""
+  spans, t = [(0.0, 50.0, "prefill")], 50.0
+  for _ in range(steps):
+    t += 9.0                                  # the gap after the prefill or the last step
+    for _ in range(4):
+      spans.append((t, t + 2.5, "layer"))
+      t += 2.5
+    spans.append((t, t + 1.0, "Memcpy DtoH"))
+    t += 1.0
+  return spans
+
+
 def test_profile_decode_step_runs_2_and_2_plus_n_tokens(monkeypatch):
   calls = []
 
   def fake_cupti(run):
     g = run()
-    steps = g.decode_steps
-    return {"prefill": (1, 50.0), "layer": (4 * steps, 10.0 * steps)}, g
+    return _generation_spans(g.decode_steps), g
 
   def generate(n):
     calls.append(n)
     return SimpleNamespace(decode_steps=n - 1, signature=SimpleNamespace(
         main=(256, 24 if n < 9 else 48)))
 
-  monkeypatch.setattr(bench_engine, "cupti_kernels", fake_cupti)
-  step, note = bench_engine.profile_decode_step(generate, 4)
+  monkeypatch.setattr(bench_engine, "cupti_spans", fake_cupti)
+  step, timeline, note = bench_engine.profile_decode_step(generate, 4)
   assert calls == [2, 6] and note == ""
-  assert step == {"layer": (4.0, 10.0)}
-  _, note = bench_engine.profile_decode_step(generate, 8)
+  assert step == {"layer": (4.0, 10.0), "Memcpy DtoH": (1.0, 1.0)}
+  assert timeline["wall_us"] == pytest.approx(20.0)
+  assert timeline["busy_us"] == pytest.approx(11.0)
+  assert timeline["idle_us"] == pytest.approx(9.0)
+  # the extra steps' gaps: 9 us a step between the condition's copy and the next layer
+  assert timeline["gaps"] == [["Memcpy DtoH", "layer", 1.0, pytest.approx(9.0)]]
+  _, _, note = bench_engine.profile_decode_step(generate, 8)
   assert "suffix passes differ ((256, 24) vs (256, 48))" in note
+
+
+def test_timeline_counts_overlap_once_and_ranks_gaps():
+  from experiments import profile_decode_h200 as pd
+  spans = [(0, 10, "a"), (5, 12, "b"), (6, 8, "inside"), (20, 25, "c"), (30, 31, "d"),
+           (40, 45, "c")]
+  stats = pd.timeline_stats(spans)
+  assert (stats["wall_us"], stats["busy_us"], stats["idle_us"]) == (45, 23.0, 22.0)
+  assert stats["gaps"] == [["d", "c", 1, 9.0], ["b", "c", 1, 8.0], ["c", "d", 1, 5.0]]
+  assert pd.aggregate(spans)["c"] == (2, 10.0)
+  assert pd.timeline_stats([])["wall_us"] == 0.0
+  text = bench_engine.timeline_report("4096x256", {"hydragen": {
+      "wall_us": 20.0, "busy_us": 11.0, "idle_us": 9.0,
+      "gaps": [["Memcpy DtoH", "layer", 1.0, 6.0]]}})
+  assert "4096x256 hydragen, a decode step on the GPU's timeline: 20.0 us wall, 11.0 busy, " \
+         "9.0 idle" in text
+  assert "       6.0 us    1.0x  gap after Memcpy DtoH before layer" in text
 
 
 def test_report_per_mode_and_the_difference():
