@@ -167,19 +167,19 @@ def step_timeline(longer: list, shorter: list, steps: int) -> dict:
   return {"wall_us": wall, "busy_us": busy, "idle_us": wall - busy, "gaps": gaps}
 
 
+def subtract(a: dict, b: dict) -> dict:
+  """{kernel: (launches, us)} of a minus b, over the kernels of either."""
+  zero = (0, 0.0)
+  return {k: (a.get(k, zero)[0] - b.get(k, zero)[0], a.get(k, zero)[1] - b.get(k, zero)[1])
+          for k in set(a) | set(b)}
+
+
 def per_step(longer: dict, shorter: dict, steps: int) -> dict:
   """{kernel: (launches, us)} of one decode step: the kernels of a generation `steps` decode
   steps longer than another, minus the other's, over `steps` (kernels that cancel dropped)."""
   if steps < 1:
     raise ValueError(f"the longer generation ran {steps} more decode steps (need >= 1)")
-  zero = (0, 0.0)
-  out = {}
-  for k in set(longer) | set(shorter):
-    n = longer.get(k, zero)[0] - shorter.get(k, zero)[0]
-    t = longer.get(k, zero)[1] - shorter.get(k, zero)[1]
-    if n:
-      out[k] = (n / steps, t / steps)
-  return out
+  return {k: (n / steps, t / steps) for k, (n, t) in subtract(longer, shorter).items() if n}
 
 
 def profile_decode_step(generate, steps: int) -> tuple:
@@ -234,10 +234,7 @@ def kernel_report(point: str, modes: dict, layers: int, top: int = 30) -> str:
                  f"kernels, {total:.1f} us ({total / layers:.1f} us a layer of {layers})")
     for name, (n, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]:
       lines.append(f"  {t:10.1f} us {n:6.1f}x  {short(name, 90)}")
-  none, hyd = modes["none"], modes["hydragen"]
-  zero = (0, 0.0)
-  diff = {k: (hyd.get(k, zero)[0] - none.get(k, zero)[0], hyd.get(k, zero)[1] - none.get(k, zero)[1])
-          for k in set(none) | set(hyd)}
+  diff = subtract(modes["hydragen"], modes["none"])
   total = sum(t for _, t in diff.values())
   lines.append(f"\n{point} hydragen minus none, a decode step: {total:.1f} us "
                f"({total / layers:.1f} us a layer)")

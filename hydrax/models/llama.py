@@ -252,11 +252,6 @@ def rotate(x, rope):
   return x * cos + rotated * sin
 
 
-def apply_rope(x, positions, inv_freq):
-  """Rotate-half RoPE. x [B,T,N,D], positions [B,T] int, inv_freq [D/2] -> x's shape/dtype."""
-  return rotate(x, rope_tables(positions, inv_freq))
-
-
 def _local_heads(model: Llama) -> tuple[int, int]:
   """(H, K) of the model's arrays: the config's, or a shard's H/M, K/M under shard_map."""
   d = model.config.head_dim

@@ -961,14 +961,13 @@ def _mosaic_part(q, k, v, tabs: _MosaicTables, scale, cfg: Config, layer=None,
     ks, vs, slayer = _kernel_layer_view(ks, vs, slayer, cfg)
     table, slim = tabs.suffix
     sfx = mosaic_gpu.Suffix(ks, vs, slim, table, t * (h // ks.shape[-2]), slayer)
-  transposed = (sfx is not None and cfg.mosaic.suffix_transposed
-                and sfx.seq_rows <= mosaic_gpu.SUFFIX_COLS)
-  if sfx is not None and cfg.mosaic.suffix_transposed and not transposed:
+  transposed = sfx is not None and cfg.mosaic.suffix_transposed
+  if transposed and sfx.seq_rows > mosaic_gpu.SUFFIX_COLS:
     log_once(("suffix-transposed", sfx.seq_rows),
              "hydrax pallas backend: suffix_transposed asked for, but a sequence has %d query "
              "rows (transposed steps take at most %d); its folded suffix steps run "
-             "untransposed",
-             sfx.seq_rows, mosaic_gpu.SUFFIX_COLS)
+             "untransposed", sfx.seq_rows, mosaic_gpu.SUFFIX_COLS)
+    transposed = False
   out, lse = mosaic_gpu.tile_attention(
       qt, k, v, tabs.tab, tabs.limt, scale=scale, block_kv=bk, stages=cfg.mosaic.stages,
       splits=tabs.splits, blocks_per_split=tabs.blocks_per_split, interpret=_interpret(cfg),
