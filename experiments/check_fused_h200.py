@@ -132,6 +132,20 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
     ("grouped_fold_transposed_tree2_bf16_gqa4_T4", 33, 4, 8, 4, "bfloat16", [(3, 333)], 128, 2,
      {"backend": "pallas", "path": "off", "lowering": "mosaic",
       "mosaic": {"fold_suffix": True, "suffix_transposed": True}}),
+    # The unmasked node steps software-pipelined (`MosaicConfig.node_overlap`): a one-node
+    # root of 16K with the suffix folded, five nodes with traced owners, a three-level tree
+    # (the root unfolded beside the middle level), and two queries a sequence.
+    ("grouped_overlap_fold_tree2_bf16_gqa4_B256_16K", 256, 1, 8, 4, "bfloat16",
+     [(1, 16384)], 128, 2, {"backend": "pallas", "path": "off",
+                            "mosaic": {"fold_suffix": True, "node_overlap": True}}),
+    ("grouped_overlap_fold_tree2_bf16_gqa4_N5", 67, 1, 8, 4, "bfloat16", [(5, 700)], 192, 3,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic",
+      "mosaic": {"fold_suffix": True, "node_overlap": True}}),
+    ("grouped_overlap_tree3_bf16_gqa4", 67, 1, 8, 4, "bfloat16", [(1, 1500), (7, 300)], 130, 3,
+     {"backend": "pallas", "path": "off", "mosaic": {"node_overlap": True}}),
+    ("grouped_overlap_fold_tree2_bf16_gqa2_T2", 33, 2, 8, 2, "bfloat16", [(3, 333)], 64, 2,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic",
+      "mosaic": {"fold_suffix": True, "node_overlap": True}}),
     # The same with the suffix steps staggered between CTAs (`MosaicConfig.suffix_stagger`),
     # and a one-node root of 16K (node steps before a staggered CTA's first suffix step).
     ("grouped_fold_tree2_bf16_gqa4_N5_stagger", 67, 1, 8, 4, "bfloat16", [(5, 700)], 192, 3,

@@ -171,6 +171,12 @@ MUTATIONS = [
              "hydrax.models.llama", "_prepare_attention",
              "suffix.lengths.astype(jnp.int32) + t,", "suffix.lengths.astype(jnp.int32),",
              ("prepared",)),
+    Mutation("mosaic_overlap_unscaled", "Mosaic GPU kernel, software-pipelined node steps: "
+             "the accumulator not moved to a step's new maximum (alpha)",
+             "hydrax.attention.kernels.mosaic_gpu", "_kernel",
+             "lax.optimization_barrier((acc, l_new, m_new, p_new))",
+             "lax.optimization_barrier((acc / lax.broadcast_in_dim(alpha, acc.shape, [0]), "
+             "l_new, m_new, p_new))", ("mosaic_folded",)),
     Mutation("mosaic_fold_stagger_first_chunk", "Mosaic GPU kernel, staggered suffix steps: "
              "the node steps before the first suffix step skipped (the warpgroups then wait "
              "for keys never loaded: a deadlock, ended by the tests' hang guard)",

@@ -95,7 +95,7 @@ CALLS = []          # one dict per (traced) call of the emulator
 
 def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
                            blocks_per_split, interpret=False, suffix=None, stagger=False,
-                           layer=None, transposed=False):
+                           layer=None, transposed=False, overlap=False):
   """`mosaic_gpu.tile_attention`'s contract: out [P,K,R,D] in q's dtype (normalised per split),
   lse [P,K,R] float32 (natural log; -inf and out 0 for a row that sees no key of the split).
 
@@ -128,13 +128,14 @@ def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages,
   assert tab.dtype == jnp.int32 and row_limits.dtype == jnp.int32
   nblk = s // block_kv
   assert stages >= 1 and splits >= 1 and blocks_per_split >= 1 and isinstance(stagger, bool)
-  assert isinstance(transposed, bool)
+  assert isinstance(transposed, bool) and isinstance(overlap, bool)
   assert not transposed or (suffix is not None and suffix.seq_rows <= mosaic_gpu.SUFFIX_COLS)
   assert splits * blocks_per_split >= nblk, "some key blocks belong to no split"
   assert (splits - 1) * blocks_per_split < nblk, "an empty split"
   CALLS.append(dict(shape=(kh, r, d, n, s), block_kv=block_kv, splits=splits,
                     bps=blocks_per_split, interpret=interpret, suffix=suffix is not None,
-                    stacked=stacked, stagger=stagger, transposed=transposed))
+                    stacked=stacked, stagger=stagger, transposed=transposed,
+                    overlap=overlap))
   tn = r // TILE
   node, lo, hi = tab[:, 0], tab[:, 1], tab[:, 2]
   lim = row_limits.reshape(tn, TILE)
@@ -214,6 +215,8 @@ def _direct_case(name):
     real[rows] = True
     tab[i] = (node, lim[rows].min(), lim[rows].max(), 0) if count else (node, 0, 0, 0)
   kwargs = {key: cfg[key] for key in ("block_kv", "stages", "splits", "blocks_per_split")}
+  if cfg.get("overlap"):
+    kwargs["overlap"] = True
   return q, k, v, jnp.asarray(tab), jnp.asarray(lim), real, dict(kwargs, scale=cfg["scale"])
 
 
@@ -232,6 +235,15 @@ DIRECT = {
         dtype=jnp.float16, kh=2, n=2, s=256, d=128, scale=0.6 / np.sqrt(128), block_kv=64,
         stages=3, splits=1, blocks_per_split=4,
         tiles=[(1, 90, 129, 256, (129, 256, 200, 193))]),
+    # The unmasked node steps software-pipelined (`overlap`), 3 stages, 2 splits of 4 blocks:
+    # tile 0 (lo = 400) runs split 0's 4 blocks unmasked (the first step, two pipelined, the
+    # last) and split 1's first 2 before its masked ones; tile 1 (lo = 100) one unmasked
+    # step (first and last, no pipelined one), then masked; tile 2 (a limit 0) none.
+    "d128_bf16_overlap_stages3_splits2": dict(
+        dtype=jnp.bfloat16, kh=1, n=2, s=512, d=128, scale=128 ** -0.5, block_kv=64,
+        stages=3, splits=2, blocks_per_split=4, overlap=True,
+        tiles=[(1, 128, 400, 512, (400, 512, 449)), (0, 70, 100, 300, (100, 300)),
+               (1, 30, 0, 512, (0,))]),
 }
 
 
@@ -365,19 +377,21 @@ def test_emulator_folded_matches_split_reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stages,stagger,stacked,long_root,transposed,rows", [
-    (2, False, False, False, False, 8), (3, True, True, False, False, 8),
-    (2, True, False, True, False, 8), (2, False, False, False, True, 4),
-    (3, True, True, False, True, 8)])
+@pytest.mark.parametrize("stages,stagger,stacked,long_root,transposed,rows,overlap", [
+    (2, False, False, False, False, 8, False), (3, True, True, False, False, 8, False),
+    (2, True, False, True, False, 8, False), (2, False, False, False, True, 4, False),
+    (3, True, True, False, True, 8, False), (2, False, False, True, False, 8, True)])
 def test_folded_kernel_interpret_matches_split_reference(stages, stagger, stacked, long_root,
-                                                         transposed, rows, hang_guard):
+                                                         transposed, rows, overlap,
+                                                         hang_guard):
   """The kernel with a folded suffix (interpret mode, 4 programs): each split's rows over
   their node's keys of the split and the suffixes of the split's row groups; with 3 stages,
   the suffix steps staggered between CTAs, and both caches stacked [2,...] read at layer 1
   (layer 0 all NaN) too; a staggered long root (node steps before the first suffix step);
-  the suffix steps transposed, at 4 and 8 rows a sequence."""
+  the suffix steps transposed, at 4 and 8 rows a sequence; a long root's unmasked node
+  steps software-pipelined between suffix steps."""
   q, k, v, tab, lim, suffix, real, kw = _folded_case(long_root, rows)
-  kw = dict(kw, stages=stages, transposed=transposed)
+  kw = dict(kw, stages=stages, transposed=transposed, overlap=overlap)
   run = dict(k=k, v=v, suffix=suffix, layer=None)
   if stacked:
     layer = jnp.int32(1)
@@ -548,7 +562,8 @@ def mosaic_trees(draw):
                 block_kv=128 if shaped else draw(st.sampled_from([64, 128])),
                 stages=draw(st.sampled_from([2, 3])),
                 fold_suffix=shaped or draw(st.booleans()),
-                suffix_stagger=draw(st.booleans()), suffix_transposed=draw(st.booleans()))
+                suffix_stagger=draw(st.booleans()), suffix_transposed=draw(st.booleans()),
+                node_overlap=draw(st.booleans()))
   return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans()), draw(st.booleans())
 
 
@@ -590,6 +605,7 @@ def test_wrapper_with_emulated_kernel_matches_oracle(case):
     assert call["stagger"] == (call["suffix"] and mosaic["suffix_stagger"])
     assert call["transposed"] == (call["suffix"] and mosaic["suffix_transposed"]
                                   and t * g <= mosaic_gpu.SUFFIX_COLS)
+    assert call["overlap"] == mosaic["node_overlap"]
     assert call["block_kv"] == mosaic["block_kv"]
     assert call["splits"] <= min(mosaic["splits"], call["shape"][4] // mosaic["block_kv"])
 
@@ -813,17 +829,19 @@ def _export_for_cuda(fn, *args):
   return export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
 
 
-@pytest.mark.parametrize("fold,stacked,stagger,d,transposed,rows", [
-    (False, False, False, 128, False, 4), (False, True, False, 64, False, 4),
-    (True, False, False, 128, False, 4), (True, True, True, 128, False, 4),
-    (True, False, False, 128, True, 4), (True, True, False, 64, True, 8),
-    (True, False, True, 128, True, 16), (True, False, False, 128, True, 1)])
-def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d, transposed, rows):
+@pytest.mark.parametrize("fold,stacked,stagger,d,transposed,rows,overlap", [
+    (False, False, False, 128, False, 4, False), (False, True, False, 64, False, 4, False),
+    (True, False, False, 128, False, 4, False), (True, True, True, 128, False, 4, False),
+    (True, False, False, 128, True, 4, False), (True, True, False, 64, True, 8, False),
+    (True, False, True, 128, True, 16, False), (True, False, False, 128, True, 1, False),
+    (False, False, False, 128, False, 4, True), (False, True, False, 64, False, 4, True),
+    (True, False, False, 128, False, 4, True)])
+def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d, transposed, rows, overlap):
   """The kernel as the H200 runs it (not the interpreter's path: its wgmma on transposed
   shared memory, register layouts, warpgroup roles) lowers for CUDA on this CPU: plain and
   folded, caches stacked at a traced layer, staggered suffix steps, head dims 64 and 128,
-  transposed suffix steps at 1, 4, 8 and 16 rows a sequence (the interpret-mode tests
-  replace wgmma by dot_general and cannot see a lowering error)."""
+  transposed suffix steps at 1, 4, 8 and 16 rows a sequence, the node steps software-
+  pipelined (the interpret-mode tests replace wgmma by dot_general and cannot see a lowering error)."""
   kh, r, s, n, u = 2, 2 * TILE, 256, 2, 128
   sds = jax.ShapeDtypeStruct
   stack = (lambda shape: (2,) + shape) if stacked else (lambda shape: shape)
@@ -843,7 +861,7 @@ def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d, transposed, rows):
     return mosaic_gpu.tile_attention(q, k, v, tab, lim, scale=d ** -0.5, block_kv=128,
                                      stages=2, splits=2, blocks_per_split=1,
                                      layer=layer if stacked else None, suffix=suffix,
-                                     stagger=stagger, transposed=transposed)
+                                     stagger=stagger, transposed=transposed, overlap=overlap)
 
   text = _export_for_cuda(fn, *args)
   assert "mosaic_gpu" in text

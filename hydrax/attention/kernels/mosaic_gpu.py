@@ -45,6 +45,10 @@ spread evenly among the node's (`root_before`) so that their HBM reads overlap i
 products. Needs block_kv = 128 and a suffix capacity of whole HALF blocks
 (`suffix_unsupported_reason`).
 
+`overlap=True` (`MosaicConfig.node_overlap`, off) software-pipelines the unmasked node steps
+within each compute warpgroup (`overlapped_node_steps`): exact, slower on the H200 (ptxas
+serialises the kernel's wgmma; run 15).
+
 `transposed=True` (`MosaicConfig.suffix_transposed`, off) runs each suffix step as products
 with the keys as wgmma's M and the group's rows as its N (SUFFIX_COLS = 16 rows of q from
 the warpgroup's tile, read in place): s^T = k q^T, the softmax over the keys, o^T = v^T p^T,
@@ -113,6 +117,14 @@ class MosaicConfig:
   # take the untransposed steps. Exact, but slower on the H200 (run 14: 1.2-1.4x the
   # launch at B = 256), so off.
   suffix_transposed: bool = False
+  # Unmasked node steps software-pipelined within each compute warpgroup (FlashAttention-3's
+  # intra-warpgroup overlap): step k's q k^T is issued together with step k-1's p v, and
+  # step k's softmax runs while that p v is still on the tensor cores
+  # (`tile_attention(overlap=)`). Exact, but slower on the H200 (run 15: the unfolded root's
+  # launch 1.36x at 16K/256): ptxas serialises every wgmma of the kernel (C7513: registers
+  # of a wgmma's inputs defined by other instructions inside its pipeline stage), which the
+  # Pallas calls give no way to fence. So off.
+  node_overlap: bool = False
 
 
 def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
@@ -135,7 +147,7 @@ def unsupported_reason(dtype, d: int, block_kv: int) -> Optional[str]:
 def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref,
             scoped, *, block_kv: int, stages: int, blocks_per_split: int, scale_log2: float,
             interpret: bool, seq_rows: int, splits: int, stagger: bool, layer_nodes: tuple,
-            transposed: bool):
+            transposed: bool, overlap: bool):
   """One CTA: tile `tile`, KV head `kvh`, key split `split`; warpgroup `wg` (2 = memory).
 
   tab [Tn, 4] int32 (node, lo, hi, suffix hi); lim [R] int32; layer [1] int32; q [K,R,D];
@@ -144,6 +156,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
   `tile_attention`. layer_nodes: (N, Ns) of stacked caches (0: not stacked): the tables'
   nodes move by layer * N. transposed: suffix steps as transposed products
   (`_compute.suffix_step`); the extra buffers pt, ot [2,HALF,SUFFIX_COLS], [2,D,SUFFIX_COLS].
+  overlap: unmasked node steps software-pipelined (`_compute.overlapped_node_steps`).
   """
   (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2, *extra), bars, free_bars, sched = scoped
   q_bar, lim_bar, k_bar, v_bar = bars
@@ -442,10 +455,114 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
         acc = pl.run_state(merge_product)(plgpu.ACC.init(acc))
       return acc, m_row_new, l_i, i + 1
 
+    def softmax_unmasked(s, m_i, l_i):
+      """A block's scores without a mask -> (p in q's dtype, the new maximum, the running
+      sum rescaled and added to, alpha: the factor that moves the old maximum's terms to the
+      new one)."""
+      m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
+      alpha = jnp.exp2(m_i - m_new)
+      p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+      return p.astype(dtype), m_new, l_i * alpha + p.sum(axis=1), alpha
+
+    def overlapped_node_steps(a, e, carry):
+      """Unmasked node steps [a, e), software-pipelined (`MosaicConfig.node_overlap`): the
+      first step's q k^T and softmax, then per step k its q k^T issued with step k-1's p v,
+      its softmax while that p v runs, the accumulator rescaled once both are done; the last
+      step's p v after the loop. The schedule barrier sees two arrivals a step as in `step`
+      (after the products' issue, after the softmax) and each slot's barriers one wait and
+      one release a step; step e-1's p v waits for the next step's keys (`wait_next_keys`),
+      as `step` does."""
+
+      def scores(slot, pending):
+        """q k^T of the keys in `slot`, issued after `pending()` (step k-1's p v, or
+        nothing); waits for the scores only."""
+        k_blk = k_smem.at[slot]
+        if interpret:
+          pending()
+          s = lax.dot_general(qo_smem[...], k_blk[...], (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+          sched_barrier()
+          return s
+
+        def qk_product(s_ref):
+          plgpu.wgmma(s_ref, qo_smem, plgpu.transpose_ref(k_blk, (1, 0)))
+          pending()
+          sched_barrier()
+          # (wgmma groups complete in order: one left in flight is the p v issued after)
+          return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+
+        return pl.run_scoped(qk_product, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+
+      def first(carry):
+        acc, m_i, l_i, i = carry
+        slot = lax.rem(i, jnp.int32(stages))
+        s = scores(slot, lambda: None)
+        plgpu.barrier_arrive(k_free.at[slot])
+        p16, m_new, l_i, alpha = softmax_unmasked(s, m_i, l_i)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        plgpu.barrier_arrive(sched)
+        return acc, m_new, l_i, p16, i
+
+      def pipelined(k, carry):
+        # carry's p16 and global step i: the step whose p v is still to run
+        acc, m_i, l_i, p16, i = carry
+        prev = lax.rem(i, jnp.int32(stages))
+        slot = lax.rem(i + 1, jnp.int32(stages))
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(v_bar.at[prev])
+        plgpu.barrier_wait(sched)
+        if interpret:
+          s = scores(slot, lambda: None)
+          acc = acc + jnp.dot(p16, v_smem.at[prev][...], preferred_element_type=jnp.float32)
+          plgpu.barrier_arrive(k_free.at[slot])
+          p_new, m_new, l_new, alpha = softmax_unmasked(s, m_i, l_i)
+        else:
+          def body(refs):
+            o_ref, m_ref, l_ref, p_ref, a_ref = refs
+            s = scores(slot, lambda: plgpu.wgmma(o_ref, p16, v_smem.at[prev]))
+            plgpu.barrier_arrive(k_free.at[slot])
+            p_ref[...], m_ref[...], l_ref[...], a_ref[...] = softmax_unmasked(
+                s, m_ref[...], l_ref[...])
+
+          acc, m_new, l_new, p_new, alpha = pl.run_state(body)(
+              (plgpu.ACC.init(acc), m_i, l_i, p16, m_i))
+        plgpu.barrier_arrive(v_free.at[prev])
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc, l_new, m_new, p_new = lax.optimization_barrier((acc, l_new, m_new, p_new))
+        plgpu.barrier_arrive(sched)
+        return acc, m_new, l_new, p_new, i + 1
+
+      def last(carry):
+        acc, m_i, l_i, p16, i = carry
+        slot = lax.rem(i, jnp.int32(stages))
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(sched)
+        if interpret:
+          acc = acc + jnp.dot(p16, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+          wait_next_keys(i)
+        else:
+          def pv_product(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            wait_next_keys(i)
+
+          acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_i, l_i, i + 1
+
+      def run(carry):
+        carry = lax.fori_loop(a + 1, e, pipelined, first(carry))
+        return last(carry)
+
+      return lax.cond(e > a, run, lambda carry: carry, carry)
+
     def node_steps(a, b, carry):
       """Node steps [a, b): those below nfull unmasked, the rest masked."""
-      carry = lax.fori_loop(a, jnp.minimum(b, nfull), functools.partial(step, masked=False),
-                            carry)
+      e = jnp.minimum(b, nfull)
+      if overlap:
+        carry = overlapped_node_steps(a, e, carry)
+      else:
+        carry = lax.fori_loop(a, e, functools.partial(step, masked=False), carry)
       return lax.fori_loop(jnp.maximum(a, nfull), b, functools.partial(step, masked=True),
                            carry)
 
@@ -587,7 +704,7 @@ def suffix_unsupported_reason(block_kv: int, seq_rows: int, capacity: int) -> Op
 def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, stages: int,
                    splits: int, blocks_per_split: int, interpret: bool = False,
                    suffix: Optional[Suffix] = None, stagger: bool = False, layer=None,
-                   transposed: bool = False):
+                   transposed: bool = False, overlap: bool = False):
   """Runs the kernel. q [K, Tn*TILE, D] (rows of one node per tile), k, v [N,S,K,D] with
   S a multiple of block_kv, tab [Tn, 4] int32 (node, lo, hi, suffix hi) with lo/hi the min/max
   key limit of the tile's real rows, row_limits [Tn*TILE] int32 (0 for padding rows).
@@ -599,7 +716,8 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   cache for the groups p*ceil(J/P) <= j < (p+1)*ceil(J/P), in the same softmax: the
   splits' merge then gives both levels merged; `stagger` shifts where its suffix steps fall
   among the node's by a fraction of a step that differs between CTAs; `transposed` runs them
-  as transposed products (the sequence's rows as wgmma's N: seq_rows <= SUFFIX_COLS).
+  as transposed products (the sequence's rows as wgmma's N: seq_rows <= SUFFIX_COLS);
+  `overlap` software-pipelines the unmasked node steps (`MosaicConfig.node_overlap`).
   Returns out [P,K,Tn*TILE,D] in q's dtype and lse [P,K,Tn*TILE] float32 (natural log)."""
   kh, r, d = q.shape
   k, v, layer, n_stacked = _stacked("k", k, v, layer)
@@ -664,7 +782,7 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
                              blocks_per_split=blocks_per_split,
                              scale_log2=float(scale) * LOG2E, interpret=interpret,
                              seq_rows=seq_rows, splits=splits, stagger=stagger,
-                             transposed=transposed)
+                             transposed=transposed, overlap=bool(overlap))
     pl.run_scoped(
         lambda *scoped: body(scoped),
         buffers,
