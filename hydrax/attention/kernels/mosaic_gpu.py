@@ -46,8 +46,16 @@ products. Needs block_kv = 128 and a suffix capacity of whole HALF blocks
 (`suffix_unsupported_reason`).
 
 `overlap=True` (`MosaicConfig.node_overlap`, off) software-pipelines the unmasked node steps
-within each compute warpgroup (`overlapped_node_steps`): exact, slower on the H200 (ptxas
-serialises the kernel's wgmma; run 15).
+within each compute warpgroup (`overlapped_node_steps`, FlashAttention-3's intra-warpgroup
+overlap): step k's q k^T is issued with step k-1's p v, whose p waits in a shared-memory tile
+of the warpgroup, and step k's softmax runs while that p v is in flight. Exact (CPU interpret
+mode; the H200 against float32), but slower on the H200: the 16K/256 launch 203 us against
+141 (run 15), because ptxas serialises the kernel's wgmma (C7514: accumulator registers read
+by other instructions inside a wgmma's pipeline stage, though the scores are read only after
+the wait that leaves p v alone in flight). With p kept in registers instead, the loop's
+carried p shared one register set, the next softmax wrote the operand of the p v in flight,
+and ptxas serialised for that (C7513); two alternating sets spilled 760 bytes. CUTLASS pins
+such registers after the wait (`warpgroup_fence_operand`); Pallas has no call for it.
 
 `transposed=True` (`MosaicConfig.suffix_transposed`, off) runs each suffix step as products
 with the keys as wgmma's M and the group's rows as its N (SUFFIX_COLS = 16 rows of q from
@@ -120,16 +128,18 @@ class MosaicConfig:
   # Unmasked node steps software-pipelined within each compute warpgroup (FlashAttention-3's
   # intra-warpgroup overlap): step k's q k^T is issued together with step k-1's p v, and
   # step k's softmax runs while that p v is still on the tensor cores
-  # (`tile_attention(overlap=)`). Exact, but slower on the H200 (run 15: the unfolded root's
-  # launch 1.36x at 16K/256): ptxas serialises every wgmma of the kernel (C7513: registers
-  # of a wgmma's inputs defined by other instructions inside its pipeline stage), which the
-  # Pallas calls give no way to fence. So off.
+  # (`tile_attention(overlap=)`); p waits in a shared-memory tile a compute warpgroup
+  # (`smem_bytes(overlap=True)`). Exact, but slower on the H200 (run 15: 1.44x the 16K/256
+  # launch): ptxas serialises the kernel's wgmma (see the module docstring). So off.
   node_overlap: bool = False
 
 
-def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
-  """Shared memory of one CTA: q/out tiles, `stages` key and value blocks, limits and lse."""
-  return ((COMPUTE_WGS * BLOCK_Q * d + 2 * stages * block_kv * d) * itemsize
+def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2,
+               overlap: bool = False) -> int:
+  """Shared memory of one CTA: q/out tiles, `stages` key and value blocks, limits and lse,
+  and with `overlap` the compute warpgroups' p tiles."""
+  p_tiles = COMPUTE_WGS * BLOCK_Q * block_kv if overlap else 0
+  return ((COMPUTE_WGS * BLOCK_Q * d + 2 * stages * block_kv * d + p_tiles) * itemsize
           + COMPUTE_WGS * BLOCK_Q * 8)
 
 
@@ -156,7 +166,8 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
   `tile_attention`. layer_nodes: (N, Ns) of stacked caches (0: not stacked): the tables'
   nodes move by layer * N. transposed: suffix steps as transposed products
   (`_compute.suffix_step`); the extra buffers pt, ot [2,HALF,SUFFIX_COLS], [2,D,SUFFIX_COLS].
-  overlap: unmasked node steps software-pipelined (`_compute.overlapped_node_steps`).
+  overlap: unmasked node steps software-pipelined (`_compute.overlapped_node_steps`); the
+  extra buffer p [2,BLOCK_Q,block_kv] (last).
   """
   (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2, *extra), bars, free_bars, sched = scoped
   q_bar, lim_bar, k_bar, v_bar = bars
@@ -165,7 +176,9 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     slim_ref, stab_ref, slayer_ref, ks_ref, vs_ref = suffix_refs
     slim_smem2 = extra[0]
     if transposed:
-      pt_smem2, ot_smem2 = extra[1:]
+      pt_smem2, ot_smem2 = extra[1:3]
+  if overlap:
+    p_smem2 = extra[-1]
   k_free, v_free = free_bars
   kvh, tile, split = lax.axis_index("kvh"), lax.axis_index("tile"), lax.axis_index("split")
   wg = lax.axis_index("wg")
@@ -225,6 +238,8 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     qo_smem, lim_smem, lse_smem = qo_smem2.at[wg], lim_smem2.at[wg], lse_smem2.at[wg]
+    if overlap:
+      p_smem = p_smem2.at[wg]
     row0 = tile * TILE + wg * BLOCK_Q
     plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(row0, BLOCK_Q)], qo_smem, q_bar.at[wg])
     plgpu.copy_gmem_to_smem(lim_ref.at[pl.ds(row0, BLOCK_Q)], lim_smem, lim_bar.at[wg])
@@ -493,6 +508,14 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
 
         return pl.run_scoped(qk_product, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
 
+      def store_p(p16):
+        """p to this warpgroup's shared-memory tile, whence the next p v reads it: p held in
+        registers across a step would be the operand of a p v in flight while the next
+        softmax writes its successor, which ptxas resolves by serialising every wgmma
+        (C7513: the loop's carried p shares one set of registers; run 15)."""
+        p_smem[...] = p16
+        plgpu.commit_smem()
+
       def first(carry):
         acc, m_i, l_i, i = carry
         slot = lax.rem(i, jnp.int32(stages))
@@ -501,12 +524,13 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
         p16, m_new, l_i, alpha = softmax_unmasked(s, m_i, l_i)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        store_p(p16)
         plgpu.barrier_arrive(sched)
-        return acc, m_new, l_i, p16, i
+        return acc, m_new, l_i, i
 
       def pipelined(k, carry):
-        # carry's p16 and global step i: the step whose p v is still to run
-        acc, m_i, l_i, p16, i = carry
+        # global step i: the step whose p (in p_smem) v is still to run
+        acc, m_i, l_i, i = carry
         prev = lax.rem(i, jnp.int32(stages))
         slot = lax.rem(i + 1, jnp.int32(stages))
         plgpu.barrier_wait(k_bar.at[slot])
@@ -514,36 +538,40 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
         plgpu.barrier_wait(sched)
         if interpret:
           s = scores(slot, lambda: None)
-          acc = acc + jnp.dot(p16, v_smem.at[prev][...], preferred_element_type=jnp.float32)
+          acc = acc + jnp.dot(p_smem[...], v_smem.at[prev][...],
+                              preferred_element_type=jnp.float32)
           plgpu.barrier_arrive(k_free.at[slot])
           p_new, m_new, l_new, alpha = softmax_unmasked(s, m_i, l_i)
         else:
           def body(refs):
             o_ref, m_ref, l_ref, p_ref, a_ref = refs
-            s = scores(slot, lambda: plgpu.wgmma(o_ref, p16, v_smem.at[prev]))
+            s = scores(slot, lambda: plgpu.wgmma(o_ref, p_smem, v_smem.at[prev]))
             plgpu.barrier_arrive(k_free.at[slot])
             p_ref[...], m_ref[...], l_ref[...], a_ref[...] = softmax_unmasked(
                 s, m_ref[...], l_ref[...])
 
           acc, m_new, l_new, p_new, alpha = pl.run_state(body)(
-              (plgpu.ACC.init(acc), m_i, l_i, p16, m_i))
+              (plgpu.ACC.init(acc), m_i, l_i,
+               jnp.zeros((BLOCK_Q, block_kv), dtype), m_i))
         plgpu.barrier_arrive(v_free.at[prev])
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         acc, l_new, m_new, p_new = lax.optimization_barrier((acc, l_new, m_new, p_new))
+        store_p(p_new)
         plgpu.barrier_arrive(sched)
-        return acc, m_new, l_new, p_new, i + 1
+        return acc, m_new, l_new, i + 1
 
       def last(carry):
-        acc, m_i, l_i, p16, i = carry
+        acc, m_i, l_i, i = carry
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(v_bar.at[slot])
         plgpu.barrier_wait(sched)
         if interpret:
-          acc = acc + jnp.dot(p16, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+          acc = acc + jnp.dot(p_smem[...], v_smem.at[slot][...],
+                              preferred_element_type=jnp.float32)
           wait_next_keys(i)
         else:
           def pv_product(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
             wait_next_keys(i)
 
           acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
@@ -776,6 +804,9 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
       buffers += [plgpu.SMEM((COMPUTE_WGS, HALF, SUFFIX_COLS), dtype,
                              transforms=(tiling, swizzle)),
                   plgpu.SMEM((COMPUTE_WGS, d, SUFFIX_COLS), dtype, transforms=(tiling, swizzle))]
+    if overlap:
+      buffers.append(plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, block_kv), dtype,
+                                transforms=(tiling, swizzle)))
     body = functools.partial(_kernel, tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref,
                              suffix_refs, o_ref, lse_ref, layer_nodes=(n_stacked, ns_stacked),
                              block_kv=block_kv, stages=stages,
