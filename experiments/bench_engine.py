@@ -31,11 +31,13 @@ prefill and the same decode program (the suffix capacity stays in one bucket: th
 says where it did not), N more decode steps, so the kernels of one decode step alone. It
 prints, per mode, the kernels of a step (launches and us a step and a layer) and what the
 hydragen step adds to or takes from the step without attention (`kernel_report`; also
-`profile.json` in --out), and each mode's step on the GPU's timeline: wall, busy (the union
-of device activity), idle, and the largest gaps between activities a step with the
-activities on either side (`timeline_report`, `timeline.json`): whether the step waits on
-its kernels or between them (run 14 found it moved by neither fewer kernels' time nor fewer
-launches).
+`profile.json` in --out), and each mode's step on the GPU's timeline: the longer
+generation cut at each decode iteration's copy of the loop's condition, the median step's
+wall, busy (the union of device activity) and idle us, and the largest gaps between
+activities a step with the activities on either side (`step_timeline`, `timeline_report`,
+`timeline.json`): whether the step waits on its kernels or between them (run 14 found it
+moved by neither fewer kernels' time nor fewer launches). N >= 3 leaves a few steps after
+the first and last stretches are dropped.
 """
 
 from __future__ import annotations
@@ -146,25 +148,38 @@ def cupti_spans(run) -> tuple:
   return _profile_decode().cupti_timeline(run)
 
 
-def step_timeline(longer: list, shorter: list, steps: int) -> dict:
-  """One decode step on the GPU's timeline, from the spans of two generations `steps` decode
-  steps apart (`cupti_spans`): wall, busy (device activity's union) and idle us a step
-  (their differences over `steps`), and the gaps of the longer generation's last stretch
-  (past the shorter one's wall, from its first activity: its extra steps) a step, summed per
-  (before, after) pair (`profile_decode_h200.timeline_stats`)."""
+STEP_MARKER = "Memcpy DtoH"   # the copy of the decode loop's condition: one an iteration
+
+
+def step_timeline(spans: list, marker: str = STEP_MARKER) -> dict:
+  """One decode step on the GPU's timeline: a generation's spans (`cupti_spans`) cut at the
+  end of each `marker` activity (one a decode iteration), every stretch between two
+  consecutive cuts a step, but the first and the last (the prefill's end, the generation's
+  own copies). Returns the steps' count, the median step's wall, busy (the union of its
+  activities) and idle us, the walls' range, and the gaps a step (averaged over the steps,
+  summed per (before, after) pair, `profile_decode_h200.timeline_stats`; the gap that opens
+  a step counts after the marker). (The difference of two generations' walls is no step:
+  it mixes in their non-step stretches, which differ, and gave more busy than wall time.)"""
   pd = _profile_decode()
-  a, b = pd.timeline_stats(longer), pd.timeline_stats(shorter)
-  wall = (a["wall_us"] - b["wall_us"]) / steps
-  busy = (a["busy_us"] - b["busy_us"]) / steps
-  tail = []
-  if longer:
-    # (from the last activity before the cut, so that the gap into the first extra step
-    # counts: `steps` gaps of each kind a step boundary makes)
-    cut = longer[0][0] + b["wall_us"]
-    first = next((i for i, x in enumerate(longer) if x[0] >= cut), len(longer))
-    tail = longer[max(first - 1, 0):]
-  gaps = [[x, y, n / steps, t / steps] for x, y, n, t in pd.timeline_stats(tail)["gaps"]]
-  return {"wall_us": wall, "busy_us": busy, "idle_us": wall - busy, "gaps": gaps}
+  cuts = [end for _, end, name in spans if name.startswith(marker)]
+  steps = []
+  for lo, hi in list(zip(cuts, cuts[1:]))[1:-1]:
+    inside = [(max(s, lo), min(e, hi), n) for s, e, n in spans if e > lo and s < hi]
+    steps.append(pd.timeline_stats([(lo, lo, marker)] + sorted(inside), top=1 << 30))
+  if not steps:
+    return {"steps": 0, "wall_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "wall_range": [],
+            "gaps": []}
+  mid = sorted(steps, key=lambda x: x["wall_us"])[len(steps) // 2]
+  gaps = {}
+  for st in steps:
+    for before, after, n, t in st["gaps"]:
+      m, u = gaps.get((before, after), (0, 0.0))
+      gaps[(before, after)] = (m + n, u + t)
+  ranked = sorted(gaps.items(), key=lambda kv: -kv[1][1])
+  walls = [x["wall_us"] for x in steps]
+  return {"steps": len(steps), "wall_us": mid["wall_us"], "busy_us": mid["busy_us"],
+          "idle_us": mid["idle_us"], "wall_range": [min(walls), max(walls)],
+          "gaps": [[x, y, n / len(steps), t / len(steps)] for (x, y), (n, t) in ranked]}
 
 
 def subtract(a: dict, b: dict) -> dict:
@@ -195,8 +210,7 @@ def profile_decode_step(generate, steps: int) -> tuple:
   if a is not None and b is not None and a.main != b.main:
     note = f"suffix passes differ ({a.main} vs {b.main}): approximate"
   n = g_long.decode_steps - g_short.decode_steps
-  return (per_step(pd.aggregate(long), pd.aggregate(short), n),
-          step_timeline(long, short, n), note)
+  return per_step(pd.aggregate(long), pd.aggregate(short), n), step_timeline(long), note
 
 
 def timeline_report(point: str, timelines: dict, top: int = 6) -> str:
@@ -205,8 +219,10 @@ def timeline_report(point: str, timelines: dict, top: int = 6) -> str:
   short = _profile_decode().short
   lines = []
   for mode, tl in timelines.items():
-    lines.append(f"\n{point} {mode}, a decode step on the GPU's timeline: {tl['wall_us']:.1f} us "
-                 f"wall, {tl['busy_us']:.1f} busy, {tl['idle_us']:.1f} idle")
+    walls = "-".join(f"{w:.1f}" for w in tl["wall_range"])
+    lines.append(f"\n{point} {mode}, a decode step on the GPU's timeline (the median of "
+                 f"{tl['steps']} steps, walls {walls} us): {tl['wall_us']:.1f} us wall, "
+                 f"{tl['busy_us']:.1f} busy, {tl['idle_us']:.1f} idle")
     for before, after, n, t in tl["gaps"][:top]:
       lines.append(f"  {t:10.1f} us {n:6.1f}x  gap after {short(before, 40)} "
                    f"before {short(after, 40)}")

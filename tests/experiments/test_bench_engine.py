@@ -48,6 +48,9 @@ def test_profile_decode_step_runs_2_and_2_plus_n_tokens(monkeypatch):
   step, timeline, note = bench_engine.profile_decode_step(generate, 4)
   assert calls == [2, 6] and note == ""
   assert step == {"layer": (4.0, 10.0), "Memcpy DtoH": (1.0, 1.0)}
+  # the 6-token generation's 5 decode steps: 4 stretches between their copies, the first
+  # and the last dropped
+  assert timeline["steps"] == 2 and timeline["wall_range"] == [20.0, 20.0]
   assert timeline["wall_us"] == pytest.approx(20.0)
   assert timeline["busy_us"] == pytest.approx(11.0)
   assert timeline["idle_us"] == pytest.approx(9.0)
@@ -55,6 +58,28 @@ def test_profile_decode_step_runs_2_and_2_plus_n_tokens(monkeypatch):
   assert timeline["gaps"] == [["Memcpy DtoH", "layer", 1.0, pytest.approx(9.0)]]
   _, _, note = bench_engine.profile_decode_step(generate, 8)
   assert "suffix passes differ ((256, 24) vs (256, 48))" in note
+
+
+def test_steps_cut_at_the_condition_copies():
+  """Stretches between consecutive copies are steps (the first and last dropped); an
+  activity across a cut counts in both stretches, clipped; a copy of the generation's own
+  at its end does not make its stretch a step."""
+  spans = [(0.0, 50.0, "prefill"), (50.0, 51.0, "Memcpy DtoH")]
+  t = 51.0
+  for wall in (20.0, 30.0, 25.0, 40.0):
+    spans += [(t + 4.0, t + wall - 2.0, "layer"), (t + wall - 1.0, t + wall, "Memcpy DtoH")]
+    t += wall
+  spans += [(t + 900.0, t + 901.0, "Memcpy DtoH (results)")]
+  spans.append((120.0, 130.0, "copy engine"))          # across the cut at 126
+  tl = bench_engine.step_timeline(sorted(spans))
+  # stretches: 20 (first, dropped), 30, 25 (the copy's part: busy 21), 40, 901 (dropped)
+  assert tl["steps"] == 3 and tl["wall_range"] == [25.0, 40.0]
+  assert tl["wall_us"] == 30.0 and tl["busy_us"] == 25.0 and tl["idle_us"] == 5.0
+  # the 4 us gap after the copy opens the 30 and 25 us steps (the copy engine fills the
+  # 40 us step's): 8 us over 3 steps; the 1 us before the copy, in 2 of them
+  assert tl["gaps"][0] == ["Memcpy DtoH", "layer", pytest.approx(2 / 3), pytest.approx(8 / 3)]
+  assert tl["gaps"][1] == ["layer", "Memcpy DtoH", pytest.approx(2 / 3), pytest.approx(2 / 3)]
+  assert bench_engine.step_timeline(spans[:4])["steps"] == 0
 
 
 def test_timeline_counts_overlap_once_and_ranks_gaps():
@@ -67,10 +92,10 @@ def test_timeline_counts_overlap_once_and_ranks_gaps():
   assert pd.aggregate(spans)["c"] == (2, 10.0)
   assert pd.timeline_stats([])["wall_us"] == 0.0
   text = bench_engine.timeline_report("4096x256", {"hydragen": {
-      "wall_us": 20.0, "busy_us": 11.0, "idle_us": 9.0,
+      "steps": 3, "wall_us": 20.0, "busy_us": 11.0, "idle_us": 9.0, "wall_range": [19.0, 22.5],
       "gaps": [["Memcpy DtoH", "layer", 1.0, 6.0]]}})
-  assert "4096x256 hydragen, a decode step on the GPU's timeline: 20.0 us wall, 11.0 busy, " \
-         "9.0 idle" in text
+  assert "4096x256 hydragen, a decode step on the GPU's timeline (the median of 3 steps, " \
+         "walls 19.0-22.5 us): 20.0 us wall, 11.0 busy, 9.0 idle" in text
   assert "       6.0 us    1.0x  gap after Memcpy DtoH before layer" in text
 
 
