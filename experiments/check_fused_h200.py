@@ -134,7 +134,8 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
       "mosaic": {"fold_suffix": True, "suffix_transposed": True}}),
     # The unmasked node steps software-pipelined (`MosaicConfig.node_overlap`): a one-node
     # root of 16K with the suffix folded, five nodes with traced owners, a three-level tree
-    # (the root unfolded beside the middle level), and two queries a sequence.
+    # (its root on the Mosaic kernel unfolded: a suffix capacity of 130 is no whole number
+    # of 64-key halves), and two queries a sequence.
     ("grouped_overlap_fold_tree2_bf16_gqa4_B256_16K", 256, 1, 8, 4, "bfloat16",
      [(1, 16384)], 128, 2, {"backend": "pallas", "path": "off",
                             "mosaic": {"fold_suffix": True, "node_overlap": True}}),

@@ -511,8 +511,8 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       def store_p(p16):
         """p to this warpgroup's shared-memory tile, whence the next p v reads it: p held in
         registers across a step would be the operand of a p v in flight while the next
-        softmax writes its successor, which ptxas resolves by serialising every wgmma
-        (C7513: the loop's carried p shares one set of registers; run 15)."""
+        softmax writes its successor (the loop's carried p shares one set of registers),
+        which ptxas resolves by serialising every wgmma (C7513)."""
         p_smem[...] = p16
         plgpu.commit_smem()
 
