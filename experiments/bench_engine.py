@@ -165,7 +165,7 @@ def step_timeline(spans: list, marker: str = STEP_MARKER) -> dict:
   steps = []
   for lo, hi in list(zip(cuts, cuts[1:]))[1:-1]:
     inside = [(max(s, lo), min(e, hi), n) for s, e, n in spans if e > lo and s < hi]
-    steps.append(pd.timeline_stats([(lo, lo, marker)] + sorted(inside), top=1 << 30))
+    steps.append(pd.timeline_stats([(lo, lo, marker)] + sorted(inside), top=None))
   if not steps:
     return {"steps": 0, "wall_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "wall_range": [],
             "gaps": []}

@@ -44,6 +44,7 @@ import json
 import os
 import re
 import sys
+from typing import Optional
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares the GPU
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -197,11 +198,11 @@ def aggregate(spans) -> dict:
   return out
 
 
-def timeline_stats(spans, top: int = 8) -> dict:
+def timeline_stats(spans, top: Optional[int] = 8) -> dict:
   """What a stretch of GPU activity spent: wall (first start to last end), busy (the union of
   the spans: overlapping kernels count once), idle = wall - busy, and the gaps between
   consecutive activities (no activity at all) summed per (before, after) pair of names,
-  largest first (`top` of them, us and count)."""
+  largest first (`top` of them, None: all; us and count)."""
   if not spans:
     return {"wall_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": []}
   busy, reach = 0.0, spans[0][0]

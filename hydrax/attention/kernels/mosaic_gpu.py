@@ -290,6 +290,17 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       def _():
         plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
 
+    def online_softmax(s, m_i, l_i, masked: bool):
+      """A block's scores -> (p in q's dtype, the new maximum, the running sum rescaled and
+      added to, alpha: the factor that moves the old maximum's terms to the new one). With
+      `masked`, a row whose keys are all masked so far keeps p = 0 (its maximum -inf is
+      taken as 0 for the exponentials)."""
+      m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+      alpha = jnp.exp2(m_i - m_use)
+      p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(m_use, s.shape, [0]))
+      return p.astype(dtype), m_new, l_i * alpha + p.sum(axis=1), alpha
+
     def step(k, carry, masked: bool, suffix: bool = False):
       """Node step k (key block b0 + k), or suffix step k; carry[3] is the global step."""
       acc, m_i, l_i, i = carry
@@ -330,13 +341,8 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
         keys = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1),
                     plgpu.Layout.WGMMA) + block_start(k)
         s = jnp.where(keys < lax.broadcast_in_dim(lim, s.shape, [0]), s, -jnp.inf)
-      m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
-      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-      alpha = jnp.exp2(m_i - m_use)
-      p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(m_use, s.shape, [0]))
+      p16, m_new, l_i, alpha = online_softmax(s, m_i, l_i, masked)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      l_i = l_i * alpha + p.sum(axis=1)
-      p16 = p.astype(dtype)
       acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(v_bar.at[slot])
@@ -470,15 +476,6 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
         acc = pl.run_state(merge_product)(plgpu.ACC.init(acc))
       return acc, m_row_new, l_i, i + 1
 
-    def softmax_unmasked(s, m_i, l_i):
-      """A block's scores without a mask -> (p in q's dtype, the new maximum, the running
-      sum rescaled and added to, alpha: the factor that moves the old maximum's terms to the
-      new one)."""
-      m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
-      alpha = jnp.exp2(m_i - m_new)
-      p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      return p.astype(dtype), m_new, l_i * alpha + p.sum(axis=1), alpha
-
     def overlapped_node_steps(a, e, carry):
       """Unmasked node steps [a, e), software-pipelined (`MosaicConfig.node_overlap`): the
       first step's q k^T and softmax, then per step k its q k^T issued with step k-1's p v,
@@ -521,7 +518,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
         slot = lax.rem(i, jnp.int32(stages))
         s = scores(slot, lambda: None)
         plgpu.barrier_arrive(k_free.at[slot])
-        p16, m_new, l_i, alpha = softmax_unmasked(s, m_i, l_i)
+        p16, m_new, l_i, alpha = online_softmax(s, m_i, l_i, False)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
         store_p(p16)
@@ -541,14 +538,14 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
           acc = acc + jnp.dot(p_smem[...], v_smem.at[prev][...],
                               preferred_element_type=jnp.float32)
           plgpu.barrier_arrive(k_free.at[slot])
-          p_new, m_new, l_new, alpha = softmax_unmasked(s, m_i, l_i)
+          p_new, m_new, l_new, alpha = online_softmax(s, m_i, l_i, False)
         else:
           def body(refs):
             o_ref, m_ref, l_ref, p_ref, a_ref = refs
             s = scores(slot, lambda: plgpu.wgmma(o_ref, p_smem, v_smem.at[prev]))
             plgpu.barrier_arrive(k_free.at[slot])
-            p_ref[...], m_ref[...], l_ref[...], a_ref[...] = softmax_unmasked(
-                s, m_ref[...], l_ref[...])
+            p_ref[...], m_ref[...], l_ref[...], a_ref[...] = online_softmax(
+                s, m_ref[...], l_ref[...], False)
 
           acc, m_new, l_new, p_new, alpha = pl.run_state(body)(
               (plgpu.ACC.init(acc), m_i, l_i,
