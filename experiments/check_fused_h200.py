@@ -155,6 +155,11 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
     ("grouped_fold_tree2_bf16_gqa4_B256_16K_stagger", 256, 1, 8, 4, "bfloat16", [(1, 16384)],
      128, 2, {"backend": "pallas", "path": "off",
               "mosaic": {"fold_suffix": True, "suffix_stagger": True}}),
+    # `stages` node steps before the first suffix step (`MosaicConfig.suffix_lead` None; the
+    # default, 0, starts on the suffixes).
+    ("grouped_fold_tree2_bf16_gqa4_N5_lead", 67, 1, 8, 4, "bfloat16", [(5, 700)], 192, 3,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic",
+      "mosaic": {"fold_suffix": True, "suffix_lead": None}}),
 ]
 SMOKE_CHECKS = [("smoke_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
                  {"mode": "shared", "splits": 2}),

@@ -121,8 +121,8 @@ MUTATIONS = [
     Mutation("mosaic_fold_group_mask", "Mosaic GPU kernel, folded suffix: rows of later "
              "groups also see a sequence's suffix keys",
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",
-             "s = jnp.where((keys >= lo) & (keys < hi_), s, -jnp.inf)",
-             "s = jnp.where(keys < hi_, s, -jnp.inf)", ("mosaic_folded",)),
+             "row_hi = jnp.where(suffix_start <= first, suffix_end - first, 0)",
+             "row_hi = suffix_end - first", ("mosaic_folded",)),
     Mutation("mosaic_fold_values_not_zeroed", "Mosaic GPU kernel, folded suffix: value rows "
              "past a sequence's suffix are not zeroed (0 * NaN reaches the output)",
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",

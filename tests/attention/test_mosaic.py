@@ -95,7 +95,7 @@ CALLS = []          # one dict per (traced) call of the emulator
 
 def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
                            blocks_per_split, interpret=False, suffix=None, stagger=False,
-                           layer=None, transposed=False, overlap=False):
+                           lead=0, layer=None, transposed=False, overlap=False):
   """`mosaic_gpu.tile_attention`'s contract: out [P,K,R,D] in q's dtype (normalised per split),
   lse [P,K,R] float32 (natural log; -inf and out 0 for a row that sees no key of the split).
 
@@ -129,12 +129,13 @@ def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages,
   nblk = s // block_kv
   assert stages >= 1 and splits >= 1 and blocks_per_split >= 1 and isinstance(stagger, bool)
   assert isinstance(transposed, bool) and isinstance(overlap, bool)
+  assert lead is None or (isinstance(lead, int) and lead >= 0)
   assert not transposed or (suffix is not None and suffix.seq_rows <= mosaic_gpu.SUFFIX_COLS)
   assert splits * blocks_per_split >= nblk, "some key blocks belong to no split"
   assert (splits - 1) * blocks_per_split < nblk, "an empty split"
   CALLS.append(dict(shape=(kh, r, d, n, s), block_kv=block_kv, splits=splits,
                     bps=blocks_per_split, interpret=interpret, suffix=suffix is not None,
-                    stacked=stacked, stagger=stagger, transposed=transposed,
+                    stacked=stacked, stagger=stagger, lead=lead, transposed=transposed,
                     overlap=overlap))
   tn = r // TILE
   node, lo, hi = tab[:, 0], tab[:, 1], tab[:, 2]
@@ -377,21 +378,24 @@ def test_emulator_folded_matches_split_reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stages,stagger,stacked,long_root,transposed,rows,overlap", [
-    (2, False, False, False, False, 8, False), (3, True, True, False, False, 8, False),
-    (2, True, False, True, False, 8, False), (2, False, False, False, True, 4, False),
-    (3, True, True, False, True, 8, False), (2, False, False, True, False, 8, True)])
+@pytest.mark.parametrize("stages,stagger,stacked,long_root,transposed,rows,overlap,lead", [
+    (2, False, False, False, False, 8, False, 0), (3, True, True, False, False, 8, False, None),
+    (2, True, False, True, False, 8, False, 0), (2, False, False, False, True, 4, False, None),
+    (3, True, True, False, True, 8, False, 1), (2, False, False, True, False, 8, True, None),
+    (2, False, False, False, False, 4, False, None)])
 def test_folded_kernel_interpret_matches_split_reference(stages, stagger, stacked, long_root,
-                                                         transposed, rows, overlap,
+                                                         transposed, rows, overlap, lead,
                                                          hang_guard):
   """The kernel with a folded suffix (interpret mode, 4 programs): each split's rows over
   their node's keys of the split and the suffixes of the split's row groups; with 3 stages,
   the suffix steps staggered between CTAs, and both caches stacked [2,...] read at layer 1
   (layer 0 all NaN) too; a staggered long root (node steps before the first suffix step);
   the suffix steps transposed, at 4 and 8 rows a sequence; a long root's unmasked node
-  steps software-pipelined between suffix steps."""
+  steps software-pipelined between suffix steps; the suffix steps first (lead 0), after one
+  node step or after `stages` (None, the default; more than a split's steps in the
+  three-block root: all its node steps first)."""
   q, k, v, tab, lim, suffix, real, kw = _folded_case(long_root, rows)
-  kw = dict(kw, stages=stages, transposed=transposed, overlap=overlap)
+  kw = dict(kw, stages=stages, transposed=transposed, overlap=overlap, lead=lead)
   run = dict(k=k, v=v, suffix=suffix, layer=None)
   if stacked:
     layer = jnp.int32(1)
@@ -567,7 +571,8 @@ def mosaic_trees(draw):
                 stages=draw(st.sampled_from([2, 3])),
                 fold_suffix=shaped or draw(st.booleans()),
                 suffix_stagger=draw(st.booleans()), suffix_transposed=draw(st.booleans()),
-                node_overlap=draw(st.booleans()))
+                node_overlap=draw(st.booleans()),
+                suffix_lead=draw(st.sampled_from([None, 0, 1, 5])))
   return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans()), draw(st.booleans())
 
 
@@ -610,6 +615,7 @@ def test_wrapper_with_emulated_kernel_matches_oracle(case):
     assert call["transposed"] == (call["suffix"] and mosaic["suffix_transposed"]
                                   and t * g <= mosaic_gpu.SUFFIX_COLS)
     assert call["overlap"] == mosaic["node_overlap"]
+    assert call["lead"] == mosaic["suffix_lead"]
     assert call["block_kv"] == mosaic["block_kv"]
     assert call["splits"] <= min(mosaic["splits"], call["shape"][4] // mosaic["block_kv"])
 

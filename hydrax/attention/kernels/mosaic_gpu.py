@@ -118,6 +118,13 @@ class MosaicConfig:
   # suffixes from HBM at the same moment. No faster on the H200 (run 11: 0.97-1.02x the
   # device time at B = 256, within the spread of repeats), so off.
   suffix_stagger: bool = False
+  # Node steps before the first folded suffix step (None: `stages`). A suffix block is read
+  # by one CTA alone, a node block by every tile of its node (from L2 after the first): with
+  # the suffixes first every CTA starts on HBM, and at 4K/256 the first key block arrived
+  # after 3.2 us (0.8 us at 16K/256, three node steps first; run 16's warp-state samples).
+  # Yet the launch was no faster with node steps first (run 16: 2 or 4 of them, 1.00-1.07x
+  # the launch at B = 256): the suffixes' bytes come from HBM either way. So 0.
+  suffix_lead: Optional[int] = 0
   # Folded suffix steps as transposed products (`tile_attention(transposed=)`): the keys as
   # the wgmma M and the sequence's rows as its N (SUFFIX_COLS), merged into the rows through
   # a selection wgmma: 2.7x fewer tensor-core FLOPs than the 64-row products. Needs
@@ -132,6 +139,11 @@ class MosaicConfig:
   # (`smem_bytes(overlap=True)`). Exact, but slower on the H200 (run 15: 1.44x the 16K/256
   # launch): ptxas serialises the kernel's wgmma (see the module docstring). So off.
   node_overlap: bool = False
+
+  def __post_init__(self):
+    lead = self.suffix_lead
+    if lead is not None and (isinstance(lead, bool) or not isinstance(lead, int) or lead < 0):
+      raise ValueError(f"suffix_lead must be None or an int >= 0, got {lead!r}")
 
 
 def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2,
@@ -156,8 +168,8 @@ def unsupported_reason(dtype, d: int, block_kv: int) -> Optional[str]:
 
 def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref,
             scoped, *, block_kv: int, stages: int, blocks_per_split: int, scale_log2: float,
-            interpret: bool, seq_rows: int, splits: int, stagger: bool, layer_nodes: tuple,
-            transposed: bool, overlap: bool):
+            interpret: bool, seq_rows: int, splits: int, stagger: bool, lead: int,
+            layer_nodes: tuple, transposed: bool, overlap: bool):
   """One CTA: tile `tile`, KV head `kvh`, key split `split`; warpgroup `wg` (2 = memory).
 
   tab [Tn, 4] int32 (node, lo, hi, suffix hi); lim [R] int32; layer [1] int32; q [K,R,D];
@@ -213,16 +225,20 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       """(row group, block) of suffix step u."""
       return j0 + lax.div(u, nsb), lax.rem(u, nsb)
 
-    # Suffix step u comes after root_before(u) = floor((u + f) * nroot / (nsuf + 1)) node
-    # steps, f in [0, 1): 0, or with `stagger` a fraction of STAGGER_PHASES that differs
-    # between neighbouring CTAs (monotone in u, and root_before(nsuf) <= nroot for any f).
-    # The chunk before suffix step 0 starts at node step 0 whatever f: chunk u runs node
-    # steps [start(u), root_before(u + 1)) with start(0) = 0, start(u) = root_before(u).
+    # The first n0 = min(lead, nroot) node steps come first; suffix step u comes after
+    # root_before(u + 1) node steps, root_before(u) = n0 + floor((u + f) * (nroot - n0) /
+    # (nsuf + 1)), f in [0, 1): 0, or with `stagger` a fraction of STAGGER_PHASES that
+    # differs between neighbouring CTAs (monotone in u, and root_before(nsuf) <= nroot for
+    # any f). Chunk u runs node steps [start(u), root_before(u + 1)), then suffix step u,
+    # with start(0) = 0 (so the lead and a staggered start run in chunk 0) and start(u) =
+    # root_before(u).
     phase = (lax.rem(tile * 5 + kvh * 3 + split * 7, jnp.int32(STAGGER_PHASES)) if stagger
              else jnp.int32(0))
+    n0 = jnp.minimum(jnp.int32(lead), nroot)
 
     def root_before(u):
-      return lax.div((u * STAGGER_PHASES + phase) * nroot, (nsuf + 1) * STAGGER_PHASES)
+      return n0 + lax.div((u * STAGGER_PHASES + phase) * (nroot - n0),
+                          (nsuf + 1) * STAGGER_PHASES)
 
     def chunk_start(u):
       return jnp.where(u == 0, 0, root_before(u))
@@ -332,11 +348,13 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       plgpu.barrier_arrive(k_free.at[slot])
       if suffix:
         # Row r sees key x of this block when u*HALF + x lies in its [start, end): only rows
-        # of group j can, below their suffix limit.
+        # of group j can, below their suffix limit. A row whose start lies past the block's
+        # (a later group's) sees none; for the others start <= u*HALF <= u*HALF + x, and an
+        # earlier group's end is at most u*HALF: one compare an element against a row bound.
         keys = cast(lax.broadcasted_iota(jnp.int32, s.shape, 1), plgpu.Layout.WGMMA)
-        lo = lax.broadcast_in_dim(suffix_start - k * HALF, s.shape, [0])
-        hi_ = lax.broadcast_in_dim(suffix_end - k * HALF, s.shape, [0])
-        s = jnp.where((keys >= lo) & (keys < hi_), s, -jnp.inf)
+        first = k * HALF
+        row_hi = jnp.where(suffix_start <= first, suffix_end - first, 0)
+        s = jnp.where(keys < lax.broadcast_in_dim(row_hi, s.shape, [0]), s, -jnp.inf)
       elif masked:
         keys = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1),
                     plgpu.Layout.WGMMA) + block_start(k)
@@ -728,8 +746,9 @@ def suffix_unsupported_reason(block_kv: int, seq_rows: int, capacity: int) -> Op
 
 def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, stages: int,
                    splits: int, blocks_per_split: int, interpret: bool = False,
-                   suffix: Optional[Suffix] = None, stagger: bool = False, layer=None,
-                   transposed: bool = False, overlap: bool = False):
+                   suffix: Optional[Suffix] = None, stagger: bool = False,
+                   lead: Optional[int] = 0, layer=None, transposed: bool = False,
+                   overlap: bool = False):
   """Runs the kernel. q [K, Tn*TILE, D] (rows of one node per tile), k, v [N,S,K,D] with
   S a multiple of block_kv, tab [Tn, 4] int32 (node, lo, hi, suffix hi) with lo/hi the min/max
   key limit of the tile's real rows, row_limits [Tn*TILE] int32 (0 for padding rows).
@@ -739,12 +758,16 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   the layers by itself: H200 run 11).
   With `suffix` (a `Suffix`), split p also attends row group j's sequence in the suffix
   cache for the groups p*ceil(J/P) <= j < (p+1)*ceil(J/P), in the same softmax: the
-  splits' merge then gives both levels merged; `stagger` shifts where its suffix steps fall
-  among the node's by a fraction of a step that differs between CTAs; `transposed` runs them
+  splits' merge then gives both levels merged; `lead` node steps (None: `stages`) run before
+  the first suffix step (`MosaicConfig.suffix_lead`); `stagger` shifts where its suffix steps
+  fall among the node's by a fraction of a step that differs between CTAs; `transposed` runs them
   as transposed products (the sequence's rows as wgmma's N: seq_rows <= SUFFIX_COLS);
   `overlap` software-pipelines the unmasked node steps (`MosaicConfig.node_overlap`).
   Returns out [P,K,Tn*TILE,D] in q's dtype and lse [P,K,Tn*TILE] float32 (natural log)."""
   kh, r, d = q.shape
+  lead = stages if lead is None else lead
+  if isinstance(lead, bool) or not isinstance(lead, int) or lead < 0:
+    raise ValueError(f"lead must be a non-negative int or None, got {lead!r}")
   k, v, layer, n_stacked = _stacked("k", k, v, layer)
   n, s, _, _ = k.shape
   if r % TILE:
@@ -809,7 +832,7 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
                              block_kv=block_kv, stages=stages,
                              blocks_per_split=blocks_per_split,
                              scale_log2=float(scale) * LOG2E, interpret=interpret,
-                             seq_rows=seq_rows, splits=splits, stagger=stagger,
+                             seq_rows=seq_rows, splits=splits, stagger=stagger, lead=lead,
                              transposed=transposed, overlap=bool(overlap))
     pl.run_scoped(
         lambda *scoped: body(scoped),

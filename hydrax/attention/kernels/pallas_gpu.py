@@ -971,7 +971,8 @@ def _mosaic_part(q, k, v, tabs: _MosaicTables, scale, cfg: Config, layer=None,
   out, lse = mosaic_gpu.tile_attention(
       qt, k, v, tabs.tab, tabs.limt, scale=scale, block_kv=bk, stages=cfg.mosaic.stages,
       splits=tabs.splits, blocks_per_split=tabs.blocks_per_split, interpret=_interpret(cfg),
-      suffix=sfx, stagger=cfg.mosaic.suffix_stagger and sfx is not None, layer=layer,
+      suffix=sfx, stagger=cfg.mosaic.suffix_stagger and sfx is not None,
+      lead=cfg.mosaic.suffix_lead, layer=layer,
       transposed=transposed, overlap=cfg.mosaic.node_overlap)
   # [P, K, Tn*TILE, D], [P, K, Tn*TILE]
   return _Part(out, lse, tabs.pos, tabs.order)
