@@ -391,9 +391,9 @@ def test_folded_kernel_interpret_matches_split_reference(stages, stagger, stacke
   the suffix steps staggered between CTAs, and both caches stacked [2,...] read at layer 1
   (layer 0 all NaN) too; a staggered long root (node steps before the first suffix step);
   the suffix steps transposed, at 4 and 8 rows a sequence; a long root's unmasked node
-  steps software-pipelined between suffix steps; the suffix steps first (lead 0), after one
-  node step or after `stages` (None, the default; more than a split's steps in the
-  three-block root: all its node steps first)."""
+  steps software-pipelined between suffix steps; the suffix steps first (lead 0, the
+  default), after one node step, or after `stages` of them (None; in the three-block root
+  that is all of a split's node steps)."""
   q, k, v, tab, lim, suffix, real, kw = _folded_case(long_root, rows)
   kw = dict(kw, stages=stages, transposed=transposed, overlap=overlap, lead=lead)
   run = dict(k=k, v=v, suffix=suffix, layer=None)
