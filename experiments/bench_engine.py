@@ -51,6 +51,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Optional
 
 def _setup_dump(out: str) -> str:
   """XLA dumps the optimized HLO of every jit_decode module under out/hlo (set before jax)."""
@@ -151,15 +152,19 @@ def cupti_spans(run) -> tuple:
 STEP_MARKER = "Memcpy DtoH"   # the copy of the decode loop's condition: one an iteration
 
 
-def step_timeline(spans: list, marker: str = STEP_MARKER) -> dict:
+def step_timeline(spans: list, marker: str = STEP_MARKER,
+                  decode_steps: Optional[int] = None) -> dict:
   """One decode step on the GPU's timeline: a generation's spans (`cupti_spans`) cut at the
-  end of each `marker` activity (one a decode iteration), every stretch between two
+  end of each `marker` activity (at least one a decode iteration), every stretch between two
   consecutive cuts a step, but the first and the last (the prefill's end, the generation's
   own copies). Returns the steps' count, the median step's wall, busy (the union of its
   activities) and idle us, the walls' range, and the gaps a step (averaged over the steps,
   summed per (before, after) pair, `profile_decode_h200.timeline_stats`; the gap that opens
-  a step counts after the marker). (The difference of two generations' walls is no step:
-  it mixes in their non-step stretches, which differ, and gave more busy than wall time.)"""
+  a step counts after the marker); `decode_steps` (the generation's, if given) is passed
+  through for the report. Other copies cut too: on the H200 (run 16) a generation of 7
+  decode steps gave 10 stretches of 0.8-218.6 ms, so the median, not the mean, is the
+  step's figure. (The difference of two generations' walls is no step: it mixes in their
+  non-step stretches, which differ, and gave more busy than wall time.)"""
   pd = _profile_decode()
   cuts = [end for _, end, name in spans if name.startswith(marker)]
   steps = []
@@ -167,8 +172,8 @@ def step_timeline(spans: list, marker: str = STEP_MARKER) -> dict:
     inside = [(max(s, lo), min(e, hi), n) for s, e, n in spans if e > lo and s < hi]
     steps.append(pd.timeline_stats([(lo, lo, marker)] + sorted(inside), top=None))
   if not steps:
-    return {"steps": 0, "wall_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "wall_range": [],
-            "gaps": []}
+    return {"steps": 0, "decode_steps": decode_steps, "wall_us": 0.0, "busy_us": 0.0,
+            "idle_us": 0.0, "wall_range": [], "gaps": []}
   mid = sorted(steps, key=lambda x: x["wall_us"])[len(steps) // 2]
   gaps = {}
   for st in steps:
@@ -177,7 +182,8 @@ def step_timeline(spans: list, marker: str = STEP_MARKER) -> dict:
       gaps[(before, after)] = (m + n, u + t)
   ranked = sorted(gaps.items(), key=lambda kv: -kv[1][1])
   walls = [x["wall_us"] for x in steps]
-  return {"steps": len(steps), "wall_us": mid["wall_us"], "busy_us": mid["busy_us"],
+  return {"steps": len(steps), "decode_steps": decode_steps, "wall_us": mid["wall_us"],
+          "busy_us": mid["busy_us"],
           "idle_us": mid["idle_us"], "wall_range": [min(walls), max(walls)],
           "gaps": [[x, y, n / len(steps), t / len(steps)] for (x, y), (n, t) in ranked]}
 
@@ -210,7 +216,8 @@ def profile_decode_step(generate, steps: int) -> tuple:
   if a is not None and b is not None and a.main != b.main:
     note = f"suffix passes differ ({a.main} vs {b.main}): approximate"
   n = g_long.decode_steps - g_short.decode_steps
-  return per_step(pd.aggregate(long), pd.aggregate(short), n), step_timeline(long), note
+  return (per_step(pd.aggregate(long), pd.aggregate(short), n),
+          step_timeline(long, decode_steps=g_long.decode_steps), note)
 
 
 def timeline_report(point: str, timelines: dict, top: int = 6) -> str:
@@ -220,9 +227,11 @@ def timeline_report(point: str, timelines: dict, top: int = 6) -> str:
   lines = []
   for mode, tl in timelines.items():
     walls = "-".join(f"{w:.1f}" for w in tl["wall_range"])
+    of = f" of a generation of {tl['decode_steps']}" if tl.get("decode_steps") else ""
     lines.append(f"\n{point} {mode}, a decode step on the GPU's timeline (the median of "
-                 f"{tl['steps']} steps, walls {walls} us): {tl['wall_us']:.1f} us wall, "
-                 f"{tl['busy_us']:.1f} busy, {tl['idle_us']:.1f} idle")
+                 f"{tl['steps']} stretches between copies{of}, walls {walls} us): "
+                 f"{tl['wall_us']:.1f} us wall, {tl['busy_us']:.1f} busy, "
+                 f"{tl['idle_us']:.1f} idle")
     for before, after, n, t in tl["gaps"][:top]:
       lines.append(f"  {t:10.1f} us {n:6.1f}x  gap after {short(before, 40)} "
                    f"before {short(after, 40)}")

@@ -429,6 +429,11 @@ def test_folded_static_checks():
                               suffix=suffix._replace(v=suffix.v.astype(jnp.float32)), **kw)
   with pytest.raises(ValueError, match="suffix: block_kv 64"):
     mosaic_gpu.tile_attention(q, k, v, tab, lim, suffix=suffix, **dict(kw, block_kv=64))
+  for bad in (-1, 1.5, True):
+    with pytest.raises(ValueError, match=f"lead must be a non-negative int or None, got {bad}"):
+      mosaic_gpu.tile_attention(q, k, v, tab, lim, suffix=suffix, lead=bad, **kw)
+    with pytest.raises(ValueError, match=f"suffix_lead must be None or an int >= 0, got {bad}"):
+      pg.configure(lowering="mosaic", mosaic={"suffix_lead": bad})
   q, k, v, tab, lim, suffix, _, kw = _folded_case(long_root=True)
   with pytest.raises(ValueError, match="suffix: 32 query rows a sequence; transposed suffix "
                                        "steps take at most 16"):

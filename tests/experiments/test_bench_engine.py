@@ -51,6 +51,7 @@ def test_profile_decode_step_runs_2_and_2_plus_n_tokens(monkeypatch):
   # the 6-token generation's 5 decode steps: 4 stretches between their copies, the first
   # and the last dropped
   assert timeline["steps"] == 2 and timeline["wall_range"] == [20.0, 20.0]
+  assert timeline["decode_steps"] == 5
   assert timeline["wall_us"] == pytest.approx(20.0)
   assert timeline["busy_us"] == pytest.approx(11.0)
   assert timeline["idle_us"] == pytest.approx(9.0)
@@ -92,10 +93,11 @@ def test_timeline_counts_overlap_once_and_ranks_gaps():
   assert pd.aggregate(spans)["c"] == (2, 10.0)
   assert pd.timeline_stats([])["wall_us"] == 0.0
   text = bench_engine.timeline_report("4096x256", {"hydragen": {
-      "steps": 3, "wall_us": 20.0, "busy_us": 11.0, "idle_us": 9.0, "wall_range": [19.0, 22.5],
+      "steps": 3, "decode_steps": 7, "wall_us": 20.0, "busy_us": 11.0, "idle_us": 9.0, "wall_range": [19.0, 22.5],
       "gaps": [["Memcpy DtoH", "layer", 1.0, 6.0]]}})
-  assert "4096x256 hydragen, a decode step on the GPU's timeline (the median of 3 steps, " \
-         "walls 19.0-22.5 us): 20.0 us wall, 11.0 busy, 9.0 idle" in text
+  assert "4096x256 hydragen, a decode step on the GPU's timeline (the median of 3 stretches " \
+         "between copies of a generation of 7, walls 19.0-22.5 us): 20.0 us wall, 11.0 busy, " \
+         "9.0 idle" in text
   assert "       6.0 us    1.0x  gap after Memcpy DtoH before layer" in text
 
 
