@@ -505,12 +505,13 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       one release a step; step e-1's p v waits for the next step's keys (`wait_next_keys`),
       as `step` does."""
 
-      def scores(slot, pending):
-        """q k^T of the keys in `slot`, issued after `pending()` (step k-1's p v, or
-        nothing); waits for the scores only."""
+      def scores(slot, pending=None):
+        """q k^T of the keys in `slot`, issued before `pending()` (step k-1's p v) when
+        given; waits for the scores only."""
         k_blk = k_smem.at[slot]
         if interpret:
-          pending()
+          if pending is not None:
+            pending()
           s = lax.dot_general(qo_smem[...], k_blk[...], (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32)
           sched_barrier()
@@ -518,10 +519,14 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
 
         def qk_product(s_ref):
           plgpu.wgmma(s_ref, qo_smem, plgpu.transpose_ref(k_blk, (1, 0)))
-          pending()
+          if pending is not None:
+            pending()
           sched_barrier()
-          # (wgmma groups complete in order: one left in flight is the p v issued after)
-          return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+          # wgmma groups complete in order: with a p v issued after, waiting until one group
+          # is left in flight completes the scores. Without one, that wait would leave the
+          # scores themselves in flight, and reading their registers then made ptxas
+          # serialise every wgmma of the kernel (C7514).
+          return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pending is None else 1)
 
         return pl.run_scoped(qk_product, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
 
@@ -536,7 +541,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       def first(carry):
         acc, m_i, l_i, i = carry
         slot = lax.rem(i, jnp.int32(stages))
-        s = scores(slot, lambda: None)
+        s = scores(slot)
         plgpu.barrier_arrive(k_free.at[slot])
         p16, m_new, l_i, alpha = online_softmax(s, m_i, l_i, False)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -554,7 +559,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
         plgpu.barrier_wait(v_bar.at[prev])
         plgpu.barrier_wait(sched)
         if interpret:
-          s = scores(slot, lambda: None)
+          s = scores(slot)
           acc = acc + jnp.dot(p_smem[...], v_smem.at[prev][...],
                               preferred_element_type=jnp.float32)
           plgpu.barrier_arrive(k_free.at[slot])
