@@ -49,15 +49,17 @@ products. Needs block_kv = 128 and a suffix capacity of whole HALF blocks
 
 `overlap=True` (`MosaicConfig.node_overlap`, off) software-pipelines the unmasked node steps
 within each compute warpgroup (`overlapped_node_steps`, FlashAttention-3's intra-warpgroup
-overlap): step k's q k^T is issued with step k-1's p v, whose p waits in a shared-memory tile
-of the warpgroup, and step k's softmax runs while that p v is in flight. Exact (CPU interpret
-mode; the H200 against float32), but slower on the H200: the 16K/256 launch 203 us against
-141 (run 15), because ptxas serialises the kernel's wgmma (C7514: accumulator registers read
-by other instructions inside a wgmma's pipeline stage, though the scores are read only after
-the wait that leaves p v alone in flight). With p kept in registers instead, the loop's
-carried p shared one register set, the next softmax wrote the operand of the p v in flight,
-and ptxas serialised for that (C7513); two alternating sets spilled 760 bytes. CUTLASS pins
-such registers after the wait (`warpgroup_fence_operand`); Pallas has no call for it.
+overlap): step k's q k^T is issued with step k-1's p v (p in registers), and step k's softmax
+runs while that p v is in flight. Two things keep ptxas from serialising every wgmma of the
+kernel: the first step waits for its scores in full (a wait that leaves one group in flight
+would leave the scores themselves in flight: C7514), and step k-1's p is used again after the
+wait that ends its p v (an optimization barrier, CUTLASS's `warpgroup_fence_operand`), so
+the softmax cannot write step k's p into the registers the p v in flight reads (C7513).
+Exact (CPU interpret mode; the H200 against float32) and compiled without serialisation, but
+no faster on the H200 (run 17: the unfolded root 0.99x the default's launch, the fold
+1.01-1.05x). Without it the node steps already run at ~630 TFLOP/s (run 16), about
+FlashAttention-3's rate, which has both overlaps; here the two compute warpgroups' ping-pong
+seems to hide the softmax already.
 
 `transposed=True` (`MosaicConfig.suffix_transposed`, off) runs each suffix step as products
 with the keys as wgmma's M and the group's rows as its N (SUFFIX_COLS = 16 rows of q from
@@ -137,9 +139,9 @@ class MosaicConfig:
   # Unmasked node steps software-pipelined within each compute warpgroup (FlashAttention-3's
   # intra-warpgroup overlap): step k's q k^T is issued together with step k-1's p v, and
   # step k's softmax runs while that p v is still on the tensor cores
-  # (`tile_attention(overlap=)`); p waits in a shared-memory tile a compute warpgroup
-  # (`smem_bytes(overlap=True)`). Exact, but slower on the H200 (run 15: 1.44x the 16K/256
-  # launch): ptxas serialises the kernel's wgmma (see the module docstring). So off.
+  # (`tile_attention(overlap=)`). Exact and compiled without wgmma serialisation, but no
+  # faster on the H200 (run 17: 0.99-1.05x the launch; the node steps run at about
+  # FlashAttention-3's rate without it). So off.
   node_overlap: bool = False
 
   def __post_init__(self):
@@ -148,12 +150,9 @@ class MosaicConfig:
       raise ValueError(f"suffix_lead must be None or an int >= 0, got {lead!r}")
 
 
-def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2,
-               overlap: bool = False) -> int:
-  """Shared memory of one CTA: q/out tiles, `stages` key and value blocks, limits and lse,
-  and with `overlap` the compute warpgroups' p tiles."""
-  p_tiles = COMPUTE_WGS * BLOCK_Q * block_kv if overlap else 0
-  return ((COMPUTE_WGS * BLOCK_Q * d + 2 * stages * block_kv * d + p_tiles) * itemsize
+def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
+  """Shared memory of one CTA: q/out tiles, `stages` key and value blocks, limits and lse."""
+  return ((COMPUTE_WGS * BLOCK_Q * d + 2 * stages * block_kv * d) * itemsize
           + COMPUTE_WGS * BLOCK_Q * 8)
 
 
@@ -180,8 +179,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
   `tile_attention`. layer_nodes: (N, Ns) of stacked caches (0: not stacked): the tables'
   nodes move by layer * N. transposed: suffix steps as transposed products
   (`_compute.suffix_step`); the extra buffers pt, ot [2,HALF,SUFFIX_COLS], [2,D,SUFFIX_COLS].
-  overlap: unmasked node steps software-pipelined (`_compute.overlapped_node_steps`); the
-  extra buffer p [2,BLOCK_Q,block_kv] (last).
+  overlap: unmasked node steps software-pipelined (`_compute.overlapped_node_steps`).
   """
   (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2, *extra), bars, free_bars, sched = scoped
   q_bar, lim_bar, k_bar, v_bar = bars
@@ -191,8 +189,6 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     slim_smem2 = extra[0]
     if transposed:
       pt_smem2, ot_smem2 = extra[1:3]
-  if overlap:
-    p_smem2 = extra[-1]
   k_free, v_free = free_bars
   kvh, tile, split = lax.axis_index("kvh"), lax.axis_index("tile"), lax.axis_index("split")
   wg = lax.axis_index("wg")
@@ -256,8 +252,6 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     qo_smem, lim_smem, lse_smem = qo_smem2.at[wg], lim_smem2.at[wg], lse_smem2.at[wg]
-    if overlap:
-      p_smem = p_smem2.at[wg]
     row0 = tile * TILE + wg * BLOCK_Q
     plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(row0, BLOCK_Q)], qo_smem, q_bar.at[wg])
     plgpu.copy_gmem_to_smem(lim_ref.at[pl.ds(row0, BLOCK_Q)], lim_smem, lim_bar.at[wg])
@@ -530,14 +524,6 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
 
         return pl.run_scoped(qk_product, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
 
-      def store_p(p16):
-        """p to this warpgroup's shared-memory tile, whence the next p v reads it: p held in
-        registers across a step would be the operand of a p v in flight while the next
-        softmax writes its successor (the loop's carried p shares one set of registers),
-        which ptxas resolves by serialising every wgmma (C7513)."""
-        p_smem[...] = p16
-        plgpu.commit_smem()
-
       def first(carry):
         acc, m_i, l_i, i = carry
         slot = lax.rem(i, jnp.int32(stages))
@@ -546,13 +532,12 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
         p16, m_new, l_i, alpha = online_softmax(s, m_i, l_i, False)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        store_p(p16)
         plgpu.barrier_arrive(sched)
-        return acc, m_new, l_i, i
+        return acc, m_new, l_i, i, p16
 
       def pipelined(k, carry):
-        # global step i: the step whose p (in p_smem) v is still to run
-        acc, m_i, l_i, i = carry
+        # global step i: the step whose p (p_prev, in registers) v is still to run
+        acc, m_i, l_i, i, p_prev = carry
         prev = lax.rem(i, jnp.int32(stages))
         slot = lax.rem(i + 1, jnp.int32(stages))
         plgpu.barrier_wait(k_bar.at[slot])
@@ -560,14 +545,13 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
         plgpu.barrier_wait(sched)
         if interpret:
           s = scores(slot)
-          acc = acc + jnp.dot(p_smem[...], v_smem.at[prev][...],
-                              preferred_element_type=jnp.float32)
+          acc = acc + jnp.dot(p_prev, v_smem.at[prev][...], preferred_element_type=jnp.float32)
           plgpu.barrier_arrive(k_free.at[slot])
           p_new, m_new, l_new, alpha = online_softmax(s, m_i, l_i, False)
         else:
           def body(refs):
             o_ref, m_ref, l_ref, p_ref, a_ref = refs
-            s = scores(slot, lambda: plgpu.wgmma(o_ref, p_smem, v_smem.at[prev]))
+            s = scores(slot, lambda: plgpu.wgmma(o_ref, p_prev, v_smem.at[prev]))
             plgpu.barrier_arrive(k_free.at[slot])
             p_ref[...], m_ref[...], l_ref[...], a_ref[...] = online_softmax(
                 s, m_ref[...], l_ref[...], False)
@@ -575,25 +559,28 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
           acc, m_new, l_new, p_new, alpha = pl.run_state(body)(
               (plgpu.ACC.init(acc), m_i, l_i,
                jnp.zeros((BLOCK_Q, block_kv), dtype), m_i))
+          # p_prev is read by the p v until the wait that ends run_state: used here, after
+          # that wait, its registers stay its own while the softmax above writes p_new
+          # (else the loop's carried p shares one register set, the softmax overwrites the
+          # operand of the p v in flight, and ptxas serialises every wgmma: C7513).
+          acc, p_prev = lax.optimization_barrier((acc, p_prev))
         plgpu.barrier_arrive(v_free.at[prev])
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         acc, l_new, m_new, p_new = lax.optimization_barrier((acc, l_new, m_new, p_new))
-        store_p(p_new)
         plgpu.barrier_arrive(sched)
-        return acc, m_new, l_new, i + 1
+        return acc, m_new, l_new, i + 1, p_new
 
       def last(carry):
-        acc, m_i, l_i, i = carry
+        acc, m_i, l_i, i, p_prev = carry
         slot = lax.rem(i, jnp.int32(stages))
         plgpu.barrier_wait(v_bar.at[slot])
         plgpu.barrier_wait(sched)
         if interpret:
-          acc = acc + jnp.dot(p_smem[...], v_smem.at[slot][...],
-                              preferred_element_type=jnp.float32)
+          acc = acc + jnp.dot(p_prev, v_smem.at[slot][...], preferred_element_type=jnp.float32)
           wait_next_keys(i)
         else:
           def pv_product(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+            plgpu.wgmma(acc_ref, p_prev, v_smem.at[slot])
             wait_next_keys(i)
 
           acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
@@ -831,9 +818,6 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
       buffers += [plgpu.SMEM((COMPUTE_WGS, HALF, SUFFIX_COLS), dtype,
                              transforms=(tiling, swizzle)),
                   plgpu.SMEM((COMPUTE_WGS, d, SUFFIX_COLS), dtype, transforms=(tiling, swizzle))]
-    if overlap:
-      buffers.append(plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, block_kv), dtype,
-                                transforms=(tiling, swizzle)))
     body = functools.partial(_kernel, tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref,
                              suffix_refs, o_ref, lse_ref, layer_nodes=(n_stacked, ns_stacked),
                              block_kv=block_kv, stages=stages,
