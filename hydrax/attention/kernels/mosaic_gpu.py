@@ -56,8 +56,8 @@ would leave the scores themselves in flight: C7514), and step k-1's p is used ag
 wait that ends its p v (an optimization barrier, CUTLASS's `warpgroup_fence_operand`), so
 the softmax cannot write step k's p into the registers the p v in flight reads (C7513).
 Exact (CPU interpret mode; the H200 against float32) and compiled without serialisation, but
-no faster on the H200 (run 17: the unfolded root 0.99x the default's launch, the fold
-1.01-1.05x). Without it the node steps already run at ~630 TFLOP/s (run 16), about
+no faster on the H200 (run 17: the unfolded root 0.99-1.03x the default's launch, the
+fold 1.01-1.05x). Without it the node steps already run at ~630 TFLOP/s (run 16), about
 FlashAttention-3's rate, which has both overlaps; here the two compute warpgroups' ping-pong
 seems to hide the softmax already.
 
