@@ -22,8 +22,10 @@ rows are 2 N bytes); N = 8 does not lower.
 (`STEPS`, `step_kernel`): the node step at the kernel's 128-byte swizzle and at the 32 bytes
 the transposed steps impose on every tile, the untransposed suffix step, and the transposed
 one cut after each piece (its product alone, + the softmax over the keys, + p v, + the merge
-into the rows). Run 14 found the transposed fold slower than the untransposed on the H200;
-this says which piece costs what:
+into the rows), and one sequence's step on the CUDA cores in warpgroup arrays (`cc_qk`: its
+scores alone; `cc_step`: the whole online-softmax step, no wgmma). Run 14 found the
+transposed fold slower than the untransposed on the H200; this says which piece costs what,
+and what the per-sequence work costs off the tensor cores (run 17):
 
     python experiments/probe_transposed_suffix.py --time
 """
@@ -100,7 +102,8 @@ def lowers(n: int, swizzle: int) -> str:
 # Steps timed by `step_kernel`: a node step of 128 keys (the kernel's, 64 q rows) at the
 # kernel's 128-byte swizzle and at 32; the untransposed suffix step (64 q rows, 64 keys); the
 # transposed one cut after each of its pieces.
-STEPS = ("node_swz128", "node_swz32", "suffix_rows", "t_qk", "t_softmax", "t_pv", "t_merge")
+STEPS = ("node_swz128", "node_swz32", "suffix_rows", "t_qk", "t_softmax", "t_pv", "t_merge",
+         "cc_qk", "cc_step")
 
 
 def step_kernel(step: str, iters: int, ctas: int):
@@ -183,6 +186,31 @@ def step_kernel(step: str, iters: int, ctas: int):
         plgpu.wgmma(acc_ref, e, plgpu.transpose_ref(ot_smem, (1, 0)))
       return pl.run_state(merge)(plgpu.ACC.init(acc)), m_row, l_i
 
+    def cc_step(j, carry):
+      """One sequence's G = 4 rows against 64 keys on the CUDA cores, in Mosaic GPU's
+      warpgroup arrays (no wgmma): the keys and values in the WGMMA layout as float32, each
+      row's scores a product with its q row broadcast and summed over D (within a quad of
+      lanes), its maximum over the keys (across the 4 warps), p v as the values times p
+      summed over the keys (across the warps). The block alternates between the two halves
+      of the 128 keys loaded, so that no load is loop-invariant."""
+      o, m, l = carry
+      half = lax.rem(j, jnp.int32(2)) * 64
+      kf = plgpu.layout_cast(k_smem.at[pl.ds(half, 64)][...], wg).astype(jnp.float32)
+      s = [(kf * lax.broadcast_in_dim(c, kf.shape, [1])).sum(axis=1) * scale for c in q_cols]
+      if step == "cc_qk":
+        return [x + y for x, y in zip(o, [kf.sum(axis=0)] * 4)], m, [x + y.max(axis=0)
+                                                                      for x, y in zip(l, s)]
+      vf = plgpu.layout_cast(v_smem.at[pl.ds(half, 64)][...], wg).astype(jnp.float32)
+      o_new, m_new, l_new = [], [], []
+      for g in range(4):
+        mg = jnp.maximum(m[g], s[g].max(axis=0))
+        alpha = jnp.exp2(m[g] - mg)
+        pg = jnp.exp2(s[g] - mg)
+        l_new.append(l[g] * alpha + pg.sum(axis=0))
+        o_new.append(o[g] * alpha + (vf * lax.broadcast_in_dim(pg, vf.shape, [0])).sum(axis=0))
+        m_new.append(mg)
+      return o_new, m_new, l_new
+
     def loop(j, carry):
       acc, m_i, l_i = carry
       if step.startswith("node") or step == "suffix_rows":
@@ -192,7 +220,18 @@ def step_kernel(step: str, iters: int, ctas: int):
     carry = (plgpu.layout_cast(jnp.zeros((64, D), jnp.float32), wg),
              plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row),
              plgpu.layout_cast(jnp.zeros((64,), jnp.float32), row))
-    acc, _, l_i = lax.fori_loop(0, iters, loop, carry)
+    if step.startswith("cc"):
+      qt = plgpu.layout_cast(q_smem[...], wg).astype(jnp.float32)
+      r_of = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (64, D), 0), wg)
+      q_cols = [jnp.where(r_of == g, qt, 0.0).sum(axis=0) for g in range(4)]
+      zero = jnp.float32(0.0)
+      o, _, l = lax.fori_loop(0, iters, cc_step, (
+          [plgpu.layout_cast(jnp.zeros((D,), jnp.float32), wg.reduce(0))] * 4,
+          [jnp.float32(-jnp.inf)] * 4, [zero] * 4))
+      acc = lax.broadcast_in_dim(o[0] + o[1] + o[2] + o[3], (64, D), [1])
+      l_i = carry[2] + (l[0] + l[1] + l[2] + l[3])
+    else:
+      acc, _, l_i = lax.fori_loop(0, iters, loop, carry)
     o_smem[...] = acc + lax.broadcast_in_dim(l_i, acc.shape, [0])
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[lax.axis_index("x")])
