@@ -110,6 +110,8 @@ def step_kernel(step: str, iters: int, ctas: int):
   """`ctas` CTAs of one warpgroup, each running `step` `iters` times on blocks already in
   shared memory (no loads in the loop, no masks that depend on the data): f(q [64,D],
   k, v [128,D]) -> [ctas, 64, D] f32, the last step's accumulator."""
+  if step not in STEPS:
+    raise ValueError(f"step {step!r}: one of {STEPS}")
   cols = 16
   swz = 128 if step in ("node_swz128", "suffix_rows") else 32
   keys = 128 if step.startswith("node") else 64
