@@ -23,7 +23,8 @@ rows are 2 N bytes); N = 8 does not lower.
 the transposed steps impose on every tile, the untransposed suffix step, and the transposed
 one cut after each piece (its product alone, + the softmax over the keys, + p v, + the merge
 into the rows), and one sequence's step on the CUDA cores in warpgroup arrays (`cc_qk`: its
-scores alone; `cc_step`: the whole online-softmax step, no wgmma). Run 14 found the
+scores alone; `cc_step`: the whole online-softmax step, no wgmma), and the same step written
+per thread (`thread_step_kernel`, through `plgpu.inline_mgpu`; checked against NumPy first). Run 14 found the
 transposed fold slower than the untransposed on the H200; this says which piece costs what,
 and what the per-sequence work costs off the tensor cores (run 17):
 
@@ -253,8 +254,170 @@ def step_kernel(step: str, iters: int, ctas: int):
                       grid=(ctas,), grid_names=("x",))
 
 
-def time_steps(iters: int = 2000, ctas: int = 132, repeats: int = 5) -> None:
-  """Prints each step's time (ns a step in one CTA, all SMs busy), median of `repeats`."""
+def thread_step_kernel(iters: int, ctas: int):
+  """`ctas` CTAs of one warpgroup, each running one sequence's suffix step `iters` times,
+  written per thread (Mosaic GPU's lower level through `plgpu.inline_mgpu`; no wgmma): the
+  G = 4 rows of q [64,D] (its first rows) against 64 keys, the block alternating between the
+  two halves of k, v [128,D] in plain (unswizzled) shared memory. f(q, k, v) -> [ctas, 64, D]
+  f32: rows 4w + g the unnormalised out of warp w for row g, rows 16 + 4w + g columns 0, 1
+  its maximum (base 2) and sum. Each warp is a split of the keys (warp w takes keys
+  [16w, 16w + 16) of every block) with its own online softmax, so a step's reductions stay
+  within a warp; the caller merges the 4 warps' parts.
+
+  A step: thread t takes key t // 2 and half t % 2 of D for q k^T (its 4 rows' partial dots
+  over 64 dims, the two halves added by a shuffle; chunks read in a rotated order so that a
+  quarter warp hits distinct banks), the warp's maximum and sum over its 16 keys by
+  butterfly shuffles, p to a warp's slice of shared memory, then lane l takes columns
+  [4l, 4l + 4) of D for p v over the warp's 16 keys (4 rows x 4 columns in registers)."""
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mu
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import arith, llvm, math as mmath, memref, vector
+
+  g_rows, keys, warp_keys = 4, 64, 16
+  scale_log2 = D ** -0.5 * 1.4426950408889634
+
+  def per_thread(ctx, q_smem, k_smem, v_smem, qf_smem, p_smem, o_smem):
+    del ctx
+    f32, i32, bf16 = ir.F32Type.get(), ir.IntegerType.get_signless(32), ir.BF16Type.get()
+    idx = ir.IndexType.get()
+    vty = lambda n, t: ir.VectorType.get((n,), t)
+    ci = lambda x: arith.constant(i32, x)
+    cx = lambda x: arith.constant(idx, x)
+    as_idx = lambda x: arith.index_cast(idx, x)
+    cf = lambda x: arith.constant(f32, x)
+    t = mu.thread_idx()
+    w = arith.shrui(t, ci(5))
+    lane = arith.andi(t, ci(31))
+    key_local = arith.shrui(lane, ci(1))
+    dh = arith.andi(lane, ci(1))
+    key = arith.addi(arith.muli(w, ci(warp_keys)), key_local)
+
+    def ex2(x):
+      return llvm.inline_asm(f32, [x], "ex2.approx.ftz.f32 $0, $1;", "=f,f")
+
+    # q's 4 rows in float32, once: thread t converts row t // 32, columns [4 lane, 4 lane + 4)
+    qv = vector.load(vty(4, bf16), q_smem, [as_idx(w), as_idx(arith.muli(lane, ci(4)))])
+    # (two copies, read by the step's parity: a load that does not depend on the step would
+    # be hoisted out of the loop into registers the thread does not have)
+    for copy in range(2):
+      vector.store(arith.extf(vty(4, f32), qv), qf_smem,
+                   [cx(copy), as_idx(w), as_idx(arith.muli(lane, ci(4)))])
+    mu.warpgroup_barrier()
+
+    def step(j, carry):
+      o, m, l = carry
+      parity = arith.remui(arith.index_cast(i32, j), ci(2))
+      half = arith.muli(parity, ci(keys))
+      row = as_idx(arith.addi(half, key))
+      acc = [arith.constant(vty(8, f32), ir.DenseElementsAttr.get_splat(
+          vty(8, f32), ir.FloatAttr.get(f32, 0.0))) for _ in range(g_rows)]
+      for c8 in range(8):
+        cc = arith.remui(arith.addi(arith.addi(ci(c8), arith.muli(key_local, ci(2))), dh), ci(8))
+        dim0 = as_idx(arith.addi(arith.muli(dh, ci(64)), arith.muli(cc, ci(8))))
+        kv = arith.extf(vty(8, f32), vector.load(vty(8, bf16), k_smem, [row, dim0]))
+        for g in range(g_rows):
+          qg = vector.load(vty(8, f32), qf_smem, [as_idx(parity), cx(g), dim0])
+          acc[g] = mmath.fma(qg, kv, acc[g])
+      sc = []
+      for g in range(g_rows):
+        x = vector.reduction(f32, vector.CombiningKind.ADD, acc[g])
+        x = arith.addf(x, mu.shfl_bfly(x, 1))
+        sc.append(arith.mulf(x, cf(scale_log2)))
+      o_new, m_new, l_new, alpha = [], [], [], []
+      for g in range(g_rows):
+        mx = sc[g]
+        for dist in (2, 4, 8, 16):
+          mx = arith.maximumf(mx, mu.shfl_bfly(mx, dist))
+        mg = arith.maximumf(m[g], mx)
+        a_g = ex2(arith.subf(m[g], mg))
+        pg = ex2(arith.subf(sc[g], mg))
+        ps = pg
+        for dist in (2, 4, 8, 16):
+          ps = arith.addf(ps, mu.shfl_bfly(ps, dist))
+        l_new.append(arith.addf(arith.mulf(l[g], a_g), ps))
+        m_new.append(mg)
+        alpha.append(a_g)
+        sc[g] = pg
+      pvec = llvm.mlir_undef(vty(4, f32))
+      for g in range(g_rows):
+        pvec = vector.insert(sc[g], pvec, dynamic_position=[],
+                             static_position=ir.DenseI64ArrayAttr.get([g]))
+      vector.store(pvec, p_smem, [as_idx(w), as_idx(key_local), cx(0)])
+      mu.warp_barrier()
+      col = as_idx(arith.muli(lane, ci(4)))
+      for g in range(g_rows):
+        o_new.append(arith.mulf(o[g], vector.broadcast(vty(4, f32), alpha[g])))
+      for jj in range(warp_keys):
+        pj = vector.load(vty(4, f32), p_smem, [as_idx(w), cx(jj), cx(0)])
+        vrow = as_idx(arith.addi(half, arith.addi(arith.muli(w, ci(warp_keys)), ci(jj))))
+        vj = arith.extf(vty(4, f32), vector.load(vty(4, bf16), v_smem, [vrow, col]))
+        for g in range(g_rows):
+          pg = vector.extract(pj, dynamic_position=[],
+                              static_position=ir.DenseI64ArrayAttr.get([g]))
+          o_new[g] = mmath.fma(vector.broadcast(vty(4, f32), pg), vj, o_new[g])
+      mu.warp_barrier()
+      return o_new, m_new, l_new
+
+    zero4 = arith.constant(vty(4, f32), ir.DenseElementsAttr.get_splat(
+        vty(4, f32), ir.FloatAttr.get(f32, 0.0)))
+    init = ([zero4] * g_rows, [cf(float("-inf"))] * g_rows, [cf(0.0)] * g_rows)
+    o, m, l = mu.fori(cx(iters), init)(step).results
+    col = as_idx(arith.muli(lane, ci(4)))
+    for g in range(g_rows):
+      r = as_idx(arith.addi(arith.muli(w, ci(g_rows)), ci(g)))
+      vector.store(o[g], o_smem, [r, col])
+      r2 = as_idx(arith.addi(arith.muli(w, ci(g_rows)), ci(16 + g)))
+      memref.store(m[g], o_smem, [r2, cx(0)])
+      memref.store(l[g], o_smem, [r2, cx(1)])
+
+  def body(q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, qf_smem, p_smem, o_smem, bar):
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(0, 8)], q_smem, bar.at[0])
+    plgpu.copy_gmem_to_smem(k_ref, k_smem, bar.at[0])
+    plgpu.copy_gmem_to_smem(v_ref, v_smem, bar.at[0])
+    plgpu.barrier_wait(bar.at[0])
+    plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 6)(per_thread)(
+        q_smem, k_smem, v_smem, qf_smem, p_smem, o_smem)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[lax.axis_index("x")])
+    plgpu.wait_smem_to_gmem(0)
+
+  def entry(q_ref, k_ref, v_ref, o_ref):
+    pl.run_scoped(lambda *s: body(q_ref, k_ref, v_ref, o_ref, *s),
+                  plgpu.SMEM((8, D), jnp.bfloat16), plgpu.SMEM((128, D), jnp.bfloat16),
+                  plgpu.SMEM((128, D), jnp.bfloat16), plgpu.SMEM((2, g_rows, D), jnp.float32),
+                  plgpu.SMEM((4, warp_keys, g_rows), jnp.float32),
+                  plgpu.SMEM((64, D), jnp.float32),
+                  plgpu.Barrier(num_arrivals=3, num_barriers=1))
+
+  return plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((ctas, 64, D), jnp.float32),
+                      grid=(ctas,), grid_names=("x",))
+
+
+def thread_step_reference(q, k, v):
+  """What `thread_step_kernel` computes after an even number of steps, merged over its warps
+  (both halves of the keys seen equally often): attention of q's first 4 rows over k, v."""
+  import numpy as np
+  qf, kf, vf = (np.asarray(x, np.float32) for x in (q[:4], k, v))
+  s = qf @ kf.T * D ** -0.5
+  p = np.exp(s - s.max(axis=1, keepdims=True))
+  return (p @ vf) / p.sum(axis=1, keepdims=True)
+
+
+def thread_step_merge(out):
+  """[64, D] of one CTA -> [4, D]: the 4 warps' parts merged through their maxima (base 2)."""
+  import numpy as np
+  out = np.asarray(out, np.float64)
+  o = out[:16].reshape(4, 4, D)                     # [warp, row, D]
+  m, l = out[16:32, 0].reshape(4, 4), out[16:32, 1].reshape(4, 4)
+  top = m.max(axis=0)
+  wgt = np.exp2(m - top)
+  return (wgt[..., None] * o).sum(axis=0) / (wgt * l).sum(axis=0)[:, None]
+
+
+def time_steps(iters: int = 2000, ctas: int = 132, repeats: int = 5) -> int:
+  """Prints each step's time (ns a step in one CTA, all SMs busy), median of `repeats`;
+  returns how many rows were timed."""
   import time
   import numpy as np
   rng = np.random.default_rng(0)
@@ -262,24 +425,45 @@ def time_steps(iters: int = 2000, ctas: int = 132, repeats: int = 5) -> None:
   k = jnp.asarray(rng.standard_normal((128, D)), jnp.bfloat16)
   v = jnp.asarray(rng.standard_normal((128, D)), jnp.bfloat16)
   print(f"| step | ns a step ({ctas} CTAs of one warpgroup, {iters} steps each) |\n|---|---|")
-  for step in STEPS:
+
+  def timed(name, kernel, check=None):
+    """One table row: the kernel's median time a step; what fails is reported, not raised.
+    True when it was timed."""
     try:
-      fn = jax.jit(step_kernel(step, iters, ctas))
+      if check is not None:
+        check()
+      fn = jax.jit(kernel)
       fn(q, k, v).block_until_ready()
       times = []
       for _ in range(repeats):
         t0 = time.perf_counter()
         fn(q, k, v).block_until_ready()
         times.append(time.perf_counter() - t0)
-      print(f"| {step} | {np.median(times) / iters * 1e9:.0f} |", flush=True)
+      print(f"| {name} | {np.median(times) / iters * 1e9:.0f} |", flush=True)
+      return True
     except Exception as e:      # noqa: BLE001 (the probe reports what fails and goes on)
       lines = [x for x in str(e).splitlines() if x.strip()]
-      print(f"| {step} | {type(e).__name__}: {lines[-1][:150] if lines else ''} |", flush=True)
+      print(f"| {name} | {type(e).__name__}: {lines[-1][:300] if lines else ''} |", flush=True)
+      return False
+
+  def check_thread_step():
+    """Against NumPy first: after 2 steps (both halves once) and after `iters` (each key seen
+    iters / 2 times: the same attention)."""
+    ref = thread_step_reference(q, k, v)
+    for n in (2, iters):
+      out = np.asarray(jax.jit(thread_step_kernel(n, 2))(q, k, v))
+      errs = [float(np.abs(thread_step_merge(x) - ref).max() / np.abs(ref).max()) for x in out]
+      print(f"thread_step after {n} steps: max rel err {max(errs):.2e} (2 CTAs)", flush=True)
+
+  done = [timed(step, step_kernel(step, iters, ctas)) for step in STEPS]
+  done.append(timed("thread_step", thread_step_kernel(iters, ctas), check_thread_step))
+  return sum(done)
 
 
 def main() -> None:
   if "--time" in sys.argv:
-    time_steps()
+    if not time_steps():
+      sys.exit("probe: no step could be timed (every row above failed)")
     return
   print("| N | swizzle | result |\n|---|---|---|")
   for n in (8, 16, 32, 64):

@@ -22,6 +22,32 @@ def test_step_lowers_for_the_gpu(step):
   assert exported.out_avals[0].shape == (2, 64, d)
 
 
+def test_thread_step_lowers_for_the_gpu():
+  sds = jax.ShapeDtypeStruct
+  d = probe.D
+  args = (sds((64, d), jnp.bfloat16), sds((128, d), jnp.bfloat16), sds((128, d), jnp.bfloat16))
+  exported = export.export(jax.jit(probe.thread_step_kernel(4, 2)), platforms=["cuda"])(*args)
+  assert exported.out_avals[0].shape == (2, 64, d)
+
+
+def test_thread_step_merge_matches_the_reference():
+  # (the host-side merge of the 4 warps' parts, on parts built in NumPy the kernel's way)
+  import numpy as np
+  rng = np.random.default_rng(0)
+  d = probe.D
+  q, k, v = (rng.standard_normal(s) for s in ((64, d), (128, d), (128, d)))
+  s = q[:4] @ k.T * d ** -0.5 * 1.4426950408889634          # base 2, [4 rows, 128 keys]
+  out = np.zeros((64, d))
+  for w in range(4):                                      # warp w: keys 16w.. of each half
+    ks = [h * 64 + w * 16 + j for h in (0, 1) for j in range(16)]
+    m = s[:, ks].max(axis=1)
+    p = np.exp2(s[:, ks] - m[:, None])
+    out[4 * w:4 * w + 4] = p @ v[ks]
+    out[16 + 4 * w:20 + 4 * w, 0], out[16 + 4 * w:20 + 4 * w, 1] = m, p.sum(axis=1)
+  np.testing.assert_allclose(probe.thread_step_merge(out), probe.thread_step_reference(q, k, v),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_step_raises():
   # (a name outside STEPS must not silently run one of the forms)
   with pytest.raises(ValueError, match=r"step 'cc': one of"):
