@@ -24,9 +24,9 @@ the transposed steps impose on every tile, the untransposed suffix step, and the
 one cut after each piece (its product alone, + the softmax over the keys, + p v, + the merge
 into the rows), and one sequence's step on the CUDA cores in warpgroup arrays (`cc_qk`: its
 scores alone; `cc_step`: the whole online-softmax step, no wgmma), and the same step written
-per thread (`thread_step_kernel`, through `plgpu.inline_mgpu`; checked against NumPy first). Run 14 found the
-transposed fold slower than the untransposed on the H200; this says which piece costs what,
-and what the per-sequence work costs off the tensor cores (run 17):
+per thread (`thread_step_kernel`, through `plgpu.inline_mgpu`; checked against NumPy first).
+Run 14 found the transposed fold slower than the untransposed on the H200; this says which
+piece costs what, and what the per-sequence work costs off the tensor cores (run 17):
 
     python experiments/probe_transposed_suffix.py --time
 """
@@ -269,7 +269,6 @@ def thread_step_kernel(iters: int, ctas: int):
   quarter warp hits distinct banks), the warp's maximum and sum over its 16 keys by
   butterfly shuffles, p to a warp's slice of shared memory, then lane l takes columns
   [4l, 4l + 4) of D for p v over the warp's 16 keys (4 rows x 4 columns in registers)."""
-  from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mu
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import arith, llvm, math as mmath, memref, vector
