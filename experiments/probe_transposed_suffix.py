@@ -292,16 +292,20 @@ def thread_step_kernel(iters: int, ctas: int):
     dh = arith.andi(lane, ci(1))
     key = arith.addi(arith.muli(w, ci(warp_keys)), key_local)
 
+    # (vector loads and stores state their alignment, which the index arithmetic and the
+    # buffers' 1024-byte alignment give: without it they lower at the element's, 2 or 4
+    # bytes, and may be split into one access an element)
     def ex2(x):
       return llvm.inline_asm(f32, [x], "ex2.approx.ftz.f32 $0, $1;", "=f,f")
 
     # q's 4 rows in float32, once: thread t converts row t // 32, columns [4 lane, 4 lane + 4)
-    qv = vector.load(vty(4, bf16), q_smem, [as_idx(w), as_idx(arith.muli(lane, ci(4)))])
+    qv = vector.load(vty(4, bf16), q_smem, [as_idx(w), as_idx(arith.muli(lane, ci(4)))],
+                     alignment=8)
     # (two copies, read by the step's parity: a load that does not depend on the step would
     # be hoisted out of the loop into registers the thread does not have)
     for copy in range(2):
       vector.store(arith.extf(vty(4, f32), qv), qf_smem,
-                   [cx(copy), as_idx(w), as_idx(arith.muli(lane, ci(4)))])
+                   [cx(copy), as_idx(w), as_idx(arith.muli(lane, ci(4)))], alignment=16)
     mu.warpgroup_barrier()
 
     def step(j, carry):
@@ -314,9 +318,10 @@ def thread_step_kernel(iters: int, ctas: int):
       for c8 in range(8):
         cc = arith.remui(arith.addi(arith.addi(ci(c8), arith.muli(key_local, ci(2))), dh), ci(8))
         dim0 = as_idx(arith.addi(arith.muli(dh, ci(64)), arith.muli(cc, ci(8))))
-        kv = arith.extf(vty(8, f32), vector.load(vty(8, bf16), k_smem, [row, dim0]))
+        kv = arith.extf(vty(8, f32), vector.load(vty(8, bf16), k_smem, [row, dim0],
+                                                 alignment=16))
         for g in range(g_rows):
-          qg = vector.load(vty(8, f32), qf_smem, [as_idx(parity), cx(g), dim0])
+          qg = vector.load(vty(8, f32), qf_smem, [as_idx(parity), cx(g), dim0], alignment=16)
           acc[g] = mmath.fma(qg, kv, acc[g])
       sc = []
       for g in range(g_rows):
@@ -342,15 +347,16 @@ def thread_step_kernel(iters: int, ctas: int):
       for g in range(g_rows):
         pvec = vector.insert(sc[g], pvec, dynamic_position=[],
                              static_position=ir.DenseI64ArrayAttr.get([g]))
-      vector.store(pvec, p_smem, [as_idx(w), as_idx(key_local), cx(0)])
+      vector.store(pvec, p_smem, [as_idx(w), as_idx(key_local), cx(0)], alignment=16)
       mu.warp_barrier()
       col = as_idx(arith.muli(lane, ci(4)))
       for g in range(g_rows):
         o_new.append(arith.mulf(o[g], vector.broadcast(vty(4, f32), alpha[g])))
       for jj in range(warp_keys):
-        pj = vector.load(vty(4, f32), p_smem, [as_idx(w), cx(jj), cx(0)])
+        pj = vector.load(vty(4, f32), p_smem, [as_idx(w), cx(jj), cx(0)], alignment=16)
         vrow = as_idx(arith.addi(half, arith.addi(arith.muli(w, ci(warp_keys)), ci(jj))))
-        vj = arith.extf(vty(4, f32), vector.load(vty(4, bf16), v_smem, [vrow, col]))
+        vj = arith.extf(vty(4, f32), vector.load(vty(4, bf16), v_smem, [vrow, col],
+                                                 alignment=8))
         for g in range(g_rows):
           pg = vector.extract(pj, dynamic_position=[],
                               static_position=ir.DenseI64ArrayAttr.get([g]))
@@ -365,7 +371,7 @@ def thread_step_kernel(iters: int, ctas: int):
     col = as_idx(arith.muli(lane, ci(4)))
     for g in range(g_rows):
       r = as_idx(arith.addi(arith.muli(w, ci(g_rows)), ci(g)))
-      vector.store(o[g], o_smem, [r, col])
+      vector.store(o[g], o_smem, [r, col], alignment=16)
       r2 = as_idx(arith.addi(arith.muli(w, ci(g_rows)), ci(16 + g)))
       memref.store(m[g], o_smem, [r2, cx(0)])
       memref.store(l[g], o_smem, [r2, cx(1)])
