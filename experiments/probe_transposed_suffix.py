@@ -33,6 +33,7 @@ piece costs what, and what the per-sequence work costs off the tensor cores (run
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -254,7 +255,10 @@ def step_kernel(step: str, iters: int, ctas: int):
                       grid=(ctas,), grid_names=("x",))
 
 
-def thread_step_kernel(iters: int, ctas: int):
+THREAD_MAPPINGS = ("key_pairs", "dim_chunks")
+
+
+def thread_step_kernel(iters: int, ctas: int, mapping: str = "key_pairs"):
   """`ctas` CTAs of one warpgroup, each running one sequence's suffix step `iters` times,
   written per thread (Mosaic GPU's lower level through `plgpu.inline_mgpu`; no wgmma): the
   G = 4 rows of q [64,D] (its first rows) against 64 keys, the block alternating between the
@@ -264,11 +268,19 @@ def thread_step_kernel(iters: int, ctas: int):
   [16w, 16w + 16) of every block) with its own online softmax, so a step's reductions stay
   within a warp; the caller merges the 4 warps' parts.
 
-  A step: thread t takes key t // 2 and half t % 2 of D for q k^T (its 4 rows' partial dots
-  over 64 dims, the two halves added by a shuffle; chunks read in a rotated order so that a
-  quarter warp hits distinct banks), the warp's maximum and sum over its 16 keys by
-  butterfly shuffles, p to a warp's slice of shared memory, then lane l takes columns
-  [4l, 4l + 4) of D for p v over the warp's 16 keys (4 rows x 4 columns in registers)."""
+  q k^T by `mapping`:
+  - "key_pairs": thread t takes key t // 2 and half t % 2 of D (its 4 rows' partial dots
+    over 64 dims, the halves added by a shuffle), q read from shared memory at every step
+    (1 KiB a thread);
+  - "dim_chunks": lane l of warp w takes keys 16w + 4 (l // 8) + [0, 4) and dims
+    16 (l % 8) + [0, 16), its 4 rows' q slices held in registers for the whole sequence
+    (64 floats), the 8 lanes of a key group added by three shuffles.
+  Both read k's chunks in an order that keeps a quarter warp on distinct banks. Then the
+  warp's maximum and sum over its 16 keys by butterfly shuffles, p to a warp's slice of
+  shared memory, and lane l takes columns [4l, 4l + 4) of D for p v over the warp's 16 keys
+  (4 rows x 4 columns in registers)."""
+  if mapping not in THREAD_MAPPINGS:
+    raise ValueError(f"mapping {mapping!r}: one of {THREAD_MAPPINGS}")
   from jax.experimental.mosaic.gpu import utils as mu
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import arith, llvm, math as mmath, memref, vector
@@ -285,12 +297,11 @@ def thread_step_kernel(iters: int, ctas: int):
     cx = lambda x: arith.constant(idx, x)
     as_idx = lambda x: arith.index_cast(idx, x)
     cf = lambda x: arith.constant(f32, x)
+    zeros = lambda n: arith.constant(vty(n, f32), ir.DenseElementsAttr.get_splat(
+        vty(n, f32), ir.FloatAttr.get(f32, 0.0)))
     t = mu.thread_idx()
     w = arith.shrui(t, ci(5))
     lane = arith.andi(t, ci(31))
-    key_local = arith.shrui(lane, ci(1))
-    dh = arith.andi(lane, ci(1))
-    key = arith.addi(arith.muli(w, ci(warp_keys)), key_local)
 
     # (vector loads and stores state their alignment, which the index arithmetic and the
     # buffers' 1024-byte alignment give: without it they lower at the element's, 2 or 4
@@ -301,53 +312,102 @@ def thread_step_kernel(iters: int, ctas: int):
     # q's 4 rows in float32, once: thread t converts row t // 32, columns [4 lane, 4 lane + 4)
     qv = vector.load(vty(4, bf16), q_smem, [as_idx(w), as_idx(arith.muli(lane, ci(4)))],
                      alignment=8)
-    # (two copies, read by the step's parity: a load that does not depend on the step would
-    # be hoisted out of the loop into registers the thread does not have)
+    # (two copies, read by the step's parity: for "key_pairs", a load that does not depend
+    # on the step would be hoisted out of the loop into registers the thread does not have)
     for copy in range(2):
       vector.store(arith.extf(vty(4, f32), qv), qf_smem,
                    [cx(copy), as_idx(w), as_idx(arith.muli(lane, ci(4)))], alignment=16)
     mu.warpgroup_barrier()
 
+    if mapping == "key_pairs":
+      key_local = arith.shrui(lane, ci(1))
+      dh = arith.andi(lane, ci(1))
+      thread_keys = [key_local]             # this thread's keys among its warp's 16
+      key_dists = (2, 4, 8, 16)             # the lane bits that tell its warp's keys apart
+
+      def scores(parity, half):
+        """[key][row] of this thread's keys, its two lanes added (base 2, scaled)."""
+        row = as_idx(arith.addi(half, arith.addi(arith.muli(w, ci(warp_keys)), key_local)))
+        acc = [zeros(8) for _ in range(g_rows)]
+        for c8 in range(8):
+          cc = arith.remui(arith.addi(arith.addi(ci(c8), arith.muli(key_local, ci(2))), dh),
+                           ci(8))
+          dim0 = as_idx(arith.addi(arith.muli(dh, ci(64)), arith.muli(cc, ci(8))))
+          kv = arith.extf(vty(8, f32), vector.load(vty(8, bf16), k_smem, [row, dim0],
+                                                   alignment=16))
+          for g in range(g_rows):
+            qg = vector.load(vty(8, f32), qf_smem, [as_idx(parity), cx(g), dim0],
+                             alignment=16)
+            acc[g] = mmath.fma(qg, kv, acc[g])
+        out = []
+        for g in range(g_rows):
+          x = vector.reduction(f32, vector.CombiningKind.ADD, acc[g])
+          x = arith.addf(x, mu.shfl_bfly(x, 1))
+          out.append(arith.mulf(x, cf(scale_log2)))
+        return [out]
+    else:
+      dc = arith.andi(lane, ci(7))
+      kg = arith.shrui(lane, ci(3))
+      thread_keys = [arith.addi(arith.muli(kg, ci(4)), ci(r)) for r in range(4)]
+      key_dists = (8, 16)
+      # Lanes dc and dc + 4 read the two 8-dim halves of their 16 in opposite orders, so a
+      # quarter warp's reads hit distinct banks: part i of this lane is half i ^ (dc // 4).
+      # Its q slices, [row][part], are loaded once in that order and stay in registers.
+      first = arith.shrui(dc, ci(2))
+      dims = [arith.addi(arith.muli(dc, ci(16)), arith.muli(arith.xori(first, ci(i)), ci(8)))
+              for i in range(2)]
+      qreg = [[vector.load(vty(8, f32), qf_smem, [cx(0), cx(g), as_idx(dims[i])],
+                           alignment=16) for i in range(2)] for g in range(g_rows)]
+
+      def scores(parity, half):
+        del parity
+        out = []
+        for r, kl in enumerate(thread_keys):
+          row = as_idx(arith.addi(half, arith.addi(arith.muli(w, ci(warp_keys)), kl)))
+          acc = [zeros(8) for _ in range(g_rows)]
+          for i in range(2):
+            kv = arith.extf(vty(8, f32), vector.load(vty(8, bf16), k_smem,
+                                                     [row, as_idx(dims[i])], alignment=16))
+            for g in range(g_rows):
+              acc[g] = mmath.fma(qreg[g][i], kv, acc[g])
+          row_scores = []
+          for g in range(g_rows):
+            x = vector.reduction(f32, vector.CombiningKind.ADD, acc[g])
+            for dist in (1, 2, 4):
+              x = arith.addf(x, mu.shfl_bfly(x, dist))
+            row_scores.append(arith.mulf(x, cf(scale_log2)))
+          out.append(row_scores)
+        return out
+
     def step(j, carry):
       o, m, l = carry
       parity = arith.remui(arith.index_cast(i32, j), ci(2))
       half = arith.muli(parity, ci(keys))
-      row = as_idx(arith.addi(half, key))
-      acc = [arith.constant(vty(8, f32), ir.DenseElementsAttr.get_splat(
-          vty(8, f32), ir.FloatAttr.get(f32, 0.0))) for _ in range(g_rows)]
-      for c8 in range(8):
-        cc = arith.remui(arith.addi(arith.addi(ci(c8), arith.muli(key_local, ci(2))), dh), ci(8))
-        dim0 = as_idx(arith.addi(arith.muli(dh, ci(64)), arith.muli(cc, ci(8))))
-        kv = arith.extf(vty(8, f32), vector.load(vty(8, bf16), k_smem, [row, dim0],
-                                                 alignment=16))
-        for g in range(g_rows):
-          qg = vector.load(vty(8, f32), qf_smem, [as_idx(parity), cx(g), dim0], alignment=16)
-          acc[g] = mmath.fma(qg, kv, acc[g])
-      sc = []
-      for g in range(g_rows):
-        x = vector.reduction(f32, vector.CombiningKind.ADD, acc[g])
-        x = arith.addf(x, mu.shfl_bfly(x, 1))
-        sc.append(arith.mulf(x, cf(scale_log2)))
+      sc = scores(parity, half)
       o_new, m_new, l_new, alpha = [], [], [], []
       for g in range(g_rows):
-        mx = sc[g]
-        for dist in (2, 4, 8, 16):
+        mx = sc[0][g]
+        for r in range(1, len(sc)):
+          mx = arith.maximumf(mx, sc[r][g])
+        for dist in key_dists:
           mx = arith.maximumf(mx, mu.shfl_bfly(mx, dist))
         mg = arith.maximumf(m[g], mx)
         a_g = ex2(arith.subf(m[g], mg))
-        pg = ex2(arith.subf(sc[g], mg))
-        ps = pg
-        for dist in (2, 4, 8, 16):
+        ps = None
+        for r in range(len(sc)):
+          sc[r][g] = ex2(arith.subf(sc[r][g], mg))
+          ps = sc[r][g] if ps is None else arith.addf(ps, sc[r][g])
+        for dist in key_dists:
           ps = arith.addf(ps, mu.shfl_bfly(ps, dist))
         l_new.append(arith.addf(arith.mulf(l[g], a_g), ps))
         m_new.append(mg)
         alpha.append(a_g)
-        sc[g] = pg
-      pvec = llvm.mlir_undef(vty(4, f32))
-      for g in range(g_rows):
-        pvec = vector.insert(sc[g], pvec, dynamic_position=[],
-                             static_position=ir.DenseI64ArrayAttr.get([g]))
-      vector.store(pvec, p_smem, [as_idx(w), as_idx(key_local), cx(0)], alignment=16)
+      for r, kl in enumerate(thread_keys):
+        pvec = llvm.mlir_undef(vty(4, f32))
+        for g in range(g_rows):
+          pvec = vector.insert(sc[r][g], pvec, dynamic_position=[],
+                               static_position=ir.DenseI64ArrayAttr.get([g]))
+        vector.store(pvec, p_smem, [as_idx(w), as_idx(kl), cx(0)], alignment=16)
       mu.warp_barrier()
       col = as_idx(arith.muli(lane, ci(4)))
       for g in range(g_rows):
@@ -364,9 +424,7 @@ def thread_step_kernel(iters: int, ctas: int):
       mu.warp_barrier()
       return o_new, m_new, l_new
 
-    zero4 = arith.constant(vty(4, f32), ir.DenseElementsAttr.get_splat(
-        vty(4, f32), ir.FloatAttr.get(f32, 0.0)))
-    init = ([zero4] * g_rows, [cf(float("-inf"))] * g_rows, [cf(0.0)] * g_rows)
+    init = ([zeros(4)] * g_rows, [cf(float("-inf"))] * g_rows, [cf(0.0)] * g_rows)
     o, m, l = mu.fori(cx(iters), init)(step).results
     col = as_idx(arith.muli(lane, ci(4)))
     for g in range(g_rows):
@@ -451,19 +509,22 @@ def time_steps(iters: int = 2000, ctas: int = 132, repeats: int = 5) -> int:
       print(f"| {name} | {type(e).__name__}: {lines[-1][:300] if lines else ''} |", flush=True)
       return False
 
-  def check_thread_step():
+  def check_thread_step(mapping):
     """Against NumPy first: after 2 steps (both halves once) and after `iters` (each key seen
     iters / 2 times: the same attention); a wrong step is not timed."""
     ref = thread_step_reference(q, k, v)
     for n in (2, iters):
-      out = np.asarray(jax.jit(thread_step_kernel(n, 2))(q, k, v))
+      out = np.asarray(jax.jit(thread_step_kernel(n, 2, mapping))(q, k, v))
       errs = [float(np.abs(thread_step_merge(x) - ref).max() / np.abs(ref).max()) for x in out]
-      print(f"thread_step after {n} steps: max rel err {max(errs):.2e} (2 CTAs)", flush=True)
+      print(f"thread_step {mapping} after {n} steps: max rel err {max(errs):.2e} (2 CTAs)",
+            flush=True)
       if not max(errs) < 1e-3:      # (float32 sums and ex2.approx: ~1e-6 expected)
         raise AssertionError(f"thread_step wrong after {n} steps: rel err {max(errs):.2e}")
 
   done = [timed(step, step_kernel(step, iters, ctas)) for step in STEPS]
-  done.append(timed("thread_step", thread_step_kernel(iters, ctas), check_thread_step))
+  for mapping in THREAD_MAPPINGS:
+    done.append(timed(f"thread_step {mapping}", thread_step_kernel(iters, ctas, mapping),
+                      functools.partial(check_thread_step, mapping)))
   return sum(done)
 
 

@@ -22,11 +22,13 @@ def test_step_lowers_for_the_gpu(step):
   assert exported.out_avals[0].shape == (2, 64, d)
 
 
-def test_thread_step_lowers_for_the_gpu():
+@pytest.mark.parametrize("mapping", probe.THREAD_MAPPINGS)
+def test_thread_step_lowers_for_the_gpu(mapping):
   sds = jax.ShapeDtypeStruct
   d = probe.D
   args = (sds((64, d), jnp.bfloat16), sds((128, d), jnp.bfloat16), sds((128, d), jnp.bfloat16))
-  exported = export.export(jax.jit(probe.thread_step_kernel(4, 2)), platforms=["cuda"])(*args)
+  exported = export.export(jax.jit(probe.thread_step_kernel(4, 2, mapping)),
+                           platforms=["cuda"])(*args)
   assert exported.out_avals[0].shape == (2, 64, d)
 
 
@@ -49,6 +51,8 @@ def test_thread_step_merge_matches_the_reference():
 
 
 def test_unknown_step_raises():
-  # (a name outside STEPS must not silently run one of the forms)
+  # (a name outside STEPS or THREAD_MAPPINGS must not silently run one of the forms)
   with pytest.raises(ValueError, match=r"step 'cc': one of"):
     probe.step_kernel("cc", 4, 2)
+  with pytest.raises(ValueError, match=r"mapping 'keys': one of"):
+    probe.thread_step_kernel(4, 2, "keys")

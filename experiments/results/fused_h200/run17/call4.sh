@@ -2,7 +2,8 @@
 # Run 17, call 4 (H200, nothing carried; PLANNED, NOT RUN: no machine was lent for the rest of
 # the session, so it is the next call's first item): one sequence's suffix step written per thread
 # (`thread_step_kernel`: Mosaic GPU's lower level through `plgpu.inline_mgpu`, each warp a
-# split of the keys, no wgmma), checked against NumPy and then timed beside call 3's steps
+# split of the keys, no wgmma; both mappings of q k^T, `key_pairs` and `dim_chunks`), each
+# checked against NumPy and then timed beside call 3's steps
 # (`probe_transposed_suffix.py --time`: 132 CTAs of one warpgroup, 2000 steps each, median of 5).
 set -u
 R=$OUT/run17; mkdir -p $R
