@@ -43,6 +43,9 @@ from jax import export, lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hydrax.attention.kernels.mosaic_gpu import LOG2E  # noqa: E402
+
 D, KEYS = 128, 64
 
 
@@ -286,7 +289,7 @@ def thread_step_kernel(iters: int, ctas: int, mapping: str = "key_pairs"):
   from jaxlib.mlir.dialects import arith, llvm, math as mmath, memref, vector
 
   g_rows, keys, warp_keys = 4, 64, 16
-  scale_log2 = D ** -0.5 * 1.4426950408889634
+  scale_log2 = D ** -0.5 * LOG2E
 
   def per_thread(ctx, q_smem, k_smem, v_smem, qf_smem, p_smem, o_smem):
     del ctx
@@ -540,5 +543,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   main()

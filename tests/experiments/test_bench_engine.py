@@ -93,7 +93,8 @@ def test_timeline_counts_overlap_once_and_ranks_gaps():
   assert pd.aggregate(spans)["c"] == (2, 10.0)
   assert pd.timeline_stats([])["wall_us"] == 0.0
   text = bench_engine.timeline_report("4096x256", {"hydragen": {
-      "steps": 3, "decode_steps": 7, "wall_us": 20.0, "busy_us": 11.0, "idle_us": 9.0, "wall_range": [19.0, 22.5],
+      "steps": 3, "decode_steps": 7, "wall_us": 20.0, "busy_us": 11.0, "idle_us": 9.0,
+      "wall_range": [19.0, 22.5],
       "gaps": [["Memcpy DtoH", "layer", 1.0, 6.0]]}})
   assert "4096x256 hydragen, a decode step on the GPU's timeline (the median of 3 stretches " \
          "between copies of a generation of 7, walls 19.0-22.5 us): 20.0 us wall, 11.0 busy, " \

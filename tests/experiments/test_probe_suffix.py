@@ -13,23 +13,21 @@ from jax import export
 from experiments import probe_transposed_suffix as probe
 
 
+def _exported_shape(kernel):
+  """The kernel exported for CUDA on f(q [64,D], k, v [128,D]) bf16: its output's shape."""
+  sds, d = jax.ShapeDtypeStruct, probe.D
+  args = (sds((64, d), jnp.bfloat16), sds((128, d), jnp.bfloat16), sds((128, d), jnp.bfloat16))
+  return export.export(jax.jit(kernel), platforms=["cuda"])(*args).out_avals[0].shape
+
+
 @pytest.mark.parametrize("step", probe.STEPS)
 def test_step_lowers_for_the_gpu(step):
-  sds = jax.ShapeDtypeStruct
-  d = probe.D
-  args = (sds((64, d), jnp.bfloat16), sds((128, d), jnp.bfloat16), sds((128, d), jnp.bfloat16))
-  exported = export.export(jax.jit(probe.step_kernel(step, 4, 2)), platforms=["cuda"])(*args)
-  assert exported.out_avals[0].shape == (2, 64, d)
+  assert _exported_shape(probe.step_kernel(step, 4, 2)) == (2, 64, probe.D)
 
 
 @pytest.mark.parametrize("mapping", probe.THREAD_MAPPINGS)
 def test_thread_step_lowers_for_the_gpu(mapping):
-  sds = jax.ShapeDtypeStruct
-  d = probe.D
-  args = (sds((64, d), jnp.bfloat16), sds((128, d), jnp.bfloat16), sds((128, d), jnp.bfloat16))
-  exported = export.export(jax.jit(probe.thread_step_kernel(4, 2, mapping)),
-                           platforms=["cuda"])(*args)
-  assert exported.out_avals[0].shape == (2, 64, d)
+  assert _exported_shape(probe.thread_step_kernel(4, 2, mapping)) == (2, 64, probe.D)
 
 
 def test_thread_step_merge_matches_the_reference():
@@ -38,7 +36,7 @@ def test_thread_step_merge_matches_the_reference():
   rng = np.random.default_rng(0)
   d = probe.D
   q, k, v = (rng.standard_normal(s) for s in ((64, d), (128, d), (128, d)))
-  s = q[:4] @ k.T * d ** -0.5 * 1.4426950408889634          # base 2, [4 rows, 128 keys]
+  s = q[:4] @ k.T * d ** -0.5 * probe.LOG2E                # base 2, [4 rows, 128 keys]
   out = np.zeros((64, d))
   for w in range(4):                                      # warp w: keys 16w.. of each half
     ks = [h * 64 + w * 16 + j for h in (0, 1) for j in range(16)]
