@@ -93,10 +93,50 @@ def split_reference(q, k, v, tab, row_limits, *, scale, block_kv, splits, blocks
 CALLS = []          # one dict per (traced) call of the emulator
 
 
-def emulate_tile_attention(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
-                           blocks_per_split, interpret=False, suffix=None, stagger=False,
-                           lead=0, layer=None, transposed=False, overlap=False):
-  """`mosaic_gpu.tile_attention`'s contract: out [P,K,R,D] in q's dtype (normalised per split),
+def packed_row_of_tile_row(r: int, heads: int) -> np.ndarray:
+  """[r]: the packed row (query row x G + head) of each tile row of a kernel that reads q in
+  place with G = heads: within each warpgroup's 64 rows, row gi*n + x (n = 64 // G) is query
+  row x at head gi (the contract, written here apart from the kernel's helper)."""
+  i = np.arange(r)
+  n = 64 // heads
+  return i // 64 * 64 + (i % 64 % n) * heads + (i % 64) // n
+
+
+def packed_q(q, heads: int):
+  """q [B*T,H,D] -> [K, B*T*G, D], row x*G + gi of KV head kh = query x at head kh*G + gi."""
+  bt, h, d = q.shape
+  return q.reshape(bt, h // heads, heads, d).transpose(1, 0, 2, 3).reshape(h // heads, -1, d)
+
+
+def unpacked_out(out, heads: int):
+  """Inverse of `packed_q` with a leading split axis: [P,K,B*T*G,D] -> [P,B*T,H,D]."""
+  p, kh, r, d = out.shape
+  return out.reshape(p, kh, r // heads, heads, d).transpose(0, 2, 1, 3, 4).reshape(
+      p, r // heads, kh * heads, d)
+
+
+def emulate_tile_attention(q, k, v, tab, row_limits, *, heads=None, **kw):
+  """`mosaic_gpu.tile_attention`'s contract (`emulate_packed`); with `heads`, q [B*T,H,D] is
+  read in place and out [P,B*T,H,D] written in place, the row arrays (row_limits, lse, the
+  suffix's) in the kernel's tile rows (`packed_row_of_tile_row`)."""
+  if heads is None:
+    return emulate_packed(q, k, v, tab, row_limits, **kw)
+  assert heads in (1, 2, 4, 8) and not kw.get("transposed")
+  r = q.shape[0] * heads
+  to_packed = np.argsort(packed_row_of_tile_row(r, heads))
+  suffix = kw.get("suffix")
+  if suffix is not None:
+    assert suffix.seq_rows % heads == 0
+    kw["suffix"] = suffix._replace(row_limits=suffix.row_limits[to_packed])
+  out, lse = emulate_packed(packed_q(q, heads), k, v, tab, row_limits[to_packed], **kw)
+  CALLS[-1]["heads"] = heads
+  return unpacked_out(out, heads), lse[:, :, packed_row_of_tile_row(r, heads)]
+
+
+def emulate_packed(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
+                   blocks_per_split, interpret=False, suffix=None, stagger=False,
+                   lead=0, layer=None, transposed=False, overlap=False):
+  """`mosaic_gpu.tile_attention`'s contract with q packed: out [P,K,R,D] in q's dtype (normalised per split),
   lse [P,K,R] float32 (natural log; -inf and out 0 for a row that sees no key of the split).
 
   Static arguments are asserted. Values: a tile whose (node, lo, hi) is not (a node, <= the
@@ -297,7 +337,7 @@ def test_kernel_interpret_matches_split_reference(name, hang_guard):
   _check_splits(out, lse, *ref, _rows_to_check(tab, real), q.dtype)
 
 
-def _folded_case(long_root: bool = False, rows: int = 8):
+def _folded_case(long_root: bool = False, rows: int = 8, kh: int = 1):
   """q, k, v, tab, row_limits, suffix, real rows, kwargs of a direct call with a folded
   suffix: tile 0 (node 1) full, 16 sequences of 8 rows, root limits 200..384 (the first key
   block unmasked); tile 1 (node 0) 5 sequences and 88 padding rows; a root of 3 key blocks
@@ -311,9 +351,9 @@ def _folded_case(long_root: bool = False, rows: int = 8):
   16) runs a node step before its first suffix step.
   rows: rows a sequence otherwise (8; 4: decode at G = 4, 32 sequences of tile 0, 10 of tile
   1, whose row groups start at odd multiples of 4: the transposed steps' windows of 16 rows
-  start 4 rows before the group, or 12 at the warpgroup's last group)."""
+  start 4 rows before the group, or 12 at the warpgroup's last group). kh: KV heads."""
   rng = np.random.default_rng(21)
-  kh, d, n, s, ss, ns = 1, 64, 2, 384, 192, 45
+  d, n, s, ss, ns = 64, 2, 384, 192, 45
   counts, nodes, low = (128, 40), (1, 0), (200, 1)
   if long_root:
     s, ss, rows, counts, low = 768, 64, 32, (128, 64), (641, 641)
@@ -408,6 +448,64 @@ def test_folded_kernel_interpret_matches_split_reference(stages, stagger, stacke
   assert not np.isnan(np.asarray(lse)).any()
   _check_splits(out, lse, *_folded_reference(q, k, v, tab, lim, suffix, kw),
                 _rows_to_check(tab, real), q.dtype)
+
+
+def _in_place_case(rows: int, heads: int, kh: int = 1):
+  """`_folded_case(rows=rows)` with q read in place at G = heads (T = rows // heads): q
+  [B*T,H,D] and the row arrays in the kernel's tile rows, and what turns the kernel's
+  outputs back into packed rows (for the packed split reference)."""
+  q, k, v, tab, lim, suffix, real, kw = _folded_case(rows=rows, kh=kh)
+  r = q.shape[1]
+  tile_rows = packed_row_of_tile_row(r, heads)
+  q_in = unpacked_out(q[None], heads)[0]                                  # [B*T, H, D]
+  suffix_in = suffix._replace(row_limits=suffix.row_limits[tile_rows])
+
+  def packed(out, lse):
+    return (jnp.stack([packed_q(split, heads) for split in out]),
+            lse[:, :, np.argsort(tile_rows)])
+
+  return q, q_in, k, v, tab, lim[tile_rows], suffix, suffix_in, real, kw, packed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows,heads,kh", [(8, 4, 1), (4, 4, 2), (8, 8, 1)])
+def test_in_place_kernel_interpret_matches_split_reference(rows, heads, kh, hang_guard):
+  """q read and out written in place (`heads`; interpret mode, 4 programs a KV head):
+  decode at G = 4 with 2 KV heads (head kvh*G + gi), two queries a sequence at G = 4 (a
+  sequence's rows 16 apart in its warpgroup: row gi*16 + x is query row x at head gi), and
+  G = 8; a folded suffix whose row groups the kernel finds through that order, padding rows
+  in tile 1; the emulator on the same case."""
+  q, q_in, k, v, tab, lim_in, suffix, suffix_in, real, kw, packed = _in_place_case(rows, heads,
+                                                                                   kh)
+  ref = _folded_reference(q, k, v, tab, jnp.asarray(np.asarray(lim_in)[np.argsort(
+      packed_row_of_tile_row(q.shape[1], heads))]), suffix, kw)
+  out, lse = mosaic_gpu.tile_attention(q_in, k, v, tab, lim_in, interpret=True, heads=heads,
+                                       suffix=suffix_in, **kw)
+  assert out.shape == (kw["splits"],) + q_in.shape and lse.shape == (kw["splits"],) + q.shape[:2]
+  assert not np.isnan(np.asarray(out.astype(jnp.float32))).any()
+  _check_splits(*packed(out, lse), *ref, _rows_to_check(tab, real), q.dtype)
+  clean = lambda x: jnp.nan_to_num(x)
+  emu = emulate_tile_attention(q_in, clean(k), clean(v), tab, lim_in, heads=heads, **kw,
+                               suffix=suffix_in._replace(k=clean(suffix.k), v=clean(suffix.v)))
+  _check_splits(*packed(*emu), *ref, _rows_to_check(tab, real), q.dtype, out_tol=1e-2,
+                lse_tol=1e-4)
+
+
+def test_in_place_static_checks():
+  q, q_in, k, v, tab, lim_in, _, suffix_in, _, kw, _ = _in_place_case(8, 4)
+  call = lambda **a: mosaic_gpu.tile_attention(**dict(dict(
+      q=q_in, k=k, v=v, tab=tab, row_limits=lim_in, heads=4, suffix=suffix_in), **a), **kw)
+  with pytest.raises(ValueError, match="heads=3"):
+    call(heads=3)
+  with pytest.raises(ValueError, match="transposed"):
+    call(transposed=True)
+  with pytest.raises(ValueError, match=r"must be \[B\*T,H,D\]"):
+    call(q=q)
+  _, q4, *_, suffix4, _, _, _ = _in_place_case(4, 4)
+  with pytest.raises(ValueError, match="seq_rows 4 is not T \\* heads"):   # 4 rows, G 8
+    call(q=q4.reshape(q4.shape[0] // 2, -1, q4.shape[-1]), heads=8, suffix=suffix4)
+  assert list(mosaic_gpu.tile_rows_in_place(4)[:5]) == [0, 4, 8, 12, 16]
+  assert list(mosaic_gpu.tile_rows_in_place(4)[16:18]) == [1, 5]
 
 
 def test_folded_static_checks():
@@ -534,7 +632,8 @@ def mosaic_trees(draw):
   """q and 1..3 levels: shared levels with random (non-contiguous) owners and empty nodes,
   capacities 0..320 (mostly not multiples of 64), ragged and zero lengths; the last level
   per sequence or not; bf16/fp16, D 64/128, GQA 1..8, forced splits 1..3, the per-sequence
-  level folded or not; owners static, or traced (jit arguments) with every level in a
+  level folded or not, q read in place asked for or not (taken where the rows fill whole
+  tiles in order); owners static, or traced (jit arguments) with every level in a
   stacked cache read at a traced layer; through `prepare` (prepared=) or not."""
   # Half the cases are shaped for the fold (one or two shared levels, then the per-sequence
   # level of whole 64-key halves, T*G dividing 64, 128-key blocks); the rest are any tree,
@@ -572,7 +671,7 @@ def mosaic_trees(draw):
                 stages=draw(st.sampled_from([2, 3])),
                 fold_suffix=shaped or draw(st.booleans()),
                 suffix_stagger=draw(st.booleans()), suffix_transposed=draw(st.booleans()),
-                node_overlap=draw(st.booleans()),
+                node_overlap=draw(st.booleans()), q_in_place=draw(st.booleans()),
                 suffix_lead=draw(st.sampled_from([None, 0, 1, 5])))
   return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans()), draw(st.booleans())
 
@@ -616,6 +715,9 @@ def test_wrapper_with_emulated_kernel_matches_oracle(case):
     assert call["transposed"] == (call["suffix"] and mosaic["suffix_transposed"]
                                   and t * g <= mosaic_gpu.SUFFIX_COLS)
     assert call["overlap"] == mosaic["node_overlap"]
+    assert call.get("heads") in ((None, g) if mosaic["q_in_place"] else (None,))
+    if call.get("heads"):
+      event("q read in place")
     assert call["lead"] == mosaic["suffix_lead"]
     assert call["block_kv"] == mosaic["block_kv"]
     assert call["splits"] <= min(mosaic["splits"], call["shape"][4] // mosaic["block_kv"])
@@ -664,7 +766,87 @@ def test_wrapper_full_tiles_in_place_and_combine(fold, monkeypatch, caplog):
   assert len(calls) == 1
 
 
+@pytest.mark.parametrize("b,t,kh,g,nodes,cap,fold", [
+    (32, 1, 2, 4, 1, 128, True), (8, 4, 2, 8, 2, 128, True), (16, 2, 1, 4, 1, 64, True),
+    (128, 1, 1, 1, 1, 64, True), (64, 1, 1, 2, 1, 70, False)])
+def test_wrapper_q_in_place(b, t, kh, g, nodes, cap, fold, monkeypatch, caplog):
+  """`MosaicConfig.q_in_place`: the shared level's kernel takes q [B*T,H,D] as the model
+  made it (no packing) and writes out in place, its suffix folded in or not (the per-sequence
+  level then runs packed, logged once: its tiles are not full), merged with the other parts
+  in query order; against the oracle, and against the same call without it; through
+  `prepare` too (the tables, with the kernel's row order, built once)."""
+  rng = np.random.default_rng(b + t + g)
+  d = 64
+  owner = np.repeat(np.arange(nodes), b // nodes).astype(np.int32)
+  levels = [(rng.standard_normal((nodes, 300, kh, d)), rng.standard_normal((nodes, 300, kh, d)),
+             rng.integers(150, 301, size=nodes).astype(np.int32), owner),
+            (rng.standard_normal((b, cap, kh, d)), rng.standard_normal((b, cap, kh, d)),
+             rng.integers(0, cap + 1, size=b).astype(np.int32), None)]
+  q = rng.standard_normal((b, t, kh * g, d))
+  monkeypatch.setattr(_log, "_seen", set())
+  seen = {}
+  for in_place, prepared in ((False, False), (True, False), (True, True)):
+    mosaic = {"splits": 2, "block_kv": 128 if fold else 64, "fold_suffix": fold,
+              "q_in_place": in_place}
+    with caplog.at_level(logging.WARNING, logger="hydrax"), emulated() as calls:
+      out, lse = _run(q, levels, True, jnp.bfloat16, pg.configure(lowering="mosaic",
+                                                                   mosaic=mosaic),
+                      prepared=prepared)
+    _check(out, lse, *_expect(q, levels, True, jnp.bfloat16), jnp.bfloat16)
+    seen[in_place, prepared] = (np.asarray(out.astype(jnp.float32)),
+                                [c.get("heads") for c in calls])
+  assert seen[False, False][1] == [None] * (1 if fold else 2)
+  for prepared in (False, True):
+    assert seen[True, prepared][1] == ([g] if fold else [g, None])
+    np.testing.assert_allclose(seen[True, prepared][0], seen[False, False][0], atol=1e-2,
+                               rtol=0)
+  logged = [r.getMessage() for r in caplog.records if "q_in_place" in r.getMessage()]
+  assert len(logged) == (0 if fold else 1)
+
+
+def test_q_in_place_reasons():
+  cfg = pg.Config(mosaic=mosaic_gpu.MosaicConfig(q_in_place=True))
+  assert pg._q_in_place_reason(True, None, 4, cfg, True) is None
+  assert "whole tiles" in pg._q_in_place_reason(False, None, 4, cfg, True)
+  assert "order" in pg._q_in_place_reason(True, np.arange(4), 4, cfg, True)
+  assert "G = 3" in pg._q_in_place_reason(True, None, 3, cfg, True)
+  transposed = pg.Config(mosaic=mosaic_gpu.MosaicConfig(q_in_place=True, suffix_transposed=True))
+  assert "transposed" in pg._q_in_place_reason(True, None, 4, transposed, True)
+  assert pg._q_in_place_reason(True, None, 4, transposed, False) is None
+
+
 # --- end to end in interpret mode (the real kernel) ----------------------------------------
+
+def test_q_in_place_through_interpreted_kernel(monkeypatch, hang_guard):
+  """The real kernel (interpret mode) reading q in place through `hydragen_attention`: one
+  shared node of 256 keys for 32 sequences (G = 4: one tile), their suffixes folded in, 2
+  splits merged in query order; vs the oracle. Eager, static owners (see below)."""
+  heads = []
+  real = mosaic_gpu.tile_attention
+
+  def spy(*args, **kwargs):
+    heads.append((kwargs["heads"], args[0].shape))
+    return real(*args, **kwargs)
+
+  pg.clear_jit_caches()
+  monkeypatch.setattr(pg.mosaic_gpu, "tile_attention", spy)
+  rng = np.random.default_rng(16)
+  b, kh, g, d = 32, 1, 4, 64
+  levels = [(rng.standard_normal((1, 256, kh, d)), rng.standard_normal((1, 256, kh, d)),
+             np.array([230], np.int32), np.zeros(b, np.int32)),
+            (rng.standard_normal((b, 64, kh, d)), rng.standard_normal((b, 64, kh, d)),
+             rng.integers(0, 65, size=b).astype(np.int32), None)]
+  q = rng.standard_normal((b, 1, kh * g, d))
+  cfg = pg.configure(lowering="mosaic", mosaic=dict(splits=2, q_in_place=True))
+  lv = [KVLevel(jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), jnp.asarray(n), o)
+        for k, v, n, o in levels]
+  try:
+    out, lse = hydragen_attention(jnp.asarray(q, jnp.bfloat16), lv, backend=cfg)
+  finally:
+    pg.clear_jit_caches()
+  assert heads == [(g, (b, kh * g, d))]
+  _check(out, lse, *_expect(q, levels, True, jnp.bfloat16), jnp.bfloat16)
+
 
 def test_stacked_layer_through_interpreted_kernel(monkeypatch, hang_guard):
   """The real kernel (interpret mode): a shared level of 3 nodes (one empty of sequences) in a
@@ -840,23 +1022,33 @@ def _export_for_cuda(fn, *args):
   return export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
 
 
-@pytest.mark.parametrize("fold,stacked,stagger,d,transposed,rows,overlap", [
-    (False, False, False, 128, False, 4, False), (False, True, False, 64, False, 4, False),
-    (True, False, False, 128, False, 4, False), (True, True, True, 128, False, 4, False),
-    (True, False, False, 128, True, 4, False), (True, True, False, 64, True, 8, False),
-    (True, False, True, 128, True, 16, False), (True, False, False, 128, True, 1, False),
-    (False, False, False, 128, False, 4, True), (False, True, False, 64, False, 4, True),
-    (True, False, False, 128, False, 4, True)])
-def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d, transposed, rows, overlap):
+@pytest.mark.parametrize("fold,stacked,stagger,d,transposed,rows,overlap,heads", [
+    (False, False, False, 128, False, 4, False, None),
+    (False, True, False, 64, False, 4, False, None),
+    (True, False, False, 128, False, 4, False, None),
+    (True, True, True, 128, False, 4, False, None),
+    (True, False, False, 128, True, 4, False, None),
+    (True, True, False, 64, True, 8, False, None),
+    (True, False, True, 128, True, 16, False, None),
+    (True, False, False, 128, True, 1, False, None),
+    (False, False, False, 128, False, 4, True, None),
+    (False, True, False, 64, False, 4, True, None),
+    (True, False, False, 128, False, 4, True, None),
+    (False, False, False, 128, False, 4, False, 4), (False, True, False, 64, False, 4, False, 1),
+    (True, False, False, 128, False, 4, False, 4), (True, True, False, 64, False, 8, False, 4),
+    (True, False, False, 128, False, 8, True, 8), (True, False, False, 128, False, 2, False, 2)])
+def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d, transposed, rows, overlap, heads):
   """The kernel as the H200 runs it (not the interpreter's path: its wgmma on transposed
   shared memory, register layouts, warpgroup roles) lowers for CUDA on this CPU: plain and
   folded, caches stacked at a traced layer, staggered suffix steps, head dims 64 and 128,
   transposed suffix steps at 1, 4, 8 and 16 rows a sequence, the node steps software-
-  pipelined (the interpret-mode tests replace wgmma by dot_general and cannot see a lowering error)."""
+  pipelined (the interpret-mode tests replace wgmma by dot_general and cannot see a lowering error);
+  q read and out written in place at G = 1, 2, 4, 8, two queries a sequence at G = 4."""
   kh, r, s, n, u = 2, 2 * TILE, 256, 2, 128
   sds = jax.ShapeDtypeStruct
   stack = (lambda shape: (2,) + shape) if stacked else (lambda shape: shape)
-  args = [sds((kh, r, d), jnp.bfloat16), sds(stack((n, s, kh, d)), jnp.bfloat16),
+  q_shape = (kh, r, d) if heads is None else (r // heads, kh * heads, d)
+  args = [sds(q_shape, jnp.bfloat16), sds(stack((n, s, kh, d)), jnp.bfloat16),
           sds(stack((n, s, kh, d)), jnp.bfloat16), sds((r // TILE, 4), jnp.int32),
           sds((r,), jnp.int32), sds((), jnp.int32)]
   if fold:
@@ -872,7 +1064,8 @@ def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d, transposed, rows, 
     return mosaic_gpu.tile_attention(q, k, v, tab, lim, scale=d ** -0.5, block_kv=128,
                                      stages=2, splits=2, blocks_per_split=1,
                                      layer=layer if stacked else None, suffix=suffix,
-                                     stagger=stagger, transposed=transposed, overlap=overlap)
+                                     stagger=stagger, transposed=transposed, overlap=overlap,
+                                     heads=heads)
 
   text = _export_for_cuda(fn, *args)
   assert "mosaic_gpu" in text

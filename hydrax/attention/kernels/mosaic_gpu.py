@@ -73,6 +73,12 @@ products), and the 32-byte swizzle it imposes on every tile (wgmma takes equal s
 p^T's rows are 32 bytes) makes the node steps ~12% slower in the kernel, though not in a
 step timed alone without loads.
 
+`heads=G` (`MosaicConfig.q_in_place`, off) reads q [B*T,H,D] in place, one copy a query head
+of each warpgroup's rows (so the warpgroup's rows go by head: row gi*(64/G) + x is query row
+x at head kvh*G + gi), and writes out [P,B*T,H,D] the same way: the launches that pack q
+before the kernel and unpack out after it go (3.5 and 4.0 us of a 16K/256 call on the H200,
+run 17). Exact in interpret mode and lowered for CUDA on the CPU; not yet timed.
+
 Runs on Hopper (sm_90) GPUs with bf16 or fp16; off GPU it runs in Mosaic GPU interpret mode
 (slow; for tests). Callers pick it through `pallas_gpu` (the `pallas` backend) for stacked
 shared levels; the Triton kernel there serves everything else and every other GPU.
@@ -87,6 +93,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -101,6 +108,9 @@ HALF = 64             # keys of a folded suffix block (half a slot: one compute 
 SUFFIX_COLS = 16
 STAGGER_PHASES = 16   # phases of the folded suffix steps (`MosaicConfig.suffix_stagger`)
 HEAD_DIMS = (64, 128)
+# Query heads a KV head (G) with which the kernel reads q in place (`tile_attention(heads=)`):
+# a head's rows of a warpgroup, 64 // G, must be whole 8-row tiles of shared memory.
+HEAD_GROUPS = (1, 2, 4, 8)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -143,6 +153,12 @@ class MosaicConfig:
   # faster on the H200 (run 17: 0.99-1.05x the launch; the node steps run at about
   # FlashAttention-3's rate without it). So off.
   node_overlap: bool = False
+  # q read and out written in place (`tile_attention(heads=)`) when the level's rows are in
+  # order and fill whole tiles (and G is one of HEAD_GROUPS): no launch packs q before the
+  # kernel or unpacks out after it (3.5 and 4.0 us of a 16K/256 call on the H200 in run 17;
+  # the splits' merge stays). Exact in interpret mode and lowered for CUDA on the CPU; not yet
+  # timed on the H200, so off.
+  q_in_place: bool = False
 
   def __post_init__(self):
     lead = self.suffix_lead
@@ -167,10 +183,30 @@ def unsupported_reason(dtype, d: int, block_kv: int) -> Optional[str]:
   return None
 
 
+def tile_rows_in_place(heads: int):
+  """[BLOCK_Q] int: the packed row (query row x head, `tile_attention` without `heads`) of
+  each of a warpgroup's rows when q is read in place with G = heads, counted from the
+  warpgroup's first: row gi*n + x (n = BLOCK_Q // G) is query row x at head gi, packed row
+  x*G + gi."""
+  rows = np.arange(BLOCK_Q)
+  n = BLOCK_Q // heads
+  return (rows % n) * heads + rows // n
+
+
+def _row_group(rows, seq_rows: int, heads: int):
+  """The row group (sequence within its warpgroup) of warpgroup rows `rows` (int32, in
+  [0, BLOCK_Q)): seq_rows consecutive rows each in the packed layout (heads 0); with q read
+  in place (heads = G) row gi*n + x holds query row x of head gi (n = BLOCK_Q // G), whose
+  sequence is x // T (T = seq_rows // G)."""
+  if not heads:
+    return lax.div(rows, jnp.int32(seq_rows))
+  return lax.div(lax.rem(rows, jnp.int32(BLOCK_Q // heads)), jnp.int32(seq_rows // heads))
+
+
 def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref,
             scoped, *, block_kv: int, stages: int, blocks_per_split: int, scale_log2: float,
             interpret: bool, seq_rows: int, splits: int, stagger: bool, lead: int,
-            layer_nodes: tuple, transposed: bool, overlap: bool):
+            layer_nodes: tuple, transposed: bool, overlap: bool, heads: int):
   """One CTA: tile `tile`, KV head `kvh`, key split `split`; warpgroup `wg` (2 = memory).
 
   tab [Tn, 4] int32 (node, lo, hi, suffix hi); lim [R] int32; layer [1] int32; q [K,R,D];
@@ -180,6 +216,8 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
   nodes move by layer * N. transposed: suffix steps as transposed products
   (`_compute.suffix_step`); the extra buffers pt, ot [2,HALF,SUFFIX_COLS], [2,D,SUFFIX_COLS].
   overlap: unmasked node steps software-pipelined (`_compute.overlapped_node_steps`).
+  heads: 0 (q [K,R,D] packed, o [P,K,R,D]), or G with q [B*T,H,D] read and o [P,B*T,H,D]
+  written in place (`tile_attention`'s `heads`; every other array in tile rows).
   """
   (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2, *extra), bars, free_bars, sched = scoped
   q_bar, lim_bar, k_bar, v_bar = bars
@@ -253,7 +291,15 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     plgpu.set_max_registers(232, action="increase")
     qo_smem, lim_smem, lse_smem = qo_smem2.at[wg], lim_smem2.at[wg], lse_smem2.at[wg]
     row0 = tile * TILE + wg * BLOCK_Q
-    plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(row0, BLOCK_Q)], qo_smem, q_bar.at[wg])
+    if heads:
+      # Head gi's rows [gi*n, (gi + 1)*n) of the warpgroup are query rows [bt0, bt0 + n) of
+      # q [B*T,H,D] at head kvh*G + gi: one copy each, read in place (no packing launch).
+      n, bt0 = BLOCK_Q // heads, lax.div(row0, jnp.int32(heads))
+      for gi in range(heads):
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(bt0, n), kvh * heads + gi],
+                                qo_smem.at[pl.ds(gi * n, n)], q_bar.at[wg])
+    else:
+      plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(row0, BLOCK_Q)], qo_smem, q_bar.at[wg])
     plgpu.copy_gmem_to_smem(lim_ref.at[pl.ds(row0, BLOCK_Q)], lim_smem, lim_bar.at[wg])
     if fused:
       plgpu.copy_gmem_to_smem(slim_ref.at[pl.ds(row0, BLOCK_Q)], slim_smem2.at[wg], lim_bar.at[wg])
@@ -271,7 +317,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       rows = cast(lax.broadcasted_iota(jnp.int32, (BLOCK_Q, HALF), 0),
                   plgpu.Layout.WGMMA).max(axis=1)
       slim = cast(slim_smem2.at[wg][...], row_layout)
-      suffix_start = (lax.div(rows, jnp.int32(seq_rows)) - j0) * (nsb * HALF)
+      suffix_start = (_row_group(rows, seq_rows, heads) - j0) * (nsb * HALF)
       suffix_end = suffix_start + slim
     m_i = cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), row_layout)
     l_i = cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), row_layout)
@@ -624,7 +670,12 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     qo_smem[...] = acc.astype(dtype)
     lse_smem[...] = jnp.where(has, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[split, kvh, pl.ds(row0, BLOCK_Q)])
+    if heads:
+      for gi in range(heads):
+        plgpu.copy_smem_to_gmem(qo_smem.at[pl.ds(gi * n, n)],
+                                o_ref.at[split, pl.ds(bt0, n), kvh * heads + gi])
+    else:
+      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[split, kvh, pl.ds(row0, BLOCK_Q)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, kvh, pl.ds(row0, BLOCK_Q)])
     plgpu.wait_smem_to_gmem(0)
 
@@ -742,7 +793,7 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
                    splits: int, blocks_per_split: int, interpret: bool = False,
                    suffix: Optional[Suffix] = None, stagger: bool = False,
                    lead: Optional[int] = 0, layer=None, transposed: bool = False,
-                   overlap: bool = False):
+                   overlap: bool = False, heads: Optional[int] = None):
   """Runs the kernel. q [K, Tn*TILE, D] (rows of one node per tile), k, v [N,S,K,D] with
   S a multiple of block_kv, tab [Tn, 4] int32 (node, lo, hi, suffix hi) with lo/hi the min/max
   key limit of the tile's real rows, row_limits [Tn*TILE] int32 (0 for padding rows).
@@ -757,8 +808,27 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   fall among the node's by a fraction of a step that differs between CTAs; `transposed` runs them
   as transposed products (the sequence's rows as wgmma's N: seq_rows <= SUFFIX_COLS);
   `overlap` software-pipelines the unmasked node steps (`MosaicConfig.node_overlap`).
-  Returns out [P,K,Tn*TILE,D] in q's dtype and lse [P,K,Tn*TILE] float32 (natural log)."""
-  kh, r, d = q.shape
+  Returns out [P,K,Tn*TILE,D] in q's dtype and lse [P,K,Tn*TILE] float32 (natural log).
+
+  heads = G (one of HEAD_GROUPS; `MosaicConfig.q_in_place`): q is [B*T,H,D] (H = G*K) as the
+  model makes it, read in place, and out is [P,B*T,H,D], written in place: no packing launch
+  before the kernel, no unpacking after it (the splits' merge is elementwise). Query rows go
+  to tiles in order (B*T*G a multiple of TILE), and within each warpgroup's 64 tile rows by
+  head: row gi*n + x (n = 64 // G) of warpgroup h of tile t is query row
+  (t*TILE + h*64) // G + x at head kvh*G + gi. row_limits, tab, lse and the suffix's tables
+  are in that tile-row order (`tile_rows_in_place` maps it to the packed rows)."""
+  if heads is None:
+    kh, r, d = q.shape
+  else:
+    if heads not in HEAD_GROUPS:
+      raise ValueError(f"heads={heads!r}: q read in place takes G in {HEAD_GROUPS}")
+    if transposed:
+      raise ValueError("heads: transposed suffix steps take packed rows (pass heads=None)")
+    if q.ndim != 3 or q.shape[1] != heads * k.shape[-2]:
+      raise ValueError(f"q {list(q.shape)} read in place must be [B*T,H,D] with "
+                       f"H = heads * K = {heads} * {k.shape[-2]}")
+    bt, _, d = q.shape
+    kh, r = k.shape[-2], bt * heads
   lead = stages if lead is None else lead
   if isinstance(lead, bool) or not isinstance(lead, int) or lead < 0:
     raise ValueError(f"lead must be a non-negative int or None, got {lead!r}")
@@ -779,6 +849,8 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
     if reason is not None:
       raise ValueError(f"suffix: {reason}")
     groups = BLOCK_Q // seq_rows
+    if heads is not None and seq_rows % heads:
+      raise ValueError(f"suffix.seq_rows {seq_rows} is not T * heads (heads={heads})")
     if suffix.table.shape != (num_tiles, COMPUTE_WGS, groups, 2):
       raise ValueError(f"suffix.table shape {suffix.table.shape} != "
                        f"{(num_tiles, COMPUTE_WGS, groups, 2)}")
@@ -801,6 +873,7 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   # Copies a barrier waits for: the limits (and the suffix limits); a key or value block
   # (in two halves when a suffix is folded).
   lim_copies = 1 if suffix is None else 2
+  q_copies = heads or 1
   block_copies = 1 if suffix is None else COMPUTE_WGS
 
   def entry(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, *rest):
@@ -824,11 +897,11 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
                              blocks_per_split=blocks_per_split,
                              scale_log2=float(scale) * LOG2E, interpret=interpret,
                              seq_rows=seq_rows, splits=splits, stagger=stagger, lead=lead,
-                             transposed=transposed, overlap=bool(overlap))
+                             transposed=transposed, overlap=bool(overlap), heads=heads or 0)
     pl.run_scoped(
         lambda *scoped: body(scoped),
         buffers,
-        (plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        (plgpu.Barrier(num_arrivals=q_copies, num_barriers=COMPUTE_WGS),
          plgpu.Barrier(num_arrivals=lim_copies, num_barriers=COMPUTE_WGS),
          plgpu.Barrier(num_arrivals=block_copies, num_barriers=stages),
          plgpu.Barrier(num_arrivals=block_copies, num_barriers=stages)),
@@ -845,7 +918,8 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
                                      suffix.v)
   out, lse = plgpu.kernel(
       entry,
-      out_type=(jax.ShapeDtypeStruct((splits, kh, r, d), dtype),
+      out_type=(jax.ShapeDtypeStruct((splits, kh, r, d) if heads is None
+                                     else (splits,) + q.shape, dtype),
                 jax.ShapeDtypeStruct((splits, kh, r), jnp.float32)),
       grid=(num_tiles, splits, kh),
       grid_names=("tile", "split", "kvh"),

@@ -646,15 +646,8 @@ def _inverse(order):
 def _unpack(out, lse, order, shape, dtype=jnp.float32, inverse=None):
   """Inverse of `_pack`: out [K,R,Dp], lse [K,R] -> [B,T,H,D] (dtype), [B,T,H]; inverse:
   `_inverse(order)` when already computed."""
-  b, t, h, d = shape
-  kh = out.shape[0]
-  o = out.reshape(kh, b, t, h // kh, out.shape[-1])
-  l = lse.reshape(kh, b, t, h // kh)
-  if order is not None:
-    inv = jnp.asarray(_inverse(order) if inverse is None else inverse)
-    o, l = jnp.take(o, inv, axis=1), jnp.take(l, inv, axis=1)
-  o = jnp.transpose(o, (1, 2, 0, 3, 4)).reshape(b, t, h, -1)[..., :d].astype(dtype)
-  return o, jnp.transpose(l, (1, 2, 0, 3)).reshape(b, t, h)
+  o, l = _query_rows(_Part(out[None], lse[None], None, order), shape, inverse)
+  return o[0, ..., :shape[3]].astype(dtype), l[0]
 
 
 def _same_order(a, b) -> bool:
@@ -698,7 +691,9 @@ class _MosaicTables(NamedTuple):
   packed row of each tile row, or None when the rows are in place; tab [Tn,4] int32 (node,
   lo, hi, the folded suffix's hi); limt [Tn*TILE] int32, each tile row's key limit; pos None
   (rows in place) or [R] int32, the tile row of each packed row; suffix None, or the folded
-  per-sequence level's (table, limits) (`mosaic_gpu.Suffix`); the key splits."""
+  per-sequence level's (table, limits) (`mosaic_gpu.Suffix`); the key splits; heads: None
+  (q packed), or G: q read and out written in place (`MosaicConfig.q_in_place`; tab, limt
+  and the suffix's tables in the kernel's tile rows, `mosaic_gpu.tile_rows_in_place`)."""
   order: Optional[object]
   src: Optional[jax.Array]
   tab: jax.Array
@@ -707,6 +702,7 @@ class _MosaicTables(NamedTuple):
   suffix: Optional[tuple]
   splits: int
   blocks_per_split: int
+  heads: Optional[int] = None
 
 
 def _layer_view(k, v, layer, cfg: Config, in_place_ok: bool = True):
@@ -849,22 +845,67 @@ def _use_mosaic(q_shape, k_shape, owner, dtype, cfg: Config) -> bool:
 class _Part(NamedTuple):
   """One level's kernel results in packed rows (the level's `order`), key splits not merged:
   out [P,K,X,Dx] (q's dtype or f32; Dx = D, or Dp for the Triton kernel), lse [P,K,X] f32;
-  slot None when packed row r is at X-index r (X = R), else [R] int32, the X-index of row r."""
+  slot None when packed row r is at X-index r (X = R), else [R] int32, the X-index of row r.
+  heads: None, or G when the Mosaic GPU kernel wrote out in place, [P,B*T,H,D], its lse
+  [P,K,R] in the kernel's tile rows (`mosaic_gpu.tile_attention(heads=)`)."""
   out: jax.Array
   lse: jax.Array
   slot: Optional[object]
   order: Optional[object]
   final: bool = False      # out [B,K,G,D] (q's dtype), lse [B,K,G]: every level merged in
+  heads: Optional[int] = None
+
+
+def _query_rows(part: _Part, shape, inverse=None):
+  """A part's splits in query order: (out [P,B,T,H,Dx] as stored, lse [P,B,T,H] f32).
+  inverse: `_inverse(part.order)` when already computed."""
+  b, t, h, _ = shape
+  out, lse = part.out, part.lse
+  p, kh = lse.shape[:2]
+  if part.heads:
+    g = part.heads
+    n = mosaic_gpu.BLOCK_Q // g
+    # tile row gi*n + x of block c (64 rows) is query row c*n + x at head kvh*G + gi
+    lse = lse.reshape(p, kh, -1, g, n).transpose(0, 2, 4, 1, 3)
+    return out.reshape(p, b, t, h, -1), lse.reshape(p, b, t, h)
+  if part.slot is not None:
+    slot = jnp.asarray(part.slot)
+    out, lse = jnp.take(out, slot, axis=2), jnp.take(lse, slot, axis=2)
+  o = out.reshape(p, kh, b, t, h // kh, out.shape[-1])
+  l = lse.reshape(p, kh, b, t, h // kh)
+  if part.order is not None:
+    inv = jnp.asarray(_inverse(part.order) if inverse is None else inverse)
+    o, l = jnp.take(o, inv, axis=2), jnp.take(l, inv, axis=2)
+  o = jnp.transpose(o, (0, 2, 3, 1, 4, 5)).reshape(p, b, t, h, -1)
+  return o, jnp.transpose(l, (0, 2, 3, 1, 4)).reshape(p, b, t, h)
 
 
 def _finish(part: _Part, shape, dtype=jnp.float32):
   """A level's (out [B,T,H,D] dtype, lse [B,T,H]) from its `_Part`: splits merged, rows
   unpacked."""
+  if part.heads:
+    out, lse = _query_rows(part, shape)
+    out, lse = flash.combine_splits(out.astype(jnp.float32), lse)
+    return out.astype(dtype), lse
   out, lse = flash.combine_splits(part.out.astype(jnp.float32), part.lse)
   if part.slot is not None:
     out = jnp.take(out, jnp.asarray(part.slot), axis=1)
     lse = jnp.take(lse, jnp.asarray(part.slot), axis=1)
   return _unpack(out, lse, part.order, shape, dtype)
+
+
+def _q_in_place_reason(rows_in_place: bool, order, g: int, cfg: Config,
+                       folded: bool) -> Optional[str]:
+  """Why the Mosaic GPU kernel cannot read q in place (`MosaicConfig.q_in_place`), or None."""
+  if not rows_in_place:
+    return "the level's rows do not fill whole tiles in order"
+  if order is not None:
+    return "another level fixes the rows' order"
+  if g not in mosaic_gpu.HEAD_GROUPS:
+    return f"G = {g} query heads a KV head (in place: {mosaic_gpu.HEAD_GROUPS})"
+  if folded and cfg.mosaic.suffix_transposed:
+    return "suffix_transposed takes packed rows"
+  return None
 
 
 def _mosaic_tables(q_shape, k_shape, owner, limits, cfg: Config, order=_OWN,
@@ -894,12 +935,30 @@ def _mosaic_tables(q_shape, k_shape, owner, limits, cfg: Config, order=_OWN,
   valid = local < xp.asarray(layout.count)[:, None]                # [Tn, TILE]
   src = xp.where(valid, xp.asarray(layout.start)[:, None] + local, 0).reshape(-1)
   in_place = static and bool(valid.all()) and np.array_equal(src, np.arange(r))
+  heads = None
+  if cfg.mosaic.q_in_place:
+    why = _q_in_place_reason(in_place, layout.order, g, cfg, suffix is not None)
+    if why is None:
+      heads = g
+    else:
+      log_once(("q-in-place", why),
+               "hydrax pallas backend: q_in_place asked for, but %s: the Mosaic GPU kernel "
+               "reads q packed (a launch before it, one after it)", why)
 
-  def tile_rows(x):
-    """A packed-row array [R] in tile rows [Tn*TILE] (0 in padding rows)."""
+  def packed_tile_rows(x):
+    """A packed-row array [R] in packed tile rows [Tn*TILE] (0 in padding rows)."""
     if in_place:
       return x
     return jnp.where(jnp.asarray(valid.reshape(-1)), jnp.take(x, jnp.asarray(src, jnp.int32)), 0)
+
+  def tile_rows(x):
+    """A packed-row array [R] in the kernel's tile rows: with q in place (rows in place),
+    each warpgroup's rows by head (`mosaic_gpu.tile_rows_in_place`)."""
+    if not heads:
+      return packed_tile_rows(x)
+    bq = mosaic_gpu.BLOCK_Q
+    idx = np.arange(r) // bq * bq + np.tile(mosaic_gpu.tile_rows_in_place(heads), r // bq)
+    return jnp.take(x, jnp.asarray(idx, jnp.int32))
 
   limt = tile_rows(row_limits)
   lim2 = limt.reshape(num_tiles, tile)
@@ -910,7 +969,10 @@ def _mosaic_tables(q_shape, k_shape, owner, limits, cfg: Config, order=_OWN,
   node = jnp.asarray(layout.node, jnp.int32)
   sfx, suffix_hi = None, jnp.zeros((num_tiles,), jnp.int32)
   if suffix is not None:
-    sfx, suffix_hi = _suffix_tables(suffix, q_shape, layout.order, tile_rows, num_tiles)
+    # (groups of a sequence's rows in the packed tile rows; the limits then in the kernel's)
+    (stab, slim), suffix_hi = _suffix_tables(suffix, q_shape, layout.order, packed_tile_rows,
+                                             num_tiles)
+    sfx = (stab, tile_rows(slim) if heads else slim)
   tab = jnp.stack([node, lo, hi, suffix_hi], axis=1)
   if cfg.mosaic.splits:
     splits = cfg.mosaic.splits
@@ -931,7 +993,7 @@ def _mosaic_tables(q_shape, k_shape, owner, limits, cfg: Config, order=_OWN,
       pos = jnp.zeros((r,), jnp.int32).at[jnp.where(valid.reshape(-1), src, r)].set(
           jnp.arange(slots, dtype=jnp.int32), mode="drop")
   return _MosaicTables(layout.order, None if in_place else jnp.asarray(src, jnp.int32), tab,
-                       limt, pos, sfx, splits, bps)
+                       limt, pos, sfx, splits, bps, heads)
 
 
 def _mosaic_part(q, k, v, tabs: _MosaicTables, scale, cfg: Config, layer=None,
@@ -945,8 +1007,11 @@ def _mosaic_part(q, k, v, tabs: _MosaicTables, scale, cfg: Config, layer=None,
   bk = cfg.mosaic.block_kv
   nblk = -(-s // bk)
   k, v, layer = _kernel_layer_view(k, v, layer, cfg, in_place_ok=s % bk == 0)
-  qp = _pack(q, tabs.order, kh, d)                                 # [K, R, D]
-  qt = qp if tabs.src is None else jnp.take(qp, tabs.src, axis=1)
+  if tabs.heads:
+    qt = q.reshape(b * t, h, d)                                    # read in place
+  else:
+    qp = _pack(q, tabs.order, kh, d)                               # [K, R, D]
+    qt = qp if tabs.src is None else jnp.take(qp, tabs.src, axis=1)
   if s % bk:                      # pad the capacity to whole key blocks (masked inside)
     if s > bk:
       log_once(("mosaic-pad", s, bk),
@@ -973,9 +1038,9 @@ def _mosaic_part(q, k, v, tabs: _MosaicTables, scale, cfg: Config, layer=None,
       splits=tabs.splits, blocks_per_split=tabs.blocks_per_split, interpret=_interpret(cfg),
       suffix=sfx, stagger=cfg.mosaic.suffix_stagger and sfx is not None,
       lead=cfg.mosaic.suffix_lead, layer=layer,
-      transposed=transposed, overlap=cfg.mosaic.node_overlap)
-  # [P, K, Tn*TILE, D], [P, K, Tn*TILE]
-  return _Part(out, lse, tabs.pos, tabs.order)
+      transposed=transposed, overlap=cfg.mosaic.node_overlap, heads=tabs.heads)
+  # [P, K, Tn*TILE, D] (with heads [P, B*T, H, D]), [P, K, Tn*TILE]
+  return _Part(out, lse, tabs.pos, tabs.order, heads=tabs.heads)
 
 
 def _suffix_tables(suffix, q_shape, order, tile_rows, num_tiles: int):
@@ -1173,7 +1238,8 @@ def _grouped_tables(q_shape, kvl, owners, limits, cfg: Config) -> _GroupedTables
                            order, lengths)
     steps.append((i, kind, tabs))
     order = tabs.order
-    in_place = in_place and tabs.pos is None
+    # (a kernel that merges earlier parts reads them in packed rows)
+    in_place = in_place and tabs.pos is None and not getattr(tabs, "heads", None)
   return _GroupedTables(tuple(steps), fold, order, None if order is None else _inverse(order))
 
 
@@ -1209,6 +1275,12 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config, tables=N
       parts[i] = _part_on_stream(cfg.level_stream, q, k, v, tabs, layer, scale, cfg)
     else:
       parts[i] = _level_run(q, k, v, tabs, layer, scale, cfg)
+  if any(p.heads for p in parts.values()):
+    # out written in place by the Mosaic GPU kernel: every part in query order, one merge
+    outs, lses = zip(*[_query_rows(parts[i], q.shape, tables.inverse) for i in sorted(parts)])
+    out, lse = flash.combine_splits(
+        jnp.concatenate([o[..., :d].astype(jnp.float32) for o in outs]), jnp.concatenate(lses))
+    return out.astype(q.dtype), lse
   outs, lses = [], []
   for i in sorted(parts):
     o, lse = parts[i].out, parts[i].lse
