@@ -42,8 +42,8 @@ class Mutation:
   backends: tuple             # backends whose tests must catch it
 
 
-ALL = ("xla", "pallas", "mosaic", "mosaic_folded", "pallas_path", "pallas_path_grouped",
-       "pallas_merge_in_kernel")
+ALL = ("xla", "pallas", "mosaic", "mosaic_folded", "mosaic_in_place", "pallas_path",
+       "pallas_path_grouped", "pallas_merge_in_kernel")
 # The backends whose tests run the core's level loop and merge. The Mosaic case's test
 # (two levels, one of them fixing the row order) runs through `grouped_levels`, one merge in
 # packed rows, since that became the default (Config.finish "once"): not the loop.
@@ -177,6 +177,20 @@ MUTATIONS = [
              "lax.optimization_barrier((acc, l_new, m_new, p_new))",
              "lax.optimization_barrier((acc / lax.broadcast_in_dim(alpha, acc.shape, [0]), "
              "l_new, m_new, p_new))", ("mosaic_folded",)),
+    Mutation("mosaic_in_place_row_groups", "Mosaic GPU kernel, q read in place: a folded "
+             "suffix's row groups taken as in packed rows (consecutive rows of a sequence)",
+             "hydrax.attention.kernels.mosaic_gpu", "_row_group", "if not heads:", "if True:",
+             ("mosaic_in_place",)),
+    Mutation("mosaic_in_place_out_head", "Mosaic GPU kernel, out written in place: every "
+             "query head of a KV head written to its first",
+             "hydrax.attention.kernels.mosaic_gpu", "_kernel",
+             "o_ref.at[split, pl.ds(bt0, n), kvh * heads + gi]",
+             "o_ref.at[split, pl.ds(bt0, n), kvh * heads]", ("mosaic_in_place",)),
+    Mutation("query_rows_lse_order", "pallas backend, q read in place: the kernel's lse rows "
+             "put in query order with heads and rows swapped",
+             "hydrax.attention.kernels.pallas_gpu", "_query_rows",
+             "lse.reshape(p, kh, -1, g, n).transpose(0, 2, 4, 1, 3)",
+             "lse.reshape(p, kh, -1, n, g).transpose(0, 2, 3, 1, 4)", ("mosaic_in_place",)),
     Mutation("mosaic_fold_stagger_first_chunk", "Mosaic GPU kernel, staggered suffix steps: "
              "the node steps before the first suffix step skipped (the warpgroups then wait "
              "for keys never loaded: a deadlock, ended by the tests' hang guard)",
@@ -204,6 +218,9 @@ def node_ids(backend: str) -> list[str]:
   if backend == "mosaic_folded":     # (and the kernel's own cases: stacked, staggered)
     return [path + "test_mosaic_folded_exact",
             "tests/attention/test_mosaic.py::test_folded_kernel_interpret_matches_split_reference"]
+  if backend == "mosaic_in_place":   # q read and out written in place (MosaicConfig.q_in_place)
+    return ["tests/attention/test_mosaic.py::test_in_place_kernel_interpret_matches_split_reference",
+            "tests/attention/test_mosaic.py::test_q_in_place_through_interpreted_kernel"]
   return [path + t.format(b=backend) for t in _CORE]
 
 
