@@ -160,6 +160,25 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
     ("grouped_fold_tree2_bf16_gqa4_N5_lead", 67, 1, 8, 4, "bfloat16", [(5, 700)], 192, 3,
      {"backend": "pallas", "path": "off", "lowering": "mosaic",
       "mosaic": {"fold_suffix": True, "suffix_lead": None}}),
+    # q read and out written in place by the Mosaic GPU kernel (`MosaicConfig.q_in_place`): a
+    # one-node root of 16K with the suffix folded (the engine's decode); the same root
+    # unfolded (a suffix capacity of 130: the per-sequence level on Triton, packed, merged
+    # with the root's in-place part); two queries a sequence at G = 2; G = 8; a three-level
+    # tree, whose middle level fixes the rows' order (so the root reads q packed, logged).
+    ("grouped_inplace_fold_tree2_bf16_gqa4_B256_16K", 256, 1, 8, 4, "bfloat16",
+     [(1, 16384)], 128, 2, {"backend": "pallas", "path": "off",
+                            "mosaic": {"fold_suffix": True, "q_in_place": True}}),
+    ("grouped_inplace_tree2_bf16_gqa4_B256_4K", 256, 1, 8, 4, "bfloat16", [(1, 4096)], 130, 2,
+     {"backend": "pallas", "path": "off", "mosaic": {"q_in_place": True}}),
+    ("grouped_inplace_fold_tree2_bf16_gqa2_T2", 64, 2, 8, 2, "bfloat16", [(1, 1000)], 64, 2,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic",
+      "mosaic": {"fold_suffix": True, "q_in_place": True}}),
+    ("grouped_inplace_fold_tree2_bf16_gqa8_B32", 32, 1, 4, 8, "bfloat16", [(1, 3000)], 192, 2,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic",
+      "mosaic": {"fold_suffix": True, "q_in_place": True}}),
+    ("grouped_inplace_fold_tree3_bf16_gqa4", 67, 1, 8, 4, "bfloat16", [(1, 1500), (7, 300)],
+     128, 3, {"backend": "pallas", "path": "off",
+              "mosaic": {"fold_suffix": True, "q_in_place": True}}),
 ]
 SMOKE_CHECKS = [("smoke_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
                  {"mode": "shared", "splits": 2}),
