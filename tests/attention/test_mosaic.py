@@ -815,6 +815,37 @@ def test_q_in_place_reasons():
   assert pg._q_in_place_reason(True, None, 4, transposed, False) is None
 
 
+def test_q_in_place_program_for_cuda_has_no_packing():
+  """The whole call as the H200 runs it (the pallas backend, Mosaic GPU kernel not
+  interpreted, exported for CUDA on this CPU) at 4K/256 with the suffix folded: packed, q
+  and out are transposed around the kernel; with q_in_place the only transpose left is of
+  the kernel's lse ([P,K,R] f32 into query order), none of a [.., D] array."""
+  from jax import export
+  sds = jax.ShapeDtypeStruct
+  b, p, u, h, kh, d = 256, 4096, 128, 32, 8, 128
+  args = (sds((b, 1, h, d), jnp.bfloat16), sds((1, p, kh, d), jnp.bfloat16),
+          sds((1, p, kh, d), jnp.bfloat16), sds((b, u, kh, d), jnp.bfloat16),
+          sds((b, u, kh, d), jnp.bfloat16), sds((1,), jnp.int32), sds((b,), jnp.int32),
+          sds((b,), jnp.int32))
+  operands = {}
+  for in_place in (False, True):
+    cfg = pg.configure(lowering="mosaic", interpret=False, path="off",
+                       mosaic=dict(q_in_place=in_place, splits=2))
+
+    def fn(q, k, v, ks, vs, lengths, suffix_lengths, owner):
+      return hydragen_attention(q, [KVLevel(k, v, lengths, owner),
+                                    KVLevel(ks, vs, suffix_lengths)], backend=cfg)
+
+    text = export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+    assert "mosaic_gpu" in text
+    operands[in_place] = [line.split(": (")[1].split(")")[0] for line in text.splitlines()
+                          if "stablehlo.transpose" in line]
+  assert any(f"x{d}xbf16" in x for x in operands[False])      # q packed before the kernel
+  assert any(f"x{d}x" in x for x in operands[False] if "bf16" not in x)   # out unpacked
+  assert operands[True] and all(f"x{d}x" not in x and x.endswith("f32>")
+                                for x in operands[True]), operands[True]
+
+
 # --- end to end in interpret mode (the real kernel) ----------------------------------------
 
 def test_q_in_place_through_interpreted_kernel(monkeypatch, hang_guard):
