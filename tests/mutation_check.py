@@ -219,8 +219,9 @@ def node_ids(backend: str) -> list[str]:
     return [path + "test_mosaic_folded_exact",
             "tests/attention/test_mosaic.py::test_folded_kernel_interpret_matches_split_reference"]
   if backend == "mosaic_in_place":   # q read and out written in place (MosaicConfig.q_in_place)
-    return ["tests/attention/test_mosaic.py::test_in_place_kernel_interpret_matches_split_reference",
-            "tests/attention/test_mosaic.py::test_q_in_place_through_interpreted_kernel"]
+    mosaic_tests = "tests/attention/test_mosaic.py::"
+    return [mosaic_tests + "test_in_place_kernel_interpret_matches_split_reference",
+            mosaic_tests + "test_q_in_place_through_interpreted_kernel"]
   return [path + t.format(b=backend) for t in _CORE]
 
 

@@ -136,8 +136,8 @@ def emulate_tile_attention(q, k, v, tab, row_limits, *, heads=None, **kw):
 def emulate_packed(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
                    blocks_per_split, interpret=False, suffix=None, stagger=False,
                    lead=0, layer=None, transposed=False, overlap=False):
-  """`mosaic_gpu.tile_attention`'s contract with q packed: out [P,K,R,D] in q's dtype (normalised per split),
-  lse [P,K,R] float32 (natural log; -inf and out 0 for a row that sees no key of the split).
+  """`mosaic_gpu.tile_attention`'s contract with q packed: out [P,K,R,D] in q's dtype
+  (normalised per split), lse [P,K,R] float32 (natural log; -inf and out 0 for a row that sees no key of the split).
 
   Static arguments are asserted. Values: a tile whose (node, lo, hi) is not (a node, <= the
   smallest positive limit of its rows, the largest limit of its rows) is poisoned with NaN, and

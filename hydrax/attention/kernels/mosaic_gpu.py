@@ -93,9 +93,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import numpy as np
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
