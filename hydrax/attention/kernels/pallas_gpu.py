@@ -880,13 +880,22 @@ def _query_rows(part: _Part, shape, inverse=None):
   return o, jnp.transpose(l, (0, 2, 3, 1, 4)).reshape(p, b, t, h)
 
 
+def _merge_in_query_order(parts, shape, dtype, inverse=None):
+  """(out [B,T,H,D] dtype, lse [B,T,H]): every split of `parts` (`_Part`s) put in query
+  order (`_query_rows`) and merged in one pass; for parts of which one at least was written
+  in place by the Mosaic GPU kernel (`_Part.heads`)."""
+  outs, lses = zip(*[_query_rows(part, shape, inverse) for part in parts])
+  out, lse = flash.combine_splits(
+      jnp.concatenate([o[..., :shape[3]].astype(jnp.float32) for o in outs]),
+      jnp.concatenate(lses))
+  return out.astype(dtype), lse
+
+
 def _finish(part: _Part, shape, dtype=jnp.float32):
   """A level's (out [B,T,H,D] dtype, lse [B,T,H]) from its `_Part`: splits merged, rows
   unpacked."""
   if part.heads:
-    out, lse = _query_rows(part, shape)
-    out, lse = flash.combine_splits(out.astype(jnp.float32), lse)
-    return out.astype(dtype), lse
+    return _merge_in_query_order([part], shape, dtype)
   out, lse = flash.combine_splits(part.out.astype(jnp.float32), part.lse)
   if part.slot is not None:
     out = jnp.take(out, jnp.asarray(part.slot), axis=1)
@@ -1277,10 +1286,8 @@ def _grouped_forward(q, kvl, owners, limits, scale: float, cfg: Config, tables=N
       parts[i] = _level_run(q, k, v, tabs, layer, scale, cfg)
   if any(p.heads for p in parts.values()):
     # out written in place by the Mosaic GPU kernel: every part in query order, one merge
-    outs, lses = zip(*[_query_rows(parts[i], q.shape, tables.inverse) for i in sorted(parts)])
-    out, lse = flash.combine_splits(
-        jnp.concatenate([o[..., :d].astype(jnp.float32) for o in outs]), jnp.concatenate(lses))
-    return out.astype(q.dtype), lse
+    return _merge_in_query_order([parts[i] for i in sorted(parts)], q.shape, q.dtype,
+                                 tables.inverse)
   outs, lses = [], []
   for i in sorted(parts):
     o, lse = parts[i].out, parts[i].lse
