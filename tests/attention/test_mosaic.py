@@ -52,26 +52,30 @@ def _suffix_group(row, seq_rows, splits):
 
 
 def split_reference(q, k, v, tab, row_limits, *, scale, block_kv, splits, blocks_per_split,
-                    suffix=None):
+                    suffix=None, suffix_warpgroup=False):
   """NumPy float64: row r (tile r // TILE, node tab[tile, 0]) over the keys of its node below
   row_limits[r] in split j's key range [j * bps * block_kv, (j + 1) * bps * block_kv), and,
   with `suffix` (a mosaic_gpu.Suffix), in the split that takes its row group (groups of
   seq_rows rows in each 64-row half of a tile, ceil(J / P) groups a split), the keys of its
   group's node in the suffix cache below its suffix limit.
+  suffix_warpgroup: every row's suffix keys alone in one more split (plane P).
   Returns out [P,K,R,D], lse [P,K,R] (0 and -inf where a row sees no key of the split)."""
   q, k, v = _f64(q), _f64(k), _f64(v)
   tab, row_limits = np.asarray(tab), np.asarray(row_limits)
   kh, r, d = q.shape
-  out = np.zeros((splits, kh, r, d))
-  lse = np.full((splits, kh, r), -np.inf)
+  planes = splits + bool(suffix_warpgroup)
+  out = np.zeros((planes, kh, r, d))
+  lse = np.full((planes, kh, r), -np.inf)
   span = blocks_per_split * block_kv
-  for j in range(splits):
+  for j in range(planes):
     for row in range(r):
       node = int(tab[row // TILE, 0])
       k0, k1 = j * span, min((j + 1) * span, int(row_limits[row]), k.shape[1])
       keys, values = [k[node, k0:max(k0, k1)]], [v[node, k0:max(k0, k1)]]
       if suffix is not None:
         h, grp, owner_split = _suffix_group(row, suffix.seq_rows, splits)
+        if suffix_warpgroup:
+          owner_split = splits
         if owner_split == j:
           seq = int(np.asarray(suffix.table)[row // TILE, h, grp, 0])
           n = int(np.asarray(suffix.row_limits)[row])
@@ -135,7 +139,8 @@ def emulate_tile_attention(q, k, v, tab, row_limits, *, heads=None, **kw):
 
 def emulate_packed(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
                    blocks_per_split, interpret=False, suffix=None, stagger=False,
-                   lead=0, layer=None, transposed=False, overlap=False):
+                   lead=0, layer=None, transposed=False, overlap=False,
+                   suffix_warpgroup=False, suffix_stages=2, registers=(216, 24, 56)):
   """`mosaic_gpu.tile_attention`'s contract with q packed: out [P,K,R,D] in q's dtype
   (normalised per split), lse [P,K,R] float32 (natural log; -inf and out 0 for a row that sees no key of the split).
 
@@ -148,7 +153,9 @@ def emulate_packed(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
   (`_suffix_group`), the keys of its group's node in the suffix cache below its suffix limit;
   a tile whose 4th column is not the largest suffix limit of its rows, and a group whose
   table entry is not (a node, the largest suffix limit of its rows), are poisoned.
-  Stacked caches ([L,N,S,K,D]) are read at `layer` (suffix.layer), nodes within the layer."""
+  Stacked caches ([L,N,S,K,D]) are read at `layer` (suffix.layer), nodes within the layer.
+  suffix_warpgroup: out and lse get one plane more, P, where every row sees its suffix keys
+  alone; planes [0, P) hold the node's keys alone."""
   assert (k.ndim == 5) == (layer is not None), "a stacked cache and its layer go together"
   stacked = (layer is not None, suffix is not None and suffix.layer is not None)
   if layer is not None:
@@ -173,10 +180,15 @@ def emulate_packed(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
   assert not transposed or (suffix is not None and suffix.seq_rows <= mosaic_gpu.SUFFIX_COLS)
   assert splits * blocks_per_split >= nblk, "some key blocks belong to no split"
   assert (splits - 1) * blocks_per_split < nblk, "an empty split"
+  assert not suffix_warpgroup or (suffix is not None and not transposed
+                                  and suffix.seq_rows in (1, 2, 4, 8) and suffix_stages >= 1
+                                  and suffix.k.shape[-3] % 32 == 0
+                                  and 2 * registers[0] + registers[1] + registers[2] <= 512)
+  planes = splits + bool(suffix_warpgroup)
   CALLS.append(dict(shape=(kh, r, d, n, s), block_kv=block_kv, splits=splits,
                     bps=blocks_per_split, interpret=interpret, suffix=suffix is not None,
                     stacked=stacked, stagger=stagger, lead=lead, transposed=transposed,
-                    overlap=overlap))
+                    overlap=overlap, suffix_warpgroup=bool(suffix_warpgroup)))
   tn = r // TILE
   node, lo, hi = tab[:, 0], tab[:, 1], tab[:, 2]
   lim = row_limits.reshape(tn, TILE)
@@ -191,7 +203,7 @@ def emulate_packed(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
   key = jnp.arange(s)
   split_of_key = key // (blocks_per_split * block_kv)
   vis = ((key[None, None, None, :] < lim[None, :, :, None])
-         & (split_of_key[None, None, None, :] == jnp.arange(splits)[:, None, None, None]))
+         & (split_of_key[None, None, None, :] == jnp.arange(planes)[:, None, None, None]))
   vis = vis[:, None]                                                       # [P,1,Tn,TILE,S]
   sc = jnp.where(vis, sc[None], -jnp.inf)
   if suffix is not None:
@@ -212,9 +224,11 @@ def emulate_packed(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
     vs = jnp.take(suffix.v, row_node, axis=0).astype(jnp.float32)
     sc_s = jnp.einsum("htrd,trshd->htrs", qt, ks) * scale                  # [K,Tn,TILE,Ss]
     split_of_row = (jnp.arange(TILE) % 64) // rows // -(-groups // splits)  # [TILE]
+    if suffix_warpgroup:
+      split_of_row = jnp.full((TILE,), splits)
     vis_s = ((jnp.arange(ss)[None, None, None, :]
               < suffix.row_limits.reshape(tn, TILE)[None, :, :, None])
-             & (split_of_row[None, None, :, None] == jnp.arange(splits)[:, None, None, None]))
+             & (split_of_row[None, None, :, None] == jnp.arange(planes)[:, None, None, None]))
     sc = jnp.concatenate([sc, jnp.where(vis_s[:, None], sc_s[None], -jnp.inf)], axis=-1)
     vis = jnp.concatenate([jnp.broadcast_to(vis, sc.shape[:-1] + (s,)),
                            jnp.broadcast_to(vis_s[:, None], sc.shape[:-1] + (ss,))], axis=-1)
@@ -230,8 +244,8 @@ def emulate_packed(q, k, v, tab, row_limits, *, scale, block_kv, stages, splits,
   lse = jnp.where(has, m_safe + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
   o = jnp.where(bad_row[None, None, :, :, None], jnp.nan, o)
   lse = jnp.where(bad_row[None, None], jnp.nan, lse)
-  return (o.reshape(splits, kh, r, d).astype(q.dtype),
-          lse.reshape(splits, kh, r).astype(jnp.float32))
+  return (o.reshape(planes, kh, r, d).astype(q.dtype),
+          lse.reshape(planes, kh, r).astype(jnp.float32))
 
 
 # --- direct calls: cases, checks -----------------------------------------------------------
@@ -395,6 +409,17 @@ def _folded_case(long_root: bool = False, rows: int = 8, kh: int = 1):
           suffix, real, kw)
 
 
+def _caches(k, v, suffix, stacked: bool):
+  """tile_attention's k, v, suffix and layer: as given, or both caches stacked [2,...] and
+  read at layer 1 (layer 0 all NaN)."""
+  if not stacked:
+    return dict(k=k, v=v, suffix=suffix, layer=None)
+  layer = jnp.int32(1)
+  on_nan = lambda x: jnp.stack([jnp.full_like(x, jnp.nan), x])
+  return dict(k=on_nan(k), v=on_nan(v), layer=layer,
+              suffix=suffix._replace(k=on_nan(suffix.k), v=on_nan(suffix.v), layer=layer))
+
+
 def _folded_reference(q, k, v, tab, lim, suffix, kw):
   # (keys past limits are NaN here: the reference slices below them, never reads them)
   return split_reference(q, k, v, tab, lim, suffix=suffix,
@@ -436,14 +461,8 @@ def test_folded_kernel_interpret_matches_split_reference(stages, stagger, stacke
   that is all of a split's node steps)."""
   q, k, v, tab, lim, suffix, real, kw = _folded_case(long_root, rows)
   kw = dict(kw, stages=stages, transposed=transposed, overlap=overlap, lead=lead)
-  run = dict(k=k, v=v, suffix=suffix, layer=None)
-  if stacked:
-    layer = jnp.int32(1)
-    on_nan = lambda x: jnp.stack([jnp.full_like(x, jnp.nan), x])
-    run = dict(k=on_nan(k), v=on_nan(v), layer=layer,
-               suffix=suffix._replace(k=on_nan(suffix.k), v=on_nan(suffix.v), layer=layer))
   out, lse = mosaic_gpu.tile_attention(q, tab=tab, row_limits=lim, interpret=True,
-                                       stagger=stagger, **run, **kw)
+                                       stagger=stagger, **_caches(k, v, suffix, stacked), **kw)
   assert not np.isnan(np.asarray(out.astype(jnp.float32))).any()
   assert not np.isnan(np.asarray(lse)).any()
   _check_splits(out, lse, *_folded_reference(q, k, v, tab, lim, suffix, kw),
@@ -506,6 +525,92 @@ def test_in_place_static_checks():
     call(q=q4.reshape(q4.shape[0] // 2, -1, q4.shape[-1]), heads=8, suffix=suffix4)
   assert list(mosaic_gpu.tile_rows_in_place(4)[:5]) == [0, 4, 8, 12, 16]
   assert list(mosaic_gpu.tile_rows_in_place(4)[16:18]) == [1, 5]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows,heads,kh,stacked,suffix_stages", [
+    (8, None, 1, False, 2), (4, None, 1, True, 3), (8, 4, 1, False, 1), (4, 4, 2, False, 2),
+    (8, 8, 1, True, 2)])
+def test_suffix_warpgroup_interpret_matches_split_reference(rows, heads, kh, stacked,
+                                                            suffix_stages, hang_guard):
+  """The folded suffix on a fourth warpgroup (`suffix_warpgroup`; interpret mode runs its
+  steps in jnp on the same buffers, loop, copies and barriers): plane P holds every row's
+  suffix alone, planes [0, P) the node's splits alone. Packed q at 8 and 4 rows a sequence;
+  q read in place at G = 4 (one and two KV heads) and G = 8; 1, 2 or 3 suffix slots (the
+  copies run ahead across sequences); both caches stacked [2,...] and read at layer 1 (layer 0
+  all NaN); NaN past every suffix length and node limit, padding rows in tile 1."""
+  if heads is None:
+    q, k, v, tab, lim, suffix, real, kw = _folded_case(rows=rows, kh=kh)
+    q_in, lim_in, suffix_in, packed = q, lim, suffix, lambda out, lse: (out, lse)
+  else:
+    q, q_in, k, v, tab, lim_in, suffix, suffix_in, real, kw, packed = _in_place_case(
+        rows, heads, kh)
+    lim = jnp.asarray(np.asarray(lim_in)[np.argsort(packed_row_of_tile_row(q.shape[1], heads))])
+  ref = split_reference(q, k, v, tab, lim, suffix=suffix, suffix_warpgroup=True,
+                        **{x: kw[x] for x in ("scale", "block_kv", "splits",
+                                              "blocks_per_split")})
+  out, lse = mosaic_gpu.tile_attention(q_in, tab=tab, row_limits=lim_in, interpret=True,
+                                       heads=heads, suffix_warpgroup=True,
+                                       suffix_stages=suffix_stages,
+                                       **_caches(k, v, suffix_in, stacked), **kw)
+  assert out.shape[0] == lse.shape[0] == kw["splits"] + 1
+  assert not np.isnan(np.asarray(out.astype(jnp.float32))).any()
+  assert not np.isnan(np.asarray(lse)).any()
+  _check_splits(*packed(out, lse), *ref, _rows_to_check(tab, real), q.dtype)
+  clean = jnp.nan_to_num
+  emu = emulate_tile_attention(q_in, clean(k), clean(v), tab, lim_in, heads=heads, **kw,
+                               suffix=suffix_in._replace(k=clean(suffix.k), v=clean(suffix.v)),
+                               suffix_warpgroup=True, suffix_stages=suffix_stages)
+  _check_splits(*packed(*emu), *ref, _rows_to_check(tab, real), q.dtype, out_tol=1e-2,
+                lse_tol=1e-4)
+
+
+def test_suffix_warpgroup_static_checks():
+  q, k, v, tab, lim, suffix, _, kw = _folded_case(rows=8)
+  call = lambda **a: mosaic_gpu.tile_attention(**dict(dict(
+      q=q, k=k, v=v, tab=tab, row_limits=lim, suffix=suffix, suffix_warpgroup=True), **a), **kw)
+  with pytest.raises(ValueError, match="suffix_warpgroup: there is no suffix"):
+    call(suffix=None)
+  with pytest.raises(ValueError, match="suffix_warpgroup: transposed"):
+    call(transposed=True)
+  q16, _, _, tab16, lim16, suffix16, _, _ = _folded_case(rows=16)
+  with pytest.raises(ValueError, match="16 query rows a sequence .*takes \\(1, 2, 4, 8\\)"):
+    call(q=q16, tab=tab16, row_limits=lim16, suffix=suffix16)
+  with pytest.raises(ValueError, match="registers=\\(232, 40, 40\\)"):
+    call(registers=(232, 40, 40))             # 2 * 232 + 40 + 40 > 512
+  # D = 128 at 3 node stages leaves no room for the suffix's slots (227 KiB a CTA)
+  why = mosaic_gpu.suffix_warpgroup_reason(128, 3, 2, 4, 128, 128)
+  assert "exceed 232448" in why and "stages=3" in why
+  assert mosaic_gpu.suffix_warpgroup_reason(128, 2, 2, 8, 128, 128) is None
+  assert "capacity 80" in mosaic_gpu.suffix_warpgroup_reason(128, 2, 2, 4, 80, 128)
+  for bad in (dict(suffix_stages=0), dict(registers=(216, 24)), dict(registers=(216, 20, 64)),
+              dict(suffix_warpgroup=True, suffix_transposed=True)):
+    with pytest.raises(ValueError, match="suffix_stages|registers|suffix_transposed"):
+      mosaic_gpu.MosaicConfig(**bad)
+  assert mosaic_gpu.MosaicConfig(registers=[208, 32, 64]).registers == (208, 32, 64)
+
+
+def test_wrapper_suffix_warpgroup_and_its_fallback(monkeypatch, caplog):
+  """Through `hydragen_attention` with the emulated kernel: the fold runs on the suffix
+  warpgroup when asked, against the oracle; at 16 rows a sequence (more than it takes) the
+  fold runs as wgmma steps instead, logged once."""
+  rng = np.random.default_rng(5)
+  for t, g, taken in ((1, 4, True), (2, 8, False)):
+    b, kh, d = 16, 2, 64
+    q = rng.standard_normal((b, t, kh * g, d)).astype(np.float32)
+    levels = [(rng.standard_normal((1, 300, kh, d)).astype(np.float32),
+               rng.standard_normal((1, 300, kh, d)).astype(np.float32),
+               np.array([257], np.int32), np.zeros(b, np.int32)),
+              (rng.standard_normal((b, 128, kh, d)).astype(np.float32),
+               rng.standard_normal((b, 128, kh, d)).astype(np.float32),
+               rng.integers(0, 129, size=b).astype(np.int32), None)]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hydrax"), emulated() as calls:
+      out, lse = _run(q, levels, True, jnp.bfloat16, pg.configure(
+          lowering="mosaic", mosaic=dict(suffix_warpgroup=True, splits=2)))
+    _check(out, lse, *_expect(q, levels, True, jnp.bfloat16), jnp.bfloat16)
+    assert [(c["suffix"], c["suffix_warpgroup"]) for c in calls] == [(True, taken)]
+    assert ("suffix_warpgroup asked for, but 16 query rows" in caplog.text) == (not taken)
 
 
 def test_folded_static_checks():
@@ -632,8 +737,8 @@ def mosaic_trees(draw):
   """q and 1..3 levels: shared levels with random (non-contiguous) owners and empty nodes,
   capacities 0..320 (mostly not multiples of 64), ragged and zero lengths; the last level
   per sequence or not; bf16/fp16, D 64/128, GQA 1..8, forced splits 1..3, the per-sequence
-  level folded or not, q read in place asked for or not (taken where the rows fill whole
-  tiles in order); owners static, or traced (jit arguments) with every level in a
+  level folded or not (on the suffix warpgroup or not), q read in place asked for or not
+  (taken where the rows fill whole tiles in order); owners static, or traced (jit arguments) with every level in a
   stacked cache read at a traced layer; through `prepare` (prepared=) or not."""
   # Half the cases are shaped for the fold (one or two shared levels, then the per-sequence
   # level of whole 64-key halves, T*G dividing 64, 128-key blocks); the rest are any tree,
@@ -673,6 +778,9 @@ def mosaic_trees(draw):
                 suffix_stagger=draw(st.booleans()), suffix_transposed=draw(st.booleans()),
                 node_overlap=draw(st.booleans()), q_in_place=draw(st.booleans()),
                 suffix_lead=draw(st.sampled_from([None, 0, 1, 5])))
+  if draw(st.booleans()):       # (the suffix warpgroup and transposed steps exclude each other)
+    mosaic.update(suffix_warpgroup=True, suffix_transposed=False,
+                  suffix_stages=draw(st.sampled_from([1, 2])))
   return q, levels, draw(st.booleans()), dtype, mosaic, draw(st.booleans()), draw(st.booleans())
 
 
@@ -719,6 +827,13 @@ def test_wrapper_with_emulated_kernel_matches_oracle(case):
     if call.get("heads"):
       event("q read in place")
     assert call["lead"] == mosaic["suffix_lead"]
+    swg = (call["suffix"] and mosaic.get("suffix_warpgroup", False)
+           and mosaic_gpu.suffix_warpgroup_reason(
+               128, mosaic["stages"], mosaic["suffix_stages"], t * g, live[-1][0].shape[1],
+               q.shape[-1], jnp.dtype(dtype).itemsize) is None)
+    assert call["suffix_warpgroup"] == swg
+    if swg:
+      event("suffix on its own warpgroup")
     assert call["block_kv"] == mosaic["block_kv"]
     assert call["splits"] <= min(mosaic["splits"], call["shape"][4] // mosaic["block_kv"])
 
@@ -1097,6 +1212,37 @@ def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d, transposed, rows, 
                                      layer=layer if stacked else None, suffix=suffix,
                                      stagger=stagger, transposed=transposed, overlap=overlap,
                                      heads=heads)
+
+  text = _export_for_cuda(fn, *args)
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("stacked,d,rows,heads,dtype", [
+    (False, 128, 4, None, jnp.bfloat16), (False, 128, 4, 4, jnp.bfloat16),
+    (True, 64, 8, None, jnp.float16), (False, 128, 1, 1, jnp.bfloat16),
+    (True, 128, 8, 8, jnp.bfloat16), (False, 64, 2, 2, jnp.bfloat16)])
+def test_suffix_warpgroup_lowers_for_the_gpu(stacked, d, rows, heads, dtype):
+  """The suffix warpgroup as the GPU runs it: its steps written per thread
+  (`plgpu.inline_mgpu`: MLIR's arith, vector and memref ops, PTX's ex2 and shuffles), which
+  the interpreter replaces by jnp, lower for CUDA on this CPU beside the four warpgroups'
+  register split: packed q and q in place at 1, 2, 4 and 8 rows a sequence, D 64 and 128,
+  fp16, caches stacked at a traced layer."""
+  kh, r, s, n, u = 2, 2 * TILE, 256, 2, 128
+  sds = jax.ShapeDtypeStruct
+  stack = (lambda shape: (2,) + shape) if stacked else (lambda shape: shape)
+  q_shape = (kh, r, d) if heads is None else (r // heads, kh * heads, d)
+  args = [sds(q_shape, dtype), sds(stack((n, s, kh, d)), dtype),
+          sds(stack((n, s, kh, d)), dtype), sds((r // TILE, 4), jnp.int32),
+          sds((r,), jnp.int32), sds((), jnp.int32),
+          sds(stack((16, u, kh, d)), dtype), sds(stack((16, u, kh, d)), dtype),
+          sds((r,), jnp.int32), sds((r // TILE, 2, 64 // rows, 2), jnp.int32)]
+
+  def fn(q, k, v, tab, lim, layer, ks, vs, slim, stab):
+    suffix = mosaic_gpu.Suffix(ks, vs, slim, stab, rows, layer if stacked else None)
+    return mosaic_gpu.tile_attention(q, k, v, tab, lim, scale=d ** -0.5, block_kv=128,
+                                     stages=2, splits=2, blocks_per_split=1,
+                                     layer=layer if stacked else None, suffix=suffix,
+                                     heads=heads, suffix_warpgroup=True)
 
   text = _export_for_cuda(fn, *args)
   assert "mosaic_gpu" in text

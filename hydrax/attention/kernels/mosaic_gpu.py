@@ -79,6 +79,14 @@ x at head kvh*G + gi), and writes out [P,B*T,H,D] the same way: the launches tha
 before the kernel and unpack out after it go (3.5 and 4.0 us of a 16K/256 call on the H200,
 run 17). Exact in interpret mode and lowered for CUDA on the CPU; not yet timed.
 
+`suffix_warpgroup=True` (`MosaicConfig.suffix_warpgroup`, off) runs a folded suffix on a
+fourth warpgroup of its own, written per thread on the CUDA cores
+(`mosaic_suffix_warpgroup`), while the compute warpgroups run the node's steps alone as in
+the unfolded launch; its results are one more key split (plane P of out and lse). It takes
+1, 2, 4 or 8 rows a sequence and a capacity of whole 32-key blocks, within the CTA's shared
+memory. Exact in interpret mode (its steps in jnp there) and lowered for CUDA on the CPU;
+not yet run on a GPU.
+
 Runs on Hopper (sm_90) GPUs with bf16 or fp16; off GPU it runs in Mosaic GPU interpret mode
 (slow; for tests). Callers pick it through `pallas_gpu` (the `pallas` backend) for stacked
 shared levels; the Triton kernel there serves everything else and every other GPU.
@@ -88,6 +96,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -96,6 +105,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
+
+from hydrax._log import log_once
+from hydrax.attention.kernels import mosaic_suffix_warpgroup as suffix_wg
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -159,11 +171,30 @@ class MosaicConfig:
   # the splits' merge stays). Exact in interpret mode and lowered for CUDA on the CPU; not yet
   # timed on the H200, so off.
   q_in_place: bool = False
+  # The folded suffix on a fourth warpgroup of its own, per thread on the CUDA cores
+  # (`mosaic_suffix_warpgroup`), beside the compute warpgroups' node steps, instead of
+  # wgmma steps of 64 rows for a sequence's T*G. Its key blocks of 32 stream through
+  # `suffix_stages` slots; `registers` (compute, memory, suffix) split the SM's registers
+  # between four warpgroups (2*compute + memory + suffix <= 512). Exact in interpret mode and
+  # lowered for CUDA on the CPU; not yet run on a GPU, so off.
+  suffix_warpgroup: bool = False
+  suffix_stages: int = 2
+  registers: tuple = (216, 24, 56)
 
   def __post_init__(self):
     lead = self.suffix_lead
     if lead is not None and (isinstance(lead, bool) or not isinstance(lead, int) or lead < 0):
       raise ValueError(f"suffix_lead must be None or an int >= 0, got {lead!r}")
+    st = self.suffix_stages
+    if isinstance(st, bool) or not isinstance(st, int) or st < 1:
+      raise ValueError(f"suffix_stages must be an int >= 1, got {st!r}")
+    if self.suffix_warpgroup and self.suffix_transposed:
+      raise ValueError("suffix_warpgroup and suffix_transposed: the transposed suffix steps "
+                       "are the compute warpgroups'; pick one")
+    object.__setattr__(self, "registers", suffix_wg.check_registers(self.registers))
+
+
+SMEM_BYTES = 232_448   # shared memory a CTA may take on Hopper (227 KiB)
 
 
 def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
@@ -206,7 +237,8 @@ def _row_group(rows, seq_rows: int, heads: int):
 def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref, lse_ref,
             scoped, *, block_kv: int, stages: int, blocks_per_split: int, scale_log2: float,
             interpret: bool, seq_rows: int, splits: int, stagger: bool, lead: int,
-            layer_nodes: tuple, transposed: bool, overlap: bool, heads: int):
+            layer_nodes: tuple, transposed: bool, overlap: bool, heads: int,
+            swg: Optional[suffix_wg.Layout], registers: tuple):
   """One CTA: tile `tile`, KV head `kvh`, key split `split`; warpgroup `wg` (2 = memory).
 
   tab [Tn, 4] int32 (node, lo, hi, suffix hi); lim [R] int32; layer [1] int32; q [K,R,D];
@@ -218,12 +250,18 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
   overlap: unmasked node steps software-pipelined (`_compute.overlapped_node_steps`).
   heads: 0 (q [K,R,D] packed, o [P,K,R,D]), or G with q [B*T,H,D] read and o [P,B*T,H,D]
   written in place (`tile_attention`'s `heads`; every other array in tile rows).
+  swg: None, or the suffix runs on a fourth warpgroup (`mosaic_suffix_warpgroup`; o and lse
+  then have P + 1 planes, the last the suffix's) and the compute warpgroups run node steps
+  only. registers: a thread's registers in a compute, the memory (and the suffix)
+  warpgroup.
   """
-  (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2, *extra), bars, free_bars, sched = scoped
+  (qo_smem2, k_smem, v_smem, lim_smem2, lse_smem2, *extra), bars, free_bars, sched = scoped[:4]
   q_bar, lim_bar, k_bar, v_bar = bars
   fused = bool(suffix_refs)
+  fold = fused and swg is None         # suffix steps on the compute warpgroups
   if fused:
     slim_ref, stab_ref, slayer_ref, ks_ref, vs_ref = suffix_refs
+  if fold:
     slim_smem2 = extra[0]
     if transposed:
       pt_smem2, ot_smem2 = extra[1:3]
@@ -243,7 +281,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
   nsteps = jnp.maximum(b1 - b0, 0)
   nfull = jnp.clip(lax.div(lo, bk) - b0, 0, nsteps)     # leading steps that need no mask
   nroot = nsteps
-  if fused:
+  if fold:
     # Suffix steps: split `split` takes row groups [j0, j0 + nsj) of each compute warpgroup
     # (J = BLOCK_Q // seq_rows groups, one sequence each), each in nsb blocks of HALF keys
     # (the tile's suffix hi, column 3, bounds them). They are spread evenly among the node's
@@ -286,9 +324,17 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     plgpu.barrier_arrive(sched)
     plgpu.barrier_wait(sched)
 
+  if swg is not None:
+    @pl.when(wg == COMPUTE_WGS + 1)
+    def _suffix():
+      plgpu.set_max_registers(registers[2], action="decrease")
+      snode0 = slayer_ref[0] * layer_nodes[1] if layer_nodes[1] else 0
+      suffix_wg.run(swg, (tab_ref, stab_ref, slim_ref, ks_ref, vs_ref, q_ref, o_ref, lse_ref),
+                    *scoped[4:], tile=tile, split=split, kvh=kvh, snode0=snode0)
+
   @pl.when(wg < COMPUTE_WGS)
   def _compute():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(registers[0], action="increase")
     qo_smem, lim_smem, lse_smem = qo_smem2.at[wg], lim_smem2.at[wg], lse_smem2.at[wg]
     row0 = tile * TILE + wg * BLOCK_Q
     if heads:
@@ -301,14 +347,14 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     else:
       plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(row0, BLOCK_Q)], qo_smem, q_bar.at[wg])
     plgpu.copy_gmem_to_smem(lim_ref.at[pl.ds(row0, BLOCK_Q)], lim_smem, lim_bar.at[wg])
-    if fused:
+    if fold:
       plgpu.copy_gmem_to_smem(slim_ref.at[pl.ds(row0, BLOCK_Q)], slim_smem2.at[wg], lim_bar.at[wg])
     plgpu.barrier_wait(q_bar.at[wg])
     plgpu.barrier_wait(lim_bar.at[wg])
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     # (a layout_cast right after the read makes the lowering load straight into the row layout)
     lim = cast(lim_smem[...], row_layout)
-    if fused:
+    if fold:
       # Each row's suffix keys in the split's "virtual" key space, where row group j's
       # sequence takes nsb * HALF keys from (j - j0) * nsb * HALF: [start, end) a row.
       # Suffix step u covers virtual keys [u * HALF, (u + 1) * HALF), so one compare against
@@ -650,7 +696,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
                            carry)
 
     carry = (acc, m_i, l_i, jnp.int32(0))
-    if fused:
+    if fold:
       def chunk(u, carry):
         carry = node_steps(chunk_start(u), root_before(u + 1), carry)
         if transposed:
@@ -681,14 +727,14 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
 
   @pl.when(wg == COMPUTE_WGS)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(registers[1], action="decrease")
 
     def load_node(k, slot):
       sl = (node, pl.ds(block_start(k), block_kv), kvh)
       plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bar.at[slot])
 
-    if not fused:
+    if not fold:
       for i in range(stages):
         pl.when(i < nsteps)(functools.partial(load_node, jnp.int32(i), i))
 
@@ -789,11 +835,29 @@ def suffix_unsupported_reason(block_kv: int, seq_rows: int, capacity: int) -> Op
   return None
 
 
+def suffix_warpgroup_reason(block_kv: int, stages: int, suffix_stages: int, seq_rows: int,
+                            capacity: int, d: int, itemsize: int = 2) -> Optional[str]:
+  """Why `tile_attention(suffix_warpgroup=True)` cannot take a folded suffix of seq_rows rows a
+  sequence and this capacity (None when it can): the rows or capacity
+  (`mosaic_suffix_warpgroup.unsupported_reason`), or the CTA's shared memory."""
+  reason = suffix_wg.unsupported_reason(seq_rows, capacity)
+  if reason is not None:
+    return reason
+  smem = (smem_bytes(block_kv, stages, d, itemsize)
+          + suffix_wg.smem_bytes(seq_rows, d, suffix_stages, itemsize))
+  if smem > SMEM_BYTES:
+    return (f"{smem} bytes of shared memory a CTA (stages={stages}, suffix_stages="
+            f"{suffix_stages}, {seq_rows} rows a sequence, D={d}) exceed {SMEM_BYTES}")
+  return None
+
+
 def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, stages: int,
                    splits: int, blocks_per_split: int, interpret: bool = False,
                    suffix: Optional[Suffix] = None, stagger: bool = False,
                    lead: Optional[int] = 0, layer=None, transposed: bool = False,
-                   overlap: bool = False, heads: Optional[int] = None):
+                   overlap: bool = False, heads: Optional[int] = None,
+                   suffix_warpgroup: bool = False, suffix_stages: int = 2,
+                   registers: tuple = (216, 24, 56)):
   """Runs the kernel. q [K, Tn*TILE, D] (rows of one node per tile), k, v [N,S,K,D] with
   S a multiple of block_kv, tab [Tn, 4] int32 (node, lo, hi, suffix hi) with lo/hi the min/max
   key limit of the tile's real rows, row_limits [Tn*TILE] int32 (0 for padding rows).
@@ -816,7 +880,12 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   to tiles in order (B*T*G a multiple of TILE), and within each warpgroup's 64 tile rows by
   head: row gi*n + x (n = 64 // G) of warpgroup h of tile t is query row
   (t*TILE + h*64) // G + x at head kvh*G + gi. row_limits, tab, lse and the suffix's tables
-  are in that tile-row order (`tile_rows_in_place` maps it to the packed rows)."""
+  are in that tile-row order (`tile_rows_in_place` maps it to the packed rows).
+
+  suffix_warpgroup (with `suffix`; `MosaicConfig.suffix_warpgroup`): the suffix runs on a
+  fourth warpgroup (`mosaic_suffix_warpgroup`: `suffix_stages` slots of 32 keys, the four
+  warpgroups' `registers`), and out, lse get P + 1 planes: planes [0, P) the node's key
+  splits alone, plane P every row's suffix alone."""
   if heads is None:
     kh, r, d = q.shape
   else:
@@ -861,6 +930,27 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
         raise ValueError(f"{name} {x.dtype.name}{list(x.shape)} does not match q "
                          f"({q.dtype.name}, K={kh}, D={d}) or suffix.k")
   dtype = q.dtype
+  swg = None
+  if suffix_warpgroup:
+    if suffix is None:
+      raise ValueError("suffix_warpgroup: there is no suffix to run (pass suffix=)")
+    if transposed:
+      raise ValueError("suffix_warpgroup: transposed suffix steps are the compute "
+                       "warpgroups' (pass transposed=False)")
+    reason = suffix_warpgroup_reason(block_kv, stages, suffix_stages, seq_rows,
+                                     suffix.k.shape[1], d, dtype.itemsize)
+    if reason is not None:
+      raise ValueError(f"suffix_warpgroup: {reason}")
+    registers = suffix_wg.check_registers(registers)
+    if interpret and max(os.cpu_count() or 1, jax.local_device_count()) < 4:
+      log_once(("swg-interpret-threads",),
+               "hydrax: the Mosaic GPU interpreter runs the suffix warpgroup's kernel as four "
+               "threads that wait on each other, on XLA's CPU thread pool; with fewer than 4 "
+               "cores and devices it can deadlock (set XLA_FLAGS="
+               "--xla_force_host_platform_device_count=4 or more, as the tests do)")
+    swg = suffix_wg.Layout(seq_rows=seq_rows, heads=heads or 0, d=d, stages=suffix_stages,
+                           splits=splits, scale_log2=float(scale) * LOG2E,
+                           interpret=interpret)
   transposed = bool(transposed and suffix is not None)
   if transposed and seq_rows > SUFFIX_COLS:
     raise ValueError(f"suffix: {seq_rows} query rows a sequence; transposed suffix steps take "
@@ -872,9 +962,10 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   swizzle = plgpu.SwizzleTransform(swizzle_bytes)
   # Copies a barrier waits for: the limits (and the suffix limits); a key or value block
   # (in two halves when a suffix is folded).
-  lim_copies = 1 if suffix is None else 2
+  fold = suffix is not None and swg is None
+  lim_copies = 2 if fold else 1
   q_copies = heads or 1
-  block_copies = 1 if suffix is None else COMPUTE_WGS
+  block_copies = COMPUTE_WGS if fold else 1
 
   def entry(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, *rest):
     suffix_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
@@ -885,7 +976,7 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32),
         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
     ]
-    if suffix_refs:
+    if fold:
       buffers.append(plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32))
     if transposed:
       buffers += [plgpu.SMEM((COMPUTE_WGS, HALF, SUFFIX_COLS), dtype,
@@ -897,7 +988,8 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
                              blocks_per_split=blocks_per_split,
                              scale_log2=float(scale) * LOG2E, interpret=interpret,
                              seq_rows=seq_rows, splits=splits, stagger=stagger, lead=lead,
-                             transposed=transposed, overlap=bool(overlap), heads=heads or 0)
+                             transposed=transposed, overlap=bool(overlap), heads=heads or 0,
+                             swg=swg, registers=registers if swg else (232, 40))
     pl.run_scoped(
         lambda *scoped: body(scoped),
         buffers,
@@ -907,6 +999,7 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
          plgpu.Barrier(num_arrivals=block_copies, num_barriers=stages)),
         (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        *(suffix_wg.scratch(swg, dtype) if swg else ()),
         collective_axes="wg",
     )
 
@@ -916,14 +1009,15 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
     kwargs["interpret"] = InterpretGPUParams()
   extra = () if suffix is None else (suffix.row_limits, suffix.table, suffix.layer, suffix.k,
                                      suffix.v)
+  planes = splits + (swg is not None)
   out, lse = plgpu.kernel(
       entry,
-      out_type=(jax.ShapeDtypeStruct((splits, kh, r, d) if heads is None
-                                     else (splits,) + q.shape, dtype),
-                jax.ShapeDtypeStruct((splits, kh, r), jnp.float32)),
+      out_type=(jax.ShapeDtypeStruct((planes, kh, r, d) if heads is None
+                                     else (planes,) + q.shape, dtype),
+                jax.ShapeDtypeStruct((planes, kh, r), jnp.float32)),
       grid=(num_tiles, splits, kh),
       grid_names=("tile", "split", "kvh"),
-      num_threads=COMPUTE_WGS + 1,
+      num_threads=COMPUTE_WGS + 1 + (swg is not None),
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **kwargs,

@@ -1042,13 +1042,26 @@ def _mosaic_part(q, k, v, tabs: _MosaicTables, scale, cfg: Config, layer=None,
              "rows (transposed steps take at most %d); its folded suffix steps run "
              "untransposed", sfx.seq_rows, mosaic_gpu.SUFFIX_COLS)
     transposed = False
+  swg = sfx is not None and cfg.mosaic.suffix_warpgroup
+  if swg:
+    why = mosaic_gpu.suffix_warpgroup_reason(bk, cfg.mosaic.stages, cfg.mosaic.suffix_stages,
+                                             sfx.seq_rows, sfx.k.shape[-3], d,
+                                             jnp.dtype(q.dtype).itemsize)
+    if why is not None:
+      log_once(("suffix-warpgroup", why),
+               "hydrax pallas backend: suffix_warpgroup asked for, but %s; the folded suffix "
+               "runs as wgmma steps of the compute warpgroups", why)
+      swg = False
   out, lse = mosaic_gpu.tile_attention(
       qt, k, v, tabs.tab, tabs.limt, scale=scale, block_kv=bk, stages=cfg.mosaic.stages,
       splits=tabs.splits, blocks_per_split=tabs.blocks_per_split, interpret=_interpret(cfg),
       suffix=sfx, stagger=cfg.mosaic.suffix_stagger and sfx is not None,
       lead=cfg.mosaic.suffix_lead, layer=layer,
-      transposed=transposed, overlap=cfg.mosaic.node_overlap, heads=tabs.heads)
-  # [P, K, Tn*TILE, D] (with heads [P, B*T, H, D]), [P, K, Tn*TILE]
+      transposed=transposed, overlap=cfg.mosaic.node_overlap, heads=tabs.heads,
+      suffix_warpgroup=swg, suffix_stages=cfg.mosaic.suffix_stages,
+      registers=cfg.mosaic.registers)
+  # [P, K, Tn*TILE, D] (with heads [P, B*T, H, D]), [P, K, Tn*TILE]; with the suffix
+  # warpgroup one plane more, the suffix's
   return _Part(out, lse, tabs.pos, tabs.order, heads=tabs.heads)
 
 
