@@ -179,6 +179,28 @@ CHECKS = [   # most telling first: the budget may cut the tail (skipped, not fai
     ("grouped_inplace_fold_tree3_bf16_gqa4", 67, 1, 8, 4, "bfloat16", [(1, 1500), (7, 300)],
      128, 3, {"backend": "pallas", "path": "off",
               "mosaic": {"fold_suffix": True, "q_in_place": True}}),
+    # The folded suffix on a fourth warpgroup, per thread (`MosaicConfig.suffix_warpgroup`):
+    # a one-node root of 16K (the engine's decode), the same at 4K with q in place, five nodes
+    # with traced owners and an odd batch (padding rows, three 64-key halves of suffix), two
+    # queries a sequence at G = 2 (4 rows), G = 8 with q in place (8 rows), G = 1 (1 row).
+    ("grouped_swg_fold_tree2_bf16_gqa4_B256_16K", 256, 1, 8, 4, "bfloat16", [(1, 16384)],
+     128, 2, {"backend": "pallas", "path": "off",
+              "mosaic": {"fold_suffix": True, "suffix_warpgroup": True}}),
+    ("grouped_swg_inplace_fold_tree2_bf16_gqa4_B256_4K", 256, 1, 8, 4, "bfloat16",
+     [(1, 4096)], 128, 2, {"backend": "pallas", "path": "off", "mosaic": {
+         "fold_suffix": True, "suffix_warpgroup": True, "q_in_place": True}}),
+    ("grouped_swg_fold_tree2_bf16_gqa4_N5", 67, 1, 8, 4, "bfloat16", [(5, 700)], 192, 3,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic",
+      "mosaic": {"fold_suffix": True, "suffix_warpgroup": True}}),
+    ("grouped_swg_fold_tree2_bf16_gqa2_T2", 33, 2, 8, 2, "bfloat16", [(3, 333)], 64, 2,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic",
+      "mosaic": {"fold_suffix": True, "suffix_warpgroup": True}}),
+    ("grouped_swg_inplace_fold_tree2_bf16_gqa8_B32", 32, 1, 4, 8, "bfloat16", [(1, 3000)],
+     192, 2, {"backend": "pallas", "path": "off", "lowering": "mosaic", "mosaic": {
+         "fold_suffix": True, "suffix_warpgroup": True, "q_in_place": True}}),
+    ("grouped_swg_fold_tree2_bf16_gqa1_B128", 128, 1, 8, 1, "bfloat16", [(1, 2000)], 128, 2,
+     {"backend": "pallas", "path": "off", "lowering": "mosaic",
+      "mosaic": {"fold_suffix": True, "suffix_warpgroup": True}}),
 ]
 SMOKE_CHECKS = [("smoke_tree3_f32", 3, 1, 1, 2, "float32", [(1, 40), (2, 20)], 9, 2,
                  {"mode": "shared", "splits": 2}),
@@ -232,11 +254,14 @@ def run_checks(cases, d=128):
       owners = [None if o is None else jnp.asarray(o) for *_, o in levels_np]
       lengths = [jnp.asarray(n) for _, _, n, _ in levels_np]
       qd = jnp.asarray(q).astype(dtype)
-      folds = []                 # Mosaic GPU launches traced: whether each folds a suffix
+      # Mosaic GPU launches traced: whether each folds a suffix ("warpgroup": on the suffix
+      # warpgroup)
+      folds = []
       real_tile = pg.mosaic_gpu.tile_attention
 
       def spy_tile(*a, **kw):
-        folds.append(kw.get("suffix") is not None)
+        folded = kw.get("suffix") is not None
+        folds.append("warpgroup" if folded and kw.get("suffix_warpgroup") else folded)
         return real_tile(*a, **kw)
 
       pg.mosaic_gpu.tile_attention = spy_tile
@@ -246,8 +271,11 @@ def run_checks(cases, d=128):
                                      owners, lengths, jnp.int32(layer))
       finally:
         pg.mosaic_gpu.tile_attention = real_tile
-      # A fold case must have run as one launch with the suffix folded in.
-      fold_ok = folds == [True] if cfg.get("mosaic", {}).get("fold_suffix") else True
+      # A fold case must have run as one launch with the suffix folded in (on the suffix
+      # warpgroup when asked).
+      mcfg = cfg.get("mosaic", {})
+      want = "warpgroup" if mcfg.get("suffix_warpgroup") else True
+      fold_ok = folds == [want] if mcfg.get("fold_suffix") else True
       # Reference: the XLA backend on float32 copies of the same (rounded) inputs, the NaN
       # past lengths zeroed.
       ref_levels = [KVLevel(jnp.asarray(np.nan_to_num(np.asarray(sk[layer], np.float32))),
