@@ -261,6 +261,8 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
   fold = fused and swg is None         # suffix steps on the compute warpgroups
   if fused:
     slim_ref, stab_ref, slayer_ref, ks_ref, vs_ref = suffix_refs
+    # (the layer's first node in the suffix cache, when it is stacked)
+    snode0 = slayer_ref[0] * layer_nodes[1] if layer_nodes[1] else 0
   if fold:
     slim_smem2 = extra[0]
     if transposed:
@@ -328,7 +330,6 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     @pl.when(wg == COMPUTE_WGS + 1)
     def _suffix():
       plgpu.set_max_registers(registers[2], action="decrease")
-      snode0 = slayer_ref[0] * layer_nodes[1] if layer_nodes[1] else 0
       suffix_wg.run(swg, (tab_ref, stab_ref, slim_ref, ks_ref, vs_ref, q_ref, o_ref, lse_ref),
                     *scoped[4:], tile=tile, split=split, kvh=kvh, snode0=snode0)
 
@@ -765,7 +766,6 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
         return lax.fori_loop(a, b, lambda k, i: load(i, [
             ((k_ref, v_ref), node, block_start(k) + h * HALF) for h in range(COMPUTE_WGS)]), i)
 
-      snode0 = slayer_ref[0] * layer_nodes[1] if layer_nodes[1] else 0
 
       def suffix_load(u, i):
         j, c = suffix_block(u)
