@@ -42,8 +42,8 @@ class Mutation:
   backends: tuple             # backends whose tests must catch it
 
 
-ALL = ("xla", "pallas", "mosaic", "mosaic_folded", "mosaic_in_place", "pallas_path",
-       "pallas_path_grouped", "pallas_merge_in_kernel")
+ALL = ("xla", "pallas", "mosaic", "mosaic_folded", "mosaic_in_place",
+       "mosaic_suffix_warpgroup", "pallas_path", "pallas_path_grouped", "pallas_merge_in_kernel")
 # The backends whose tests run the core's level loop and merge. The Mosaic case's test
 # (two levels, one of them fixing the row order) runs through `grouped_levels`, one merge in
 # packed rows, since that became the default (Config.finish "once"): not the loop.
@@ -191,6 +191,23 @@ MUTATIONS = [
              "hydrax.attention.kernels.pallas_gpu", "_query_rows",
              "lse.reshape(p, kh, -1, g, n).transpose(0, 2, 4, 1, 3)",
              "lse.reshape(p, kh, -1, n, g).transpose(0, 2, 3, 1, 4)", ("mosaic_in_place",)),
+    Mutation("swg_row_group", "Mosaic GPU kernel, suffix warpgroup: every sequence of a "
+             "split taken as its first row group's", "hydrax.attention.kernels."
+             "mosaic_suffix_warpgroup", "run", "h, j = lax.div(s, nsj), j0 + lax.rem(s, nsj)",
+             "h, j = lax.div(s, nsj), j0 + 0 * lax.rem(s, nsj)", ("mosaic_suffix_warpgroup",)),
+    Mutation("swg_values_past_suffix", "Mosaic GPU kernel, suffix warpgroup: value rows past "
+             "a sequence's suffix not zeroed (0 * NaN)",
+             "hydrax.attention.kernels.mosaic_suffix_warpgroup", "_jnp_steps",
+             "v = jnp.where((key < seq_hi)[..., None], v, 0.0)", "v = v + 0 * seq_hi",
+             ("mosaic_suffix_warpgroup",)),
+    Mutation("swg_no_rescale", "Mosaic GPU kernel, suffix warpgroup: a warp's running out not "
+             "rescaled to a new maximum", "hydrax.attention.kernels.mosaic_suffix_warpgroup",
+             "_jnp_steps", "st[...] = st[...] * alpha[..., None] + ", "st[...] = st[...] + ",
+             ("mosaic_suffix_warpgroup",)),
+    Mutation("swg_lse_rows_in_place", "Mosaic GPU kernel, suffix warpgroup, q in place: a "
+             "sequence's lse rows of head gi put T rows apart instead of 64 / G",
+             "hydrax.attention.kernels.mosaic_suffix_warpgroup", "_jnp_steps",
+             "pl.ds(row0 + gi * n, t)", "pl.ds(row0 + gi * t, t)", ("mosaic_suffix_warpgroup",)),
     Mutation("mosaic_fold_stagger_first_chunk", "Mosaic GPU kernel, staggered suffix steps: "
              "the node steps before the first suffix step skipped (the warpgroups then wait "
              "for keys never loaded: a deadlock, ended by the tests' hang guard)",
@@ -218,10 +235,13 @@ def node_ids(backend: str) -> list[str]:
   if backend == "mosaic_folded":     # (and the kernel's own cases: stacked, staggered)
     return [path + "test_mosaic_folded_exact",
             "tests/attention/test_mosaic.py::test_folded_kernel_interpret_matches_split_reference"]
+  mosaic_tests = "tests/attention/test_mosaic.py::"
   if backend == "mosaic_in_place":   # q read and out written in place (MosaicConfig.q_in_place)
-    mosaic_tests = "tests/attention/test_mosaic.py::"
     return [mosaic_tests + "test_in_place_kernel_interpret_matches_split_reference",
-            mosaic_tests + "test_q_in_place_through_interpreted_kernel"]
+            mosaic_tests + "test_q_in_place_through_interpreted_kernel[False]"]
+  if backend == "mosaic_suffix_warpgroup":   # MosaicConfig.suffix_warpgroup
+    return [mosaic_tests + "test_suffix_warpgroup_interpret_matches_split_reference",
+            mosaic_tests + "test_q_in_place_through_interpreted_kernel[True]"]
   return [path + t.format(b=backend) for t in _CORE]
 
 

@@ -963,15 +963,17 @@ def test_q_in_place_program_for_cuda_has_no_packing():
 
 # --- end to end in interpret mode (the real kernel) ----------------------------------------
 
-def test_q_in_place_through_interpreted_kernel(monkeypatch, hang_guard):
+@pytest.mark.parametrize("swg", [False, True])
+def test_q_in_place_through_interpreted_kernel(swg, monkeypatch, hang_guard):
   """The real kernel (interpret mode) reading q in place through `hydragen_attention`: one
-  shared node of 256 keys for 32 sequences (G = 4: one tile), their suffixes folded in, 2
-  splits merged in query order; vs the oracle. Eager, static owners (see below)."""
+  shared node of 256 keys for 32 sequences (G = 4: one tile), their suffixes folded in (on
+  the suffix warpgroup too), 2 splits merged in query order; vs the oracle. Eager, static
+  owners (see below)."""
   heads = []
   real = mosaic_gpu.tile_attention
 
   def spy(*args, **kwargs):
-    heads.append((kwargs["heads"], args[0].shape))
+    heads.append((kwargs["heads"], args[0].shape, kwargs["suffix_warpgroup"]))
     return real(*args, **kwargs)
 
   pg.clear_jit_caches()
@@ -983,14 +985,15 @@ def test_q_in_place_through_interpreted_kernel(monkeypatch, hang_guard):
             (rng.standard_normal((b, 64, kh, d)), rng.standard_normal((b, 64, kh, d)),
              rng.integers(0, 65, size=b).astype(np.int32), None)]
   q = rng.standard_normal((b, 1, kh * g, d))
-  cfg = pg.configure(lowering="mosaic", mosaic=dict(splits=2, q_in_place=True))
+  cfg = pg.configure(lowering="mosaic", mosaic=dict(splits=2, q_in_place=True,
+                                                    suffix_warpgroup=swg))
   lv = [KVLevel(jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), jnp.asarray(n), o)
         for k, v, n, o in levels]
   try:
     out, lse = hydragen_attention(jnp.asarray(q, jnp.bfloat16), lv, backend=cfg)
   finally:
     pg.clear_jit_caches()
-  assert heads == [(g, (b, kh * g, d))]
+  assert heads == [(g, (b, kh * g, d), swg)]
   _check(out, lse, *_expect(q, levels, True, jnp.bfloat16), jnp.bfloat16)
 
 

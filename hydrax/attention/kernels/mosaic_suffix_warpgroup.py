@@ -362,19 +362,25 @@ def _thread_steps(lay: Layout) -> _Steps:
     # q k^T: lane (kl, dq) takes key kl against dims [dq*D/4, (dq+1)*D/4) in 8-dim chunks,
     # in an order that puts a quarter warp's 16-byte reads on distinct banks
     rot = arith.addi(kl, arith.muli(arith.shrui(dq, ci(1)), ci(2))) if nch == 4 else kl
-    acc = [zeros(c, 8) for _ in range(rs)]
+    # (one scalar chain a row: a vector accumulator would hold 8 registers a row, and the
+    # GPU has no vector FMA in float32 anyway)
+    acc = [c["cf"](0.0) for _ in range(rs)]
+    elem = lambda x, e: vector.extract(x, dynamic_position=[],
+                                       static_position=ir.DenseI64ArrayAttr.get([e]))
     for ch in range(nch):
       chunk = arith.andi(arith.addi(rot, ci(ch)), ci(nch - 1))
       dim0 = arith.addi(arith.muli(dq, ci(d // 4)), arith.muli(chunk, ci(8)))
       kv = arith.extf(c["vty"](8, f32), vector.load(c["vty"](8, dt), kbuf,
                                                     [ix(slot), ix(kw), ix(dim0)], alignment=16))
+      ks = [elem(kv, e) for e in range(8)]
       for r in range(rs):
         qv = vector.load(c["vty"](8, f32), qf, [cx(r), ix(dim0)], alignment=16)
-        acc[r] = mmath.fma(qv, kv, acc[r])
+        for e in range(8):
+          acc[r] = mmath.fma(elem(qv, e), ks[e], acc[r])
     neg_inf = c["cf"](float("-inf"))
     p, m_new, l_new, alpha = [], [], [], []
     for r in range(rs):
-      s = vector.reduction(f32, vector.CombiningKind.ADD, acc[r])
+      s = acc[r]
       s = arith.addf(s, mu.shfl_bfly(s, 1))
       s = arith.addf(s, mu.shfl_bfly(s, 2))
       s = arith.mulf(s, c["cf"](lay.scale_log2))
