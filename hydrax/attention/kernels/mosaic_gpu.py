@@ -124,6 +124,7 @@ HEAD_DIMS = (64, 128)
 # a head's rows of a warpgroup, 64 // G, must be whole 8-row tiles of shared memory.
 HEAD_GROUPS = (1, 2, 4, 8)
 DTYPES = (jnp.bfloat16, jnp.float16)
+assert (suffix_wg._TILE, suffix_wg._BLOCK_Q) == (TILE, BLOCK_Q)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +240,8 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
             interpret: bool, seq_rows: int, splits: int, stagger: bool, lead: int,
             layer_nodes: tuple, transposed: bool, overlap: bool, heads: int,
             swg: Optional[suffix_wg.Layout], registers: tuple):
-  """One CTA: tile `tile`, KV head `kvh`, key split `split`; warpgroup `wg` (2 = memory).
+  """One CTA: tile `tile`, KV head `kvh`, key split `split`; warpgroup `wg` (2 = memory,
+  3 = the suffix's when `swg`).
 
   tab [Tn, 4] int32 (node, lo, hi, suffix hi); lim [R] int32; layer [1] int32; q [K,R,D];
   k, v [L*N,S,K,D]; o [P,K,R,D]; lse [P,K,R] float32. suffix_refs: () or (slim [R] int32,
@@ -765,7 +767,6 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       def node_loads(a, b, i):
         return lax.fori_loop(a, b, lambda k, i: load(i, [
             ((k_ref, v_ref), node, block_start(k) + h * HALF) for h in range(COMPUTE_WGS)]), i)
-
 
       def suffix_load(u, i):
         j, c = suffix_block(u)

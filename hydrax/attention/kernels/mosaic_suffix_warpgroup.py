@@ -46,7 +46,6 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple, Optional
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -58,7 +57,8 @@ WARP_KEYS = KEYS // WARPS
 SEQ_ROWS = (1, 2, 4, 8)   # T*G rows of a sequence the warpgroup takes
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-_TILE, _BLOCK_Q = 128, 64     # mosaic_gpu's TILE and BLOCK_Q (imported from there, one-way)
+# mosaic_gpu's TILE and BLOCK_Q, repeated (it imports this module; it asserts they agree)
+_TILE, _BLOCK_Q = 128, 64
 
 
 class Layout(NamedTuple):
@@ -284,7 +284,7 @@ def _thread_steps(lay: Layout) -> _Steps:
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import arith, llvm, math as mmath, memref, vector
 
-  rs, d, g, t_rows = lay.seq_rows, lay.d, lay.heads, lay.queries
+  rs, d, g = lay.seq_rows, lay.d, lay.heads
   offs = lay.row_offsets()
   nch = d // 32             # 8-dim chunks of a lane's quarter of D
   cpl = d // 32             # out columns a lane
