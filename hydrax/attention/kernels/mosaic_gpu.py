@@ -273,7 +273,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
   kvh, tile, split = lax.axis_index("kvh"), lax.axis_index("tile"), lax.axis_index("split")
   wg = lax.axis_index("wg")
   dtype = q_ref.dtype
-  d = q_ref.shape[-1]
+  d = k_ref.shape[-1]          # (q may be [B*T, H*D]: read in place)
   # Layout hints are for the lowering; the GPU interpreter has no rule for them.
   cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
   node, lo, hi = tab_ref[tile, 0], tab_ref[tile, 1], tab_ref[tile, 2]
@@ -345,7 +345,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
       # q [B*T,H,D] at head kvh*G + gi: one copy each, read in place (no packing launch).
       n, bt0 = BLOCK_Q // heads, lax.div(row0, jnp.int32(heads))
       for gi in range(heads):
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(bt0, n), kvh * heads + gi],
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(bt0, n), pl.ds((kvh * heads + gi) * d, d)],
                                 qo_smem.at[pl.ds(gi * n, n)], q_bar.at[wg])
     else:
       plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(row0, BLOCK_Q)], qo_smem, q_bar.at[wg])
@@ -722,7 +722,7 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     if heads:
       for gi in range(heads):
         plgpu.copy_smem_to_gmem(qo_smem.at[pl.ds(gi * n, n)],
-                                o_ref.at[split, pl.ds(bt0, n), kvh * heads + gi])
+                                o_ref.at[split, pl.ds(bt0, n), pl.ds((kvh * heads + gi) * d, d)])
     else:
       plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[split, kvh, pl.ds(row0, BLOCK_Q)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, kvh, pl.ds(row0, BLOCK_Q)])
@@ -1011,10 +1011,15 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   extra = () if suffix is None else (suffix.row_limits, suffix.table, suffix.layer, suffix.k,
                                      suffix.v)
   planes = splits + (swg is not None)
+  # With q in place the kernel sees q as [B*T, H*D] and out as [P, B*T, H*D] (bitcasts): a
+  # query head's rows are then a 2-D window of each, which jax 0.11.2's Mosaic GPU layout
+  # inference takes (an integer index between sliced axes of a copy failed its divisibility
+  # check: H200 run 18, call 1).
+  q_in = q if heads is None else q.reshape(q.shape[0], -1)
   out, lse = plgpu.kernel(
       entry,
       out_type=(jax.ShapeDtypeStruct((planes, kh, r, d) if heads is None
-                                     else (planes,) + q.shape, dtype),
+                                     else (planes,) + q_in.shape, dtype),
                 jax.ShapeDtypeStruct((planes, kh, r), jnp.float32)),
       grid=(num_tiles, splits, kh),
       grid_names=("tile", "split", "kvh"),
@@ -1022,5 +1027,5 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **kwargs,
-  )(tab, row_limits, layer, q, k, v, *extra)
-  return out, lse
+  )(tab, row_limits, layer, q_in, k, v, *extra)
+  return (out if heads is None else out.reshape((planes,) + q.shape)), lse

@@ -117,14 +117,14 @@ def check_registers(registers) -> tuple:
 def scratch(lay: Layout, dtype):
   """(buffers, barriers) of `run`, for the kernel's `pl.run_scoped`."""
   rs, d, t = lay.seq_rows, lay.d, lay.queries
-  q_shape = (2, t, lay.heads, d) if lay.heads else (2, rs, d)
+  q_shape = (2, lay.heads, t, d) if lay.heads else (2, rs, d)      # (in place: by head)
   buffers = (plgpu.SMEM((lay.stages, KEYS, d), dtype), plgpu.SMEM((lay.stages, KEYS, d), dtype),
              plgpu.SMEM(q_shape, dtype), plgpu.SMEM((rs, d), jnp.float32),
              plgpu.SMEM((WARPS, rs, d), jnp.float32), plgpu.SMEM((WARPS, rs, 2), jnp.float32),
              plgpu.SMEM((WARPS, WARP_KEYS, rs), jnp.float32), plgpu.SMEM((_TILE,), jnp.int32))
   barriers = (plgpu.Barrier(num_arrivals=1, num_barriers=lay.stages),     # k
               plgpu.Barrier(num_arrivals=1, num_barriers=lay.stages),     # v
-              plgpu.Barrier(num_arrivals=1, num_barriers=2),              # q
+              plgpu.Barrier(num_arrivals=lay.heads or 1, num_barriers=2),  # q (a copy a head)
               plgpu.Barrier(num_arrivals=1, num_barriers=1))              # limits
   return buffers, barriers
 
@@ -159,13 +159,16 @@ def run(lay: Layout, refs, buffers, barriers, *, tile, split, kvh, snode0):
     _, _, first = sequence(s)
     slot = lax.rem(s, 2)
     if lay.heads:
-      # rows [first, first + T) of the warpgroup's head-0 rows are query rows bt0 .. bt0 + T
+      # rows [first, first + T) of the warpgroup's head-0 rows are query rows bt0 .. bt0 + T;
+      # one copy a head from q seen as [B*T, H*D] (a copy takes at most 256 columns)
       bt0 = lax.div(tile * _TILE + first - lax.rem(first, _BLOCK_Q), jnp.int32(lay.heads)) \
           + lax.rem(first, _BLOCK_Q)
-      src = q_ref.at[pl.ds(bt0, lay.queries), pl.ds(kvh * lay.heads, lay.heads)]
+      for gi in range(lay.heads):
+        src = q_ref.at[pl.ds(bt0, lay.queries), pl.ds((kvh * lay.heads + gi) * lay.d, lay.d)]
+        plgpu.copy_gmem_to_smem(src, qbuf.at[slot, gi], q_bar.at[slot])
     else:
-      src = q_ref.at[kvh, pl.ds(tile * _TILE + first, rs)]
-    plgpu.copy_gmem_to_smem(src, qbuf.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(tile * _TILE + first, rs)], qbuf.at[slot],
+                              q_bar.at[slot])
 
   def load_block(u):
     s, c = lax.div(u, nb), lax.rem(u, nb)
@@ -220,7 +223,8 @@ def _jnp_steps(lay: Layout) -> _Steps:
   offs = lay.row_offsets()
 
   def start(qbuf, qf, st, ml, qslot):
-    qf[...] = qbuf[qslot].astype(jnp.float32).reshape(rs, d)
+    q = qbuf[qslot].astype(jnp.float32)
+    qf[...] = q.transpose(1, 0, 2).reshape(rs, d) if g else q          # (row t*G + g)
     st[...] = jnp.zeros((WARPS, rs, d), jnp.float32)
     ml[...] = jnp.stack([jnp.full((WARPS, rs), -jnp.inf, jnp.float32),
                          jnp.zeros((WARPS, rs), jnp.float32)], axis=-1)
@@ -252,7 +256,7 @@ def _jnp_steps(lay: Layout) -> _Steps:
       lse_ref[plane, kvh, pl.ds(row0, rs)] = lse
       return
     t = lay.queries
-    o_ref[plane, pl.ds(bt0, t), pl.ds(kvh * g, g)] = out.reshape(t, g, d)
+    o_ref[plane, pl.ds(bt0, t), pl.ds(kvh * g * d, g * d)] = out.reshape(t, g * d)
     lse_t = lse.reshape(t, g)
     n = _BLOCK_Q // g
     for gi in range(g):
@@ -323,8 +327,8 @@ def _thread_steps(lay: Layout) -> _Steps:
     """The index of q's element (row r = t*G + g of the sequence, col) in its buffer."""
     if not g:
       return [c["ix"](qslot), c["ix"](row), c["ix"](col)]
-    return [c["ix"](qslot), c["ix"](arith.divui(row, c["ci"](g))),
-            c["ix"](arith.remui(row, c["ci"](g))), c["ix"](col)]
+    return [c["ix"](qslot), c["ix"](arith.remui(row, c["ci"](g))),      # ([G, T, D] a slot)
+            c["ix"](arith.divui(row, c["ci"](g))), c["ix"](col)]
 
   @plgpu.inline_mgpu(arg_types=(ref, ref, ref, ref, scalar))
   def start(ctx, qbuf, qf, st, ml, qslot):
@@ -461,9 +465,9 @@ def _thread_steps(lay: Layout) -> _Steps:
                                           arith.divui(r, ci(g))))
         trow = arith.addi(row0, off)
         if g:
+          head = arith.addi(arith.muli(kvh, ci(g)), arith.remui(r, ci(g)))
           memref.store(out, o_ref, [plane, ix(arith.addi(bt0, arith.divui(r, ci(g)))),
-                                    ix(arith.addi(arith.muli(kvh, ci(g)), arith.remui(r, ci(g)))),
-                                    ix(col)])
+                                    ix(arith.addi(arith.muli(head, ci(d)), col))])
         else:
           memref.store(out, o_ref, [plane, ix(kvh), ix(trow), ix(col)])
         with mu.when(arith.cmpi(arith.CmpIPredicate.eq, col, ci(0))):
