@@ -184,8 +184,8 @@ MUTATIONS = [
     Mutation("mosaic_in_place_out_head", "Mosaic GPU kernel, out written in place: every "
              "query head of a KV head written to its first",
              "hydrax.attention.kernels.mosaic_gpu", "_kernel",
-             "o_ref.at[split, pl.ds(bt0, n), pl.ds((kvh * heads + gi) * d, d)]",
-             "o_ref.at[split, pl.ds(bt0, n), pl.ds(kvh * heads * d, d)]", ("mosaic_in_place",)),
+             "pl.ds(pl.multiple_of((kvh * heads + gi) * d, d), d)])",
+             "pl.ds(pl.multiple_of(kvh * heads * d, d), d)])", ("mosaic_in_place",)),
     Mutation("query_rows_lse_order", "pallas backend, q read in place: the kernel's lse rows "
              "put in query order with heads and rows swapped",
              "hydrax.attention.kernels.pallas_gpu", "_query_rows",

@@ -343,9 +343,12 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     if heads:
       # Head gi's rows [gi*n, (gi + 1)*n) of the warpgroup are query rows [bt0, bt0 + n) of
       # q [B*T,H,D] at head kvh*G + gi: one copy each, read in place (no packing launch).
-      n, bt0 = BLOCK_Q // heads, lax.div(row0, jnp.int32(heads))
+      # (multiple_of: jax 0.11.2's layout inference asks the copies' offsets to be proven
+      # multiples of the shared memory's tiles: H200 run 18, call 4)
+      n, bt0 = BLOCK_Q // heads, pl.multiple_of(lax.div(row0, jnp.int32(heads)), BLOCK_Q // heads)
       for gi in range(heads):
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(bt0, n), pl.ds((kvh * heads + gi) * d, d)],
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(bt0, n),
+                                         pl.ds(pl.multiple_of((kvh * heads + gi) * d, d), d)],
                                 qo_smem.at[pl.ds(gi * n, n)], q_bar.at[wg])
     else:
       plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(row0, BLOCK_Q)], qo_smem, q_bar.at[wg])
@@ -722,7 +725,8 @@ def _kernel(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, suffix_refs, o_ref
     if heads:
       for gi in range(heads):
         plgpu.copy_smem_to_gmem(qo_smem.at[pl.ds(gi * n, n)],
-                                o_ref.at[split, pl.ds(bt0, n), pl.ds((kvh * heads + gi) * d, d)])
+                                o_ref.at[split, pl.ds(bt0, n),
+                                         pl.ds(pl.multiple_of((kvh * heads + gi) * d, d), d)])
     else:
       plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[split, kvh, pl.ds(row0, BLOCK_Q)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, kvh, pl.ds(row0, BLOCK_Q)])

@@ -164,7 +164,8 @@ def run(lay: Layout, refs, buffers, barriers, *, tile, split, kvh, snode0):
       bt0 = lax.div(tile * _TILE + first - lax.rem(first, _BLOCK_Q), jnp.int32(lay.heads)) \
           + lax.rem(first, _BLOCK_Q)
       for gi in range(lay.heads):
-        src = q_ref.at[pl.ds(bt0, lay.queries), pl.ds((kvh * lay.heads + gi) * lay.d, lay.d)]
+        col = pl.multiple_of((kvh * lay.heads + gi) * lay.d, lay.d)
+        src = q_ref.at[pl.ds(bt0, lay.queries), pl.ds(col, lay.d)]
         plgpu.copy_gmem_to_smem(src, qbuf.at[slot, gi], q_bar.at[slot])
     else:
       plgpu.copy_gmem_to_smem(q_ref.at[kvh, pl.ds(tile * _TILE + first, rs)], qbuf.at[slot],
