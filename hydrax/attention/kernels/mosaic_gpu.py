@@ -84,8 +84,9 @@ fourth warpgroup of its own, written per thread on the CUDA cores
 (`mosaic_suffix_warpgroup`), while the compute warpgroups run the node's steps alone as in
 the unfolded launch; its results are one more key split (plane P of out and lse). It takes
 1, 2, 4 or 8 rows a sequence and a capacity of whole 32-key blocks, within the CTA's shared
-memory. Exact in interpret mode (its steps in jnp there) and lowered for CUDA on the CPU;
-not yet run on a GPU.
+memory. Exact in interpret mode (its steps in jnp there) and on the H200, but slower: the
+launch 1.04-2.3x the wgmma fold's at B = 64..256 (run 18, call 3). A sequence's suffix work
+on the CUDA cores costs more than its wgmma steps, even at 4 of their 64 rows.
 
 Runs on Hopper (sm_90) GPUs with bf16 or fp16; off GPU it runs in Mosaic GPU interpret mode
 (slow; for tests). Callers pick it through `pallas_gpu` (the `pallas` backend) for stacked
@@ -176,8 +177,9 @@ class MosaicConfig:
   # (`mosaic_suffix_warpgroup`), beside the compute warpgroups' node steps, instead of
   # wgmma steps of 64 rows for a sequence's T*G. Its key blocks of 32 stream through
   # `suffix_stages` slots; `registers` (compute, memory, suffix) split the SM's registers
-  # between four warpgroups (2*compute + memory + suffix <= 512). Exact in interpret mode and
-  # lowered for CUDA on the CPU; not yet run on a GPU, so off.
+  # between four warpgroups (2*compute + memory + suffix <= 512). Exact (interpret mode, and
+  # the H200 against float32), but slower on the H200 (run 18, call 3: the 4K/256 launch
+  # 123-131 us against the wgmma fold's 57; 16K/256 177-186 against 139), so off.
   suffix_warpgroup: bool = False
   suffix_stages: int = 2
   registers: tuple = (216, 24, 56)
