@@ -160,14 +160,18 @@ def run(lay: Layout, refs, buffers, barriers, *, tile, split, kvh, snode0):
     first = h * _BLOCK_Q + (j * lay.queries if lay.heads else j * rs)
     return h, j, first
 
+  def query_row(first):
+    """q in place: the query row (of q [B*T, ...]) of a sequence's first row, whose tile row
+    is tile*TILE + first (the warpgroup's head-0 rows are its query rows in order)."""
+    return (lax.div(tile * _TILE + first - lax.rem(first, _BLOCK_Q), jnp.int32(lay.heads))
+            + lax.rem(first, _BLOCK_Q))
+
   def load_q(s):
     _, _, first = sequence(s)
     slot = lax.rem(s, 2)
     if lay.heads:
-      # rows [first, first + T) of the warpgroup's head-0 rows are query rows bt0 .. bt0 + T;
       # one copy a head from q seen as [B*T, H*D] (a copy takes at most 256 columns)
-      bt0 = lax.div(tile * _TILE + first - lax.rem(first, _BLOCK_Q), jnp.int32(lay.heads)) \
-          + lax.rem(first, _BLOCK_Q)
+      bt0 = query_row(first)
       for gi in range(lay.heads):
         col = pl.multiple_of((kvh * lay.heads + gi) * lay.d, lay.d)
         src = q_ref.at[pl.ds(bt0, lay.queries), pl.ds(col, lay.d)]
@@ -211,8 +215,7 @@ def run(lay: Layout, refs, buffers, barriers, *, tile, split, kvh, snode0):
 
     # out's rows: packed, tile rows from tile*TILE + first; in place, query rows from bt0
     row0 = tile * _TILE + first
-    bt0 = (lax.div(row0 - lax.rem(first, _BLOCK_Q), jnp.int32(lay.heads))
-           + lax.rem(first, _BLOCK_Q)) if lay.heads else row0
+    bt0 = query_row(first) if lay.heads else row0
     steps.finish(st, ml, o_ref, lse_ref, kvh, row0, bt0)
 
 
