@@ -77,7 +77,9 @@ step timed alone without loads.
 of each warpgroup's rows (so the warpgroup's rows go by head: row gi*(64/G) + x is query row
 x at head kvh*G + gi), and writes out [P,B*T,H,D] the same way: the launches that pack q
 before the kernel and unpack out after it go (3.5 and 4.0 us of a 16K/256 call on the H200,
-run 17). Exact in interpret mode and lowered for CUDA on the CPU; not yet timed.
+run 17). Exact in interpret mode and on the H200, but slower there: the unpacking becomes a
+convert of the same cost, and the launch takes 1.2-9.4 us more (G copies of q a tile, more
+spills), 1.03-1.04x the op's time (run 18, call 4b).
 
 `suffix_warpgroup=True` (`MosaicConfig.suffix_warpgroup`, off) runs a folded suffix on a
 fourth warpgroup of its own, written per thread on the CUDA cores
@@ -97,6 +99,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -132,8 +135,9 @@ assert (suffix_wg._TILE, suffix_wg._BLOCK_Q) == (TILE, BLOCK_Q)
 class MosaicConfig:
   """Tuning knobs of the Mosaic GPU kernel (defaults: the best of the H200 sweep)."""
   block_kv: int = 128       # keys per block (a multiple of 64)
-  # Key/value blocks in flight (shared memory: see `smem_bytes`). With D = 128 and a folded
-  # suffix, 3 stages exceed the H200's 227 KiB a CTA (234,632 bytes; run 11).
+  # Key/value blocks in flight (shared memory: see `smem_bytes`). With D = 128, 3 stages of
+  # 128 keys exceed the H200's 227 KiB a CTA (234,632 bytes with a folded suffix; run 11),
+  # and `tile_attention` refuses them.
   stages: int = 2
   splits: Optional[int] = None   # P; None: enough CTAs to fill the GPU
   min_rows_per_node: int = 96    # shared levels with fewer rows per node go to Triton
@@ -170,8 +174,9 @@ class MosaicConfig:
   # q read and out written in place (`tile_attention(heads=)`) when the level's rows are in
   # order and fill whole tiles (and G is one of HEAD_GROUPS): no launch packs q before the
   # kernel or unpacks out after it (3.5 and 4.0 us of a 16K/256 call on the H200 in run 17;
-  # the splits' merge stays). Exact in interpret mode and lowered for CUDA on the CPU; not yet
-  # timed on the H200, so off.
+  # the splits' merge stays). Exact on the H200, but the op takes 1.03-1.04x the default's
+  # device time there (run 18, call 4b: the launch 1.2-9.4 us longer, and out still needs a
+  # launch of 4 us after it), so off.
   q_in_place: bool = False
   # The folded suffix on a fourth warpgroup of its own, per thread on the CUDA cores
   # (`mosaic_suffix_warpgroup`), beside the compute warpgroups' node steps, instead of
@@ -198,12 +203,72 @@ class MosaicConfig:
 
 
 SMEM_BYTES = 232_448   # shared memory a CTA may take on Hopper (227 KiB)
+# Pallas' shared-memory allocation (jax 0.11): each scratch buffer at a multiple of 1024 bytes,
+# 8 bytes a barrier, and 2048 bytes (`CompilerParams.reduction_scratch_bytes`) for the
+# cross-warp reductions of the softmax's row maximum and sum.
+SMEM_ALIGN = 1024
+BARRIER_BYTES = 8
+REDUCTION_SCRATCH_BYTES = 2048
 
 
-def smem_bytes(block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
-  """Shared memory of one CTA: q/out tiles, `stages` key and value blocks, limits and lse."""
-  return ((COMPUTE_WGS * BLOCK_Q * d + 2 * stages * block_kv * d) * itemsize
-          + COMPUTE_WGS * BLOCK_Q * 8)
+def _allocations(d: int, dtype, block_kv: int, stages: int, *, fold: bool, transposed: bool,
+                 q_copies: int, swg=None) -> list:
+  """What the kernel allocates (`pl.run_scoped`'s arguments after the body): its buffers (q
+  tiles, `stages` key and value blocks, the rows' limits and lse, and the folded suffix's
+  limits, the transposed steps' p and v tiles), the copies' barriers, the consumers'
+  barriers, the compute warpgroups' barrier, then the suffix warpgroup's buffers and barriers
+  (`swg`, a `mosaic_suffix_warpgroup.Layout`)."""
+  # (wgmma takes equal swizzles for its two shared-memory operands, and p^T's rows are
+  # 2 * SUFFIX_COLS bytes: the transposed steps put every tile at a 32-byte swizzle)
+  swizzle_bytes = 2 * SUFFIX_COLS if transposed else 128
+  tiled = (plgpu.TilingTransform((8, swizzle_bytes // 2)), plgpu.SwizzleTransform(swizzle_bytes))
+  buffers = [
+      plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, d), dtype, transforms=tiled),
+      plgpu.SMEM((stages, block_kv, d), dtype, transforms=tiled),
+      plgpu.SMEM((stages, block_kv, d), dtype, transforms=tiled),
+      plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32),
+      plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
+  ]
+  if fold:
+    buffers.append(plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32))
+  if transposed:
+    buffers += [plgpu.SMEM((COMPUTE_WGS, HALF, SUFFIX_COLS), dtype, transforms=tiled),
+                plgpu.SMEM((COMPUTE_WGS, d, SUFFIX_COLS), dtype, transforms=tiled)]
+  # Copies a barrier waits for: q (a copy a head when read in place); the limits (and the
+  # suffix limits); a key or value block (in two halves when a suffix is folded).
+  block_copies = COMPUTE_WGS if fold else 1
+  allocations = [
+      buffers,
+      (plgpu.Barrier(num_arrivals=q_copies, num_barriers=COMPUTE_WGS),
+       plgpu.Barrier(num_arrivals=2 if fold else 1, num_barriers=COMPUTE_WGS),
+       plgpu.Barrier(num_arrivals=block_copies, num_barriers=stages),
+       plgpu.Barrier(num_arrivals=block_copies, num_barriers=stages)),
+      (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
+      plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+  ]
+  if swg is not None:
+    allocations += suffix_wg.scratch(swg, dtype)
+  return allocations
+
+
+def smem_bytes(block_kv: int, stages: int, d: int, dtype=jnp.bfloat16, *, fold: bool = False,
+               transposed: bool = False, swg=None) -> int:
+  """Shared memory of one CTA as Pallas allocates it: `_allocations`' buffers, each aligned
+  to SMEM_ALIGN, its barriers, the reductions' scratch. With a folded suffix (`fold`), its
+  steps `transposed`, or the suffix warpgroup's `swg` layout instead. Lowering the kernel for
+  CUDA on a CPU counts the same bytes (tests/attention/test_mosaic.py)."""
+  leaves = jax.tree.leaves(
+      _allocations(d, dtype, block_kv, stages, fold=fold and swg is None,
+                   transposed=transposed, q_copies=1, swg=swg),
+      is_leaf=lambda x: isinstance(x, plgpu.Barrier))
+  total = REDUCTION_SCRATCH_BYTES
+  for x in leaves:
+    if isinstance(x, plgpu.Barrier):
+      total += BARRIER_BYTES * math.prod(x.num_barriers)
+    else:
+      nbytes = math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+      total += -(-nbytes // SMEM_ALIGN) * SMEM_ALIGN
+  return total
 
 
 def unsupported_reason(dtype, d: int, block_kv: int) -> Optional[str]:
@@ -843,15 +908,16 @@ def suffix_unsupported_reason(block_kv: int, seq_rows: int, capacity: int) -> Op
 
 
 def suffix_warpgroup_reason(block_kv: int, stages: int, suffix_stages: int, seq_rows: int,
-                            capacity: int, d: int, itemsize: int = 2) -> Optional[str]:
+                            capacity: int, d: int, dtype=jnp.bfloat16) -> Optional[str]:
   """Why `tile_attention(suffix_warpgroup=True)` cannot take a folded suffix of seq_rows rows a
   sequence and this capacity (None when it can): the rows or capacity
-  (`mosaic_suffix_warpgroup.unsupported_reason`), or the CTA's shared memory."""
+  (`mosaic_suffix_warpgroup.unsupported_reason`), or the CTA's shared memory (`smem_bytes`)."""
   reason = suffix_wg.unsupported_reason(seq_rows, capacity)
   if reason is not None:
     return reason
-  smem = (smem_bytes(block_kv, stages, d, itemsize)
-          + suffix_wg.smem_bytes(seq_rows, d, suffix_stages, itemsize))
+  lay = suffix_wg.Layout(seq_rows=seq_rows, heads=0, d=d, stages=suffix_stages, splits=1,
+                         scale_log2=0.0, interpret=False)
+  smem = smem_bytes(block_kv, stages, d, dtype, swg=lay)
   if smem > SMEM_BYTES:
     return (f"{smem} bytes of shared memory a CTA (stages={stages}, suffix_stages="
             f"{suffix_stages}, {seq_rows} rows a sequence, D={d}) exceed {SMEM_BYTES}")
@@ -945,7 +1011,7 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
       raise ValueError("suffix_warpgroup: transposed suffix steps are the compute "
                        "warpgroups' (pass transposed=False)")
     reason = suffix_warpgroup_reason(block_kv, stages, suffix_stages, seq_rows,
-                                     suffix.k.shape[1], d, dtype.itemsize)
+                                     suffix.k.shape[1], d, dtype)
     if reason is not None:
       raise ValueError(f"suffix_warpgroup: {reason}")
     registers = suffix_wg.check_registers(registers)
@@ -962,33 +1028,14 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
   if transposed and seq_rows > SUFFIX_COLS:
     raise ValueError(f"suffix: {seq_rows} query rows a sequence; transposed suffix steps take "
                      f"at most {SUFFIX_COLS} (pass transposed=False)")
-  # (wgmma takes equal swizzles for its two shared-memory operands, and p^T's rows are
-  # 2 * SUFFIX_COLS bytes: the transposed steps put every tile at a 32-byte swizzle)
-  swizzle_bytes = 2 * SUFFIX_COLS if transposed else 128
-  tiling = plgpu.TilingTransform((8, swizzle_bytes // 2))
-  swizzle = plgpu.SwizzleTransform(swizzle_bytes)
-  # Copies a barrier waits for: the limits (and the suffix limits); a key or value block
-  # (in two halves when a suffix is folded).
   fold = suffix is not None and swg is None
-  lim_copies = 2 if fold else 1
-  q_copies = heads or 1
-  block_copies = COMPUTE_WGS if fold else 1
+  smem = smem_bytes(block_kv, stages, d, dtype, fold=fold, transposed=transposed, swg=swg)
+  if smem > SMEM_BYTES:
+    raise ValueError(f"stages={stages} (MosaicConfig.stages): the CTA would take {smem} bytes "
+                     f"of shared memory (block_kv={block_kv}, D={d}), over {SMEM_BYTES}")
 
   def entry(tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref, *rest):
     suffix_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
-    buffers = [
-        plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, d), dtype, transforms=(tiling, swizzle)),
-        plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
-        plgpu.SMEM((stages, block_kv, d), dtype, transforms=(tiling, swizzle)),
-        plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32),
-        plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
-    ]
-    if fold:
-      buffers.append(plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32))
-    if transposed:
-      buffers += [plgpu.SMEM((COMPUTE_WGS, HALF, SUFFIX_COLS), dtype,
-                             transforms=(tiling, swizzle)),
-                  plgpu.SMEM((COMPUTE_WGS, d, SUFFIX_COLS), dtype, transforms=(tiling, swizzle))]
     body = functools.partial(_kernel, tab_ref, lim_ref, layer_ref, q_ref, k_ref, v_ref,
                              suffix_refs, o_ref, lse_ref, layer_nodes=(n_stacked, ns_stacked),
                              block_kv=block_kv, stages=stages,
@@ -999,14 +1046,8 @@ def tile_attention(q, k, v, tab, row_limits, *, scale: float, block_kv: int, sta
                              swg=swg, registers=registers if swg else (232, 40))
     pl.run_scoped(
         lambda *scoped: body(scoped),
-        buffers,
-        (plgpu.Barrier(num_arrivals=q_copies, num_barriers=COMPUTE_WGS),
-         plgpu.Barrier(num_arrivals=lim_copies, num_barriers=COMPUTE_WGS),
-         plgpu.Barrier(num_arrivals=block_copies, num_barriers=stages),
-         plgpu.Barrier(num_arrivals=block_copies, num_barriers=stages)),
-        (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
-        *(suffix_wg.scratch(swg, dtype) if swg else ()),
+        *_allocations(d, dtype, block_kv, stages, fold=fold, transposed=transposed,
+                      q_copies=heads or 1, swg=swg),
         collective_axes="wg",
     )
 

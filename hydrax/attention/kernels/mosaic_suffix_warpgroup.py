@@ -90,14 +90,6 @@ class Layout(NamedTuple):
     return [(r % self.heads) * n + r // self.heads for r in range(self.seq_rows)]
 
 
-def smem_bytes(seq_rows: int, d: int, stages: int, itemsize: int = 2) -> int:
-  """Shared memory of the suffix warpgroup: k and v slots, two q buffers, q in float32, the
-  warps' state (out, maximum and sum), p, the tile's suffix limits."""
-  return (2 * stages * KEYS * d * itemsize + 2 * seq_rows * d * itemsize + seq_rows * d * 4
-          + WARPS * seq_rows * d * 4 + WARPS * seq_rows * 2 * 4
-          + WARPS * WARP_KEYS * seq_rows * 4 + _TILE * 4)
-
-
 def unsupported_reason(seq_rows: int, capacity: int) -> Optional[str]:
   """Why the suffix warpgroup cannot take a per-sequence level (None when it can)."""
   if seq_rows not in SEQ_ROWS:

@@ -1045,8 +1045,7 @@ def _mosaic_part(q, k, v, tabs: _MosaicTables, scale, cfg: Config, layer=None,
   swg = sfx is not None and cfg.mosaic.suffix_warpgroup
   if swg:
     why = mosaic_gpu.suffix_warpgroup_reason(bk, cfg.mosaic.stages, cfg.mosaic.suffix_stages,
-                                             sfx.seq_rows, sfx.k.shape[-3], d,
-                                             jnp.dtype(q.dtype).itemsize)
+                                             sfx.seq_rows, sfx.k.shape[-3], d, q.dtype)
     if why is not None:
       log_once(("suffix-warpgroup", why),
                "hydrax pallas backend: suffix_warpgroup asked for, but %s; the folded suffix "
