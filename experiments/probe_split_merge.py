@@ -141,7 +141,8 @@ def launches(hlo: str) -> list:
   entry = hlo[hlo.index("\nENTRY"):]
   names = []
   for line in entry.splitlines()[1:]:
-    m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+ (\S+)\(", line)
+    # (a multi-output fusion's type is a tuple, with spaces: "(f32[8], bf16[8,4]{1,0})")
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = (?:\([^=]*?\)|\S+) ([\w-]+)\(", line)
     if m and m.group(2) not in ("parameter", "bitcast", "tuple", "get-tuple-element",
                                 "constant"):
       names.append(f"{m.group(2)}:{m.group(1)}")

@@ -534,3 +534,29 @@ def test_levels_merged_in_the_per_sequence_kernel(traced):
     assert finals[-1] == (t == 1) and not any(finals[:-1]), finals
     assert prior_splits == ([2, 2] if t == 1 else []), prior_splits   # root, shared level
     _assert_close(*out, *_oracle_of(q, [root, shared, suffix], 1, causal=True), 1e-5)
+
+
+@pytest.mark.parametrize("p", [2, 3, 16, 17])
+def test_combine_splits_matches_float64_merge(p):
+  """`flash.combine_splits`, plane by plane (P <= ELEMENTWISE_SPLITS) or by reductions over P
+  (more splits): the float64 merge, with rows empty in some splits and in every split
+  (out 0, lse -inf, no NaN)."""
+  from hydrax.attention.kernels import flash
+  rng = np.random.default_rng(p)
+  out = rng.standard_normal((p, 3, 40, 16))
+  lse = rng.standard_normal((p, 3, 40)) * 5
+  empty = rng.random((p, 3, 40)) < 0.3
+  empty[:, 0, :2] = True
+  lse[empty], out[empty] = -np.inf, 0.0
+  o, l = flash.combine_splits(jnp.asarray(out, jnp.float32), jnp.asarray(lse, jnp.float32))
+  m = lse.max(axis=0)
+  w = np.exp(lse - np.where(np.isfinite(m), m, 0.0))
+  tot = w.sum(axis=0)
+  ro = (w[..., None] * out).sum(axis=0) / np.where(tot > 0, tot, 1.0)[..., None]
+  rl = np.where(tot > 0, np.where(np.isfinite(m), m, 0.0) + np.log(np.where(tot > 0, tot, 1)),
+                -np.inf)
+  np.testing.assert_allclose(np.asarray(o), ro, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.isneginf(np.asarray(l)), np.isneginf(rl))
+  fin = np.isfinite(rl)
+  np.testing.assert_allclose(np.asarray(l)[fin], rl[fin], rtol=1e-6, atol=1e-5)
+  assert not np.isnan(np.asarray(o)).any() and (np.asarray(o)[0, :2] == 0).all()

@@ -33,3 +33,12 @@ def test_inputs_have_empty_rows():
   out, lse = probe.make_inputs(2, 8, 1, 4, 2)
   lse = np.asarray(lse)
   assert np.isneginf(lse[:, 0, 0]).all() and np.isneginf(lse).any(axis=0).sum() > 1
+
+
+def test_launches_counts_a_multi_output_fusion():
+  hlo = ("HloModule m\n\nENTRY %main (p: f32[8]) -> f32[8] {\n"
+         "  %p = f32[8]{0} parameter(0)\n"
+         "  %f = (f32[8]{0}, bf16[8,4]{1,0}) fusion(%p), kind=kLoop, calls=%c\n"
+         "  %g = f32[8]{0} get-tuple-element(%f), index=0\n"
+         "  ROOT %h = f32[8]{0} fusion(%g), kind=kLoop, calls=%d\n}\n")
+  assert probe.launches(hlo) == ["fusion:f", "fusion:h"]
