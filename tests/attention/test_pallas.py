@@ -472,18 +472,22 @@ def test_level_stream_annotates_the_per_sequence_level():
 
 def test_regular_tiles_leave_one_merge_around_the_kernels():
   """Lowered for CUDA from this CPU (`jax.export`): a decode call of a one-node level and a
-  per-sequence level through `grouped_levels` is the two kernels and one merge (its
-  reductions over the parts), without the tile tables, row limits and tile bounds that the
-  regular_tiles=False and finish="per_level" programs compute before the launches."""
+  per-sequence level through `grouped_levels` is the two kernels and one merge (elementwise
+  over the parts: no reduction), without the tile tables, row limits and tile bounds that the
+  regular_tiles=False and finish="per_level" programs compute before the launches (their
+  compares, selects, iotas and reductions)."""
   from tests.attention.test_path_gpu import _cuda_ops
+  table_ops = ("stablehlo.compare", "stablehlo.select", "stablehlo.iota", "stablehlo.reduce",
+               "stablehlo.and")
   counts = {}
   for regular, finish in ((True, "once"), (False, "once"), (True, "per_level")):
     ops, kernels = _cuda_ops(pg.configure(path="off", interpret=False, regular_tiles=regular,
                                           finish=finish), b=64)
     assert kernels == 2
-    counts[regular, finish] = (len(ops), ops.count("stablehlo.reduce"))
-  assert counts[True, "once"][1] <= 3, counts
-  assert counts[True, "once"][0] * 2 < counts[False, "once"][0] < counts[True, "per_level"][0]
+    counts[regular, finish] = (sum(ops.count(op) for op in table_ops),
+                               ops.count("stablehlo.reduce"))
+  assert counts[True, "once"][1] == 0, counts
+  assert counts[True, "once"][0] * 3 < counts[False, "once"][0] < counts[True, "per_level"][0]
 
 
 @pytest.mark.parametrize("traced", [False, True])
