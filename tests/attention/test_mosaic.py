@@ -1181,6 +1181,25 @@ def _export_for_cuda(fn, *args):
   return export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
 
 
+def _abstract_kernel_args(d: int, rows: int, heads, *, stacked: bool = False, fold: bool = True,
+                          dtype=jnp.bfloat16) -> list:
+  """`tile_attention`'s arguments as shapes for `_export_for_cuda`: q (packed, or [B*T,H,D]
+  read in place at G = heads), two nodes of 256 keys (K = 2), 2 tiles' tab and limits, the
+  layer; with `fold`, a suffix cache of 16 nodes of 128 keys and its tables for `rows` rows a
+  sequence. Caches stacked [2,...] when `stacked`."""
+  kh, r, s, n, u = 2, 2 * TILE, 256, 2, 128
+  sds = jax.ShapeDtypeStruct
+  stack = (lambda shape: (2,) + shape) if stacked else (lambda shape: shape)
+  q_shape = (kh, r, d) if heads is None else (r // heads, kh * heads, d)
+  args = [sds(q_shape, dtype), sds(stack((n, s, kh, d)), dtype),
+          sds(stack((n, s, kh, d)), dtype), sds((r // TILE, 4), jnp.int32),
+          sds((r,), jnp.int32), sds((), jnp.int32)]
+  if fold:
+    args += [sds(stack((16, u, kh, d)), dtype), sds(stack((16, u, kh, d)), dtype),
+             sds((r,), jnp.int32), sds((r // TILE, 2, 64 // rows, 2), jnp.int32)]
+  return args
+
+
 @pytest.mark.parametrize("fold,stacked,stagger,d,transposed,rows,overlap,heads", [
     (False, False, False, 128, False, 4, False, None),
     (False, True, False, 64, False, 4, False, None),
@@ -1203,17 +1222,7 @@ def test_kernel_lowers_for_the_gpu(fold, stacked, stagger, d, transposed, rows, 
   transposed suffix steps at 1, 4, 8 and 16 rows a sequence, the node steps software-
   pipelined (the interpret-mode tests replace wgmma by dot_general and cannot see a lowering error);
   q read and out written in place at G = 1, 2, 4, 8, two queries a sequence at G = 4."""
-  kh, r, s, n, u = 2, 2 * TILE, 256, 2, 128
-  sds = jax.ShapeDtypeStruct
-  stack = (lambda shape: (2,) + shape) if stacked else (lambda shape: shape)
-  q_shape = (kh, r, d) if heads is None else (r // heads, kh * heads, d)
-  args = [sds(q_shape, jnp.bfloat16), sds(stack((n, s, kh, d)), jnp.bfloat16),
-          sds(stack((n, s, kh, d)), jnp.bfloat16), sds((r // TILE, 4), jnp.int32),
-          sds((r,), jnp.int32), sds((), jnp.int32)]
-  if fold:
-    groups = 64 // rows
-    args += [sds(stack((16, u, kh, d)), jnp.bfloat16), sds(stack((16, u, kh, d)), jnp.bfloat16),
-             sds((r,), jnp.int32), sds((r // TILE, 2, groups, 2), jnp.int32)]
+  args = _abstract_kernel_args(d, rows, heads, stacked=stacked, fold=fold)
 
   def fn(q, k, v, tab, lim, layer, *suf):
     suffix = None
@@ -1246,14 +1255,7 @@ def test_smem_bytes_is_what_the_lowering_allocates(monkeypatch, suffix, d, stage
   count = core._smem_tree_size
   monkeypatch.setattr(core, "_smem_tree_size", lambda tree: counted.append(count(tree))
                       or counted[-1])
-  kh, r, s, n, u = 2, 2 * TILE, 256, 2, 128
-  sds = jax.ShapeDtypeStruct
-  q_shape = (kh, r, d) if heads is None else (r // heads, kh * heads, d)
-  args = [sds(q_shape, jnp.bfloat16), sds((n, s, kh, d), jnp.bfloat16),
-          sds((n, s, kh, d), jnp.bfloat16), sds((r // TILE, 4), jnp.int32),
-          sds((r,), jnp.int32), sds((), jnp.int32),
-          sds((16, u, kh, d), jnp.bfloat16), sds((16, u, kh, d), jnp.bfloat16),
-          sds((r,), jnp.int32), sds((r // TILE, 2, 64 // rows, 2), jnp.int32)]
+  args = _abstract_kernel_args(d, rows, heads)
 
   def fn(q, k, v, tab, lim, layer, ks, vs, slim, stab):
     sfx = None if suffix == "none" else mosaic_gpu.Suffix(ks, vs, slim, stab, rows, None)
@@ -1299,15 +1301,7 @@ def test_suffix_warpgroup_lowers_for_the_gpu(stacked, d, rows, heads, dtype):
   the interpreter replaces by jnp, lower for CUDA on this CPU beside the four warpgroups'
   register split: packed q and q in place at 1, 2, 4 and 8 rows a sequence, D 64 and 128,
   fp16, caches stacked at a traced layer."""
-  kh, r, s, n, u = 2, 2 * TILE, 256, 2, 128
-  sds = jax.ShapeDtypeStruct
-  stack = (lambda shape: (2,) + shape) if stacked else (lambda shape: shape)
-  q_shape = (kh, r, d) if heads is None else (r // heads, kh * heads, d)
-  args = [sds(q_shape, dtype), sds(stack((n, s, kh, d)), dtype),
-          sds(stack((n, s, kh, d)), dtype), sds((r // TILE, 4), jnp.int32),
-          sds((r,), jnp.int32), sds((), jnp.int32),
-          sds(stack((16, u, kh, d)), dtype), sds(stack((16, u, kh, d)), dtype),
-          sds((r,), jnp.int32), sds((r // TILE, 2, 64 // rows, 2), jnp.int32)]
+  args = _abstract_kernel_args(d, rows, heads, stacked=stacked, dtype=dtype)
 
   def fn(q, k, v, tab, lim, layer, ks, vs, slim, stab):
     suffix = mosaic_gpu.Suffix(ks, vs, slim, stab, rows, layer if stacked else None)
