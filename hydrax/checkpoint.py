@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,9 @@ from hydrax.models.configs import LlamaConfig, RopeScaling
 CONFIG_FILE = "hydrax_config.json"
 PARAMS_DIR = "params"
 LAYER_LAYOUT = "stacked"   # every per-layer tensor is one array with a leading [L] axis
+# attn.qkv [L, E, K, G+2, D] (`llama.Attention`); checkpoints saved before it hold attn.q, k
+# and v apart (no "attention" entry), and `restore` fuses them.
+ATTENTION_LAYOUT = "qkv"
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -82,9 +85,11 @@ def _dtype_of(params) -> jnp.dtype:
   return jnp.dtype(leaves[0].dtype)
 
 
-def _check_against_config(config: LlamaConfig, params, what: str) -> None:
-  """Raises ValueError listing tensors whose names or shapes do not match `config`."""
-  _, expected = _abstract_state(config, jnp.float32)
+def _check_against_config(config: LlamaConfig, params, what: str, expected=None) -> None:
+  """Raises ValueError listing tensors whose names or shapes do not match `config` (or the
+  pure dict `expected`, when given)."""
+  if expected is None:
+    expected = _abstract_state(config, jnp.float32)[1]
   want = {k: tuple(v.shape) for k, v in _flat_pure(expected).items()}
   got = {k: tuple(v.shape) for k, v in _flat_pure(params).items()}
   missing = sorted(set(want) - set(got))
@@ -127,7 +132,7 @@ def save(directory: str, config: LlamaConfig, params, *, overwrite: bool = False
   checkpointer.save(os.path.join(directory, PARAMS_DIR), pure)
   checkpointer.wait_until_finished()
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump({"format": "hydrax-llama", "layers": LAYER_LAYOUT,
+    json.dump({"format": "hydrax-llama", "layers": LAYER_LAYOUT, "attention": ATTENTION_LAYOUT,
                "dtype": str(_dtype_of(params)), "config": config.to_dict()}, f, indent=2,
               sort_keys=True)
   return directory
@@ -188,29 +193,50 @@ def restore(directory: str, *, config: Optional[LlamaConfig] = None, dtype=None)
       raise ValueError(f"checkpoint {directory!r} does not match the expected config; "
                        f"differing fields (saved, expected): {diff}")
   graphdef, abstract = _abstract_state(saved, saved_dtype)
+  expected = nnx.to_pure_dict(abstract)
+  apart = _read_meta(directory).get("attention") != ATTENTION_LAYOUT
+  if apart:
+    expected = _qkv_apart(saved, expected)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      _stringify_keys(nnx.to_pure_dict(abstract)))
+      _stringify_keys(expected))
   checkpointer = ocp.StandardCheckpointer()
   path = os.path.join(directory, PARAMS_DIR)
   try:
     meta = checkpointer.metadata(path)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    _check_against_config(saved, _intify_keys(_as_plain_tree(tree)), f"checkpoint {directory!r}")
+    _check_against_config(saved, _intify_keys(_as_plain_tree(tree)), f"checkpoint {directory!r}",
+                          expected)
   except (AttributeError, TypeError):
     pass  # metadata layout differs between orbax versions; restore below still checks.
   try:
-    pure = checkpointer.restore(path, target)
+    pure = _intify_keys(checkpointer.restore(path, target))
   except (ValueError, KeyError) as e:
     raise ValueError(f"checkpoint {directory!r} does not match its config "
                      f"{saved.name!r}: {e}") from e
-  nnx.replace_by_pure_dict(abstract, _intify_keys(pure))
+  if apart:
+    attn = pure["layers"]["attn"]
+    attn["qkv"] = {"kernel": llama_lib.fuse_qkv(
+        attn.pop("q")["kernel"], attn.pop("k")["kernel"], attn.pop("v")["kernel"],
+        saved.num_kv_heads)}
+  nnx.replace_by_pure_dict(abstract, pure)
   params = abstract
   if dtype is not None:
     params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
   return saved, params
+
+
+def _qkv_apart(config: LlamaConfig, pure: dict) -> dict:
+  """`pure` (a Llama's abstract pure dict) with attn.qkv replaced by the q, k and v kernels
+  of checkpoints saved before `ATTENTION_LAYOUT` ([L, E, H*D], [L, E, K*D] twice)."""
+  qkv = pure["layers"]["attn"]["qkv"]["kernel"]
+  lead, d = qkv.shape[:2], config.head_dim
+  attn = {key: value for key, value in pure["layers"]["attn"].items() if key != "qkv"}
+  for name, heads in zip("qkv", (config.num_heads,) + (config.num_kv_heads,) * 2):
+    attn[name] = {"kernel": jax.ShapeDtypeStruct(lead + (heads * d,), qkv.dtype)}
+  return {**pure, "layers": {**pure["layers"], "attn": attn}}
 
 
 def _as_plain_tree(tree):
@@ -284,26 +310,40 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     raise ValueError(f"HF config.json lacks the required field {e.args[0]!r}") from None
 
 
-def _hf_names(config: LlamaConfig) -> dict[str, tuple[tuple, bool, Optional[int]]]:
-  """HF tensor name -> (path in the hydrax pure dict, transpose?, layer or None).
+class _Slot(NamedTuple):
+  """Where one HuggingFace tensor goes in the hydrax pure dict."""
+  path: tuple                      # the leaf
+  transpose: bool                  # HF stores a Linear's weight [out, in]
+  layer: Optional[int]             # row of a leaf stacked over layers [L, ...], or None
+  view: Optional[tuple] = None     # (shape, index): the tensor reshaped, at [index] of its row
 
-  Per-layer tensors (model.layers.{i}.*) are row i of a leaf stacked over layers [L, ...]."""
-  names = {"model.embed_tokens.weight": (("embed", "embedding"), False, None),
-           "model.norm.weight": (("norm", "weight"), False, None)}
+
+def _hf_names(config: LlamaConfig) -> dict[str, _Slot]:
+  """HF tensor name -> its `_Slot`.
+
+  Per-layer tensors (model.layers.{i}.*) are row i of a leaf stacked over layers [L, ...];
+  q_proj, k_proj and v_proj are parts of that row of attn.qkv [L, E, K, G+2, D]."""
+  names = {"model.embed_tokens.weight": _Slot(("embed", "embedding"), False, None),
+           "model.norm.weight": _Slot(("norm", "weight"), False, None)}
   if not config.tie_word_embeddings:
-    names["lm_head.weight"] = (("lm_head", "kernel"), True, None)
-  per_layer = {"self_attn.q_proj.weight": (("attn", "q", "kernel"), True),
-               "self_attn.k_proj.weight": (("attn", "k", "kernel"), True),
-               "self_attn.v_proj.weight": (("attn", "v", "kernel"), True),
-               "self_attn.o_proj.weight": (("attn", "o", "kernel"), True),
-               "mlp.gate_proj.weight": (("mlp", "gate", "kernel"), True),
-               "mlp.up_proj.weight": (("mlp", "up", "kernel"), True),
-               "mlp.down_proj.weight": (("mlp", "down", "kernel"), True),
-               "input_layernorm.weight": (("attn_norm", "weight"), False),
-               "post_attention_layernorm.weight": (("mlp_norm", "weight"), False)}
+    names["lm_head.weight"] = _Slot(("lm_head", "kernel"), True, None)
+  e, kh, d = config.hidden_size, config.num_kv_heads, config.head_dim
+  g = config.num_heads // kh
+  every = (slice(None), slice(None))
+  qkv = ("attn", "qkv", "kernel")
+  per_layer = {"self_attn.q_proj.weight": (qkv, True, ((e, kh, g, d), every + (slice(0, g),))),
+               "self_attn.k_proj.weight": (qkv, True, ((e, kh, 1, d), every + (slice(g, g + 1),))),
+               "self_attn.v_proj.weight": (qkv, True,
+                                           ((e, kh, 1, d), every + (slice(g + 1, g + 2),))),
+               "self_attn.o_proj.weight": (("attn", "o", "kernel"), True, None),
+               "mlp.gate_proj.weight": (("mlp", "gate", "kernel"), True, None),
+               "mlp.up_proj.weight": (("mlp", "up", "kernel"), True, None),
+               "mlp.down_proj.weight": (("mlp", "down", "kernel"), True, None),
+               "input_layernorm.weight": (("attn_norm", "weight"), False, None),
+               "post_attention_layernorm.weight": (("mlp_norm", "weight"), False, None)}
   for i in range(config.num_layers):
-    for suffix, (path, transpose) in per_layer.items():
-      names[f"model.layers.{i}.{suffix}"] = (("layers",) + path, transpose, i)
+    for suffix, (path, transpose, view) in per_layer.items():
+      names[f"model.layers.{i}.{suffix}"] = _Slot(("layers",) + path, transpose, i, view)
   return names
 
 
@@ -373,16 +413,19 @@ def from_hf(hf_dir: str, *, dtype=None):
             continue
           if name in found:
             raise ValueError(f"tensor {name!r} appears in more than one safetensors shard")
-          target, transpose, layer = names[name]
+          target, transpose, layer, view = names[name]
           want = tuple(_at(pure, target).shape)
           row = want if layer is None else want[1:]
+          # The tensor's own shape (as hydrax reads it: [in, out]) is its row's or its view's
+          # with the viewed axes after the first flattened.
+          flat = row if view is None else (view[0][0], int(np.prod(view[0][1:])))
           value = np.asarray(f.get_tensor(name))
           dtypes.add(str(value.dtype))
           stored = tuple(value.shape)
           if transpose:
             value = value.T
-          if tuple(value.shape) != row:
-            implied = row[::-1] if transpose else row
+          if tuple(value.shape) != flat:
+            implied = flat[::-1] if transpose else flat
             raise ValueError(f"tensor {name!r} has shape {stored}; config.json implies "
                              f"{implied}")
           if layer is None:
@@ -390,7 +433,10 @@ def from_hf(hf_dir: str, *, dtype=None):
           else:
             if target not in host:
               host[target] = np.empty(want, np.dtype(dtype or value.dtype))
-            host[target][layer] = value
+            if view is None:
+              host[target][layer] = value
+            else:
+              host[target][layer][view[1]] = value.reshape(view[0])
           found.add(name)
   if unmapped:
     raise ValueError(f"{len(unmapped)} tensors in {hf_dir!r} have no hydrax counterpart "

@@ -23,8 +23,8 @@ cache that the suffixes and the decode loop read):
               prompt + generated tokens: the paper's FlashAttention baseline (the prefix copied
               into every sequence); decode is ordinary attention over that cache.
   none        the attention product is skipped (each query head takes its own token's value;
-              no KV cache): the paper's "no attention" upper bound. Its tokens are not the
-              model's.
+              no KV cache; the projections are still computed): the paper's "no attention"
+              upper bound. Its tokens are not the model's.
 
 Sharing structure is data. Everything derived from a plan (each row's node at every shared
 level, each node's ancestors, where each sequence's last prompt token is, the row order) is an

@@ -45,13 +45,15 @@ def _write_hf_dir(directory, config, model, *, drop=(), extra=None, reshape=None
   if model.lm_head is not None:
     tensors["lm_head.weight"] = model.lm_head.kernel[...].T
   block = model.layers                   # every parameter stacked [L, ...]
+  q, k, v = llama.split_qkv(np.asarray(block.attn.qkv.kernel[...]))
   for i in range(config.num_layers):
     p = f"model.layers.{i}."
-    for hf, mod in (("self_attn.q_proj", block.attn.q), ("self_attn.k_proj", block.attn.k),
-                    ("self_attn.v_proj", block.attn.v), ("self_attn.o_proj", block.attn.o),
-                    ("mlp.gate_proj", block.mlp.gate), ("mlp.up_proj", block.mlp.up),
-                    ("mlp.down_proj", block.mlp.down)):
-      tensors[p + hf + ".weight"] = mod.kernel[i].T
+    for hf, kernel in (("self_attn.q_proj", q), ("self_attn.k_proj", k),
+                       ("self_attn.v_proj", v), ("self_attn.o_proj", block.attn.o.kernel),
+                       ("mlp.gate_proj", block.mlp.gate.kernel),
+                       ("mlp.up_proj", block.mlp.up.kernel),
+                       ("mlp.down_proj", block.mlp.down.kernel)):
+      tensors[p + hf + ".weight"] = kernel[i].T
     tensors[p + "input_layernorm.weight"] = block.attn_norm.weight[i]
     tensors[p + "post_attention_layernorm.weight"] = block.mlp_norm.weight[i]
   tensors = {k: np.ascontiguousarray(np.asarray(v, (cast or {}).get(k, dtype)))
@@ -169,6 +171,50 @@ def test_restore_rejects_a_per_layer_checkpoint(tmp_path, tiny):
                      r"hydrax.checkpoint convert"):
     checkpoint.restore(directory)
   assert checkpoint.read_config(directory)[0] == config     # `info` still reads it
+
+
+def test_restore_fuses_a_checkpoint_with_q_k_v_apart(tmp_path, tiny):
+  """A checkpoint saved before attn.qkv (attn.q, k, v kernels, no "attention" entry) restores
+  to the same model, its logits equal to the saved model's."""
+  import orbax.checkpoint as ocp
+  config, model = tiny
+  pure = nnx.to_pure_dict(nnx.state(model))
+  attn = dict(pure["layers"]["attn"])
+  q, k, v = llama.split_qkv(attn.pop("qkv")["kernel"])
+  attn.update(q={"kernel": q}, k={"kernel": k}, v={"kernel": v})
+  old = dict(pure, layers=dict(pure["layers"], attn=attn))
+  directory = tmp_path / "apart"
+  directory.mkdir()
+  writer = ocp.StandardCheckpointer()
+  writer.save(directory / checkpoint.PARAMS_DIR, checkpoint._stringify_keys(old))
+  writer.wait_until_finished()
+  (directory / checkpoint.CONFIG_FILE).write_text(json.dumps(
+      {"format": "hydrax-llama", "layers": "stacked", "dtype": "float32",
+       "config": config.to_dict()}))
+  got_config, params = checkpoint.restore(directory)
+  assert got_config == config
+  _same_params(nnx.state(model), params)
+  tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % config.vocab_size
+  graphdef, state = nnx.split(model)
+  np.testing.assert_array_equal(llama.apply(graphdef, params, tokens),
+                                llama.apply(graphdef, state, tokens))
+  # A q kernel of the wrong width is named, not silently fused.
+  attn["q"] = {"kernel": q[..., :-1]}
+  writer.save(tmp_path / "bad" / checkpoint.PARAMS_DIR,
+              checkpoint._stringify_keys(dict(old, layers=dict(old["layers"], attn=attn))))
+  writer.wait_until_finished()
+  (tmp_path / "bad" / checkpoint.CONFIG_FILE).write_text(
+      (directory / checkpoint.CONFIG_FILE).read_text())
+  with pytest.raises(ValueError, match="layers/attn/q/kernel"):
+    checkpoint.restore(tmp_path / "bad")
+
+
+def test_saved_checkpoints_record_the_attention_layout(tmp_path, tiny):
+  config, model = tiny
+  directory = checkpoint.save(tmp_path / "ckpt", config, nnx.state(model))
+  meta = json.loads((tmp_path / "ckpt" / checkpoint.CONFIG_FILE).read_text())
+  assert meta["attention"] == checkpoint.ATTENTION_LAYOUT == "qkv"
+  assert os.path.isdir(directory)
 
 
 def test_from_hf_errors(tmp_path, tiny):

@@ -2,9 +2,9 @@
 
 Parameters (Megatron-style tensor parallelism over `model`, M its size); the layers' arrays
 carry a leading [L] axis (stacked layers), never sharded:
-  attn.q, attn.k, attn.v  kernel [E, H*D] / [E, K*D]  columns over model: H/M query heads and
-                          K/M KV heads per shard (query head h reads KV head h // G, so a
-                          shard's query heads read only its own KV heads)
+  attn.qkv                kernel [E, K, G+2, D]  KV heads over model: K/M KV heads per shard,
+                          each with its G query heads, key and value (query head h reads KV
+                          head h // G, so a shard's query heads read only its own KV heads)
   attn.o                  kernel [H*D, E]  rows over model, then psum over model
   mlp.gate, mlp.up        kernel [E, F]    columns over model
   mlp.down                kernel [F, E]    rows over model, then psum over model
@@ -78,6 +78,8 @@ def _names(path) -> tuple:
 
 def _param_spec(names: tuple, ndim: int, shard_vocab: bool):
   lead = (None,) if "layers" in names else ()     # the stacked layers' [L] axis: unsharded
+  if "kernel" in names and "qkv" in names and ndim == len(lead) + 4:
+    return P(*lead, None, MODEL, None, None)
   if ndim != len(lead) + 2 or "kernel" not in names:
     return P()
   if "attn" in names:

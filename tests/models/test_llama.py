@@ -191,14 +191,14 @@ def test_forward_rejects_bad_inputs(tiny):
     llama.forward(model, toks, toks, reduce=3)
   flat = nnx.merge(graphdef, params)
   flat.layers = llama.Block(config, dtype=jnp.float32, rngs=nnx.Rngs(0))   # one layer, unstacked
-  with pytest.raises(ValueError, match=r"L=2 stacked layers.*shape \(64, 64\)"):
+  with pytest.raises(ValueError, match=r"L=2 stacked layers.*shape \(64, 2, 4, 16\)"):
     llama.forward(flat, toks, toks)
 
 
 def test_layers_are_stacked_and_unroll_does_not_change_the_result(tiny):
   config, graphdef, params = tiny
   model = nnx.merge(graphdef, params)
-  assert model.layers.attn.q.kernel.shape == (config.num_layers, 64, 64)
+  assert model.layers.attn.qkv.kernel.shape == (config.num_layers, 64, 2, 2 + 2, 16)
   assert model.layers.mlp_norm.weight.shape == (config.num_layers, 64)
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (3, 9)), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (3, 9))
@@ -207,6 +207,31 @@ def test_layers_are_stacked_and_unroll_does_not_change_the_result(tiny):
   want = run(params, 1)
   for unroll in (2, 3, True):
     np.testing.assert_allclose(run(params, unroll), want, rtol=1e-6, atol=1e-6)
+
+
+def test_qkv_is_hf_q_k_v_fused_and_one_product(tiny):
+  """attn.qkv is HF's q, k and v side by side per KV head (`fuse_qkv` / `split_qkv` invert
+  each other), and a layer computes q, k and v in one product: its scan body has one
+  dot_general a weight (qkv, o, gate, up, down), so XLA has no weights to concatenate."""
+  config, graphdef, params = tiny
+  model = nnx.merge(graphdef, params)
+  qkv = np.asarray(model.layers.attn.qkv.kernel[...])
+  q, k, v = llama.split_qkv(qkv)
+  l, e, kh, g, d = config.num_layers, 64, 2, 2, 16
+  assert q.shape == (l, e, kh * g * d) and k.shape == v.shape == (l, e, kh * d)
+  np.testing.assert_array_equal(llama.fuse_qkv(q, k, v, kh), qkv)
+  # Query head h = kh_index * G + g reads columns h*D.. of HF's q_proj, KV head h // G.
+  np.testing.assert_array_equal(q[..., 3 * d:4 * d], qkv[:, :, 1, 1, :])
+  np.testing.assert_array_equal(k[..., d:2 * d], qkv[:, :, 1, g, :])
+  np.testing.assert_array_equal(v[..., :d], qkv[:, :, 0, g + 1, :])
+  with pytest.raises(ValueError, match=r"K=3"):
+    llama.fuse_qkv(q, k, v, 3)
+  tokens = jnp.zeros((2, 1), jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda p: llama.forward(nnx.merge(graphdef, p), tokens, tokens,
+                                                 skip_attention=True)[0])(params)
+  (scan,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+  dots = [eqn for eqn in scan.params["jaxpr"].eqns if eqn.primitive.name == "dot_general"]
+  assert len(dots) == 5, [str(eqn.invars[1].aval) for eqn in dots]
 
 
 def test_rope_scaling_changes_only_low_frequencies():

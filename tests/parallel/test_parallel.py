@@ -68,8 +68,7 @@ def test_param_specs_and_placement(net):
   _, params = nnx.split(net)
   specs = nnx.to_pure_dict(parallel.param_specs(params, CONFIG, mesh))
   layer = specs["layers"]                                        # stacked [L, ...]
-  assert layer["attn"]["q"]["kernel"] == P(None, None, "model")
-  assert layer["attn"]["k"]["kernel"] == P(None, None, "model")
+  assert layer["attn"]["qkv"]["kernel"] == P(None, None, "model", None, None)
   assert layer["attn"]["o"]["kernel"] == P(None, "model", None)
   assert layer["mlp"]["up"]["kernel"] == P(None, None, "model")
   assert layer["mlp"]["down"]["kernel"] == P(None, "model", None)
@@ -77,8 +76,10 @@ def test_param_specs_and_placement(net):
   assert specs["embed"]["embedding"] == P()
   assert specs["lm_head"]["kernel"] == P(None, "model")          # 256 % 4 == 0
   placed = nnx.to_pure_dict(parallel.shard_params(params, CONFIG, mesh))
-  k = placed["layers"]["attn"]["k"]["kernel"]
-  assert {s.data.shape for s in k.addressable_shards} == {(2, 64, 2 * 8)}   # K/M = 2 heads
+  qkv = placed["layers"]["attn"]["qkv"]["kernel"]
+  g = CONFIG.num_heads // CONFIG.num_kv_heads
+  # K/M = 2 KV heads a shard, each with its G query heads, key and value.
+  assert {s.data.shape for s in qkv.addressable_shards} == {(2, 64, 2, g + 2, 8)}
   odd = CONFIG.replace(vocab_size=250)
   assert not parallel.vocab_sharded(odd, mesh)
 
@@ -94,8 +95,9 @@ def test_init_creates_sharded_params_equal_to_llama_init():
   # in a few elements. A wrong key or stream would differ everywhere.)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, rtol=4e-7, atol=0)
-  q = nnx.to_pure_dict(got)["layers"]["attn"]["q"]["kernel"]
-  assert q.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "model")), 3)
+  qkv = nnx.to_pure_dict(got)["layers"]["attn"]["qkv"]["kernel"]
+  assert qkv.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "model", None, None)),
+                                       5)
 
 
 def test_head_count_not_divisible_is_a_clear_error():
