@@ -3,8 +3,8 @@ mesh, with the sharing tree as runtime data.
 
   generate(model, params, prompts, *, max_new_tokens, attention="hydragen", backend="auto",
            mesh=None, prefill="auto", keep=False, reuse=None, ...) -> Generation
-  Runtime(backend, mesh, checks, unroll)
-  Runtime.build(backend="auto", mesh=None, checks="static", unroll=1)
+  Runtime(backend, mesh, checks, unroll, xla_options, check_every)
+  Runtime.build(backend="auto", mesh=None, checks="static", unroll=1, check_every=1)
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
   footprint(config, prompts, ...) -> (kv_bytes, Signature)
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
@@ -249,15 +249,22 @@ class Runtime:
   xla_options: XLA compiler options of the prefill and decode executables, as sorted
            (name, value) pairs (a dict is accepted), or "auto": `GPU_XLA_OPTIONS` on GPUs
            (so that the layer scan reads each layer's weights in place), none elsewhere.
+  check_every: decode steps between the loop's checks whether every sequence is done. XLA
+           runs the decode `while_loop` by copying its condition to the host after every
+           iteration and waiting for it before it launches the next, so the device idles
+           while the next step's first kernels are launched; an inner loop of a known trip
+           count needs no such copy. With check_every = C the loop runs C steps an iteration:
+           the same tokens, up to C - 1 steps run past the end and discarded (`_make_decode`).
   Build it with `Runtime.build(backend="auto", mesh=None, checks="static", unroll=1,
-  xla_options="auto")`, which resolves a backend name ("auto" per platform) and a mesh spec
-  ("2x4", (2, 4), ...).
+  xla_options="auto", check_every=1)`, which resolves a backend name ("auto" per platform)
+  and a mesh spec ("2x4", (2, 4), ...).
   """
   backend: backends_lib.Backend
   mesh: Any = None
   checks: str = "static"
   unroll: Any = 1
   xla_options: Any = "auto"
+  check_every: int = 1
 
   def __post_init__(self):
     if not isinstance(self.backend, backends_lib.Backend):
@@ -281,13 +288,18 @@ class Runtime:
             for o in self.xla_options)):
       raise ValueError(f"xla_options must be 'auto', a dict or (name, value) pairs, got "
                        f"{self.xla_options!r}")
+    if not (isinstance(self.check_every, (int, np.integer)) and
+            not isinstance(self.check_every, bool) and self.check_every >= 1):
+      raise ValueError(f"check_every must be an int >= 1 (decode steps between the loop's "
+                       f"checks), got {self.check_every!r}")
+    object.__setattr__(self, "check_every", int(self.check_every))
 
   @classmethod
   def build(cls, backend="auto", mesh=None, checks: str = "static", unroll=1,
-            xla_options="auto") -> "Runtime":
+            xla_options="auto", check_every: int = 1) -> "Runtime":
     if mesh is not None:
       mesh = _mesh_lib()[0].make_mesh(mesh)
-    return cls(backends_lib.get(backend), mesh, checks, unroll, xla_options)
+    return cls(backends_lib.get(backend), mesh, checks, unroll, xla_options, check_every)
 
   def compiler_options(self) -> Optional[dict]:
     """The XLA options the executables are compiled with (None: XLA's defaults)."""
@@ -1104,38 +1116,58 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
 def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   """decode(params, shared, suffix, owners, first, done, key_data, prompt_lengths, eos, pad)
   -> (tokens [B,max_new], n [B], steps, suffix), per data shard; one lax.while_loop, stopping
-  when every row of every shard is done. eos (-1: none) and pad are int32 scalars."""
+  when every row of every shard is done. eos (-1: none) and pad are int32 scalars.
+
+  Each iteration runs C = `runtime.check_every` steps (an inner loop of a known trip count,
+  which XLA runs without a host round trip) and then checks. Steps past max_new_tokens (at
+  most C - 1, in the last iteration) are run and discarded: their tokens land in columns past
+  max_new (cut off), they count nothing, and their keys go to the per-sequence cache's last
+  slot at most (its lengths are capped at S - 1 before each step, which a real step never
+  reaches: the cache holds its keys and max_new - 1 more), so they read and write in bounds.
+  The returned suffix then holds those discarded steps' keys too; steps counts every step run.
+  """
   skip = sig.attention == "none"
   max_new = sig.max_new_tokens
+  every = runtime.check_every
 
   def decode(params, shared, suffix, owners, first, done, key_data, plen, eos, pad):
     model = nnx.merge(graphdef, params)
     key = runtime.shard_key(jax.random.wrap_key_data(key_data))
     b = first.shape[0]
-    out = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(first)
+    out = jnp.full((b, max_new + every - 1), pad, jnp.int32).at[:, 0].set(first)
     count = jnp.ones((b,), jnp.int32)
 
     def cond(carry):
       return (carry[0] < max_new) & ~carry[-1]
 
-    def body(carry):
-      i, out, last, done, count, suffix, key, _ = carry
+    def step(carry):
+      i, out, last, done, count, suffix, key = carry
       key, sub = jax.random.split(key)
       positions = (plen + i - 1)[:, None]
+      if suffix is not None and every > 1:
+        suffix = LevelKV(suffix.k, suffix.v,
+                         jnp.minimum(suffix.lengths, suffix.k.shape[2] - 1))
       cache = None if skip else KVCache(suffix, shared, owners)
       hidden, cache = llama_lib.forward(model, last[:, None], positions, cache,
                                         skip_attention=skip, **runtime.forward_kwargs())
       tok = sample(llama_lib.logits(model, hidden[:, 0]), sub, **sampling)
-      tok = jnp.where(done, pad, tok)
+      real = ~done & (i < max_new)
+      tok = jnp.where(real, tok, pad)
       out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
-      count = count + (~done).astype(jnp.int32)
+      count = count + real.astype(jnp.int32)
       done = done | (tok == eos)
       suffix = None if cache is None else cache.suffix
-      return i + 1, out, tok, done, count, suffix, key, runtime.all_done(done)
+      return i + 1, out, tok, done, count, suffix, key
+
+    def body(carry):
+      state = carry[:-1]
+      state = step(state) if every == 1 else \
+          lax.fori_loop(0, every, lambda _, s: step(s), state)
+      return state + (runtime.all_done(state[3]),)
 
     carry = (jnp.int32(1), out, first, done, count, suffix, key, runtime.all_done(done))
     steps, out, _, _, count, suffix, _, _ = lax.while_loop(cond, body, carry)
-    return out, count, steps - 1, suffix
+    return out[:, :max_new], count, steps - 1, suffix
 
   return decode
 

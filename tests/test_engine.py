@@ -1,5 +1,6 @@
 """hydrax.engine: hydragen == replicated == a naive full-forward loop; eos, sampling, errors."""
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -432,17 +433,19 @@ def test_runtime_xla_options_reach_the_compiler(tiny, monkeypatch):
     engine.Runtime.build("xla", xla_options=["xla_gpu_enable_triton_gemm"])
 
 
-@pytest.mark.parametrize("attention", ["replicated", "hydragen"])
-def test_decode_makes_no_copy_of_the_whole_cache(tiny, attention):
+@pytest.mark.parametrize("attention, check_every", [("replicated", 1), ("hydragen", 1),
+                                                     ("hydragen", 3)])
+def test_decode_makes_no_copy_of_the_whole_cache(tiny, attention, check_every):
   """The compiled decode loop copies or transposes no array as large as the per-sequence cache
   [L,B,S,K,D] (what remains on CPU: the XLA backend's per-layer transposes of one layer's k and
-  v, 1/L of it each)."""
+  v, 1/L of it each), also with several steps an iteration (`Runtime.check_every`)."""
   config, model, _, _ = tiny
   rng = np.random.default_rng(5)
   prefix = rng.integers(1, 256, 40)
   prompts = [np.concatenate([prefix, rng.integers(1, 256, 3 + i)]) for i in range(5)]
   engine.clear_compiled_cache()
-  gen = engine.generate(model, prompts, max_new_tokens=8, attention=attention, backend="xla",
+  gen = engine.generate(model, prompts, max_new_tokens=8, attention=attention,
+                        runtime=engine.Runtime.build("xla", check_every=check_every),
                         sharing_options=dict(min_shared_tokens=0, merge_cost=0))
   _, decode = list(engine._EXECUTABLES.items.values())[-1]
   rows, _, capacity, _, _ = gen.signature.main
@@ -451,6 +454,51 @@ def test_decode_makes_no_copy_of_the_whole_cache(tiny, attention):
            for dims in re.findall(r"= f32\[([\d,]*)\][^ ]* (?:copy|transpose)\(",
                                   decode.as_text())]
   assert config.num_layers >= 2 and max(sizes, default=0) < cache
+
+
+CHECK_EVERY_CASES = [("hydragen", False, (2, 3)), ("hydragen", True, (3,)),
+                     ("replicated", False, (4,)), ("none", False, (3,))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention, sampled, checks_every", CHECK_EVERY_CASES)
+def test_check_every_generates_the_same_tokens(tiny, attention, sampled, checks_every):
+  """C decode steps between the loop's checks (`Runtime.check_every`) give the tokens and
+  lengths of C = 1, with sequences stopping at eos; the loop runs whole groups of C steps,
+  up to C - 1 past the last sequence's end. The hydragen cases' per-sequence cache has no
+  slot to spare (a 16-token suffix + 8 new keys in capacity 24), so a step past the end must
+  stay in the cache's bounds: checks="runtime" verifies every attention call's lengths."""
+  config, model, _, _ = tiny
+  rng = np.random.default_rng(11)
+  prefix = rng.integers(1, 256, 40)
+  prompts = [np.concatenate([prefix, rng.integers(1, 256, n)]) for n in (16, 3, 7, 1, 12)]
+  opts = dict(max_new_tokens=9, attention=attention, pad_id=255,
+              sharing_options=dict(min_shared_tokens=0, merge_cost=0))
+  if sampled:
+    opts.update(temperature=0.8, top_k=20, seed=3)
+  runtime = functools.partial(engine.Runtime.build, "xla", checks="runtime")
+  free = engine.generate(model, prompts, runtime=runtime(), **opts)
+  if attention == "hydragen":
+    assert free.signature.main[2] == 16 + 8
+  eos = int(free.tokens[1, 3])
+  want = engine.generate(model, prompts, eos_id=eos, runtime=runtime(), **opts)
+  assert want.lengths.min() < 9 and want.decode_steps == 8     # some stop, one runs on
+  for every in checks_every:
+    for eos_id, ref in ((None, free), (eos, want)):
+      got = engine.generate(model, prompts, eos_id=eos_id, runtime=runtime(check_every=every),
+                            **opts)
+      np.testing.assert_array_equal(got.tokens, ref.tokens)
+      np.testing.assert_array_equal(got.lengths, ref.lengths)
+      assert got.decode_steps % every == 0
+      assert ref.decode_steps <= got.decode_steps < ref.decode_steps + every
+
+
+def test_check_every_is_validated():
+  assert engine.Runtime.build("xla", check_every=np.int64(4)).check_every == 4
+  assert engine.Runtime.build("xla", check_every=4) != engine.Runtime.build("xla")
+  for bad in (0, -2, 1.5, True, "4"):
+    with pytest.raises(ValueError, match=f"check_every must be an int >= 1.*got {bad!r}"):
+      engine.Runtime.build("xla", check_every=bad)
 
 
 def test_kv_cache_owners_are_runtime_data():

@@ -81,6 +81,11 @@ def test_steps_cut_at_the_condition_copies():
   assert tl["gaps"][0] == ["Memcpy DtoH", "layer", pytest.approx(2 / 3), pytest.approx(8 / 3)]
   assert tl["gaps"][1] == ["layer", "Memcpy DtoH", pytest.approx(2 / 3), pytest.approx(2 / 3)]
   assert bench_engine.step_timeline(spans[:4])["steps"] == 0
+  # Two decode steps between copies (`Runtime.check_every` = 2): a stretch's figures halved.
+  two = bench_engine.step_timeline(sorted(spans), steps_per_cut=2)
+  assert (two["wall_us"], two["busy_us"], two["idle_us"]) == (15.0, 12.5, 2.5)
+  assert two["wall_range"] == [12.5, 20.0] and two["steps_per_cut"] == 2
+  assert two["gaps"][0] == ["Memcpy DtoH", "layer", pytest.approx(1 / 3), pytest.approx(4 / 3)]
 
 
 def test_timeline_counts_overlap_once_and_ranks_gaps():
@@ -120,3 +125,6 @@ def test_flags_reject_negative_steps_and_a_missing_out():
     bench_engine.main(["--profile-steps", "-1", "--out", "x"])
   with pytest.raises(SystemExit, match="--out is required"):
     bench_engine.main([])
+  with pytest.raises(SystemExit, match=r"--check-every must be >= 1 and divide --profile-steps, "
+                     r"got 3 \(--profile-steps 4\)"):
+    bench_engine.main(["--check-every", "3", "--profile-steps", "4", "--out", "x"])

@@ -230,6 +230,17 @@ def test_sharded_greedy_generation_equals_single_device(net, plan, reference, sh
                                                   prefill_chunk=chunk, dtype=jnp.float32)
 
 
+@pytest.mark.xdist_group("test_parallel.reference")
+def test_sharded_decode_with_steps_between_checks(net, plan, reference):
+  """Two decode steps an iteration of the loop (`Runtime.check_every`) on a (2, 4) mesh: the
+  single-device tokens; the "all done?" psum once an iteration, so one step past the end."""
+  runtime = engine.Runtime.build(mesh=(2, 4), check_every=2)
+  got = engine.generate(net, None, plan, runtime=runtime, max_new_tokens=4)
+  np.testing.assert_array_equal(got.tokens, reference.tokens)
+  np.testing.assert_array_equal(got.lengths, reference.lengths)
+  assert reference.decode_steps == 3 and got.decode_steps == 4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["replicated", "none"])
 def test_sharded_baselines_and_uneven_batch(net, attention):
