@@ -153,7 +153,7 @@ STEP_MARKER = "Memcpy DtoH"   # the copy of the decode loop's condition: one an 
 
 
 def step_timeline(spans: list, marker: str = STEP_MARKER,
-                  decode_steps: Optional[int] = None) -> dict:
+                  decode_steps: Optional[int] = None, steps_per_cut: int = 1) -> dict:
   """One decode step on the GPU's timeline: a generation's spans (`cupti_spans`) cut at the
   end of each `marker` activity (at least one a decode iteration), every stretch between two
   consecutive cuts a step, but the first and the last (the prefill's end, the generation's
@@ -164,7 +164,9 @@ def step_timeline(spans: list, marker: str = STEP_MARKER,
   through for the report. Other copies cut too: on the H200 (run 16) a generation of 7
   decode steps gave 10 stretches of 0.8-218.6 ms, so the median, not the mean, is the
   step's figure. (The difference of two generations' walls is no step: it mixes in their
-  non-step stretches, which differ, and gave more busy than wall time.)"""
+  non-step stretches, which differ, and gave more busy than wall time.) steps_per_cut: decode
+  steps between two copies of the condition (`Runtime.check_every`); a stretch's figures are
+  divided by it."""
   pd = _profile_decode()
   cuts = [end for _, end, name in spans if name.startswith(marker)]
   steps = []
@@ -181,11 +183,12 @@ def step_timeline(spans: list, marker: str = STEP_MARKER,
       m, u = gaps.get((before, after), (0, 0.0))
       gaps[(before, after)] = (m + n, u + t)
   ranked = sorted(gaps.items(), key=lambda kv: -kv[1][1])
-  walls = [x["wall_us"] for x in steps]
-  return {"steps": len(steps), "decode_steps": decode_steps, "wall_us": mid["wall_us"],
-          "busy_us": mid["busy_us"],
-          "idle_us": mid["idle_us"], "wall_range": [min(walls), max(walls)],
-          "gaps": [[x, y, n / len(steps), t / len(steps)] for (x, y), (n, t) in ranked]}
+  walls = [x["wall_us"] / steps_per_cut for x in steps]
+  per = len(steps) * steps_per_cut
+  return {"steps": len(steps), "decode_steps": decode_steps, "steps_per_cut": steps_per_cut,
+          "wall_us": mid["wall_us"] / steps_per_cut, "busy_us": mid["busy_us"] / steps_per_cut,
+          "idle_us": mid["idle_us"] / steps_per_cut, "wall_range": [min(walls), max(walls)],
+          "gaps": [[x, y, n / per, t / per] for (x, y), (n, t) in ranked]}
 
 
 def subtract(a: dict, b: dict) -> dict:
@@ -203,7 +206,7 @@ def per_step(longer: dict, shorter: dict, steps: int) -> dict:
   return {k: (n / steps, t / steps) for k, (n, t) in subtract(longer, shorter).items() if n}
 
 
-def profile_decode_step(generate, steps: int) -> tuple:
+def profile_decode_step(generate, steps: int, steps_per_cut: int = 1) -> tuple:
   """(kernels of one decode step, its timeline, note): `generate(max_new_tokens)` profiled at
   2 and 2 + steps new tokens (`per_step`, `step_timeline`); the note says when their
   signatures' suffix capacities differ (then the two decode programs differ and the
@@ -217,7 +220,8 @@ def profile_decode_step(generate, steps: int) -> tuple:
     note = f"suffix passes differ ({a.main} vs {b.main}): approximate"
   n = g_long.decode_steps - g_short.decode_steps
   return (per_step(pd.aggregate(long), pd.aggregate(short), n),
-          step_timeline(long, decode_steps=g_long.decode_steps), note)
+          step_timeline(long, decode_steps=g_long.decode_steps, steps_per_cut=steps_per_cut),
+          note)
 
 
 def timeline_report(point: str, timelines: dict, top: int = 6) -> str:
@@ -281,6 +285,9 @@ def main(argv=None):
   ap.add_argument("--unroll", default="1", help="layers per scan iteration, or 'all'")
   ap.add_argument("--xla-options", default="auto", choices=("auto", "xla-defaults"),
                   help="the engine's GPU XLA options (auto) or XLA's defaults (for comparison)")
+  ap.add_argument("--check-every", type=int, default=1,
+                  help="decode steps between the loop's checks (engine.Runtime.check_every); "
+                  "--profile-steps must be a multiple")
   ap.add_argument("--ceilings", default=None, help="FLOPS,BYTES_PER_S (skip measuring)")
   ap.add_argument("--no-dump", action="store_true", help="do not dump/scan the decode HLO")
   ap.add_argument("--out", default="")   # required (checked after the other flags)
@@ -290,6 +297,9 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.profile_steps < 0:
     raise SystemExit(f"--profile-steps must be >= 0, got {args.profile_steps}")
+  if args.check_every < 1 or args.profile_steps % args.check_every:
+    raise SystemExit(f"--check-every must be >= 1 and divide --profile-steps, got "
+                     f"{args.check_every} (--profile-steps {args.profile_steps})")
   if not args.out:
     raise SystemExit("--out is required")
   os.makedirs(args.out, exist_ok=True)
@@ -313,7 +323,8 @@ def main(argv=None):
   env = {"device": str(jax.devices()[0]), "jax": jax.__version__, "model": args.model,
          "layers": config.num_layers, "dtype": args.dtype, "backend": args.backend,
          "new_tokens": args.new_tokens, "suffix": args.suffix, "unroll": args.unroll,
-         "xla_options": args.xla_options, "ceiling_flops": flops_s,
+         "xla_options": args.xla_options, "check_every": args.check_every,
+         "ceiling_flops": flops_s,
          "ceiling_bytes_per_s": bytes_s, "ceilings_from": how, "argv": sys.argv}
   print(json.dumps(env), flush=True)
   t0 = time.perf_counter()
@@ -343,7 +354,8 @@ def main(argv=None):
       try:
         runtime = engine.Runtime.build(
             args.backend, unroll=True if args.unroll == "all" else int(args.unroll),
-            xla_options="auto" if args.xla_options == "auto" else {})
+            xla_options="auto" if args.xla_options == "auto" else {},
+            check_every=args.check_every)
         gen = engine.generate(model, plan, max_new_tokens=args.new_tokens, attention=mode,
                               runtime=runtime)
       except engine.OutOfMemoryError as e:
@@ -367,7 +379,8 @@ def main(argv=None):
       if args.profile_steps:
         kernels, timeline, note = profile_decode_step(
             lambda n: engine.generate(model, plan, max_new_tokens=n, attention=mode,
-                                      runtime=runtime), args.profile_steps)
+                                      runtime=runtime), args.profile_steps,
+            args.check_every)
         profiled.setdefault(point, {})[mode] = kernels
         timelines.setdefault(point, {})[mode] = timeline
         if note:
