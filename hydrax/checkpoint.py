@@ -521,7 +521,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{_dtype_of(params)}) to {out}")
     else:
       config, dtype = read_config(args.ckpt)
-      print(json.dumps({"dtype": str(dtype), "config": config.to_dict()}, indent=2))
+      attention = _read_meta(args.ckpt).get("attention", "q, k, v apart (fused on restore)")
+      print(json.dumps({"dtype": str(dtype), "attention": attention,
+                        "config": config.to_dict()}, indent=2))
   except (_CliError, ValueError, OSError, KeyError) as e:
     message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
     print(f"error: {message or type(e).__name__}", file=sys.stderr)

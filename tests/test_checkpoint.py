@@ -173,7 +173,7 @@ def test_restore_rejects_a_per_layer_checkpoint(tmp_path, tiny):
   assert checkpoint.read_config(directory)[0] == config     # `info` still reads it
 
 
-def test_restore_fuses_a_checkpoint_with_q_k_v_apart(tmp_path, tiny):
+def test_restore_fuses_a_checkpoint_with_q_k_v_apart(tmp_path, tiny, capsys):
   """A checkpoint saved before attn.qkv (attn.q, k, v kernels, no "attention" entry) restores
   to the same model, its logits equal to the saved model's."""
   import orbax.checkpoint as ocp
@@ -193,6 +193,8 @@ def test_restore_fuses_a_checkpoint_with_q_k_v_apart(tmp_path, tiny):
        "config": config.to_dict()}))
   got_config, params = checkpoint.restore(directory)
   assert got_config == config
+  assert checkpoint.main(["info", "--ckpt", str(directory)]) == 0
+  assert json.loads(capsys.readouterr().out)["attention"] == "q, k, v apart (fused on restore)"
   _same_params(nnx.state(model), params)
   tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % config.vocab_size
   graphdef, state = nnx.split(model)
@@ -275,7 +277,8 @@ def test_cli_convert_and_info(tmp_path, tiny, capsys):
   assert restored_config.hidden_size == 64
   assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
   assert checkpoint.main(["info", "--ckpt", str(out)]) == 0
-  assert '"bfloat16"' in capsys.readouterr().out
+  info = json.loads(capsys.readouterr().out)
+  assert info["dtype"] == "bfloat16" and info["attention"] == "qkv"
   assert checkpoint.main(["convert", "--hf_dir", str(tmp_path / "nope"),
                           "--out", str(tmp_path / "o2")]) == 2
   assert "no config.json" in capsys.readouterr().err
