@@ -164,10 +164,13 @@ def _read_meta(directory: str) -> dict:
   return meta
 
 
+def _config_of(meta: dict) -> tuple[LlamaConfig, jnp.dtype]:
+  return LlamaConfig.from_dict(meta["config"]), jnp.dtype(meta["dtype"])
+
+
 def read_config(directory: str) -> tuple[LlamaConfig, jnp.dtype]:
   """The config and parameter dtype saved in a hydrax checkpoint directory."""
-  meta = _read_meta(directory)
-  return LlamaConfig.from_dict(meta["config"]), jnp.dtype(meta["dtype"])
+  return _config_of(_read_meta(directory))
 
 
 def restore(directory: str, *, config: Optional[LlamaConfig] = None, dtype=None):
@@ -179,8 +182,9 @@ def restore(directory: str, *, config: Optional[LlamaConfig] = None, dtype=None)
   """
   import orbax.checkpoint as ocp
   directory = os.path.abspath(os.fspath(directory))
-  saved, saved_dtype = read_config(directory)
-  if _read_meta(directory).get("layers") != LAYER_LAYOUT:
+  meta = _read_meta(directory)
+  saved, saved_dtype = _config_of(meta)
+  if meta.get("layers") != LAYER_LAYOUT:
     raise ValueError(f"checkpoint {directory!r} stores one tensor per layer (hydrax before "
                      "layers were stacked [L, ...]); re-convert it: python -m "
                      "hydrax.checkpoint convert --hf_dir HF_DIR --out NEW_DIR")
@@ -194,7 +198,7 @@ def restore(directory: str, *, config: Optional[LlamaConfig] = None, dtype=None)
                        f"differing fields (saved, expected): {diff}")
   graphdef, abstract = _abstract_state(saved, saved_dtype)
   expected = nnx.to_pure_dict(abstract)
-  apart = _read_meta(directory).get("attention") != ATTENTION_LAYOUT
+  apart = meta.get("attention") != ATTENTION_LAYOUT
   if apart:
     expected = _qkv_apart(saved, expected)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

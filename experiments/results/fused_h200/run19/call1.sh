@@ -4,6 +4,8 @@
 # (`flash_before.py`, the commit before), A then B in one call on one machine: the op's
 # device time under Nsight Compute (one metric, clocks left alone, serialised, median of 3)
 # at 16K/256, 4K/256 (2 key splits) and 16K/64 (8 splits), cuDNN with the prefix copied.
+# Before the call, here (the copy is not committed; the history holds it):
+#   git show 00cb2ad^:hydrax/attention/kernels/flash.py > experiments/results/fused_h200/run19/flash_before.py
 set -u; R=$OUT/run19; mkdir -p $R; export PYTHONPATH=$PWD
 SH=16384x256,4096x256,16384x64
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv > $R/gpu1.txt
