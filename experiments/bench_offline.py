@@ -79,7 +79,8 @@ def _run_one(path, out, model, mode, args):
   s = generate_lib.run(path, out, model=model, max_batch=args.max_batch,
                        memory_budget=args.memory_budget, min_shared_tokens=args.min_shared_tokens,
                        backend=args.backend, progress=False,
-                       compile_ahead=args.compile_ahead, **MODES[mode])
+                       compile_ahead=args.compile_ahead, check_every=args.check_every,
+                       **MODES[mode])
   wall = time.perf_counter() - t0
   d = s.as_dict()
   return dict(requests=s.requests, prompt_tokens=d["prompt_tokens"],
@@ -237,6 +238,9 @@ def main(argv=None) -> int:
   p.add_argument("--compile_ahead", action="store_true",
                  help="every mode compiles later batches' programs while a batch runs "
                  "(hydrax.generate's default; off here unless given, as in runs 1-4)")
+  p.add_argument("--check_every", type=int, default=1,
+                 help="decode steps between the decode loop's checks "
+                 "(hydrax.generate's --check_every)")
   p.add_argument("--time_budget", type=float, default=480, help="seconds; no new run after")
   p.add_argument("--prepack", default="32,16,2048,1024",
                  help="batch,lo,hi,prefix of the attention-level Prepacking point ('' to skip)")

@@ -1419,12 +1419,26 @@ class CompileJobs(NamedTuple):
   kept: Optional[KeptNodes]
 
 
+def _runtime_of(runtime, backend="auto", mesh=None, checks="static", unroll=1) -> Runtime:
+  """The Runtime a call runs with: `runtime` given whole, or one built from the arguments it
+  stands for (which must then be left at their defaults)."""
+  if runtime is None:
+    return Runtime.build(backend, mesh, checks, unroll)
+  if not isinstance(runtime, Runtime) or (backend, mesh, checks, unroll) != \
+      ("auto", None, "static", 1):
+    raise ValueError(f"runtime= must be a Runtime, given instead of backend=, mesh=, checks= "
+                     f"and unroll=; got runtime={runtime!r} with backend={backend!r}, "
+                     f"mesh={mesh!r}, checks={checks!r}, unroll={unroll!r}")
+  return runtime
+
+
 def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
                  attention: str = "hydragen", temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  max_len: Optional[int] = None, prefill_chunk: int = 2048, backend="auto",
                  sharing_options: Optional[dict] = None, prefill: str = "auto",
-                 keep: bool = False, reuse: Optional[KeptNodes] = None) -> CompileJobs:
+                 keep: bool = False, reuse: Optional[KeptNodes] = None,
+                 runtime: Optional[Runtime] = None) -> CompileJobs:
   """The prefill and decode programs that `generate` with the same arguments would run (one
   device, static checks), as jobs that compile one program each, on any thread and in any
   order; nothing is compiled or run here. The shapes the decode is compiled for and those of
@@ -1432,8 +1446,9 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   compiled program, so the decode can compile beside the prefill, and a chain of calls that
   hand their levels on (reuse= this call's kept) can be followed before any of its programs
   exists. `hydrax.generate.run(compile_ahead=True)` runs later batches' jobs on compiling
-  threads while earlier batches run; `precompile` runs them in turn."""
-  runtime = Runtime.build(backend)
+  threads while earlier batches run; `precompile` runs them in turn. runtime: as `generate`'s
+  (given whole instead of backend=; one device)."""
+  runtime = _runtime_of(runtime, backend)
   graphdef, params, config = resolve_model(model, params)
   if runtime.data != 1:
     raise ValueError("compiling ahead runs on one device (generate compiles on a mesh itself)")
@@ -1627,12 +1642,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       raise ValueError("generate(model, prompts) without params needs a Llama module; pass "
                        "generate(model, params, prompts)")
     params, prompts = None, params
-  if runtime is None:
-    runtime = Runtime.build(backend, mesh, checks, unroll)
-  elif not isinstance(runtime, Runtime) or (backend, mesh, checks, unroll) != \
-      ("auto", None, "static", 1):
-    raise ValueError("runtime= must be a Runtime, given instead of backend=, mesh=, checks= "
-                     "and unroll=")
+  runtime = _runtime_of(runtime, backend, mesh, checks, unroll)
   graphdef, params, config = resolve_model(model, params)
   if runtime.mesh is not None:
     _mesh_lib()[1].check_model(config, runtime.mesh)

@@ -288,7 +288,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
         attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
         merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
         prefill: str = "auto", keep_nodes: bool = True, compile_ahead: bool = True,
-        on_bad_line: str = "error",
+        check_every: int = 1, on_bad_line: str = "error",
         progress: bool = True, on_batch: Optional[Callable] = None, model=None) -> RunSummary:
   """Runs every request of `prompts` not yet in `out` and appends its completion to `out`.
 
@@ -317,6 +317,9 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   program; the seconds they compiled are `RunSummary.ahead_compile_seconds`. On by default:
   on an H200 it shortened every full-size run it was measured in
   (experiments/results/offline_h200/run5).
+  check_every: decode steps between the decode loop's checks whether every row is done
+  (`engine.Runtime.check_every`): the same completions; more saves the device's wait on each
+  check's copy to the host at the price of up to check_every - 1 discarded steps a batch.
   on_bad_line: "error" (raise BadInput naming every bad line) or "skip" (report and go on).
   on_batch(index, records): called after each batch is written (tests use it to interrupt).
   Returns a RunSummary; raises ValueError for bad arguments.
@@ -331,6 +334,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
                      f"{attention!r}")
   if prefill not in engine.PREFILL_MODES:
     raise ValueError(f"prefill must be one of {list(engine.PREFILL_MODES)}, got {prefill!r}")
+  runtime = engine.Runtime.build(backend, check_every=check_every)
   summary = RunSummary()
   reqs, bad = requests_lib.read_requests(prompts, on_bad_line=on_bad_line)
   writer = ResultWriter(out)
@@ -409,7 +413,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     try:
       gen = engine.generate(config, params, batch.plan, max_new_tokens=batch.max_new_tokens,
                             attention=attention, eos_id=eos, seed=seed + index,
-                            prefill_chunk=prefill_chunk, backend=backend, prefill=prefill,
+                            prefill_chunk=prefill_chunk, runtime=runtime, prefill=prefill,
                             keep=keep, reuse=reuse, **dict(batch.key))
     except engine.OutOfMemoryError as e:
       if len(batch.rows) == 1:
@@ -470,7 +474,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
       batch = schedule_lib.make_batch(seqs, rows, batch.key, own_new, **batch_options)
     todo.append((index, batch))
   ahead = _CompileAhead(todo, config, params, keep=keep, attention=attention,
-                        prefill_chunk=prefill_chunk, backend=backend, prefill=prefill) \
+                        prefill_chunk=prefill_chunk, runtime=runtime, prefill=prefill) \
       if compile_ahead else None
   try:
     for position, (index, batch) in enumerate(todo):
@@ -621,6 +625,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--no_compile_ahead", action="store_true",
                  help="compile each batch's programs when it starts instead of in background "
                  "threads while earlier batches run (the default; an ablation)")
+  p.add_argument("--check_every", type=int, default=1,
+                 help="decode steps between the decode loop's checks whether every row is "
+                 "done (the same completions; fewer waits on the host)")
   p.add_argument("--on_bad_line", choices=requests_lib.ON_BAD_LINE, default="error")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   a = p.parse_args(argv)
@@ -635,7 +642,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         attention=a.attention, backend=a.backend, min_shared_tokens=a.min_shared_tokens,
         merge_cost=a.merge_cost, max_levels=a.max_levels, prefill_chunk=a.prefill_chunk,
         prefill=a.prefill, keep_nodes=not a.no_keep_nodes, compile_ahead=not a.no_compile_ahead,
-        on_bad_line=a.on_bad_line, progress=not a.quiet)
+        check_every=a.check_every, on_bad_line=a.on_bad_line, progress=not a.quiet)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

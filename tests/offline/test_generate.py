@@ -293,6 +293,51 @@ def test_compilations_bounded_as_the_dataset_grows(tmp_path):
   assert compiles[200][1] >= 13 and compiles[200][0] <= compiles[10][0] + 4, compiles
 
 
+@pytest.mark.slow
+def test_steps_between_checks_give_the_same_file(tmp_path, monkeypatch):
+  # check_every = 3 (`engine.Runtime.check_every`) with lengths 1..7 a request, so batches end
+  # inside an iteration: the same completions as 1. Compiling ahead builds the programs of the
+  # same runtime: each program compiles once, and every one carries check_every = 3.
+  reqs = [dict(r, max_new_tokens=1 + i % 7) for i, r in enumerate(_dataset(12, seed=4))]
+  path = _write(tmp_path / "p.jsonl", reqs)
+  engine.clear_compiled_cache()
+  one = G.run(path, str(tmp_path / "one.jsonl"), max_batch=4, compile_ahead=False, **RUN)
+  programs = []
+  put_program = engine._EXECUTABLES.put_program
+
+  def spy_put_program(table, key, program):
+    programs.append((table, key))
+    return put_program(table, key, program)
+
+  monkeypatch.setattr(engine._EXECUTABLES, "put_program", spy_put_program)
+  engine.clear_compiled_cache()
+  three = G.run(path, str(tmp_path / "three.jsonl"), max_batch=4, compile_ahead=True,
+                check_every=3, **RUN)
+  assert one.ok and three.ok and three.batches_run == one.batches_run >= 3
+  by_id = lambda name: sorted(_read(tmp_path / name), key=lambda r: r["id"])
+  assert by_id("three.jsonl") == by_id("one.jsonl")
+  assert {len(r["tokens"]) for r in by_id("one.jsonl")} - {0, 1} != set()
+  runtimes = [[x for x in key if isinstance(x, engine.Runtime)] for _, key in programs]
+  assert programs and len(programs) == len(set(programs)), programs
+  assert all(len(r) == 1 and r[0].check_every == 3 for r in runtimes), runtimes
+
+
+def test_the_command_passes_check_every_and_names_a_bad_one(tmp_path, monkeypatch, capsys):
+  args = ["--preset", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--out",
+          str(tmp_path / "o.jsonl")]
+  assert G.main(args + ["--check_every", "0"]) == 2
+  assert "check_every must be an int >= 1" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "o.jsonl")
+  seen = []
+
+  def fake_run(*args, **kwargs):
+    seen.append(kwargs["check_every"])
+    raise ValueError("stop here")
+  monkeypatch.setattr(G, "run", fake_run)
+  assert G.main(args) == 2 and G.main(args + ["--check_every", "4"]) == 2
+  assert seen == [1, 4]
+
+
 def test_the_command_compiles_ahead_unless_told_not_to(tmp_path, monkeypatch):
   seen = []
 
