@@ -72,11 +72,13 @@ def generation_point(*, batch: int, prefix: int, attention: str, model: str = "t
                      dtype: str = "float32", num_layers=None, suffix: int = 16,
                      max_new_tokens: int = 128, prompts: str = "shared_prefix",
                      backend: str = "auto", min_shared_tokens=None, max_levels=None,
-                     eos_id=None, seed: int = 0, memory_limit_bytes=None, mesh=None) -> dict:
+                     eos_id=None, seed: int = 0, memory_limit_bytes=None, mesh=None,
+                     check_every: int = 1) -> dict:
   """End-to-end generation of one point; returns its metrics.
 
   mesh: None (one device) or a mesh spec for `hydrax.parallel.make_mesh` ("2x4": data x model)
-  to run the sharded engine.
+  to run the sharded engine. check_every: decode steps between the decode loop's checks
+  (`engine.Runtime.check_every`).
   Row fields: see `experiments.harness.COLUMNS` (decode_tokens_per_s counts only the tokens
   the decode loop produced: the first token of each sequence comes from prefill).
   memory_limit_bytes: treat the point as out of memory when its KV cache would exceed this
@@ -100,7 +102,8 @@ def generation_point(*, batch: int, prefix: int, attention: str, model: str = "t
       raise OutOfMemory(f"KV cache needs {need} bytes > memory_limit_bytes={memory_limit_bytes}")
   start = time.perf_counter()
   gen = engine.generate(net, plan, max_new_tokens=max_new_tokens, attention=attention,
-                        eos_id=eos_id, seed=seed, backend=backend, mesh=mesh)
+                        eos_id=eos_id, seed=seed,
+                        runtime=engine.Runtime.build(backend, mesh, check_every=check_every))
   e2e = time.perf_counter() - start
   lengths = np.asarray(gen.lengths)
   new_tokens = int(np.sum(lengths))

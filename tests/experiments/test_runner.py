@@ -111,6 +111,23 @@ def test_exit_code():
   assert run.exit_code([{"status": "error"}]) == 1
 
 
+@pytest.mark.slow
+def test_check_every_binding_reaches_the_engine(tmp_path, monkeypatch):
+  from hydrax import engine
+  seen, real = [], engine.generate
+
+  def spy(*args, runtime=None, **kwargs):
+    seen.append(runtime.check_every)
+    return real(*args, runtime=runtime, **kwargs)
+  monkeypatch.setattr(engine, "generate", spy)
+  directory = run.run(["quickstart.gin"], SMALL + ["generation_point.check_every=3"],
+                      str(tmp_path), ["test"])
+  assert all(r["status"] == "ok" for r in _rows(directory))
+  assert seen == [3] * 3, seen
+  assert "generation_point.check_every = 3" in open(os.path.join(directory,
+                                                                  "config.gin")).read()
+
+
 def _check_columns(directory, measure):
   """columns.md defines each metric column of rows.csv; every other column is a parameter of
   the measure function; every row says how it was timed."""
