@@ -375,7 +375,9 @@ class Packed(NamedTuple):
   """Where packed tokens [R,W] go (built once per forward pass, `_packed`).
 
   segments: [R,W] int32 each token's sequence, -1 for padding.
-  row:      [R,W] int32 its cache row for the scatter: the sequence, B for padding (dropped).
+  row:      [R,W] int32 its cache row for the scatter: the sequence; for padding B + its
+            position in [R,W], a row past the cache (dropped) and its own, so that the
+            scatter's indices are unique.
   rank:     [R,W] int32 its index among its sequence's tokens of this call.
   count:    [B] int32 tokens of each sequence in this call.
   fresh:    static: the sequences that have tokens here start their caches anew.
@@ -393,7 +395,8 @@ def _packed(segments, b: int, fresh: bool) -> Packed:
   # A sequence's tokens are one contiguous run of its row: rank = column - the run's first.
   starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
   rank = col - lax.cummax(jnp.where(starts, col, 0), axis=1)
-  row = jnp.where(seg >= 0, seg, b)
+  position = jnp.arange(seg.size, dtype=jnp.int32).reshape(seg.shape)
+  row = jnp.where(seg >= 0, seg, b + position)
   count = jnp.zeros((b,), jnp.int32).at[row].add(1, mode="drop")
   return Packed(seg, row, rank, count, bool(fresh))
 
@@ -403,13 +406,17 @@ def packed_level(suffix: LevelKV, index, k, v, packed: Packed):
   (sequence, its cache length + rank; rank alone when fresh), padding and slots past S
   dropped. Returns (suffix with lengths as they were, the levels of keys the sequences held
   before this call: [] when fresh, else the stack with the old lengths, one node per
-  sequence)."""
+  sequence). Every (row, slot) is written once (a sequence's tokens have distinct ranks,
+  padding rows are distinct), which the scatters are told: XLA's GPU scatter otherwise
+  updates each element with an atomic read-modify-write."""
   b = suffix.k.shape[1]
   base = 0 if packed.fresh else \
       suffix.lengths.astype(jnp.int32)[jnp.minimum(packed.row, b - 1)]   # padding: any row
   slots = base + packed.rank
-  new_k = suffix.k.at[index, packed.row, slots].set(k.astype(suffix.k.dtype), mode="drop")
-  new_v = suffix.v.at[index, packed.row, slots].set(v.astype(suffix.v.dtype), mode="drop")
+  new_k = suffix.k.at[index, packed.row, slots].set(k.astype(suffix.k.dtype), mode="drop",
+                                                     unique_indices=True)
+  new_v = suffix.v.at[index, packed.row, slots].set(v.astype(suffix.v.dtype), mode="drop",
+                                                     unique_indices=True)
   held = [] if packed.fresh else [attn_lib.KVLevel(new_k, new_v, suffix.lengths, None, index)]
   return LevelKV(new_k, new_v, suffix.lengths), held
 
@@ -420,9 +427,11 @@ def own_level(suffix: Optional[LevelKV], index, k, v):
   suffix None (no cache): the chunk alone. Otherwise the chunk is written into layer `index`
   (an int, or an int32 scalar that may be traced) of the stacked suffix [L,B,S,K,D] after each
   row's valid keys (slots past S are dropped): one scatter of B*T*K*D elements into the stack,
-  in place when the stack is a loop carry or donated. The level reads that layer of the stack
-  in place (`KVLevel.layer`) with lengths + T. Returns (suffix, KVLevel); suffix.lengths are
-  left as they were (the caller advances them once for all layers).
+  in place when the stack is a loop carry or donated. Its indices are unique and sorted (row
+  by row, slot by slot), which it is told: XLA's GPU scatter otherwise updates each element
+  with an atomic read-modify-write. The level reads that layer of the stack in place
+  (`KVLevel.layer`) with lengths + T. Returns (suffix, KVLevel); suffix.lengths are left as
+  they were (the caller advances them once for all layers).
   """
   b, t = k.shape[:2]
   if suffix is None:
@@ -430,8 +439,10 @@ def own_level(suffix: Optional[LevelKV], index, k, v):
   start = suffix.lengths.astype(jnp.int32)
   rows = jnp.arange(b)[:, None]
   slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  new_k = suffix.k.at[index, rows, slots].set(k.astype(suffix.k.dtype), mode="drop")
-  new_v = suffix.v.at[index, rows, slots].set(v.astype(suffix.v.dtype), mode="drop")
+  new_k = suffix.k.at[index, rows, slots].set(k.astype(suffix.k.dtype), mode="drop",
+                                               unique_indices=True, indices_are_sorted=True)
+  new_v = suffix.v.at[index, rows, slots].set(v.astype(suffix.v.dtype), mode="drop",
+                                               unique_indices=True, indices_are_sorted=True)
   return (LevelKV(new_k, new_v, suffix.lengths),
           attn_lib.KVLevel(new_k, new_v, start + t, None, index))
 

@@ -119,3 +119,40 @@ def test_the_check_finds_a_copy(parts):
   tok = jnp.zeros((B, 1), jnp.int32)
   hlo = _compiled(keep_old, graphdef, params, shared, suffix, tok, tok)
   assert full_size_copies(hlo, suffix.k.shape)
+
+
+_SCATTER = re.compile(r'"stablehlo\.scatter"\(.*?<\{(.*?)\}>.*?\}\) : \((tensor<[^>]*>)', re.S)
+
+
+def _cache_scatters(text: str, shape: tuple) -> list[str]:
+  """The attributes of each scatter into an array of `shape` in lowered StableHLO `text`."""
+  dims = "x".join(map(str, shape))
+  return [attrs for attrs, operand in _SCATTER.findall(text) if operand.startswith(
+      f"tensor<{dims}x")]
+
+
+def test_cache_writes_are_scatters_with_unique_indices(parts):
+  """The decode step's and the packed prefill's writes into the cache say that their indices
+  are unique (the decode's sorted too): XLA's GPU scatter otherwise updates each element with
+  an atomic read-modify-write. Packed padding gets rows of its own past the cache."""
+  graphdef, params, shared, suffix = parts
+  tok = jnp.zeros((B, 1), jnp.int32)
+  step = jax.jit(_forward, static_argnums=0).lower(graphdef, params, shared, suffix, tok,
+                                                   tok).as_text()
+  writes = _cache_scatters(step, suffix.k.shape)
+  assert len(writes) == 2, writes                      # k and v, in the layers' loop
+  assert all("unique_indices = true" in w and "indices_are_sorted = true" in w
+             for w in writes), writes
+
+  segments = np.array([[0, 0, 1, -1, -1], [2, 3, 3, 4, -1]], np.int32)
+  packed = llama._packed(segments, B, fresh=False)
+  row = np.asarray(packed.row)
+  assert (row[segments >= 0] == segments[segments >= 0]).all()
+  pad = row[segments < 0]
+  assert (pad >= B).all() and len(set(pad.tolist())) == pad.size
+  assert np.asarray(packed.count).tolist() == [2, 1, 1, 2, 1]
+  k = jnp.ones(segments.shape + (CONFIG.num_kv_heads, CONFIG.head_dim), jnp.float32)
+  prefill = jax.jit(lambda s, k: llama.packed_level(s, 1, k, k, packed)).lower(
+      suffix, k).as_text()
+  writes = _cache_scatters(prefill, suffix.k.shape)
+  assert len(writes) == 2 and all("unique_indices = true" in w for w in writes), writes

@@ -5,6 +5,9 @@
 # layers, 4K/256, 8 new tokens), as run 16's call 5. Run 16 found XLA's dot merger joining the
 # three products by concatenating their weights every layer of every step (25.3 us a layer,
 # 0.81 ms of a 10.5 ms step); one stored weight should leave one product and no concatenate.
+# A also marks the cache writes' indices unique and sorted (session 22): the new keys' and
+# values' scatters, 7.9 us a layer in run 16, then store without atomics. Their own rows of
+# the kernel table tell the two changes apart.
 #
 # Before the call, here: the model before the change, swapped in for B (not committed):
 #   git show 6f98cfc:hydrax/models/llama.py > experiments/results/fused_h200/run20/llama_before.py
@@ -27,5 +30,5 @@ cp $R/llama_qkv.py hydrax/models/llama.py
 cd $OUT && tar czf run20_call1.tgz run20 && rm -rf $R
 for t in A1 B1 A2 B2; do
   echo "== $t"
-  tar xzf run20_call1.tgz -O run20/engine_$t.log | grep "step \|timeline\|concatenate\|nvjet\|^| 4096\|rc="
+  tar xzf run20_call1.tgz -O run20/engine_$t.log | grep "step \|timeline\|concatenate\|scatter\|nvjet\|^| 4096\|rc="
 done
