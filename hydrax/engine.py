@@ -879,7 +879,9 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
       most = max(len(n) for n in new)
       r = min(n_loc, bk.nodes(most)) if most else 0
       node = np.zeros((data, r), np.int64)
-      dest = np.full((data, r), n_loc, np.int32)
+      # Padding rows get destinations of their own past the level (dropped), so that the
+      # scatters writing the new nodes have unique indices (`_make_prefill`).
+      dest = np.broadcast_to(n_loc + np.arange(r, dtype=np.int32), (data, r)).copy()
       real_row = np.zeros((data, r), bool)
       for s, n in enumerate(new):
         for i, (x, p) in enumerate(n):
@@ -1078,9 +1080,11 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
           own, new_last = _prefill_pass(model, spec, arrays, shared, fresh(spec), skip=skip,
                                         runtime=runtime)
           dest, cap = arrays[4], spec[6]
-          k = k.at[:, dest].set(own.k[:, :, :cap], mode="drop")
-          v = v.at[:, dest].set(own.v[:, :, :cap], mode="drop")
-          last = last.at[dest].set(new_last, mode="drop")
+          # (unique destinations: XLA's GPU scatter otherwise updates element by element
+          # with atomics)
+          k = k.at[:, dest].set(own.k[:, :, :cap], mode="drop", unique_indices=True)
+          v = v.at[:, dest].set(own.v[:, :, :cap], mode="drop", unique_indices=True)
+          last = last.at[dest].set(new_last, mode="drop", unique_indices=True)
         shared.append(LevelKV(k, v, arrays[5]))
         lasts.append(last)
         continue
@@ -1182,16 +1186,19 @@ def replicate_nodes(shared, owners, level_inputs, full: LevelKV, prefix_lengths)
   k, v = full.k, full.v
   for lvl, owner, (_, node_lengths, node_start) in zip(shared, owners, level_inputs):
     t = jnp.arange(lvl.capacity, dtype=jnp.int32)[None, :]
-    # Slots of the node's valid keys; padding goes out of range and is dropped.
+    # Slots of the node's valid keys; padding goes out of range, a slot of its own, and is
+    # dropped: the indices stay unique and sorted, which the scatters are told (XLA's GPU
+    # scatter otherwise updates element by element with atomics).
     slots = jnp.where(t < node_lengths[owner][:, None], node_start[owner][:, None] + t,
-                      full.capacity)
+                      full.capacity + t)
 
     def copy(layer, kv, lvl=lvl, owner=owner, slots=slots):
       k, v = kv
       src_k = lax.dynamic_index_in_dim(lvl.k, layer, keepdims=False)[owner]
       src_v = lax.dynamic_index_in_dim(lvl.v, layer, keepdims=False)[owner]
-      return (k.at[layer, rows, slots].set(src_k, mode="drop"),
-              v.at[layer, rows, slots].set(src_v, mode="drop"))
+      hints = dict(mode="drop", unique_indices=True, indices_are_sorted=True)
+      return (k.at[layer, rows, slots].set(src_k, **hints),
+              v.at[layer, rows, slots].set(src_v, **hints))
     k, v = lax.fori_loop(0, k.shape[0], copy, (k, v))
   return LevelKV(k, v, prefix_lengths.astype(jnp.int32))
 

@@ -1,4 +1,5 @@
-"""The compiled forward keeps the stacked caches in place: no copy of a cache inside the step.
+"""The compiled forward keeps the stacked caches in place: no copy of a cache inside the step;
+and the writes into caches tell XLA their indices are unique (lowered StableHLO).
 
 Inspects the optimised HLO of `jax.jit(...).lower(...).compile()` (CPU, XLA backend): every
 instruction that produces an array of a cache's [L,N,S,K,D] shape must be a parameter, a
@@ -156,3 +157,28 @@ def test_cache_writes_are_scatters_with_unique_indices(parts):
       suffix, k).as_text()
   writes = _cache_scatters(prefill, suffix.k.shape)
   assert len(writes) == 2 and all("unique_indices = true" in w for w in writes), writes
+
+
+def test_replicated_prefill_copies_nodes_with_unique_sorted_scatters():
+  """The replicated baseline's copy of each sequence's shared nodes into its own cache
+  (`engine.replicate_nodes`) writes every slot once (padding to slots of its own past the
+  cache), says so to XLA, and lands each node's keys at their positions."""
+  from hydrax import engine
+  from hydrax.cache import LevelKV
+  rng = np.random.default_rng(0)
+  nodes = LevelKV(*(jnp.asarray(rng.normal(size=(3, 2, 8, 2, 4)), jnp.float32)
+                    for _ in range(2)), jnp.array([5, 8], jnp.int32))
+  owner = jnp.array([0, 1, 1], jnp.int32)
+  full = empty_level(3, 3, 12, 2, 4, jnp.float32)
+  args = ([nodes], [owner], [(None, nodes.lengths, jnp.array([0, 0], jnp.int32))], full,
+          jnp.array([5, 8, 8], jnp.int32))
+  text = jax.jit(engine.replicate_nodes).lower(*args).as_text()
+  writes = _cache_scatters(text, full.k.shape)
+  assert len(writes) == 2 and all("unique_indices = true" in w and
+                                  "indices_are_sorted = true" in w for w in writes), writes
+  out = engine.replicate_nodes(*args)
+  for row, node in enumerate([0, 1, 1]):
+    n = int(nodes.lengths[node])
+    np.testing.assert_array_equal(out.k[:, row, :n], nodes.k[:, node, :n])
+    np.testing.assert_array_equal(out.v[:, row, n:], 0)
+  assert np.asarray(out.lengths).tolist() == [5, 8, 8]
