@@ -525,8 +525,9 @@ class _Pass(NamedTuple):
   capacity: int    # cache slots per row
   chunk: int       # tokens per row per prefill step
   # A shared level laid into a kept one (`KeptNodes`): storage (N, S) of the kept level; the
-  # pass runs only the level's new nodes, dest [data*R] their local node there (N: a padding
-  # row, dropped), storage_lengths [data*N] every node's length in this plan (0: unused).
+  # pass runs only the level's new nodes, dest [data*R] their local node there (N + i for
+  # padding row i: past the level, dropped, each its own), storage_lengths [data*N] every
+  # node's length in this plan (0: unused).
   storage: tuple = ()
   dest: Optional[np.ndarray] = None
   storage_lengths: Optional[np.ndarray] = None
