@@ -524,8 +524,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(f"saved {config.name} ({llama_lib.param_count(params):,} parameters, "
             f"{_dtype_of(params)}) to {out}")
     else:
-      config, dtype = read_config(args.ckpt)
-      attention = _read_meta(args.ckpt).get("attention", "q, k, v apart (fused on restore)")
+      meta = _read_meta(args.ckpt)
+      config, dtype = _config_of(meta)
+      attention = meta.get("attention", "q, k, v apart (fused on restore)")
       print(json.dumps({"dtype": str(dtype), "attention": attention,
                         "config": config.to_dict()}, indent=2))
   except (_CliError, ValueError, OSError, KeyError) as e:

@@ -4,7 +4,8 @@ mesh, with the sharing tree as runtime data.
   generate(model, params, prompts, *, max_new_tokens, attention="hydragen", backend="auto",
            mesh=None, prefill="auto", keep=False, reuse=None, ...) -> Generation
   Runtime(backend, mesh, checks, unroll, xla_options, check_every)
-  Runtime.build(backend="auto", mesh=None, checks="static", unroll=1, check_every=1)
+  Runtime.build(backend="auto", mesh=None, checks="static", unroll=1, xla_options="auto",
+                check_every=1)
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
   footprint(config, prompts, ...) -> (kv_bytes, Signature)
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
