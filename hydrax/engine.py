@@ -9,6 +9,7 @@ mesh, with the sharing tree as runtime data.
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
   footprint(config, prompts, ...) -> (kv_bytes, Signature)
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
+  row_keys(seed, row_seeds) -> key data of each row's PRNG key
   precompile(model, params, prompts, *, max_new_tokens, ...) -> (seconds, kept shapes or None)
   compile_jobs(model, params, prompts, *, max_new_tokens, ...) -> CompileJobs
   clear_compiled_cache(); compiled_cache_info() -> (entries, compilations so far)
@@ -355,10 +356,6 @@ class Runtime:
       return jnp.all(done)
     return lax.psum(jnp.sum((~done).astype(jnp.int32)), _DATA) == 0
 
-  def shard_key(self, key):
-    """A PRNG key of this data shard (the shards draw independently)."""
-    return key if self.mesh is None else jax.random.fold_in(key, lax.axis_index(_DATA))
-
   def place(self, tree, spec):
     """Host or device arrays placed with PartitionSpec `spec` (every leaf); as is without a
     mesh."""
@@ -416,6 +413,8 @@ def sample(logits, key, *, temperature: float = 0.0, top_k: Optional[int] = None
            top_p: Optional[float] = None):
   """Draws one token per row from logits [B,V] -> int32 [B].
 
+  key: one PRNG key for all rows, or typed keys [B] (`jax.random.key`), one a row, so that a
+  row's draw depends on its own key alone (what `generate` passes).
   temperature 0: greedy (argmax; top_k/top_p ignored). Otherwise softmax(logits/temperature)
   restricted to the top_k most likely tokens and to the smallest set of most likely tokens whose
   probability reaches top_p (the most likely token is always kept).
@@ -437,7 +436,55 @@ def sample(logits, key, *, temperature: float = 0.0, top_k: Optional[int] = None
     keep = keep.at[..., 0].set(True)
     threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  if _is_row_keys(key, logits.shape[0]):
+    return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _is_row_keys(key, rows: int) -> bool:
+  """Whether `key` is typed keys [rows] (one a row) rather than one key."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jax.dtypes.prng_key) or key.ndim == 0:
+    return False
+  if key.shape != (rows,):
+    raise ValueError(f"key must be one PRNG key or one a row ({rows}), got keys of shape "
+                     f"{key.shape}")
+  return True
+
+
+def _draw_keys(keys, position):
+  """Each row's key for its token at `position` (0: the prefill's draw): keys [B] typed
+  keys, folded with the position, so a row's draws depend on its key and the position only
+  (not on its row, its batch, its data shard or how the loop is cut into checks)."""
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position)
+
+
+def row_keys(seed: int, row_seeds) -> np.ndarray:
+  """Key data [B, ...] (uint32) of each row's PRNG key: key(seed) folded with each word of its
+  row seed in turn. row_seeds: ints in [0, 2**32), [B] or [B, W] (W words a row, e.g. a
+  request's hash and its sample index). Threefry is integer arithmetic: the same keys on
+  every device."""
+  words = np.asarray(row_seeds)
+  if words.ndim == 1:
+    words = words[:, None]
+  if words.ndim != 2 or words.shape[1] < 1 or words.dtype.kind not in "iu" or (
+      words.size and (words.min() < 0 or words.max() >= 1 << 32)):
+    raise ValueError(f"row_seeds must be ints in [0, 2**32) of shape [B] or [B, W], got "
+                     f"{np.asarray(row_seeds).dtype} {np.asarray(row_seeds).shape}"
+                     + (f" in [{words.min()}, {words.max()}]"
+                        if words.dtype.kind in "iu" and words.size else ""))
+  keys = _fold_words(jax.random.key(int(seed)), jnp.asarray(words.astype(np.uint32)))
+  return np.asarray(jax.random.key_data(keys))
+
+
+@jax.jit
+def _fold_words(base, words):
+  def fold(row):
+    key = base
+    for w in range(row.shape[0]):
+      key = jax.random.fold_in(key, row[w])
+    return key
+  return jax.vmap(fold)(words)
 
 
 def _check_sampling(temperature, top_k, top_p):
@@ -1056,7 +1103,8 @@ def _packed_prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool,
 
 def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   """prefill(params, inputs, key_data, eos, kept) -> (shared levels held by decode, main
-  LevelKV, first tokens, done, lasts), per data shard; eos is an int32 scalar (-1: none);
+  LevelKV, first tokens, done, lasts), per data shard; key_data [B,...]: each row's
+  PRNG key (`row_keys`); eos is an int32 scalar (-1: none);
   kept: (LevelKV, last hidden [N,E]) of each level laid into a kept one (`KeptNodes`), which
   its new nodes are written into (donated); lasts: per shared level (hydragen) [N,E] the
   hidden state of each node's last token."""
@@ -1112,8 +1160,8 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
     for d, node_last in enumerate(lasts):
       picked = node_last[jnp.clip(row, 0, node_last.shape[0] - 1)]
       last = jnp.where((source == d)[:, None], picked, last)
-    key = runtime.shard_key(jax.random.wrap_key_data(key_data))
-    first = sample(llama_lib.logits(model, last), key, **sampling)
+    keys = _draw_keys(jax.random.wrap_key_data(key_data), 0)
+    first = sample(llama_lib.logits(model, last), keys, **sampling)
     return held, main, first, first == eos, tuple(lasts) if held else ()
 
   return prefill
@@ -1122,7 +1170,8 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
 def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   """decode(params, shared, suffix, owners, first, done, key_data, prompt_lengths, eos, pad)
   -> (tokens [B,max_new], n [B], steps, suffix), per data shard; one lax.while_loop, stopping
-  when every row of every shard is done. eos (-1: none) and pad are int32 scalars.
+  when every row of every shard is done. eos (-1: none) and pad are int32 scalars; key_data:
+  as the prefill's (the token at column i is drawn with the row's key folded with i).
 
   Each iteration runs C = `runtime.check_every` steps (an inner loop of a known trip count,
   which XLA runs without a host round trip) and then checks. Steps past max_new_tokens (at
@@ -1138,7 +1187,7 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
 
   def decode(params, shared, suffix, owners, first, done, key_data, plen, eos, pad):
     model = nnx.merge(graphdef, params)
-    key = runtime.shard_key(jax.random.wrap_key_data(key_data))
+    keys = jax.random.wrap_key_data(key_data)
     b = first.shape[0]
     out = jnp.full((b, max_new + every - 1), pad, jnp.int32).at[:, 0].set(first)
     count = jnp.ones((b,), jnp.int32)
@@ -1147,8 +1196,7 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
       return (carry[0] < max_new) & ~carry[-1]
 
     def step(carry):
-      i, out, last, done, count, suffix, key = carry
-      key, sub = jax.random.split(key)
+      i, out, last, done, count, suffix = carry
       positions = (plen + i - 1)[:, None]
       if suffix is not None and every > 1:
         suffix = LevelKV(suffix.k, suffix.v,
@@ -1156,14 +1204,14 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
       cache = None if skip else KVCache(suffix, shared, owners)
       hidden, cache = llama_lib.forward(model, last[:, None], positions, cache,
                                         skip_attention=skip, **runtime.forward_kwargs())
-      tok = sample(llama_lib.logits(model, hidden[:, 0]), sub, **sampling)
+      tok = sample(llama_lib.logits(model, hidden[:, 0]), _draw_keys(keys, i), **sampling)
       real = ~done & (i < max_new)
       tok = jnp.where(real, tok, pad)
       out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
       count = count + real.astype(jnp.int32)
       done = done | (tok == eos)
       suffix = None if cache is None else cache.suffix
-      return i + 1, out, tok, done, count, suffix, key
+      return i + 1, out, tok, done, count, suffix
 
     def body(carry):
       state = carry[:-1]
@@ -1171,8 +1219,8 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
           lax.fori_loop(0, every, lambda _, s: step(s), state)
       return state + (runtime.all_done(state[3]),)
 
-    carry = (jnp.int32(1), out, first, done, count, suffix, key, runtime.all_done(done))
-    steps, out, _, _, count, suffix, _, _ = lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), out, first, done, count, suffix, runtime.all_done(done))
+    steps, out, _, _, count, suffix, _ = lax.while_loop(cond, body, carry)
     return out[:, :max_new], count, steps - 1, suffix
 
   return decode
@@ -1344,7 +1392,7 @@ def _prefill_jit(graphdef, sig: Signature, runtime: Runtime, sampling: dict, inp
   lasts_spec = tuple(rows_spec for _ in held_spec)
   fn = runtime.wrap(_make_prefill(graphdef, sig, runtime, sampling),
                     in_specs=(one, jax.tree_util.tree_map(lambda _: rows_spec, inputs),
-                              one, one, kept_spec),
+                              rows_spec, one, kept_spec),
                     out_specs=(held_spec, level_spec, rows_spec, rows_spec, lasts_spec))
   return jax.jit(_checked(runtime, fn), donate_argnums=(4,))
 
@@ -1354,7 +1402,7 @@ def _decode_jit(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   rows_spec, one, level_spec, held_spec, owner_spec = _specs(sig)
   fn = runtime.wrap(_make_decode(graphdef, sig, runtime, sampling),
                     in_specs=(one, held_spec, level_spec, owner_spec, rows_spec,
-                              rows_spec, one, rows_spec, one, one),
+                              rows_spec, rows_spec, rows_spec, one, one),
                     out_specs=(rows_spec, rows_spec, one, level_spec))
   return jax.jit(_checked(runtime, fn), donate_argnums=(2,))
 
@@ -1471,13 +1519,13 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   inputs = lay.inputs()
-  key_data = np.asarray(jax.random.key_data(jax.random.key(0)))
+  keys = _in_layout_order(lay, row_keys(0, np.arange(len(seqs))))   # their shape only
   scalar = np.int32(0)
   compiled = _EXECUTABLES.get(key, decode_key)
   prefill_job = decode_job = None
   if compiled[0] is None:
     traced = _prefill_jit(graphdef, sig, runtime, sampling, inputs, kept_in).trace(
-        params, inputs, key_data, scalar, kept_in)
+        params, inputs, keys, scalar, kept_in)
     prefill_job = functools.partial(_job, "prefills", key, traced, (), runtime)
     prefill_out = traced.out_info
   else:
@@ -1485,7 +1533,7 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   if sig.max_new_tokens > 1 and compiled[1] is None:
     owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
     decode_job = _decode_job(graphdef, sig, runtime, sampling, decode_key, prefill_out,
-                             params, owners, key_data, lay.prompt_lengths, scalar, scalar)
+                             params, owners, keys, lay.prompt_lengths, scalar, scalar)
   held, _, _, _, lasts = prefill_out
   kept = None
   if keep:
@@ -1573,6 +1621,15 @@ def estimate_kv_bytes(config: LlamaConfig, prompts, *, max_new_tokens: int,
                    sharing_options=sharing_options, mesh=mesh)[0]
 
 
+def _in_layout_order(lay: Layout, x: np.ndarray) -> np.ndarray:
+  """Rows of x [B, ...] (the caller's input order) as the shards' local rows [data*B_l, ...];
+  padding rows zero. The inverse of `_in_input_order`."""
+  rows, real = lay.plan_row.reshape(-1), lay.real.reshape(-1)
+  out = np.zeros((rows.size,) + x.shape[1:], x.dtype)
+  out[real] = x[lay.order[rows[real]]]
+  return out
+
+
 def _in_input_order(lay: Layout, x: np.ndarray) -> np.ndarray:
   """Rows of x [data*B_l, ...] (the shards' local rows) in the caller's input order."""
   real = lay.real.reshape(-1)
@@ -1602,8 +1659,9 @@ def _run_checked(runtime: Runtime, executable, *args):
 def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str = "hydragen",
              temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, eos_id: Optional[int] = None, pad_id: int = 0,
-             seed: int = 0, max_len: Optional[int] = None, prefill_chunk: int = 2048,
-             backend="auto", tokenizer: Any = None, sharing_options: Optional[dict] = None,
+             seed: int = 0, row_seeds=None, max_len: Optional[int] = None,
+             prefill_chunk: int = 2048, backend="auto", tokenizer: Any = None,
+             sharing_options: Optional[dict] = None,
              mesh=None, checks: str = "static", unroll=1,
              runtime: Optional[Runtime] = None, prefill: str = "auto", keep: bool = False,
              reuse: Optional[KeptNodes] = None) -> Generation:
@@ -1617,7 +1675,13 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     In every mode the prefill computes each shared node once; the modes differ in the cache
     that decode reads (see the module docstring).
   attention: "hydragen" | "replicated" | "none" (see the module docstring).
-  temperature / top_k / top_p: sampling (temperature 0 = greedy); seed: PRNG seed.
+  temperature / top_k / top_p: sampling (temperature 0 = greedy). seed, row_seeds: each row
+    draws from its own PRNG key, key(seed) folded with its row seed (`row_keys`; row_seeds:
+    ints in [0, 2**32), [B] or [B, W] words a prompt, in input order; default its index), and
+    its token at column i from that key folded with i. So a row's sampled tokens depend on its
+    prompt, seed and row seed only, not on the other rows, the plan's row order, the mesh or
+    check_every (up to the float rounding of the logits, which batch shapes and kernels move
+    a little: a draw near a tie between two tokens can change with them).
   eos_id: a sequence stops after generating it (None: all generate max_new_tokens); later slots
     hold pad_id. max_len: positions a sequence may reach (prompt + new tokens; default the
     config's max_position_embeddings). prefill_chunk: query tokens (rows x tokens) per
@@ -1632,8 +1696,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     its kernel configuration (`backends.get("pallas", lowering="triton")`).
   mesh: None (one device), or a ("data", "model") mesh or a spec `hydrax.parallel.make_mesh`
     takes ("2x4", (2, 4), ...): the same loop runs sharded (module docstring). Greedy tokens
-    equal the single-device ones up to the float rounding of the all-reduces; sampled ones
-    draw per data shard (the key folded with the shard index). K, H and the MLP size must be
+    equal the single-device ones up to the float rounding of the all-reduces, and so do
+    sampled ones (each row's keys are its own, see seed). K, H and the MLP size must be
     divisible by the model axis.
   checks: "static" or "runtime"; unroll: layers per scan iteration (see `Runtime`).
     runtime: a `Runtime` given whole (then backend, mesh, checks and unroll must be left at
@@ -1693,8 +1757,12 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
   rows_spec, one = _specs(sig)[:2]
   # Keys travel as raw data and scalars as host values placed replicated: global arrays on
   # several hosts too.
-  key_first, key_loop = (np.asarray(jax.random.key_data(k))
-                         for k in jax.random.split(jax.random.key(seed)))
+  if row_seeds is None:
+    row_seeds = np.arange(len(seqs))
+  elif len(row_seeds) != len(seqs):
+    raise ValueError(f"row_seeds must give one seed a prompt ({len(seqs)}), got "
+                     f"{len(row_seeds)}")
+  keys = _in_layout_order(lay, row_keys(seed, row_seeds))
   compile_s = decode_s = 0.0
   steps = 0
   with _OOMGuard(point) as guard:
@@ -1703,8 +1771,9 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     host_inputs = lay.inputs()
     inputs = runtime.place(host_inputs, rows_spec)
     plen = runtime.place(lay.prompt_lengths, rows_spec)
-    key_first, key_loop, eos, pad = runtime.place(
-        (key_first, key_loop, np.int32(-1 if eos_id is None else int(eos_id)),
+    keys = runtime.place(keys, rows_spec)
+    eos, pad = runtime.place(
+        (np.int32(-1 if eos_id is None else int(eos_id)),
          np.int32(pad_id)), one)
     prefill, decode = compiled
     owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
@@ -1712,18 +1781,18 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       guard.stage = "prefill compilation"
       t0 = time.perf_counter()
       traced = _prefill_jit(graphdef, sig, runtime, sampling, inputs, kept_in).trace(
-          params, inputs, key_first, eos, kept_in)
+          params, inputs, keys, eos, kept_in)
       if decode is None and sig.max_new_tokens > 1 and runtime.mesh is None:
         # The decode loop compiles beside the prefill, from the prefill's traced output
         # shapes (on one device; a mesh's placed outputs are known only once it runs).
         _compile_beside(_decode_job(graphdef, sig, runtime, sampling, decode_key,
-                                    traced.out_info, params, owners, key_loop, plen, eos, pad))
+                                    traced.out_info, params, owners, keys, plen, eos, pad))
       prefill = _program("prefills", key, traced, (), runtime)[0]
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"
     t0 = time.perf_counter()
     shared, suffix, first, done, lasts = jax.block_until_ready(
-        _run_checked(runtime, prefill, params, inputs, key_first, eos, kept_in))
+        _run_checked(runtime, prefill, params, inputs, keys, eos, kept_in))
     del kept_in
     prefill_s = time.perf_counter() - t0
     if sig.max_new_tokens > 1:
@@ -1731,13 +1800,13 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
         guard.stage = "decode compilation"
         t0 = time.perf_counter()
         decode = _program("decodes", decode_key, _decode_jit(graphdef, sig, runtime, sampling),
-                          (params, shared, suffix, owners, first, done, key_loop, plen, eos,
+                          (params, shared, suffix, owners, first, done, keys, plen, eos,
                            pad), runtime)[0]
         compile_s += time.perf_counter() - t0
       guard.stage = "decode"
       t0 = time.perf_counter()
       out, count, steps, suffix = jax.block_until_ready(_run_checked(
-          runtime, decode, params, shared, suffix, owners, first, done, key_loop, plen, eos,
+          runtime, decode, params, shared, suffix, owners, first, done, keys, plen, eos,
           pad))
       decode_s = time.perf_counter() - t0
       steps = int(runtime.to_host(steps))

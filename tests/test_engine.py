@@ -214,6 +214,32 @@ def test_sample():
     engine.sample(logits, key, temperature=1.0, top_p=1.5)
   with pytest.raises(ValueError, match="temperature"):
     engine.sample(logits, key, temperature=-1.0)
+  # One key a row: row i draws as it would alone with keys[i].
+  wide = jnp.asarray(np.random.default_rng(0).standard_normal((3, 50)), jnp.float32)
+  rows = jax.random.split(key, 3)
+  got = engine.sample(wide, rows, temperature=1.0)
+  want = [int(engine.sample(wide[i:i + 1], rows[i], temperature=1.0)[0]) for i in range(3)]
+  assert got.tolist() == want
+  assert got.tolist() != engine.sample(wide, key, temperature=1.0).tolist()
+  with pytest.raises(ValueError, match=r"one a row \(3\), got keys of shape \(2,\)"):
+    engine.sample(wide, rows[:2], temperature=1.0)
+
+
+def test_row_keys():
+  one = engine.row_keys(7, [0, 1, 5])
+  assert one.shape == (3, 2) and one.dtype == np.uint32
+  np.testing.assert_array_equal(one, engine.row_keys(7, np.array([[0], [1], [5]])))
+  want = jax.random.key_data(jax.random.fold_in(jax.random.key(7), 5))
+  np.testing.assert_array_equal(one[2], np.asarray(want))
+  two = engine.row_keys(7, [[5, 0], [5, 1]])        # words folded in turn
+  want = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), 5), 1)
+  np.testing.assert_array_equal(two[1], np.asarray(jax.random.key_data(want)))
+  assert len({tuple(k) for k in np.concatenate([one, two])}) == 5
+  assert not np.array_equal(engine.row_keys(8, [0, 1, 5]), one)
+  np.testing.assert_array_equal(engine.row_keys(0, [2**32 - 1]).shape, (1, 2))
+  for bad in ([-1], [2**32], [0.5], [[[1]]], np.zeros((2, 0), np.int32)):
+    with pytest.raises(ValueError, match="row_seeds must be ints in"):
+      engine.row_keys(0, bad)
 
 
 @TREE_RUNS
@@ -228,6 +254,43 @@ def test_sampled_generation_is_reproducible(tiny, tree_runs):
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert b.compile_seconds == 0.0          # executables reused
   assert not np.array_equal(a.tokens, c.tokens)
+
+
+@TREE_RUNS
+def test_a_rows_samples_are_its_own(tiny, tree_runs):
+  """A row's sampled tokens depend on its prompt, the seed and its row seed only: the same
+  in reverse input order (another plan row order), alone, and with check_every 3."""
+  _, model, _, _ = tiny
+  plan, _, _ = tree_runs
+  seqs = plan.sequences
+  kwargs = dict(max_new_tokens=5, temperature=1.0, seed=4)
+  a = engine.generate(model, None, seqs, **kwargs)
+  assert len({tuple(t) for t in a.tokens}) > 1
+  back = engine.generate(model, None, seqs[::-1], row_seeds=np.arange(len(seqs))[::-1],
+                         **kwargs)
+  np.testing.assert_array_equal(back.tokens[::-1], a.tokens)
+  alone = engine.generate(model, None, [seqs[2]], row_seeds=[2], **kwargs)
+  np.testing.assert_array_equal(alone.tokens[0], a.tokens[2])
+  checks = engine.generate(model, None, seqs, runtime=engine.Runtime.build(check_every=3),
+                           **kwargs)
+  np.testing.assert_array_equal(checks.tokens, a.tokens)
+  words = engine.generate(model, None, seqs, row_seeds=[[i, 0] for i in range(len(seqs))],
+                          **kwargs)
+  assert words.compile_seconds == 0.0      # the keys are data: W words compile nothing new
+  assert not np.array_equal(words.tokens, a.tokens)
+  with pytest.raises(ValueError, match=f"one seed a prompt \\({len(seqs)}\\), got 2"):
+    engine.generate(model, None, seqs, row_seeds=[0, 1], **kwargs)
+
+  # Token i of row b is drawn with key(seed) folded with b's row seed, then with i: checked
+  # against the model's full forward pass over the prompt and the tokens drawn.
+  graphdef, params = nnx.split(model)
+  for b in (0, 3):
+    full = np.concatenate([seqs[b], a.tokens[b]]).astype(np.int32)
+    logits = np.asarray(llama.apply(graphdef, params, jnp.asarray(full[None])))[0]
+    row = jax.random.wrap_key_data(engine.row_keys(4, [b])[0])
+    for i in range(5):
+      want = jax.random.categorical(jax.random.fold_in(row, i), logits[len(seqs[b]) - 1 + i])
+      assert a.tokens[b, i] == int(want), (b, i)
 
 
 def test_no_attention_mode_and_tokenizer(tiny, tmp_path):

@@ -263,6 +263,9 @@ def test_sharded_sampling_and_eos(net):
   first = parallel.generate(net, prompts, **run)       # generate(module, prompts) shorthand
   assert first.tokens.shape == (8, 5) and first.tokens.min() >= 0 and first.tokens.max() < 256
   np.testing.assert_array_equal(first.lengths, 5)
+  # Each row draws from its own keys: the single-device tokens.
+  one = engine.generate(net, prompts, **{k: v for k, v in run.items() if k != "mesh"})
+  np.testing.assert_array_equal(first.tokens, one.tokens)
   eos = int(first.tokens[4, 1])                     # row 4 stops after 2 tokens
   again = parallel.generate(net, None, prompts, eos_id=eos, pad_id=0, **run)
   assert again.compile_seconds == 0                 # same shapes: executables reused
