@@ -97,7 +97,7 @@ def _run_one(path, out, model, mode, args):
               planning_pct=round(100 * s.planning_seconds / wall, 2),
               prefill_slots=s.prefill_slots, padded_slots=s.padded_slots,
               packed_batches=s.packed_batches,
-              status="ok" if s.completed == s.requests else f"{s.failed} failed")
+              status="ok" if s.completed == s.completions else f"{s.failed} failed")
 
 
 def _timed(fn, *args, repeats=5):

@@ -5,13 +5,14 @@
   run(prompts, out, *, checkpoint=None, hf_dir=None, preset=None, ...) -> RunSummary
 
 Input (see `hydrax.offline.requests`): JSONL with `id`, `prompt` text or `tokens`, optional
-per-request `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop` (strings and/or token ids);
-or plain text, one prompt a line. Output: one JSON line per request, appended per batch (fsync):
-`id`, `text` (null without a tokenizer), `tokens` (generated ids, stop id excluded),
-`finish_reason` ("stop": EOS, a stop id or a stop string ended it; "length": max_new_tokens),
-`stop` (what stopped it, or null), `prompt_tokens`, and `timings` (its batch's index, requests
-and padded size, `prefill` ("packed" or "padded"), prefill / decode / compile seconds, and
-`at_s`: seconds since the run started when it was written).
+per-request `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop` (strings and/or token ids),
+`n` (completions of the prompt; default `--n`, 1); or plain text, one prompt a line. Output: one
+JSON line per completion, appended per batch (fsync): `id`, `sample` (0 .. n - 1), `text`
+(null without a tokenizer), `tokens` (generated ids, stop id excluded), `finish_reason`
+("stop": EOS, a stop id or a stop string ended it; "length": max_new_tokens), `stop` (what
+stopped it, or null), `prompt_tokens`, and `timings` (its batch's index, its completions
+(`batch_requests`) and padded size, `prefill` ("packed" or "padded"), prefill / decode /
+compile seconds, and `at_s`: seconds since the run started when it was written).
 
 Prefill (`--prefill`, default auto): each batch's unique suffixes are packed into rows by
 first-fit bin packing (Prepacking: about sum(lengths) token slots instead of batch x longest)
@@ -26,9 +27,19 @@ their own afterwards, and past a stop id or EOS). The engine stops a row at the 
 other stop ids and stop strings end the completion when the batch is done (their tokens are
 decoded, then dropped).
 
-Resuming: rerunning with the same --out skips the ids already in it; an interrupted run loses
-at most the batch in flight. The schedule is made over every request of the file (finished
-or not), so a resumed run runs the same batches with the same seeds as an uninterrupted one.
+Samples: a prompt's n completions are n rows of the same tokens, which the global plan
+shares whole (the prompt is prefilled once for all of them). Each completion draws from its
+own random stream: the run's --seed folded with a hash of its request's id and with its sample
+index (`engine.generate(row_seeds=)`). So a completion depends on the model, the seed, its
+request and its sample index, not on the batch it lands in: the same with another max_batch,
+memory budget or strategy, with other requests in the file, and on resuming (up to the float
+rounding of the logits, which batch shapes move a little: a draw at a near-tie of two tokens
+can change with them).
+
+Resuming: rerunning with the same --out skips the completions already in it (by id and
+sample); an interrupted run loses at most the batch in flight. The schedule is made over every
+request of the file (finished or not), so a resumed run runs the same batches as an
+uninterrupted one.
 
 Model: a hydrax checkpoint (`--checkpoint`, its tokenizer.json used if present), a local
 HuggingFace Llama directory (`--hf_dir`, its tokenizer.json), or a preset with random weights
@@ -44,6 +55,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -69,9 +81,10 @@ _CPU_BUDGET = 4 << 30      # KV bytes a batch may take where the device reports 
 
 @dataclasses.dataclass
 class RunSummary:
-  """What a run did. requests: good requests in the file; skipped: already in the output;
-  completed / failed: in this run; bad_lines: BadLine list; generated_tokens: by completed
-  requests (after cutting); compiles: engine calls that compiled; signatures: distinct batch
+  """What a run did. requests: good requests in the file; completions: the completions they
+  ask for (each request's n); skipped: completions already in the output; completed / failed:
+  completions of this run; bad_lines: BadLine list; generated_tokens: by completed ones (after
+  cutting); compiles: engine calls that compiled; signatures: distinct batch
   signatures of the schedule; wall_seconds, planning_seconds; prefill_slots: token slots the
   batches' unique-suffix prefill ran (packed or padded), padded_slots: what padding every
   batch would have run, packed_batches: batches prefilled packed; reused_tokens: shared-node
@@ -80,6 +93,7 @@ class RunSummary:
   compile_seconds, the time batches waited for their programs;
   schedule: the Schedule."""
   requests: int = 0
+  completions: int = 0
   skipped: int = 0
   completed: int = 0
   failed: int = 0
@@ -102,11 +116,11 @@ class RunSummary:
 
   @property
   def ok(self) -> bool:
-    """False when everything failed: requests to run and none completed, or a file of bad
+    """False when everything failed: completions to run and none completed, or a file of bad
     lines only. (Everything already in the output is not a failure.)"""
     if self.requests == 0:
       return not self.bad_lines
-    return self.requests == self.skipped or self.completed > 0
+    return self.completions == self.skipped or self.completed > 0
 
   def as_dict(self) -> dict:
     out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("bad_lines",
@@ -241,7 +255,7 @@ def finish(tokens: np.ndarray, *, max_new_tokens: int, stop_ids, stop_strings, t
 
 
 class _Progress:
-  """One line on stderr per finished batch: requests done, tokens/s, ETA."""
+  """One line on stderr per finished batch: completions done, tokens/s, ETA."""
 
   def __init__(self, total: int, enabled: bool):
     self.total, self.enabled = total, enabled
@@ -256,14 +270,15 @@ class _Progress:
     left = self.total - done
     eta = elapsed / done * left if done else float("nan")
     eta_s = "?" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
-    line = (f"hydrax.generate: {done}/{self.total} requests ({100 * done / max(self.total, 1):.0f}"
+    line = (f"hydrax.generate: {done}/{self.total} completions "
+            f"({100 * done / max(self.total, 1):.0f}"
             f"%), {rate:,.0f} tokens/s, ETA {eta_s}")
     sys.stderr.write(("\r" + line + (" " * 8) + ("\n" if done >= self.total else ""))
                      if self.tty else line + "\n")
     sys.stderr.flush()
 
 
-def _check_defaults(max_new_tokens, temperature, top_k, top_p, max_batch):
+def _check_defaults(max_new_tokens, temperature, top_k, top_p, max_batch, n):
   def bad(name, value, want):
     raise ValueError(f"{name} must be {want}, got {value!r}")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -276,28 +291,38 @@ def _check_defaults(max_new_tokens, temperature, top_k, top_p, max_batch):
     bad("top_p", top_p, "None or a number in (0, 1]")
   if not isinstance(max_batch, int) or max_batch < 1:
     bad("max_batch", max_batch, "an int >= 1")
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    bad("n", n, "an int >= 1")
+
+
+def id_hash(request_id: str) -> int:
+  """A request id's stable 32-bit hash (blake2b): the first word of its completions' row
+  seeds, so that a completion's random stream follows its request, not its batch row."""
+  return int.from_bytes(hashlib.blake2b(request_id.encode("utf-8"), digest_size=4).digest(),
+                        "little")
 
 
 def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
         hf_dir: Optional[str] = None, preset: Optional[str] = None,
         tokenizer: Optional[str] = None, dtype=None, seed: int = 0,
         max_new_tokens: int = 128, temperature: float = 0.0, top_k: Optional[int] = None,
-        top_p: Optional[float] = None, stop: Sequence = (), ignore_eos: bool = False,
-        add_special_tokens: bool = True, memory_budget: Optional[int] = None,
+        top_p: Optional[float] = None, stop: Sequence = (), n: int = 1,
+        ignore_eos: bool = False, add_special_tokens: bool = True, memory_budget: Optional[int] = None,
         memory_fraction: float = 0.8, max_batch: int = 256, strategy: str = "global",
         attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
         merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
         prefill: str = "auto", keep_nodes: bool = True, compile_ahead: bool = True,
         check_every: int = 1, on_bad_line: str = "error",
         progress: bool = True, on_batch: Optional[Callable] = None, model=None) -> RunSummary:
-  """Runs every request of `prompts` not yet in `out` and appends its completion to `out`.
+  """Runs every completion of `prompts` not yet in `out` and appends it to `out`.
 
-  Model: one of checkpoint / hf_dir / preset, or `model=(config, params)` already loaded.
+  Model: one of checkpoint / hf_dir / preset, or `model=(config, params)` already loaded;
+  seed: a preset's random weights and the sampling's base key (see the module docstring).
   Defaults for requests that leave them out: max_new_tokens, temperature, top_k, top_p, stop
-  (strings and/or ids). ignore_eos: do not stop at the model's EOS. add_special_tokens: let
+  (strings and/or ids), n (completions of each prompt). ignore_eos: do not stop at the model's EOS. add_special_tokens: let
   the tokenizer add BOS as its template says. memory_budget: KV bytes per batch (default:
   memory_fraction of the device's free memory; 4 GiB where it reports none, logged).
-  max_batch: most requests per batch (the KV budget may cut smaller ones). 256 by default: on
+  max_batch: most completions per batch (the KV budget may cut smaller ones). 256 by default: on
   the H200 a llama3-8b decode step's products stop being bound by the weights' reads near 256
   rows (experiments/results/engine/layers_batch_sweep: 64 rows 4.41 ms, 256 rows 6.66 ms);
   larger batches still pay where the budget holds them (full-size samples workload: 133 s at
@@ -325,7 +350,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   Returns a RunSummary; raises ValueError for bad arguments.
   """
   t_start = time.perf_counter()
-  _check_defaults(max_new_tokens, temperature, top_k, top_p, max_batch)
+  _check_defaults(max_new_tokens, temperature, top_k, top_p, max_batch, n)
   if strategy not in schedule_lib.STRATEGIES:
     raise ValueError(f"strategy must be one of {list(schedule_lib.STRATEGIES)}, got "
                      f"{strategy!r}")
@@ -365,9 +390,14 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     sys.stderr.write(f"hydrax.generate: skipping {prompts} {b}\n")
   good = [i for i, s in enumerate(seqs) if s is not None]
   reqs = [reqs[i] for i in good]
-  seqs = [seqs[i] for i in good]
+  # The rows the run schedules: one a completion, `of[row]` its request, `sample[row]` its
+  # index among the request's n.
+  of = [i for i, r in enumerate(reqs) for _ in range(r.n or n)]
+  sample = [k for r in reqs for k in range(r.n or n)]
+  seqs = [seqs[good[i]] for i in of]
   summary.requests = len(reqs)
-  summary.skipped = sum(r.id in writer.done_ids for r in reqs)
+  summary.completions = len(of)
+  summary.skipped = sum((reqs[i].id, k) in writer.done for i, k in zip(of, sample))
   if not reqs:
     summary.wall_seconds = time.perf_counter() - t_start
     return summary
@@ -377,7 +407,15 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
                 for k, v in defaults.items()) for r in reqs]
   keys = [k if dict(k)["temperature"] > 0 else (("temperature", 0.0), ("top_k", None),
                                                 ("top_p", None)) for k in keys]
-  own_new = [r.max_new_tokens or max_new_tokens for r in reqs]
+  greedy_copies = [r.id for r, k in zip(reqs, keys)
+                   if (r.n or n) > 1 and dict(k)["temperature"] == 0]
+  if greedy_copies:
+    log_once("offline-greedy-samples", "hydrax.generate: %d request(s) ask for n > 1 greedy "
+             "completions (temperature 0), which are all the same (first: %r); set a "
+             "temperature to sample", len(greedy_copies), greedy_copies[0])
+  keys = [keys[i] for i in of]
+  own_new = [reqs[i].max_new_tokens or max_new_tokens for i in of]
+  hashes = [id_hash(r.id) for r in reqs]
   eos = None if ignore_eos else config.eos_token_id
   run_stop_strings = tuple(s for s in stop if isinstance(s, str))
   run_stop_ids = tuple(int(s) for s in stop if not isinstance(s, str))
@@ -400,7 +438,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   summary.schedule = plan
   summary.signatures = plan.signatures
   summary.planning_seconds = plan.seconds
-  todo = summary.requests - summary.skipped
+  todo = summary.completions - summary.skipped
   bar = _Progress(todo, progress)
   done_here = 0
 
@@ -410,19 +448,25 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   def run_batch(index, batch):
     """Runs `batch` (splitting it on out-of-memory); returns the records of its rows."""
     reuse, kept[0] = kept[0], None
+    # Each completion's random stream: (its request's id hash, its sample index); padding
+    # rows (past batch.rows) draw from (0, 0), and their tokens are dropped.
+    row_seeds = np.zeros((batch.size, 2), np.int64)
+    row_seeds[:len(batch.rows)] = [(hashes[of[row]], sample[row]) for row in batch.rows]
     try:
       gen = engine.generate(config, params, batch.plan, max_new_tokens=batch.max_new_tokens,
-                            attention=attention, eos_id=eos, seed=seed + index,
+                            attention=attention, eos_id=eos, seed=seed, row_seeds=row_seeds,
                             prefill_chunk=prefill_chunk, runtime=runtime, prefill=prefill,
                             keep=keep, reuse=reuse, **dict(batch.key))
     except engine.OutOfMemoryError as e:
       if len(batch.rows) == 1:
-        sys.stderr.write(f"hydrax.generate: request {reqs[batch.rows[0]].id!r} failed: {e}\n")
+        row = batch.rows[0]
+        sys.stderr.write(f"hydrax.generate: request {reqs[of[row]].id!r} (sample "
+                         f"{sample[row]}) failed: {e}\n")
         summary.failed += 1
         return []
       half = len(batch.rows) // 2
-      sys.stderr.write(f"hydrax.generate: batch {index} ({len(batch.rows)} requests) ran out of "
-                       f"memory; splitting it in two\n")
+      sys.stderr.write(f"hydrax.generate: batch {index} ({len(batch.rows)} completions) ran "
+                       f"out of memory; splitting it in two\n")
       return [r for part in (batch.rows[:half], batch.rows[half:])
               for r in run_batch(index, schedule_lib.make_batch(
                   seqs, part, batch.key, own_new, **batch_options))]
@@ -441,12 +485,13 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
                    compile_s=round(gen.compile_seconds, 4))
     records = []
     for j, row in enumerate(batch.rows):
-      r = reqs[row]
+      r = reqs[of[row]]
       stop_ids = set(r.stop_ids) | set(run_stop_ids) | ({eos} if eos is not None else set())
       tokens, text, reason, why = finish(
           gen.tokens[j, :gen.lengths[j]], max_new_tokens=own_new[row], stop_ids=stop_ids,
           stop_strings=r.stop + run_stop_strings, tokenizer=tok)
-      records.append(dict(id=r.id, text=text, tokens=tokens, finish_reason=reason, stop=why,
+      records.append(dict(id=r.id, sample=sample[row], text=text, tokens=tokens,
+                          finish_reason=reason, stop=why,
                           prompt_tokens=int(seqs[row].size), timings=dict(timings)))
     return records
 
@@ -467,7 +512,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
 
   todo = []
   for index, batch in enumerate(plan.batches):
-    rows = tuple(r for r in batch.rows if reqs[r].id not in writer.done_ids)
+    rows = tuple(r for r in batch.rows if (reqs[of[r]].id, sample[r]) not in writer.done)
     if not rows:
       continue
     if len(rows) < len(batch.rows):   # partly written before (an interrupted write): re-plan
@@ -601,6 +646,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--top_p", type=float, default=None)
   p.add_argument("--stop", action="append", help="a stop string (repeatable); 'id:N' for a "
                  "stop token id")
+  p.add_argument("--n", type=int, default=1,
+                 help="completions of each prompt that gives no n of its own (each its own "
+                 "sample; records carry `sample`)")
   p.add_argument("--ignore_eos", action="store_true")
   p.add_argument("--no_special_tokens", action="store_true",
                  help="do not let the tokenizer add BOS")
@@ -608,7 +656,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  help="KV-cache bytes per batch (default: a fraction of free device memory)")
   p.add_argument("--memory_fraction", type=float, default=0.8)
   p.add_argument("--max_batch", type=int, default=256,
-                 help="most requests per batch (the KV budget may cut batches smaller)")
+                 help="most completions per batch (the KV budget may cut batches smaller)")
   p.add_argument("--strategy", choices=schedule_lib.STRATEGIES, default="global")
   p.add_argument("--attention", choices=engine.ATTENTION_MODES, default="hydragen")
   p.add_argument("--backend", default="auto")
@@ -636,7 +684,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a.prompts, a.out, checkpoint=a.checkpoint, hf_dir=a.hf_dir, preset=a.preset,
         tokenizer=a.tokenizer, dtype=a.dtype, seed=a.seed, max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop=_parse_stop(a.stop),
-        ignore_eos=a.ignore_eos, add_special_tokens=not a.no_special_tokens,
+        n=a.n, ignore_eos=a.ignore_eos, add_special_tokens=not a.no_special_tokens,
         memory_budget=None if a.memory_budget is None else int(a.memory_budget),
         memory_fraction=a.memory_fraction, max_batch=a.max_batch, strategy=a.strategy,
         attention=a.attention, backend=a.backend, min_shared_tokens=a.min_shared_tokens,

@@ -9,7 +9,8 @@ JSONL (one object a line; blank lines are ignored): `id` (string or int; default
 number), exactly one of `prompt` (text) or `tokens` (token ids), and optional `max_new_tokens`
 (int >= 1), `temperature` (>= 0; 0 = greedy), `top_k` (int >= 1), `top_p` (in (0, 1]), `stop`
 (a string, an int, or a list of strings and ints: strings end the text where they first occur,
-ints are stop token ids). Unknown keys are errors (a typo must not be silently ignored).
+ints are stop token ids), `n` (int >= 1: completions drawn for the prompt, each its own
+sample). Unknown keys are errors (a typo must not be silently ignored).
 Plain text: every non-blank line is one prompt, its id is its line number. A file is JSONL when
 its name ends in .jsonl / .json or its first non-blank character is `{`.
 
@@ -28,7 +29,8 @@ from typing import Optional
 import numpy as np
 
 ON_BAD_LINE = ("error", "skip")
-_KEYS = ("id", "prompt", "tokens", "max_new_tokens", "temperature", "top_k", "top_p", "stop")
+_KEYS = ("id", "prompt", "tokens", "max_new_tokens", "temperature", "top_k", "top_p", "stop",
+         "n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Request:
   top_p: Optional[float] = None
   stop: tuple = ()          # stop strings
   stop_ids: tuple = ()      # stop token ids
+  n: Optional[int] = None   # completions to draw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +116,9 @@ def _parse_object(obj, line: int) -> Request:
   top_p = obj.get("top_p")
   if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
     raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+  n = obj.get("n")
+  if n is not None and (not _is_int(n) or n < 1):
+    raise ValueError(f"n must be an int >= 1 (completions of the prompt), got {n!r}")
   stop = obj.get("stop", [])
   stop = stop if isinstance(stop, list) else [stop]
   strings, ids = [], []
@@ -126,7 +132,7 @@ def _parse_object(obj, line: int) -> Request:
   return Request(id=str(rid), line=line, prompt=prompt, tokens=tokens, max_new_tokens=max_new,
                  temperature=None if temperature is None else float(temperature),
                  top_k=top_k, top_p=None if top_p is None else float(top_p),
-                 stop=tuple(strings), stop_ids=tuple(ids))
+                 stop=tuple(strings), stop_ids=tuple(ids), n=n)
 
 
 def is_jsonl(path: str, head: str) -> bool:

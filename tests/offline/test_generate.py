@@ -125,6 +125,67 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
   assert again.ok and again.completed == 0 and again.skipped == 14 and again.batches_run == 0
 
 
+@pytest.mark.slow
+def test_samples_draw_their_own_streams(tmp_path, monkeypatch, caplog):
+  """n completions a prompt, each from its own random stream (seed, id hash, sample): the
+  same completions whatever the batches (max_batch 3 vs 16, global vs arrival order), and
+  resuming runs only the missing (id, sample)."""
+  reqs = _dataset(6, seed=7)
+  for i, r in enumerate(reqs):
+    r.update(temperature=1.0, max_new_tokens=6)
+    if i % 2:
+      r["n"] = 3
+  path = _write(tmp_path / "p.jsonl", reqs)
+  small = G.run(path, str(tmp_path / "small.jsonl"), max_batch=3, seed=5, n=2, **RUN)
+  assert (small.requests, small.completions, small.completed) == (6, 15, 15)
+  assert small.batches_run >= 5
+  big = G.run(path, str(tmp_path / "big.jsonl"), max_batch=16, seed=5, n=2,
+              strategy="arrival", **RUN)
+  assert big.batches_run == 1
+  key = lambda r: (r["id"], r["sample"])
+  got = sorted(_read(tmp_path / "small.jsonl"), key=key)
+  assert [key(r) for r in got] == sorted((r["id"], k) for r in reqs
+                                         for k in range(r.get("n", 2)))
+  assert got == sorted(_read(tmp_path / "big.jsonl"), key=key)
+  # A prompt's samples differ; each is engine.generate's row of its prompt alone with its
+  # row seed (id hash, sample).
+  for r in reqs[:2]:
+    mine = [g["tokens"] for g in got if g["id"] == r["id"]]
+    assert len({tuple(t) for t in mine}) == len(mine) > 1
+    for k, tokens in enumerate(mine):
+      alone = engine.generate(CONFIG, PARAMS, [np.asarray(r["tokens"], np.int32)],
+                              max_new_tokens=6, temperature=1.0, seed=5,
+                              eos_id=CONFIG.eos_token_id,
+                              row_seeds=[[G.id_hash(r["id"]), k]])
+      want = alone.tokens[0, :alone.lengths[0]].tolist()
+      eos = CONFIG.eos_token_id
+      assert (want[:want.index(eos)] if eos in want else want) == tokens
+  other = G.run(path, str(tmp_path / "other.jsonl"), max_batch=16, seed=6, n=2, **RUN)
+  assert sorted(_read(tmp_path / "other.jsonl"), key=key) != got
+  # Resuming: the completions missing from the file run again, and come out the same.
+  out = tmp_path / "small.jsonl"
+  lines = out.read_text().splitlines(keepends=True)
+  kept = [x for x in lines if key(json.loads(x)) not in {(reqs[1]["id"], 2), (reqs[0]["id"], 0)}]
+  out.write_text("".join(kept))
+  again = G.run(path, str(out), max_batch=3, seed=5, n=2, **RUN)
+  assert (again.skipped, again.completed) == (13, 2)
+  assert sorted(_read(out), key=key) == got
+  # n > 1 greedy: n equal completions, logged once; a bad n is refused.
+  monkeypatch.setattr(_log, "_seen", set())
+  plain = [dict(r, temperature=0.0) for r in reqs]
+  with caplog.at_level("WARNING", logger="hydrax"):
+    greedy = G.run(_write(tmp_path / "g.jsonl", plain), str(tmp_path / "greedy.jsonl"),
+                   max_batch=16, n=2, **RUN)
+  assert greedy.completed == 15
+  assert "6 request(s) ask for n > 1 greedy completions" in caplog.text
+  for r in reqs:
+    mine = {tuple(g["tokens"]) for g in _read(tmp_path / "greedy.jsonl") if g["id"] == r["id"]}
+    assert len(mine) == 1
+  for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match=f"n must be an int >= 1, got {bad!r}"):
+      G.run(path, str(tmp_path / "bad.jsonl"), n=bad, **RUN)
+
+
 def test_bad_lines_error_or_skip(tmp_path):
   good = _dataset(3)
   lines = [json.dumps(good[0]), "{oops", json.dumps(dict(id="big", tokens=[1, 999])),
@@ -370,7 +431,7 @@ def test_readme_example_runs(tmp_path):
   for r in records:
     assert r["finish_reason"] in ("stop", "length") and isinstance(r["text"], str)
     assert {"batch", "prefill_s", "decode_s", "compile_s", "at_s"} <= set(r["timings"])
-  assert "requests" in proc.stderr and "tokens/s" in proc.stderr
+  assert "completions" in proc.stderr and "tokens/s" in proc.stderr
   summary = json.loads(proc.stderr.strip().splitlines()[-1])
   assert summary["ahead_compile_seconds"] > 0        # compiling ahead is the default
 

@@ -17,7 +17,7 @@ def _write(tmp_path, name, lines):
 def test_jsonl_fields_and_defaults(tmp_path):
   path = _write(tmp_path, "p.jsonl", [
       json.dumps({"id": "a", "prompt": "hi", "max_new_tokens": 5, "temperature": 0.5,
-                  "top_k": 3, "top_p": 0.9, "stop": ["\n", 7]}),
+                  "top_k": 3, "top_p": 0.9, "stop": ["\n", 7], "n": 4}),
       "",
       json.dumps({"tokens": [1, 2, 3]}),
   ])
@@ -26,8 +26,8 @@ def test_jsonl_fields_and_defaults(tmp_path):
   a, b = reqs
   assert (a.id, a.line, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p) == \
       ("a", 1, "hi", 5, 0.5, 3, 0.9)
-  assert a.stop == ("\n",) and a.stop_ids == (7,)
-  assert (b.id, b.line, b.tokens, b.max_new_tokens) == ("3", 3, (1, 2, 3), None)
+  assert a.stop == ("\n",) and a.stop_ids == (7,) and a.n == 4
+  assert (b.id, b.line, b.tokens, b.max_new_tokens, b.n) == ("3", 3, (1, 2, 3), None, None)
 
 
 def test_plain_text_one_prompt_a_line(tmp_path):
@@ -46,6 +46,8 @@ BAD = [
     (json.dumps({"id": "u", "prompt": "a", "top_p": 1.5}), "top_p"),
     (json.dumps({"id": "t", "tokens": [1, "2"]}), "tokens"),
     (json.dumps({"id": "s", "prompt": "a", "stop": [""]}), "stop"),
+    (json.dumps({"id": "r", "prompt": "a", "n": 0}), "n must be an int >= 1"),
+    (json.dumps({"id": "q", "prompt": "a", "n": 2.0}), "n must be an int >= 1"),
     (json.dumps({"id": "ok", "prompt": "a"}), "duplicate id"),
     ("[1, 2]", "JSON object"),
 ]
