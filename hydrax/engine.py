@@ -144,6 +144,9 @@ class Generation:
            slots it ran (all shards); padded_slots: what the padded pass would run.
   kept:    with keep=True, the shared levels for the next call's `reuse=` (`KeptNodes`).
   reused_tokens: node tokens taken from `reuse=` instead of prefilled (all shards).
+  logprobs: with logprobs=True, float32 [B, max_new_tokens]: each generated token's log
+           probability under the model's own distribution (the logits' log-softmax, before
+           temperature, top_k and top_p); NaN past a sequence's length. Else None.
   """
   tokens: np.ndarray
   lengths: np.ndarray
@@ -162,6 +165,7 @@ class Generation:
   padded_slots: int = 0
   kept: Optional["KeptNodes"] = None
   reused_tokens: int = 0
+  logprobs: Optional[np.ndarray] = None
 
   @property
   def num_generated(self) -> int:
@@ -457,6 +461,20 @@ def _draw_keys(keys, position):
   keys, folded with the position, so a row's draws depend on its key and the position only
   (not on its row, its batch, its data shard or how the loop is cut into checks)."""
   return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position)
+
+
+def token_logprobs(logits, tokens):
+  """log p(token) of each row under the model's own distribution: logits [B,V] (as the model
+  gives them: before temperature, top_k or top_p) and tokens [B] -> float32 [B]."""
+  logits = jnp.asarray(logits, jnp.float32)
+  chosen = jnp.take_along_axis(logits, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _split_sampling(sampling: dict):
+  """(sample()'s keywords, whether the programs return the tokens' log-probabilities)."""
+  return ({k: v for k, v in sampling.items() if k != "logprobs"},
+          bool(sampling.get("logprobs", False)))
 
 
 def row_keys(seed: int, row_seeds) -> np.ndarray:
@@ -1103,12 +1121,14 @@ def _packed_prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool,
 
 def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   """prefill(params, inputs, key_data, eos, kept) -> (shared levels held by decode, main
-  LevelKV, first tokens, done, lasts), per data shard; key_data [B,...]: each row's
-  PRNG key (`row_keys`); eos is an int32 scalar (-1: none);
+  LevelKV, first tokens, their log-probabilities ([B] with sampling["logprobs"], else
+  None), done, lasts), per data shard; key_data [B,...]: each row's PRNG key
+  (`row_keys`); eos is an int32 scalar (-1: none);
   kept: (LevelKV, last hidden [N,E]) of each level laid into a kept one (`KeptNodes`), which
   its new nodes are written into (donated); lasts: per shared level (hydragen) [N,E] the
   hidden state of each node's last token."""
   skip = sig.attention == "none"
+  draw, logprobs = _split_sampling(sampling)
 
   def prefill(params, inputs, key_data, eos, kept):
     model = nnx.merge(graphdef, params)
@@ -1161,15 +1181,19 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
       picked = node_last[jnp.clip(row, 0, node_last.shape[0] - 1)]
       last = jnp.where((source == d)[:, None], picked, last)
     keys = _draw_keys(jax.random.wrap_key_data(key_data), 0)
-    first = sample(llama_lib.logits(model, last), keys, **sampling)
-    return held, main, first, first == eos, tuple(lasts) if held else ()
+    logits = llama_lib.logits(model, last)
+    first = sample(logits, keys, **draw)
+    first_lp = token_logprobs(logits, first) if logprobs else None
+    return held, main, first, first_lp, first == eos, tuple(lasts) if held else ()
 
   return prefill
 
 
 def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   """decode(params, shared, suffix, owners, first, done, key_data, prompt_lengths, eos, pad)
-  -> (tokens [B,max_new], n [B], steps, suffix), per data shard; one lax.while_loop, stopping
+  -> (tokens [B,max_new], their log-probabilities (float32 [B,max_new], column 0 and
+  columns past a row's end NaN; None without sampling["logprobs"]), n [B], steps, suffix),
+  per data shard; one lax.while_loop, stopping
   when every row of every shard is done. eos (-1: none) and pad are int32 scalars; key_data:
   as the prefill's (the token at column i is drawn with the row's key folded with i).
 
@@ -1184,19 +1208,21 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   skip = sig.attention == "none"
   max_new = sig.max_new_tokens
   every = runtime.check_every
+  draw, logprobs = _split_sampling(sampling)
 
   def decode(params, shared, suffix, owners, first, done, key_data, plen, eos, pad):
     model = nnx.merge(graphdef, params)
     keys = jax.random.wrap_key_data(key_data)
     b = first.shape[0]
     out = jnp.full((b, max_new + every - 1), pad, jnp.int32).at[:, 0].set(first)
+    out_lp = jnp.full((b, max_new + every - 1), jnp.nan, jnp.float32) if logprobs else None
     count = jnp.ones((b,), jnp.int32)
 
     def cond(carry):
       return (carry[0] < max_new) & ~carry[-1]
 
     def step(carry):
-      i, out, last, done, count, suffix = carry
+      i, out, out_lp, last, done, count, suffix = carry
       positions = (plen + i - 1)[:, None]
       if suffix is not None and every > 1:
         suffix = LevelKV(suffix.k, suffix.v,
@@ -1204,24 +1230,29 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
       cache = None if skip else KVCache(suffix, shared, owners)
       hidden, cache = llama_lib.forward(model, last[:, None], positions, cache,
                                         skip_attention=skip, **runtime.forward_kwargs())
-      tok = sample(llama_lib.logits(model, hidden[:, 0]), _draw_keys(keys, i), **sampling)
+      logits = llama_lib.logits(model, hidden[:, 0])
+      tok = sample(logits, _draw_keys(keys, i), **draw)
       real = ~done & (i < max_new)
+      if logprobs:
+        lp = jnp.where(real, token_logprobs(logits, tok), jnp.nan)
+        out_lp = lax.dynamic_update_slice(out_lp, lp[:, None], (0, i))
       tok = jnp.where(real, tok, pad)
       out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
       count = count + real.astype(jnp.int32)
       done = done | (tok == eos)
       suffix = None if cache is None else cache.suffix
-      return i + 1, out, tok, done, count, suffix
+      return i + 1, out, out_lp, tok, done, count, suffix
 
     def body(carry):
       state = carry[:-1]
       state = step(state) if every == 1 else \
           lax.fori_loop(0, every, lambda _, s: step(s), state)
-      return state + (runtime.all_done(state[3]),)
+      return state + (runtime.all_done(state[4]),)
 
-    carry = (jnp.int32(1), out, first, done, count, suffix, runtime.all_done(done))
-    steps, out, _, _, count, suffix, _ = lax.while_loop(cond, body, carry)
-    return out[:, :max_new], count, steps - 1, suffix
+    carry = (jnp.int32(1), out, out_lp, first, done, count, suffix, runtime.all_done(done))
+    steps, out, out_lp, _, _, count, suffix, _ = lax.while_loop(cond, body, carry)
+    return (out[:, :max_new], None if out_lp is None else out_lp[:, :max_new], count,
+            steps - 1, suffix)
 
   return decode
 
@@ -1393,7 +1424,8 @@ def _prefill_jit(graphdef, sig: Signature, runtime: Runtime, sampling: dict, inp
   fn = runtime.wrap(_make_prefill(graphdef, sig, runtime, sampling),
                     in_specs=(one, jax.tree_util.tree_map(lambda _: rows_spec, inputs),
                               rows_spec, one, kept_spec),
-                    out_specs=(held_spec, level_spec, rows_spec, rows_spec, lasts_spec))
+                    out_specs=(held_spec, level_spec, rows_spec, rows_spec, rows_spec,
+                               lasts_spec))
   return jax.jit(_checked(runtime, fn), donate_argnums=(4,))
 
 
@@ -1403,7 +1435,7 @@ def _decode_jit(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   fn = runtime.wrap(_make_decode(graphdef, sig, runtime, sampling),
                     in_specs=(one, held_spec, level_spec, owner_spec, rows_spec,
                               rows_spec, rows_spec, rows_spec, one, one),
-                    out_specs=(rows_spec, rows_spec, one, level_spec))
+                    out_specs=(rows_spec, rows_spec, rows_spec, one, level_spec))
   return jax.jit(_checked(runtime, fn), donate_argnums=(2,))
 
 
@@ -1441,7 +1473,7 @@ def _decode_job(graphdef, sig: Signature, runtime: Runtime, sampling: dict, deco
   their shapes), without running the prefill."""
   if runtime.checks == "runtime":
     prefill_out = prefill_out[1]      # checkify's (error, outputs)
-  held, suffix, first, done, _ = prefill_out
+  held, suffix, first, _, done, _ = prefill_out
   return functools.partial(_job, "decodes", decode_key,
                            _decode_jit(graphdef, sig, runtime, sampling),
                            (params, held, suffix, owners, first, done, key, prompt_lengths,
@@ -1495,7 +1527,7 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
                  max_len: Optional[int] = None, prefill_chunk: int = 2048, backend="auto",
                  sharing_options: Optional[dict] = None, prefill: str = "auto",
                  keep: bool = False, reuse: Optional[KeptNodes] = None,
-                 runtime: Optional[Runtime] = None) -> CompileJobs:
+                 runtime: Optional[Runtime] = None, logprobs: bool = False) -> CompileJobs:
   """The prefill and decode programs that `generate` with the same arguments would run (one
   device, static checks), as jobs that compile one program each, on any thread and in any
   order; nothing is compiled or run here. The shapes the decode is compiled for and those of
@@ -1515,7 +1547,8 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
                        reuse=reuse)
   kept_in = reuse.take(lay.reused) if reuse is not None else ()
   sig = lay.signature()
-  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
+                  logprobs=bool(logprobs))
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   inputs = lay.inputs()
@@ -1534,7 +1567,7 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
     owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
     decode_job = _decode_job(graphdef, sig, runtime, sampling, decode_key, prefill_out,
                              params, owners, keys, lay.prompt_lengths, scalar, scalar)
-  held, _, _, _, lasts = prefill_out
+  held, _, _, _, _, lasts = prefill_out
   kept = None
   if keep:
     kept = KeptNodes(levels=list(held), lasts=list(lasts), index=lay.index,
@@ -1664,7 +1697,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
              sharing_options: Optional[dict] = None,
              mesh=None, checks: str = "static", unroll=1,
              runtime: Optional[Runtime] = None, prefill: str = "auto", keep: bool = False,
-             reuse: Optional[KeptNodes] = None) -> Generation:
+             reuse: Optional[KeptNodes] = None, logprobs: bool = False) -> Generation:
   """Generates up to max_new_tokens tokens for each prompt.
 
   model: a hydrax `Llama` module, its `nnx.GraphDef`, or its `LlamaConfig`; params: its
@@ -1707,6 +1740,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     reuse: a `KeptNodes` from an earlier call (same model, runtime): this plan's nodes found
     there are not prefilled again (`KeptNodes`; `Generation.reused_tokens` counts them). It is
     taken by this call (its arrays are donated), whether or not a level matched.
+  logprobs: also return each generated token's log-probability (`Generation.logprobs`; one
+    log-sum-exp over the vocabulary a step more; part of the compiled programs' key).
   Returns a `Generation` (rows in input order). Raises ValueError for bad inputs and
   `OutOfMemoryError` when the device runs out of memory.
   """
@@ -1750,7 +1785,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
            f"{[round(r, 2) for r in lay.replication]}), kv_bytes={kv:,}, "
            f"dtype={jnp.dtype(dtype)}, prefill={lay.prefill} ({lay.main.slots} slots), "
            f"{runtime.describe()}")
-  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
+                  logprobs=bool(logprobs))
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   compiled = _EXECUTABLES.get(key, decode_key)
@@ -1791,7 +1827,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"
     t0 = time.perf_counter()
-    shared, suffix, first, done, lasts = jax.block_until_ready(
+    shared, suffix, first, first_lp, done, lasts = jax.block_until_ready(
         _run_checked(runtime, prefill, params, inputs, keys, eos, kept_in))
     del kept_in
     prefill_s = time.perf_counter() - t0
@@ -1805,15 +1841,19 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
         compile_s += time.perf_counter() - t0
       guard.stage = "decode"
       t0 = time.perf_counter()
-      out, count, steps, suffix = jax.block_until_ready(_run_checked(
+      out, out_lp, count, steps, suffix = jax.block_until_ready(_run_checked(
           runtime, decode, params, shared, suffix, owners, first, done, keys, plen, eos,
           pad))
       decode_s = time.perf_counter() - t0
       steps = int(runtime.to_host(steps))
     else:
       out, count = first[:, None], jnp.ones_like(first)
+      out_lp = None if first_lp is None else first_lp[:, None]
     _EXECUTABLES.put(key, [prefill, decode], decode_key)
     out, count = runtime.to_host(out), runtime.to_host(count)
+    if logprobs:
+      out_lp = np.array(runtime.to_host(out_lp))
+      out_lp[:, 0] = runtime.to_host(first_lp)
   kept = None
   if keep:
     kept = KeptNodes(levels=list(shared), lasts=list(lasts), index=lay.index,
@@ -1821,6 +1861,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
                      data=lay.data)
   tokens = _in_input_order(lay, out).astype(np.int32)
   lengths = _in_input_order(lay, count).astype(np.int32)
+  token_lps = _in_input_order(lay, out_lp) if logprobs else None
   generated = int(lengths.sum())
   texts = None
   if tokenizer is not None:
@@ -1834,4 +1875,4 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       else float("nan"),
       kv_bytes=kv, decode_steps=steps, attention=attention, texts=texts, signature=sig,
       prefill=lay.prefill, prefill_slots=lay.main.slots, padded_slots=lay.padded_slots,
-      kept=kept, reused_tokens=lay.reused_tokens)
+      kept=kept, reused_tokens=lay.reused_tokens, logprobs=token_lps)

@@ -10,7 +10,9 @@ per-request `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop` (strings a
 JSON line per completion, appended per batch (fsync): `id`, `sample` (0 .. n - 1), `text`
 (null without a tokenizer), `tokens` (generated ids, stop id excluded), `finish_reason`
 ("stop": EOS, a stop id or a stop string ended it; "length": max_new_tokens), `stop` (what
-stopped it, or null), `prompt_tokens`, and `timings` (its batch's index, its completions
+stopped it, or null), `prompt_tokens`, with --logprobs `logprobs` (each token's log
+probability under the model, before temperature and truncation), and `timings` (its batch's
+index, its completions
 (`batch_requests`) and padded size, `prefill` ("packed" or "padded"), prefill / decode /
 compile seconds, and `at_s`: seconds since the run started when it was written).
 
@@ -312,7 +314,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
         attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
         merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
         prefill: str = "auto", keep_nodes: bool = True, compile_ahead: bool = True,
-        check_every: int = 1, on_bad_line: str = "error",
+        check_every: int = 1, logprobs: bool = False, on_bad_line: str = "error",
         progress: bool = True, on_batch: Optional[Callable] = None, model=None) -> RunSummary:
   """Runs every completion of `prompts` not yet in `out` and appends it to `out`.
 
@@ -345,6 +347,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   check_every: decode steps between the decode loop's checks whether every row is done
   (`engine.Runtime.check_every`): the same completions; more saves the device's wait on each
   check's copy to the host at the price of up to check_every - 1 discarded steps a batch.
+  logprobs: each record also gets `logprobs`, its tokens' log-probabilities under the model's
+  own distribution (the logits' log-softmax, before temperature, top_k and top_p).
   on_bad_line: "error" (raise BadInput naming every bad line) or "skip" (report and go on).
   on_batch(index, records): called after each batch is written (tests use it to interrupt).
   Returns a RunSummary; raises ValueError for bad arguments.
@@ -456,7 +460,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
       gen = engine.generate(config, params, batch.plan, max_new_tokens=batch.max_new_tokens,
                             attention=attention, eos_id=eos, seed=seed, row_seeds=row_seeds,
                             prefill_chunk=prefill_chunk, runtime=runtime, prefill=prefill,
-                            keep=keep, reuse=reuse, **dict(batch.key))
+                            keep=keep, reuse=reuse, logprobs=logprobs, **dict(batch.key))
     except engine.OutOfMemoryError as e:
       if len(batch.rows) == 1:
         row = batch.rows[0]
@@ -490,9 +494,11 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
       tokens, text, reason, why = finish(
           gen.tokens[j, :gen.lengths[j]], max_new_tokens=own_new[row], stop_ids=stop_ids,
           stop_strings=r.stop + run_stop_strings, tokenizer=tok)
-      records.append(dict(id=r.id, sample=sample[row], text=text, tokens=tokens,
-                          finish_reason=reason, stop=why,
-                          prompt_tokens=int(seqs[row].size), timings=dict(timings)))
+      record = dict(id=r.id, sample=sample[row], text=text, tokens=tokens,
+                    finish_reason=reason, stop=why, prompt_tokens=int(seqs[row].size))
+      if logprobs:
+        record["logprobs"] = [float(x) for x in gen.logprobs[j, :len(tokens)]]
+      records.append(dict(record, timings=dict(timings)))
     return records
 
   def run_and_write(index, batch):
@@ -519,7 +525,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
       batch = schedule_lib.make_batch(seqs, rows, batch.key, own_new, **batch_options)
     todo.append((index, batch))
   ahead = _CompileAhead(todo, config, params, keep=keep, attention=attention,
-                        prefill_chunk=prefill_chunk, runtime=runtime, prefill=prefill) \
+                        prefill_chunk=prefill_chunk, runtime=runtime, prefill=prefill,
+                        logprobs=logprobs) \
       if compile_ahead else None
   try:
     for position, (index, batch) in enumerate(todo):
@@ -676,6 +683,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--check_every", type=int, default=1,
                  help="decode steps between the decode loop's checks whether every row is "
                  "done (the same completions; fewer waits on the host)")
+  p.add_argument("--logprobs", action="store_true",
+                 help="write each token's log-probability under the model (before "
+                 "temperature and truncation) as `logprobs`")
   p.add_argument("--on_bad_line", choices=requests_lib.ON_BAD_LINE, default="error")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   a = p.parse_args(argv)
@@ -690,7 +700,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         attention=a.attention, backend=a.backend, min_shared_tokens=a.min_shared_tokens,
         merge_cost=a.merge_cost, max_levels=a.max_levels, prefill_chunk=a.prefill_chunk,
         prefill=a.prefill, keep_nodes=not a.no_keep_nodes, compile_ahead=not a.no_compile_ahead,
-        check_every=a.check_every, on_bad_line=a.on_bad_line, progress=not a.quiet)
+        check_every=a.check_every, logprobs=a.logprobs, on_bad_line=a.on_bad_line,
+        progress=not a.quiet)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -293,6 +293,35 @@ def test_a_rows_samples_are_its_own(tiny, tree_runs):
       assert a.tokens[b, i] == int(want), (b, i)
 
 
+@TREE_RUNS
+def test_logprobs_are_the_models(tiny, tree_runs):
+  """logprobs=True: each generated token's log-softmax under the full forward pass (float32),
+  NaN past a row's end; the same tokens as without; one token (no decode loop) too."""
+  _, model, graphdef, params = tiny
+  plan, hydragen, _ = tree_runs
+  seqs = plan.sequences
+  eos = int(hydragen.tokens[1, 2])           # row 1 ends after 3 tokens
+  greedy = None
+  for kwargs in (dict(), dict(temperature=0.7, top_k=20, seed=2)):
+    plain = engine.generate(model, None, plan, max_new_tokens=6, eos_id=eos, **kwargs)
+    got = engine.generate(model, None, plan, max_new_tokens=6, eos_id=eos, logprobs=True,
+                          **kwargs)
+    assert plain.logprobs is None and got.logprobs.shape == (len(seqs), 6)
+    np.testing.assert_array_equal(got.tokens, plain.tokens)
+    for b in range(len(seqs)):
+      n = got.lengths[b]
+      full = np.concatenate([seqs[b], got.tokens[b, :n]]).astype(np.int32)
+      logits = llama.apply(graphdef, params, jnp.asarray(full[None]))[0]
+      at = len(seqs[b]) - 1 + np.arange(n)
+      want = jax.nn.log_softmax(logits[at], axis=-1)[np.arange(n), got.tokens[b, :n]]
+      np.testing.assert_allclose(got.logprobs[b, :n], want, rtol=1e-4, atol=1e-4)
+      assert np.isnan(got.logprobs[b, n:]).all()
+    greedy = greedy or got
+  assert greedy.lengths[1] == 3 and np.all(greedy.logprobs[:, :3] <= 0)
+  one = engine.generate(model, None, plan, max_new_tokens=1, logprobs=True)
+  np.testing.assert_allclose(one.logprobs[:, 0], greedy.logprobs[:, 0], rtol=1e-5)
+
+
 def test_no_attention_mode_and_tokenizer(tiny, tmp_path):
   tokenizers = pytest.importorskip("tokenizers")
   _, model, _, _ = tiny

@@ -186,6 +186,27 @@ def test_samples_draw_their_own_streams(tmp_path, monkeypatch, caplog):
       G.run(path, str(tmp_path / "bad.jsonl"), n=bad, **RUN)
 
 
+def test_logprobs_in_records(tmp_path):
+  reqs = _dataset(4, seed=8)
+  reqs[0].update(temperature=1.0)
+  path = _write(tmp_path / "p.jsonl", reqs)
+  s = G.run(path, str(tmp_path / "out.jsonl"), max_new_tokens=5, logprobs=True, seed=1, **RUN)
+  assert s.completed == 4
+  for rec, r in zip(sorted(_read(tmp_path / "out.jsonl"), key=lambda x: x["id"]),
+                    sorted(reqs, key=lambda x: x["id"])):
+    assert len(rec["logprobs"]) == len(rec["tokens"]) and max(rec["logprobs"]) <= 0
+    alone = engine.generate(CONFIG, PARAMS, [np.asarray(r["tokens"], np.int32)],
+                            max_new_tokens=5, eos_id=CONFIG.eos_token_id, logprobs=True,
+                            seed=1, temperature=r.get("temperature", 0.0),
+                            row_seeds=[[G.id_hash(r["id"]), 0]])
+    assert alone.tokens[0, :len(rec["tokens"])].tolist() == rec["tokens"]
+    np.testing.assert_allclose(rec["logprobs"], alone.logprobs[0, :len(rec["tokens"])],
+                               rtol=1e-4, atol=1e-4)
+  plain = G.run(path, str(tmp_path / "plain.jsonl"), max_new_tokens=5, seed=1, **RUN)
+  assert plain.completed == 4 and all("logprobs" not in r for r in _read(tmp_path /
+                                                                         "plain.jsonl"))
+
+
 def test_bad_lines_error_or_skip(tmp_path):
   good = _dataset(3)
   lines = [json.dumps(good[0]), "{oops", json.dumps(dict(id="big", tokens=[1, 999])),

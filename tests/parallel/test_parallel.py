@@ -259,13 +259,14 @@ def test_sharded_sampling_and_eos(net):
   mesh = parallel.make_mesh((2, 4))
   prompts = _prompts()
   run = dict(mesh=mesh, max_new_tokens=5, attention="none", temperature=0.9,
-             top_k=50, seed=3)
+             top_k=50, seed=3, logprobs=True)
   first = parallel.generate(net, prompts, **run)       # generate(module, prompts) shorthand
   assert first.tokens.shape == (8, 5) and first.tokens.min() >= 0 and first.tokens.max() < 256
   np.testing.assert_array_equal(first.lengths, 5)
   # Each row draws from its own keys: the single-device tokens.
   one = engine.generate(net, prompts, **{k: v for k, v in run.items() if k != "mesh"})
   np.testing.assert_array_equal(first.tokens, one.tokens)
+  np.testing.assert_allclose(first.logprobs, one.logprobs, rtol=1e-5, atol=1e-5)
   eos = int(first.tokens[4, 1])                     # row 4 stops after 2 tokens
   again = parallel.generate(net, None, prompts, eos_id=eos, pad_id=0, **run)
   assert again.compile_seconds == 0                 # same shapes: executables reused
