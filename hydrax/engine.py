@@ -1193,9 +1193,9 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   """decode(params, shared, suffix, owners, first, done, key_data, prompt_lengths, eos, pad)
   -> (tokens [B,max_new], their log-probabilities (float32 [B,max_new], column 0 and
   columns past a row's end NaN; None without sampling["logprobs"]), n [B], steps, suffix),
-  per data shard; one lax.while_loop, stopping
-  when every row of every shard is done. eos (-1: none) and pad are int32 scalars; key_data:
-  as the prefill's (the token at column i is drawn with the row's key folded with i).
+  per data shard; one lax.while_loop, stopping when every row of every shard is done. eos
+  (-1: none) and pad are int32 scalars; key_data: as the prefill's (the token at column i is
+  drawn with the row's key folded with i).
 
   Each iteration runs C = `runtime.check_every` steps (an inner loop of a known trip count,
   which XLA runs without a host round trip) and then checks. Steps past max_new_tokens (at
@@ -1791,8 +1791,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   compiled = _EXECUTABLES.get(key, decode_key)
   rows_spec, one = _specs(sig)[:2]
-  # Keys travel as raw data and scalars as host values placed replicated: global arrays on
-  # several hosts too.
+  # Keys travel as raw data (a row each, sharded with the rows) and scalars as host values
+  # placed replicated: global arrays on several hosts too.
   if row_seeds is None:
     row_seeds = np.arange(len(seqs))
   elif len(row_seeds) != len(seqs):

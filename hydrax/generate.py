@@ -12,9 +12,9 @@ JSON line per completion, appended per batch (fsync): `id`, `sample` (0 .. n - 1
 ("stop": EOS, a stop id or a stop string ended it; "length": max_new_tokens), `stop` (what
 stopped it, or null), `prompt_tokens`, with --logprobs `logprobs` (each token's log
 probability under the model, before temperature and truncation), and `timings` (its batch's
-index, its completions
-(`batch_requests`) and padded size, `prefill` ("packed" or "padded"), prefill / decode /
-compile seconds, and `at_s`: seconds since the run started when it was written).
+index, its completions (`batch_requests`) and padded size, `prefill` ("packed" or "padded"),
+prefill / decode / compile seconds, and `at_s`: seconds since the run started when it was
+written).
 
 Prefill (`--prefill`, default auto): each batch's unique suffixes are packed into rows by
 first-fit bin packing (Prepacking: about sum(lengths) token slots instead of batch x longest)
@@ -309,8 +309,9 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
         tokenizer: Optional[str] = None, dtype=None, seed: int = 0,
         max_new_tokens: int = 128, temperature: float = 0.0, top_k: Optional[int] = None,
         top_p: Optional[float] = None, stop: Sequence = (), n: int = 1,
-        ignore_eos: bool = False, add_special_tokens: bool = True, memory_budget: Optional[int] = None,
-        memory_fraction: float = 0.8, max_batch: int = 256, strategy: str = "global",
+        ignore_eos: bool = False, add_special_tokens: bool = True,
+        memory_budget: Optional[int] = None, memory_fraction: float = 0.8,
+        max_batch: int = 256, strategy: str = "global",
         attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
         merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
         prefill: str = "auto", keep_nodes: bool = True, compile_ahead: bool = True,
@@ -321,15 +322,16 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   Model: one of checkpoint / hf_dir / preset, or `model=(config, params)` already loaded;
   seed: a preset's random weights and the sampling's base key (see the module docstring).
   Defaults for requests that leave them out: max_new_tokens, temperature, top_k, top_p, stop
-  (strings and/or ids), n (completions of each prompt). ignore_eos: do not stop at the model's EOS. add_special_tokens: let
-  the tokenizer add BOS as its template says. memory_budget: KV bytes per batch (default:
-  memory_fraction of the device's free memory; 4 GiB where it reports none, logged).
-  max_batch: most completions per batch (the KV budget may cut smaller ones). 256 by default: on
-  the H200 a llama3-8b decode step's products stop being bound by the weights' reads near 256
-  rows (experiments/results/engine/layers_batch_sweep: 64 rows 4.41 ms, 256 rows 6.66 ms);
-  larger batches still pay where the budget holds them (full-size samples workload: 133 s at
-  256, 110 s at 1024; experiments/results/offline_h200/run4). strategy: "global" (tree
-  grouping, BatchLLM order) or "arrival" (input order; the baseline).
+  (strings and/or ids), n (completions of each prompt). ignore_eos: do not stop at the
+  model's EOS. add_special_tokens: let the tokenizer add BOS as its template says.
+  memory_budget: KV bytes per batch (default: memory_fraction of the device's free memory;
+  4 GiB where it reports none, logged). max_batch: most completions per batch (the KV budget
+  may cut smaller ones). 256 by default: on the H200 a llama3-8b decode step's products stop
+  being bound by the weights' reads near 256 rows
+  (experiments/results/engine/layers_batch_sweep: 64 rows 4.41 ms, 256 rows 6.66 ms); larger
+  batches still pay where the budget holds them (full-size samples workload: 133 s at 256,
+  110 s at 1024; experiments/results/offline_h200/run4). strategy: "global" (tree grouping,
+  BatchLLM order) or "arrival" (input order; the baseline).
   attention / backend / prefill_chunk / prefill: the engine's (prefill "auto" packs a batch's
   unique suffixes into rows where that runs fewer token slots than padding each to the
   longest; "packed" / "padded" force one way).
