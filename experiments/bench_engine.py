@@ -288,6 +288,11 @@ def main(argv=None):
   ap.add_argument("--check-every", type=int, default=1,
                   help="decode steps between the loop's checks (engine.Runtime.check_every); "
                   "--profile-steps must be a multiple")
+  ap.add_argument("--temperature", type=float, default=0.0,
+                  help="sampling temperature (0: greedy); each row draws from its own keys")
+  ap.add_argument("--top-p", type=float, default=None)
+  ap.add_argument("--logprobs", action="store_true",
+                  help="also return the tokens' log-probabilities (Generation.logprobs)")
   ap.add_argument("--ceilings", default=None, help="FLOPS,BYTES_PER_S (skip measuring)")
   ap.add_argument("--no-dump", action="store_true", help="do not dump/scan the decode HLO")
   ap.add_argument("--out", default="")   # required (checked after the other flags)
@@ -324,9 +329,11 @@ def main(argv=None):
          "layers": config.num_layers, "dtype": args.dtype, "backend": args.backend,
          "new_tokens": args.new_tokens, "suffix": args.suffix, "unroll": args.unroll,
          "xla_options": args.xla_options, "check_every": args.check_every,
+         "temperature": args.temperature, "top_p": args.top_p, "logprobs": args.logprobs,
          "ceiling_flops": flops_s,
          "ceiling_bytes_per_s": bytes_s, "ceilings_from": how, "argv": sys.argv}
   print(json.dumps(env), flush=True)
+  sampling = dict(temperature=args.temperature, top_p=args.top_p, logprobs=args.logprobs)
   t0 = time.perf_counter()
   model = llama.init(config, seed=0, dtype=dtype)
   print(f"init {time.perf_counter() - t0:.1f}s", flush=True)
@@ -357,7 +364,7 @@ def main(argv=None):
             xla_options="auto" if args.xla_options == "auto" else {},
             check_every=args.check_every)
         gen = engine.generate(model, plan, max_new_tokens=args.new_tokens, attention=mode,
-                              runtime=runtime)
+                              runtime=runtime, **sampling)
       except engine.OutOfMemoryError as e:
         row[f"{mode}_error"] = str(e)[:200]
         print(f"P={p} B={b} {mode}: OOM", flush=True)
@@ -379,7 +386,7 @@ def main(argv=None):
       if args.profile_steps:
         kernels, timeline, note = profile_decode_step(
             lambda n: engine.generate(model, plan, max_new_tokens=n, attention=mode,
-                                      runtime=runtime), args.profile_steps,
+                                      runtime=runtime, **sampling), args.profile_steps,
             args.check_every)
         profiled.setdefault(point, {})[mode] = kernels
         timelines.setdefault(point, {})[mode] = timeline

@@ -1,6 +1,7 @@
 """`experiments/bench_engine.py --profile-steps`: the kernels of one decode step from two
 generations' difference, and the report (the CUPTI profiling itself needs a GPU and torch)."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -128,3 +129,21 @@ def test_flags_reject_negative_steps_and_a_missing_out():
   with pytest.raises(SystemExit, match=r"--check-every must be >= 1 and divide --profile-steps, "
                      r"got 3 \(--profile-steps 4\)"):
     bench_engine.main(["--check-every", "3", "--profile-steps", "4", "--out", "x"])
+
+
+@pytest.mark.slow
+def test_sampled_step_with_logprobs_runs_on_cpu(tmp_path, monkeypatch):
+  """The tiny model end to end with sampling and log-probabilities: each mode's generate gets
+  them, and the rows and settings are written."""
+  from hydrax import engine   # bench_engine imports it inside main (after the XLA flags)
+  seen = []
+  real = engine.generate
+  monkeypatch.setattr(engine, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+  bench_engine.main(["--model", "tiny", "--points", "64x4", "--new-tokens", "4",
+                     "--temperature", "1.0", "--top-p", "0.9", "--logprobs", "--no-dump",
+                     "--ceilings", "1e12,1e11", "--out", str(tmp_path)])
+  assert len(seen) == 2 and all(
+      (kw["temperature"], kw["top_p"], kw["logprobs"]) == (1.0, 0.9, True) for kw in seen)
+  out = json.loads((tmp_path / "engine.json").read_text())
+  assert (out["env"]["temperature"], out["env"]["logprobs"]) == (1.0, True)
+  assert out["rows"][0]["hydragen_ms"] > 0 and out["rows"][0]["none_ms"] > 0
