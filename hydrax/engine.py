@@ -8,6 +8,7 @@ mesh, with the sharing tree as runtime data.
                 check_every=1)
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
   footprint(config, prompts, ...) -> (kv_bytes, Signature)
+  score(model, params, prompts, continuations, **generate_options) -> Scores
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
   row_keys(seed, row_seeds) -> key data of each row's PRNG key
   precompile(model, params, prompts, *, max_new_tokens, ...) -> (seconds, kept shapes or None)
@@ -147,6 +148,9 @@ class Generation:
   logprobs: with logprobs=True, float32 [B, max_new_tokens]: each generated token's log
            probability under the model's own distribution (the logits' log-softmax, before
            temperature, top_k and top_p); NaN past a sequence's length. Else None.
+  drawn:   with forced=, int32 [B, max_new_tokens]: the token the sampler drew at each
+           position (where a forced token was taken instead too); -1 past a sequence's
+           length. Else None.
   """
   tokens: np.ndarray
   lengths: np.ndarray
@@ -166,6 +170,7 @@ class Generation:
   kept: Optional["KeptNodes"] = None
   reused_tokens: int = 0
   logprobs: Optional[np.ndarray] = None
+  drawn: Optional[np.ndarray] = None
 
   @property
   def num_generated(self) -> int:
@@ -472,9 +477,33 @@ def token_logprobs(logits, tokens):
 
 
 def _split_sampling(sampling: dict):
-  """(sample()'s keywords, whether the programs return the tokens' log-probabilities)."""
-  return ({k: v for k, v in sampling.items() if k != "logprobs"},
-          bool(sampling.get("logprobs", False)))
+  """(sample()'s keywords, whether the programs return the tokens' log-probabilities, whether
+  they take forced tokens)."""
+  return ({k: v for k, v in sampling.items() if k not in ("logprobs", "forced")},
+          bool(sampling.get("logprobs", False)), bool(sampling.get("forced", False)))
+
+
+# The per-token outputs beside the tokens, their dtype and the value of a column that holds no
+# token (past a row's end): `Generation.logprobs`, `Generation.drawn`.
+_EXTRAS = {"logprobs": (jnp.float32, np.nan), "drawn": (jnp.int32, -1)}
+
+
+def _choose(logits, keys, position, forced, draw: dict, logprobs: bool):
+  """(the token each row takes at column `position`, extras): drawn from logits [B,V] with
+  keys, or its forced token where it has one there (forced: (tokens [B,F], lengths [B]) or
+  None). extras: "logprobs" (of the token taken, under the model's own logits) and, with
+  forced tokens, "drawn" (what the sampler drew, forced or not)."""
+  drawn = sample(logits, keys, **draw)
+  tok, extras = drawn, {}
+  if forced is not None:
+    tokens, lengths = forced
+    at = lax.dynamic_index_in_dim(tokens, jnp.minimum(position, tokens.shape[1] - 1), axis=1,
+                                  keepdims=False)
+    tok = jnp.where(position < lengths, at, drawn)
+    extras["drawn"] = drawn
+  if logprobs:
+    extras["logprobs"] = token_logprobs(logits, tok)
+  return tok, extras
 
 
 def row_keys(seed: int, row_seeds) -> np.ndarray:
@@ -1120,17 +1149,18 @@ def _packed_prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool,
 
 
 def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
-  """prefill(params, inputs, key_data, eos, kept) -> (shared levels held by decode, main
-  LevelKV, first tokens, their log-probabilities ([B] with sampling["logprobs"], else
-  None), done, lasts), per data shard; key_data [B,...]: each row's PRNG key
-  (`row_keys`); eos is an int32 scalar (-1: none);
+  """prefill(params, inputs, key_data, eos, kept, forced) -> (shared levels held by decode,
+  main LevelKV, first tokens, their extras (`_choose`: a dict of [B] arrays, empty unless
+  sampling asks for log-probabilities or forced tokens), done, lasts), per data shard;
+  key_data [B,...]: each row's PRNG key (`row_keys`); eos is an int32 scalar (-1: none);
+  forced: (tokens [B,F], lengths [B]) with sampling["forced"], else None;
   kept: (LevelKV, last hidden [N,E]) of each level laid into a kept one (`KeptNodes`), which
   its new nodes are written into (donated); lasts: per shared level (hydragen) [N,E] the
   hidden state of each node's last token."""
   skip = sig.attention == "none"
-  draw, logprobs = _split_sampling(sampling)
+  draw, logprobs, _ = _split_sampling(sampling)
 
-  def prefill(params, inputs, key_data, eos, kept):
+  def prefill(params, inputs, key_data, eos, kept, forced):
     model = nnx.merge(graphdef, params)
     config = model.config
 
@@ -1181,21 +1211,19 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
       picked = node_last[jnp.clip(row, 0, node_last.shape[0] - 1)]
       last = jnp.where((source == d)[:, None], picked, last)
     keys = _draw_keys(jax.random.wrap_key_data(key_data), 0)
-    logits = llama_lib.logits(model, last)
-    first = sample(logits, keys, **draw)
-    first_lp = token_logprobs(logits, first) if logprobs else None
-    return held, main, first, first_lp, first == eos, tuple(lasts) if held else ()
+    first, extras = _choose(llama_lib.logits(model, last), keys, 0, forced, draw, logprobs)
+    return held, main, first, extras, first == eos, tuple(lasts) if held else ()
 
   return prefill
 
 
 def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
-  """decode(params, shared, suffix, owners, first, done, key_data, prompt_lengths, eos, pad)
-  -> (tokens [B,max_new], their log-probabilities (float32 [B,max_new], column 0 and
-  columns past a row's end NaN; None without sampling["logprobs"]), n [B], steps, suffix),
-  per data shard; one lax.while_loop, stopping when every row of every shard is done. eos
-  (-1: none) and pad are int32 scalars; key_data: as the prefill's (the token at column i is
-  drawn with the row's key folded with i).
+  """decode(params, shared, suffix, owners, first, done, key_data, prompt_lengths, eos, pad,
+  forced) -> (tokens [B,max_new], extras (as the prefill's, each [B,max_new]: column 0 and
+  columns past a row's end hold `_EXTRAS`' empty value), n [B], steps, suffix), per data
+  shard; one lax.while_loop, stopping when every row of every shard is done. eos (-1: none)
+  and pad are int32 scalars; key_data, forced: as the prefill's (the token at column i is
+  drawn with the row's key folded with i, or forced).
 
   Each iteration runs C = `runtime.check_every` steps (an inner loop of a known trip count,
   which XLA runs without a host round trip) and then checks. Steps past max_new_tokens (at
@@ -1208,21 +1236,23 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   skip = sig.attention == "none"
   max_new = sig.max_new_tokens
   every = runtime.check_every
-  draw, logprobs = _split_sampling(sampling)
+  draw, logprobs, with_forced = _split_sampling(sampling)
+  names = [k for k, on in (("logprobs", logprobs), ("drawn", with_forced)) if on]
 
-  def decode(params, shared, suffix, owners, first, done, key_data, plen, eos, pad):
+  def decode(params, shared, suffix, owners, first, done, key_data, plen, eos, pad, forced):
     model = nnx.merge(graphdef, params)
     keys = jax.random.wrap_key_data(key_data)
     b = first.shape[0]
     out = jnp.full((b, max_new + every - 1), pad, jnp.int32).at[:, 0].set(first)
-    out_lp = jnp.full((b, max_new + every - 1), jnp.nan, jnp.float32) if logprobs else None
+    extras = {k: jnp.full((b, max_new + every - 1), _EXTRAS[k][1], _EXTRAS[k][0])
+              for k in names}
     count = jnp.ones((b,), jnp.int32)
 
     def cond(carry):
       return (carry[0] < max_new) & ~carry[-1]
 
     def step(carry):
-      i, out, out_lp, last, done, count, suffix = carry
+      i, out, extras, last, done, count, suffix = carry
       positions = (plen + i - 1)[:, None]
       if suffix is not None and every > 1:
         suffix = LevelKV(suffix.k, suffix.v,
@@ -1230,18 +1260,17 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
       cache = None if skip else KVCache(suffix, shared, owners)
       hidden, cache = llama_lib.forward(model, last[:, None], positions, cache,
                                         skip_attention=skip, **runtime.forward_kwargs())
-      logits = llama_lib.logits(model, hidden[:, 0])
-      tok = sample(logits, _draw_keys(keys, i), **draw)
+      tok, now = _choose(llama_lib.logits(model, hidden[:, 0]), _draw_keys(keys, i), i,
+                         forced, draw, logprobs)
       real = ~done & (i < max_new)
-      if logprobs:
-        lp = jnp.where(real, token_logprobs(logits, tok), jnp.nan)
-        out_lp = lax.dynamic_update_slice(out_lp, lp[:, None], (0, i))
+      extras = {k: lax.dynamic_update_slice(
+          extras[k], jnp.where(real, now[k], _EXTRAS[k][1])[:, None], (0, i)) for k in names}
       tok = jnp.where(real, tok, pad)
       out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
       count = count + real.astype(jnp.int32)
       done = done | (tok == eos)
       suffix = None if cache is None else cache.suffix
-      return i + 1, out, out_lp, tok, done, count, suffix
+      return i + 1, out, extras, tok, done, count, suffix
 
     def body(carry):
       state = carry[:-1]
@@ -1249,9 +1278,9 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
           lax.fori_loop(0, every, lambda _, s: step(s), state)
       return state + (runtime.all_done(state[4]),)
 
-    carry = (jnp.int32(1), out, out_lp, first, done, count, suffix, runtime.all_done(done))
-    steps, out, out_lp, _, _, count, suffix, _ = lax.while_loop(cond, body, carry)
-    return (out[:, :max_new], None if out_lp is None else out_lp[:, :max_new], count,
+    carry = (jnp.int32(1), out, extras, first, done, count, suffix, runtime.all_done(done))
+    steps, out, extras, _, _, count, suffix, _ = lax.while_loop(cond, body, carry)
+    return (out[:, :max_new], {k: v[:, :max_new] for k, v in extras.items()}, count,
             steps - 1, suffix)
 
   return decode
@@ -1423,7 +1452,7 @@ def _prefill_jit(graphdef, sig: Signature, runtime: Runtime, sampling: dict, inp
   lasts_spec = tuple(rows_spec for _ in held_spec)
   fn = runtime.wrap(_make_prefill(graphdef, sig, runtime, sampling),
                     in_specs=(one, jax.tree_util.tree_map(lambda _: rows_spec, inputs),
-                              rows_spec, one, kept_spec),
+                              rows_spec, one, kept_spec, rows_spec),
                     out_specs=(held_spec, level_spec, rows_spec, rows_spec, rows_spec,
                                lasts_spec))
   return jax.jit(_checked(runtime, fn), donate_argnums=(4,))
@@ -1434,7 +1463,7 @@ def _decode_jit(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   rows_spec, one, level_spec, held_spec, owner_spec = _specs(sig)
   fn = runtime.wrap(_make_decode(graphdef, sig, runtime, sampling),
                     in_specs=(one, held_spec, level_spec, owner_spec, rows_spec,
-                              rows_spec, rows_spec, rows_spec, one, one),
+                              rows_spec, rows_spec, rows_spec, one, one, rows_spec),
                     out_specs=(rows_spec, rows_spec, rows_spec, one, level_spec))
   return jax.jit(_checked(runtime, fn), donate_argnums=(2,))
 
@@ -1467,7 +1496,7 @@ def _job(table: str, key, stage, args: tuple, runtime: Runtime) -> float:
 
 
 def _decode_job(graphdef, sig: Signature, runtime: Runtime, sampling: dict, decode_key,
-                prefill_out, params, owners, key, prompt_lengths, eos, pad):
+                prefill_out, params, owners, key, prompt_lengths, eos, pad, forced=None):
   """A `_job` that compiles the decode loop of `decode_key` from the prefill's output shapes
   (`out_info` of the traced or compiled prefill) and the decode's other arguments (arrays or
   their shapes), without running the prefill."""
@@ -1477,7 +1506,7 @@ def _decode_job(graphdef, sig: Signature, runtime: Runtime, sampling: dict, deco
   return functools.partial(_job, "decodes", decode_key,
                            _decode_jit(graphdef, sig, runtime, sampling),
                            (params, held, suffix, owners, first, done, key, prompt_lengths,
-                            eos, pad), runtime)
+                            eos, pad, forced), runtime)
 
 
 def _compile_beside(job: Callable[[], float]) -> None:
@@ -1558,7 +1587,7 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   prefill_job = decode_job = None
   if compiled[0] is None:
     traced = _prefill_jit(graphdef, sig, runtime, sampling, inputs, kept_in).trace(
-        params, inputs, keys, scalar, kept_in)
+        params, inputs, keys, scalar, kept_in, None)
     prefill_job = functools.partial(_job, "prefills", key, traced, (), runtime)
     prefill_out = traced.out_info
   else:
@@ -1654,6 +1683,28 @@ def estimate_kv_bytes(config: LlamaConfig, prompts, *, max_new_tokens: int,
                    sharing_options=sharing_options, mesh=mesh)[0]
 
 
+def _forced_arrays(forced, rows: int, width: int, vocab: int):
+  """(tokens [B, width] int32, lengths [B] int32) of forced= (a token sequence a prompt, in
+  input order, each of at most `width` ids in [0, vocab)); ValueError naming what is wrong."""
+  given = type(forced).__name__ if isinstance(forced, (str, bytes)) else len(forced)
+  if given != rows:
+    raise ValueError(f"forced must give one token sequence a prompt ({rows}), got {given}")
+  tokens = np.zeros((rows, width), np.int32)
+  lengths = np.zeros((rows,), np.int32)
+  for b, seq in enumerate(forced):
+    seq = np.asarray(seq)
+    if seq.ndim != 1 or (seq.size and seq.dtype.kind not in "iu"):
+      raise ValueError(f"forced[{b}] must be a list of token ids, got {seq.dtype} of shape "
+                       f"{seq.shape}")
+    if seq.size > width:
+      raise ValueError(f"forced[{b}] has {seq.size} tokens, more than max_new_tokens={width}")
+    if seq.size and not (0 <= seq.min() and seq.max() < vocab):
+      raise ValueError(f"forced[{b}] holds ids outside the vocabulary [0, {vocab - 1}]: "
+                       f"{seq.min()}..{seq.max()}")
+    tokens[b, :seq.size], lengths[b] = seq, seq.size
+  return tokens, lengths
+
+
 def _in_layout_order(lay: Layout, x: np.ndarray) -> np.ndarray:
   """Rows of x [B, ...] (the caller's input order) as the shards' local rows [data*B_l, ...];
   padding rows zero. The inverse of `_in_input_order`."""
@@ -1697,7 +1748,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
              sharing_options: Optional[dict] = None,
              mesh=None, checks: str = "static", unroll=1,
              runtime: Optional[Runtime] = None, prefill: str = "auto", keep: bool = False,
-             reuse: Optional[KeptNodes] = None, logprobs: bool = False) -> Generation:
+             reuse: Optional[KeptNodes] = None, logprobs: bool = False,
+             forced=None) -> Generation:
   """Generates up to max_new_tokens tokens for each prompt.
 
   model: a hydrax `Llama` module, its `nnx.GraphDef`, or its `LlamaConfig`; params: its
@@ -1742,6 +1794,13 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     taken by this call (its arrays are donated), whether or not a level matched.
   logprobs: also return each generated token's log-probability (`Generation.logprobs`; one
     log-sum-exp over the vocabulary a step more; part of the compiled programs' key).
+  forced: teacher forcing, a token sequence a prompt (input order; each at most
+    max_new_tokens, may be empty): row b takes forced[b] as its first generated tokens
+    instead of drawing them (an EOS among them ends it as a drawn one would), then draws as
+    usual. `Generation.drawn` says what the sampler drew at every position, so that with
+    temperature 0 a forced token is the greedy one where they agree; with logprobs=True, the
+    forced tokens' log-probabilities are those of the prompt's continuation (`score`). The
+    forced tokens are inputs (new ones compile nothing); forcing is part of the programs' key.
   Returns a `Generation` (rows in input order). Raises ValueError for bad inputs and
   `OutOfMemoryError` when the device runs out of memory.
   """
@@ -1787,6 +1846,10 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
            f"{runtime.describe()}")
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
+  if forced is not None:
+    sampling["forced"] = True
+    forced = _forced_arrays(forced, len(seqs), sig.max_new_tokens, config.vocab_size)
+    forced = tuple(_in_layout_order(lay, a) for a in forced)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   compiled = _EXECUTABLES.get(key, decode_key)
@@ -1808,6 +1871,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     inputs = runtime.place(host_inputs, rows_spec)
     plen = runtime.place(lay.prompt_lengths, rows_spec)
     keys = runtime.place(keys, rows_spec)
+    forced = None if forced is None else runtime.place(forced, rows_spec)
     eos, pad = runtime.place(
         (np.int32(-1 if eos_id is None else int(eos_id)),
          np.int32(pad_id)), one)
@@ -1817,18 +1881,19 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       guard.stage = "prefill compilation"
       t0 = time.perf_counter()
       traced = _prefill_jit(graphdef, sig, runtime, sampling, inputs, kept_in).trace(
-          params, inputs, keys, eos, kept_in)
+          params, inputs, keys, eos, kept_in, forced)
       if decode is None and sig.max_new_tokens > 1 and runtime.mesh is None:
         # The decode loop compiles beside the prefill, from the prefill's traced output
         # shapes (on one device; a mesh's placed outputs are known only once it runs).
         _compile_beside(_decode_job(graphdef, sig, runtime, sampling, decode_key,
-                                    traced.out_info, params, owners, keys, plen, eos, pad))
+                                    traced.out_info, params, owners, keys, plen, eos, pad,
+                                    forced))
       prefill = _program("prefills", key, traced, (), runtime)[0]
       compile_s += time.perf_counter() - t0
     guard.stage = "prefill"
     t0 = time.perf_counter()
-    shared, suffix, first, first_lp, done, lasts = jax.block_until_ready(
-        _run_checked(runtime, prefill, params, inputs, keys, eos, kept_in))
+    shared, suffix, first, first_extras, done, lasts = jax.block_until_ready(
+        _run_checked(runtime, prefill, params, inputs, keys, eos, kept_in, forced))
     del kept_in
     prefill_s = time.perf_counter() - t0
     if sig.max_new_tokens > 1:
@@ -1837,23 +1902,23 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
         t0 = time.perf_counter()
         decode = _program("decodes", decode_key, _decode_jit(graphdef, sig, runtime, sampling),
                           (params, shared, suffix, owners, first, done, keys, plen, eos,
-                           pad), runtime)[0]
+                           pad, forced), runtime)[0]
         compile_s += time.perf_counter() - t0
       guard.stage = "decode"
       t0 = time.perf_counter()
-      out, out_lp, count, steps, suffix = jax.block_until_ready(_run_checked(
+      out, extras, count, steps, suffix = jax.block_until_ready(_run_checked(
           runtime, decode, params, shared, suffix, owners, first, done, keys, plen, eos,
-          pad))
+          pad, forced))
       decode_s = time.perf_counter() - t0
       steps = int(runtime.to_host(steps))
     else:
       out, count = first[:, None], jnp.ones_like(first)
-      out_lp = None if first_lp is None else first_lp[:, None]
+      extras = {k: v[:, None] for k, v in first_extras.items()}
     _EXECUTABLES.put(key, [prefill, decode], decode_key)
     out, count = runtime.to_host(out), runtime.to_host(count)
-    if logprobs:
-      out_lp = np.array(runtime.to_host(out_lp))
-      out_lp[:, 0] = runtime.to_host(first_lp)
+    extras = {k: np.array(runtime.to_host(v)) for k, v in extras.items()}
+    for k, v in extras.items():      # column 0: the prefill's
+      v[:, 0] = runtime.to_host(first_extras[k])
   kept = None
   if keep:
     kept = KeptNodes(levels=list(shared), lasts=list(lasts), index=lay.index,
@@ -1861,7 +1926,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
                      data=lay.data)
   tokens = _in_input_order(lay, out).astype(np.int32)
   lengths = _in_input_order(lay, count).astype(np.int32)
-  token_lps = _in_input_order(lay, out_lp) if logprobs else None
+  extras = {k: _in_input_order(lay, v) for k, v in extras.items()}
   generated = int(lengths.sum())
   texts = None
   if tokenizer is not None:
@@ -1875,4 +1940,71 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
       else float("nan"),
       kv_bytes=kv, decode_steps=steps, attention=attention, texts=texts, signature=sig,
       prefill=lay.prefill, prefill_slots=lay.main.slots, padded_slots=lay.padded_slots,
-      kept=kept, reused_tokens=lay.reused_tokens, logprobs=token_lps)
+      kept=kept, reused_tokens=lay.reused_tokens, logprobs=extras.get("logprobs"),
+      drawn=extras.get("drawn"))
+
+
+@dataclasses.dataclass
+class Scores:
+  """Result of `score`, rows in input order.
+
+  logprobs: float32 [B, C] each continuation token's log-probability given its prompt and the
+            continuation's tokens before it (NaN past the continuation's length); C is the
+            longest continuation.
+  lengths:  [B] int32 continuation lengths. total: [B] float the sum of each row's logprobs
+            (0.0 for an empty continuation): log p(continuation | prompt).
+  greedy:   [B] bool, whether greedy decoding from the prompt produces the continuation (its
+            every token the most likely one; ties count as greedy only where argmax picks it).
+  generation: the `Generation` of the forced run (timings, signature, drawn tokens).
+  """
+  logprobs: np.ndarray
+  lengths: np.ndarray
+  total: np.ndarray
+  greedy: np.ndarray
+  generation: Generation
+
+
+def score(model, params, prompts=None, continuations=None, **options) -> Scores:
+  """log p(continuation | prompt) of each (prompt, continuation) pair, exactly, with the
+  prompts' shared prefixes planned and attended as `generate` does (a few-shot header shared
+  by every question, a question shared by its answer choices).
+
+  model, params, prompts: as `generate`'s (`score(module, prompts, continuations)` is short
+  for `score(module, None, prompts, continuations)`); continuations: a token-id sequence a
+  prompt (may be empty). options: `generate`'s keywords (attention, backend, mesh, runtime,
+  sharing_options, prefill, ...) except those `score` sets: max_new_tokens (the longest
+  continuation), forced, logprobs, temperature, top_k, top_p, eos_id.
+
+  The continuations run through the decode loop as forced tokens (`generate(forced=)`), one
+  token a step for every row at once, each step attending its prompt's shared levels in
+  place. So it suits continuations of a few tokens (answer choices, short answers); a long
+  continuation costs a decode step per token, where a prefill would take it in one pass.
+  """
+  if continuations is None:
+    if not isinstance(model, llama_lib.Llama):
+      raise ValueError("score(model, prompts, continuations) without params needs a Llama "
+                       "module; pass score(model, params, prompts, continuations)")
+    params, prompts, continuations = None, params, prompts
+  fixed = sorted(set(options) & {"max_new_tokens", "forced", "logprobs", "temperature",
+                                 "top_k", "top_p", "eos_id"})
+  if fixed:
+    raise ValueError(f"score sets {fixed} itself; leave them out")
+  if isinstance(continuations, (str, bytes)) or any(
+      isinstance(c, (str, bytes)) for c in continuations):
+    raise ValueError("continuations must be token ids (tokenize the prompt and continuation "
+                     "together and split them: a continuation's first token may depend on "
+                     "the prompt's last)")
+  lengths = np.array([len(c) for c in continuations], np.int32)
+  width = max(1, int(lengths.max(initial=0)))
+  gen = generate(model, params, prompts, max_new_tokens=width, forced=continuations,
+                 logprobs=True, eos_id=None, **options)
+  cols = np.arange(width)[None, :]
+  inside = cols < lengths[:, None]
+  logprobs = np.where(inside, gen.logprobs, np.nan).astype(np.float32)
+  forced = np.zeros((len(lengths), width), np.int64)
+  for b, c in enumerate(continuations):
+    forced[b, :len(c)] = np.asarray(c)
+  greedy = np.all(~inside | (gen.drawn == forced), axis=1)
+  return Scores(logprobs=logprobs, lengths=lengths,
+                total=np.where(inside, logprobs, 0.0).sum(axis=1), greedy=greedy,
+                generation=gen)

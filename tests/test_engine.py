@@ -322,6 +322,79 @@ def test_logprobs_are_the_models(tiny, tree_runs):
   np.testing.assert_allclose(one.logprobs[:, 0], greedy.logprobs[:, 0], rtol=1e-5)
 
 
+@TREE_RUNS
+def test_score_is_the_models_continuation_logprob(tiny, tree_runs):
+  """score: each continuation token's log-softmax under the full forward pass over prompt +
+  continuation (float32), its sum, and whether greedy decoding gives it; hydragen (the plan's
+  shared levels) and replicated agree; no recompile for new continuations of the same width."""
+  _, model, graphdef, params = tiny
+  plan, hydragen, _ = tree_runs
+  seqs = plan.sequences
+  rng = np.random.default_rng(3)
+  conts = [rng.integers(3, 256, b % 5).tolist() for b in range(len(seqs))]
+  conts[1] = hydragen.tokens[1, :4].tolist()          # the greedy continuation
+  conts[4] = hydragen.tokens[4, :3].tolist()[:2] + [int(hydragen.tokens[4, 2]) ^ 1]
+  got = engine.score(model, None, plan, conts)
+  assert got.logprobs.shape == (len(seqs), 4)
+  for b, c in enumerate(conts):
+    assert got.lengths[b] == len(c)
+    if not c:
+      assert got.total[b] == 0.0 and got.greedy[b] and np.isnan(got.logprobs[b]).all()
+      continue
+    full = np.concatenate([seqs[b], c]).astype(np.int32)
+    logits = llama.apply(graphdef, params, jnp.asarray(full[None]))[0]
+    at = len(seqs[b]) - 1 + np.arange(len(c))
+    want = np.asarray(jax.nn.log_softmax(logits[at], axis=-1))[np.arange(len(c)), c]
+    np.testing.assert_allclose(got.logprobs[b, :len(c)], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.total[b], want.sum(), rtol=1e-4, atol=1e-4)
+    assert np.isnan(got.logprobs[b, len(c):]).all()
+    argmax = np.asarray(logits[at]).argmax(-1)
+    assert got.greedy[b] == bool(np.all(argmax == c)), b
+  assert got.greedy[1] and not got.greedy[4]
+  rep = engine.score(model, None, plan, conts, attention="replicated")
+  np.testing.assert_allclose(rep.logprobs, got.logprobs, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(rep.greedy, got.greedy)
+  other = engine.score(model, None, plan, [list(reversed(c)) for c in conts])
+  assert other.generation.compile_seconds == 0.0    # forced tokens are inputs
+  for bad, match in ((dict(max_new_tokens=3), r"score sets \['max_new_tokens'\]"),
+                     (dict(temperature=1.0, eos_id=2), r"\['eos_id', 'temperature'\]")):
+    with pytest.raises(ValueError, match=match):
+      engine.score(model, None, plan, conts, **bad)
+  with pytest.raises(ValueError, match="continuations must be token ids"):
+    engine.score(model, None, plan, ["a b"] * len(seqs))
+
+
+@TREE_RUNS
+def test_forced_tokens_then_drawn(tiny, tree_runs):
+  """forced=: a row's first tokens are its forced ones, then it draws (from where they
+  left it); drawn says what the sampler chose at each position; bad forced tokens."""
+  _, model, _, _ = tiny
+  plan, hydragen, _ = tree_runs
+  seqs = plan.sequences
+  forced = [[5, 6], [], [7], [8, 9, 10], [11], [12, 13]][:len(seqs)]
+  got = engine.generate(model, None, plan, max_new_tokens=6, forced=forced)
+  for b, f in enumerate(forced):
+    assert got.tokens[b, :len(f)].tolist() == f
+    want = engine.generate(model, None, [np.concatenate([seqs[b], f]).astype(np.int32)],
+                           max_new_tokens=6 - len(f)).tokens[0] if len(f) < 6 else []
+    assert got.tokens[b, len(f):].tolist() == list(want), b
+  np.testing.assert_array_equal(got.tokens[1], hydragen.tokens[1])     # nothing forced
+  # What the sampler drew at column 0 is the prompt's greedy first token, forced or not.
+  np.testing.assert_array_equal(got.drawn[:, 0], hydragen.tokens[:, 0])
+  for b, f in enumerate(forced):           # past the forced ones, the drawn are the taken
+    np.testing.assert_array_equal(got.drawn[b, len(f):], got.tokens[b, len(f):])
+  assert got.logprobs is None and hydragen.drawn is None
+  gen = lambda f, **kw: engine.generate(model, None, plan, max_new_tokens=3, forced=f, **kw)
+  with pytest.raises(ValueError, match=f"one token sequence a prompt \\({len(seqs)}\\), got 1"):
+    gen([[1]])
+  with pytest.raises(ValueError, match=r"forced\[0\] has 4 tokens, more than max_new_tokens=3"):
+    gen([[1, 2, 3, 4]] + [[]] * (len(seqs) - 1))
+  with pytest.raises(ValueError, match=r"forced\[1\] holds ids outside the vocabulary"):
+    gen([[]] + [[256]] + [[]] * (len(seqs) - 2))
+  with pytest.raises(ValueError, match=r"forced\[0\] must be a list of token ids"):
+    gen([[0.5]] + [[]] * (len(seqs) - 1))
+
+
 def test_no_attention_mode_and_tokenizer(tiny, tmp_path):
   tokenizers = pytest.importorskip("tokenizers")
   _, model, _, _ = tiny

@@ -274,6 +274,17 @@ def test_sharded_sampling_and_eos(net):
   np.testing.assert_array_equal(again.tokens[:, 0], first.tokens[:, 0])
 
 
+def test_score_on_a_mesh_equals_single_device(net, plan):
+  """Forced tokens and their log-probabilities (`engine.score`) sharded with the rows."""
+  rng = np.random.default_rng(1)
+  conts = [rng.integers(3, 256, 1 + b % 3).tolist() for b in range(8)]
+  one = engine.score(net, None, plan, conts)
+  got = engine.score(net, None, plan, conts, mesh=(2, 4))
+  np.testing.assert_allclose(got.logprobs, one.logprobs, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.greedy, one.greedy)
+  np.testing.assert_array_equal(got.generation.drawn, one.generation.drawn)
+
+
 def test_mesh_decode_collectives_and_cache_sharding(net, plan):
   """One loop on a (2, 4) mesh: the decode step holds two all-reduces of [B_l,1,E] per layer
   (attention output, MLP down), one (max, argmax) gather per row for greedy sampling over the
