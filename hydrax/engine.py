@@ -1556,7 +1556,8 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
                  max_len: Optional[int] = None, prefill_chunk: int = 2048, backend="auto",
                  sharing_options: Optional[dict] = None, prefill: str = "auto",
                  keep: bool = False, reuse: Optional[KeptNodes] = None,
-                 runtime: Optional[Runtime] = None, logprobs: bool = False) -> CompileJobs:
+                 runtime: Optional[Runtime] = None, logprobs: bool = False,
+                 forced=None) -> CompileJobs:
   """The prefill and decode programs that `generate` with the same arguments would run (one
   device, static checks), as jobs that compile one program each, on any thread and in any
   order; nothing is compiled or run here. The shapes the decode is compiled for and those of
@@ -1565,7 +1566,7 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   hand their levels on (reuse= this call's kept) can be followed before any of its programs
   exists. `hydrax.generate.run(compile_ahead=True)` runs later batches' jobs on compiling
   threads while earlier batches run; `precompile` runs them in turn. runtime: as `generate`'s
-  (given whole instead of backend=; one device)."""
+  (given whole instead of backend=; one device); logprobs, forced: as `generate`'s."""
   runtime = _runtime_of(runtime, backend)
   graphdef, params, config = resolve_model(model, params)
   if runtime.data != 1:
@@ -1578,6 +1579,7 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   sig = lay.signature()
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
+  forced = _forced_inputs(forced, lay, sig, config, sampling)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   inputs = lay.inputs()
@@ -1587,7 +1589,7 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   prefill_job = decode_job = None
   if compiled[0] is None:
     traced = _prefill_jit(graphdef, sig, runtime, sampling, inputs, kept_in).trace(
-        params, inputs, keys, scalar, kept_in, None)
+        params, inputs, keys, scalar, kept_in, forced)
     prefill_job = functools.partial(_job, "prefills", key, traced, (), runtime)
     prefill_out = traced.out_info
   else:
@@ -1595,7 +1597,8 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   if sig.max_new_tokens > 1 and compiled[1] is None:
     owners = inputs["seq_owner"] if sig.attention == "hydragen" else ()
     decode_job = _decode_job(graphdef, sig, runtime, sampling, decode_key, prefill_out,
-                             params, owners, keys, lay.prompt_lengths, scalar, scalar)
+                             params, owners, keys, lay.prompt_lengths, scalar, scalar,
+                             forced)
   held, _, _, _, _, lasts = prefill_out
   kept = None
   if keep:
@@ -1681,6 +1684,17 @@ def estimate_kv_bytes(config: LlamaConfig, prompts, *, max_new_tokens: int,
   return footprint(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
                    dtype=dtype, max_len=max_len, prefill_chunk=prefill_chunk,
                    sharing_options=sharing_options, mesh=mesh)[0]
+
+
+def _forced_inputs(forced, lay: Layout, sig: Signature, config: LlamaConfig,
+                   sampling: dict):
+  """The programs' forced input of `forced=` ((tokens, lengths) in the layout's row order), or
+  None without; marks `sampling` (the programs' key) as forced."""
+  if forced is None:
+    return None
+  sampling["forced"] = True
+  arrays = _forced_arrays(forced, len(lay.order), sig.max_new_tokens, config.vocab_size)
+  return tuple(_in_layout_order(lay, a) for a in arrays)
 
 
 def _forced_arrays(forced, rows: int, width: int, vocab: int):
@@ -1846,10 +1860,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
            f"{runtime.describe()}")
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
-  if forced is not None:
-    sampling["forced"] = True
-    forced = _forced_arrays(forced, len(seqs), sig.max_new_tokens, config.vocab_size)
-    forced = tuple(_in_layout_order(lay, a) for a in forced)
+  forced = _forced_inputs(forced, lay, sig, config, sampling)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   compiled = _EXECUTABLES.get(key, decode_key)

@@ -253,6 +253,21 @@ def finish(tokens: np.ndarray, *, max_new_tokens: int, stop_ids, stop_strings, t
   return tokens, text, reason, stop
 
 
+def _scored_record(request, continuation, gen, j: int, tokenizer, *,
+                   prompt_tokens: int) -> dict:
+  """The record of a scored request from row j of its batch's forced generation: its
+  continuation's tokens, their log-probabilities and sum, and whether greedy decoding gives
+  it."""
+  n = len(continuation)
+  tokens = [int(t) for t in continuation]
+  lps = gen.logprobs[j, :n].astype(np.float64)
+  return dict(id=request.id, sample=0,
+              text=None if tokenizer is None else tokenizer.decode(tokens), tokens=tokens,
+              finish_reason="scored", stop=None, prompt_tokens=prompt_tokens,
+              logprob=float(lps.sum()), greedy=bool(np.all(gen.drawn[j, :n] == tokens)),
+              logprobs=[float(x) for x in lps])
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -388,6 +403,13 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   seqs, more_bad = requests_lib.tokenize(
       reqs, tok, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
       default_max_new_tokens=max_new_tokens, add_special_tokens=add_special_tokens)
+  conts, cont_bad = requests_lib.tokenize_continuations(
+      reqs, seqs, tok, vocab_size=config.vocab_size,
+      max_positions=config.max_position_embeddings, add_special_tokens=add_special_tokens)
+  index_of = {r.line: i for i, r in enumerate(reqs)}
+  for b in cont_bad:       # a request whose continuation is bad is bad
+    seqs[index_of[b.line]] = None
+  more_bad += cont_bad
   if more_bad and on_bad_line == "error":
     raise requests_lib.BadInput(prompts, more_bad)
   bad = sorted(bad + more_bad, key=lambda b: b.line)
@@ -396,10 +418,12 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     sys.stderr.write(f"hydrax.generate: skipping {prompts} {b}\n")
   good = [i for i, s in enumerate(seqs) if s is not None]
   reqs = [reqs[i] for i in good]
-  # The rows the run schedules: one a completion, `of[row]` its request, `sample[row]` its
-  # index among the request's n.
-  of = [i for i, r in enumerate(reqs) for _ in range(r.n or n)]
-  sample = [k for r in reqs for k in range(r.n or n)]
+  # The rows the run schedules: one a completion (or a scored continuation), `of[row]` its
+  # request, `sample[row]` its index among the request's n.
+  copies = [1 if r.scored else r.n or n for r in reqs]
+  of = [i for i, c in enumerate(copies) for _ in range(c)]
+  sample = [k for c in copies for k in range(c)]
+  conts = [conts[good[i]] for i in of]
   seqs = [seqs[good[i]] for i in of]
   summary.requests = len(reqs)
   summary.completions = len(of)
@@ -413,14 +437,18 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
                 for k, v in defaults.items()) for r in reqs]
   keys = [k if dict(k)["temperature"] > 0 else (("temperature", 0.0), ("top_k", None),
                                                 ("top_p", None)) for k in keys]
-  greedy_copies = [r.id for r, k in zip(reqs, keys)
-                   if (r.n or n) > 1 and dict(k)["temperature"] == 0]
+  greedy_copies = [r.id for r, k, c in zip(reqs, keys, copies)
+                   if c > 1 and dict(k)["temperature"] == 0]
+  # Scored requests run in batches of their own (forced tokens, greedy draws).
+  keys = [(("temperature", 0.0), ("top_k", None), ("top_p", None), ("score", True))
+          if r.scored else k for r, k in zip(reqs, keys)]
   if greedy_copies:
     log_once("offline-greedy-samples", "hydrax.generate: %d request(s) ask for n > 1 greedy "
              "completions (temperature 0), which are all the same (first: %r); set a "
              "temperature to sample", len(greedy_copies), greedy_copies[0])
   keys = [keys[i] for i in of]
-  own_new = [reqs[i].max_new_tokens or max_new_tokens for i in of]
+  own_new = [len(c) if c is not None else reqs[i].max_new_tokens or max_new_tokens
+             for i, c in zip(of, conts)]
   hashes = [id_hash(r.id) for r in reqs]
   eos = None if ignore_eos else config.eos_token_id
   run_stop_strings = tuple(s for s in stop if isinstance(s, str))
@@ -451,18 +479,30 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   keep = keep_nodes and attention == "hydragen"
   kept = [None]        # the last batch's shared levels (engine.KeptNodes), for the next one
 
+  def engine_options(batch) -> dict:
+    """The engine keywords of `batch` beyond the run's: its sampling settings and, for scored
+    continuations, their tokens forced (padding rows force none)."""
+    options = dict(batch.key)
+    if options.pop("score", False):
+      forced = [conts[row] for row in batch.rows] + [()] * (batch.size - len(batch.rows))
+      return dict(options, forced=forced, logprobs=True)
+    return dict(options, logprobs=logprobs)
+
   def run_batch(index, batch):
     """Runs `batch` (splitting it on out-of-memory); returns the records of its rows."""
     reuse, kept[0] = kept[0], None
+    options = engine_options(batch)
+    scored = "forced" in options
     # Each completion's random stream: (its request's id hash, its sample index); padding
     # rows (past batch.rows) draw from (0, 0), and their tokens are dropped.
     row_seeds = np.zeros((batch.size, 2), np.int64)
     row_seeds[:len(batch.rows)] = [(hashes[of[row]], sample[row]) for row in batch.rows]
     try:
       gen = engine.generate(config, params, batch.plan, max_new_tokens=batch.max_new_tokens,
-                            attention=attention, eos_id=eos, seed=seed, row_seeds=row_seeds,
-                            prefill_chunk=prefill_chunk, runtime=runtime, prefill=prefill,
-                            keep=keep, reuse=reuse, logprobs=logprobs, **dict(batch.key))
+                            attention=attention, eos_id=None if scored else eos, seed=seed,
+                            row_seeds=row_seeds, prefill_chunk=prefill_chunk,
+                            runtime=runtime, prefill=prefill, keep=keep, reuse=reuse,
+                            **options)
     except engine.OutOfMemoryError as e:
       if len(batch.rows) == 1:
         row = batch.rows[0]
@@ -492,6 +532,11 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     records = []
     for j, row in enumerate(batch.rows):
       r = reqs[of[row]]
+      if scored:
+        records.append(dict(_scored_record(r, conts[row], gen, j, tok,
+                                           prompt_tokens=int(seqs[row].size)),
+                            timings=dict(timings)))
+        continue
       stop_ids = set(r.stop_ids) | set(run_stop_ids) | ({eos} if eos is not None else set())
       tokens, text, reason, why = finish(
           gen.tokens[j, :gen.lengths[j]], max_new_tokens=own_new[row], stop_ids=stop_ids,
@@ -526,9 +571,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     if len(rows) < len(batch.rows):   # partly written before (an interrupted write): re-plan
       batch = schedule_lib.make_batch(seqs, rows, batch.key, own_new, **batch_options)
     todo.append((index, batch))
-  ahead = _CompileAhead(todo, config, params, keep=keep, attention=attention,
-                        prefill_chunk=prefill_chunk, runtime=runtime, prefill=prefill,
-                        logprobs=logprobs) \
+  ahead = _CompileAhead(todo, config, params, engine_options, keep=keep, attention=attention,
+                        prefill_chunk=prefill_chunk, runtime=runtime, prefill=prefill) \
       if compile_ahead else None
   try:
     for position, (index, batch) in enumerate(todo):
@@ -557,8 +601,9 @@ class _CompileAhead:
   LOOKAHEAD = 2
   WORKERS = 2     # the decode of the batch running and the next batch's prefill at once
 
-  def __init__(self, todo, config, params, *, keep: bool, **options):
+  def __init__(self, todo, config, params, options_of, *, keep: bool, **options):
     self._todo, self._config, self._params = todo, config, params
+    self._options_of = options_of     # batch -> its own engine keywords
     self._keep, self._options = keep, options
     self._cond = threading.Condition()
     self._position, self._stopped = 0, False
@@ -595,7 +640,7 @@ class _CompileAhead:
       try:
         jobs = engine.compile_jobs(
             self._config, self._params, batch.plan, max_new_tokens=batch.max_new_tokens,
-            keep=self._keep, reuse=reuse, **self._options, **dict(batch.key))
+            keep=self._keep, reuse=reuse, **self._options, **self._options_of(batch))
       except Exception as e:    # noqa: BLE001 (any failure: the batches compile themselves)
         self._fail(i, e)
         return

@@ -3,6 +3,8 @@
   read_requests(path, *, on_bad_line="error") -> (requests, bad_lines)
   tokenize(requests, tokenizer, *, vocab_size, max_positions, default_max_new_tokens,
            add_special_tokens=True) -> (token arrays, bad_lines)
+  tokenize_continuations(requests, prompts, tokenizer, *, vocab_size, max_positions,
+                         add_special_tokens=True) -> (token arrays or None, bad_lines)
   Request, BadLine, BadInput
 
 JSONL (one object a line; blank lines are ignored): `id` (string or int; default: the line
@@ -10,7 +12,9 @@ number), exactly one of `prompt` (text) or `tokens` (token ids), and optional `m
 (int >= 1), `temperature` (>= 0; 0 = greedy), `top_k` (int >= 1), `top_p` (in (0, 1]), `stop`
 (a string, an int, or a list of strings and ints: strings end the text where they first occur,
 ints are stop token ids), `n` (int >= 1: completions drawn for the prompt, each its own
-sample). Unknown keys are errors (a typo must not be silently ignored).
+sample). Or, instead of generating, `continuation` (text, or token ids): the request is scored,
+log p(continuation | prompt) (it then takes none of the generation keys). Unknown keys are
+errors (a typo must not be silently ignored).
 Plain text: every non-blank line is one prompt, its id is its line number. A file is JSONL when
 its name ends in .jsonl / .json or its first non-blank character is `{`.
 
@@ -30,7 +34,8 @@ import numpy as np
 
 ON_BAD_LINE = ("error", "skip")
 _KEYS = ("id", "prompt", "tokens", "max_new_tokens", "temperature", "top_k", "top_p", "stop",
-         "n")
+         "n", "continuation")
+_GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +52,11 @@ class Request:
   stop: tuple = ()          # stop strings
   stop_ids: tuple = ()      # stop token ids
   n: Optional[int] = None   # completions to draw
+  continuation: Optional[object] = None    # scored instead: text, or a tuple of token ids
+
+  @property
+  def scored(self) -> bool:
+    return self.continuation is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +126,17 @@ def _parse_object(obj, line: int) -> Request:
   top_p = obj.get("top_p")
   if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
     raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+  continuation = obj.get("continuation")
+  if continuation is not None:
+    given = [k for k in _GENERATION_KEYS if k in obj]
+    if given:
+      raise ValueError(f"a scored request (continuation) takes none of {given}")
+    if isinstance(continuation, list) and continuation and all(_is_int(t) and t >= 0
+                                                               for t in continuation):
+      continuation = tuple(continuation)
+    elif not (isinstance(continuation, str) and continuation):
+      raise ValueError(f"continuation must be non-empty text or a non-empty list of token "
+                       f"ids >= 0, got {continuation!r:.60}")
   n = obj.get("n")
   if n is not None and (not _is_int(n) or n < 1):
     raise ValueError(f"n must be an int >= 1 (completions of the prompt), got {n!r}")
@@ -132,7 +153,7 @@ def _parse_object(obj, line: int) -> Request:
   return Request(id=str(rid), line=line, prompt=prompt, tokens=tokens, max_new_tokens=max_new,
                  temperature=None if temperature is None else float(temperature),
                  top_k=top_k, top_p=None if top_p is None else float(top_p),
-                 stop=tuple(strings), stop_ids=tuple(ids), n=n)
+                 stop=tuple(strings), stop_ids=tuple(ids), n=n, continuation=continuation)
 
 
 def is_jsonl(path: str, head: str) -> bool:
@@ -191,27 +212,75 @@ def tokenize(requests, tokenizer, *, vocab_size: int, max_positions: int,
   are. A request is bad when it has
   text but no tokenizer, encodes to nothing, holds ids outside [0, vocab_size), or needs more
   than max_positions positions (prompt + max_new_tokens)."""
+  def one(i, r):
+    if r.tokens is not None:
+      ids = np.asarray(r.tokens, np.int64)
+    else:
+      if tokenizer is None:
+        raise ValueError("text prompt but no tokenizer (give one, or 'tokens')")
+      ids = np.asarray(tokenizer.encode(r.prompt, add_special_tokens=add_special_tokens).ids,
+                       np.int64)
+    if ids.size == 0:
+      raise ValueError("the prompt encodes to no tokens")
+    _check_vocab(ids, vocab_size, "token")
+    new = r.max_new_tokens or default_max_new_tokens
+    if not r.scored and ids.size + new > max_positions:   # scored: by its continuation
+      raise ValueError(f"{ids.size} prompt tokens + max_new_tokens {new} exceed the model's "
+                       f"{max_positions} positions")
+    return ids.astype(np.int32)
+
+  return _each(requests, one)
+
+
+def _each(requests, fn):
+  """(fn(i, request) for each request, or None where it raised ValueError, the BadLines of
+  those)."""
   out, bad = [], []
-  for r in requests:
+  for i, r in enumerate(requests):
     try:
-      if r.tokens is not None:
-        ids = np.asarray(r.tokens, np.int64)
-      else:
-        if tokenizer is None:
-          raise ValueError("text prompt but no tokenizer (give one, or 'tokens')")
-        ids = np.asarray(tokenizer.encode(r.prompt, add_special_tokens=add_special_tokens).ids,
-                         np.int64)
-      if ids.size == 0:
-        raise ValueError("the prompt encodes to no tokens")
-      if ids.max() >= vocab_size:
-        raise ValueError(f"token id {int(ids.max())} is outside the vocabulary [0, "
-                         f"{vocab_size - 1}]")
-      new = r.max_new_tokens or default_max_new_tokens
-      if ids.size + new > max_positions:
-        raise ValueError(f"{ids.size} prompt tokens + max_new_tokens {new} exceed the model's "
-                         f"{max_positions} positions")
-      out.append(ids.astype(np.int32))
+      out.append(fn(i, r))
     except ValueError as e:
       bad.append(BadLine(r.line, r.id, str(e)))
       out.append(None)
   return out, bad
+
+
+def _check_vocab(ids: np.ndarray, vocab_size: int, what: str) -> None:
+  if ids.max() >= vocab_size:
+    raise ValueError(f"{what} id {int(ids.max())} is outside the vocabulary [0, "
+                     f"{vocab_size - 1}]")
+
+
+def tokenize_continuations(requests, prompts, tokenizer, *, vocab_size: int,
+                           max_positions: int, add_special_tokens: bool = True):
+  """The continuation ids of each scored request: (int32 arrays, or None for a request that
+  generates or whose prompt is bad (prompts[i] None), bad_lines).
+
+  Token ids are used as they are. Text is tokenized with its prompt, as one text, and the
+  continuation is what follows the prompt's own tokens: a tokenizer may merge the prompt's
+  last characters with the continuation's first, which splitting the text in two would
+  hide; a request whose joint tokens do not begin with its prompt's is bad (give ids). Also
+  bad: a text continuation after a `tokens` prompt (no text to join), ids outside the
+  vocabulary, prompt + continuation over max_positions."""
+  def one(i, r):
+    ids = prompts[i]
+    if not r.scored or ids is None:
+      return None
+    if isinstance(r.continuation, tuple):
+      cont = np.asarray(r.continuation, np.int64)
+    else:
+      if r.prompt is None:
+        raise ValueError("a text continuation needs a text prompt (give token ids)")
+      joint = np.asarray(tokenizer.encode(r.prompt + r.continuation,
+                                          add_special_tokens=add_special_tokens).ids)
+      if joint.size <= ids.size or not np.array_equal(joint[:ids.size], ids):
+        raise ValueError("prompt + continuation do not tokenize as the prompt's tokens and "
+                         "more (the tokenizer merges across the boundary); give token ids")
+      cont = joint[ids.size:]
+    _check_vocab(cont, vocab_size, "continuation token")
+    if ids.size + cont.size > max_positions:
+      raise ValueError(f"{ids.size} prompt tokens + {cont.size} continuation tokens exceed "
+                       f"the model's {max_positions} positions")
+    return cont.astype(np.int32)
+
+  return _each(requests, one)

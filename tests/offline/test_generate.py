@@ -207,6 +207,45 @@ def test_logprobs_in_records(tmp_path):
                                                                          "plain.jsonl"))
 
 
+@pytest.mark.slow
+def test_scored_requests_equal_engine_score(tmp_path):
+  """`continuation` requests: log p(continuation | prompt) per token and summed, and greedy,
+  as engine.score gives them, beside generation requests in the same file (batches of their
+  own, compiled ahead), and resumed."""
+  rng = np.random.default_rng(9)
+  header = rng.integers(3, 256, 12).tolist()              # a few-shot header shared by all
+  reqs, pairs = [], []
+  for q in range(4):
+    question = header + rng.integers(3, 256, 3 + q).tolist()
+    greedy = engine.generate(CONFIG, PARAMS, [np.asarray(question, np.int32)],
+                             max_new_tokens=2).tokens[0].tolist()
+    choices = [greedy] + [rng.integers(3, 256, 1 + c).tolist() for c in (1, 2)]
+    for c, cont in enumerate(choices):
+      reqs.append(dict(id=f"q{q}c{c}", tokens=question, continuation=cont))
+      pairs.append((question, cont))
+  reqs.append(dict(id="gen", tokens=header + [5], max_new_tokens=3))
+  path = _write(tmp_path / "p.jsonl", reqs)
+  out = tmp_path / "out.jsonl"
+  s = G.run(path, str(out), max_batch=4, **RUN)
+  assert s.completed == 13 and s.batches_run >= 4
+  want = engine.score(CONFIG, PARAMS, [np.asarray(q, np.int32) for q, _ in pairs],
+                      [c for _, c in pairs], sharing_options=dict(min_shared_tokens=0))
+  got = {r["id"]: r for r in _read(out)}
+  for i, r in enumerate(reqs[:-1]):
+    rec = got[r["id"]]
+    assert rec["finish_reason"] == "scored" and rec["tokens"] == r["continuation"]
+    n = len(r["continuation"])
+    np.testing.assert_allclose(rec["logprobs"], want.logprobs[i, :n], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rec["logprob"], want.total[i], rtol=1e-4, atol=1e-4)
+    assert rec["greedy"] == want.greedy[i] == (i % 3 == 0), r["id"]
+  assert got["gen"]["finish_reason"] == "length" and len(got["gen"]["tokens"]) == 3
+  lines = out.read_text().splitlines(keepends=True)
+  out.write_text("".join(x for x in lines if json.loads(x)["id"] != "q2c1"))
+  again = G.run(path, str(out), max_batch=4, **RUN)
+  assert (again.skipped, again.completed) == (12, 1)
+  assert sorted(_read(out), key=lambda r: r["id"]) == sorted(got.values(), key=lambda r: r["id"])
+
+
 def test_bad_lines_error_or_skip(tmp_path):
   good = _dataset(3)
   lines = [json.dumps(good[0]), "{oops", json.dumps(dict(id="big", tokens=[1, 999])),

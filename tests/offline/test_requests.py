@@ -50,6 +50,10 @@ BAD = [
     (json.dumps({"id": "q", "prompt": "a", "n": 2.0}), "n must be an int >= 1"),
     (json.dumps({"id": "ok", "prompt": "a"}), "duplicate id"),
     ("[1, 2]", "JSON object"),
+    (json.dumps({"id": "p", "prompt": "a", "continuation": "b", "max_new_tokens": 2}),
+     "a scored request (continuation) takes none of ['max_new_tokens']"),
+    (json.dumps({"id": "o", "prompt": "a", "continuation": ""}), "continuation must be"),
+    (json.dumps({"id": "m", "prompt": "a", "continuation": [1, -2]}), "continuation must be"),
 ]
 
 
@@ -86,3 +90,26 @@ def test_tokenize_checks_vocab_and_length():
   assert "outside the vocabulary" in bad[0].message
   assert "exceed the model's 16 positions" in bad[1].message
   assert "no tokenizer" in bad[2].message
+
+
+def test_continuations_tokenized_with_their_prompt():
+  tokenizers = pytest.importorskip("tokenizers")
+  vocab = {f"w{i}": i for i in range(50)}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  reqs = [R.Request("a", 1, prompt="w1 w2", continuation=" w3 w4"),
+          R.Request("b", 2, tokens=(1, 2), continuation=(7, 8)),
+          R.Request("c", 3, prompt="w1 w2", continuation="w3"),      # "w2w3": merged
+          R.Request("d", 4, tokens=(1, 2), continuation="w3"),
+          R.Request("e", 5, tokens=(1, 2), continuation=(99,)),
+          R.Request("f", 6, tokens=(1,) * 6, continuation=(1, 2, 3)),
+          R.Request("g", 7, tokens=(1, 2))]
+  seqs, bad = R.tokenize(reqs, tok, vocab_size=50, max_positions=8, default_max_new_tokens=4)
+  assert bad == [] and np.array_equal(seqs[0], [1, 2])   # scored: no max_new_tokens check
+  conts, bad = R.tokenize_continuations(reqs, seqs, tok, vocab_size=50, max_positions=8)
+  assert conts[0].tolist() == [3, 4] and conts[1].tolist() == [7, 8] and conts[6] is None
+  assert [b.line for b in bad] == [3, 4, 5, 6]
+  assert "merges across the boundary" in bad[0].message
+  assert "needs a text prompt" in bad[1].message
+  assert "outside the vocabulary" in bad[2].message
+  assert "6 prompt tokens + 3 continuation tokens exceed the model's 8" in bad[3].message
