@@ -477,10 +477,19 @@ def token_logprobs(logits, tokens):
 
 
 def _split_sampling(sampling: dict):
-  """(sample()'s keywords, whether the programs return the tokens' log-probabilities, whether
-  they take forced tokens)."""
+  """(sample()'s keywords, whether the programs return the tokens' log-probabilities, what
+  follows forced tokens: None (no forced tokens), "draw" or "stop")."""
   return ({k: v for k, v in sampling.items() if k not in ("logprobs", "forced")},
-          bool(sampling.get("logprobs", False)), bool(sampling.get("forced", False)))
+          bool(sampling.get("logprobs", False)), sampling.get("forced"))
+
+
+def _ends(tok, position, eos, forced, then):
+  """Whether each row ends with `tok` at column `position`: an EOS, or (then == "stop") its
+  last forced token (a row without forced tokens ends with its first, drawn, token)."""
+  done = tok == eos
+  if then == "stop":
+    done = done | (position + 1 >= forced[1])
+  return done
 
 
 # The per-token outputs beside the tokens, their dtype and the value of a column that holds no
@@ -1158,7 +1167,7 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   its new nodes are written into (donated); lasts: per shared level (hydragen) [N,E] the
   hidden state of each node's last token."""
   skip = sig.attention == "none"
-  draw, logprobs, _ = _split_sampling(sampling)
+  draw, logprobs, then = _split_sampling(sampling)
 
   def prefill(params, inputs, key_data, eos, kept, forced):
     model = nnx.merge(graphdef, params)
@@ -1212,7 +1221,8 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
       last = jnp.where((source == d)[:, None], picked, last)
     keys = _draw_keys(jax.random.wrap_key_data(key_data), 0)
     first, extras = _choose(llama_lib.logits(model, last), keys, 0, forced, draw, logprobs)
-    return held, main, first, extras, first == eos, tuple(lasts) if held else ()
+    return (held, main, first, extras, _ends(first, 0, eos, forced, then),
+            tuple(lasts) if held else ())
 
   return prefill
 
@@ -1236,8 +1246,8 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   skip = sig.attention == "none"
   max_new = sig.max_new_tokens
   every = runtime.check_every
-  draw, logprobs, with_forced = _split_sampling(sampling)
-  names = [k for k, on in (("logprobs", logprobs), ("drawn", with_forced)) if on]
+  draw, logprobs, then = _split_sampling(sampling)
+  names = [k for k, on in (("logprobs", logprobs), ("drawn", then is not None)) if on]
 
   def decode(params, shared, suffix, owners, first, done, key_data, plen, eos, pad, forced):
     model = nnx.merge(graphdef, params)
@@ -1268,7 +1278,7 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
       tok = jnp.where(real, tok, pad)
       out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
       count = count + real.astype(jnp.int32)
-      done = done | (tok == eos)
+      done = done | _ends(tok, i, eos, forced, then)
       suffix = None if cache is None else cache.suffix
       return i + 1, out, extras, tok, done, count, suffix
 
@@ -1557,7 +1567,7 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
                  sharing_options: Optional[dict] = None, prefill: str = "auto",
                  keep: bool = False, reuse: Optional[KeptNodes] = None,
                  runtime: Optional[Runtime] = None, logprobs: bool = False,
-                 forced=None) -> CompileJobs:
+                 forced=None, stop_after_forced: bool = False) -> CompileJobs:
   """The prefill and decode programs that `generate` with the same arguments would run (one
   device, static checks), as jobs that compile one program each, on any thread and in any
   order; nothing is compiled or run here. The shapes the decode is compiled for and those of
@@ -1566,7 +1576,8 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   hand their levels on (reuse= this call's kept) can be followed before any of its programs
   exists. `hydrax.generate.run(compile_ahead=True)` runs later batches' jobs on compiling
   threads while earlier batches run; `precompile` runs them in turn. runtime: as `generate`'s
-  (given whole instead of backend=; one device); logprobs, forced: as `generate`'s."""
+  (given whole instead of backend=; one device); logprobs, forced, stop_after_forced: as
+  `generate`'s."""
   runtime = _runtime_of(runtime, backend)
   graphdef, params, config = resolve_model(model, params)
   if runtime.data != 1:
@@ -1579,7 +1590,7 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   sig = lay.signature()
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
-  forced = _forced_inputs(forced, lay, sig, config, sampling)
+  forced = _forced_inputs(forced, stop_after_forced, lay, sig, config, sampling)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   inputs = lay.inputs()
@@ -1686,13 +1697,15 @@ def estimate_kv_bytes(config: LlamaConfig, prompts, *, max_new_tokens: int,
                    sharing_options=sharing_options, mesh=mesh)[0]
 
 
-def _forced_inputs(forced, lay: Layout, sig: Signature, config: LlamaConfig,
-                   sampling: dict):
+def _forced_inputs(forced, stop_after_forced: bool, lay: Layout, sig: Signature,
+                   config: LlamaConfig, sampling: dict):
   """The programs' forced input of `forced=` ((tokens, lengths) in the layout's row order), or
-  None without; marks `sampling` (the programs' key) as forced."""
+  None without; marks `sampling` (the programs' key) with what follows the forced tokens."""
   if forced is None:
+    if stop_after_forced:
+      raise ValueError("stop_after_forced=True needs forced= tokens")
     return None
-  sampling["forced"] = True
+  sampling["forced"] = "stop" if stop_after_forced else "draw"
   arrays = _forced_arrays(forced, len(lay.order), sig.max_new_tokens, config.vocab_size)
   return tuple(_in_layout_order(lay, a) for a in arrays)
 
@@ -1763,7 +1776,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
              mesh=None, checks: str = "static", unroll=1,
              runtime: Optional[Runtime] = None, prefill: str = "auto", keep: bool = False,
              reuse: Optional[KeptNodes] = None, logprobs: bool = False,
-             forced=None) -> Generation:
+             forced=None, stop_after_forced: bool = False) -> Generation:
   """Generates up to max_new_tokens tokens for each prompt.
 
   model: a hydrax `Llama` module, its `nnx.GraphDef`, or its `LlamaConfig`; params: its
@@ -1815,6 +1828,9 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     temperature 0 a forced token is the greedy one where they agree; with logprobs=True, the
     forced tokens' log-probabilities are those of the prompt's continuation (`score`). The
     forced tokens are inputs (new ones compile nothing); forcing is part of the programs' key.
+    stop_after_forced: a row ends with its last forced token instead of drawing on (one
+    without forced tokens with its first, drawn, token); the loop then stops once every row's
+    forced tokens are in, however long max_new_tokens is.
   Returns a `Generation` (rows in input order). Raises ValueError for bad inputs and
   `OutOfMemoryError` when the device runs out of memory.
   """
@@ -1860,7 +1876,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
            f"{runtime.describe()}")
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
-  forced = _forced_inputs(forced, lay, sig, config, sampling)
+  forced = _forced_inputs(forced, stop_after_forced, lay, sig, config, sampling)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   compiled = _EXECUTABLES.get(key, decode_key)
@@ -1984,7 +2000,7 @@ def score(model, params, prompts=None, continuations=None, **options) -> Scores:
   for `score(module, None, prompts, continuations)`); continuations: a token-id sequence a
   prompt (may be empty). options: `generate`'s keywords (attention, backend, mesh, runtime,
   sharing_options, prefill, ...) except those `score` sets: max_new_tokens (the longest
-  continuation), forced, logprobs, temperature, top_k, top_p, eos_id.
+  continuation), forced, stop_after_forced, logprobs, temperature, top_k, top_p, eos_id.
 
   The continuations run through the decode loop as forced tokens (`generate(forced=)`), one
   token a step for every row at once, each step attending its prompt's shared levels in
@@ -1996,8 +2012,8 @@ def score(model, params, prompts=None, continuations=None, **options) -> Scores:
       raise ValueError("score(model, prompts, continuations) without params needs a Llama "
                        "module; pass score(model, params, prompts, continuations)")
     params, prompts, continuations = None, params, prompts
-  fixed = sorted(set(options) & {"max_new_tokens", "forced", "logprobs", "temperature",
-                                 "top_k", "top_p", "eos_id"})
+  fixed = sorted(set(options) & {"max_new_tokens", "forced", "stop_after_forced", "logprobs",
+                                 "temperature", "top_k", "top_p", "eos_id"})
   if fixed:
     raise ValueError(f"score sets {fixed} itself; leave them out")
   if isinstance(continuations, (str, bytes)) or any(
@@ -2008,7 +2024,7 @@ def score(model, params, prompts=None, continuations=None, **options) -> Scores:
   lengths = np.array([len(c) for c in continuations], np.int32)
   width = max(1, int(lengths.max(initial=0)))
   gen = generate(model, params, prompts, max_new_tokens=width, forced=continuations,
-                 logprobs=True, eos_id=None, **options)
+                 stop_after_forced=True, logprobs=True, eos_id=None, **options)
   cols = np.arange(width)[None, :]
   inside = cols < lengths[:, None]
   logprobs = np.where(inside, gen.logprobs, np.nan).astype(np.float32)

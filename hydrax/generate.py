@@ -485,7 +485,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     options = dict(batch.key)
     if options.pop("score", False):
       forced = [conts[row] for row in batch.rows] + [()] * (batch.size - len(batch.rows))
-      return dict(options, forced=forced, logprobs=True)
+      return dict(options, forced=forced, stop_after_forced=True, logprobs=True)
     return dict(options, logprobs=logprobs)
 
   def run_batch(index, batch):

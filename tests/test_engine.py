@@ -351,6 +351,7 @@ def test_score_is_the_models_continuation_logprob(tiny, tree_runs):
     argmax = np.asarray(logits[at]).argmax(-1)
     assert got.greedy[b] == bool(np.all(argmax == c)), b
   assert got.greedy[1] and not got.greedy[4]
+  assert got.generation.decode_steps == 3       # the longest continuation's, then all stop
   rep = engine.score(model, None, plan, conts, attention="replicated")
   np.testing.assert_allclose(rep.logprobs, got.logprobs, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(rep.greedy, got.greedy)
@@ -384,7 +385,19 @@ def test_forced_tokens_then_drawn(tiny, tree_runs):
   for b, f in enumerate(forced):           # past the forced ones, the drawn are the taken
     np.testing.assert_array_equal(got.drawn[b, len(f):], got.tokens[b, len(f):])
   assert got.logprobs is None and hydragen.drawn is None
+  # stop_after_forced: a row ends with its last forced token (one with none, with its first
+  # token), and the loop with the longest.
+  stop = engine.generate(model, None, plan, max_new_tokens=6, forced=forced,
+                         stop_after_forced=True)
+  np.testing.assert_array_equal(stop.lengths, [max(len(f), 1) for f in forced])
+  assert stop.decode_steps == max(len(f) for f in forced) - 1
+  for b, f in enumerate(forced):
+    n = max(len(f), 1)
+    np.testing.assert_array_equal(stop.tokens[b, :n], got.tokens[b, :n])
+    assert (stop.tokens[b, n:] == 0).all() and (stop.drawn[b, n:] == -1).all()
   gen = lambda f, **kw: engine.generate(model, None, plan, max_new_tokens=3, forced=f, **kw)
+  with pytest.raises(ValueError, match="stop_after_forced=True needs forced= tokens"):
+    engine.generate(model, None, plan, max_new_tokens=3, stop_after_forced=True)
   with pytest.raises(ValueError, match=f"one token sequence a prompt \\({len(seqs)}\\), got 1"):
     gen([[1]])
   with pytest.raises(ValueError, match=r"forced\[0\] has 4 tokens, more than max_new_tokens=3"):
