@@ -533,6 +533,10 @@ def row_keys(seed: int, row_seeds) -> np.ndarray:
   return np.asarray(jax.random.key_data(keys))
 
 
+# The shape and dtype of one PRNG key's data (threefry: 2 x uint32), without computing one.
+_KEY_DATA = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+
+
 @jax.jit
 def _fold_words(base, words):
   def fold(row):
@@ -1594,7 +1598,7 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   inputs = lay.inputs()
-  keys = _in_layout_order(lay, row_keys(0, np.arange(len(seqs))))   # their shape only
+  keys = np.zeros((lay.plan_row.size,) + _KEY_DATA.shape, _KEY_DATA.dtype)   # shape only
   scalar = np.int32(0)
   compiled = _EXECUTABLES.get(key, decode_key)
   prefill_job = decode_job = None
@@ -1990,6 +1994,17 @@ class Scores:
   greedy: np.ndarray
   generation: Generation
 
+  @classmethod
+  def of(cls, gen: Generation, lengths) -> "Scores":
+    """The scores of a forced generation (`generate(forced=, logprobs=True)` with the
+    sampler greedy): lengths [B] the forced tokens of each row, which its first tokens are."""
+    lengths = np.asarray(lengths, np.int32)
+    inside = np.arange(gen.tokens.shape[1])[None, :] < lengths[:, None]
+    logprobs = np.where(inside, gen.logprobs, np.nan).astype(np.float32)
+    return cls(logprobs=logprobs, lengths=lengths,
+               total=np.where(inside, logprobs, 0.0).sum(axis=1),
+               greedy=np.all(~inside | (gen.drawn == gen.tokens), axis=1), generation=gen)
+
 
 def score(model, params, prompts=None, continuations=None, **options) -> Scores:
   """log p(continuation | prompt) of each (prompt, continuation) pair, exactly, with the
@@ -2025,13 +2040,4 @@ def score(model, params, prompts=None, continuations=None, **options) -> Scores:
   width = max(1, int(lengths.max(initial=0)))
   gen = generate(model, params, prompts, max_new_tokens=width, forced=continuations,
                  stop_after_forced=True, logprobs=True, eos_id=None, **options)
-  cols = np.arange(width)[None, :]
-  inside = cols < lengths[:, None]
-  logprobs = np.where(inside, gen.logprobs, np.nan).astype(np.float32)
-  forced = np.zeros((len(lengths), width), np.int64)
-  for b, c in enumerate(continuations):
-    forced[b, :len(c)] = np.asarray(c)
-  greedy = np.all(~inside | (gen.drawn == forced), axis=1)
-  return Scores(logprobs=logprobs, lengths=lengths,
-                total=np.where(inside, logprobs, 0.0).sum(axis=1), greedy=greedy,
-                generation=gen)
+  return Scores.of(gen, lengths)

@@ -253,18 +253,17 @@ def finish(tokens: np.ndarray, *, max_new_tokens: int, stop_ids, stop_strings, t
   return tokens, text, reason, stop
 
 
-def _scored_record(request, continuation, gen, j: int, tokenizer, *,
+def _scored_record(request, continuation, scores, j: int, tokenizer, *,
                    prompt_tokens: int) -> dict:
-  """The record of a scored request from row j of its batch's forced generation: its
+  """The record of a scored request from row j of its batch's `engine.Scores`: its
   continuation's tokens, their log-probabilities and sum, and whether greedy decoding gives
   it."""
-  n = len(continuation)
   tokens = [int(t) for t in continuation]
-  lps = gen.logprobs[j, :n].astype(np.float64)
+  lps = scores.logprobs[j, :len(tokens)]
   return dict(id=request.id, sample=0,
               text=None if tokenizer is None else tokenizer.decode(tokens), tokens=tokens,
               finish_reason="scored", stop=None, prompt_tokens=prompt_tokens,
-              logprob=float(lps.sum()), greedy=bool(np.all(gen.drawn[j, :n] == tokens)),
+              logprob=float(lps.astype(np.float64).sum()), greedy=bool(scores.greedy[j]),
               logprobs=[float(x) for x in lps])
 
 
@@ -530,10 +529,11 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
                    decode_s=round(gen.decode_seconds, 4),
                    compile_s=round(gen.compile_seconds, 4))
     records = []
+    scores = engine.Scores.of(gen, [len(f) for f in options["forced"]]) if scored else None
     for j, row in enumerate(batch.rows):
       r = reqs[of[row]]
       if scored:
-        records.append(dict(_scored_record(r, conts[row], gen, j, tok,
+        records.append(dict(_scored_record(r, conts[row], scores, j, tok,
                                            prompt_tokens=int(seqs[row].size)),
                             timings=dict(timings)))
         continue
