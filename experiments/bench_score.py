@@ -15,7 +15,9 @@ row), each question (shared by its choices) and empty suffixes. Rows run in batc
               once as shared levels, the choices' tokens forced through the decode loop;
   replicated  the same with each row's whole prompt copied into its own cache.
 Each mode runs the whole set twice; the second pass is timed (its programs compiled by the
-first). Reported: seconds, rows/s, the KV bytes of a batch, and the two modes' agreement (the
+first): wall time of the batches' `score` calls back to back, host work (planning, layout,
+transfers) included, as a user's evaluation run spends it; no device-only time. Reported:
+seconds, rows/s, the KV bytes of a batch, and the two modes' agreement (the
 largest gap between their log-probabilities, and the rows whose greedy flags differ; bf16
 may round apart near ties). Writes DIR/rows.csv and DIR/env.json; prints a short table last.
 """
