@@ -2036,6 +2036,10 @@ def score(model, params, prompts=None, continuations=None, **options) -> Scores:
     raise ValueError("continuations must be token ids (tokenize the prompt and continuation "
                      "together and split them: a continuation's first token may depend on "
                      "the prompt's last)")
+  rows = len(prompts.sequences) if is_plan(prompts) else len(prompts)
+  if len(continuations) != rows:
+    raise ValueError(f"continuations must give one token sequence a prompt ({rows}), got "
+                     f"{len(continuations)}")
   lengths = np.array([len(c) for c in continuations], np.int32)
   width = max(1, int(lengths.max(initial=0)))
   gen = generate(model, params, prompts, max_new_tokens=width, forced=continuations,

@@ -363,6 +363,9 @@ def test_score_is_the_models_continuation_logprob(tiny, tree_runs):
       engine.score(model, None, plan, conts, **bad)
   with pytest.raises(ValueError, match="continuations must be token ids"):
     engine.score(model, None, plan, ["a b"] * len(seqs))
+  with pytest.raises(ValueError, match=f"continuations must give one token sequence a prompt "
+                                       f"\\({len(seqs)}\\), got 1"):
+    engine.score(model, None, plan, conts[:1])
 
 
 @TREE_RUNS
