@@ -6,7 +6,8 @@
 
 Input (see `hydrax.offline.requests`): JSONL with `id`, `prompt` text or `tokens`, optional
 per-request `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop` (strings and/or token ids),
-`n` (completions of the prompt; default `--n`, 1); or plain text, one prompt a line. Output: one
+`n` (completions of the prompt; default `--n`, 1), `seed` (its random stream, below); or plain
+text, one prompt a line. Output: one
 JSON line per completion, appended per batch (fsync): `id`, `sample` (0 .. n - 1), `text`
 (null without a tokenizer), `tokens` (generated ids, stop id excluded), `finish_reason`
 ("stop": EOS, a stop id or a stop string ended it; "length": max_new_tokens), `stop` (what
@@ -31,12 +32,13 @@ decoded, then dropped).
 
 Samples: a prompt's n completions are n rows of the same tokens, which the global plan
 shares whole (the prompt is prefilled once for all of them). Each completion draws from its
-own random stream: the run's --seed folded with a hash of its request's id and with its sample
-index (`engine.generate(row_seeds=)`). So a completion depends on the model, the seed, its
-request and its sample index, not on the batch it lands in: the same with another max_batch,
-memory budget or strategy, with other requests in the file, and on resuming (up to the float
-rounding of the logits, which batch shapes move a little: a draw at a near-tie of two tokens
-can change with them).
+own random stream: the run's --seed folded with its request's stream (the request's `seed`
+if it gives one, else a hash of its id) and with its sample index (`engine.generate(row_seeds=)`).
+So a completion depends on the model, the seed, its request and its sample index, not on the
+batch it lands in: the same with another max_batch, memory budget or strategy, with other
+requests in the file, and on resuming (up to the float rounding of the logits, which batch
+shapes move a little: a draw at a near-tie of two tokens can change with them). Requests that
+give the same `seed`, prompt and settings draw the same completions, whatever their ids.
 
 Resuming: rerunning with the same --out skips the completions already in it (by id and
 sample); an interrupted run loses at most the batch in flight. The schedule is made over every
@@ -313,7 +315,8 @@ def _check_defaults(max_new_tokens, temperature, top_k, top_p, max_batch, n):
 
 def id_hash(request_id: str) -> int:
   """A request id's stable 32-bit hash (blake2b): the first word of its completions' row
-  seeds, so that a completion's random stream follows its request, not its batch row."""
+  seeds (unless the request gives its `seed`), so that a completion's random stream follows
+  its request, not its batch row."""
   return int.from_bytes(hashlib.blake2b(request_id.encode("utf-8"), digest_size=4).digest(),
                         "little")
 
@@ -448,7 +451,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   keys = [keys[i] for i in of]
   own_new = [len(c) if c is not None else reqs[i].max_new_tokens or max_new_tokens
              for i, c in zip(of, conts)]
-  hashes = [id_hash(r.id) for r in reqs]
+  streams = [id_hash(r.id) if r.seed is None else r.seed for r in reqs]
   eos = None if ignore_eos else config.eos_token_id
   run_stop_strings = tuple(s for s in stop if isinstance(s, str))
   run_stop_ids = tuple(int(s) for s in stop if not isinstance(s, str))
@@ -492,10 +495,10 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     reuse, kept[0] = kept[0], None
     options = engine_options(batch)
     scored = "forced" in options
-    # Each completion's random stream: (its request's id hash, its sample index); padding
-    # rows (past batch.rows) draw from (0, 0), and their tokens are dropped.
+    # Each completion's random stream: (its request's seed or id hash, its sample index);
+    # padding rows (past batch.rows) draw from (0, 0), and their tokens are dropped.
     row_seeds = np.zeros((batch.size, 2), np.int64)
-    row_seeds[:len(batch.rows)] = [(hashes[of[row]], sample[row]) for row in batch.rows]
+    row_seeds[:len(batch.rows)] = [(streams[of[row]], sample[row]) for row in batch.rows]
     try:
       gen = engine.generate(config, params, batch.plan, max_new_tokens=batch.max_new_tokens,
                             attention=attention, eos_id=None if scored else eos, seed=seed,

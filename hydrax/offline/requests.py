@@ -12,7 +12,8 @@ number), exactly one of `prompt` (text) or `tokens` (token ids), and optional `m
 (int >= 1), `temperature` (>= 0; 0 = greedy), `top_k` (int >= 1), `top_p` (in (0, 1]), `stop`
 (a string, an int, or a list of strings and ints: strings end the text where they first occur,
 ints are stop token ids), `n` (int >= 1: completions drawn for the prompt, each its own
-sample). Or, instead of generating, `continuation` (text, or token ids): the request is scored,
+sample), `seed` (an int in [0, 2**32): the request's random stream in place of its id's; see
+`hydrax.generate`). Or, instead of generating, `continuation` (text, or token ids): the request is scored,
 log p(continuation | prompt) (it then takes none of the generation keys). Unknown keys are
 errors (a typo must not be silently ignored).
 Plain text: every non-blank line is one prompt, its id is its line number. A file is JSONL when
@@ -34,8 +35,8 @@ import numpy as np
 
 ON_BAD_LINE = ("error", "skip")
 _KEYS = ("id", "prompt", "tokens", "max_new_tokens", "temperature", "top_k", "top_p", "stop",
-         "n", "continuation")
-_GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "n")
+         "n", "seed", "continuation")
+_GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "n", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Request:
   stop: tuple = ()          # stop strings
   stop_ids: tuple = ()      # stop token ids
   n: Optional[int] = None   # completions to draw
+  seed: Optional[int] = None    # its random stream (default: its id's hash)
   continuation: Optional[object] = None    # scored instead: text, or a tuple of token ids
 
   @property
@@ -140,6 +142,9 @@ def _parse_object(obj, line: int) -> Request:
   n = obj.get("n")
   if n is not None and (not _is_int(n) or n < 1):
     raise ValueError(f"n must be an int >= 1 (completions of the prompt), got {n!r}")
+  seed = obj.get("seed")
+  if seed is not None and (not _is_int(seed) or not 0 <= seed < 2 ** 32):
+    raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
   stop = obj.get("stop", [])
   stop = stop if isinstance(stop, list) else [stop]
   strings, ids = [], []
@@ -153,7 +158,8 @@ def _parse_object(obj, line: int) -> Request:
   return Request(id=str(rid), line=line, prompt=prompt, tokens=tokens, max_new_tokens=max_new,
                  temperature=None if temperature is None else float(temperature),
                  top_k=top_k, top_p=None if top_p is None else float(top_p),
-                 stop=tuple(strings), stop_ids=tuple(ids), n=n, continuation=continuation)
+                 stop=tuple(strings), stop_ids=tuple(ids), n=n, seed=seed,
+                 continuation=continuation)
 
 
 def is_jsonl(path: str, head: str) -> bool:

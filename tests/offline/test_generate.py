@@ -186,6 +186,28 @@ def test_samples_draw_their_own_streams(tmp_path, monkeypatch, caplog):
       G.run(path, str(tmp_path / "bad.jsonl"), n=bad, **RUN)
 
 
+def test_a_requests_seed_is_its_stream(tmp_path):
+  """A request's `seed` replaces its id's hash in its row seeds: requests with one seed and
+  prompt draw the same completions whatever their ids, each engine.generate's row of the
+  prompt alone with row seed (seed, sample); without a seed, the id's stream."""
+  prompt = _dataset(1, seed=9)[0]["tokens"]
+  reqs = [dict(id="a", tokens=prompt, seed=77, n=2), dict(id="b", tokens=prompt, seed=77, n=2),
+          dict(id="c", tokens=prompt, n=2)]
+  path = _write(tmp_path / "p.jsonl", reqs)
+  G.run(path, str(tmp_path / "out.jsonl"), temperature=1.0, max_new_tokens=6, seed=3, **RUN)
+  got = {(r["id"], r["sample"]): r["tokens"] for r in _read(tmp_path / "out.jsonl")}
+  for k in range(2):
+    assert got["a", k] == got["b", k]
+    for rid, stream in (("a", 77), ("c", G.id_hash("c"))):
+      alone = engine.generate(CONFIG, PARAMS, [np.asarray(prompt, np.int32)], max_new_tokens=6,
+                              temperature=1.0, seed=3, eos_id=CONFIG.eos_token_id,
+                              row_seeds=[[stream, k]])
+      want = alone.tokens[0, :alone.lengths[0]].tolist()
+      eos = CONFIG.eos_token_id
+      assert (want[:want.index(eos)] if eos in want else want) == got[rid, k], (rid, k)
+  assert got["a", 0] != got["a", 1] and got["a", 0] != got["c", 0]
+
+
 def test_logprobs_in_records(tmp_path):
   reqs = _dataset(4, seed=8)
   reqs[0].update(temperature=1.0)

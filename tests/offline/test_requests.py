@@ -17,7 +17,7 @@ def _write(tmp_path, name, lines):
 def test_jsonl_fields_and_defaults(tmp_path):
   path = _write(tmp_path, "p.jsonl", [
       json.dumps({"id": "a", "prompt": "hi", "max_new_tokens": 5, "temperature": 0.5,
-                  "top_k": 3, "top_p": 0.9, "stop": ["\n", 7], "n": 4}),
+                  "top_k": 3, "top_p": 0.9, "stop": ["\n", 7], "n": 4, "seed": 2 ** 32 - 1}),
       "",
       json.dumps({"tokens": [1, 2, 3]}),
   ])
@@ -26,8 +26,9 @@ def test_jsonl_fields_and_defaults(tmp_path):
   a, b = reqs
   assert (a.id, a.line, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p) == \
       ("a", 1, "hi", 5, 0.5, 3, 0.9)
-  assert a.stop == ("\n",) and a.stop_ids == (7,) and a.n == 4
-  assert (b.id, b.line, b.tokens, b.max_new_tokens, b.n) == ("3", 3, (1, 2, 3), None, None)
+  assert a.stop == ("\n",) and a.stop_ids == (7,) and a.n == 4 and a.seed == 2 ** 32 - 1
+  assert (b.id, b.line, b.tokens, b.max_new_tokens, b.n, b.seed) == \
+      ("3", 3, (1, 2, 3), None, None, None)
 
 
 def test_plain_text_one_prompt_a_line(tmp_path):
@@ -48,6 +49,11 @@ BAD = [
     (json.dumps({"id": "s", "prompt": "a", "stop": [""]}), "stop"),
     (json.dumps({"id": "r", "prompt": "a", "n": 0}), "n must be an int >= 1"),
     (json.dumps({"id": "q", "prompt": "a", "n": 2.0}), "n must be an int >= 1"),
+    (json.dumps({"id": "l", "prompt": "a", "seed": 2 ** 32}), "seed must be an int in [0, 2**32)"),
+    (json.dumps({"id": "k", "prompt": "a", "seed": -1}), "seed must be an int in [0, 2**32)"),
+    (json.dumps({"id": "j", "prompt": "a", "seed": "7"}), "seed must be an int in [0, 2**32)"),
+    (json.dumps({"id": "i", "prompt": "a", "continuation": "b", "seed": 1}),
+     "a scored request (continuation) takes none of ['seed']"),
     (json.dumps({"id": "ok", "prompt": "a"}), "duplicate id"),
     ("[1, 2]", "JSON object"),
     (json.dumps({"id": "p", "prompt": "a", "continuation": "b", "max_new_tokens": 2}),
