@@ -11,7 +11,8 @@ problem), `length_scale` every token length.
              user message): synthetic-data generation, chat evaluation.
   document   one 12K-token document with 1,000 questions of 10-50 tokens (long-document QA).
   samples    128 problems of 300-1,000 tokens after a 500-token few-shot header, 64 identical
-             requests each (sampled: temperature 0.8).
+             requests each (sampled: temperature 0.8). 64 lines rather than one with n = 64:
+             each draws its own max_new_tokens (below), where n completions share one.
   control    2,000 unrelated prompts of 200-2,000 tokens (no sharing).
 Every request's `max_new_tokens` is drawn in [lo, hi] (default 128-256): with random weights the
 model never emits EOS, so early EOS is modelled by the per-request limit. Requests arrive
