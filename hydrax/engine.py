@@ -8,7 +8,7 @@ mesh, with the sharing tree as runtime data.
                 check_every=1)
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
   footprint(config, prompts, ...) -> (kv_bytes, Signature)
-  score(model, params, prompts, continuations, **generate_options) -> Scores
+  score(model, params, prompts, continuations, *, method="auto", **generate_options) -> Scores
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
   row_keys(seed, row_seeds) -> key data of each row's PRNG key
   precompile(model, params, prompts, *, max_new_tokens, ...) -> (seconds, kept shapes or None)
@@ -108,6 +108,7 @@ _DATA = "data"     # the mesh axis of rows (hydrax.parallel.mesh.DATA; not impor
 
 ATTENTION_MODES = ("hydragen", "replicated", "none")
 PREFILL_MODES = ("auto", "packed", "padded")
+FORCED_IN = ("decode", "prefill")
 CHECKS_MODES = ("static", "runtime")
 
 
@@ -478,8 +479,9 @@ def token_logprobs(logits, tokens):
 
 def _split_sampling(sampling: dict):
   """(sample()'s keywords, whether the programs return the tokens' log-probabilities, what
-  follows forced tokens: None (no forced tokens), "draw" or "stop")."""
-  return ({k: v for k, v in sampling.items() if k not in ("logprobs", "forced")},
+  follows forced tokens: None (no forced tokens), "draw", "stop", or "prefill" (taken in the
+  prefill, then stop; sampling["window"]: the forced tokens' width))."""
+  return ({k: v for k, v in sampling.items() if k not in ("logprobs", "forced", "window")},
           bool(sampling.get("logprobs", False)), sampling.get("forced"))
 
 
@@ -487,7 +489,7 @@ def _ends(tok, position, eos, forced, then):
   """Whether each row ends with `tok` at column `position`: an EOS, or (then == "stop") its
   last forced token (a row without forced tokens ends with its first, drawn, token)."""
   done = tok == eos
-  if then == "stop":
+  if then in ("stop", "prefill"):
     done = done | (position + 1 >= forced[1])
   return done
 
@@ -513,6 +515,33 @@ def _choose(logits, keys, position, forced, draw: dict, logprobs: bool):
   if logprobs:
     extras["logprobs"] = token_logprobs(logits, tok)
   return tok, extras
+
+
+def _take_forced(model, hidden, keys, forced, eos, draw: dict, logprobs: bool):
+  """The forced tokens taken in the prefill (`generate(forced_in="prefill")`): hidden [R,F,E]
+  the hidden state before each column (the prompt's last token's, then each forced token's);
+  keys [R] typed. Column j is chosen as the decode loop would (`_choose`, keys folded with j),
+  a row ending after its forced tokens (with its first, drawn, token when it has none) or an
+  EOS. Returns ((tokens [R,F] (0 past a row's end), count [R]), extras [R,F] each (`_EXTRAS`'
+  empty value past the end), done [R])."""
+  names = ["drawn"] + (["logprobs"] if logprobs else [])
+  r, width = hidden.shape[:2]
+
+  def column(carry, xs):
+    done, count = carry
+    j, h = xs
+    tok, now = _choose(llama_lib.logits(model, h), _draw_keys(keys, j), j, forced, draw,
+                       logprobs)
+    real = ~done
+    now = {k: jnp.where(real, now[k], _EXTRAS[k][1]) for k in names}
+    count = count + real.astype(jnp.int32)
+    done = done | _ends(tok, j, eos, forced, "prefill")
+    return (done, count), (jnp.where(real, tok, 0), now)
+
+  (done, count), (tokens, extras) = lax.scan(
+      column, (jnp.zeros((r,), bool), jnp.zeros((r,), jnp.int32)),
+      (jnp.arange(width, dtype=jnp.int32), hidden.transpose(1, 0, 2)))
+  return (tokens.T, count), {k: v.T for k, v in extras.items()}, done
 
 
 def row_keys(seed: int, row_seeds) -> np.ndarray:
@@ -717,6 +746,9 @@ class Layout(NamedTuple):
   index (with keep): per shared level, per shard, {path key: local node} of its non-empty
   nodes; reused: the shared levels laid into the kept ones of `reuse` (their passes run only
   the new nodes); reused_tokens: node tokens taken from there.
+  window_col (with `layout(window=)`): [data*B_l] the main pass's column of each row's last
+  prompt token, its forced tokens after it (-1, or a neighbour's in a packed row, where the
+  prompt ends in a shared node: last_source says so).
   """
   attention: str
   levels: tuple
@@ -734,6 +766,7 @@ class Layout(NamedTuple):
   index: tuple = ()
   reused: tuple = ()
   reused_tokens: int = 0
+  window_col: Optional[np.ndarray] = None
 
   @property
   def data(self) -> int:
@@ -754,9 +787,12 @@ class Layout(NamedTuple):
 
   def inputs(self) -> dict:
     """The runtime arrays of prefill (all rows-first, sharded over "data")."""
-    return {"levels": [p.arrays() for p in self.levels], "main": self.main.arrays(),
-            "seq_owner": tuple(self.seq_owner), "last_source": self.last_source,
-            "last_row": self.last_row}
+    out = {"levels": [p.arrays() for p in self.levels], "main": self.main.arrays(),
+           "seq_owner": tuple(self.seq_owner), "last_source": self.last_source,
+           "last_row": self.last_row}
+    if self.window_col is not None:
+      out["window_col"] = self.window_col
+    return out
 
   def kv_bytes(self, config: LlamaConfig, dtype) -> int:
     """Bytes of the cache that decode holds (the shared levels only with hydragen)."""
@@ -902,7 +938,7 @@ def _packed_pass(tokens, lengths, start, plan_row, width: int, capacity: int, an
 
 def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int = 2048,
            attention: str = "hydragen", prefill: str = "auto", keep: bool = False,
-           reuse: Optional[KeptNodes] = None) -> Layout:
+           reuse: Optional[KeptNodes] = None, window=None) -> Layout:
   """Checks a SharingPlan against the prompts (input order) and lays it out over `data`
   shards: each shard's rows, its local nodes per shared level (count bucketed), token widths
   and capacities bucketed, and the runtime tables (owners, ancestors, last-token sources).
@@ -917,7 +953,12 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
   keep: also index the shared levels' nodes by path (`Layout.index`, for `KeptNodes`);
   reuse: a `KeptNodes` whose levels of the same (node count, capacity) this plan's levels are
   laid into: found nodes keep their local node, the rest take free ones, and only they are
-  prefilled (`Layout.reused`; a reused level's pass has the new nodes as rows)."""
+  prefilled (`Layout.reused`; a reused level's pass has the new nodes as rows).
+
+  window: [B] (input order) how many of each sequence's last tokens are forced ones, taken
+  in the prefill (`generate(forced_in="prefill")`): they are in its suffix, after its
+  prompt; the prompt's last token is then where `last_source` / `last_row` point (for the
+  main pass, at `Layout.window_col`)."""
   if prefill not in PREFILL_MODES:
     raise ValueError(f"prefill must be one of {list(PREFILL_MODES)}, got {prefill!r}")
   b = len(seqs)
@@ -1037,36 +1078,50 @@ def layout(plan, seqs, *, data: int = 1, max_new_tokens: int, prefill_chunk: int
                             capacity, anc, prefill_chunk, bk)
       if prefill == "packed" or packed.slots < main.slots:
         main = packed
+  # The prompt's own suffix: all of it, or what precedes the forced tokens taken in prefill.
+  forced = np.zeros((b,), np.int64) if window is None else \
+      np.asarray(window, np.int64)[order]
+  if forced.shape != (b,) or (forced < 0).any() or (forced > suf_len).any():
+    raise ValueError(f"window must give each sequence's forced tokens, at most its suffix "
+                     f"({suf_len.tolist()}), got {np.asarray(window).tolist()}")
+  prompt_suf = suf_len - forced
+  window_col = None
+  if window is not None:   # the main pass's column of each row's last prompt token
+    window_col = ((main.last_col - forced[rows]) if isinstance(main, _PackedPass)
+                  else prompt_suf[rows] - 1).astype(np.int32)
   last_source = np.full((data * per,), -1, np.int32)
   last_row = np.zeros((data * per,), np.int32)
   for i, r in enumerate(rows):
-    if suf_len[r] == 0:   # the prompt ends inside its deepest non-empty node
+    if prompt_suf[r] == 0:   # the prompt ends inside its deepest non-empty node
       for d in reversed(range(len(levels))):
         if levels[d][1][levels[d][2][r]] > 0:
           last_source[i], last_row[i] = d, seq_owner[d][i]
           break
   return Layout(attention, tuple(passes), main, seq_owner, last_source, last_row,
                 prompt_lengths, plan_row, real, order, tuple(replication), int(max_new_tokens),
-                padded_slots, tuple(index), tuple(reused), reused_tokens)
+                padded_slots, tuple(index), tuple(reused), reused_tokens, window_col)
 
 
 # ----------------------------------------------------------------------------- prefill / decode
 
 
 def chunked_prefill(forward_chunk, tokens, lengths, start, own, *, chunk: int, hidden_size: int,
-                    dtype):
+                    dtype, window_col=None, window: int = 0):
   """Runs a prefill pass over tokens [R, W] (W a multiple of `chunk`) in chunks of `chunk`
   tokens per row, under `lax.scan` when there is more than one chunk.
 
   forward_chunk(tok [R,c], positions [R,c], own, valid [R]) -> (hidden [R,c,E], own): the
   model on one chunk, appending its keys to `own` (or None). lengths [R]: real tokens per row;
   start [R]: the position of each row's first token. Returns (own, last hidden [R,E] of each
-  row's last real token).
+  row's last real token); with window = F > 0, (own, hidden [R,F,E] of each row's columns
+  window_col [R] + 0..F-1 instead, zeros where a column is outside the row).
   """
   r, width = tokens.shape
   c = chunk
   steps = width // c
   arange_r = jnp.arange(r)
+  first = lengths - 1 if not window else window_col
+  cols = first[:, None] + jnp.arange(max(window, 1), dtype=jnp.int32)[None, :]   # [R, F]
 
   def step(carry, xs):
     own, last = carry
@@ -1075,14 +1130,15 @@ def chunked_prefill(forward_chunk, tokens, lengths, start, own, *, chunk: int, h
     positions = start[:, None] + offset + jnp.arange(c, dtype=jnp.int32)[None, :]
     valid = jnp.clip(lengths - offset, 0, c)
     hidden, own = forward_chunk(tok, positions, own, valid)
-    idx = lengths - 1 - offset
+    idx = cols - offset
     here = (idx >= 0) & (idx < c)
-    picked = hidden[arange_r, jnp.clip(idx, 0, c - 1)]
-    return (own, jnp.where(here[:, None], picked, last)), None
+    picked = hidden[arange_r[:, None], jnp.clip(idx, 0, c - 1)]
+    return (own, jnp.where(here[..., None], picked, last)), None
 
-  last = jnp.zeros((r, hidden_size), dtype)
+  last = jnp.zeros((r, max(window, 1), hidden_size), dtype)
   chunks = tokens.reshape(r, steps, c).transpose(1, 0, 2)
-  return _steps(step, (own, last), chunks)
+  own, last = _steps(step, (own, last), chunks)
+  return own, (last if window else last[:, 0])
 
 
 def _steps(step, carry, xs):
@@ -1095,37 +1151,45 @@ def _steps(step, carry, xs):
 
 
 def packed_prefill(forward_step, tokens, segments, positions, last_row, last_col, own, *,
-                   rows_per_step: int, hidden_size: int, dtype):
+                   rows_per_step: int, hidden_size: int, dtype, window_col=None,
+                   window: int = 0):
   """Runs a packed pass over tokens, segments, positions [P, W] in steps of rows_per_step
   whole rows (a sequence's suffix lies in one row, so no step reads another's keys).
 
   forward_step(tok, seg, pos [c,W], own) -> (hidden [c,W,E], own). last_row, last_col [R]: the
   packed row and column of each sequence's last suffix token (row -1: none). Returns (own,
-  last hidden [R,E], zeros where a sequence has no suffix).
+  last hidden [R,E], zeros where a sequence has no suffix); with window = F > 0, (own, hidden
+  [R,F,E] of the columns window_col [R] + 0..F-1 of each sequence's packed row instead (zeros
+  outside the row; columns before the sequence's own are its neighbour's: the caller masks).
   """
   p, w = tokens.shape
   c = rows_per_step
+  first = last_col if not window else window_col
+  cols = first[:, None] + jnp.arange(max(window, 1), dtype=jnp.int32)[None, :]   # [R, F]
 
   def step(carry, xs):
     own, last = carry
     index, (tok, seg, pos) = xs
     hidden, own = forward_step(tok, seg, pos, own)
-    here = (last_row >= 0) & (last_row // c == index)
-    picked = hidden[jnp.clip(last_row - index * c, 0, c - 1), jnp.clip(last_col, 0, w - 1)]
-    return (own, jnp.where(here[:, None], picked, last)), None
+    here = (last_row >= 0)[:, None] & (last_row // c == index)[:, None] & (cols >= 0) & \
+        (cols < w)
+    picked = hidden[jnp.clip(last_row - index * c, 0, c - 1)[:, None], jnp.clip(cols, 0, w - 1)]
+    return (own, jnp.where(here[..., None], picked, last)), None
 
   split = lambda x: x.reshape(p // c, c, w)
-  last = jnp.zeros((last_row.shape[0], hidden_size), dtype)
-  return _steps(step, (own, last), (split(tokens), split(segments), split(positions)))
+  last = jnp.zeros((last_row.shape[0], max(window, 1), hidden_size), dtype)
+  own, last = _steps(step, (own, last), (split(tokens), split(segments), split(positions)))
+  return own, (last if window else last[:, 0])
 
 
 
-def _prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool, runtime: Runtime):
+def _prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool, runtime: Runtime,
+                  window_col=None, window: int = 0):
   """Runs one prefill pass in chunks, appending to `own` (a LevelKV, or None with skip).
 
   Row r attends to its nodes of the first len(anc) `shared` levels (anc: per level [R] local
   node, runtime data) and to `own`. Returns (own, last hidden [R,E] of each row's last real
-  token).
+  token), or with window = F > 0 the hidden [R,F,E] of its columns window_col + 0..F-1.
   """
   tokens, lengths, start, anc = arrays[:4]
   levels = tuple(shared[:len(anc)])
@@ -1137,16 +1201,18 @@ def _prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool, runtim
     return hidden, None if cache is None else cache.suffix
 
   return chunked_prefill(forward_chunk, tokens, lengths, start, own, chunk=spec[3],
-                         hidden_size=model.config.hidden_size, dtype=model.dtype)
+                         hidden_size=model.config.hidden_size, dtype=model.dtype,
+                         window_col=window_col, window=window)
 
 
 def _packed_prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool, fresh: bool,
-                         runtime: Runtime):
+                         runtime: Runtime, window_col=None, window: int = 0):
   """`_prefill_pass` of a `_PackedPass`: the packed tokens attend to their sequence's nodes
   of the first len(anc) `shared` levels, the keys `own` already holds for them (unless
   fresh: it holds none) and the earlier tokens of their own suffix; their keys are appended
   to `own` by sequence. Returns (own, last hidden [R,E] of each sequence's last suffix
-  token)."""
+  token), or with window = F > 0 the hidden [R,F,E] of its packed row's columns window_col +
+  0..F-1."""
   tokens, segments, positions, _, last_row, last_col, anc = arrays
   levels = tuple(shared[:len(anc)])
 
@@ -1158,7 +1224,7 @@ def _packed_prefill_pass(model, spec: tuple, arrays, shared, own, *, skip: bool,
 
   return packed_prefill(forward_step, tokens, segments, positions, last_row, last_col, own,
                         rows_per_step=spec[3], hidden_size=model.config.hidden_size,
-                        dtype=model.dtype)
+                        dtype=model.dtype, window_col=window_col, window=window)
 
 
 def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
@@ -1169,9 +1235,13 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
   forced: (tokens [B,F], lengths [B]) with sampling["forced"], else None;
   kept: (LevelKV, last hidden [N,E]) of each level laid into a kept one (`KeptNodes`), which
   its new nodes are written into (donated); lasts: per shared level (hydragen) [N,E] the
-  hidden state of each node's last token."""
+  hidden state of each node's last token. With sampling["forced"] == "prefill" (the forced
+  tokens are in the suffixes, `layout(window=)`), the first tokens are every column's,
+  (tokens [B,F], count [B]), and their extras [B,F] (`_take_forced`): nothing is left to
+  decode."""
   skip = sig.attention == "none"
   draw, logprobs, then = _split_sampling(sampling)
+  window = int(sampling["window"]) if then == "prefill" else 0
 
   def prefill(params, inputs, key_data, eos, kept, forced):
     model = nnx.merge(graphdef, params)
@@ -1211,22 +1281,29 @@ def _make_prefill(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
       start = inputs["main"][3 if sig.packed_rows else 2]
       main = replicate_nodes(shared, inputs["seq_owner"], nodes, main, start)
     held = tuple(shared) if sig.attention == "hydragen" else ()
+    at = dict(window_col=inputs.get("window_col"), window=window)
     if sig.packed_rows:
       # Fresh unless the replicated mode copied each sequence's nodes into its cache first.
       main, last = _packed_prefill_pass(
           model, sig.main, inputs["main"], held, main, skip=skip, runtime=runtime,
-          fresh=not (sig.attention == "replicated" and shared))
+          fresh=not (sig.attention == "replicated" and shared), **at)
     else:
       main, last = _prefill_pass(model, sig.main, inputs["main"], held, main, skip=skip,
-                                 runtime=runtime)
+                                 runtime=runtime, **at)
+    hidden, last = (last, last[:, 0]) if window else (None, last)
     source, row = inputs["last_source"], inputs["last_row"]
     for d, node_last in enumerate(lasts):
       picked = node_last[jnp.clip(row, 0, node_last.shape[0] - 1)]
       last = jnp.where((source == d)[:, None], picked, last)
-    keys = _draw_keys(jax.random.wrap_key_data(key_data), 0)
-    first, extras = _choose(llama_lib.logits(model, last), keys, 0, forced, draw, logprobs)
-    return (held, main, first, extras, _ends(first, 0, eos, forced, then),
-            tuple(lasts) if held else ())
+    keys = jax.random.wrap_key_data(key_data)
+    lasts = tuple(lasts) if held else ()
+    if window:
+      first, extras, done = _take_forced(model, hidden.at[:, 0].set(last), keys, forced, eos,
+                                         draw, logprobs)
+      return held, main, first, extras, done, lasts
+    first, extras = _choose(llama_lib.logits(model, last), _draw_keys(keys, 0), 0, forced,
+                            draw, logprobs)
+    return held, main, first, extras, _ends(first, 0, eos, forced, then), lasts
 
   return prefill
 
@@ -1571,7 +1648,8 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
                  sharing_options: Optional[dict] = None, prefill: str = "auto",
                  keep: bool = False, reuse: Optional[KeptNodes] = None,
                  runtime: Optional[Runtime] = None, logprobs: bool = False,
-                 forced=None, stop_after_forced: bool = False) -> CompileJobs:
+                 forced=None, stop_after_forced: bool = False,
+                 forced_in: str = "decode") -> CompileJobs:
   """The prefill and decode programs that `generate` with the same arguments would run (one
   device, static checks), as jobs that compile one program each, on any thread and in any
   order; nothing is compiled or run here. The shapes the decode is compiled for and those of
@@ -1580,21 +1658,23 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   hand their levels on (reuse= this call's kept) can be followed before any of its programs
   exists. `hydrax.generate.run(compile_ahead=True)` runs later batches' jobs on compiling
   threads while earlier batches run; `precompile` runs them in turn. runtime: as `generate`'s
-  (given whole instead of backend=; one device); logprobs, forced, stop_after_forced: as
-  `generate`'s."""
+  (given whole instead of backend=; one device); logprobs, forced, stop_after_forced,
+  forced_in: as `generate`'s."""
   runtime = _runtime_of(runtime, backend)
   graphdef, params, config = resolve_model(model, params)
+  _check_forced_in(forced_in, forced, stop_after_forced)
   if runtime.data != 1:
     raise ValueError("compiling ahead runs on one device (generate compiles on a mesh itself)")
   seqs, lay = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
                        max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=None,
                        sharing_options=sharing_options, prefill=prefill, keep=keep,
-                       reuse=reuse)
+                       reuse=reuse, forced=forced, forced_in=forced_in)
   kept_in = reuse.take(lay.reused) if reuse is not None else ()
   sig = lay.signature()
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
-  forced = _forced_inputs(forced, stop_after_forced, lay, sig, config, sampling)
+  forced = _forced_inputs(forced, stop_after_forced, lay, int(max_new_tokens), config,
+                         sampling, forced_in)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   inputs = lay.inputs()
@@ -1645,10 +1725,39 @@ def _decode_signature(sig: Signature) -> tuple:
           sig.max_new_tokens)
 
 
+class _ForcedSuffixes(NamedTuple):
+  """A plan whose suffixes end with forced tokens (`generate(forced_in="prefill")`): the
+  prompts' shared levels, each suffix followed by its forced tokens."""
+  order: np.ndarray
+  levels: tuple
+  suffix_tokens: np.ndarray
+  suffix_lengths: np.ndarray
+  suffix_start: np.ndarray
+  buckets: Any
+
+
+def _with_forced(plan, tokens: np.ndarray, lengths: np.ndarray) -> _ForcedSuffixes:
+  """`plan` with forced tokens (tokens [B,F], lengths [B], input order) after each suffix."""
+  order = np.asarray(plan.order, np.int64)
+  old_len = np.asarray(plan.suffix_lengths, np.int64)
+  add = lengths[order].astype(np.int64)
+  new_len = old_len + add
+  old = np.asarray(plan.suffix_tokens)
+  out = np.zeros((order.size, max(int(new_len.max(initial=0)), 1)), np.int32)
+  for i, b in enumerate(order):
+    out[i, :old_len[i]] = old[i, :old_len[i]]
+    out[i, old_len[i]:new_len[i]] = tokens[b, :add[i]]
+  return _ForcedSuffixes(order, plan.levels, out, new_len.astype(np.int32),
+                         np.asarray(plan.suffix_start), getattr(plan, "buckets", None))
+
+
 def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len,
              prefill_chunk, tokenizer, sharing_options, data: int = 1, prefill: str = "auto",
-             keep: bool = False, reuse: Optional[KeptNodes] = None):
-  """Validates the request and lays it out: (sequences in input order, Layout)."""
+             keep: bool = False, reuse: Optional[KeptNodes] = None, forced=None,
+             forced_in: str = "decode"):
+  """Validates the request and lays it out: (sequences in input order, Layout). With
+  forced_in="prefill", the prompts are planned and each suffix laid out with its forced
+  tokens after it (`layout(window=)`), and nothing is left to decode."""
   if attention not in ATTENTION_MODES:
     raise ValueError(f"attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -1669,9 +1778,15 @@ def _prepare(config: LlamaConfig, prompts, *, max_new_tokens, attention, max_len
                        f"length max_len={max_len}")
   if plan is None:
     plan = sharing.plan(seqs, **(sharing_options or {}))
-  return seqs, layout(plan, seqs, data=data, max_new_tokens=max_new_tokens,
+  full, window = seqs, None
+  if forced_in == "prefill":
+    tokens, window = _forced_arrays(forced, len(seqs), max_new_tokens, config.vocab_size)
+    plan = _with_forced(plan, tokens, window)
+    full = [np.concatenate([s, tokens[b, :window[b]]]) for b, s in enumerate(seqs)]
+    max_new_tokens = 1
+  return seqs, layout(plan, full, data=data, max_new_tokens=max_new_tokens,
                       prefill_chunk=int(prefill_chunk), attention=attention, prefill=prefill,
-                      keep=keep, reuse=reuse)
+                      keep=keep, reuse=reuse, window=window)
 
 
 def footprint(config: LlamaConfig, prompts, *, max_new_tokens: int,
@@ -1701,16 +1816,28 @@ def estimate_kv_bytes(config: LlamaConfig, prompts, *, max_new_tokens: int,
                    sharing_options=sharing_options, mesh=mesh)[0]
 
 
-def _forced_inputs(forced, stop_after_forced: bool, lay: Layout, sig: Signature,
-                   config: LlamaConfig, sampling: dict):
-  """The programs' forced input of `forced=` ((tokens, lengths) in the layout's row order), or
-  None without; marks `sampling` (the programs' key) with what follows the forced tokens."""
+def _check_forced_in(forced_in: str, forced, stop_after_forced: bool) -> None:
+  if forced_in not in FORCED_IN:
+    raise ValueError(f"forced_in must be one of {list(FORCED_IN)}, got {forced_in!r}")
+  if forced_in == "prefill" and (forced is None or not stop_after_forced):
+    raise ValueError("forced_in='prefill' takes the forced tokens in the prefill and stops "
+                     "there: it needs forced= tokens and stop_after_forced=True")
+
+
+def _forced_inputs(forced, stop_after_forced: bool, lay: Layout, width: int,
+                   config: LlamaConfig, sampling: dict, forced_in: str = "decode"):
+  """The programs' forced input of `forced=` ((tokens [B, width], lengths) in the layout's
+  row order), or None without; marks `sampling` (the programs' key) with what follows the
+  forced tokens, and where they are taken."""
   if forced is None:
     if stop_after_forced:
       raise ValueError("stop_after_forced=True needs forced= tokens")
     return None
-  sampling["forced"] = "stop" if stop_after_forced else "draw"
-  arrays = _forced_arrays(forced, len(lay.order), sig.max_new_tokens, config.vocab_size)
+  sampling["forced"] = "prefill" if forced_in == "prefill" else \
+      "stop" if stop_after_forced else "draw"
+  if forced_in == "prefill":
+    sampling["window"] = int(width)
+  arrays = _forced_arrays(forced, len(lay.order), width, config.vocab_size)
   return tuple(_in_layout_order(lay, a) for a in arrays)
 
 
@@ -1780,7 +1907,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
              mesh=None, checks: str = "static", unroll=1,
              runtime: Optional[Runtime] = None, prefill: str = "auto", keep: bool = False,
              reuse: Optional[KeptNodes] = None, logprobs: bool = False,
-             forced=None, stop_after_forced: bool = False) -> Generation:
+             forced=None, stop_after_forced: bool = False,
+             forced_in: str = "decode") -> Generation:
   """Generates up to max_new_tokens tokens for each prompt.
 
   model: a hydrax `Llama` module, its `nnx.GraphDef`, or its `LlamaConfig`; params: its
@@ -1835,6 +1963,12 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     stop_after_forced: a row ends with its last forced token instead of drawing on (one
     without forced tokens with its first, drawn, token); the loop then stops once every row's
     forced tokens are in, however long max_new_tokens is.
+    forced_in: where the forced tokens are taken: "decode" (one a decode step, as above) or,
+    with stop_after_forced=True, "prefill": each prompt's suffix is laid out with its forced
+    tokens after it (the prompts' shared levels as planned without them) and one prefill
+    pass gives every column (the same tokens, drawn and log-probabilities, up to float
+    rounding); no decode step runs. A pass over the forced tokens instead of a step a token:
+    it suits long forced sequences (`score`'s method).
   Returns a `Generation` (rows in input order). Raises ValueError for bad inputs and
   `OutOfMemoryError` when the device runs out of memory.
   """
@@ -1848,6 +1982,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
   if runtime.mesh is not None:
     _mesh_lib()[1].check_model(config, runtime.mesh)
   _check_sampling(temperature, top_k, top_p)
+  _check_forced_in(forced_in, forced, stop_after_forced)
   for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
     if value is not None and not 0 <= int(value) < config.vocab_size:
       raise ValueError(f"{name}={value} is outside the vocabulary [0, {config.vocab_size - 1}]")
@@ -1867,7 +2002,7 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
   seqs, lay = _prepare(config, prompts, max_new_tokens=max_new_tokens, attention=attention,
                        max_len=max_len, prefill_chunk=prefill_chunk, tokenizer=tokenizer,
                        sharing_options=sharing_options, data=runtime.data, prefill=prefill,
-                       keep=keep, reuse=reuse)
+                       keep=keep, reuse=reuse, forced=forced, forced_in=forced_in)
   kept_in = reuse.take(lay.reused) if reuse is not None else ()
   sig = lay.signature()
   dtype = jax.tree_util.tree_leaves(params)[0].dtype
@@ -1880,7 +2015,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
            f"{runtime.describe()}")
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
-  forced = _forced_inputs(forced, stop_after_forced, lay, sig, config, sampling)
+  forced = _forced_inputs(forced, stop_after_forced, lay, int(max_new_tokens), config,
+                         sampling, forced_in)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   compiled = _EXECUTABLES.get(key, decode_key)
@@ -1927,7 +2063,10 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
         _run_checked(runtime, prefill, params, inputs, keys, eos, kept_in, forced))
     del kept_in
     prefill_s = time.perf_counter() - t0
-    if sig.max_new_tokens > 1:
+    if forced_in == "prefill":
+      (out, count), extras = first, first_extras
+      first_extras = {}
+    elif sig.max_new_tokens > 1:
       if decode is None:
         guard.stage = "decode compilation"
         t0 = time.perf_counter()
@@ -1948,8 +2087,10 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     _EXECUTABLES.put(key, [prefill, decode], decode_key)
     out, count = runtime.to_host(out), runtime.to_host(count)
     extras = {k: np.array(runtime.to_host(v)) for k, v in extras.items()}
-    for k, v in extras.items():      # column 0: the prefill's
-      v[:, 0] = runtime.to_host(first_extras[k])
+    for k, v in first_extras.items():      # column 0: the prefill's
+      extras[k][:, 0] = runtime.to_host(v)
+    if forced_in == "prefill":
+      out = np.where(np.arange(out.shape[1])[None, :] < np.asarray(count)[:, None], out, pad_id)
   kept = None
   if keep:
     kept = KeptNodes(levels=list(shared), lasts=list(lasts), index=lay.index,
@@ -2006,7 +2147,23 @@ class Scores:
                greedy=np.all(~inside | (gen.drawn == gen.tokens), axis=1), generation=gen)
 
 
-def score(model, params, prompts=None, continuations=None, **options) -> Scores:
+SCORE_METHODS = ("auto", "decode", "prefill")
+# score(method="auto") takes continuations longer than this in the prefill.
+SCORE_IN_PREFILL_ABOVE = 8
+
+
+def score_forced_in(method: str, longest: int) -> str:
+  """`generate`'s forced_in for `score(method=)` with continuations of at most `longest`
+  tokens: "auto" takes them in the prefill when longer than SCORE_IN_PREFILL_ABOVE."""
+  if method not in SCORE_METHODS:
+    raise ValueError(f"method must be one of {list(SCORE_METHODS)}, got {method!r}")
+  if method == "auto":
+    return "prefill" if longest > SCORE_IN_PREFILL_ABOVE else "decode"
+  return method
+
+
+def score(model, params, prompts=None, continuations=None, *, method: str = "auto",
+          **options) -> Scores:
   """log p(continuation | prompt) of each (prompt, continuation) pair, exactly, with the
   prompts' shared prefixes planned and attended as `generate` does (a few-shot header shared
   by every question, a question shared by its answer choices).
@@ -2015,20 +2172,26 @@ def score(model, params, prompts=None, continuations=None, **options) -> Scores:
   for `score(module, None, prompts, continuations)`); continuations: a token-id sequence a
   prompt (may be empty). options: `generate`'s keywords (attention, backend, mesh, runtime,
   sharing_options, prefill, ...) except those `score` sets: max_new_tokens (the longest
-  continuation), forced, stop_after_forced, logprobs, temperature, top_k, top_p, eos_id.
+  continuation), forced, stop_after_forced, forced_in, logprobs, temperature, top_k, top_p,
+  eos_id.
 
-  The continuations run through the decode loop as forced tokens (`generate(forced=)`), one
-  token a step for every row at once, each step attending its prompt's shared levels in
-  place. So it suits continuations of a few tokens (answer choices, short answers); a long
-  continuation costs a decode step per token, where a prefill would take it in one pass.
+  The continuations are forced tokens (`generate(forced=)`), taken by `method`:
+  - "decode": through the decode loop, one token a step for every row at once, each step
+    attending its prompt's shared levels in place (a few tokens: answer choices);
+  - "prefill": after each prompt's suffix in the prefill's per-sequence pass (the prompts'
+    shared levels planned as without them), one pass for all of them (long continuations:
+    a passage's likelihood);
+  - "auto": "prefill" when the longest continuation has more than SCORE_IN_PREFILL_ABOVE
+    tokens, else "decode".
+  Both give the same scores up to float rounding.
   """
   if continuations is None:
     if not isinstance(model, llama_lib.Llama):
       raise ValueError("score(model, prompts, continuations) without params needs a Llama "
                        "module; pass score(model, params, prompts, continuations)")
     params, prompts, continuations = None, params, prompts
-  fixed = sorted(set(options) & {"max_new_tokens", "forced", "stop_after_forced", "logprobs",
-                                 "temperature", "top_k", "top_p", "eos_id"})
+  fixed = sorted(set(options) & {"max_new_tokens", "forced", "stop_after_forced", "forced_in",
+                                 "logprobs", "temperature", "top_k", "top_p", "eos_id"})
   if fixed:
     raise ValueError(f"score sets {fixed} itself; leave them out")
   if isinstance(continuations, (str, bytes)) or any(
@@ -2043,5 +2206,6 @@ def score(model, params, prompts=None, continuations=None, **options) -> Scores:
   lengths = np.array([len(c) for c in continuations], np.int32)
   width = max(1, int(lengths.max(initial=0)))
   gen = generate(model, params, prompts, max_new_tokens=width, forced=continuations,
-                 stop_after_forced=True, logprobs=True, eos_id=None, **options)
+                 stop_after_forced=True, forced_in=score_forced_in(method, width),
+                 logprobs=True, eos_id=None, **options)
   return Scores.of(gen, lengths)

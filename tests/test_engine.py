@@ -355,10 +355,21 @@ def test_score_is_the_models_continuation_logprob(tiny, tree_runs):
   rep = engine.score(model, None, plan, conts, attention="replicated")
   np.testing.assert_allclose(rep.logprobs, got.logprobs, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(rep.greedy, got.greedy)
+  # The continuations taken in the prefill: the same scores, no decode step.
+  pre = engine.score(model, None, plan, conts, method="prefill")
+  np.testing.assert_allclose(pre.logprobs, got.logprobs, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(pre.greedy, got.greedy)
+  np.testing.assert_array_equal(pre.lengths, got.lengths)
+  assert pre.generation.decode_steps == 0 and got.generation.decode_steps > 0
+  assert engine.score_forced_in("auto", engine.SCORE_IN_PREFILL_ABOVE) == "decode"
+  assert engine.score_forced_in("auto", engine.SCORE_IN_PREFILL_ABOVE + 1) == "prefill"
+  with pytest.raises(ValueError, match="method must be one of .*, got 'fast'"):
+    engine.score(model, None, plan, conts, method="fast")
   other = engine.score(model, None, plan, [list(reversed(c)) for c in conts])
   assert other.generation.compile_seconds == 0.0    # forced tokens are inputs
   for bad, match in ((dict(max_new_tokens=3), r"score sets \['max_new_tokens'\]"),
-                     (dict(temperature=1.0, eos_id=2), r"\['eos_id', 'temperature'\]")):
+                     (dict(temperature=1.0, eos_id=2), r"\['eos_id', 'temperature'\]"),
+                     (dict(forced_in="prefill"), r"\['forced_in'\]")):
     with pytest.raises(ValueError, match=match):
       engine.score(model, None, plan, conts, **bad)
   with pytest.raises(ValueError, match="continuations must be token ids"):
@@ -409,6 +420,39 @@ def test_forced_tokens_then_drawn(tiny, tree_runs):
     gen([[]] + [[256]] + [[]] * (len(seqs) - 2))
   with pytest.raises(ValueError, match=r"forced\[0\] must be a list of token ids"):
     gen([[0.5]] + [[]] * (len(seqs) - 1))
+
+
+@pytest.mark.parametrize("prefill", ["padded", "packed"])
+def test_forced_tokens_taken_in_the_prefill(tiny, prefill):
+  """forced_in="prefill" (stop_after_forced): every column from one prefill pass over the
+  suffixes with their forced tokens, equal to the decode loop's forcing: tokens, lengths,
+  drawn, log-probabilities; rows whose prompt ends inside a shared node (their first column
+  from the node's last token), rows with no forced token (they draw their first, with their
+  own keys), a forced EOS ending its row; hydragen and replicated; bad arguments."""
+  _, model, _, _ = tiny
+  plan = _hand_plan()
+  seqs = plan.sequences
+  forced = [[5, 6, 7], [9], [], [8, 9, 10, 11], [12, 2, 13], [14, 15]][:len(seqs)]
+  for attention, options in (("hydragen", dict(temperature=1.0, seed=4)),
+                             ("replicated", dict(eos_id=2))):
+    run = lambda where: engine.generate(
+        model, None, plan, max_new_tokens=5, forced=forced, stop_after_forced=True,
+        logprobs=True, forced_in=where, prefill=prefill, attention=attention, pad_id=1,
+        **options)
+    dec, pre = run("decode"), run("prefill")
+    assert pre.prefill == prefill and pre.decode_steps == 0 and dec.decode_steps > 0
+    np.testing.assert_array_equal(pre.tokens, dec.tokens)
+    np.testing.assert_array_equal(pre.lengths, dec.lengths)
+    np.testing.assert_array_equal(pre.drawn, dec.drawn)
+    np.testing.assert_allclose(pre.logprobs, dec.logprobs, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.isnan(pre.logprobs), np.isnan(dec.logprobs))
+    if "eos_id" in options:     # row 4's forced EOS ends it there
+      assert pre.lengths[4] == 2 and (pre.tokens[4, 2:] == 1).all()
+  with pytest.raises(ValueError, match="forced_in must be one of .*, got 'loop'"):
+    engine.generate(model, None, plan, max_new_tokens=5, forced=forced, forced_in="loop")
+  with pytest.raises(ValueError, match="forced_in='prefill' .* needs forced= tokens and "
+                                       "stop_after_forced=True"):
+    engine.generate(model, None, plan, max_new_tokens=5, forced=forced, forced_in="prefill")
 
 
 def test_no_attention_mode_and_tokenizer(tiny, tmp_path):
