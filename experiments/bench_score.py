@@ -12,12 +12,14 @@ question, its continuation the choice, so the plan's tree is the header (shared 
 row), each question (shared by its choices) and empty suffixes. Rows run in batches of
 --batch (a question's choices together), every mode on the same batches and model:
   hydragen    `engine.score(..., attention="hydragen")`: the header and the questions stored
-              once as shared levels, the choices' tokens forced through the decode loop;
-  replicated  the same with each row's whole prompt copied into its own cache.
-Each mode runs the whole set twice; the second pass is timed (its programs compiled by the
+              once as shared levels;
+  replicated  the same with each row's whole prompt copied into its own cache;
+each with every --methods of `score`: "decode" (the choices' tokens forced through the decode
+loop, a step a token) and "prefill" (after each prompt's suffix in the prefill's pass).
+Each (mode, method) runs the whole set twice; the second pass is timed (its programs compiled by the
 first): wall time of the batches' `score` calls back to back, host work (planning, layout,
 transfers) included, as a user's evaluation run spends it; no device-only time. Reported:
-seconds, rows/s, the KV bytes of a batch, and the two modes' agreement (the
+seconds, rows/s, the KV bytes of a batch, and each variant's agreement with the first (the
 largest gap between their log-probabilities, and the rows whose greedy flags differ; bf16
 may round apart near ties). Writes DIR/rows.csv and DIR/env.json; prints a short table last.
 """
@@ -41,7 +43,7 @@ from hydrax import engine  # noqa: E402
 from hydrax.models import configs, llama  # noqa: E402
 
 MODES = ("hydragen", "replicated")
-FIELDS = ["mode", "rows", "batches", "seconds", "rows_per_s", "compile_s_first_pass",
+FIELDS = ["mode", "method", "rows", "batches", "seconds", "rows_per_s", "compile_s_first_pass",
           "kv_bytes_per_batch", "decode_steps_per_batch", "max_logprob_gap", "greedy_differs"]
 
 
@@ -66,14 +68,15 @@ def batches(n_rows: int, choices: int, batch: int):
   return [(a, min(a + per, n_rows)) for a in range(0, n_rows, per)]
 
 
-def run_mode(model, prompts, conts, cuts, mode: str, sharing_options: dict):
+def run_mode(model, prompts, conts, cuts, mode: str, sharing_options: dict,
+             method: str = "auto"):
   """(seconds of the timed pass, compile seconds of the first, Scores per batch, KV bytes,
   decode steps of a batch)."""
   def one_pass():
     out = []
     for a, b in cuts:
       out.append(engine.score(model, None, prompts[a:b], conts[a:b], attention=mode,
-                              sharing_options=sharing_options))
+                              sharing_options=sharing_options, method=method))
     jax.effects_barrier()
     return out
   first = one_pass()
@@ -97,16 +100,19 @@ def main(argv=None) -> int:
   p.add_argument("--choice_tokens", type=int, default=4, help="most tokens a choice")
   p.add_argument("--batch", type=int, default=256, help="rows a batch")
   p.add_argument("--modes", default=",".join(MODES))
+  p.add_argument("--methods", default="decode,prefill",
+                 help="engine.score's methods, each run with every mode")
   p.add_argument("--smoke", action="store_true",
                  help="tiny model, float32, toy sizes (CPU): what its test runs")
   a = p.parse_args(argv)
   if a.smoke:
     a.model, a.dtype = "tiny", "float32"
     a.header, a.questions, a.question, a.choices, a.batch = 48, 6, 5, 3, 9
-  modes = a.modes.split(",")
-  unknown = sorted(set(modes) - set(MODES))
-  if unknown:
-    raise SystemExit(f"--modes: unknown {unknown}; known: {list(MODES)}")
+  modes, methods = a.modes.split(","), a.methods.split(",")
+  for flag, given, known in (("modes", modes, MODES), ("methods", methods, engine.SCORE_METHODS)):
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+      raise SystemExit(f"--{flag}: unknown {unknown}; known: {list(known)}")
   for name in ("header", "questions", "question", "choices", "choice_tokens", "batch"):
     if getattr(a, name) < 1:
       raise SystemExit(f"--{name} must be >= 1, got {getattr(a, name)}")
@@ -124,34 +130,33 @@ def main(argv=None) -> int:
   with open(os.path.join(a.out, "env.json"), "w") as f:
     json.dump(env, f, indent=1)
   print(json.dumps(env), flush=True)
-  rows, scores = [], {}
+  rows, scores = [], []
   for mode in modes:
-    seconds, compile_s, got, kv, steps = run_mode(model, prompts, conts, cuts, mode,
-                                                  sharing_options)
-    scores[mode] = got
-    rows.append(dict(mode=mode, rows=len(prompts), batches=len(cuts),
-                     seconds=round(seconds, 4), rows_per_s=round(len(prompts) / seconds, 1),
-                     compile_s_first_pass=round(compile_s, 2), kv_bytes_per_batch=kv,
-                     decode_steps_per_batch=steps))
-    print(f"{mode}: {seconds:.3f} s, {len(prompts) / seconds:,.1f} rows/s, KV {kv:,} B a "
-          f"batch", flush=True)
-  if len(scores) == 2:
-    lp = [np.concatenate([s.logprobs for s in scores[m]]) for m in modes]
-    greedy = [np.concatenate([s.greedy for s in scores[m]]) for m in modes]
-    gap = float(np.nanmax(np.abs(lp[0] - lp[1])))
-    differs = int((greedy[0] != greedy[1]).sum())
-    for row in rows:
-      row.update(max_logprob_gap=float(f"{gap:.3g}"), greedy_differs=differs)
+    for method in methods:
+      seconds, compile_s, got, kv, steps = run_mode(model, prompts, conts, cuts, mode,
+                                                    sharing_options, method)
+      lp = np.concatenate([s.logprobs for s in got])
+      greedy = np.concatenate([s.greedy for s in got])
+      scores.append((lp, greedy))
+      rows.append(dict(mode=mode, method=method, rows=len(prompts), batches=len(cuts),
+                       seconds=round(seconds, 4), rows_per_s=round(len(prompts) / seconds, 1),
+                       compile_s_first_pass=round(compile_s, 2), kv_bytes_per_batch=kv,
+                       decode_steps_per_batch=steps,
+                       max_logprob_gap=float(f"{np.nanmax(np.abs(lp - scores[0][0])):.3g}"),
+                       greedy_differs=int((greedy != scores[0][1]).sum())))
+      print(f"{mode} / {method}: {seconds:.3f} s, {len(prompts) / seconds:,.1f} rows/s, KV "
+            f"{kv:,} B a batch", flush=True)
   with open(os.path.join(a.out, "rows.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=FIELDS)
     w.writeheader()
     w.writerows(rows)
-  print("\n| mode | rows | s | rows/s | KV B/batch | steps/batch | max lp gap | greedy differs |")
-  print("|---|---|---|---|---|---|---|---|")
+  print(f"\n| mode | method | rows | s | rows/s | KV B/batch | steps/batch | lp gap to "
+        f"{rows[0]['mode']}/{rows[0]['method']} | greedy differs |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['mode']} | {r['rows']} | {r['seconds']} | {r['rows_per_s']} | "
+    print(f"| {r['mode']} | {r['method']} | {r['rows']} | {r['seconds']} | {r['rows_per_s']} | "
           f"{r['kv_bytes_per_batch']:,} | {r['decode_steps_per_batch']} | "
-          f"{r.get('max_logprob_gap', '-')} | {r.get('greedy_differs', '-')} |")
+          f"{r['max_logprob_gap']} | {r['greedy_differs']} |")
   return 0
 
 

@@ -1,5 +1,6 @@
-"""The scoring benchmark's smoke mode on CPU: both modes score the same rows alike, the
-shared header and questions stored once; bad flags."""
+"""The scoring benchmark's smoke mode on CPU: both modes and both methods score the same rows
+alike, the shared header and questions stored once, the prefill method with no decode step;
+bad flags."""
 
 import csv
 
@@ -12,14 +13,17 @@ from experiments import bench_score
 def test_smoke_mode_scores_alike_with_less_kv(tmp_path, capsys):
   assert bench_score.main(["--out", str(tmp_path), "--smoke"]) == 0
   with open(tmp_path / "rows.csv") as f:
-    rows = {r["mode"]: r for r in csv.DictReader(f)}
-  assert set(rows) == {"hydragen", "replicated"}
-  hyd, rep = rows["hydragen"], rows["replicated"]
+    rows = {(r["mode"], r["method"]): r for r in csv.DictReader(f)}
+  assert set(rows) == {(m, k) for m in ("hydragen", "replicated") for k in ("decode", "prefill")}
+  hyd, rep = rows["hydragen", "decode"], rows["replicated", "decode"]
   assert int(hyd["rows"]) == 18 and int(hyd["batches"]) == 2
-  assert float(hyd["max_logprob_gap"]) < 1e-4 and int(hyd["greedy_differs"]) == 0
+  for r in rows.values():
+    assert float(r["max_logprob_gap"]) < 1e-4 and int(r["greedy_differs"]) == 0
+    assert float(r["seconds"]) > 0 and float(r["rows_per_s"]) > 0
   assert int(hyd["kv_bytes_per_batch"]) < int(rep["kv_bytes_per_batch"])
-  assert float(hyd["seconds"]) > 0 and float(rep["rows_per_s"]) > 0
-  assert "| hydragen | 18 |" in capsys.readouterr().out
+  assert int(hyd["decode_steps_per_batch"]) > 0
+  assert int(rows["hydragen", "prefill"]["decode_steps_per_batch"]) == 0
+  assert "| hydragen | prefill | 18 |" in capsys.readouterr().out
 
 
 def test_workload_and_batches():
@@ -35,5 +39,7 @@ def test_workload_and_batches():
 def test_bad_flags(tmp_path):
   with pytest.raises(SystemExit, match=r"--modes: unknown \['copied'\]"):
     bench_score.main(["--out", str(tmp_path), "--smoke", "--modes", "hydragen,copied"])
+  with pytest.raises(SystemExit, match=r"--methods: unknown \['loop'\]"):
+    bench_score.main(["--out", str(tmp_path), "--smoke", "--methods", "loop"])
   with pytest.raises(SystemExit, match="--choices must be >= 1, got 0"):
     bench_score.main(["--out", str(tmp_path), "--choices", "0"])

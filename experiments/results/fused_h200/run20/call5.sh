@@ -1,15 +1,26 @@
 #!/bin/bash
-# Run 20, call 5 (H200, nothing carried; planned in session 23, not run): scoring an
-# evaluation's answer choices (`engine.score`, session 23), never yet run on a GPU.
+# Run 20, call 5 (H200, nothing carried; planned in session 23, widened in session 24, not
+# run): scoring an evaluation's answer choices (`engine.score`), never yet run on a GPU.
 # `experiments/bench_score.py`: llama3-8b shapes with random bf16 weights, a 2,048-token
-# few-shot header, 256 questions of 64 tokens, 4 choices of 1-4 tokens each (1,024 rows),
-# batches of 128 rows (32 questions); hydragen (the header and each question stored once, the
-# choices forced through the decode loop) against replicated (each row's prompt copied into
-# its own cache: ~35 GB of KV a batch), each mode's second pass timed. Checks on the way: the
-# two modes' log-probabilities agree within bf16's rounding, and their greedy flags.
+# few-shot header, questions of 64 tokens, 4 choices each; batches of 128 rows (32
+# questions); hydragen (the header and each question stored once) against replicated (each
+# row's prompt copied into its own cache: ~35 GB of KV a batch), each with score's two
+# methods (session 24): "decode" (the choices forced through the decode loop, a step a token)
+# and "prefill" (after each prompt's suffix in the prefill's pass); each variant's second
+# pass timed. (1) choices of 1-4 tokens, 128 questions (512 rows, 4 batches), all four
+# variants; (2) choices of 1-32 tokens, 64 questions, hydragen's two methods: where
+# score(method="auto") should switch to the prefill (SCORE_IN_PREFILL_ABOVE, 8 unmeasured).
+# Checks on the way: every variant's log-probabilities against the first's within bf16's
+# rounding, and their greedy flags.
 set -u; R=$OUT/run20; mkdir -p $R; export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv > $R/gpu5.txt
-timeout 560 python3 experiments/bench_score.py --batch 128 --out $R/score > $R/score.log 2>&1
-echo "rc=$?" >> $R/score.log
+timeout 330 python3 experiments/bench_score.py --batch 128 --questions 128 --out $R/score4 \
+  > $R/score4.log 2>&1
+echo "rc=$?" >> $R/score4.log
+timeout 220 python3 experiments/bench_score.py --batch 128 --questions 64 --choice_tokens 32 \
+  --modes hydragen --out $R/score32 > $R/score32.log 2>&1
+echo "rc=$?" >> $R/score32.log
 cd $OUT && tar czf run20_call5.tgz run20 && rm -rf $R
-tar xzf run20_call5.tgz -O run20/score.log | grep -v "^hydrax.sharing" | tail -8
+for t in score4 score32; do
+  echo "== $t"; tar xzf run20_call5.tgz -O run20/$t.log | grep -v "^hydrax.sharing" | tail -9
+done
