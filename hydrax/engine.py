@@ -1673,8 +1673,8 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   sig = lay.signature()
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
-  forced = _forced_inputs(forced, stop_after_forced, lay, int(max_new_tokens), config,
-                         sampling, forced_in)
+  forced = _forced_inputs(forced, stop_after_forced, lay, _forced_width(
+      forced, forced_in, max_new_tokens), config, sampling, forced_in)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   inputs = lay.inputs()
@@ -1822,6 +1822,16 @@ def _check_forced_in(forced_in: str, forced, stop_after_forced: bool) -> None:
   if forced_in == "prefill" and (forced is None or not stop_after_forced):
     raise ValueError("forced_in='prefill' takes the forced tokens in the prefill and stops "
                      "there: it needs forced= tokens and stop_after_forced=True")
+
+
+def _forced_width(forced, forced_in: str, max_new_tokens: int) -> int:
+  """The forced input's columns: max_new_tokens, or in the prefill (its window: a column of
+  logits each) the longest forced sequence rounded up to a power of two (a few programs
+  for all lengths), at most max_new_tokens."""
+  if forced_in != "prefill" or isinstance(forced, (str, bytes)):
+    return int(max_new_tokens)
+  longest = max([len(f) for f in forced] + [1])
+  return min(int(max_new_tokens), 1 << (longest - 1).bit_length())
 
 
 def _forced_inputs(forced, stop_after_forced: bool, lay: Layout, width: int,
@@ -2015,8 +2025,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
            f"{runtime.describe()}")
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
-  forced = _forced_inputs(forced, stop_after_forced, lay, int(max_new_tokens), config,
-                         sampling, forced_in)
+  forced = _forced_inputs(forced, stop_after_forced, lay, _forced_width(
+      forced, forced_in, max_new_tokens), config, sampling, forced_in)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   compiled = _EXECUTABLES.get(key, decode_key)
@@ -2089,8 +2099,12 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
     extras = {k: np.array(runtime.to_host(v)) for k, v in extras.items()}
     for k, v in first_extras.items():      # column 0: the prefill's
       extras[k][:, 0] = runtime.to_host(v)
-    if forced_in == "prefill":
+    if forced_in == "prefill":     # the window's columns, then max_new_tokens' empty ones
       out = np.where(np.arange(out.shape[1])[None, :] < np.asarray(count)[:, None], out, pad_id)
+      wide = lambda x, fill: np.pad(x, ((0, 0), (0, max_new_tokens - x.shape[1])),
+                                    constant_values=fill)
+      out = wide(out, pad_id)
+      extras = {k: wide(v, _EXTRAS[k][1]) for k, v in extras.items()}
   kept = None
   if keep:
     kept = KeptNodes(levels=list(shared), lasts=list(lasts), index=lay.index,

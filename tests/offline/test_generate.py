@@ -261,6 +261,18 @@ def test_scored_requests_equal_engine_score(tmp_path):
     np.testing.assert_allclose(rec["logprob"], want.total[i], rtol=1e-4, atol=1e-4)
     assert rec["greedy"] == want.greedy[i] == (i % 3 == 0), r["id"]
   assert got["gen"]["finish_reason"] == "length" and len(got["gen"]["tokens"]) == 3
+  # The continuations taken in the prefill: the same records up to float rounding.
+  pre = G.run(path, str(tmp_path / "pre.jsonl"), max_batch=4, score_method="prefill", **RUN)
+  assert pre.completed == 13
+  scored = [r for r in _read(tmp_path / "pre.jsonl", drop_timings=False) if "logprob" in r]
+  assert scored and all(r["timings"]["decode_s"] == 0 for r in scored)    # no decode step
+  for rec in _read(tmp_path / "pre.jsonl"):
+    mine = got[rec["id"]]
+    assert rec["tokens"] == mine["tokens"] and rec.get("greedy") == mine.get("greedy")
+    if "logprob" in rec:
+      np.testing.assert_allclose(rec["logprobs"], mine["logprobs"], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="score_method must be one of .*, got 'loop'"):
+    G.run(path, str(tmp_path / "bad.jsonl"), score_method="loop", **RUN)
   lines = out.read_text().splitlines(keepends=True)
   out.write_text("".join(x for x in lines if json.loads(x)["id"] != "q2c1"))
   again = G.run(path, str(out), max_batch=4, **RUN)
