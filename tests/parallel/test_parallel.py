@@ -283,6 +283,11 @@ def test_score_on_a_mesh_equals_single_device(net, plan):
   np.testing.assert_allclose(got.logprobs, one.logprobs, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(got.greedy, one.greedy)
   np.testing.assert_array_equal(got.generation.drawn, one.generation.drawn)
+  # Taken in the prefill on the mesh (each data shard's suffixes with their forced tokens).
+  pre = engine.score(net, None, plan, conts, mesh=(2, 4), method="prefill")
+  assert pre.generation.decode_steps == 0
+  np.testing.assert_allclose(pre.logprobs, one.logprobs, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(pre.generation.drawn, one.generation.drawn)
 
 
 def test_mesh_decode_collectives_and_cache_sharding(net, plan):
