@@ -486,8 +486,9 @@ def _split_sampling(sampling: dict):
 
 
 def _ends(tok, position, eos, forced, then):
-  """Whether each row ends with `tok` at column `position`: an EOS, or (then == "stop") its
-  last forced token (a row without forced tokens ends with its first, drawn, token)."""
+  """Whether each row ends with `tok` at column `position`: an EOS, or (then "stop" or
+  "prefill") its last forced token (a row without forced tokens ends with its first, drawn,
+  token)."""
   done = tok == eos
   if then in ("stop", "prefill"):
     done = done | (position + 1 >= forced[1])
