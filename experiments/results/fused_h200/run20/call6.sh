@@ -4,13 +4,13 @@
 # loop checked on the GPU (call 3: check_engine.py, pallas backend, check_every 1 and 4,
 # against the model's float32 forward pass), then the scoring benchmark with choices of 1-4
 # tokens (call 5 (1): hydragen / replicated x score's decode / prefill methods), each within
-# what is left of 570 s.
-set -u; R=$OUT/run20; mkdir -p $R; export PYTHONPATH=$PWD; T0=$SECONDS
+# what is left of BUDGET seconds (default 570).
+set -u; R=$OUT/run20; mkdir -p $R; export PYTHONPATH=$PWD; T0=$SECONDS; B=${BUDGET:-570}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv > $R/gpu6.txt
 timeout 230 python3 experiments/check_engine.py --backend pallas --check-every 1,4 \
   --out $R/engine_pallas > $R/engine_pallas.log 2>&1
 echo "rc=$? after $((SECONDS - T0)) s" >> $R/engine_pallas.log
-timeout $((570 - (SECONDS - T0))) python3 experiments/bench_score.py --batch 128 \
+timeout $((B - (SECONDS - T0))) python3 experiments/bench_score.py --batch 128 \
   --questions 128 --out $R/score4 > $R/score4.log 2>&1
 echo "rc=$? after $((SECONDS - T0)) s" >> $R/score4.log
 cd $OUT && tar czf run20_call6.tgz run20 && rm -rf $R
