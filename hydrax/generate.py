@@ -7,15 +7,14 @@
 Input (see `hydrax.offline.requests`): JSONL with `id`, `prompt` text or `tokens`, optional
 per-request `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop` (strings and/or token ids),
 `n` (completions of the prompt; default `--n`, 1), `seed` (its random stream, below); or plain
-text, one prompt a line. Output: one
-JSON line per completion, appended per batch (fsync): `id`, `sample` (0 .. n - 1), `text`
-(null without a tokenizer), `tokens` (generated ids, stop id excluded), `finish_reason`
-("stop": EOS, a stop id or a stop string ended it; "length": max_new_tokens), `stop` (what
-stopped it, or null), `prompt_tokens`, with --logprobs `logprobs` (each token's log
-probability under the model, before temperature and truncation), and `timings` (its batch's
-index, its completions (`batch_requests`) and padded size, `prefill` ("packed" or "padded"),
-prefill / decode / compile seconds, and `at_s`: seconds since the run started when it was
-written).
+text, one prompt a line. Output: one JSON line per completion, appended per batch (fsync):
+`id`, `sample` (0 .. n - 1), `text` (null without a tokenizer), `tokens` (generated ids, stop
+id excluded), `finish_reason` ("stop": EOS, a stop id or a stop string ended it; "length":
+max_new_tokens), `stop` (what stopped it, or null), `prompt_tokens`, with --logprobs
+`logprobs` (each token's log probability under the model, before temperature and truncation),
+and `timings` (its batch's index, its completions (`batch_requests`) and padded size,
+`prefill` ("packed" or "padded"), prefill / decode / compile seconds, and `at_s`: seconds since
+the run started when it was written).
 
 Prefill (`--prefill`, default auto): each batch's unique suffixes are packed into rows by
 first-fit bin packing (Prepacking: about sum(lengths) token slots instead of batch x longest)
@@ -767,8 +766,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         merge_cost=a.merge_cost, max_levels=a.max_levels, prefill_chunk=a.prefill_chunk,
         prefill=a.prefill, keep_nodes=not a.no_keep_nodes, compile_ahead=not a.no_compile_ahead,
         check_every=a.check_every, logprobs=a.logprobs, score_method=a.score_method,
-        on_bad_line=a.on_bad_line,
-        progress=not a.quiet)
+        on_bad_line=a.on_bad_line, progress=not a.quiet)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

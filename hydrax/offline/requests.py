@@ -13,9 +13,9 @@ number), exactly one of `prompt` (text) or `tokens` (token ids), and optional `m
 (a string, an int, or a list of strings and ints: strings end the text where they first occur,
 ints are stop token ids), `n` (int >= 1: completions drawn for the prompt, each its own
 sample), `seed` (an int in [0, 2**32): the request's random stream in place of its id's; see
-`hydrax.generate`). Or, instead of generating, `continuation` (text, or token ids): the request is scored,
-log p(continuation | prompt) (it then takes none of the generation keys). Unknown keys are
-errors (a typo must not be silently ignored).
+`hydrax.generate`). Or, instead of generating, `continuation` (text, or token ids): the
+request is scored, log p(continuation | prompt) (it then takes none of the generation keys).
+Unknown keys are errors (a typo must not be silently ignored).
 Plain text: every non-blank line is one prompt, its id is its line number. A file is JSONL when
 its name ends in .jsonl / .json or its first non-blank character is `{`.
 
