@@ -7,7 +7,7 @@
 # what is left of BUDGET seconds (default 570); QUESTIONS (default 128) for the second.
 set -u; R=$OUT/run20; mkdir -p $R; export PYTHONPATH=$PWD; T0=$SECONDS; B=${BUDGET:-570}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv > $R/gpu6.txt
-timeout 230 python3 experiments/check_engine.py --backend pallas --check-every 1,4 \
+timeout $(( B < 240 ? B - 10 : 230 )) python3 experiments/check_engine.py --backend pallas --check-every 1,4 \
   --out $R/engine_pallas > $R/engine_pallas.log 2>&1
 echo "rc=$? after $((SECONDS - T0)) s" >> $R/engine_pallas.log
 LEFT=$((B - (SECONDS - T0)))
