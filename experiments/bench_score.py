@@ -69,7 +69,7 @@ def batches(n_rows: int, choices: int, batch: int):
 
 
 def run_mode(model, prompts, conts, cuts, mode: str, sharing_options: dict,
-             method: str = "auto"):
+             method: str = "prefill"):
   """(seconds of the timed pass, compile seconds of the first, Scores per batch, KV bytes,
   decode steps of a batch)."""
   def one_pass():

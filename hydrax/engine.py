@@ -8,7 +8,8 @@ mesh, with the sharing tree as runtime data.
                 check_every=1)
   estimate_kv_bytes(config, prompts, *, max_new_tokens, attention, dtype, mesh=None) -> int
   footprint(config, prompts, ...) -> (kv_bytes, Signature)
-  score(model, params, prompts, continuations, *, method="auto", **generate_options) -> Scores
+  score(model, params, prompts, continuations, *, method="prefill", **generate_options)
+      -> Scores
   sample(logits, key, *, temperature=0.0, top_k=None, top_p=None) -> tokens
   row_keys(seed, row_seeds) -> key data of each row's PRNG key
   precompile(model, params, prompts, *, max_new_tokens, ...) -> (seconds, kept shapes or None)
@@ -2162,22 +2163,11 @@ class Scores:
                greedy=np.all(~inside | (gen.drawn == gen.tokens), axis=1), generation=gen)
 
 
-SCORE_METHODS = ("auto", "decode", "prefill")
-# score(method="auto") takes continuations longer than this in the prefill.
-SCORE_IN_PREFILL_ABOVE = 8
+# How `score` takes the continuations (`generate`'s forced_in), the default first.
+SCORE_METHODS = ("prefill", "decode")
 
 
-def score_forced_in(method: str, longest: int) -> str:
-  """`generate`'s forced_in for `score(method=)` with continuations of at most `longest`
-  tokens: "auto" takes them in the prefill when longer than SCORE_IN_PREFILL_ABOVE."""
-  if method not in SCORE_METHODS:
-    raise ValueError(f"method must be one of {list(SCORE_METHODS)}, got {method!r}")
-  if method == "auto":
-    return "prefill" if longest > SCORE_IN_PREFILL_ABOVE else "decode"
-  return method
-
-
-def score(model, params, prompts=None, continuations=None, *, method: str = "auto",
+def score(model, params, prompts=None, continuations=None, *, method: str = "prefill",
           **options) -> Scores:
   """log p(continuation | prompt) of each (prompt, continuation) pair, exactly, with the
   prompts' shared prefixes planned and attended as `generate` does (a few-shot header shared
@@ -2191,14 +2181,14 @@ def score(model, params, prompts=None, continuations=None, *, method: str = "aut
   eos_id.
 
   The continuations are forced tokens (`generate(forced=)`), taken by `method`:
+  - "prefill" (the default): after each prompt's suffix in the prefill's per-sequence pass
+    (the prompts' shared levels planned as without them), every token scored from that one
+    pass, no decode step;
   - "decode": through the decode loop, one token a step for every row at once, each step
-    attending its prompt's shared levels in place (a few tokens: answer choices);
-  - "prefill": after each prompt's suffix in the prefill's per-sequence pass (the prompts'
-    shared levels planned as without them), one pass for all of them (long continuations:
-    a passage's likelihood);
-  - "auto": "prefill" when the longest continuation has more than SCORE_IN_PREFILL_ABOVE
-    tokens, else "decode".
-  Both give the same scores up to float rounding.
+    attending its prompt's shared levels in place.
+  Both give the same scores up to float rounding. The prefill was the faster on an H100 at
+  every length measured: 1.10-1.26x with answer choices of 1-4 tokens, 1.66x with 1-32
+  (llama3-8b, bf16, random weights; experiments/results/fused_h200/README.md, run 20).
   """
   if continuations is None:
     if not isinstance(model, llama_lib.Llama):
@@ -2218,9 +2208,11 @@ def score(model, params, prompts=None, continuations=None, *, method: str = "aut
   if len(continuations) != rows:
     raise ValueError(f"continuations must give one token sequence a prompt ({rows}), got "
                      f"{len(continuations)}")
+  if method not in SCORE_METHODS:
+    raise ValueError(f"method must be one of {list(SCORE_METHODS)}, got {method!r}")
   lengths = np.array([len(c) for c in continuations], np.int32)
   width = max(1, int(lengths.max(initial=0)))
   gen = generate(model, params, prompts, max_new_tokens=width, forced=continuations,
-                 stop_after_forced=True, forced_in=score_forced_in(method, width),
-                 logprobs=True, eos_id=None, **options)
+                 stop_after_forced=True, forced_in=method, logprobs=True, eos_id=None,
+                 **options)
   return Scores.of(gen, lengths)

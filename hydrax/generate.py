@@ -42,8 +42,8 @@ give the same `seed`, prompt and settings draw the same completions, whatever th
 Scoring: a request with `continuation` (text or token ids) is scored instead of generated:
 its record's `logprob` is log p(continuation | prompt), `logprobs` per token, `greedy` whether
 greedy decoding gives it, finish_reason "scored" (`engine.score`). Scored requests run in
-batches of their own; --score_method says how their continuations are taken (through the
-decode loop, in the prefill, or auto: the prefill for long ones).
+batches of their own; --score_method says how their continuations are taken (in the prefill,
+the default, or through the decode loop).
 
 Resuming: rerunning with the same --out skips the completions already in it (by id and
 sample); an interrupted run loses at most the batch in flight. The schedule is made over every
@@ -337,7 +337,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
         attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
         merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
         prefill: str = "auto", keep_nodes: bool = True, compile_ahead: bool = True,
-        check_every: int = 1, logprobs: bool = False, score_method: str = "auto",
+        check_every: int = 1, logprobs: bool = False, score_method: str = "prefill",
         on_bad_line: str = "error",
         progress: bool = True, on_batch: Optional[Callable] = None, model=None) -> RunSummary:
   """Runs every completion of `prompts` not yet in `out` and appends it to `out`.
@@ -374,8 +374,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   check's copy to the host at the price of up to check_every - 1 discarded steps a batch.
   logprobs: each record also gets `logprobs`, its tokens' log-probabilities under the model's
   own distribution (the logits' log-softmax, before temperature, top_k and top_p).
-  score_method: how scored requests' continuations are taken (`engine.score`'s method, per
-  batch: "auto", "decode" or "prefill"); the same scores up to float rounding.
+  score_method: how scored requests' continuations are taken (`engine.score`'s method:
+  "prefill" or "decode"); the same scores up to float rounding.
   on_bad_line: "error" (raise BadInput naming every bad line) or "skip" (report and go on).
   on_batch(index, records): called after each batch is written (tests use it to interrupt).
   Returns a RunSummary; raises ValueError for bad arguments.
@@ -499,7 +499,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
     if options.pop("score", False):
       forced = [conts[row] for row in batch.rows] + [()] * (batch.size - len(batch.rows))
       return dict(options, forced=forced, stop_after_forced=True, logprobs=True,
-                  forced_in=engine.score_forced_in(score_method, max(map(len, forced))))
+                  forced_in=score_method)
     return dict(options, logprobs=logprobs)
 
   def run_batch(index, batch):
@@ -748,9 +748,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--logprobs", action="store_true",
                  help="write each token's log-probability under the model (before "
                  "temperature and truncation) as `logprobs`")
-  p.add_argument("--score_method", choices=engine.SCORE_METHODS, default="auto",
-                 help="how scored requests' continuations are taken: forced through the "
-                 "decode loop, in the prefill, or auto (the prefill for long ones)")
+  p.add_argument("--score_method", choices=engine.SCORE_METHODS, default="prefill",
+                 help="how scored requests' continuations are taken: in the prefill (the "
+                 "default) or forced through the decode loop")
   p.add_argument("--on_bad_line", choices=requests_lib.ON_BAD_LINE, default="error")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   a = p.parse_args(argv)

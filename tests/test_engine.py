@@ -351,18 +351,16 @@ def test_score_is_the_models_continuation_logprob(tiny, tree_runs):
     argmax = np.asarray(logits[at]).argmax(-1)
     assert got.greedy[b] == bool(np.all(argmax == c)), b
   assert got.greedy[1] and not got.greedy[4]
-  assert got.generation.decode_steps == 3       # the longest continuation's, then all stop
   rep = engine.score(model, None, plan, conts, attention="replicated")
   np.testing.assert_allclose(rep.logprobs, got.logprobs, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(rep.greedy, got.greedy)
-  # The continuations taken in the prefill: the same scores, no decode step.
-  pre = engine.score(model, None, plan, conts, method="prefill")
-  np.testing.assert_allclose(pre.logprobs, got.logprobs, rtol=1e-4, atol=1e-4)
-  np.testing.assert_array_equal(pre.greedy, got.greedy)
-  np.testing.assert_array_equal(pre.lengths, got.lengths)
-  assert pre.generation.decode_steps == 0 and got.generation.decode_steps > 0
-  assert engine.score_forced_in("auto", engine.SCORE_IN_PREFILL_ABOVE) == "decode"
-  assert engine.score_forced_in("auto", engine.SCORE_IN_PREFILL_ABOVE + 1) == "prefill"
+  # The continuations through the decode loop: the same scores, a step a token.
+  dec = engine.score(model, None, plan, conts, method="decode")
+  np.testing.assert_allclose(dec.logprobs, got.logprobs, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(dec.greedy, got.greedy)
+  np.testing.assert_array_equal(dec.lengths, got.lengths)
+  # (the longest continuation's steps, then all stop)
+  assert got.generation.decode_steps == 0 and dec.generation.decode_steps == 3
   with pytest.raises(ValueError, match="method must be one of .*, got 'fast'"):
     engine.score(model, None, plan, conts, method="fast")
   other = engine.score(model, None, plan, [list(reversed(c)) for c in conts])
