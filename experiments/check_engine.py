@@ -3,7 +3,7 @@ the cache writes, `Runtime.check_every`, the attention backend inside the loop).
 
   python experiments/check_engine.py [--preset llama3-8b --layers 2 --dtype bfloat16]
       [--backend auto] [--check-every 1,4] [--batch 64 --prefix 1000 --new 40]
-      [--attention hydragen,replicated] [--tolerance 0.05] [--out DIR]
+      [--attention hydragen,replicated] [--tolerance 0.25] [--out DIR]
 
 For each attention mode, generates greedily once per check_every value: the tokens must be
 identical (the same step runs, only the loop's checks differ). Then scores them against the
@@ -11,7 +11,11 @@ model's full forward pass without a cache (the XLA backend, float32 copies of th
 teacher-forced on the generated tokens): at each generated position, the gap between the
 highest logit and the chosen token's, in units of that position's logits' standard deviation.
 A token chosen from a wrong cache (a write lost or misplaced) lands far from the top; bf16's
-rounding moves near-ties only, within `--tolerance`. The prompts are a shared-prefix batch:
+rounding moves near-ties only, within `--tolerance`. Its default, 0.25, lies between what was
+measured (llama3-8b, 2 layers, bf16): rounding, worst 0.022 on the CPU (8 x 16 tokens) and
+0.062 / 0.081 (hydragen / replicated, 64 x 40 tokens) on an H100; a planted cache bug (each
+decode step's key written over the one before), 1.28 on the CPU
+(experiments/results/fused_h200/README.md, run 20). The prompts are a shared-prefix batch:
 two roots of about `--prefix` tokens, each sequence with 8..71 tokens of its own; hydragen
 fails the check if its plan shared nothing (it would have checked the replicated layout).
 Prints which custom calls the decode program launches (the kernels the backend ran) and a
@@ -124,7 +128,7 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--prefix", type=int, default=1000)
   ap.add_argument("--new", type=int, default=40)
-  ap.add_argument("--tolerance", type=float, default=0.05,
+  ap.add_argument("--tolerance", type=float, default=0.25,
                   help="largest gap allowed, in logits' standard deviations")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args(argv)

@@ -8,8 +8,9 @@
 # methods (session 24): "decode" (the choices forced through the decode loop, a step a token)
 # and "prefill" (after each prompt's suffix in the prefill's pass); each variant's second
 # pass timed. (1) choices of 1-4 tokens, 128 questions (512 rows, 4 batches), all four
-# variants; (2) choices of 1-32 tokens, 64 questions, hydragen's two methods: where
-# score(method="auto") should switch to the prefill (SCORE_IN_PREFILL_ABOVE, 8 unmeasured).
+# variants; (2) choices of 1-32 tokens, 64 questions, hydragen's two methods. (Not run as
+# such: calls 7-9 ran smaller forms of both on an H100, and the prefill became score's
+# default.)
 # Checks on the way: every variant's log-probabilities against the first's within bf16's
 # rounding, and their greedy flags.
 set -u; R=$OUT/run20; mkdir -p $R; export PYTHONPATH=$PWD
