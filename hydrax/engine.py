@@ -2186,7 +2186,7 @@ def score(model, params, prompts=None, continuations=None, *, method: str = "pre
     pass, no decode step;
   - "decode": through the decode loop, one token a step for every row at once, each step
     attending its prompt's shared levels in place.
-  Both give the same scores up to float rounding. The prefill was the faster on an H100 at
+  Both give the same scores up to float rounding. The prefill was faster on an H100 at
   every length measured: 1.10-1.25x with answer choices of 1-4 tokens, 1.66x with 1-32
   (llama3-8b, bf16, random weights; experiments/results/fused_h200/README.md, run 20).
   """
