@@ -519,6 +519,16 @@ def _choose(logits, keys, position, forced, draw: dict, logprobs: bool):
   return tok, extras
 
 
+def _taken(tok, now: dict, real, done, count, position, eos, pad, forced, then):
+  """One column's bookkeeping, the decode loop's and the prefill's forcing alike: the token
+  and extras `_choose` gave, kept where the row is still running (real; else pad and
+  `_EXTRAS`' empty value), and the rows' counts and done after the column."""
+  now = {k: jnp.where(real, v, _EXTRAS[k][1]) for k, v in now.items()}
+  tok = jnp.where(real, tok, pad)
+  return (tok, now, count + real.astype(jnp.int32),
+          done | _ends(tok, position, eos, forced, then))
+
+
 def _take_forced(model, hidden, keys, forced, eos, draw: dict, logprobs: bool):
   """The forced tokens taken in the prefill (`generate(forced_in="prefill")`): hidden [R,F,E]
   the hidden state before each column (the prompt's last token's, then each forced token's);
@@ -526,7 +536,6 @@ def _take_forced(model, hidden, keys, forced, eos, draw: dict, logprobs: bool):
   a row ending after its forced tokens (with its first, drawn, token when it has none) or an
   EOS. Returns ((tokens [R,F] (0 past a row's end), count [R]), extras [R,F] each (`_EXTRAS`'
   empty value past the end), done [R])."""
-  names = ["drawn"] + (["logprobs"] if logprobs else [])
   r, width = hidden.shape[:2]
 
   def column(carry, xs):
@@ -534,11 +543,8 @@ def _take_forced(model, hidden, keys, forced, eos, draw: dict, logprobs: bool):
     j, h = xs
     tok, now = _choose(llama_lib.logits(model, h), _draw_keys(keys, j), j, forced, draw,
                        logprobs)
-    real = ~done
-    now = {k: jnp.where(real, now[k], _EXTRAS[k][1]) for k in names}
-    count = count + real.astype(jnp.int32)
-    done = done | _ends(tok, j, eos, forced, "prefill")
-    return (done, count), (jnp.where(real, tok, 0), now)
+    tok, now, count, done = _taken(tok, now, ~done, done, count, j, eos, 0, forced, "prefill")
+    return (done, count), (tok, now)
 
   (done, count), (tokens, extras) = lax.scan(
       column, (jnp.zeros((r,), bool), jnp.zeros((r,), jnp.int32)),
@@ -1355,13 +1361,10 @@ def _make_decode(graphdef, sig: Signature, runtime: Runtime, sampling: dict):
                                         skip_attention=skip, **runtime.forward_kwargs())
       tok, now = _choose(llama_lib.logits(model, hidden[:, 0]), _draw_keys(keys, i), i,
                          forced, draw, logprobs)
-      real = ~done & (i < max_new)
-      extras = {k: lax.dynamic_update_slice(
-          extras[k], jnp.where(real, now[k], _EXTRAS[k][1])[:, None], (0, i)) for k in names}
-      tok = jnp.where(real, tok, pad)
+      tok, now, count, done = _taken(tok, now, ~done & (i < max_new), done, count, i, eos,
+                                     pad, forced, then)
+      extras = {k: lax.dynamic_update_slice(extras[k], now[k][:, None], (0, i)) for k in names}
       out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
-      count = count + real.astype(jnp.int32)
-      done = done | _ends(tok, i, eos, forced, then)
       suffix = None if cache is None else cache.suffix
       return i + 1, out, extras, tok, done, count, suffix
 
@@ -1675,8 +1678,8 @@ def compile_jobs(model, params, prompts=None, *, max_new_tokens: int,
   sig = lay.signature()
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
-  forced = _forced_inputs(forced, stop_after_forced, lay, _forced_width(
-      forced, forced_in, max_new_tokens), config, sampling, forced_in)
+  forced = _forced_inputs(forced, stop_after_forced, lay, max_new_tokens, config, sampling,
+                         forced_in)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   inputs = lay.inputs()
@@ -1836,15 +1839,16 @@ def _forced_width(forced, forced_in: str, max_new_tokens: int) -> int:
   return min(int(max_new_tokens), 1 << (longest - 1).bit_length())
 
 
-def _forced_inputs(forced, stop_after_forced: bool, lay: Layout, width: int,
+def _forced_inputs(forced, stop_after_forced: bool, lay: Layout, max_new_tokens: int,
                    config: LlamaConfig, sampling: dict, forced_in: str = "decode"):
   """The programs' forced input of `forced=` ((tokens [B, width], lengths) in the layout's
-  row order), or None without; marks `sampling` (the programs' key) with what follows the
-  forced tokens, and where they are taken."""
+  row order; width `_forced_width`), or None without; marks `sampling` (the programs' key)
+  with what follows the forced tokens, and where they are taken."""
   if forced is None:
     if stop_after_forced:
       raise ValueError("stop_after_forced=True needs forced= tokens")
     return None
+  width = _forced_width(forced, forced_in, max_new_tokens)
   sampling["forced"] = "prefill" if forced_in == "prefill" else \
       "stop" if stop_after_forced else "draw"
   if forced_in == "prefill":
@@ -2027,8 +2031,8 @@ def generate(model, params, prompts=None, *, max_new_tokens: int, attention: str
            f"{runtime.describe()}")
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
                   logprobs=bool(logprobs))
-  forced = _forced_inputs(forced, stop_after_forced, lay, _forced_width(
-      forced, forced_in, max_new_tokens), config, sampling, forced_in)
+  forced = _forced_inputs(forced, stop_after_forced, lay, max_new_tokens, config, sampling,
+                         forced_in)
   key = _executable_key(graphdef, params, sig, runtime, sampling)
   decode_key = ("decode", _decode_signature(sig)) + key[1:]
   compiled = _EXECUTABLES.get(key, decode_key)

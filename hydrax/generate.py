@@ -270,7 +270,7 @@ def _scored_record(request, continuation, scores, j: int, tokenizer, *,
   return dict(id=request.id, sample=0,
               text=None if tokenizer is None else tokenizer.decode(tokens), tokens=tokens,
               finish_reason="scored", stop=None, prompt_tokens=prompt_tokens,
-              logprob=float(lps.astype(np.float64).sum()), greedy=bool(scores.greedy[j]),
+              logprob=float(scores.total[j]), greedy=bool(scores.greedy[j]),
               logprobs=[float(x) for x in lps])
 
 
