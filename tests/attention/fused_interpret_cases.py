@@ -159,6 +159,16 @@ def check_grad_and_reuse():
   print("grad and reuse: ok", flush=True)
 
 
+def _ptxas_for_sm90(triton) -> str:
+  """The ptxas Triton itself uses for sm_90: its PTX targets that ptxas's ISA version (Triton
+  3.9 writes PTX that only its bundled `ptxas-blackwell`, CUDA 13, accepts; 3.6 has one)."""
+  try:
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(90).path
+  except (ImportError, AttributeError):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
 def compile_hopper(cases=None):
   """Compiles the kernel for sm_90 with Triton's own toolchain (no GPU needed: TTIR to cubin
   through the bundled ptxas), for the plans of real decode shapes; returns ptxas' register
@@ -180,7 +190,7 @@ def compile_hopper(cases=None):
 
   kernel = kmod.fused_decode_kernel
   names = list(inspect.signature(kernel.fn).parameters)
-  ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+  ptxas = _ptxas_for_sm90(triton)
   # (name, B, H, K, dtype, [(N, S) shared], U, mode)
   cases = cases or [("decode_bf16_32K_256_shared", 256, 32, 8, "bfloat16", [(1, 32768)], 128,
                      "shared"),
@@ -221,6 +231,8 @@ def compile_hopper(cases=None):
         f.write(compiled.asm["ptx"])
       res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o",
                             os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    if res.returncode != 0:
+      raise RuntimeError(f"{name}: {ptxas} failed: {res.stderr.strip()[-500:]}")
     regs = re.findall(r"Used (\d+) registers", res.stderr)
     spill = re.findall(r"(\d+) bytes spill stores", res.stderr)
     out[name] = dict(registers=int(regs[-1]) if regs else None,
