@@ -291,6 +291,8 @@ def main(argv=None):
   ap.add_argument("--temperature", type=float, default=0.0,
                   help="sampling temperature (0: greedy); each row draws from its own keys")
   ap.add_argument("--top-p", type=float, default=None)
+  ap.add_argument("--nucleus", choices=("sort", "search"), default="sort",
+                  help="how top_p's cutoff is found (engine.Runtime.nucleus)")
   ap.add_argument("--logprobs", action="store_true",
                   help="also return the tokens' log-probabilities (Generation.logprobs)")
   ap.add_argument("--ceilings", default=None, help="FLOPS,BYTES_PER_S (skip measuring)")
@@ -329,7 +331,8 @@ def main(argv=None):
          "layers": config.num_layers, "dtype": args.dtype, "backend": args.backend,
          "new_tokens": args.new_tokens, "suffix": args.suffix, "unroll": args.unroll,
          "xla_options": args.xla_options, "check_every": args.check_every,
-         "temperature": args.temperature, "top_p": args.top_p, "logprobs": args.logprobs,
+         "temperature": args.temperature, "top_p": args.top_p, "nucleus": args.nucleus,
+         "logprobs": args.logprobs,
          "ceiling_flops": flops_s,
          "ceiling_bytes_per_s": bytes_s, "ceilings_from": how, "argv": sys.argv}
   print(json.dumps(env), flush=True)
@@ -362,7 +365,7 @@ def main(argv=None):
         runtime = engine.Runtime.build(
             args.backend, unroll=True if args.unroll == "all" else int(args.unroll),
             xla_options="auto" if args.xla_options == "auto" else {},
-            check_every=args.check_every)
+            check_every=args.check_every, nucleus=args.nucleus)
         gen = engine.generate(model, plan, max_new_tokens=args.new_tokens, attention=mode,
                               runtime=runtime, **sampling)
       except engine.OutOfMemoryError as e:

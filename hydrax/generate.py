@@ -337,8 +337,8 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
         attention: str = "hydragen", backend="auto", min_shared_tokens: float = 256,
         merge_cost: float = 16, max_levels: Optional[int] = 2, prefill_chunk: int = 2048,
         prefill: str = "auto", keep_nodes: bool = True, compile_ahead: bool = True,
-        check_every: int = 1, logprobs: bool = False, score_method: str = "prefill",
-        on_bad_line: str = "error",
+        check_every: int = 1, nucleus: str = "sort", logprobs: bool = False,
+        score_method: str = "prefill", on_bad_line: str = "error",
         progress: bool = True, on_batch: Optional[Callable] = None, model=None) -> RunSummary:
   """Runs every completion of `prompts` not yet in `out` and appends it to `out`.
 
@@ -372,6 +372,9 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
   check_every: decode steps between the decode loop's checks whether every row is done
   (`engine.Runtime.check_every`): the same completions; more saves the device's wait on each
   check's copy to the host at the price of up to check_every - 1 discarded steps a batch.
+  nucleus: how top_p's cutoff is found (`engine.Runtime.nucleus`): "sort" (every row's
+  vocabulary sorted) or "search" (8 passes over the logits); the same completions up to the
+  float rounding of the probability sums at the cutoff.
   logprobs: each record also gets `logprobs`, its tokens' log-probabilities under the model's
   own distribution (the logits' log-softmax, before temperature, top_k and top_p).
   score_method: how scored requests' continuations are taken (`engine.score`'s method:
@@ -393,7 +396,7 @@ def run(prompts: str, out: str, *, checkpoint: Optional[str] = None,
                      f"{attention!r}")
   if prefill not in engine.PREFILL_MODES:
     raise ValueError(f"prefill must be one of {list(engine.PREFILL_MODES)}, got {prefill!r}")
-  runtime = engine.Runtime.build(backend, check_every=check_every)
+  runtime = engine.Runtime.build(backend, check_every=check_every, nucleus=nucleus)
   summary = RunSummary()
   reqs, bad = requests_lib.read_requests(prompts, on_bad_line=on_bad_line)
   writer = ResultWriter(out)
@@ -745,6 +748,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--check_every", type=int, default=1,
                  help="decode steps between the decode loop's checks whether every row is "
                  "done (the same completions; fewer waits on the host)")
+  p.add_argument("--nucleus", choices=engine.NUCLEUS_METHODS, default="sort",
+                 help="how top_p's cutoff is found: by sorting every row's vocabulary (the "
+                 "default) or by a search of 8 passes over the logits (the same completions)")
   p.add_argument("--logprobs", action="store_true",
                  help="write each token's log-probability under the model (before "
                  "temperature and truncation) as `logprobs`")
@@ -765,7 +771,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         attention=a.attention, backend=a.backend, min_shared_tokens=a.min_shared_tokens,
         merge_cost=a.merge_cost, max_levels=a.max_levels, prefill_chunk=a.prefill_chunk,
         prefill=a.prefill, keep_nodes=not a.no_keep_nodes, compile_ahead=not a.no_compile_ahead,
-        check_every=a.check_every, logprobs=a.logprobs, score_method=a.score_method,
+        check_every=a.check_every, nucleus=a.nucleus, logprobs=a.logprobs, score_method=a.score_method,
         on_bad_line=a.on_bad_line, progress=not a.quiet)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

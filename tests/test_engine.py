@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings, strategies as st
 
 from hydrax import engine
 from hydrax.attention import backends
@@ -225,6 +226,65 @@ def test_sample():
     engine.sample(wide, rows[:2], temperature=1.0)
 
 
+def _nucleus_reference(logits: np.ndarray, top_p: float) -> np.ndarray:
+  """top_p's kept tokens in float64, one token at a time: those whose strictly more likely
+  tokens hold less than top_p of the probability (ties kept together)."""
+  with np.errstate(invalid="ignore"):
+    p = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+  p = np.nan_to_num(p) / np.nan_to_num(p).sum(-1, keepdims=True)
+  above = np.stack([(p * (logits > logits[:, j:j + 1])).sum(-1)
+                    for j in range(logits.shape[1])], -1)
+  return above < top_p
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 4), vocab=st.integers(1, 200), scale=st.sampled_from([1e-3, 1.0, 8.0, 60.0]),
+       decimals=st.sampled_from([None, 0, 1]), masked=st.floats(0.0, 0.9),
+       top_p=st.sampled_from([1e-6, 0.05, 0.5, 0.9, 0.95, 0.999]), seed=st.integers(0, 2**31))
+def test_nucleus_search_keeps_what_the_sort_keeps(rows, vocab, scale, decimals, masked, top_p,
+                                                  seed):
+  """`_nucleus_cutoff` (8 passes, no sort) keeps the float64 reference's tokens, and so does
+  `sample`'s sort: ties (logits rounded), -inf (top_k's masked tokens), -0.0 beside +0.0,
+  one-token vocabularies, scales from nearly uniform to nearly one-hot."""
+  rng = np.random.default_rng(seed)
+  logits = (rng.standard_normal((rows, vocab)) * scale).astype(np.float32)
+  if decimals is not None:
+    logits = np.round(logits, decimals)
+    logits[logits == 0] = rng.choice([0.0, -0.0], size=int((logits == 0).sum()))
+  logits[rng.random((rows, vocab)) < masked] = -np.inf
+  logits[np.arange(rows), rng.integers(0, vocab, rows)] = 0.5    # one finite logit a row
+  want = _nucleus_reference(logits, top_p)
+  x = jnp.asarray(logits)
+  got = np.asarray(engine._float_order(x) >= engine._nucleus_cutoff(x, top_p))
+  np.testing.assert_array_equal(got, want)
+  # The sort's kept set, read through sample: with temperature 1 a draw from one row keeps
+  # exactly its finite logits; so compare the logits sample would draw from.
+  ordered = -jnp.sort(-x, axis=-1)
+  probs = jax.nn.softmax(ordered, axis=-1)
+  keep = (jnp.cumsum(probs, axis=-1) - probs < top_p).at[..., 0].set(True)
+  sort_cut = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+  np.testing.assert_array_equal(np.asarray(x >= sort_cut), want)
+
+
+def test_nucleus_methods_draw_the_same_tokens():
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.standard_normal((6, 1000)) * 3, jnp.float32)
+  keys = jax.random.split(jax.random.key(0), 6)
+  for top_k, top_p in ((None, 0.9), (50, 0.5), (None, 0.999), (5, 1e-6)):
+    kw = dict(temperature=0.7, top_k=top_k, top_p=top_p)
+    np.testing.assert_array_equal(engine.sample(logits, keys, nucleus="search", **kw),
+                                  engine.sample(logits, keys, **kw))
+  draws = np.asarray(jax.vmap(lambda k: engine.sample(
+      logits[:1], k, temperature=1.0, top_p=0.3, nucleus="search"))(
+          jax.random.split(jax.random.key(1), 300)))
+  assert set(draws[:, 0]) <= set(np.flatnonzero(_nucleus_reference(np.asarray(logits[:1]),
+                                                                   0.3)[0]))
+  with pytest.raises(ValueError, match="nucleus must be one of \\['sort', 'search'\\], got 'bisect'"):
+    engine.sample(logits, keys, temperature=1.0, top_p=0.5, nucleus="bisect")
+  with pytest.raises(ValueError, match="nucleus must be one of .*got 'bisect'"):
+    engine.Runtime.build("xla", nucleus="bisect")
+
+
 def test_row_keys():
   one = engine.row_keys(7, [0, 1, 5])
   assert one.shape == (3, 2) and one.dtype == np.uint32
@@ -254,6 +314,12 @@ def test_sampled_generation_is_reproducible(tiny, tree_runs):
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert b.compile_seconds == 0.0          # executables reused
   assert not np.array_equal(a.tokens, c.tokens)
+  # top_p's cutoff searched instead of sorted (`Runtime.nucleus`): other programs, the same
+  # tokens.
+  d = engine.generate(model, None, plan.sequences, seed=1,
+                      runtime=engine.Runtime.build(nucleus="search"), **kwargs)
+  assert d.compile_seconds > 0.0
+  np.testing.assert_array_equal(a.tokens, d.tokens)
 
 
 @TREE_RUNS

@@ -507,6 +507,41 @@ def test_the_command_passes_check_every_and_names_a_bad_one(tmp_path, monkeypatc
   assert seen == [1, 4]
 
 
+def test_sampled_runs_give_the_same_file_with_either_nucleus(tmp_path, monkeypatch):
+  # top_p's cutoff by the search (`engine.Runtime.nucleus`, traced into the programs: the
+  # spy counts its traces) against the sort: the same completions.
+  reqs = [dict(r, temperature=1.0, top_p=0.8, n=2) for r in _dataset(6, seed=9)]
+  path = _write(tmp_path / "p.jsonl", reqs)
+  traced = []
+  cutoff = engine._nucleus_cutoff
+  monkeypatch.setattr(engine, "_nucleus_cutoff", lambda *a: traced.append(1) or cutoff(*a))
+  sort = G.run(path, str(tmp_path / "sort.jsonl"), max_new_tokens=4, max_batch=8, **RUN)
+  assert not traced
+  search = G.run(path, str(tmp_path / "search.jsonl"), max_new_tokens=4, max_batch=8,
+                 nucleus="search", **RUN)
+  assert traced
+  assert sort.ok and search.ok and sort.completed == 12
+  by_id = lambda name: sorted(_read(tmp_path / name), key=lambda r: (r["id"], r["sample"]))
+  assert by_id("search.jsonl") == by_id("sort.jsonl")
+  assert len({tuple(r["tokens"]) for r in by_id("sort.jsonl")}) > 6    # really sampled
+
+
+def test_the_command_passes_nucleus(tmp_path, monkeypatch, capsys):
+  args = ["--preset", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--out",
+          str(tmp_path / "o.jsonl")]
+  with pytest.raises(SystemExit):
+    G.main(args + ["--nucleus", "bisect"])
+  assert "invalid choice: 'bisect'" in capsys.readouterr().err
+  seen = []
+
+  def fake_run(*args, **kwargs):
+    seen.append(kwargs["nucleus"])
+    raise ValueError("stop here")
+  monkeypatch.setattr(G, "run", fake_run)
+  assert G.main(args) == 2 and G.main(args + ["--nucleus", "search"]) == 2
+  assert seen == ["sort", "search"]
+
+
 def test_the_command_compiles_ahead_unless_told_not_to(tmp_path, monkeypatch):
   seen = []
 

@@ -272,6 +272,11 @@ def test_sharded_sampling_and_eos(net):
   assert again.compile_seconds == 0                 # same shapes: executables reused
   assert again.lengths[4] <= 2 and again.tokens[4, again.lengths[4]:].max(initial=0) == 0
   np.testing.assert_array_equal(again.tokens[:, 0], first.tokens[:, 0])
+  # top_p's cutoff searched on the mesh (`Runtime.nucleus`), sorted on one device.
+  nucleus = dict(max_new_tokens=5, attention="none", temperature=0.9, top_p=0.9, seed=3)
+  searched = engine.generate(net, prompts, runtime=engine.Runtime.build(
+      "auto", (2, 4), nucleus="search"), **nucleus)
+  np.testing.assert_array_equal(searched.tokens, engine.generate(net, prompts, **nucleus).tokens)
 
 
 def test_score_on_a_mesh_equals_single_device(net, plan):
