@@ -454,20 +454,22 @@ def sample(logits, key, *, temperature: float = 0.0, top_k: Optional[int] = None
   if top_k is not None and top_k < vocab:
     kth = lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p is not None and top_p < 1.0 and nucleus == "search":
-    logits = jnp.where(_float_order(logits) < _nucleus_cutoff(logits, top_p), -jnp.inf,
-                       logits)
-  elif top_p is not None and top_p < 1.0:
-    ordered = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep = before < top_p
-    keep = keep.at[..., 0].set(True)
-    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  if top_p is not None and top_p < 1.0:
+    logits = jnp.where(_nucleus_kept(logits, top_p, nucleus), logits, -jnp.inf)
   if _is_row_keys(key, logits.shape[0]):
     return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _nucleus_kept(logits, top_p: float, nucleus: str):
+  """bool [B,V]: the tokens top_p keeps of logits [B,V] float32, its cutoff found by
+  `nucleus` ("sort" or "search": `sample`)."""
+  if nucleus == "search":
+    return _float_order(logits) >= _nucleus_cutoff(logits, top_p)
+  ordered = -jnp.sort(-logits, axis=-1)
+  probs = jax.nn.softmax(ordered, axis=-1)
+  keep = (jnp.cumsum(probs, axis=-1) - probs < top_p).at[..., 0].set(True)
+  return logits >= jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
 
 
 def _float_order(x):

@@ -243,9 +243,9 @@ def _nucleus_reference(logits: np.ndarray, top_p: float) -> np.ndarray:
        top_p=st.sampled_from([1e-6, 0.05, 0.5, 0.9, 0.95, 0.999]), seed=st.integers(0, 2**31))
 def test_nucleus_search_keeps_what_the_sort_keeps(rows, vocab, scale, decimals, masked, top_p,
                                                   seed):
-  """`_nucleus_cutoff` (8 passes, no sort) keeps the float64 reference's tokens, and so does
-  `sample`'s sort: ties (logits rounded), -inf (top_k's masked tokens), -0.0 beside +0.0,
-  one-token vocabularies, scales from nearly uniform to nearly one-hot."""
+  """top_p's search (8 passes, no sort) and its sort keep the float64 reference's tokens:
+  ties (logits rounded), -inf (top_k's masked tokens), -0.0 beside +0.0, one-token
+  vocabularies, scales from nearly uniform to nearly one-hot."""
   rng = np.random.default_rng(seed)
   logits = (rng.standard_normal((rows, vocab)) * scale).astype(np.float32)
   if decimals is not None:
@@ -254,16 +254,9 @@ def test_nucleus_search_keeps_what_the_sort_keeps(rows, vocab, scale, decimals, 
   logits[rng.random((rows, vocab)) < masked] = -np.inf
   logits[np.arange(rows), rng.integers(0, vocab, rows)] = 0.5    # one finite logit a row
   want = _nucleus_reference(logits, top_p)
-  x = jnp.asarray(logits)
-  got = np.asarray(engine._float_order(x) >= engine._nucleus_cutoff(x, top_p))
-  np.testing.assert_array_equal(got, want)
-  # The sort's kept set, read through sample: with temperature 1 a draw from one row keeps
-  # exactly its finite logits; so compare the logits sample would draw from.
-  ordered = -jnp.sort(-x, axis=-1)
-  probs = jax.nn.softmax(ordered, axis=-1)
-  keep = (jnp.cumsum(probs, axis=-1) - probs < top_p).at[..., 0].set(True)
-  sort_cut = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-  np.testing.assert_array_equal(np.asarray(x >= sort_cut), want)
+  for nucleus in engine.NUCLEUS_METHODS:
+    got = engine._nucleus_kept(jnp.asarray(logits), top_p, nucleus)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=nucleus)
 
 
 def test_nucleus_methods_draw_the_same_tokens():
