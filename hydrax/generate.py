@@ -771,8 +771,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         attention=a.attention, backend=a.backend, min_shared_tokens=a.min_shared_tokens,
         merge_cost=a.merge_cost, max_levels=a.max_levels, prefill_chunk=a.prefill_chunk,
         prefill=a.prefill, keep_nodes=not a.no_keep_nodes, compile_ahead=not a.no_compile_ahead,
-        check_every=a.check_every, nucleus=a.nucleus, logprobs=a.logprobs, score_method=a.score_method,
-        on_bad_line=a.on_bad_line, progress=not a.quiet)
+        check_every=a.check_every, nucleus=a.nucleus, logprobs=a.logprobs,
+        score_method=a.score_method, on_bad_line=a.on_bad_line, progress=not a.quiet)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

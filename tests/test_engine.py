@@ -238,11 +238,12 @@ def _nucleus_reference(logits: np.ndarray, top_p: float) -> np.ndarray:
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 4), vocab=st.integers(1, 200), scale=st.sampled_from([1e-3, 1.0, 8.0, 60.0]),
-       decimals=st.sampled_from([None, 0, 1]), masked=st.floats(0.0, 0.9),
-       top_p=st.sampled_from([1e-6, 0.05, 0.5, 0.9, 0.95, 0.999]), seed=st.integers(0, 2**31))
-def test_nucleus_search_keeps_what_the_sort_keeps(rows, vocab, scale, decimals, masked, top_p,
-                                                  seed):
+@given(rows=st.integers(1, 4), vocab=st.integers(1, 200),
+       scale=st.sampled_from([1e-3, 1.0, 8.0, 60.0]), decimals=st.sampled_from([None, 0, 1]),
+       masked=st.floats(0.0, 0.9), top_p=st.sampled_from([1e-6, 0.05, 0.5, 0.9, 0.95, 0.999]),
+       seed=st.integers(0, 2**31))
+def test_nucleus_search_and_sort_keep_the_reference_tokens(rows, vocab, scale, decimals,
+                                                           masked, top_p, seed):
   """top_p's search (8 passes, no sort) and its sort keep the float64 reference's tokens:
   ties (logits rounded), -inf (top_k's masked tokens), -0.0 beside +0.0, one-token
   vocabularies, scales from nearly uniform to nearly one-hot."""
@@ -272,7 +273,8 @@ def test_nucleus_methods_draw_the_same_tokens():
           jax.random.split(jax.random.key(1), 300)))
   assert set(draws[:, 0]) <= set(np.flatnonzero(_nucleus_reference(np.asarray(logits[:1]),
                                                                    0.3)[0]))
-  with pytest.raises(ValueError, match="nucleus must be one of \\['sort', 'search'\\], got 'bisect'"):
+  with pytest.raises(ValueError,
+                     match="nucleus must be one of \\['sort', 'search'\\], got 'bisect'"):
     engine.sample(logits, keys, temperature=1.0, top_p=0.5, nucleus="bisect")
   with pytest.raises(ValueError, match="nucleus must be one of .*got 'bisect'"):
     engine.Runtime.build("xla", nucleus="bisect")
