@@ -310,9 +310,7 @@ class Runtime:
       raise ValueError(f"check_every must be an int >= 1 (decode steps between the loop's "
                        f"checks), got {self.check_every!r}")
     object.__setattr__(self, "check_every", int(self.check_every))
-    if self.nucleus not in NUCLEUS_METHODS:
-      raise ValueError(f"nucleus must be one of {list(NUCLEUS_METHODS)}, got "
-                       f"{self.nucleus!r}")
+    _check_nucleus(self.nucleus)
 
   @classmethod
   def build(cls, backend="auto", mesh=None, checks: str = "static", unroll=1,
@@ -444,8 +442,7 @@ def sample(logits, key, *, temperature: float = 0.0, top_k: Optional[int] = None
   finds the cutoff in 8 passes over the logits without sorting (`_nucleus_cutoff`).
   """
   _check_sampling(temperature, top_k, top_p)
-  if nucleus not in NUCLEUS_METHODS:
-    raise ValueError(f"nucleus must be one of {list(NUCLEUS_METHODS)}, got {nucleus!r}")
+  _check_nucleus(nucleus)
   logits = jnp.asarray(logits, jnp.float32)
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -465,7 +462,8 @@ def _nucleus_kept(logits, top_p: float, nucleus: str):
   """bool [B,V]: the tokens top_p keeps of logits [B,V] float32, its cutoff found by
   `nucleus` ("sort" or "search": `sample`)."""
   if nucleus == "search":
-    return _float_order(logits) >= _nucleus_cutoff(logits, top_p)
+    keys = _float_order(logits)
+    return keys >= _nucleus_cutoff(keys, logits, top_p)
   ordered = -jnp.sort(-logits, axis=-1)
   probs = jax.nn.softmax(ordered, axis=-1)
   keep = (jnp.cumsum(probs, axis=-1) - probs < top_p).at[..., 0].set(True)
@@ -479,9 +477,9 @@ def _float_order(x):
   return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
-def _nucleus_cutoff(logits, top_p: float, ways: int = 16):
+def _nucleus_cutoff(keys, logits, top_p: float, ways: int = 16):
   """top_p's cutoff without a sort: int32 [B,1], the `_float_order` key of each row's least
-  likely kept logit (keep the logits whose key is at least it).
+  likely kept logit (keep the logits whose key is at least it); keys: `_float_order(logits)`.
 
   A token is kept when the probability of the tokens strictly more likely than it is below
   top_p, as the sorted cumulative sum has it: mass(k) = the probability of the keys above k
@@ -490,7 +488,6 @@ def _nucleus_cutoff(logits, top_p: float, ways: int = 16):
   mass(max) = 0) keeps lo with mass(lo) >= top_p and hi with mass(hi) < top_p and splits
   (lo, hi] `ways` ways a pass, each pass one masked sum over the logits for all its probes:
   a width below 2**32 takes ceil(32 / log2(ways)) passes (8 at 16) to reach hi = lo + 1."""
-  keys = _float_order(logits)
   weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))     # -inf -> 0
   need = top_p * jnp.sum(weights, axis=-1, keepdims=True)
   # The range's ends as uint32 bits: hi - lo < 2**32 is exact there, lo + offset wraps back
@@ -645,6 +642,11 @@ def _fold_words(base, words):
       key = jax.random.fold_in(key, row[w])
     return key
   return jax.vmap(fold)(words)
+
+
+def _check_nucleus(nucleus) -> None:
+  if nucleus not in NUCLEUS_METHODS:
+    raise ValueError(f"nucleus must be one of {list(NUCLEUS_METHODS)}, got {nucleus!r}")
 
 
 def _check_sampling(temperature, top_k, top_p):

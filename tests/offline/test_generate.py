@@ -491,20 +491,30 @@ def test_steps_between_checks_give_the_same_file(tmp_path, monkeypatch):
   assert all(len(r) == 1 and r[0].check_every == 3 for r in runtimes), runtimes
 
 
-def test_the_command_passes_check_every_and_names_a_bad_one(tmp_path, monkeypatch, capsys):
-  args = ["--preset", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--out",
+def _command_args(tmp_path) -> list:
+  return ["--preset", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--out",
           str(tmp_path / "o.jsonl")]
-  assert G.main(args + ["--check_every", "0"]) == 2
-  assert "check_every must be an int >= 1" in capsys.readouterr().err
-  assert not os.path.exists(tmp_path / "o.jsonl")
+
+
+def _what_run_gets(monkeypatch, tmp_path, name: str, *flag_lists) -> list:
+  """The value of `run`'s keyword `name` as the command passes it with each list of flags
+  (`run` replaced by a stand-in that records it and stops the command with exit code 2)."""
   seen = []
 
   def fake_run(*args, **kwargs):
-    seen.append(kwargs["check_every"])
+    seen.append(kwargs[name])
     raise ValueError("stop here")
   monkeypatch.setattr(G, "run", fake_run)
-  assert G.main(args) == 2 and G.main(args + ["--check_every", "4"]) == 2
-  assert seen == [1, 4]
+  assert all(G.main(_command_args(tmp_path) + flags) == 2 for flags in flag_lists)
+  return seen
+
+
+def test_the_command_passes_check_every_and_names_a_bad_one(tmp_path, monkeypatch, capsys):
+  assert G.main(_command_args(tmp_path) + ["--check_every", "0"]) == 2
+  assert "check_every must be an int >= 1" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "o.jsonl")
+  assert _what_run_gets(monkeypatch, tmp_path, "check_every", [], ["--check_every", "4"]) == \
+      [1, 4]
 
 
 def test_sampled_runs_give_the_same_file_with_either_nucleus(tmp_path, monkeypatch):
@@ -527,32 +537,16 @@ def test_sampled_runs_give_the_same_file_with_either_nucleus(tmp_path, monkeypat
 
 
 def test_the_command_passes_nucleus(tmp_path, monkeypatch, capsys):
-  args = ["--preset", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--out",
-          str(tmp_path / "o.jsonl")]
   with pytest.raises(SystemExit):
-    G.main(args + ["--nucleus", "bisect"])
+    G.main(_command_args(tmp_path) + ["--nucleus", "bisect"])
   assert "invalid choice: 'bisect'" in capsys.readouterr().err
-  seen = []
-
-  def fake_run(*args, **kwargs):
-    seen.append(kwargs["nucleus"])
-    raise ValueError("stop here")
-  monkeypatch.setattr(G, "run", fake_run)
-  assert G.main(args) == 2 and G.main(args + ["--nucleus", "search"]) == 2
-  assert seen == ["sort", "search"]
+  assert _what_run_gets(monkeypatch, tmp_path, "nucleus", [], ["--nucleus", "search"]) == \
+      ["sort", "search"]
 
 
 def test_the_command_compiles_ahead_unless_told_not_to(tmp_path, monkeypatch):
-  seen = []
-
-  def fake_run(*args, **kwargs):
-    seen.append(kwargs["compile_ahead"])
-    raise ValueError("stop here")
-  monkeypatch.setattr(G, "run", fake_run)
-  args = ["--preset", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--out",
-          str(tmp_path / "o.jsonl")]
-  assert G.main(args) == 2 and G.main(args + ["--no_compile_ahead"]) == 2
-  assert seen == [True, False]
+  assert _what_run_gets(monkeypatch, tmp_path, "compile_ahead", [], ["--no_compile_ahead"]) \
+      == [True, False]
 
 
 @pytest.mark.slow
